@@ -1,0 +1,78 @@
+# mpar — build, test, demo, benchmarks, sanitizers, install.
+#   make          library checks, tests, examples and benchmarks
+#   make test     the test suite on two PoCL devices, then on two platforms
+#   make demo     a real run on the devices found
+#   make bench    every benchmark, one `name: value` per line
+#   make check    the tests under AddressSanitizer + UBSan
+#   make install PREFIX=/usr/local
+CC       ?= cc
+CXX      ?= c++
+PREFIX   ?= /usr/local
+CSTD      = -std=c99
+WARN      = -Wall -Wextra -Werror -pedantic
+CFLAGS   ?= -O2 -g
+LDLIBS    = -lclblast -lOpenCL -lcmocka -lz -lpthread -lm
+SAN       = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+
+TESTS    := $(patsubst %.c,%,$(wildcard tests/test_*.c))
+EXAMPLES := $(patsubst %.c,%,$(wildcard examples/*.c))
+BENCHES  := $(patsubst %.c,%,$(wildcard bench/*.c))
+HDR      := mpar.h
+
+# Two one-core PoCL devices unless the user chose otherwise.
+export POCL_DEVICES ?= basic basic
+# Tests write their kernel binary cache here, not into the user's home.
+TEST_ENV  = MPAR_CACHE_DIR=$(CURDIR)/build/cache
+ICD2      = build/icd2
+
+.PHONY: all deps test test-one-platform test-two-platforms compile-tests demo bench check install clean
+all: deps compile-tests $(TESTS) $(EXAMPLES) $(BENCHES)
+
+deps:
+	@scripts/deps.sh
+
+tests/%: tests/%.c $(HDR) $(wildcard tests/*.h) | deps
+	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+examples/%: examples/%.c $(HDR) | deps
+	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+bench/%: bench/%.c $(HDR) | deps
+	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+
+# The header alone: as C99 (pedantic), as C++, and with MPAR_STATIC.
+compile-tests: $(HDR) | deps
+	@mkdir -p build
+	$(CC) $(CSTD) $(WARN) -I. -c tests/compile/impl.c -o build/impl_c.o
+	$(CXX) -Wall -Wextra -Werror -I. -x c++ -c tests/compile/impl.c -o build/impl_cpp.o
+	$(CC) $(CSTD) $(WARN) -DMPAR_STATIC -I. -c tests/compile/impl.c -o build/impl_static.o
+	$(CC) $(CSTD) $(WARN) -I. -c tests/compile/decl_only.c -o build/decl_only.o
+	@echo "compile-tests: C99, C++, MPAR_STATIC and declarations-only builds are warning-free"
+
+$(ICD2):
+	@mkdir -p $(ICD2)
+	@lib=$$(cat /etc/OpenCL/vendors/pocl.icd); echo "$$lib" > $(ICD2)/pocl-a.icd; echo "$$lib" > $(ICD2)/pocl-b.icd
+
+test: all $(ICD2)
+	@scripts/run-tests.sh $(TESTS)
+
+check: deps
+	$(MAKE) clean-tests
+	$(MAKE) CFLAGS="-O1 -g $(SAN)" $(TESTS) $(ICD2)
+	ASAN_OPTIONS=detect_leaks=1 scripts/run-tests.sh $(TESTS)
+	$(MAKE) clean-tests
+
+demo: all
+	examples/demo
+
+bench: all
+	@for b in $(BENCHES); do echo "# $$b"; $(TEST_ENV) $$b || exit 1; done
+
+install: $(HDR)
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/mpar/kernels $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 644 mpar.h $(DESTDIR)$(PREFIX)/include/mpar.h
+	install -m 644 kernels/*.cl $(DESTDIR)$(PREFIX)/share/mpar/kernels/
+	sed -e 's|@PREFIX@|$(PREFIX)|g' mpar.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/mpar.pc
+
+clean-tests:
+	rm -f $(TESTS)
+clean:
+	rm -rf build $(TESTS) $(EXAMPLES) $(BENCHES)

@@ -1,0 +1,224 @@
+/* elementwise.cl - mpar element-wise kernels: fill/scale/axpy/copy/add,
+   activations (ReLU, GELU, tanh) forward and backward, dropout, bias.
+
+   OpenCL C 1.2, no extensions. float32, row-major.
+
+   Conventions shared by every mpar kernel file:
+   - Every buffer argument is followed by an int element offset, so the host
+     can address part of a buffer without sub-buffers.
+   - Sizes are int; every index fits in an int (buffers < 2^31 elements).
+   - 1-D NDRange; the global size is stated above each kernel and equals the
+     number of outputs. Work-items beyond it return at once, so a padded
+     global size is harmless. Any local size (including NULL) gives
+     bit-identical results: there are no atomics and no cross-work-item
+     reductions; every sum runs in a fixed order inside one work-item.
+   - Parameter-gradient kernels ACCUMULATE (+=); input-gradient kernels
+     OVERWRITE (=).
+   - Element-wise kernels (everything in this file except mpar_bias_grad)
+     allow their output to alias an input at the same offset (in-place). */
+
+/* ---------------------------------------------------------------------------
+   Basic vector operations. Global size: n.
+   ------------------------------------------------------------------------- */
+
+/* y[i] = value */
+__kernel void mpar_fill(__global float* y, int y_off, int n, float value)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    y[y_off + i] = value;
+}
+
+/* y[i] *= alpha */
+__kernel void mpar_scale(__global float* y, int y_off, int n, float alpha)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    y[y_off + i] *= alpha;
+}
+
+/* y[i] += alpha * x[i] */
+__kernel void mpar_axpy(__global const float* x, int x_off,
+                        __global float* y, int y_off, int n, float alpha)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    y[y_off + i] += alpha * x[x_off + i];
+}
+
+/* y[i] = x[i] */
+__kernel void mpar_copy(__global const float* x, int x_off,
+                        __global float* y, int y_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    y[y_off + i] = x[x_off + i];
+}
+
+/* out[i] = a[i] + b[i]   (residual connections) */
+__kernel void mpar_add(__global const float* a, int a_off,
+                       __global const float* b, int b_off,
+                       __global float* out, int out_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    out[out_off + i] = a[a_off + i] + b[b_off + i];
+}
+
+/* ---------------------------------------------------------------------------
+   Activations. Forward y = f(x); backward dx = dy * f'(.) (overwrite).
+   Global size: n.
+   ------------------------------------------------------------------------- */
+
+/* y = max(x, 0) */
+__kernel void mpar_relu_fwd(__global const float* x, int x_off,
+                            __global float* y, int y_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    float v = x[x_off + i];
+    y[y_off + i] = v > 0.0f ? v : 0.0f;
+}
+
+/* dx = dy * (x > 0 ? 1 : 0)   (derivative at 0 taken as 0) */
+__kernel void mpar_relu_bwd(__global const float* x, int x_off,
+                            __global const float* dy, int dy_off,
+                            __global float* dx, int dx_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    dx[dx_off + i] = x[x_off + i] > 0.0f ? dy[dy_off + i] : 0.0f;
+}
+
+/* GELU, tanh approximation as in GPT-2:
+   y = 0.5 x (1 + tanh(k0 (x + k1 x^3))),  k0 = sqrt(2/pi), k1 = 0.044715 */
+#define MPAR_GELU_K0 0.7978845608028654f
+#define MPAR_GELU_K1 0.044715f
+
+__kernel void mpar_gelu_fwd(__global const float* x, int x_off,
+                            __global float* y, int y_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    float v = x[x_off + i];
+    float t = tanh(MPAR_GELU_K0 * (v + MPAR_GELU_K1 * v * v * v));
+    y[y_off + i] = 0.5f * v * (1.0f + t);
+}
+
+/* dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) k0 (1 + 3 k1 x^2)),
+   t = tanh(k0 (x + k1 x^3)) */
+__kernel void mpar_gelu_bwd(__global const float* x, int x_off,
+                            __global const float* dy, int dy_off,
+                            __global float* dx, int dx_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    float v = x[x_off + i];
+    float t = tanh(MPAR_GELU_K0 * (v + MPAR_GELU_K1 * v * v * v));
+    float d = 0.5f * (1.0f + t)
+            + 0.5f * v * (1.0f - t * t) * MPAR_GELU_K0 * (1.0f + 3.0f * MPAR_GELU_K1 * v * v);
+    dx[dx_off + i] = dy[dy_off + i] * d;
+}
+
+/* y = tanh(x) */
+__kernel void mpar_tanh_fwd(__global const float* x, int x_off,
+                            __global float* y, int y_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    y[y_off + i] = tanh(x[x_off + i]);
+}
+
+/* dx = dy * (1 - y^2), from the saved forward OUTPUT y */
+__kernel void mpar_tanh_bwd(__global const float* y, int y_off,
+                            __global const float* dy, int dy_off,
+                            __global float* dx, int dx_off, int n)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    float t = y[y_off + i];
+    dx[dx_off + i] = dy[dy_off + i] * (1.0f - t * t);
+}
+
+/* ---------------------------------------------------------------------------
+   Dropout: counter-based, stateless, reproducible.
+
+   For element i of a launch, the counter is ctr = (uint)idx_off + (uint)i
+   (idx_off lets the host give a micro-batch the same mask it would get as
+   part of the whole batch: pass its first element's index in the batch).
+
+     mix(x):  x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
+              x ^= x >> 16                       (all uint32, wrapping)
+     key   = mix(seed_lo ^ mix(seed_hi ^ 0x9e3779b9))
+     h     = mix(mix(ctr ^ key) + key)
+     u     = (float)(h >> 8) * 2^-24             (exact, in [0, 1))
+     keep  = u >= p
+     y     = keep ? x * (1 / (1 - p)) : 0         (p >= 1: y = 0)
+
+   The scale is computed in float as 1.0f / (1.0f - p). mpar_dropout_bwd
+   applies the same mask and scale to dy. Global size: n.
+   ------------------------------------------------------------------------- */
+
+inline uint mpar__mix32(uint x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+inline float mpar__dropout_mult(uint seed_lo, uint seed_hi, uint ctr, float p)
+{
+    uint key = mpar__mix32(seed_lo ^ mpar__mix32(seed_hi ^ 0x9e3779b9u));
+    uint h = mpar__mix32(mpar__mix32(ctr ^ key) + key);
+    float u = (float)(h >> 8) * (1.0f / 16777216.0f);
+    if (p >= 1.0f || u < p) return 0.0f;
+    return 1.0f / (1.0f - p);
+}
+
+__kernel void mpar_dropout_fwd(__global const float* x, int x_off,
+                               __global float* y, int y_off, int n,
+                               float p, uint seed_lo, uint seed_hi, int idx_off)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    float m = mpar__dropout_mult(seed_lo, seed_hi, (uint)idx_off + (uint)i, p);
+    y[y_off + i] = x[x_off + i] * m;
+}
+
+__kernel void mpar_dropout_bwd(__global const float* dy, int dy_off,
+                               __global float* dx, int dx_off, int n,
+                               float p, uint seed_lo, uint seed_hi, int idx_off)
+{
+    int i = (int)get_global_id(0);
+    if (i >= n) return;
+    float m = mpar__dropout_mult(seed_lo, seed_hi, (uint)idx_off + (uint)i, p);
+    dx[dx_off + i] = dy[dy_off + i] * m;
+}
+
+/* ---------------------------------------------------------------------------
+   Bias over the columns of a rows x cols matrix.
+   ------------------------------------------------------------------------- */
+
+/* y[r,c] += b[c].  Global size: rows*cols (one work-item per element). */
+__kernel void mpar_bias_add(__global float* y, int y_off, int rows, int cols,
+                            __global const float* b, int b_off)
+{
+    int i = (int)get_global_id(0);
+    if (i >= rows * cols) return;
+    y[y_off + i] += b[b_off + i % cols];
+}
+
+/* db[c] += sum_r dy[r,c], r = 0, 1, ..., rows-1 in order (accumulate).
+   Also the generic column sum. Global size: cols. */
+__kernel void mpar_bias_grad(__global const float* dy, int dy_off, int rows, int cols,
+                             __global float* db, int db_off)
+{
+    int c = (int)get_global_id(0);
+    if (c >= cols) return;
+    float s = 0.0f;
+    for (int r = 0; r < rows; ++r) s += dy[dy_off + r * cols + c];
+    db[db_off + c] += s;
+}

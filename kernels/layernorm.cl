@@ -1,0 +1,113 @@
+/* layernorm.cl - mpar layer normalisation over the last dimension, with
+   affine gamma/beta. OpenCL C 1.2, no extensions. float32, row-major.
+
+   x, y, dy, dx are rows x cols; gamma, beta, dgamma, dbeta have cols
+   elements; mean and rstd have rows elements. Every buffer argument is
+   followed by an int element offset. Reductions run sequentially inside one
+   work-item, so results are bit-identical for any local size.
+
+   Maths (per row r):
+     mean = (1/cols) sum_c x[c]
+     var  = (1/cols) sum_c (x[c] - mean)^2          (biased, as PyTorch)
+     rstd = 1 / sqrt(var + eps)
+     xhat = (x - mean) * rstd
+     y    = xhat * gamma + beta
+
+   Numerics: the mean is accumulated relative to the row's first element
+   (shift K = x[0]: mean = K + sum_c (x[c] - K) / cols), then the variance is
+   a second pass over (x - mean). Rows with a large common offset (1e4) thus
+   keep an accurate variance; the saved mean is the float nearest the row
+   mean, and forward and both backward kernels all use that same saved mean,
+   so they are consistent with each other. */
+
+/* Forward. Global size: rows (one work-item per row).
+   Writes y (rows x cols), mean[r], rstd[r]. y may alias x. */
+__kernel void mpar_layernorm_fwd(__global const float* x, int x_off,
+                                 __global const float* gamma, int gamma_off,
+                                 __global const float* beta, int beta_off,
+                                 __global float* y, int y_off,
+                                 __global float* mean, int mean_off,
+                                 __global float* rstd, int rstd_off,
+                                 int rows, int cols, float eps)
+{
+    int r = (int)get_global_id(0);
+    if (r >= rows) return;
+    __global const float* xr = x + x_off + r * cols;
+    __global float* yr = y + y_off + r * cols;
+
+    float k = xr[0];
+    float s = 0.0f;
+    for (int c = 0; c < cols; ++c) s += xr[c] - k;
+    float m = k + s / (float)cols;
+
+    float v = 0.0f;
+    for (int c = 0; c < cols; ++c) {
+        float d = xr[c] - m;
+        v += d * d;
+    }
+    float rs = 1.0f / sqrt(v / (float)cols + eps);
+
+    for (int c = 0; c < cols; ++c)
+        yr[c] = (xr[c] - m) * rs * gamma[gamma_off + c] + beta[beta_off + c];
+    mean[mean_off + r] = m;
+    rstd[rstd_off + r] = rs;
+}
+
+/* Backward, input gradient (overwrite). Global size: rows.
+     g    = dy * gamma
+     dx   = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+   mean and rstd are the forward's saved arrays. */
+__kernel void mpar_layernorm_bwd_input(__global const float* dy, int dy_off,
+                                       __global const float* x, int x_off,
+                                       __global const float* mean, int mean_off,
+                                       __global const float* rstd, int rstd_off,
+                                       __global const float* gamma, int gamma_off,
+                                       __global float* dx, int dx_off,
+                                       int rows, int cols)
+{
+    int r = (int)get_global_id(0);
+    if (r >= rows) return;
+    __global const float* xr = x + x_off + r * cols;
+    __global const float* dyr = dy + dy_off + r * cols;
+    __global float* dxr = dx + dx_off + r * cols;
+    float m = mean[mean_off + r];
+    float rs = rstd[rstd_off + r];
+
+    float sg = 0.0f, sgx = 0.0f;
+    for (int c = 0; c < cols; ++c) {
+        float g = dyr[c] * gamma[gamma_off + c];
+        sg += g;
+        sgx += g * ((xr[c] - m) * rs);
+    }
+    sg /= (float)cols;
+    sgx /= (float)cols;
+    for (int c = 0; c < cols; ++c) {
+        float g = dyr[c] * gamma[gamma_off + c];
+        float xh = (xr[c] - m) * rs;
+        dxr[c] = rs * (g - sg - xh * sgx);
+    }
+}
+
+/* Backward, parameter gradients (accumulate). Global size: cols.
+     dgamma[c] += sum_r dy[r,c] * xhat[r,c]
+     dbeta[c]  += sum_r dy[r,c]          (r = 0 .. rows-1 in order) */
+__kernel void mpar_layernorm_bwd_weight(__global const float* dy, int dy_off,
+                                        __global const float* x, int x_off,
+                                        __global const float* mean, int mean_off,
+                                        __global const float* rstd, int rstd_off,
+                                        __global float* dgamma, int dgamma_off,
+                                        __global float* dbeta, int dbeta_off,
+                                        int rows, int cols)
+{
+    int c = (int)get_global_id(0);
+    if (c >= cols) return;
+    float sg = 0.0f, sb = 0.0f;
+    for (int r = 0; r < rows; ++r) {
+        float d = dy[dy_off + r * cols + c];
+        float xh = (x[x_off + r * cols + c] - mean[mean_off + r]) * rstd[rstd_off + r];
+        sg += d * xh;
+        sb += d;
+    }
+    dgamma[dgamma_off + c] += sg;
+    dbeta[dbeta_off + c] += sb;
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test binary given, first on two PoCL devices of one platform,
+# then on two platforms (two ICD files naming PoCL, one device each), so the
+# same-context and cross-platform paths are both exercised. Prints one
+# "N passed, N failed" line at the end and exits non-zero on any failure.
+set -u
+top=$(cd "$(dirname "$0")/.." && pwd)
+export MPAR_CACHE_DIR="${MPAR_CACHE_DIR:-$top/build/cache}"
+passed=0 failed=0 failures=()
+run() {
+  local label=$1; shift
+  local t
+  for t in "$@"; do
+    echo "=== $t ($label)"
+    if timeout 900 "$t"; then passed=$((passed + 1)); else failed=$((failed + 1)); failures+=("$t ($label)"); fi
+  done
+}
+run "one platform, two devices" "$@"
+# The two-platform setup matters to tests that touch devices; pure tests
+# (planner, schedule) are skipped there.
+dev_tests=()
+for t in "$@"; do grep -q "clGetPlatformIDs\|mpar_create" "$t.c" 2>/dev/null && dev_tests+=("$t"); done
+if ((${#dev_tests[@]})); then
+  OCL_ICD_VENDORS="$top/build/icd2" POCL_DEVICES=basic MPAR_TEST_PLATFORMS=2 run "two platforms" "${dev_tests[@]}"
+fi
+for f in "${failures[@]+"${failures[@]}"}"; do echo "FAILED: $f"; done
+echo "tests: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
