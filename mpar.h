@@ -18,6 +18,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h> /* FILE, for the print functions */
 
 #ifndef CL_TARGET_OPENCL_VERSION
 #define CL_TARGET_OPENCL_VERSION 120
@@ -30,7 +31,11 @@
 
 #ifndef MPARDEF
 #ifdef MPAR_STATIC
+#if defined(__GNUC__) || defined(__clang__)
+#define MPARDEF static __attribute__((unused))
+#else
 #define MPARDEF static
+#endif
 #else
 #define MPARDEF extern
 #endif
@@ -221,6 +226,426 @@ MPARDEF mpar_result mpar_program_get(mpar_context* ctx, int device, const char* 
 /* A new kernel object; the caller releases it with clReleaseKernel. */
 MPARDEF mpar_result mpar_kernel_create(mpar_context* ctx, int device, const char* file, const char* name,
                                        cl_kernel* out);
+
+
+/* ==========================================================================
+   4. Model: an ordered list of layers, the unit of partitioning.
+   ========================================================================== */
+
+/* A slice of a device buffer; offsets count floats (or int32 for tokens
+   and targets), as every mpar kernel takes (buffer, offset) pairs. */
+typedef struct mpar_buf {
+    cl_mem mem;
+    size_t off;
+} mpar_buf;
+
+/* What one layer call sees for one micro-batch. */
+typedef struct mpar_io {
+    int rows;       /* rows of this micro-batch: samples × seq_len */
+    int row_offset; /* first row of this micro-batch within the whole batch */
+    mpar_buf x;     /* input  [rows × in_features] (int32 tokens for TOKEN_INPUT) */
+    mpar_buf y;     /* output [rows × out_features] */
+    mpar_buf dx;    /* input gradient, written by backward_input (overwrite) */
+    mpar_buf dy;    /* output gradient */
+    int need_dx;    /* 0 on the model's first layer: dx may be skipped */
+    mpar_buf params;  /* this layer's parameters */
+    mpar_buf grads;   /* accumulate (+=) into these */
+    mpar_buf stash;   /* [rows × stash_per_row], forward → backward */
+    mpar_buf gstash;  /* [rows × gstash_per_row], backward_input → backward_weight */
+    mpar_buf scratch; /* [rows × scratch_per_row], valid within one call only */
+    mpar_buf targets; /* loss layers: int32 class per row, < 0 ignores the row */
+    float loss_scale; /* loss layers: gradient scale, 1 / counted rows in the batch */
+    uint64_t seed;    /* differs per step and layer; equal for every micro-batch */
+    int training;
+} mpar_io;
+
+typedef struct mpar_exec mpar_exec; /* a stage's queue and kernels */
+typedef struct mpar_layer mpar_layer;
+
+enum {
+    MPAR_LAYER_LOSS = 1,       /* last layer; output is the per-row loss */
+    MPAR_LAYER_TOKEN_INPUT = 2 /* input is int32 token ids; must be first */
+};
+
+/* A layer type. Built-in types come from mpar_layer_linear() and friends;
+   users define their own with the same table and their own .cl files. */
+typedef struct mpar_layer_type {
+    const char* name;
+    unsigned flags;
+    /* in_features is set; fill out_features, param_count, stash/gstash/scratch
+       per row and the FLOPs; check the descriptor. */
+    mpar_result (*setup)(mpar_layer* layer, mpar_error* err);
+    /* Initial parameters on the host; rng_state is private to this layer. */
+    void (*init)(const mpar_layer* layer, float* params, uint64_t* rng_state);
+    mpar_result (*forward)(mpar_exec* ex, const mpar_layer* layer, const mpar_io* io);
+    mpar_result (*backward_input)(mpar_exec* ex, const mpar_layer* layer, const mpar_io* io);
+    /* NULL when the layer has no parameters. */
+    mpar_result (*backward_weight)(mpar_exec* ex, const mpar_layer* layer, const mpar_io* io);
+} mpar_layer_type;
+
+/* How to make a layer: zero-initialised fields take defaults. */
+typedef struct mpar_layer_desc {
+    const mpar_layer_type* type;
+    int units;  /* linear: outputs; embedding: width */
+    int vocab;  /* embedding: token count */
+    int heads;  /* decoder block: attention heads */
+    int hidden; /* decoder block: MLP width (0: 4 × width) */
+    float rate; /* dropout: probability of zeroing */
+    float eps;  /* layer norm and decoder block (0: 1e-5) */
+    void* user; /* for user-defined types */
+} mpar_layer_desc;
+
+struct mpar_layer {
+    const mpar_layer_type* type;
+    mpar_layer_desc desc;
+    int index;        /* position in the model */
+    int seq_len;      /* rows per sample */
+    int in_features;  /* per row */
+    int out_features; /* per row */
+    size_t param_count;
+    size_t stash_per_row, gstash_per_row, scratch_per_row; /* floats */
+    double flops_forward, flops_backward_input, flops_backward_weight; /* per row */
+};
+
+typedef struct mpar_model mpar_model;
+
+typedef struct mpar_model_desc {
+    int input_features; /* per row (1 for token models) */
+    int seq_len;        /* rows per sample (tokens per sequence); 0: 1 */
+    uint64_t seed;      /* parameter initialisation and dropout */
+} mpar_model_desc;
+
+MPARDEF const mpar_layer_type* mpar_layer_linear(void);
+MPARDEF const mpar_layer_type* mpar_layer_relu(void);
+MPARDEF const mpar_layer_type* mpar_layer_gelu(void);
+MPARDEF const mpar_layer_type* mpar_layer_tanh(void);
+MPARDEF const mpar_layer_type* mpar_layer_dropout(void);
+MPARDEF const mpar_layer_type* mpar_layer_layernorm(void);
+MPARDEF const mpar_layer_type* mpar_layer_embedding(void);
+MPARDEF const mpar_layer_type* mpar_layer_decoder_block(void);
+MPARDEF const mpar_layer_type* mpar_layer_cross_entropy(void);
+
+MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err);
+MPARDEF void mpar_model_destroy(mpar_model* model);
+/* Appends a layer; its shape is checked against the previous one now. */
+MPARDEF mpar_result mpar_model_add(mpar_model* model, const mpar_layer_desc* layer, mpar_error* err);
+/* Shorthands for mpar_model_add. */
+MPARDEF mpar_result mpar_model_add_linear(mpar_model* model, int units, mpar_error* err);
+MPARDEF mpar_result mpar_model_add_simple(mpar_model* model, const mpar_layer_type* type, mpar_error* err);
+/* Whole-model checks: a loss is last, nothing follows it, tokens come first. */
+MPARDEF mpar_result mpar_model_validate(const mpar_model* model, mpar_error* err);
+MPARDEF int mpar_model_layer_count(const mpar_model* model);
+MPARDEF const mpar_layer* mpar_model_layer(const mpar_model* model, int index);
+MPARDEF size_t mpar_model_param_count(const mpar_model* model);
+/* The initial parameters of one layer (deterministic from the seed). */
+MPARDEF mpar_result mpar_model_init_params(const mpar_model* model, int layer, float* out, mpar_error* err);
+
+/* For layer implementations: run a kernel from a .cl file. `args` has one
+   letter per argument: 'b' an mpar_buf (two kernel arguments: buffer and
+   int offset), 'm' a cl_mem, 'i' an int, 'u' an unsigned int, 'f' a float
+   (passed as double). global1 = 0 makes a 1-D range. */
+MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char* kernel, size_t global0,
+                                     size_t global1, const char* args, ...);
+/* Row-major C = alpha·op(A)·op(B) + beta·C through CLBlast. */
+MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
+                                   mpar_buf a, size_t lda, mpar_buf b, size_t ldb, float beta, mpar_buf c,
+                                   size_t ldc);
+MPARDEF mpar_context* mpar_exec_context(mpar_exec* ex);
+MPARDEF cl_command_queue mpar_exec_queue(mpar_exec* ex);
+/* Records detail for a failure inside a layer and returns code. */
+MPARDEF mpar_result mpar_exec_fail(mpar_exec* ex, mpar_result code, const char* message);
+
+
+/* ==========================================================================
+   6. Schedules (pure C, no OpenCL): micro-batch schedules as data, and a
+      simulator that proves them deadlock-free and predicts step time.
+
+   A schedule is one ordered action list per stage (= per device). The
+   executor gives each stage one worker that walks its list in order and
+   blocks until the inputs of the next action have arrived; the simulator
+   models exactly that, with costs instead of kernels.
+
+   Virtual stages. With V model chunks per device (interleaved 1F1B) the
+   model is cut into P*V virtual stages in model order; chunk c of stage s is
+   virtual stage  vs = c*P + s  (so virtual stage j lives on stage j mod P).
+   With V = 1, vs = s.
+
+   Dependencies (what the executor enforces, what the simulator checks):
+     F(vs,m)      needs F(vs-1,m)            (+ link delay if another stage)
+     B/I(vs,m)    needs F(vs,m), and B/I(vs+1,m) unless vs is the last one
+                                             (+ link delay if another stage)
+     W(vs,m)      needs I(vs,m)              (same stage)
+     OPTIMIZER    needs every B / W of its stage; it is the last action.
+   Every (vs,m) has exactly one F, and either one B or one I and one W.
+   Sends never block: a link is modelled as able to hold every message in
+   flight, so a bounded link queue needs room for the peak in-flight count.
+   ========================================================================== */
+#ifndef MPAR_PART_SCHEDULE_DECL
+#define MPAR_PART_SCHEDULE_DECL
+
+
+
+typedef enum mpar_action_kind {
+    MPAR_ACTION_FORWARD = 0,         /* F: forward of one micro-batch          */
+    MPAR_ACTION_BACKWARD = 1,        /* B: full backward (input + weight grad) */
+    MPAR_ACTION_BACKWARD_INPUT = 2,  /* I: input gradient only (sent upstream) */
+    MPAR_ACTION_BACKWARD_WEIGHT = 3, /* W: weight gradient only (local)        */
+    MPAR_ACTION_OPTIMIZER_STEP = 4   /* last action of every stage             */
+} mpar_action_kind;
+
+typedef struct mpar_action {
+    mpar_action_kind kind;
+    int microbatch; /* 0 .. microbatches-1; -1 for OPTIMIZER_STEP (ignored) */
+    int chunk;      /* 0 .. virtual_stages-1; 0 unless interleaved          */
+} mpar_action;
+
+/* Read-only after creation; use the functions below to make and free one. */
+typedef struct mpar_schedule {
+    mpar_schedule_kind kind; /* meaningless when custom != 0 */
+    int custom;              /* 1 when made by mpar_schedule_from_lists */
+    int stages;              /* P: devices, one action list each */
+    int microbatches;        /* M (1 for SEQUENTIAL, whatever was asked) */
+    int virtual_stages;      /* V: model chunks per stage (1 unless interleaved) */
+    int* action_count;       /* [stages] */
+    mpar_action** actions;   /* [stages][action_count[s]] */
+} mpar_schedule;
+
+/* Builds the action lists of a schedule kind and checks them with
+   mpar_schedule_validate (a generated schedule is never handed out broken).
+   - SEQUENTIAL: the naive layer-wise baseline. The whole batch goes through
+     as ONE micro-batch, so the result has microbatches == 1 whatever M was
+     given (M must still be >= 1). Costs given to mpar_simulate are per
+     scheduled micro-batch, so here they are the costs of the whole batch.
+   - GPIPE: per stage F0..F(M-1), then B0..B(M-1).
+   - 1F1B (PipeDream-Flush): stage s runs min(P-s-1, M) warm-up forwards,
+     then alternates F and B, then drains the remaining B's.
+   - INTERLEAVED_1F1B (Megatron-LM): V chunks per stage. Micro-batches go in
+     groups of P: the forward order is, per group, chunk 0 of every
+     micro-batch of the group, then chunk 1, ...; backward order is the same
+     with chunks reversed. Warm-up: 2*(P-s-1) + (V-1)*P forwards (at most
+     all), then one forward / one backward, then the remaining backwards.
+     Megatron requires M to be a multiple of P; mpar accepts any M >= 1 by
+     building the lists for M rounded up to a multiple of P and dropping the
+     padding micro-batches. Dropping whole micro-batches cannot create a
+     deadlock; it only leaves some idle time, so the bubble is exactly
+     Megatron's (P-1)/(V*M+P-1) (equal costs, no link delay) when P divides
+     M and somewhat above it otherwise, still below 1F1B's for M >= 2.
+     With V = 1 the lists are exactly 1F1B's.
+   - ZB_H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", handcrafted
+     H1): backward split into I and W. Stage s runs 1F1B's warm-up and
+     F / I order, but its W's lag s micro-batches behind its I's; the s
+     deferred W's run in the cool-down, filling the s idle slots stage s has
+     there while input gradients travel down to stage 0. With F = I = W the
+     bubble is (P-1)/(3M+P-1) for M >= P, a third of 1F1B's idle time.
+     Stashes live until W, so every stage holds up to min(M, P): stage 0
+     as in 1F1B, later stages more than 1F1B's P-s, the peak over stages
+     (what sizes memory in the paper) equal to 1F1B's.
+   virtual_stages must be 1 for every kind but INTERLEAVED_1F1B.
+   Errors: MPAR_ERROR_INVALID_ARGUMENT (NULL out, P/M/V < 1, unknown kind,
+   V > 1 for another kind, sizes too large), MPAR_ERROR_OUT_OF_HOST_MEMORY. */
+MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, int microbatches,
+                                         int virtual_stages, mpar_schedule** out, mpar_error* err);
+
+/* Copies hand-written action lists (lists[s] holds counts[s] actions) into a
+   custom schedule. Only the shape is checked here (NULLs, sizes, action
+   kinds), so a broken schedule can be built on purpose; check it with
+   mpar_schedule_validate or mpar_simulate before running it. */
+MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int virtual_stages,
+                                             const mpar_action* const* lists, const int* counts,
+                                             mpar_schedule** out, mpar_error* err);
+
+MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule);
+
+/* Number of actions of a stage (0 for a bad stage or NULL schedule). */
+MPARDEF int mpar_schedule_action_count(const mpar_schedule* schedule, int stage);
+/* Action `index` of a stage's list, or NULL when out of range. */
+MPARDEF const mpar_action* mpar_schedule_action(const mpar_schedule* schedule, int stage, int index);
+/* Virtual stage (model order) of chunk `chunk` on stage `stage`: chunk*P + stage. */
+MPARDEF int mpar_schedule_virtual_stage(const mpar_schedule* schedule, int stage, int chunk);
+
+/* Static checks (indices in range; exactly one F and one B or I+W per
+   virtual stage and micro-batch; B/I after its own F and W after its own I
+   in the list; one optimizer step, last) and then a dependency walk that
+   finds deadlocks. Failure: MPAR_ERROR_INVALID_SCHEDULE with a message that
+   names the stage, the step (0-based position in its list), the action and,
+   for a deadlock, what each blocked stage waits for. Deadlock freedom does
+   not depend on costs: the lists and the dependencies alone decide it. */
+MPARDEF mpar_result mpar_schedule_validate(const mpar_schedule* schedule, mpar_error* err);
+
+/* Writes an action as text: F3, B3, I3, W3 (F3.1 = micro-batch 3, chunk 1
+   when show_chunk), OPT for the optimizer step. Returns what snprintf does. */
+MPARDEF int mpar_action_format(const mpar_action* action, int show_chunk, char* buf, size_t size);
+
+/* The per-stage action table: one row per stage, one column per step
+   (position in the list, not time; see mpar_simulation_print for time). */
+MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out);
+
+/* "sequential", "gpipe", "1f1b", "interleaved", "zbh1" ("unknown" otherwise). */
+MPARDEF const char* mpar_schedule_kind_name(mpar_schedule_kind kind);
+/* Inverse of mpar_schedule_kind_name; case, '-', '_' and spaces are ignored,
+   and "naive", "pipedream-flush", "interleaved-1f1b", "zb-h1" are accepted. */
+MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kind* out, mpar_error* err);
+
+/* Costs for mpar_simulate, in any time unit. All zero (or a NULL desc)
+   means defaults. Each cost is taken from its array when the array is
+   given, else from the scalar. For F, B, I and W a value of 0 means "not
+   given" and the defaults are: F = 1; I and W = F; B = I + W. When B is
+   given but I and W are not, I = W = B/2; when B and one of I/W are given,
+   the other is B minus it (an error if negative). B may also be set below
+   I + W, e.g. for a fused backward kernel. The optimizer step and link
+   delays default to 0. Negative, NaN or infinite values are errors. */
+typedef struct mpar_sim_desc {
+    double forward;
+    double backward;
+    double backward_input;
+    double backward_weight;
+    double optimizer_step;
+    double link_delay; /* added to a message crossing from one stage to another */
+    /* Optional arrays indexed by virtual stage in model order (length
+       stages*virtual_stages; with V = 1 that is the stage index): */
+    const double* forward_per_stage;
+    const double* backward_per_stage;
+    const double* backward_input_per_stage;
+    const double* backward_weight_per_stage;
+    const double* optimizer_step_per_stage; /* length stages: one per device */
+    /* Delay across the boundary between virtual stage j and j+1 (length
+       stages*virtual_stages - 1), for activations (j -> j+1) and gradients
+       (j+1 -> j); ignored when both sides are on the same stage. */
+    const double* link_delay_per_boundary;
+    /* Uneven micro-batches: micro-batch m's F, B, I, W and link delays are
+       multiplied by microbatch_scale[m] (length microbatches, each > 0). */
+    const double* microbatch_scale;
+} mpar_sim_desc;
+
+/* Outcome of a simulation. Links are asynchronous copies: their delay
+   postpones the receiver but does not count as busy time for anyone. */
+typedef struct mpar_simulation {
+    int stages;
+    double step_time;       /* end of the last action (the first starts at 0) */
+    double bubble_fraction; /* 1 - sum(busy) / (stages * step_time) */
+    double* busy;           /* [stages] time spent running actions */
+    /* [stages] most activation stashes held at once. A stash (one chunk of
+       one micro-batch) is taken when its F starts and freed when its B ends,
+       or when its W ends for a split backward: W still reads the stashed
+       layer inputs. A device with V chunks counts each chunk's stash (each
+       holds 1/V of the device's layers). Depends on list order only. */
+    int* peak_in_flight;
+    int* action_count;      /* [stages], as in the schedule */
+    double** start;         /* [stages][action_count[s]] start of each action */
+    double** end;           /* [stages][action_count[s]] end of each action */
+} mpar_simulation;
+
+/* Runs the schedule: each stage executes its list strictly in order; an
+   action starts at max(stage free, dependencies ready). Validates first
+   (same errors and messages as mpar_schedule_validate); bad costs give
+   MPAR_ERROR_INVALID_ARGUMENT. desc may be NULL (defaults). */
+MPARDEF mpar_result mpar_simulate(const mpar_schedule* schedule, const mpar_sim_desc* desc,
+                                  mpar_simulation** out, mpar_error* err);
+MPARDEF void mpar_simulation_destroy(mpar_simulation* sim);
+
+/* A text Gantt chart, one row per stage and `columns` time slices (<= 0:
+   80). Each slice shows the action running at its middle: F B I W, O for
+   the optimizer step, upper case for even micro-batches and lower case for
+   odd ones so neighbours stand apart, '.' when idle. */
+MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
+                                   int columns);
+
+#endif /* MPAR_PART_SCHEDULE_DECL */
+
+
+/* ==========================================================================
+   7-8. Stage chain and executor: stages on devices joined by links, one
+   worker thread per device walking its schedule's action list.
+   ========================================================================== */
+
+typedef enum mpar_optimizer_kind { MPAR_OPTIMIZER_ADAMW = 0, MPAR_OPTIMIZER_SGD = 1 } mpar_optimizer_kind;
+
+/* Zero fields take the defaults in brackets. */
+typedef struct mpar_optimizer_desc {
+    mpar_optimizer_kind kind;
+    float lr;           /* peak learning rate [1e-3] */
+    float momentum;     /* SGD [0] */
+    float beta1, beta2; /* AdamW [0.9, 0.999] */
+    float eps;          /* AdamW [1e-8] */
+    float weight_decay; /* decoupled for AdamW, L2 for SGD [0] */
+    float clip_norm;    /* clip gradients to this global norm [off] */
+    int warmup_steps;   /* linear warm-up from lr/warmup_steps [0] */
+    int decay_steps;    /* cosine decay to min_lr after warm-up [off] */
+    float min_lr;
+} mpar_optimizer_desc;
+
+/* One stage (one chunk of layers on one device), in model order. With
+   interleaving there are stages × virtual_stages of them and chunk j runs
+   on the device of chunk j mod stages. */
+typedef struct mpar_stage_desc {
+    int device;      /* index in the context's selection */
+    int first_layer; /* inclusive */
+    int last_layer;  /* inclusive */
+} mpar_stage_desc;
+
+typedef struct mpar_pipeline_desc {
+    const mpar_stage_desc* stages; /* NULL: every device, layers split evenly */
+    int stage_count;               /* entries in `stages` */
+    mpar_schedule_kind schedule;   /* zero is SEQUENTIAL, the naive baseline */
+    int microbatches;              /* M [1] */
+    int virtual_stages;            /* V for INTERLEAVED_1F1B [1] */
+    int max_batch;                 /* most samples in one step (required) */
+    mpar_optimizer_desc optimizer;
+    int recompute;          /* keep only stage inputs; recompute in backward */
+    int skip_nonfinite;     /* skip a step whose loss/gradients are NaN/Inf */
+    int link_capacity;      /* messages a link holds [2] */
+    double timeout_seconds; /* longest wait for a neighbour [600] */
+    /* Testing: make action `fault_action` (position in the list) of stage
+       `fault_stage` fail with MPAR_ERROR_ABORTED in every training step. */
+    int inject_fault, fault_stage, fault_action;
+} mpar_pipeline_desc;
+
+/* A batch: samples × seq_len rows. inputs: float [rows × input_features],
+   or int32 token ids [rows] for token models; targets: int32 [rows], a
+   negative target leaves its row out of the loss. */
+typedef struct mpar_batch {
+    const void* inputs;
+    const int32_t* targets;
+    int samples;
+} mpar_batch;
+
+typedef struct mpar_step_info {
+    double loss;        /* mean over counted rows */
+    int counted_rows;
+    double grad_norm;   /* global L2 norm before clipping */
+    float lr;           /* learning rate used */
+    int skipped;        /* non-finite step skipped (skip_nonfinite) */
+    int step;           /* optimizer steps taken so far */
+} mpar_step_info;
+
+typedef struct mpar_pipeline_stats {
+    int stages;                /* devices (workers) */
+    int peak_in_flight[64];    /* most micro-batch activations held at once, per device */
+    int slots[64];             /* activation slots allocated, per device */
+    size_t device_bytes[64];   /* buffers allocated, per device */
+} mpar_pipeline_stats;
+
+typedef struct mpar_pipeline mpar_pipeline;
+
+MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                         mpar_pipeline** out);
+MPARDEF void mpar_pipeline_destroy(mpar_pipeline* pipeline);
+/* Forward and backward over the batch's micro-batches; gradients are
+   zeroed first and accumulated in micro-batch order. */
+MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info);
+/* Clipping, then one optimizer step on every stage. */
+MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info);
+/* compute_gradients + apply_gradients. */
+MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info);
+/* Forward only, streamed through the stages in micro-batches of at most
+   max_batch / microbatches samples. outputs (optional) receives the input
+   of the loss layer, [rows × its width]; loss (optional) the mean loss when
+   targets are given. */
+MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss);
+MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out);
+MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in);
+MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out);
+MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out);
 
 #ifdef __cplusplus
 }
@@ -1193,6 +1618,2676 @@ MPARDEF mpar_result mpar_kernel_create(mpar_context* ctx, int device, const char
     if (st != CL_SUCCESS)
         return mpar__fail(ctx, (mpar_result)st, "clCreateKernel('%s') from '%s' failed with %s", name, file,
                           mpar_result_string((mpar_result)st));
+    return MPAR_SUCCESS;
+}
+
+
+/* --------------------------------------------------------------------------
+   4. Model and layers
+   -------------------------------------------------------------------------- */
+#include <math.h>
+#include <clblast_c.h>
+
+#define MPAR__EXEC_MAX_KERNELS 96
+
+struct mpar_exec {
+    mpar_context* ctx;
+    int device;
+    cl_command_queue queue;
+    int kernel_count;
+    struct {
+        char* file;
+        char* name;
+        cl_kernel kernel;
+    } kernels[MPAR__EXEC_MAX_KERNELS];
+};
+
+static mpar_result mpar__exec_kernel(mpar_exec* ex, const char* file, const char* name, cl_kernel* out) {
+    int i;
+    mpar_result r;
+    for (i = 0; i < ex->kernel_count; i++)
+        if (!strcmp(ex->kernels[i].name, name) && !strcmp(ex->kernels[i].file, file)) {
+            *out = ex->kernels[i].kernel;
+            return MPAR_SUCCESS;
+        }
+    if (ex->kernel_count == MPAR__EXEC_MAX_KERNELS)
+        return mpar__fail(ex->ctx, MPAR_ERROR_UNSUPPORTED, "more than %d distinct kernels on one stage",
+                          MPAR__EXEC_MAX_KERNELS);
+    r = mpar_kernel_create(ex->ctx, ex->device, file, name, out);
+    if (r != MPAR_SUCCESS) return r;
+    i = ex->kernel_count;
+    ex->kernels[i].file = mpar__strdup(ex->ctx, file);
+    ex->kernels[i].name = mpar__strdup(ex->ctx, name);
+    ex->kernels[i].kernel = *out;
+    if (!ex->kernels[i].file || !ex->kernels[i].name) {
+        mpar__free(ex->ctx, ex->kernels[i].file);
+        mpar__free(ex->ctx, ex->kernels[i].name);
+        clReleaseKernel(*out);
+        return mpar__fail(ex->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
+    ex->kernel_count++;
+    return MPAR_SUCCESS;
+}
+
+static void mpar__exec_release(mpar_exec* ex) {
+    int i;
+    for (i = ex->kernel_count - 1; i >= 0; i--) {
+        clReleaseKernel(ex->kernels[i].kernel);
+        mpar__free(ex->ctx, ex->kernels[i].file);
+        mpar__free(ex->ctx, ex->kernels[i].name);
+    }
+    ex->kernel_count = 0;
+}
+
+static mpar_result mpar__set_args(mpar_exec* ex, cl_kernel k, const char* kernel, const char* args, va_list ap) {
+    cl_uint a = 0;
+    const char* p;
+    for (p = args; *p; p++) {
+        cl_int st;
+        if (*p == 'b') {
+            mpar_buf b = va_arg(ap, mpar_buf);
+            int off = (int)b.off;
+            st = clSetKernelArg(k, a++, sizeof(cl_mem), &b.mem);
+            if (st == CL_SUCCESS) st = clSetKernelArg(k, a++, sizeof off, &off);
+        } else if (*p == 'm') {
+            cl_mem m = va_arg(ap, cl_mem);
+            st = clSetKernelArg(k, a++, sizeof m, &m);
+        } else if (*p == 'i') {
+            int v = va_arg(ap, int);
+            st = clSetKernelArg(k, a++, sizeof v, &v);
+        } else if (*p == 'u') {
+            cl_uint v = va_arg(ap, unsigned int);
+            st = clSetKernelArg(k, a++, sizeof v, &v);
+        } else if (*p == 'f') {
+            float v = (float)va_arg(ap, double);
+            st = clSetKernelArg(k, a++, sizeof v, &v);
+        } else {
+            return mpar__fail(ex->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_exec_launch(%s): unknown argument letter '%c'",
+                              kernel, *p);
+        }
+        if (st != CL_SUCCESS)
+            return mpar__fail(ex->ctx, (mpar_result)st, "clSetKernelArg(%s, argument %u) failed with %s", kernel,
+                              a - 1, mpar_result_string((mpar_result)st));
+    }
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char* kernel, size_t global0,
+                                     size_t global1, const char* args, ...) {
+    cl_kernel k;
+    va_list ap;
+    size_t global[2];
+    mpar_result r;
+    cl_int st;
+    if (!ex || !file || !kernel || !args) return MPAR_ERROR_INVALID_ARGUMENT;
+    r = mpar__exec_kernel(ex, file, kernel, &k);
+    if (r != MPAR_SUCCESS) return r;
+    va_start(ap, args);
+    r = mpar__set_args(ex, k, kernel, args, ap);
+    va_end(ap);
+    if (r != MPAR_SUCCESS) return r;
+    if (global0 == 0 || (global1 == 0 && 0)) return MPAR_SUCCESS;
+    global[0] = global0;
+    global[1] = global1;
+    st = clEnqueueNDRangeKernel(ex->queue, k, global1 ? 2u : 1u, NULL, global, NULL, 0, NULL, NULL);
+    if (st != CL_SUCCESS)
+        return mpar__fail(ex->ctx, (mpar_result)st, "clEnqueueNDRangeKernel(%s from %s, %zux%zu) failed with %s",
+                          kernel, file, global0, global1, mpar_result_string((mpar_result)st));
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
+                                   mpar_buf a, size_t lda, mpar_buf b, size_t ldb, float beta, mpar_buf c,
+                                   size_t ldc) {
+    CLBlastStatusCode st;
+    if (!ex) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (m == 0 || n == 0) return MPAR_SUCCESS;
+    if (k == 0) return MPAR_ERROR_INVALID_ARGUMENT;
+    st = CLBlastSgemm(CLBlastLayoutRowMajor, trans_a ? CLBlastTransposeYes : CLBlastTransposeNo,
+                      trans_b ? CLBlastTransposeYes : CLBlastTransposeNo, m, n, k, alpha, a.mem, a.off, lda, b.mem,
+                      b.off, ldb, beta, c.mem, c.off, ldc, &ex->queue, NULL);
+    if (st != CLBlastSuccess)
+        return mpar__fail(ex->ctx, (mpar_result)st, "CLBlastSgemm(%c%c, m=%zu n=%zu k=%zu) failed with %s (%d)",
+                          trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, mpar_result_string((mpar_result)st),
+                          (int)st);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_context* mpar_exec_context(mpar_exec* ex) { return ex ? ex->ctx : NULL; }
+MPARDEF cl_command_queue mpar_exec_queue(mpar_exec* ex) { return ex ? ex->queue : NULL; }
+MPARDEF mpar_result mpar_exec_fail(mpar_exec* ex, mpar_result code, const char* message) {
+    return ex ? mpar__fail(ex->ctx, code, "%s", message ? message : "layer failure") : code;
+}
+
+/* splitmix64: small, seedable, and the same on every platform. */
+static uint64_t mpar__rng_next(uint64_t* s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+static double mpar__rng_uniform(uint64_t* s) { return (double)(mpar__rng_next(s) >> 11) * (1.0 / 9007199254740992.0); }
+static float mpar__rng_normal(uint64_t* s, float stddev) {
+    double u1 = mpar__rng_uniform(s), u2 = mpar__rng_uniform(s);
+    if (u1 < 1e-300) u1 = 1e-300;
+    return (float)(stddev * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+static void mpar__fill_uniform(float* p, size_t n, float bound, uint64_t* s) {
+    size_t i;
+    for (i = 0; i < n; i++) p[i] = (float)((2.0 * mpar__rng_uniform(s) - 1.0) * bound);
+}
+static void mpar__fill_value(float* p, size_t n, float v) {
+    size_t i;
+    for (i = 0; i < n; i++) p[i] = v;
+}
+
+static mpar_buf mpar__at(mpar_buf b, size_t floats) {
+    b.off += floats;
+    return b;
+}
+
+#define MPAR__TRY(expr)                                                                                       \
+    do {                                                                                                      \
+        mpar_result mpar__t = (expr);                                                                         \
+        if (mpar__t != MPAR_SUCCESS) return mpar__t;                                                          \
+    } while (0)
+
+/* ---- linear: y = x·W + b, W is [in × out] row-major ---- */
+static mpar_result mpar__linear_setup(mpar_layer* l, mpar_error* err) {
+    size_t in = (size_t)l->in_features, out;
+    if (l->desc.units <= 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (linear): units must be positive, got %d",
+                              l->index, l->desc.units);
+    out = (size_t)l->desc.units;
+    l->out_features = l->desc.units;
+    l->param_count = in * out + out;
+    l->flops_forward = 2.0 * (double)(in * out) + (double)out;
+    l->flops_backward_input = 2.0 * (double)(in * out);
+    l->flops_backward_weight = 2.0 * (double)(in * out) + (double)out;
+    return MPAR_SUCCESS;
+}
+static void mpar__linear_init(const mpar_layer* l, float* p, uint64_t* s) {
+    /* PyTorch's default: U(-1/sqrt(in), 1/sqrt(in)) for weights and bias */
+    mpar__fill_uniform(p, l->param_count, (float)(1.0 / sqrt((double)l->in_features)), s);
+}
+static mpar_result mpar__linear_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 0, (size_t)io->rows, out, in, 1.0f, io->x, in, io->params, out, 0.0f, io->y, out));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add", (size_t)io->rows * out, 0, "biib", io->y, io->rows,
+                            (int)out, mpar__at(io->params, in * out));
+}
+static mpar_result mpar__linear_backward_input(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
+    if (!io->need_dx) return MPAR_SUCCESS;
+    return mpar_exec_gemm(ex, 0, 1, (size_t)io->rows, in, out, 1.0f, io->dy, out, io->params, out, 0.0f, io->dx, in);
+}
+static mpar_result mpar__linear_backward_weight(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
+    MPAR__TRY(mpar_exec_gemm(ex, 1, 0, in, out, (size_t)io->rows, 1.0f, io->x, in, io->dy, out, 1.0f, io->grads, out));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_grad", out, 0, "biib", io->dy, io->rows, (int)out,
+                            mpar__at(io->grads, in * out));
+}
+
+/* ---- shape-preserving layers share a setup ---- */
+static mpar_result mpar__same_shape_setup(mpar_layer* l, mpar_error* err) {
+    if (l->desc.units != 0 && l->desc.units != l->in_features)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
+                              "layer %d (%s): expects width %d but the previous layer gives %d", l->index,
+                              l->type->name, l->desc.units, l->in_features);
+    l->out_features = l->in_features;
+    l->flops_forward = l->flops_backward_input = 4.0 * l->in_features;
+    return MPAR_SUCCESS;
+}
+static mpar_result mpar__act_forward(mpar_exec* ex, const mpar_io* io, const mpar_layer* l, const char* kernel) {
+    return mpar_exec_launch(ex, "elementwise.cl", kernel, (size_t)io->rows * (size_t)l->in_features, 0, "bbi", io->x,
+                            io->y, io->rows * l->in_features);
+}
+static mpar_result mpar__act_backward(mpar_exec* ex, const mpar_io* io, const mpar_layer* l, const char* kernel,
+                                      mpar_buf saved) {
+    if (!io->need_dx) return MPAR_SUCCESS;
+    return mpar_exec_launch(ex, "elementwise.cl", kernel, (size_t)io->rows * (size_t)l->in_features, 0, "bbbi", saved,
+                            io->dy, io->dx, io->rows * l->in_features);
+}
+static mpar_result mpar__relu_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__act_forward(ex, io, l, "mpar_relu_fwd");
+}
+static mpar_result mpar__relu_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__act_backward(ex, io, l, "mpar_relu_bwd", io->x);
+}
+static mpar_result mpar__gelu_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__act_forward(ex, io, l, "mpar_gelu_fwd");
+}
+static mpar_result mpar__gelu_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__act_backward(ex, io, l, "mpar_gelu_bwd", io->x);
+}
+static mpar_result mpar__tanh_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__act_forward(ex, io, l, "mpar_tanh_fwd");
+}
+static mpar_result mpar__tanh_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__act_backward(ex, io, l, "mpar_tanh_bwd", io->y);
+}
+
+/* ---- dropout: the mask is a hash of (seed, element index in the batch),
+   so it is the same however the batch is cut into micro-batches ---- */
+static mpar_result mpar__dropout_setup(mpar_layer* l, mpar_error* err) {
+    if (!(l->desc.rate >= 0.0f && l->desc.rate < 1.0f))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (dropout): rate must be in [0, 1), got %g",
+                              l->index, (double)l->desc.rate);
+    return mpar__same_shape_setup(l, err);
+}
+static mpar_result mpar__dropout_run(mpar_exec* ex, const mpar_layer* l, const mpar_io* io, const char* kernel,
+                                     mpar_buf in, mpar_buf out) {
+    int n = io->rows * l->in_features;
+    if (!io->training || l->desc.rate == 0.0f)
+        return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", in, out, n);
+    return mpar_exec_launch(ex, "elementwise.cl", kernel, (size_t)n, 0, "bbifuui", in, out, n, (double)l->desc.rate,
+                            (unsigned)(io->seed & 0xffffffffu), (unsigned)(io->seed >> 32),
+                            io->row_offset * l->in_features);
+}
+static mpar_result mpar__dropout_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__dropout_run(ex, l, io, "mpar_dropout_fwd", io->x, io->y);
+}
+static mpar_result mpar__dropout_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    if (!io->need_dx) return MPAR_SUCCESS;
+    return mpar__dropout_run(ex, l, io, "mpar_dropout_bwd", io->dy, io->dx);
+}
+
+/* ---- layer norm over the features of a row; stash: mean, rstd ---- */
+static float mpar__eps(const mpar_layer* l) { return l->desc.eps > 0.0f ? l->desc.eps : 1e-5f; }
+static mpar_result mpar__layernorm_setup(mpar_layer* l, mpar_error* err) {
+    MPAR__TRY(mpar__same_shape_setup(l, err));
+    l->param_count = 2 * (size_t)l->in_features;
+    l->stash_per_row = 2;
+    l->flops_forward = 8.0 * l->in_features;
+    l->flops_backward_input = 10.0 * l->in_features;
+    l->flops_backward_weight = 4.0 * l->in_features;
+    return MPAR_SUCCESS;
+}
+static void mpar__layernorm_init(const mpar_layer* l, float* p, uint64_t* s) {
+    (void)s;
+    mpar__fill_value(p, (size_t)l->in_features, 1.0f);
+    mpar__fill_value(p + l->in_features, (size_t)l->in_features, 0.0f);
+}
+static mpar_result mpar__ln_fwd(mpar_exec* ex, mpar_buf x, mpar_buf gb, mpar_buf y, mpar_buf stats, int rows, int cols,
+                                float eps) {
+    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_fwd", (size_t)rows, 0, "bbbbbbiif", x, gb,
+                            mpar__at(gb, (size_t)cols), y, stats, mpar__at(stats, (size_t)rows), rows, cols,
+                            (double)eps);
+}
+static mpar_result mpar__ln_bwd_input(mpar_exec* ex, mpar_buf dy, mpar_buf x, mpar_buf stats, mpar_buf gb, mpar_buf dx,
+                                      int rows, int cols) {
+    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_bwd_input", (size_t)rows, 0, "bbbbbbii", dy, x, stats,
+                            mpar__at(stats, (size_t)rows), gb, dx, rows, cols);
+}
+static mpar_result mpar__ln_bwd_weight(mpar_exec* ex, mpar_buf dy, mpar_buf x, mpar_buf stats, mpar_buf dgb, int rows,
+                                       int cols) {
+    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_bwd_weight", (size_t)cols, 0, "bbbbbbii", dy, x, stats,
+                            mpar__at(stats, (size_t)rows), dgb, mpar__at(dgb, (size_t)cols), rows, cols);
+}
+static mpar_result mpar__layernorm_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__ln_fwd(ex, io->x, io->params, io->y, io->stash, io->rows, l->in_features, mpar__eps(l));
+}
+static mpar_result mpar__layernorm_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    if (!io->need_dx) return MPAR_SUCCESS;
+    return mpar__ln_bwd_input(ex, io->dy, io->x, io->stash, io->params, io->dx, io->rows, l->in_features);
+}
+static mpar_result mpar__layernorm_bwd_w(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar__ln_bwd_weight(ex, io->dy, io->x, io->stash, io->grads, io->rows, l->in_features);
+}
+
+/* ---- token + learned position embedding; input: int32 token per row ---- */
+static mpar_result mpar__embedding_setup(mpar_layer* l, mpar_error* err) {
+    size_t c = (size_t)l->desc.units;
+    if (l->in_features != 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
+                              "layer %d (embedding): input must be one token per row, got width %d", l->index,
+                              l->in_features);
+    if (l->desc.units <= 0 || l->desc.vocab <= 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
+                              "layer %d (embedding): units (%d) and vocab (%d) must be positive", l->index,
+                              l->desc.units, l->desc.vocab);
+    l->out_features = l->desc.units;
+    l->param_count = ((size_t)l->desc.vocab + (size_t)l->seq_len) * c;
+    l->flops_forward = (double)c;
+    l->flops_backward_weight = (double)c * (double)l->desc.vocab; /* the deterministic kernel scans */
+    return MPAR_SUCCESS;
+}
+static void mpar__embedding_init(const mpar_layer* l, float* p, uint64_t* s) {
+    size_t i;
+    for (i = 0; i < l->param_count; i++) p[i] = mpar__rng_normal(s, 0.02f);
+}
+static mpar_result mpar__embedding_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    int c = l->out_features, v = l->desc.vocab;
+    return mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_fwd", (size_t)io->rows * (size_t)c, 0, "bbbbiiii",
+                            io->x, io->params, mpar__at(io->params, (size_t)v * (size_t)c), io->y, io->rows,
+                            l->seq_len, c, v);
+}
+static mpar_result mpar__embedding_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    (void)ex, (void)l, (void)io; /* tokens have no gradient */
+    return MPAR_SUCCESS;
+}
+static mpar_result mpar__embedding_bwd_w(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    int c = l->out_features, v = l->desc.vocab;
+    MPAR__TRY(mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_bwd_wte", (size_t)v * (size_t)c, 0, "bbbiii", io->x,
+                               io->dy, io->grads, io->rows, c, v));
+    return mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_bwd_wpe", (size_t)l->seq_len * (size_t)c, 0, "bbiii",
+                            io->dy, mpar__at(io->grads, (size_t)v * (size_t)c), io->rows, l->seq_len, c);
+}
+
+/* ---- softmax cross-entropy; output: the loss of each row ---- */
+static mpar_result mpar__xent_setup(mpar_layer* l, mpar_error* err) {
+    if (l->in_features < 2)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (cross_entropy): needs at least 2 classes, got %d",
+                              l->index, l->in_features);
+    l->out_features = 1;
+    l->flops_forward = 4.0 * l->in_features;
+    l->flops_backward_input = 4.0 * l->in_features;
+    return MPAR_SUCCESS;
+}
+static mpar_result mpar__xent_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar_exec_launch(ex, "loss.cl", "mpar_xent_fwd", (size_t)io->rows, 0, "bbbii", io->x, io->targets, io->y,
+                            io->rows, l->in_features);
+}
+static mpar_result mpar__xent_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar_exec_launch(ex, "loss.cl", "mpar_xent_bwd", (size_t)io->rows, 0, "bbbiif", io->x, io->targets, io->dx,
+                            io->rows, l->in_features, (double)io->loss_scale);
+}
+
+/* ---- pre-norm decoder block, one layer:
+     h1 = LN1(x); qkv = h1·Wqkv + bqkv; a = causal_attention(qkv);
+     x2 = x + a·Wo + bo; h2 = LN2(x2); f = h2·W1 + b1; g = gelu(f);
+     y = x2 + g·W2 + b2
+   Offsets below are in floats, per row (stash/gstash/scratch blocks are
+   column blocks of `rows` rows each). ---- */
+typedef struct mpar__block_shape {
+    size_t c, hd, h, t;
+    /* parameters */
+    size_t ln1, wqkv, bqkv, wo, bo, ln2, w1, b1, w2, b2;
+    /* stash, per row */
+    size_t s_st1, s_h1, s_qkv, s_p, s_a, s_x2, s_st2, s_h2, s_f, s_g, s_total;
+    /* gstash, per row */
+    size_t g_dh2, g_df, g_dx2, g_dqkv, g_dh1, g_total;
+    /* scratch, per row */
+    size_t x_dg, x_ds, x_da, x_tmp, x_total;
+} mpar__block_shape;
+
+static mpar__block_shape mpar__block(const mpar_layer* l) {
+    mpar__block_shape s;
+    s.c = (size_t)l->in_features;
+    s.hd = l->desc.hidden > 0 ? (size_t)l->desc.hidden : 4 * s.c;
+    s.h = (size_t)(l->desc.heads > 0 ? l->desc.heads : 1);
+    s.t = (size_t)l->seq_len;
+    s.ln1 = 0, s.wqkv = 2 * s.c, s.bqkv = s.wqkv + 3 * s.c * s.c, s.wo = s.bqkv + 3 * s.c, s.bo = s.wo + s.c * s.c;
+    s.ln2 = s.bo + s.c, s.w1 = s.ln2 + 2 * s.c, s.b1 = s.w1 + s.c * s.hd, s.w2 = s.b1 + s.hd, s.b2 = s.w2 + s.hd * s.c;
+    s.s_st1 = 0, s.s_h1 = 2, s.s_qkv = s.s_h1 + s.c, s.s_p = s.s_qkv + 3 * s.c, s.s_a = s.s_p + s.h * s.t;
+    s.s_x2 = s.s_a + s.c, s.s_st2 = s.s_x2 + s.c, s.s_h2 = s.s_st2 + 2, s.s_f = s.s_h2 + s.c, s.s_g = s.s_f + s.hd;
+    s.s_total = s.s_g + s.hd;
+    s.g_dh2 = 0, s.g_df = s.c, s.g_dx2 = s.g_df + s.hd, s.g_dqkv = s.g_dx2 + s.c, s.g_dh1 = s.g_dqkv + 3 * s.c;
+    s.g_total = s.g_dh1 + s.c;
+    s.x_dg = 0, s.x_ds = s.hd, s.x_da = s.x_ds + s.h * s.t, s.x_tmp = s.x_da + s.c, s.x_total = s.x_tmp + s.c;
+    return s;
+}
+
+static mpar_result mpar__block_setup(mpar_layer* l, mpar_error* err) {
+    mpar__block_shape s;
+    double c, hd, t;
+    MPAR__TRY(mpar__same_shape_setup(l, err));
+    if (l->desc.heads <= 0 || l->in_features % l->desc.heads != 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
+                              "layer %d (decoder_block): heads (%d) must be positive and divide the width %d",
+                              l->index, l->desc.heads, l->in_features);
+    if (l->desc.hidden < 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (decoder_block): hidden must not be negative",
+                              l->index);
+    s = mpar__block(l);
+    l->param_count = s.b2 + s.c;
+    l->stash_per_row = s.s_total;
+    l->gstash_per_row = s.g_total;
+    l->scratch_per_row = s.x_total;
+    c = (double)s.c, hd = (double)s.hd, t = (double)s.t;
+    l->flops_forward = 2.0 * c * 4.0 * c + 4.0 * c * hd + 2.0 * t * c + 20.0 * c;
+    l->flops_backward_input = 2.0 * c * 4.0 * c + 4.0 * c * hd + 4.0 * t * c + 30.0 * c;
+    l->flops_backward_weight = 2.0 * c * 4.0 * c + 4.0 * c * hd + 10.0 * c;
+    return MPAR_SUCCESS;
+}
+
+static void mpar__block_init(const mpar_layer* l, float* p, uint64_t* r) {
+    mpar__block_shape s = mpar__block(l);
+    size_t i;
+    for (i = 0; i < l->param_count; i++) p[i] = mpar__rng_normal(r, 0.02f);
+    mpar__fill_value(p + s.ln1, s.c, 1.0f), mpar__fill_value(p + s.ln1 + s.c, s.c, 0.0f);
+    mpar__fill_value(p + s.ln2, s.c, 1.0f), mpar__fill_value(p + s.ln2 + s.c, s.c, 0.0f);
+    mpar__fill_value(p + s.bqkv, 3 * s.c, 0.0f), mpar__fill_value(p + s.bo, s.c, 0.0f);
+    mpar__fill_value(p + s.b1, s.hd, 0.0f), mpar__fill_value(p + s.b2, s.c, 0.0f);
+}
+
+/* y = x·W + b for a block's inner projection. */
+static mpar_result mpar__proj(mpar_exec* ex, mpar_buf x, mpar_buf w, mpar_buf b, mpar_buf y, size_t rows, size_t in,
+                              size_t out) {
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 0, rows, out, in, 1.0f, x, in, w, out, 0.0f, y, out));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add", rows * out, 0, "biib", y, (int)rows, (int)out, b);
+}
+static mpar_result mpar__add(mpar_exec* ex, mpar_buf a, mpar_buf b, mpar_buf out, size_t n) {
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_add", n, 0, "bbbi", a, b, out, (int)n);
+}
+
+static mpar_result mpar__block_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    mpar__block_shape s = mpar__block(l);
+    size_t rows = (size_t)io->rows, b = rows / s.t;
+    mpar_buf st = io->stash, p = io->params;
+    mpar_buf h1 = mpar__at(st, rows * s.s_h1), qkv = mpar__at(st, rows * s.s_qkv), pr = mpar__at(st, rows * s.s_p);
+    mpar_buf a = mpar__at(st, rows * s.s_a), x2 = mpar__at(st, rows * s.s_x2), h2 = mpar__at(st, rows * s.s_h2);
+    mpar_buf f = mpar__at(st, rows * s.s_f), g = mpar__at(st, rows * s.s_g);
+    MPAR__TRY(mpar__ln_fwd(ex, io->x, mpar__at(p, s.ln1), h1, mpar__at(st, rows * s.s_st1), io->rows, (int)s.c,
+                           mpar__eps(l)));
+    MPAR__TRY(mpar__proj(ex, h1, mpar__at(p, s.wqkv), mpar__at(p, s.bqkv), qkv, rows, s.c, 3 * s.c));
+    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_fwd", b * s.h * s.t, 0, "bbbiiii", qkv, a, pr, (int)b,
+                               (int)s.t, (int)s.c, (int)s.h));
+    MPAR__TRY(mpar__proj(ex, a, mpar__at(p, s.wo), mpar__at(p, s.bo), io->y, rows, s.c, s.c));
+    MPAR__TRY(mpar__add(ex, io->x, io->y, x2, rows * s.c));
+    MPAR__TRY(mpar__ln_fwd(ex, x2, mpar__at(p, s.ln2), h2, mpar__at(st, rows * s.s_st2), io->rows, (int)s.c,
+                           mpar__eps(l)));
+    MPAR__TRY(mpar__proj(ex, h2, mpar__at(p, s.w1), mpar__at(p, s.b1), f, rows, s.c, s.hd));
+    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_gelu_fwd", rows * s.hd, 0, "bbi", f, g, (int)(rows * s.hd)));
+    MPAR__TRY(mpar__proj(ex, g, mpar__at(p, s.w2), mpar__at(p, s.b2), io->y, rows, s.hd, s.c));
+    return mpar__add(ex, io->y, x2, io->y, rows * s.c);
+}
+
+static mpar_result mpar__block_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    mpar__block_shape s = mpar__block(l);
+    size_t rows = (size_t)io->rows, b = rows / s.t;
+    mpar_buf st = io->stash, p = io->params, gs = io->gstash, xs = io->scratch;
+    mpar_buf qkv = mpar__at(st, rows * s.s_qkv), pr = mpar__at(st, rows * s.s_p), x2 = mpar__at(st, rows * s.s_x2);
+    mpar_buf f = mpar__at(st, rows * s.s_f);
+    mpar_buf dh2 = mpar__at(gs, rows * s.g_dh2), df = mpar__at(gs, rows * s.g_df), dx2 = mpar__at(gs, rows * s.g_dx2);
+    mpar_buf dqkv = mpar__at(gs, rows * s.g_dqkv), dh1 = mpar__at(gs, rows * s.g_dh1);
+    mpar_buf dg = mpar__at(xs, rows * s.x_dg), ds = mpar__at(xs, rows * s.x_ds), da = mpar__at(xs, rows * s.x_da);
+    mpar_buf tmp = mpar__at(xs, rows * s.x_tmp);
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.hd, s.c, 1.0f, io->dy, s.c, mpar__at(p, s.w2), s.c, 0.0f, dg, s.hd));
+    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_gelu_bwd", rows * s.hd, 0, "bbbi", f, dg, df,
+                               (int)(rows * s.hd)));
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.c, s.hd, 1.0f, df, s.hd, mpar__at(p, s.w1), s.hd, 0.0f, dh2, s.c));
+    MPAR__TRY(mpar__ln_bwd_input(ex, dh2, x2, mpar__at(st, rows * s.s_st2), mpar__at(p, s.ln2), tmp, io->rows,
+                                 (int)s.c));
+    MPAR__TRY(mpar__add(ex, tmp, io->dy, dx2, rows * s.c));
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.c, s.c, 1.0f, dx2, s.c, mpar__at(p, s.wo), s.c, 0.0f, da, s.c));
+    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_bwd_ds", b * s.h * s.t, 0, "bbbbiiii", da, qkv, pr, ds,
+                               (int)b, (int)s.t, (int)s.c, (int)s.h));
+    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_bwd_qkv", rows * 3 * s.c, 0, "bbbbbiiii", da, qkv, pr,
+                               ds, dqkv, (int)b, (int)s.t, (int)s.c, (int)s.h));
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.c, 3 * s.c, 1.0f, dqkv, 3 * s.c, mpar__at(p, s.wqkv), 3 * s.c, 0.0f,
+                             dh1, s.c));
+    if (!io->need_dx) return MPAR_SUCCESS;
+    MPAR__TRY(mpar__ln_bwd_input(ex, dh1, io->x, mpar__at(st, rows * s.s_st1), mpar__at(p, s.ln1), tmp, io->rows,
+                                 (int)s.c));
+    return mpar__add(ex, tmp, dx2, io->dx, rows * s.c);
+}
+
+/* Parameter gradient of one inner projection: dW += xᵀ·dy, db += Σ dy. */
+static mpar_result mpar__proj_grad(mpar_exec* ex, mpar_buf x, mpar_buf dy, mpar_buf dw, mpar_buf db, size_t rows,
+                                   size_t in, size_t out) {
+    MPAR__TRY(mpar_exec_gemm(ex, 1, 0, in, out, rows, 1.0f, x, in, dy, out, 1.0f, dw, out));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_grad", out, 0, "biib", dy, (int)rows, (int)out, db);
+}
+
+static mpar_result mpar__block_bwd_w(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    mpar__block_shape s = mpar__block(l);
+    size_t rows = (size_t)io->rows;
+    mpar_buf st = io->stash, gs = io->gstash, gr = io->grads;
+    mpar_buf h1 = mpar__at(st, rows * s.s_h1), a = mpar__at(st, rows * s.s_a), x2 = mpar__at(st, rows * s.s_x2);
+    mpar_buf h2 = mpar__at(st, rows * s.s_h2), g = mpar__at(st, rows * s.s_g);
+    mpar_buf dh2 = mpar__at(gs, rows * s.g_dh2), df = mpar__at(gs, rows * s.g_df), dx2 = mpar__at(gs, rows * s.g_dx2);
+    mpar_buf dqkv = mpar__at(gs, rows * s.g_dqkv), dh1 = mpar__at(gs, rows * s.g_dh1);
+    MPAR__TRY(mpar__ln_bwd_weight(ex, dh1, io->x, mpar__at(st, rows * s.s_st1), mpar__at(gr, s.ln1), io->rows,
+                                  (int)s.c));
+    MPAR__TRY(mpar__proj_grad(ex, h1, dqkv, mpar__at(gr, s.wqkv), mpar__at(gr, s.bqkv), rows, s.c, 3 * s.c));
+    MPAR__TRY(mpar__proj_grad(ex, a, dx2, mpar__at(gr, s.wo), mpar__at(gr, s.bo), rows, s.c, s.c));
+    MPAR__TRY(mpar__ln_bwd_weight(ex, dh2, x2, mpar__at(st, rows * s.s_st2), mpar__at(gr, s.ln2), io->rows,
+                                  (int)s.c));
+    MPAR__TRY(mpar__proj_grad(ex, h2, df, mpar__at(gr, s.w1), mpar__at(gr, s.b1), rows, s.c, s.hd));
+    return mpar__proj_grad(ex, g, io->dy, mpar__at(gr, s.w2), mpar__at(gr, s.b2), rows, s.hd, s.c);
+}
+
+/* ---- the built-in type tables ---- */
+static const mpar_layer_type mpar__type_linear = {"linear", 0, mpar__linear_setup, mpar__linear_init,
+                                                  mpar__linear_forward, mpar__linear_backward_input,
+                                                  mpar__linear_backward_weight};
+static const mpar_layer_type mpar__type_relu = {"relu", 0, mpar__same_shape_setup, NULL, mpar__relu_fwd,
+                                                mpar__relu_bwd, NULL};
+static const mpar_layer_type mpar__type_gelu = {"gelu", 0, mpar__same_shape_setup, NULL, mpar__gelu_fwd,
+                                                mpar__gelu_bwd, NULL};
+static const mpar_layer_type mpar__type_tanh = {"tanh", 0, mpar__same_shape_setup, NULL, mpar__tanh_fwd,
+                                                mpar__tanh_bwd, NULL};
+static const mpar_layer_type mpar__type_dropout = {"dropout", 0, mpar__dropout_setup, NULL, mpar__dropout_fwd,
+                                                   mpar__dropout_bwd, NULL};
+static const mpar_layer_type mpar__type_layernorm = {"layernorm", 0, mpar__layernorm_setup, mpar__layernorm_init,
+                                                     mpar__layernorm_fwd, mpar__layernorm_bwd, mpar__layernorm_bwd_w};
+static const mpar_layer_type mpar__type_embedding = {"embedding", MPAR_LAYER_TOKEN_INPUT, mpar__embedding_setup,
+                                                     mpar__embedding_init, mpar__embedding_fwd, mpar__embedding_bwd,
+                                                     mpar__embedding_bwd_w};
+static const mpar_layer_type mpar__type_block = {"decoder_block", 0, mpar__block_setup, mpar__block_init,
+                                                 mpar__block_fwd, mpar__block_bwd, mpar__block_bwd_w};
+static const mpar_layer_type mpar__type_xent = {"cross_entropy", MPAR_LAYER_LOSS, mpar__xent_setup, NULL,
+                                                mpar__xent_fwd, mpar__xent_bwd, NULL};
+
+MPARDEF const mpar_layer_type* mpar_layer_linear(void) { return &mpar__type_linear; }
+MPARDEF const mpar_layer_type* mpar_layer_relu(void) { return &mpar__type_relu; }
+MPARDEF const mpar_layer_type* mpar_layer_gelu(void) { return &mpar__type_gelu; }
+MPARDEF const mpar_layer_type* mpar_layer_tanh(void) { return &mpar__type_tanh; }
+MPARDEF const mpar_layer_type* mpar_layer_dropout(void) { return &mpar__type_dropout; }
+MPARDEF const mpar_layer_type* mpar_layer_layernorm(void) { return &mpar__type_layernorm; }
+MPARDEF const mpar_layer_type* mpar_layer_embedding(void) { return &mpar__type_embedding; }
+MPARDEF const mpar_layer_type* mpar_layer_decoder_block(void) { return &mpar__type_block; }
+MPARDEF const mpar_layer_type* mpar_layer_cross_entropy(void) { return &mpar__type_xent; }
+
+/* ---- the model ---- */
+struct mpar_model {
+    mpar_model_desc desc;
+    int count, capacity;
+    mpar_layer* layers;
+};
+
+MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err) {
+    mpar_model* m;
+    if (!desc || !out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_create: NULL argument");
+    *out = NULL;
+    if (desc->input_features <= 0 || desc->seq_len < 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
+                              "model input_features must be positive (got %d) and seq_len not negative (got %d)",
+                              desc->input_features, desc->seq_len);
+    m = (mpar_model*)MPAR_MALLOC(sizeof *m);
+    if (!m) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(m, 0, sizeof *m);
+    m->desc = *desc;
+    if (m->desc.seq_len == 0) m->desc.seq_len = 1;
+    *out = m;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF void mpar_model_destroy(mpar_model* model) {
+    if (!model) return;
+    MPAR_FREE(model->layers);
+    MPAR_FREE(model);
+}
+
+MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar_error* err) {
+    mpar_layer l;
+    mpar_result r;
+    if (!m || !d || !d->type || !d->type->setup || !d->type->forward || !d->type->backward_input)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "mpar_model_add: model, layer or layer type (setup/forward/backward_input) is NULL");
+    if (m->count > 0 && (m->layers[m->count - 1].type->flags & MPAR_LAYER_LOSS))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s) follows the loss layer %d (%s): the loss "
+                              "must be last", m->count, d->type->name, m->count - 1, m->layers[m->count - 1].type->name);
+    if (m->count > 0 && (d->type->flags & MPAR_LAYER_TOKEN_INPUT))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s) takes token ids and must be the first layer",
+                              m->count, d->type->name);
+    memset(&l, 0, sizeof l);
+    l.type = d->type;
+    l.desc = *d;
+    l.index = m->count;
+    l.seq_len = m->desc.seq_len;
+    l.in_features = m->count ? m->layers[m->count - 1].out_features : m->desc.input_features;
+    r = d->type->setup(&l, err);
+    if (r != MPAR_SUCCESS) return r;
+    if (l.out_features <= 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s) has no outputs", l.index, d->type->name);
+    if (l.param_count > 0 && !d->type->backward_weight)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s) has parameters but no backward_weight",
+                              l.index, d->type->name);
+    if (m->count == m->capacity) {
+        int cap = m->capacity ? 2 * m->capacity : 16;
+        mpar_layer* grown = (mpar_layer*)MPAR_REALLOC(m->layers, sizeof(mpar_layer) * (size_t)cap);
+        if (!grown) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        m->layers = grown;
+        m->capacity = cap;
+    }
+    m->layers[m->count++] = l;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_model_add_linear(mpar_model* model, int units, mpar_error* err) {
+    mpar_layer_desc d;
+    memset(&d, 0, sizeof d);
+    d.type = mpar_layer_linear();
+    d.units = units;
+    return mpar_model_add(model, &d, err);
+}
+
+MPARDEF mpar_result mpar_model_add_simple(mpar_model* model, const mpar_layer_type* type, mpar_error* err) {
+    mpar_layer_desc d;
+    memset(&d, 0, sizeof d);
+    d.type = type;
+    return mpar_model_add(model, &d, err);
+}
+
+MPARDEF mpar_result mpar_model_validate(const mpar_model* m, mpar_error* err) {
+    if (!m) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_validate: model is NULL");
+    if (m->count == 0) return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "the model has no layers");
+    if (!(m->layers[m->count - 1].type->flags & MPAR_LAYER_LOSS))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "the last layer (%d, %s) is not a loss layer",
+                              m->count - 1, m->layers[m->count - 1].type->name);
+    if ((m->layers[0].type->flags & MPAR_LAYER_TOKEN_INPUT) && m->desc.input_features != 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "a token model needs input_features = 1");
+    return MPAR_SUCCESS;
+}
+
+MPARDEF int mpar_model_layer_count(const mpar_model* m) { return m ? m->count : 0; }
+MPARDEF const mpar_layer* mpar_model_layer(const mpar_model* m, int i) {
+    return m && i >= 0 && i < m->count ? &m->layers[i] : NULL;
+}
+MPARDEF size_t mpar_model_param_count(const mpar_model* m) {
+    size_t n = 0;
+    int i;
+    for (i = 0; m && i < m->count; i++) n += m->layers[i].param_count;
+    return n;
+}
+
+MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float* out, mpar_error* err) {
+    const mpar_layer* l = mpar_model_layer(m, layer);
+    uint64_t s;
+    if (!l || (!out && l->param_count))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_init_params: no layer %d or out is NULL",
+                              layer);
+    /* Seeded by (model seed, layer index): independent of the partition. */
+    s = m->desc.seed ^ (0xD1B54A32D192ED03ULL * (uint64_t)(layer + 1));
+    mpar__rng_next(&s);
+    if (l->param_count == 0) return MPAR_SUCCESS;
+    if (l->type->init) l->type->init(l, out, &s);
+    else mpar__fill_value(out, l->param_count, 0.0f);
+    return MPAR_SUCCESS;
+}
+
+
+#ifndef MPAR_PART_SCHEDULE_IMPL
+#define MPAR_PART_SCHEDULE_IMPL
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Keeps every index product (P*V*M, list lengths) far from INT_MAX. */
+#define MPAR__SCHED_MAX_ITEMS (1 << 24)
+
+static void mpar__sched_free_lists(mpar_schedule* sc) {
+    int s;
+    if (sc->actions) {
+        for (s = 0; s < sc->stages; ++s) MPAR_FREE(sc->actions[s]);
+        MPAR_FREE(sc->actions);
+    }
+    MPAR_FREE(sc->action_count);
+}
+
+MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule) {
+    if (!schedule) return;
+    mpar__sched_free_lists(schedule);
+    MPAR_FREE(schedule);
+}
+
+/* A schedule with room for caps[s] actions on stage s, all lists empty. */
+static mpar_schedule* mpar__sched_alloc(int P, int M, int V, const int* caps) {
+    int s;
+    mpar_schedule* sc = (mpar_schedule*)MPAR_MALLOC(sizeof(mpar_schedule));
+    if (!sc) return NULL;
+    memset(sc, 0, sizeof *sc);
+    sc->stages = P;
+    sc->microbatches = M;
+    sc->virtual_stages = V;
+    sc->action_count = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
+    sc->actions = (mpar_action**)MPAR_MALLOC(sizeof(mpar_action*) * (size_t)P);
+    if (!sc->action_count || !sc->actions) {
+        mpar_schedule_destroy(sc);
+        return NULL;
+    }
+    for (s = 0; s < P; ++s) {
+        sc->action_count[s] = 0;
+        sc->actions[s] = NULL;
+    }
+    for (s = 0; s < P; ++s) {
+        size_t n = (size_t)(caps[s] > 0 ? caps[s] : 1);
+        sc->actions[s] = (mpar_action*)MPAR_MALLOC(sizeof(mpar_action) * n);
+        if (!sc->actions[s]) {
+            mpar_schedule_destroy(sc);
+            return NULL;
+        }
+    }
+    return sc;
+}
+
+static void mpar__sched_push(mpar_schedule* sc, int s, mpar_action_kind kind, int m, int chunk) {
+    mpar_action* a = &sc->actions[s][sc->action_count[s]++];
+    a->kind = kind;
+    a->microbatch = kind == MPAR_ACTION_OPTIMIZER_STEP ? -1 : m;
+    a->chunk = chunk;
+}
+
+/* ---- generators: each fills every stage's list, optimizer step last ---- */
+
+static void mpar__sched_gen_gpipe(mpar_schedule* sc) {
+    int s, m;
+    for (s = 0; s < sc->stages; ++s) {
+        for (m = 0; m < sc->microbatches; ++m) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, m, 0);
+        for (m = 0; m < sc->microbatches; ++m) mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD, m, 0);
+        mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+    }
+}
+
+static void mpar__sched_gen_1f1b(mpar_schedule* sc) {
+    int s, m, P = sc->stages, M = sc->microbatches;
+    for (s = 0; s < P; ++s) {
+        int warmup = P - s - 1 < M ? P - s - 1 : M;
+        for (m = 0; m < warmup; ++m) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, m, 0);
+        for (m = 0; m < M; ++m) {
+            if (warmup + m < M) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, warmup + m, 0);
+            mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD, m, 0);
+        }
+        mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+    }
+}
+
+/* ZB-H1: 1F1B's order of F and I; stage s keeps its W's `s` micro-batches
+   behind its I's and runs the deferred ones in the cool-down. */
+static void mpar__sched_gen_zbh1(mpar_schedule* sc) {
+    int s, m, P = sc->stages, M = sc->microbatches;
+    for (s = 0; s < P; ++s) {
+        int warmup = P - s - 1 < M ? P - s - 1 : M;
+        int lag = s, next_w = 0;
+        for (m = 0; m < warmup; ++m) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, m, 0);
+        for (m = 0; m < M; ++m) {
+            if (warmup + m < M) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, warmup + m, 0);
+            mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_INPUT, m, 0);
+            if (m >= lag) mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_WEIGHT, next_w++, 0);
+        }
+        while (next_w < M) mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_WEIGHT, next_w++, 0);
+        mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+    }
+}
+
+/* k-th forward (or backward) of a stage under interleaving: micro-batches in
+   groups of P; within a group all of chunk 0, then chunk 1, ... (reversed
+   chunks for backward). */
+static void mpar__sched_interleaved_item(int P, int V, int k, int backward, int* m, int* chunk) {
+    int group = k / (P * V), in_group = k % (P * V), c = in_group / P;
+    *m = group * P + in_group % P;
+    *chunk = backward ? V - 1 - c : c;
+}
+
+static void mpar__sched_push_interleaved(mpar_schedule* sc, int s, int k, int backward) {
+    int m, c;
+    mpar__sched_interleaved_item(sc->stages, sc->virtual_stages, k, backward, &m, &c);
+    if (m < sc->microbatches) /* a hole left by padding M up to a multiple of P */
+        mpar__sched_push(sc, s, backward ? MPAR_ACTION_BACKWARD : MPAR_ACTION_FORWARD, m, c);
+}
+
+/* Megatron-LM's order for M a multiple of P. Any other M is padded up to
+   the next multiple and the padding micro-batches dropped afterwards: that
+   removes whole dependency chains, so the lists stay deadlock-free. */
+static void mpar__sched_gen_interleaved(mpar_schedule* sc) {
+    int s, k, P = sc->stages, V = sc->virtual_stages;
+    int total = (sc->microbatches + P - 1) / P * P * V;
+    for (s = 0; s < P; ++s) {
+        int warmup = 2 * (P - s - 1) + (V - 1) * P;
+        if (warmup > total) warmup = total;
+        for (k = 0; k < warmup; ++k) mpar__sched_push_interleaved(sc, s, k, 0);
+        for (k = 0; k < total; ++k) {
+            if (warmup + k < total) mpar__sched_push_interleaved(sc, s, warmup + k, 0);
+            mpar__sched_push_interleaved(sc, s, k, 1);
+        }
+        mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+    }
+}
+
+static mpar_result mpar__sched_check_shape(const char* fn, int P, int M, int V, mpar_error* err) {
+    if (P < 1) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: stages is %d, must be >= 1", fn, P);
+    if (M < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: microbatches is %d, must be >= 1", fn, M);
+    if (V < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: virtual_stages is %d, must be >= 1", fn, V);
+    if ((double)P * (double)M * (double)V * 3.0 > (double)MPAR__SCHED_MAX_ITEMS)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: %d stages x %d micro-batches x %d virtual stages is too large", fn, P, M, V);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, int microbatches,
+                                         int virtual_stages, mpar_schedule** out, mpar_error* err) {
+    static const char fn[] = "mpar_schedule_create";
+    mpar_schedule* sc;
+    mpar_result r;
+    int s, per_stage, *caps;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
+    *out = NULL;
+    if ((int)kind < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)kind > (int)MPAR_SCHEDULE_ZB_H1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: unknown schedule kind %d", fn, (int)kind);
+    r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
+    if (r != MPAR_SUCCESS) return r;
+    if (virtual_stages > 1 && kind != MPAR_SCHEDULE_INTERLEAVED_1F1B)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: virtual_stages is %d but only the interleaved schedule has more than one "
+                              "virtual stage per stage (schedule '%s' needs 1)",
+                              fn, virtual_stages, mpar_schedule_kind_name(kind));
+    if (kind == MPAR_SCHEDULE_SEQUENTIAL) microbatches = 1; /* the whole batch is one micro-batch */
+
+    per_stage = (kind == MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * microbatches * virtual_stages + 1;
+    caps = (int*)MPAR_MALLOC(sizeof(int) * (size_t)stages);
+    if (!caps) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
+    for (s = 0; s < stages; ++s) caps[s] = per_stage;
+    sc = mpar__sched_alloc(stages, microbatches, virtual_stages, caps);
+    MPAR_FREE(caps);
+    if (!sc) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
+    sc->kind = kind;
+    switch (kind) {
+    case MPAR_SCHEDULE_SEQUENTIAL:
+    case MPAR_SCHEDULE_GPIPE: mpar__sched_gen_gpipe(sc); break;
+    case MPAR_SCHEDULE_1F1B: mpar__sched_gen_1f1b(sc); break;
+    case MPAR_SCHEDULE_INTERLEAVED_1F1B:
+        if (virtual_stages == 1)
+            mpar__sched_gen_1f1b(sc);
+        else
+            mpar__sched_gen_interleaved(sc);
+        break;
+    case MPAR_SCHEDULE_ZB_H1: mpar__sched_gen_zbh1(sc); break;
+    }
+    for (s = 0; s < stages; ++s) MPAR_ASSERT(sc->action_count[s] <= per_stage);
+
+    r = mpar_schedule_validate(sc, err); /* never hand out a broken schedule */
+    if (r != MPAR_SUCCESS) {
+        mpar_schedule_destroy(sc);
+        return r;
+    }
+    *out = sc;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int virtual_stages,
+                                             const mpar_action* const* lists, const int* counts,
+                                             mpar_schedule** out, mpar_error* err) {
+    static const char fn[] = "mpar_schedule_from_lists";
+    mpar_schedule* sc;
+    mpar_result r;
+    int s, i;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
+    *out = NULL;
+    r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
+    if (r != MPAR_SUCCESS) return r;
+    if (!lists || !counts)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: lists or counts is NULL", fn);
+    for (s = 0; s < stages; ++s) {
+        if (counts[s] < 0 || counts[s] > MPAR__SCHED_MAX_ITEMS)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: stage %d: count %d out of range", fn, s,
+                                  counts[s]);
+        if (counts[s] > 0 && !lists[s])
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: stage %d: list is NULL", fn, s);
+        for (i = 0; i < counts[s]; ++i)
+            if ((int)lists[s][i].kind < (int)MPAR_ACTION_FORWARD ||
+                (int)lists[s][i].kind > (int)MPAR_ACTION_OPTIMIZER_STEP)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE, "%s: stage %d step %d: unknown action kind %d",
+                                      fn, s, i, (int)lists[s][i].kind);
+    }
+    sc = mpar__sched_alloc(stages, microbatches, virtual_stages, counts);
+    if (!sc) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
+    sc->custom = 1;
+    sc->kind = MPAR_SCHEDULE_SEQUENTIAL;
+    for (s = 0; s < stages; ++s) {
+        if (counts[s] > 0) memcpy(sc->actions[s], lists[s], sizeof(mpar_action) * (size_t)counts[s]);
+        sc->action_count[s] = counts[s];
+    }
+    *out = sc;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF int mpar_schedule_action_count(const mpar_schedule* schedule, int stage) {
+    if (!schedule || stage < 0 || stage >= schedule->stages) return 0;
+    return schedule->action_count[stage];
+}
+
+MPARDEF const mpar_action* mpar_schedule_action(const mpar_schedule* schedule, int stage, int index) {
+    if (!schedule || stage < 0 || stage >= schedule->stages) return NULL;
+    if (index < 0 || index >= schedule->action_count[stage]) return NULL;
+    return &schedule->actions[stage][index];
+}
+
+MPARDEF int mpar_schedule_virtual_stage(const mpar_schedule* schedule, int stage, int chunk) {
+    if (!schedule) return -1;
+    return chunk * schedule->stages + stage;
+}
+
+MPARDEF int mpar_action_format(const mpar_action* action, int show_chunk, char* buf, size_t size) {
+    static const char letters[] = "FBIW";
+    if (!action || (int)action->kind < 0 || (int)action->kind > (int)MPAR_ACTION_OPTIMIZER_STEP)
+        return snprintf(buf, size, "?");
+    if (action->kind == MPAR_ACTION_OPTIMIZER_STEP) return snprintf(buf, size, "OPT");
+    if (show_chunk) return snprintf(buf, size, "%c%d.%d", letters[action->kind], action->microbatch, action->chunk);
+    return snprintf(buf, size, "%c%d", letters[action->kind], action->microbatch);
+}
+
+/* Label of an action in messages: chunk shown when the schedule has chunks. */
+static const char* mpar__sched_label(const mpar_schedule* sc, mpar_action_kind kind, int m, int chunk, char* buf,
+                                     size_t size) {
+    mpar_action a;
+    a.kind = kind;
+    a.microbatch = m;
+    a.chunk = chunk;
+    mpar_action_format(&a, sc->virtual_stages > 1, buf, size);
+    return buf;
+}
+
+/* ---- static checks ---- */
+
+/* Steps (list positions) of each action per (virtual stage, micro-batch). */
+typedef struct mpar__sched_steps {
+    int* f;
+    int* b;
+    int* i;
+    int* w;
+} mpar__sched_steps;
+
+static mpar_result mpar__sched_record(const mpar_schedule* sc, int* slot, int s, int step, const mpar_action* a,
+                                      mpar_error* err) {
+    char l[32];
+    if (*slot >= 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                              "invalid schedule: stage %d step %d: duplicate %s (already at step %d)", s, step,
+                              mpar__sched_label(sc, a->kind, a->microbatch, a->chunk, l, sizeof l), *slot);
+    *slot = step;
+    return MPAR_SUCCESS;
+}
+
+/* Pass 1: every action in range, recorded once; optimizer step last. */
+static mpar_result mpar__sched_scan(const mpar_schedule* sc, mpar__sched_steps* st, mpar_error* err) {
+    int s, i, P = sc->stages, M = sc->microbatches, V = sc->virtual_stages;
+    mpar_result r = MPAR_SUCCESS;
+    for (s = 0; s < P; ++s) {
+        int n = sc->action_count[s];
+        for (i = 0; i < n && r == MPAR_SUCCESS; ++i) {
+            const mpar_action* a = &sc->actions[s][i];
+            int idx;
+            if ((int)a->kind < 0 || (int)a->kind > (int)MPAR_ACTION_OPTIMIZER_STEP)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d step %d: unknown action kind %d", s, i, (int)a->kind);
+            if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) {
+                if (i != n - 1)
+                    return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                          "invalid schedule: stage %d step %d: the optimizer step must be the last "
+                                          "action (the list has %d)", s, i, n);
+                continue;
+            }
+            if (a->microbatch < 0 || a->microbatch >= M)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d step %d: micro-batch %d out of range 0..%d", s, i,
+                                      a->microbatch, M - 1);
+            if (a->chunk < 0 || a->chunk >= V)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d step %d: chunk %d out of range 0..%d", s, i,
+                                      a->chunk, V - 1);
+            idx = (a->chunk * P + s) * M + a->microbatch;
+            switch (a->kind) {
+            case MPAR_ACTION_FORWARD: r = mpar__sched_record(sc, &st->f[idx], s, i, a, err); break;
+            case MPAR_ACTION_BACKWARD: r = mpar__sched_record(sc, &st->b[idx], s, i, a, err); break;
+            case MPAR_ACTION_BACKWARD_INPUT: r = mpar__sched_record(sc, &st->i[idx], s, i, a, err); break;
+            default: r = mpar__sched_record(sc, &st->w[idx], s, i, a, err); break;
+            }
+        }
+        if (r != MPAR_SUCCESS) return r;
+        if (n == 0 || sc->actions[s][n - 1].kind != MPAR_ACTION_OPTIMIZER_STEP)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                  "invalid schedule: stage %d: missing optimizer step at the end of its list "
+                                  "(step %d)", s, n);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* Pass 2: nothing missing, no B mixed with I/W, B/I after F, W after I. */
+static mpar_result mpar__sched_check_pairs(const mpar_schedule* sc, const mpar__sched_steps* st, mpar_error* err) {
+    int vs, m, P = sc->stages, M = sc->microbatches, VS = sc->stages * sc->virtual_stages;
+    char l1[32], l2[32];
+    for (vs = 0; vs < VS; ++vs) {
+        int s = vs % P, c = vs / P;
+        for (m = 0; m < M; ++m) {
+            int k = vs * M + m, f = st->f[k], b = st->b[k], in = st->i[k], w = st->w[k];
+            int back = b >= 0 ? b : in;
+            const char* fl = mpar__sched_label(sc, MPAR_ACTION_FORWARD, m, c, l1, sizeof l1);
+            if (f < 0)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d: %s is missing (virtual stage %d)%s", s, fl, vs,
+                                      back >= 0 ? "" : ", and so is its backward");
+            if (b >= 0 && (in >= 0 || w >= 0))
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d step %d: %s mixes a full backward with a split "
+                                      "one (step %d)", s, b, mpar__sched_label(sc, MPAR_ACTION_BACKWARD, m, c, l2, sizeof l2),
+                                      in >= 0 ? in : w);
+            if (b < 0 && in < 0 && w < 0)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d: backward of micro-batch %d is missing (virtual "
+                                      "stage %d needs B%d or I%d + W%d after %s at step %d)", s, m, vs, m, m, m, fl, f);
+            if (b < 0 && (in < 0 || w < 0))
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d step %d: %s has no matching %s", s, in >= 0 ? in : w,
+                                      mpar__sched_label(sc, in >= 0 ? MPAR_ACTION_BACKWARD_INPUT : MPAR_ACTION_BACKWARD_WEIGHT,
+                                                        m, c, l2, sizeof l2),
+                                      in >= 0 ? "weight-gradient action W (missing)" : "input-gradient action I (missing)");
+            if (back < f)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d step %d: %s comes before its own %s (step %d)", s,
+                                      back, mpar__sched_label(sc, b >= 0 ? MPAR_ACTION_BACKWARD : MPAR_ACTION_BACKWARD_INPUT,
+                                                              m, c, l2, sizeof l2), fl, f);
+            if (b < 0 && w < in)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "invalid schedule: stage %d step %d: %s comes before its own I%d (step %d)", s,
+                                      w, mpar__sched_label(sc, MPAR_ACTION_BACKWARD_WEIGHT, m, c, l2, sizeof l2), m, in);
+        }
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__sched_check_static(const mpar_schedule* sc, mpar_error* err) {
+    size_t n = (size_t)sc->stages * (size_t)sc->virtual_stages * (size_t)sc->microbatches, k;
+    mpar__sched_steps st;
+    mpar_result r;
+    int* mem = (int*)MPAR_MALLOC(sizeof(int) * 4 * n);
+    if (!mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "schedule check: out of host memory");
+    for (k = 0; k < 4 * n; ++k) mem[k] = -1;
+    st.f = mem;
+    st.b = mem + n;
+    st.i = mem + 2 * n;
+    st.w = mem + 3 * n;
+    r = mpar__sched_scan(sc, &st, err);
+    if (r == MPAR_SUCCESS) r = mpar__sched_check_pairs(sc, &st, err);
+    MPAR_FREE(mem);
+    return r;
+}
+
+/* ---- the dependency walk shared by validate and simulate ---- */
+
+/* Resolved costs; NULL in the run means all zero (validation only). */
+typedef struct mpar__sched_costs {
+    double* f;     /* [VS] */
+    double* b;     /* [VS] */
+    double* i;     /* [VS] */
+    double* w;     /* [VS] */
+    double* opt;   /* [P] */
+    double* link;  /* [VS]: boundary j between virtual stage j and j+1 */
+    double* scale; /* [M] */
+    double* mem;
+} mpar__sched_costs;
+
+typedef struct mpar__sched_run {
+    const mpar_schedule* sc;
+    const mpar__sched_costs* costs; /* NULL: zero costs */
+    mpar_simulation* sim;           /* NULL: no outputs */
+    int P, M, V, VS;
+    double* f_end;  /* [VS*M] end of F, -1 while not run */
+    double* bi_end; /* [VS*M] end of B or I, -1 while not run */
+    int* pos;       /* [P] next step of each stage */
+    int* grads;     /* [P] B's and W's done */
+    int* in_flight; /* [P] */
+    double* free_at;/* [P] */
+    void* mem;
+} mpar__sched_run;
+
+static double mpar__sched_link(const mpar__sched_run* run, int boundary, int m) {
+    if (!run->costs || run->P == 1) return 0.0; /* P == 1: every boundary is on one stage */
+    return run->costs->link[boundary] * run->costs->scale[m];
+}
+
+static double mpar__sched_duration(const mpar__sched_run* run, int s, const mpar_action* a) {
+    const mpar__sched_costs* c = run->costs;
+    int vs = a->chunk * run->P + s;
+    if (!c) return 0.0;
+    switch (a->kind) {
+    case MPAR_ACTION_FORWARD: return c->f[vs] * c->scale[a->microbatch];
+    case MPAR_ACTION_BACKWARD: return c->b[vs] * c->scale[a->microbatch];
+    case MPAR_ACTION_BACKWARD_INPUT: return c->i[vs] * c->scale[a->microbatch];
+    case MPAR_ACTION_BACKWARD_WEIGHT: return c->w[vs] * c->scale[a->microbatch];
+    default: return c->opt[s];
+    }
+}
+
+/* 1 and *ready when the inputs of stage s's action a are there; 0 and the
+   missing action in *need / *need_vs otherwise. */
+static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_action* a, double* ready,
+                             mpar_action_kind* need, int* need_vs) {
+    int M = run->M, vs = a->chunk * run->P + s, m = a->microbatch;
+    double t = 0.0;
+    if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) {
+        *need = MPAR_ACTION_BACKWARD;
+        *need_vs = -1;
+        *ready = 0.0;
+        return run->grads[s] == run->V * M;
+    }
+    if (a->kind == MPAR_ACTION_FORWARD) {
+        if (vs == 0) {
+            *ready = 0.0;
+            return 1;
+        }
+        *need = MPAR_ACTION_FORWARD;
+        *need_vs = vs - 1;
+        if (run->f_end[(vs - 1) * M + m] < 0.0) return 0;
+        t = run->f_end[(vs - 1) * M + m];
+        if ((vs - 1) % run->P != s) t += mpar__sched_link(run, vs - 1, m);
+        *ready = t;
+        return 1;
+    }
+    if (a->kind == MPAR_ACTION_BACKWARD_WEIGHT) { /* I is earlier in the same list */
+        *need = MPAR_ACTION_BACKWARD_INPUT;
+        *need_vs = vs;
+        *ready = run->bi_end[vs * M + m];
+        return *ready >= 0.0;
+    }
+    *need = MPAR_ACTION_FORWARD;
+    *need_vs = vs;
+    if (run->f_end[vs * M + m] < 0.0) return 0;
+    t = run->f_end[vs * M + m];
+    if (vs + 1 < run->VS) {
+        double g = run->bi_end[(vs + 1) * M + m];
+        *need = MPAR_ACTION_BACKWARD;
+        *need_vs = vs + 1;
+        if (g < 0.0) return 0;
+        if ((vs + 1) % run->P != s) g += mpar__sched_link(run, vs, m);
+        if (g > t) t = g;
+    }
+    *ready = t;
+    return 1;
+}
+
+static void mpar__sched_execute(mpar__sched_run* run, int s, const mpar_action* a, double ready) {
+    int k = (a->chunk * run->P + s) * run->M + a->microbatch, step = run->pos[s];
+    double start = ready > run->free_at[s] ? ready : run->free_at[s];
+    double end = start + mpar__sched_duration(run, s, a);
+    switch (a->kind) {
+    case MPAR_ACTION_FORWARD:
+        run->f_end[k] = end;
+        run->in_flight[s]++;
+        break;
+    case MPAR_ACTION_BACKWARD:
+        run->bi_end[k] = end;
+        run->grads[s]++;
+        run->in_flight[s]--;
+        break;
+    case MPAR_ACTION_BACKWARD_INPUT: run->bi_end[k] = end; break;
+    case MPAR_ACTION_BACKWARD_WEIGHT:
+        run->grads[s]++;
+        run->in_flight[s]--;
+        break;
+    default: break;
+    }
+    run->free_at[s] = end;
+    run->pos[s]++;
+    if (run->sim) {
+        run->sim->start[s][step] = start;
+        run->sim->end[s][step] = end;
+        run->sim->busy[s] += end - start;
+        if (run->in_flight[s] > run->sim->peak_in_flight[s]) run->sim->peak_in_flight[s] = run->in_flight[s];
+    }
+}
+
+/* The message for a run where no stage can move: each blocked stage, its
+   step, its action and what it waits for. */
+static mpar_result mpar__sched_deadlock(const mpar__sched_run* run, mpar_error* err) {
+    char msg[1024], l1[32], l2[32];
+    size_t used = 0;
+    int s, first = 1;
+    used += (size_t)snprintf(msg, sizeof msg, "invalid schedule: deadlock, no stage can progress:");
+    for (s = 0; s < run->P && used < sizeof msg; ++s) {
+        const mpar_action* a;
+        mpar_action_kind need = MPAR_ACTION_FORWARD;
+        int need_vs = -1, n;
+        double t;
+        if (run->pos[s] >= run->sc->action_count[s]) continue;
+        a = &run->sc->actions[s][run->pos[s]];
+        mpar__sched_ready(run, s, a, &t, &need, &need_vs);
+        mpar__sched_label(run->sc, a->kind, a->microbatch, a->chunk, l1, sizeof l1);
+        if (need_vs < 0) {
+            n = snprintf(msg + used, sizeof msg - used, "%s stage %d step %d (%s) waits for its own backwards",
+                         first ? "" : ";", s, run->pos[s], l1);
+        } else {
+            /* name the upstream gradient as the kind that stage really runs */
+            if (need == MPAR_ACTION_BACKWARD) {
+                int d = need_vs % run->P, c = need_vs / run->P, i;
+                for (i = 0; i < run->sc->action_count[d]; ++i) {
+                    const mpar_action* x = &run->sc->actions[d][i];
+                    if (x->microbatch == a->microbatch && x->chunk == c &&
+                        (x->kind == MPAR_ACTION_BACKWARD || x->kind == MPAR_ACTION_BACKWARD_INPUT))
+                        need = x->kind;
+                }
+            }
+            mpar__sched_label(run->sc, need, a->microbatch, need_vs / run->P, l2, sizeof l2);
+            n = snprintf(msg + used, sizeof msg - used, "%s stage %d step %d (%s) waits for %s from stage %d",
+                         first ? "" : ";", s, run->pos[s], l1, l2, need_vs % run->P);
+        }
+        if (n < 0) break;
+        used += (size_t)n;
+        first = 0;
+    }
+    return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE, "%s", msg);
+}
+
+/* Walks all lists; each stage advances while its next action is ready.
+   Start times do not depend on the order stages are visited in: an action
+   is only placed once everything it waits for has its end time. */
+static mpar_result mpar__sched_walk(const mpar_schedule* sc, const mpar__sched_costs* costs, mpar_simulation* sim,
+                                    mpar_error* err) {
+    mpar__sched_run run;
+    size_t n = (size_t)sc->stages * (size_t)sc->virtual_stages * (size_t)sc->microbatches, k;
+    size_t P = (size_t)sc->stages;
+    int s, left = 0;
+    mpar_result r = MPAR_SUCCESS;
+    memset(&run, 0, sizeof run);
+    run.sc = sc;
+    run.costs = costs;
+    run.sim = sim;
+    run.P = sc->stages;
+    run.M = sc->microbatches;
+    run.V = sc->virtual_stages;
+    run.VS = sc->stages * sc->virtual_stages;
+    run.mem = MPAR_MALLOC(sizeof(double) * (2 * n + P) + sizeof(int) * 3 * P);
+    if (!run.mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "schedule walk: out of host memory");
+    run.f_end = (double*)run.mem;
+    run.bi_end = run.f_end + n;
+    run.free_at = run.bi_end + n;
+    run.pos = (int*)(void*)(run.free_at + P);
+    run.grads = run.pos + P;
+    run.in_flight = run.grads + P;
+    for (k = 0; k < 2 * n; ++k) run.f_end[k] = -1.0;
+    for (s = 0; s < run.P; ++s) {
+        run.free_at[s] = 0.0;
+        run.pos[s] = run.grads[s] = run.in_flight[s] = 0;
+        left += sc->action_count[s];
+    }
+    while (left > 0) {
+        int progress = 0;
+        for (s = 0; s < run.P; ++s) {
+            while (run.pos[s] < sc->action_count[s]) {
+                const mpar_action* a = &sc->actions[s][run.pos[s]];
+                mpar_action_kind need;
+                int need_vs;
+                double ready;
+                if (!mpar__sched_ready(&run, s, a, &ready, &need, &need_vs)) break;
+                mpar__sched_execute(&run, s, a, ready);
+                --left;
+                progress = 1;
+            }
+        }
+        if (!progress) {
+            r = mpar__sched_deadlock(&run, err);
+            break;
+        }
+    }
+    MPAR_FREE(run.mem);
+    return r;
+}
+
+MPARDEF mpar_result mpar_schedule_validate(const mpar_schedule* schedule, mpar_error* err) {
+    mpar_result r;
+    if (!schedule) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_schedule_validate: schedule is NULL");
+    r = mpar__sched_check_static(schedule, err);
+    if (r != MPAR_SUCCESS) return r;
+    return mpar__sched_walk(schedule, NULL, NULL, err);
+}
+
+/* ---- simulation ---- */
+
+static mpar_result mpar__sched_cost(double* out, const double* array, double scalar, int index, const char* what,
+                                    mpar_error* err) {
+    double x = array ? array[index] : scalar;
+    if (!(x >= 0.0 && x <= 1e300))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_simulate: %s %d is %g, must be finite and >= 0",
+                              what, index, x);
+    *out = x;
+    return MPAR_SUCCESS;
+}
+
+/* F, B, I, W of one virtual stage with the defaults of mpar_sim_desc. */
+static mpar_result mpar__sched_resolve_stage(const mpar_sim_desc* d, int vs, mpar__sched_costs* c, mpar_error* err) {
+    double f = 0.0, b = 0.0, i = 0.0, w = 0.0;
+    mpar_result r = mpar__sched_cost(&f, d->forward_per_stage, d->forward, vs, "forward cost of virtual stage", err);
+    if (r == MPAR_SUCCESS)
+        r = mpar__sched_cost(&b, d->backward_per_stage, d->backward, vs, "backward cost of virtual stage", err);
+    if (r == MPAR_SUCCESS)
+        r = mpar__sched_cost(&i, d->backward_input_per_stage, d->backward_input, vs,
+                             "backward-input cost of virtual stage", err);
+    if (r == MPAR_SUCCESS)
+        r = mpar__sched_cost(&w, d->backward_weight_per_stage, d->backward_weight, vs,
+                             "backward-weight cost of virtual stage", err);
+    if (r != MPAR_SUCCESS) return r;
+    if (f == 0.0) f = 1.0;
+    if (b > 0.0) {
+        if (i == 0.0 && w == 0.0) i = w = b / 2;
+        else if (i == 0.0) i = b - w;
+        else if (w == 0.0) w = b - i;
+        if (i < 0.0 || w < 0.0)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                                  "mpar_simulate: virtual stage %d: backward cost %g is less than the given %s cost",
+                                  vs, b, i < 0.0 ? "weight-gradient" : "input-gradient");
+    } else {
+        if (i == 0.0) i = f;
+        if (w == 0.0) w = f;
+        b = i + w;
+    }
+    c->f[vs] = f;
+    c->b[vs] = b;
+    c->i[vs] = i;
+    c->w[vs] = w;
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__sched_resolve(const mpar_schedule* sc, const mpar_sim_desc* d, mpar__sched_costs* c,
+                                       mpar_error* err) {
+    int P = sc->stages, M = sc->microbatches, VS = sc->stages * sc->virtual_stages, j;
+    mpar_result r = MPAR_SUCCESS;
+    c->mem = (double*)MPAR_MALLOC(sizeof(double) * (size_t)(5 * VS + P + M));
+    if (!c->mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_simulate: out of host memory");
+    c->f = c->mem;
+    c->b = c->f + VS;
+    c->i = c->b + VS;
+    c->w = c->i + VS;
+    c->link = c->w + VS;
+    c->opt = c->link + VS;
+    c->scale = c->opt + P;
+    for (j = 0; j < VS && r == MPAR_SUCCESS; ++j) r = mpar__sched_resolve_stage(d, j, c, err);
+    for (j = 0; j < VS - 1 && r == MPAR_SUCCESS; ++j)
+        r = mpar__sched_cost(&c->link[j], d->link_delay_per_boundary, d->link_delay, j, "link delay of boundary", err);
+    c->link[VS - 1] = 0.0;
+    for (j = 0; j < P && r == MPAR_SUCCESS; ++j)
+        r = mpar__sched_cost(&c->opt[j], d->optimizer_step_per_stage, d->optimizer_step, j,
+                             "optimizer step cost of stage", err);
+    for (j = 0; j < M && r == MPAR_SUCCESS; ++j) {
+        c->scale[j] = d->microbatch_scale ? d->microbatch_scale[j] : 1.0;
+        if (!(c->scale[j] > 0.0 && c->scale[j] <= 1e300))
+            r = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                               "mpar_simulate: microbatch_scale[%d] is %g, must be finite and > 0", j, c->scale[j]);
+    }
+    if (r != MPAR_SUCCESS) {
+        MPAR_FREE(c->mem);
+        c->mem = NULL;
+    }
+    return r;
+}
+
+MPARDEF void mpar_simulation_destroy(mpar_simulation* sim) {
+    int s;
+    if (!sim) return;
+    if (sim->start)
+        for (s = 0; s < sim->stages; ++s) MPAR_FREE(sim->start[s]);
+    if (sim->end)
+        for (s = 0; s < sim->stages; ++s) MPAR_FREE(sim->end[s]);
+    MPAR_FREE(sim->start);
+    MPAR_FREE(sim->end);
+    MPAR_FREE(sim->busy);
+    MPAR_FREE(sim->peak_in_flight);
+    MPAR_FREE(sim->action_count);
+    MPAR_FREE(sim);
+}
+
+static mpar_simulation* mpar__sched_sim_alloc(const mpar_schedule* sc) {
+    int s, P = sc->stages;
+    mpar_simulation* sim = (mpar_simulation*)MPAR_MALLOC(sizeof(mpar_simulation));
+    if (!sim) return NULL;
+    memset(sim, 0, sizeof *sim);
+    sim->busy = (double*)MPAR_MALLOC(sizeof(double) * (size_t)P);
+    sim->peak_in_flight = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
+    sim->action_count = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
+    sim->start = (double**)MPAR_MALLOC(sizeof(double*) * (size_t)P);
+    sim->end = (double**)MPAR_MALLOC(sizeof(double*) * (size_t)P);
+    if (!sim->busy || !sim->peak_in_flight || !sim->action_count || !sim->start || !sim->end) {
+        mpar_simulation_destroy(sim);
+        return NULL;
+    }
+    sim->stages = P;
+    for (s = 0; s < P; ++s) {
+        sim->start[s] = sim->end[s] = NULL;
+        sim->busy[s] = 0.0;
+        sim->peak_in_flight[s] = 0;
+        sim->action_count[s] = sc->action_count[s];
+    }
+    for (s = 0; s < P; ++s) {
+        size_t n = (size_t)(sc->action_count[s] > 0 ? sc->action_count[s] : 1);
+        sim->start[s] = (double*)MPAR_MALLOC(sizeof(double) * n);
+        sim->end[s] = (double*)MPAR_MALLOC(sizeof(double) * n);
+        if (!sim->start[s] || !sim->end[s]) {
+            mpar_simulation_destroy(sim);
+            return NULL;
+        }
+    }
+    return sim;
+}
+
+MPARDEF mpar_result mpar_simulate(const mpar_schedule* schedule, const mpar_sim_desc* desc, mpar_simulation** out,
+                                  mpar_error* err) {
+    mpar_sim_desc defaults;
+    mpar__sched_costs costs;
+    mpar_simulation* sim;
+    mpar_result r;
+    double total = 0.0;
+    int s, i;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_simulate: out is NULL");
+    *out = NULL;
+    if (!schedule) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_simulate: schedule is NULL");
+    if (!desc) {
+        memset(&defaults, 0, sizeof defaults);
+        desc = &defaults;
+    }
+    r = mpar__sched_check_static(schedule, err);
+    if (r != MPAR_SUCCESS) return r;
+    r = mpar__sched_resolve(schedule, desc, &costs, err);
+    if (r != MPAR_SUCCESS) return r;
+    sim = mpar__sched_sim_alloc(schedule);
+    if (!sim) {
+        MPAR_FREE(costs.mem);
+        return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_simulate: out of host memory");
+    }
+    r = mpar__sched_walk(schedule, &costs, sim, err);
+    MPAR_FREE(costs.mem);
+    if (r != MPAR_SUCCESS) {
+        mpar_simulation_destroy(sim);
+        return r;
+    }
+    for (s = 0; s < sim->stages; ++s) {
+        total += sim->busy[s];
+        for (i = 0; i < sim->action_count[s]; ++i)
+            if (sim->end[s][i] > sim->step_time) sim->step_time = sim->end[s][i];
+    }
+    sim->bubble_fraction = sim->step_time > 0.0 ? 1.0 - total / ((double)sim->stages * sim->step_time) : 0.0;
+    *out = sim;
+    return MPAR_SUCCESS;
+}
+
+/* ---- printing ---- */
+
+MPARDEF const char* mpar_schedule_kind_name(mpar_schedule_kind kind) {
+    switch (kind) {
+    case MPAR_SCHEDULE_SEQUENTIAL: return "sequential";
+    case MPAR_SCHEDULE_GPIPE: return "gpipe";
+    case MPAR_SCHEDULE_1F1B: return "1f1b";
+    case MPAR_SCHEDULE_INTERLEAVED_1F1B: return "interleaved";
+    case MPAR_SCHEDULE_ZB_H1: return "zbh1";
+    }
+    return "unknown";
+}
+
+MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kind* out, mpar_error* err) {
+    static const struct {
+        const char* name;
+        mpar_schedule_kind kind;
+    } names[] = {{"sequential", MPAR_SCHEDULE_SEQUENTIAL},     {"naive", MPAR_SCHEDULE_SEQUENTIAL},
+                 {"gpipe", MPAR_SCHEDULE_GPIPE},               {"1f1b", MPAR_SCHEDULE_1F1B},
+                 {"pipedreamflush", MPAR_SCHEDULE_1F1B},       {"interleaved", MPAR_SCHEDULE_INTERLEAVED_1F1B},
+                 {"interleaved1f1b", MPAR_SCHEDULE_INTERLEAVED_1F1B}, {"zbh1", MPAR_SCHEDULE_ZB_H1}};
+    char norm[32];
+    size_t n = 0, k;
+    const char* p;
+    if (!name || !out)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_schedule_kind_parse: name or out is NULL");
+    for (p = name; *p && n + 1 < sizeof norm; ++p)
+        if (*p != '-' && *p != '_' && *p != ' ') norm[n++] = (char)tolower((unsigned char)*p);
+    norm[n] = '\0';
+    if (!*p)
+        for (k = 0; k < sizeof names / sizeof names[0]; ++k)
+            if (strcmp(norm, names[k].name) == 0) {
+                *out = names[k].kind;
+                return MPAR_SUCCESS;
+            }
+    return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                          "unknown schedule '%.64s' (expected sequential, gpipe, 1f1b, interleaved or zbh1)", name);
+}
+
+MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {
+    const mpar_schedule* sc = schedule;
+    int s, i, width = 3, longest = 0;
+    char l[32];
+    if (!sc || !out) return;
+    for (s = 0; s < sc->stages; ++s) {
+        if (sc->action_count[s] > longest) longest = sc->action_count[s];
+        for (i = 0; i < sc->action_count[s]; ++i) {
+            int n = mpar_action_format(&sc->actions[s][i], sc->virtual_stages > 1, l, sizeof l);
+            if (n > width) width = n;
+        }
+    }
+    fprintf(out, "schedule %s: %d stages, %d micro-batches, %d virtual stage%s per stage\n",
+            sc->custom ? "custom" : mpar_schedule_kind_name(sc->kind), sc->stages, sc->microbatches,
+            sc->virtual_stages, sc->virtual_stages == 1 ? "" : "s");
+    fprintf(out, "step    ");
+    for (i = 0; i < longest; ++i) fprintf(out, " %*d", width, i);
+    fprintf(out, "\n");
+    for (s = 0; s < sc->stages; ++s) {
+        fprintf(out, "stage %-2d", s);
+        for (i = 0; i < sc->action_count[s]; ++i) {
+            mpar_action_format(&sc->actions[s][i], sc->virtual_stages > 1, l, sizeof l);
+            fprintf(out, " %-*s", width, l);
+        }
+        fprintf(out, "\n");
+    }
+}
+
+MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
+                                   int columns) {
+    static const char letters[] = "FBIWO";
+    int s, c;
+    if (!sim || !schedule || !out || schedule->stages != sim->stages) return;
+    if (columns <= 0) columns = 80;
+    fprintf(out, "step time %g, bubble %.4f (%g time units per column)\n", sim->step_time, sim->bubble_fraction,
+            sim->step_time / columns);
+    for (s = 0; s < sim->stages; ++s) {
+        int i = 0, n = sim->action_count[s];
+        if (n != schedule->action_count[s]) return;
+        fprintf(out, "stage %-2d |", s);
+        for (c = 0; c < columns; ++c) {
+            double t = (c + 0.5) * sim->step_time / columns;
+            char ch = '.';
+            while (i < n && sim->end[s][i] <= t) ++i;
+            if (i < n && sim->start[s][i] <= t) {
+                const mpar_action* a = &schedule->actions[s][i];
+                ch = letters[a->kind];
+                if (a->microbatch % 2 != 0) ch = (char)tolower((unsigned char)ch);
+            }
+            fputc(ch, out);
+        }
+        fprintf(out, "| busy %g (%.1f%%), peak in flight %d\n", sim->busy[s],
+                sim->step_time > 0.0 ? 100.0 * sim->busy[s] / sim->step_time : 0.0, sim->peak_in_flight[s]);
+    }
+}
+
+#endif /* MPAR_PART_SCHEDULE_IMPL */
+
+
+/* --------------------------------------------------------------------------
+   7. Stage chain: stages, links
+   -------------------------------------------------------------------------- */
+#include <time.h>
+
+#define MPAR__MAX_WORKERS 64
+
+typedef struct mpar__link {
+    int capacity, head, count, aborted, same_context;
+    int* tags;
+    cl_mem* dev;  /* same context: device buffers */
+    float** host; /* across contexts: staged through host memory */
+    size_t slot_floats;
+    double timeout;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} mpar__link;
+
+typedef struct mpar__vstage {
+    int index, worker, chunk, device, first, last, n; /* n = layer count */
+    size_t* param_off;  /* [n+1] */
+    size_t* act_cum;    /* [n+2] cumulative widths of region 0..n (per row) */
+    size_t* stash_cum;  /* [n+1] */
+    size_t* gstash_cum; /* [n+1] */
+    size_t scratch_per_row, act_floats, grad_floats;
+    cl_mem params, grads, opt1, opt2, scratch, work, norms, partial, targets, losses;
+    size_t partial_count;
+    int slot_count, grad_slot_count;
+    cl_mem* act_slots;
+    cl_mem* grad_slots;
+    int* slot_mb;
+    mpar__link *fwd_in, *fwd_out, *bwd_in, *bwd_out;
+} mpar__vstage;
+
+typedef enum { MPAR__JOB_NONE, MPAR__JOB_GRADS, MPAR__JOB_STEP, MPAR__JOB_INFER } mpar__job;
+
+typedef struct mpar__worker {
+    struct mpar_pipeline* p;
+    int index, device;
+    mpar_exec ex;
+    pthread_t thread;
+    int started, generation, in_flight, peak_in_flight;
+    mpar_result result;
+    char error[2048];
+    size_t bytes;
+} mpar__worker;
+
+struct mpar_pipeline {
+    mpar_context* ctx;
+    const mpar_model* model;
+    mpar_pipeline_desc desc;
+    int workers_count, vs_count, layer_count, seq_len, rows_max, mb_rows_max;
+    mpar_schedule* schedule;
+    mpar__vstage* vs;
+    mpar__link* links; /* [vs_count-1] forward, then [vs_count-1] backward */
+    mpar__worker workers[MPAR__MAX_WORKERS];
+    /* job hand-off */
+    pthread_mutex_t mu;
+    pthread_cond_t start_cv, done_cv;
+    int generation, done_count, quit;
+    mpar__job job;
+    /* the current batch */
+    const mpar_batch* batch;
+    int mb_count;
+    int* mb_first;  /* [M+1] first sample of each micro-batch */
+    float loss_scale;
+    float* mb_loss; /* [M] */
+    double* layer_sumsq;
+    float* infer_out;
+    /* optimizer */
+    int step, grads_ready;
+    float step_lr, step_scale;
+    double last_loss;
+    int mb_capacity, links_ready;
+};
+
+static double mpar__now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Waits on a link's condition; fails on abort or after the timeout. */
+static mpar_result mpar__link_wait(mpar__link* l, double started) {
+    struct timespec ts;
+    double deadline;
+    if (l->aborted) return MPAR_ERROR_ABORTED;
+    if (mpar__now() - started > l->timeout) return MPAR_ERROR_TIMEOUT;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    deadline = (double)ts.tv_nsec + 50e6;
+    ts.tv_sec += (time_t)(deadline / 1e9);
+    ts.tv_nsec = (long)fmod(deadline, 1e9);
+    pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+    return l->aborted ? MPAR_ERROR_ABORTED : MPAR_SUCCESS;
+}
+
+static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
+    mpar_result r = MPAR_SUCCESS;
+    double t0 = mpar__now();
+    int slot;
+    cl_int st;
+    pthread_mutex_lock(&l->mu);
+    while (r == MPAR_SUCCESS && l->count == l->capacity) r = mpar__link_wait(l, t0);
+    slot = (l->head + l->count) % l->capacity;
+    pthread_mutex_unlock(&l->mu);
+    if (r == MPAR_ERROR_TIMEOUT)
+        return mpar__fail(w->p->ctx, r, "link send of micro-batch %d waited over %.0f s for room", mb, l->timeout);
+    if (r != MPAR_SUCCESS) return r;
+    if (l->same_context)
+        st = clEnqueueCopyBuffer(w->ex.queue, src.mem, l->dev[slot], src.off * 4, 0, floats * 4, 0, NULL, NULL);
+    else
+        st = clEnqueueReadBuffer(w->ex.queue, src.mem, CL_TRUE, src.off * 4, floats * 4, l->host[slot], 0, NULL, NULL);
+    if (st == CL_SUCCESS) st = clFinish(w->ex.queue);
+    MPAR__CL(w->p->ctx, st);
+    pthread_mutex_lock(&l->mu);
+    l->tags[slot] = mb;
+    l->count++;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, size_t floats, int mb) {
+    mpar_result r = MPAR_SUCCESS;
+    double t0 = mpar__now();
+    int slot, tag;
+    cl_int st;
+    pthread_mutex_lock(&l->mu);
+    while (r == MPAR_SUCCESS && l->count == 0) r = mpar__link_wait(l, t0);
+    slot = l->head;
+    tag = l->tags[slot];
+    pthread_mutex_unlock(&l->mu);
+    if (r == MPAR_ERROR_TIMEOUT)
+        return mpar__fail(w->p->ctx, r, "link receive of micro-batch %d waited over %.0f s", mb, l->timeout);
+    if (r != MPAR_SUCCESS) return r;
+    if (tag != mb)
+        return mpar__fail(w->p->ctx, MPAR_ERROR_INVALID_SCHEDULE,
+                          "link delivered micro-batch %d where the schedule expects %d", tag, mb);
+    if (l->same_context)
+        st = clEnqueueCopyBuffer(w->ex.queue, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4, 0, NULL, NULL);
+    else
+        st = clEnqueueWriteBuffer(w->ex.queue, dst.mem, CL_TRUE, dst.off * 4, floats * 4, l->host[slot], 0, NULL,
+                                  NULL);
+    if (st == CL_SUCCESS) st = clFinish(w->ex.queue);
+    MPAR__CL(w->p->ctx, st);
+    pthread_mutex_lock(&l->mu);
+    l->head = (l->head + 1) % l->capacity;
+    l->count--;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    return MPAR_SUCCESS;
+}
+
+static void mpar__links_abort(mpar_pipeline* p, int value) {
+    int i;
+    for (i = 0; i < 2 * (p->vs_count - 1); i++) {
+        mpar__link* l = &p->links[i];
+        pthread_mutex_lock(&l->mu);
+        l->aborted = value;
+        if (!value) l->head = l->count = 0;
+        pthread_cond_broadcast(&l->cv);
+        pthread_mutex_unlock(&l->mu);
+    }
+}
+
+/* --------------------------------------------------------------------------
+   8. Executor: actions
+   -------------------------------------------------------------------------- */
+
+static int mpar__mb_samples(const mpar_pipeline* p, int mb) { return p->mb_first[mb + 1] - p->mb_first[mb]; }
+
+/* Region k of a slot: the input of layer first+k (k = n: the output). With
+   recompute only region 0 lives in the slot; the rest in the work buffer. */
+static mpar_buf mpar__act(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
+    mpar_buf b;
+    int in_slot = !p->desc.recompute || k == 0;
+    b.mem = in_slot ? v->act_slots[slot] : v->work;
+    b.off = (size_t)p->mb_rows_max * v->act_cum[k];
+    return b;
+}
+static mpar_buf mpar__stash(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
+    mpar_buf b;
+    b.mem = p->desc.recompute ? v->work : v->act_slots[slot];
+    b.off = (size_t)p->mb_rows_max * (v->act_cum[v->n + 1] + v->stash_cum[k]);
+    return b;
+}
+static mpar_buf mpar__grad(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
+    mpar_buf b;
+    b.mem = v->grad_slots[v->grad_slot_count > 1 ? slot : 0];
+    b.off = (size_t)p->mb_rows_max * v->act_cum[k];
+    return b;
+}
+static mpar_buf mpar__gstash(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
+    mpar_buf b = mpar__grad(p, v, slot, 0);
+    b.off = (size_t)p->mb_rows_max * (v->act_cum[v->n + 1] + v->gstash_cum[k]);
+    return b;
+}
+
+static void mpar__io(const mpar_pipeline* p, const mpar__vstage* v, int slot, int mb, int k, mpar_io* io) {
+    const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+    memset(io, 0, sizeof *io);
+    io->rows = mpar__mb_samples(p, mb) * p->seq_len;
+    io->row_offset = p->mb_first[mb] * p->seq_len;
+    io->x = mpar__act(p, v, slot, k);
+    io->y = mpar__act(p, v, slot, k + 1);
+    io->dx = mpar__grad(p, v, slot, k);
+    io->dy = mpar__grad(p, v, slot, k + 1);
+    io->need_dx = v->first + k > 0;
+    io->params.mem = v->params, io->params.off = v->param_off[k];
+    io->grads.mem = v->grads, io->grads.off = v->param_off[k];
+    io->stash = mpar__stash(p, v, slot, k);
+    io->gstash = mpar__gstash(p, v, slot, k);
+    io->scratch.mem = v->scratch;
+    io->targets.mem = v->targets, io->targets.off = (size_t)slot * (size_t)p->mb_rows_max;
+    io->loss_scale = p->loss_scale;
+    io->seed = mpar__fnv1a(p->model->desc.seed ^ 0x5851F42D4C957F2DULL, &p->step, sizeof p->step) ^
+               (0x9E3779B97F4A7C15ULL * (uint64_t)(l->index + 1));
+    io->training = p->job != MPAR__JOB_INFER;
+    (void)l;
+}
+
+static mpar_result mpar__layers_forward(mpar__worker* w, mpar__vstage* v, int slot, int mb) {
+    mpar_pipeline* p = w->p;
+    int k;
+    for (k = 0; k < v->n; k++) {
+        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        mpar_io io;
+        mpar_result r;
+        if (p->job == MPAR__JOB_INFER && (l->type->flags & MPAR_LAYER_LOSS) && !p->batch->targets) break;
+        mpar__io(p, v, slot, mb, k, &io);
+        r = l->type->forward(&w->ex, l, &io);
+        if (r != MPAR_SUCCESS) return r;
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_buf mpar__buf0(cl_mem m) {
+    mpar_buf b;
+    b.mem = m, b.off = 0;
+    return b;
+}
+
+static mpar_result mpar__upload(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems) {
+    MPAR__CL(w->p->ctx, clEnqueueWriteBuffer(w->ex.queue, mem, CL_TRUE, off_elems * 4, elems * 4, src, 0, NULL, NULL));
+    return MPAR_SUCCESS;
+}
+
+static int mpar__slot_of(const mpar__vstage* v, int mb) {
+    int s;
+    for (s = 0; s < v->slot_count; s++)
+        if (v->slot_mb[s] == mb) return s;
+    return -1;
+}
+
+static void mpar__release_slot(mpar__worker* w, mpar__vstage* v, int slot) {
+    v->slot_mb[slot] = -1;
+    w->in_flight--;
+}
+
+/* The last stage reads back the micro-batch's summed loss and, when
+   inferring, the loss layer's input (the model's outputs). */
+static mpar_result mpar__last_stage_outputs(mpar__worker* w, mpar__vstage* v, int slot, int mb, int rows,
+                                            size_t row0) {
+    mpar_pipeline* p = w->p;
+    const mpar_layer* last = mpar_model_layer(p->model, v->last);
+    mpar_buf sum;
+    if (p->job == MPAR__JOB_INFER && p->infer_out) {
+        int k = (last->type->flags & MPAR_LAYER_LOSS) ? v->n - 1 : v->n;
+        size_t width = v->act_cum[k + 1] - v->act_cum[k];
+        mpar_buf out = mpar__act(p, v, slot, k);
+        MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, out.mem, CL_TRUE, out.off * 4, (size_t)rows * width * 4,
+                                             p->infer_out + row0 * width, 0, NULL, NULL));
+    }
+    if (!p->batch->targets || !(last->type->flags & MPAR_LAYER_LOSS)) return MPAR_SUCCESS;
+    sum.mem = v->losses, sum.off = 0;
+    MPAR__TRY(mpar_exec_launch(&w->ex, "loss.cl", "mpar_loss_sum", 1, 0, "bib", mpar__act(p, v, slot, v->n), rows, sum));
+    MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, v->losses, CL_TRUE, 0, sizeof(float), &p->mb_loss[mb], 0, NULL,
+                                         NULL));
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
+    mpar_pipeline* p = w->p;
+    int slot = mpar__slot_of(v, -1), rows = mpar__mb_samples(p, mb) * p->seq_len;
+    size_t row0 = (size_t)p->mb_first[mb] * (size_t)p->seq_len;
+    const mpar_layer* first = mpar_model_layer(p->model, v->first);
+    if (slot < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "no free activation slot for micro-batch %d (%d held)",
+                          mb, v->slot_count);
+    v->slot_mb[slot] = mb;
+    if (++w->in_flight > w->peak_in_flight) w->peak_in_flight = w->in_flight;
+    if (v->index == 0)
+        MPAR__TRY(mpar__upload(w, v->act_slots[slot], 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
+                               (size_t)rows * (size_t)first->in_features));
+    else
+        MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__act(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
+    if (v->index == p->vs_count - 1 && p->batch->targets)
+        MPAR__TRY(mpar__upload(w, v->targets, (size_t)slot * (size_t)p->mb_rows_max, p->batch->targets + row0,
+                               (size_t)rows));
+    MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
+    if (v->index < p->vs_count - 1) {
+        size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
+        MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__act(p, v, slot, v->n), (size_t)rows * width, mb));
+    } else {
+        MPAR__TRY(mpar__last_stage_outputs(w, v, slot, mb, rows, row0));
+    }
+    MPAR__CL(p->ctx, clFinish(w->ex.queue));
+    if (p->job == MPAR__JOB_INFER) mpar__release_slot(w, v, slot);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int mb) {
+    mpar_pipeline* p = w->p;
+    int slot = mpar__slot_of(v, mb), k, rows = mpar__mb_samples(p, mb) * p->seq_len;
+    if (slot < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "backward of micro-batch %d before its forward", mb);
+    if (p->desc.recompute) MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
+    if (v->index < p->vs_count - 1) {
+        size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
+        MPAR__TRY(mpar__link_recv(w, v->bwd_in, mpar__grad(p, v, slot, v->n), (size_t)rows * width, mb));
+    }
+    for (k = v->n - 1; k >= 0; k--) {
+        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        mpar_io io;
+        mpar__io(p, v, slot, mb, k, &io);
+        MPAR__TRY(l->type->backward_input(&w->ex, l, &io));
+    }
+    if (v->index > 0)
+        MPAR__TRY(mpar__link_send(w, v->bwd_out, mpar__grad(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
+    MPAR__CL(p->ctx, clFinish(w->ex.queue));
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, int mb, int recomputed) {
+    mpar_pipeline* p = w->p;
+    int slot = mpar__slot_of(v, mb), k;
+    if (slot < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "weight gradient of micro-batch %d before its forward",
+                          mb);
+    if (p->desc.recompute && !recomputed) MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
+    for (k = 0; k < v->n; k++) {
+        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        mpar_io io;
+        if (!l->type->backward_weight || l->param_count == 0) continue;
+        mpar__io(p, v, slot, mb, k, &io);
+        MPAR__TRY(l->type->backward_weight(&w->ex, l, &io));
+    }
+    MPAR__CL(p->ctx, clFinish(w->ex.queue));
+    mpar__release_slot(w, v, slot);
+    return MPAR_SUCCESS;
+}
+
+static mpar__vstage* mpar__vstage_of(mpar_pipeline* p, int worker, int chunk) {
+    return &p->vs[chunk * p->workers_count + worker];
+}
+
+static mpar_result mpar__zero(mpar__worker* w, cl_mem mem, size_t n) {
+    if (n == 0) return MPAR_SUCCESS;
+    return mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_fill", n, 0, "bif", mpar__buf0(mem), (int)n, 0.0);
+}
+
+static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
+    mpar_pipeline* p = w->p;
+    float norms[512];
+    int k;
+    for (k = 0; k < v->n; k++) {
+        size_t n = v->param_off[k + 1] - v->param_off[k];
+        mpar_buf g, part, out;
+        int chunks = (int)((n + 4095) / 4096);
+        g.mem = v->grads, g.off = v->param_off[k];
+        part = mpar__buf0(v->partial);
+        out.mem = v->norms, out.off = (size_t)k;
+        if (n == 0) {
+            MPAR__TRY(mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_fill", 1, 0, "bif", out, 1, 0.0));
+            continue;
+        }
+        MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_partial", (size_t)chunks, 0, "bib", g, (int)n,
+                                   part));
+        MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sum_final", 1, 0, "bib", part, chunks, out));
+    }
+    MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, v->norms, CL_TRUE, 0, sizeof(float) * (size_t)v->n, norms, 0,
+                                         NULL, NULL));
+    for (k = 0; k < v->n; k++) p->layer_sumsq[v->first + k] = (double)norms[k];
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__run_action(mpar__worker* w, const mpar_action* a) {
+    mpar__vstage* v = mpar__vstage_of(w->p, w->index, a->chunk);
+    switch (a->kind) {
+        case MPAR_ACTION_FORWARD: return mpar__do_forward(w, v, a->microbatch);
+        case MPAR_ACTION_BACKWARD:
+            MPAR__TRY(mpar__do_backward_input(w, v, a->microbatch));
+            return mpar__do_backward_weight(w, v, a->microbatch, 1);
+        case MPAR_ACTION_BACKWARD_INPUT: return mpar__do_backward_input(w, v, a->microbatch);
+        case MPAR_ACTION_BACKWARD_WEIGHT: return mpar__do_backward_weight(w, v, a->microbatch, 0);
+        default: return MPAR_SUCCESS;
+    }
+}
+
+static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
+    mpar_pipeline* p = w->p;
+    int i, c, n = mpar_schedule_action_count(p->schedule, w->index);
+    for (c = 0; c < p->desc.virtual_stages; c++) {
+        mpar__vstage* v = mpar__vstage_of(p, w->index, c);
+        int s;
+        for (s = 0; s < v->slot_count; s++) v->slot_mb[s] = -1;
+        MPAR__TRY(mpar__zero(w, v->grads, v->param_off[v->n]));
+    }
+    w->in_flight = 0;
+    for (i = 0; i < n; i++) {
+        const mpar_action* a = mpar_schedule_action(p->schedule, w->index, i);
+        mpar_result r;
+        if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) continue;
+        r = (p->desc.inject_fault && p->desc.fault_stage == w->index && p->desc.fault_action == i)
+                ? mpar__fail(p->ctx, MPAR_ERROR_ABORTED, "fault injected by mpar_pipeline_desc.fault_*")
+                : mpar__run_action(w, a);
+        if (r != MPAR_SUCCESS) {
+            mpar_action_format(a, p->desc.virtual_stages > 1, name, name_size);
+            *failed_action = name;
+            return r;
+        }
+    }
+    for (c = 0; c < p->desc.virtual_stages; c++) MPAR__TRY(mpar__layer_norms(w, mpar__vstage_of(p, w->index, c)));
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__job_step(mpar__worker* w) {
+    mpar_pipeline* p = w->p;
+    const mpar_optimizer_desc* o = &p->desc.optimizer;
+    int c;
+    for (c = 0; c < p->desc.virtual_stages; c++) {
+        mpar__vstage* v = mpar__vstage_of(p, w->index, c);
+        size_t n = v->param_off[v->n];
+        if (n == 0) continue;
+        if (o->kind == MPAR_OPTIMIZER_SGD) {
+            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sgd_step", n, 0, "bbbiffff", mpar__buf0(v->params),
+                                       mpar__buf0(v->grads), mpar__buf0(v->opt1), (int)n, (double)p->step_lr,
+                                       (double)o->momentum, (double)o->weight_decay, (double)p->step_scale));
+        } else {
+            double c1 = 1.0 - pow((double)o->beta1, (double)p->step), c2 = 1.0 - pow((double)o->beta2, (double)p->step);
+            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_adamw_step", n, 0, "bbbbiffffffff",
+                                       mpar__buf0(v->params), mpar__buf0(v->grads), mpar__buf0(v->opt1),
+                                       mpar__buf0(v->opt2), (int)n, (double)p->step_lr, (double)o->beta1,
+                                       (double)o->beta2, (double)o->eps, (double)o->weight_decay, c1, c2,
+                                       (double)p->step_scale));
+        }
+    }
+    MPAR__CL(p->ctx, clFinish(w->ex.queue));
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__job_infer(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
+    mpar_pipeline* p = w->p;
+    int m, c;
+    for (c = 0; c < p->desc.virtual_stages; c++) {
+        mpar__vstage* v = mpar__vstage_of(p, w->index, c);
+        int s;
+        for (s = 0; s < v->slot_count; s++) v->slot_mb[s] = -1;
+    }
+    w->in_flight = 0;
+    for (m = 0; m < p->mb_count; m++)
+        for (c = 0; c < p->desc.virtual_stages; c++) {
+            mpar_result r = mpar__do_forward(w, mpar__vstage_of(p, w->index, c), m);
+            if (r != MPAR_SUCCESS) {
+                snprintf(name, name_size, "F%d.%d", m, c);
+                *failed_action = name;
+                return r;
+            }
+        }
+    return MPAR_SUCCESS;
+}
+
+static void* mpar__worker_main(void* arg) {
+    mpar__worker* w = (mpar__worker*)arg;
+    mpar_pipeline* p = w->p;
+    for (;;) {
+        mpar__job job;
+        mpar_result r = MPAR_SUCCESS;
+        const char* action = NULL;
+        char name[32];
+        int gen;
+        pthread_mutex_lock(&p->mu);
+        while (w->generation == p->generation && !p->quit) pthread_cond_wait(&p->start_cv, &p->mu);
+        if (p->quit) {
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+        gen = p->generation;
+        job = p->job;
+        pthread_mutex_unlock(&p->mu);
+        w->error[0] = '\0';
+        if (job == MPAR__JOB_GRADS) r = mpar__job_grads(w, &action, name, sizeof name);
+        else if (job == MPAR__JOB_STEP) r = mpar__job_step(w);
+        else if (job == MPAR__JOB_INFER) r = mpar__job_infer(w, &action, name, sizeof name);
+        if (r != MPAR_SUCCESS) {
+            if (r != MPAR_ERROR_ABORTED || !strstr(mpar_last_error(p->ctx), "fault injected")) {
+                /* keep only the first cause; the others just stopped */
+            }
+            if (r != MPAR_ERROR_ABORTED || action) {
+                pthread_mutex_lock(&p->ctx->lock);
+                snprintf(w->error, sizeof w->error, "stage %d (device %d), action %s: %s", w->index, w->device,
+                         action ? action : (job == MPAR__JOB_STEP ? "optimizer step" : "setup"), p->ctx->error);
+                pthread_mutex_unlock(&p->ctx->lock);
+            }
+            mpar__links_abort(p, 1);
+        }
+        pthread_mutex_lock(&p->mu);
+        w->result = r;
+        w->generation = gen;
+        p->done_count++;
+        pthread_cond_broadcast(&p->done_cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+    return NULL;
+}
+
+/* Runs one job on every worker and waits for all of them. */
+static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
+    int i;
+    mpar_result r = MPAR_SUCCESS;
+    const char* detail = NULL;
+    mpar__links_abort(p, 0);
+    pthread_mutex_lock(&p->mu);
+    p->job = job;
+    p->done_count = 0;
+    p->generation++;
+    pthread_cond_broadcast(&p->start_cv);
+    while (p->done_count < p->workers_count) pthread_cond_wait(&p->done_cv, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+    /* The cause is the first failure that is not just "a neighbour stopped". */
+    for (i = 0; i < p->workers_count; i++) {
+        mpar__worker* w = &p->workers[i];
+        if (w->result == MPAR_SUCCESS) continue;
+        if (r == MPAR_SUCCESS || (r == MPAR_ERROR_ABORTED && w->result != MPAR_ERROR_ABORTED) ||
+            (!detail && w->error[0])) {
+            if (w->error[0] || r == MPAR_SUCCESS) {
+                r = w->result;
+                detail = w->error[0] ? w->error : NULL;
+            }
+        }
+    }
+    if (r != MPAR_SUCCESS) {
+        mpar__links_abort(p, 0);
+        return mpar__fail(p->ctx, r, "%s", detail ? detail : "a stage stopped");
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb_count, int need_targets) {
+    int m, rows;
+    if (!b || !b->inputs || b->samples <= 0 || (need_targets && !b->targets))
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT,
+                          "batch: inputs%s must be given and samples positive (got %d)",
+                          need_targets ? " and targets" : "", b ? b->samples : 0);
+    if (need_targets && b->samples > p->desc.max_batch)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples exceeds max_batch %d", b->samples,
+                          p->desc.max_batch);
+    if (b->samples < mb_count)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples cannot fill %d micro-batches",
+                          b->samples, mb_count);
+    if (!need_targets && b->targets == NULL && mb_count > 0) { /* inference without a loss */ }
+    p->batch = b;
+    p->mb_count = mb_count;
+    for (m = 0; m <= mb_count; m++) /* uneven: the first (samples mod M) get one more */
+        p->mb_first[m] = m * (b->samples / mb_count) + (m < b->samples % mb_count ? m : b->samples % mb_count);
+    p->loss_scale = 0.0f;
+    if (b->targets) {
+        const mpar_layer* last = mpar_model_layer(p->model, p->layer_count - 1);
+        int counted = 0, i;
+        rows = b->samples * p->seq_len;
+        for (i = 0; i < rows; i++) {
+            if (b->targets[i] >= last->in_features)
+                return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "target %d of row %d is not below %d classes",
+                                  (int)b->targets[i], i, last->in_features);
+            counted += b->targets[i] >= 0;
+        }
+        p->loss_scale = counted ? 1.0f / (float)counted : 0.0f;
+    }
+    if (mpar_model_layer(p->model, 0)->type->flags & MPAR_LAYER_TOKEN_INPUT) {
+        const int32_t* t = (const int32_t*)b->inputs;
+        int i, vocab = mpar_model_layer(p->model, 0)->desc.vocab;
+        for (i = 0; i < b->samples * p->seq_len; i++)
+            if (t[i] < 0 || t[i] >= vocab)
+                return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "token %d at row %d is outside the vocabulary "
+                                  "of %d", (int)t[i], i, vocab);
+    }
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
+    mpar_result r;
+    double loss = 0.0;
+    int m, counted;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
+    if (r != MPAR_SUCCESS) return r;
+    counted = (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
+    r = mpar__run_job(p, MPAR__JOB_GRADS);
+    p->grads_ready = r == MPAR_SUCCESS;
+    if (r != MPAR_SUCCESS) return r;
+    for (m = 0; m < p->mb_count; m++) loss += (double)p->mb_loss[m];
+    if (info) {
+        memset(info, 0, sizeof *info);
+        info->loss = counted ? loss / counted : 0.0;
+        info->counted_rows = counted;
+        info->step = p->step;
+    }
+    p->last_loss = counted ? loss / counted : 0.0; /* apply checks it is finite */
+    return MPAR_SUCCESS;
+}
+
+static float mpar__lr_at(const mpar_optimizer_desc* o, int step) {
+    double lr = o->lr;
+    if (o->warmup_steps > 0 && step <= o->warmup_steps) return (float)(lr * step / o->warmup_steps);
+    if (o->decay_steps > 0) {
+        double t = (double)(step - o->warmup_steps) / o->decay_steps;
+        if (t > 1.0) t = 1.0;
+        return (float)(o->min_lr + 0.5 * (lr - o->min_lr) * (1.0 + cos(3.141592653589793 * t)));
+    }
+    return (float)lr;
+}
+
+MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info) {
+    double sumsq = 0.0, norm, loss;
+    int i, bad = -1;
+    mpar_result r;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!p->grads_ready)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "apply_gradients needs a successful compute_gradients first");
+    p->grads_ready = 0;
+    loss = p->last_loss;
+    for (i = 0; i < p->layer_count; i++) { /* layer order: the same sum for every partition */
+        if (bad < 0 && !isfinite(p->layer_sumsq[i])) bad = i;
+        sumsq += p->layer_sumsq[i];
+    }
+    norm = sqrt(sumsq);
+    if (info) info->grad_norm = norm;
+    if (bad >= 0 || !isfinite(loss)) {
+        int stage = 0;
+        for (i = 0; i < p->vs_count; i++)
+            if (bad >= p->vs[i].first && bad <= p->vs[i].last) stage = p->vs[i].worker;
+        if (p->desc.skip_nonfinite) {
+            if (info) info->skipped = 1;
+            return MPAR_SUCCESS;
+        }
+        if (bad >= 0)
+            return mpar__fail(p->ctx, MPAR_ERROR_NUMERICAL, "gradient of layer %d (%s) on stage %d is not finite; "
+                              "parameters left unchanged", bad, mpar_model_layer(p->model, bad)->type->name, stage);
+        return mpar__fail(p->ctx, MPAR_ERROR_NUMERICAL, "loss is not finite; parameters left unchanged");
+    }
+    p->step++;
+    p->step_lr = mpar__lr_at(&p->desc.optimizer, p->step);
+    p->step_scale = (p->desc.optimizer.clip_norm > 0.0f && norm > p->desc.optimizer.clip_norm)
+                        ? (float)(p->desc.optimizer.clip_norm / norm) : 1.0f;
+    r = mpar__run_job(p, MPAR__JOB_STEP);
+    if (info) {
+        info->lr = p->step_lr;
+        info->step = p->step;
+    }
+    return r;
+}
+
+MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
+    mpar_step_info local;
+    mpar_result r = mpar_pipeline_compute_gradients(p, batch, info ? info : &local);
+    if (r != MPAR_SUCCESS) return r;
+    return mpar_pipeline_apply_gradients(p, info ? info : &local);
+}
+
+MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
+    int per_mb, count, m;
+    mpar_result r;
+    double sum = 0.0;
+    if (!p || !batch) return MPAR_ERROR_INVALID_ARGUMENT;
+    per_mb = p->mb_rows_max / p->seq_len;
+    count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
+    if (count > p->mb_capacity) {
+        int* first = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)(count + 1));
+        float* losses = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)count);
+        if (!first || !losses) {
+            mpar__free(p->ctx, first), mpar__free(p->ctx, losses);
+            return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        }
+        mpar__free(p->ctx, p->mb_first), mpar__free(p->ctx, p->mb_loss);
+        p->mb_first = first, p->mb_loss = losses, p->mb_capacity = count;
+    }
+    r = mpar__set_batch(p, batch, count, 0);
+    if (r != MPAR_SUCCESS) return r;
+    p->infer_out = outputs;
+    r = mpar__run_job(p, MPAR__JOB_INFER);
+    p->infer_out = NULL;
+    if (r != MPAR_SUCCESS) return r;
+    for (m = 0; m < count; m++) sum += (double)p->mb_loss[m];
+    if (loss) *loss = (batch->targets && p->loss_scale > 0.0f) ? sum * (double)p->loss_scale : 0.0;
+    return MPAR_SUCCESS;
+}
+
+/* Finds the stage holding a layer. */
+static mpar__vstage* mpar__vs_of_layer(mpar_pipeline* p, int layer, int* k) {
+    int i;
+    for (i = 0; i < p->vs_count; i++)
+        if (layer >= p->vs[i].first && layer <= p->vs[i].last) {
+            *k = layer - p->vs[i].first;
+            return &p->vs[i];
+        }
+    return NULL;
+}
+
+static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int which, int write) {
+    int k;
+    mpar__vstage* v;
+    size_t n;
+    cl_mem mem;
+    if (!p || (!host && layer >= 0)) return MPAR_ERROR_INVALID_ARGUMENT;
+    v = mpar__vs_of_layer(p, layer, &k);
+    if (!v) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "layer %d does not exist", layer);
+    n = v->param_off[k + 1] - v->param_off[k];
+    if (n == 0) return MPAR_SUCCESS;
+    mem = which ? v->grads : v->params;
+    if (write)
+        MPAR__CL(p->ctx, clEnqueueWriteBuffer(p->workers[v->worker].ex.queue, mem, CL_TRUE, v->param_off[k] * 4, n * 4,
+                                              host, 0, NULL, NULL));
+    else
+        MPAR__CL(p->ctx, clEnqueueReadBuffer(p->workers[v->worker].ex.queue, mem, CL_TRUE, v->param_off[k] * 4, n * 4,
+                                             host, 0, NULL, NULL));
+    return MPAR_SUCCESS;
+}
+MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out) {
+    return mpar__param_io(p, layer, out, 0, 0);
+}
+MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in) {
+    return mpar__param_io(p, layer, (void*)in, 0, 1);
+}
+MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out) {
+    return mpar__param_io(p, layer, out, 1, 0);
+}
+
+MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out) {
+    int i, c;
+    if (!p || !out) return MPAR_ERROR_INVALID_ARGUMENT;
+    memset(out, 0, sizeof *out);
+    out->stages = p->workers_count;
+    for (i = 0; i < p->workers_count; i++) {
+        out->peak_in_flight[i] = p->workers[i].peak_in_flight;
+        out->device_bytes[i] = p->workers[i].bytes;
+        for (c = 0; c < p->desc.virtual_stages; c++) out->slots[i] += p->vs[c * p->workers_count + i].slot_count;
+    }
+    return MPAR_SUCCESS;
+}
+
+/* ---- creation ---- */
+
+static mpar_result mpar__alloc_buffer(mpar_pipeline* p, mpar__worker* w, size_t floats, cl_mem* out) {
+    cl_context cc = p->ctx->groups[p->ctx->devices[w->device].info.group];
+    cl_int st = CL_SUCCESS;
+    if (floats == 0) floats = 1;
+    *out = clCreateBuffer(cc, CL_MEM_READ_WRITE, floats * 4, NULL, &st);
+    if (st != CL_SUCCESS)
+        return mpar__fail(p->ctx, (mpar_result)st, "clCreateBuffer(%zu bytes) on device %d failed with %s", floats * 4,
+                          w->device, mpar_result_string((mpar_result)st));
+    w->bytes += floats * 4;
+    return MPAR_SUCCESS;
+}
+
+/* Even split of the layers over every device when no stages are given. */
+static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) {
+    const mpar_pipeline_desc* d = &p->desc;
+    int V = d->virtual_stages, n, j;
+    if (d->stages) {
+        n = d->stage_count;
+        if (n <= 0 || n % V != 0)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage_count %d is not a positive multiple of "
+                              "virtual_stages %d", n, V);
+        memcpy(out, d->stages, sizeof(mpar_stage_desc) * (size_t)n);
+    } else {
+        n = mpar_device_count(p->ctx) * V;
+        if (n > p->layer_count) n = p->layer_count - p->layer_count % V;
+        if (n < V) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "%d layers cannot fill %d chunks", p->layer_count, V);
+        for (j = 0; j < n; j++) {
+            out[j].device = j % (n / V);
+            out[j].first_layer = (int)((long)p->layer_count * j / n);
+            out[j].last_layer = (int)((long)p->layer_count * (j + 1) / n) - 1;
+        }
+    }
+    p->vs_count = n;
+    p->workers_count = n / V;
+    for (j = 0; j < n; j++) {
+        int expect_first = j ? out[j - 1].last_layer + 1 : 0;
+        if (out[j].device < 0 || out[j].device >= mpar_device_count(p->ctx))
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage %d: device %d does not exist", j, out[j].device);
+        if (out[j].first_layer != expect_first || out[j].last_layer < out[j].first_layer)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN,
+                              "stage %d covers layers %d-%d; stages must be contiguous, in order, non-empty and start "
+                              "at layer %d", j, out[j].first_layer, out[j].last_layer, expect_first);
+        if (out[j].device != out[j % p->workers_count].device)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "chunk %d must run on the device of chunk %d", j,
+                              j % p->workers_count);
+    }
+    if (out[n - 1].last_layer != p->layer_count - 1)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stages end at layer %d but the model has %d layers",
+                          out[n - 1].last_layer, p->layer_count);
+    if (p->workers_count > MPAR__MAX_WORKERS)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "at most %d stages", MPAR__MAX_WORKERS);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__vstage_layout(mpar_pipeline* p, mpar__vstage* v) {
+    int k;
+    size_t n = (size_t)v->n;
+    v->param_off = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
+    v->act_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 2));
+    v->stash_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
+    v->gstash_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
+    if (!v->param_off || !v->act_cum || !v->stash_cum || !v->gstash_cum)
+        return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    v->param_off[0] = v->act_cum[0] = v->stash_cum[0] = v->gstash_cum[0] = 0;
+    v->scratch_per_row = 0;
+    for (k = 0; k < v->n; k++) {
+        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        v->param_off[k + 1] = v->param_off[k] + l->param_count;
+        v->act_cum[k + 1] = v->act_cum[k] + (size_t)l->in_features;
+        v->stash_cum[k + 1] = v->stash_cum[k] + l->stash_per_row;
+        v->gstash_cum[k + 1] = v->gstash_cum[k] + l->gstash_per_row;
+        if (l->scratch_per_row > v->scratch_per_row) v->scratch_per_row = l->scratch_per_row;
+    }
+    v->act_cum[n + 1] = v->act_cum[n] + (size_t)mpar_model_layer(p->model, v->last)->out_features;
+    v->act_floats = (size_t)p->mb_rows_max * (v->act_cum[n + 1] + v->stash_cum[n]);
+    v->grad_floats = (size_t)p->mb_rows_max * (v->act_cum[n + 1] + v->gstash_cum[n]);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int slots) {
+    mpar__worker* w = &p->workers[v->worker];
+    size_t np = v->param_off[v->n], rows = (size_t)p->mb_rows_max;
+    int s, split = p->desc.schedule == MPAR_SCHEDULE_ZB_H1;
+    size_t slot_floats = p->desc.recompute ? rows * v->act_cum[1] : v->act_floats;
+    v->slot_count = slots;
+    v->grad_slot_count = split ? slots : 1;
+    v->act_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)slots);
+    v->grad_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)slots);
+    v->slot_mb = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)slots);
+    if (!v->act_slots || !v->grad_slots || !v->slot_mb)
+        return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(v->act_slots, 0, sizeof(cl_mem) * (size_t)slots);
+    memset(v->grad_slots, 0, sizeof(cl_mem) * (size_t)slots);
+    for (s = 0; s < slots; s++) {
+        v->slot_mb[s] = -1;
+        MPAR__TRY(mpar__alloc_buffer(p, w, slot_floats, &v->act_slots[s]));
+        if (s < v->grad_slot_count) MPAR__TRY(mpar__alloc_buffer(p, w, v->grad_floats, &v->grad_slots[s]));
+    }
+    v->partial_count = 1;
+    for (s = 0; s < v->n; s++) {
+        size_t c = (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
+        if (c > v->partial_count) v->partial_count = c;
+    }
+    MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->params));
+    MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->grads));
+    MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->opt1));
+    MPAR__TRY(mpar__alloc_buffer(p, w, p->desc.optimizer.kind == MPAR_OPTIMIZER_ADAMW ? np : 1, &v->opt2));
+    MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->scratch_per_row, &v->scratch));
+    MPAR__TRY(mpar__alloc_buffer(p, w, p->desc.recompute ? v->act_floats : 1, &v->work));
+    MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)v->n, &v->norms));
+    MPAR__TRY(mpar__alloc_buffer(p, w, v->partial_count, &v->partial));
+    MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
+    MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
+    return MPAR_SUCCESS;
+}
+
+/* Initial parameters and zeroed optimizer state, on the device. */
+static mpar_result mpar__vstage_init(mpar_pipeline* p, mpar__vstage* v) {
+    mpar__worker* w = &p->workers[v->worker];
+    int k;
+    MPAR__TRY(mpar__zero(w, v->opt1, v->param_off[v->n]));
+    if (p->desc.optimizer.kind == MPAR_OPTIMIZER_ADAMW) MPAR__TRY(mpar__zero(w, v->opt2, v->param_off[v->n]));
+    MPAR__TRY(mpar__zero(w, v->grads, v->param_off[v->n]));
+    for (k = 0; k < v->n; k++) {
+        size_t n = v->param_off[k + 1] - v->param_off[k];
+        float* host;
+        mpar_error err;
+        if (n == 0) continue;
+        host = (float*)mpar__alloc(p->ctx, n * sizeof(float));
+        if (!host) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        if (mpar_model_init_params(p->model, v->first + k, host, &err) != MPAR_SUCCESS ||
+            mpar__upload(w, v->params, v->param_off[k], host, n) != MPAR_SUCCESS) {
+            mpar__free(p->ctx, host);
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL, "cannot initialise layer %d", v->first + k);
+        }
+        mpar__free(p->ctx, host);
+    }
+    MPAR__CL(p->ctx, clFinish(w->ex.queue));
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__link_init(mpar_pipeline* p, mpar__link* l, const mpar__vstage* from, const mpar__vstage* to,
+                                   size_t floats, int capacity) {
+    int s;
+    const mpar__device* a = &p->ctx->devices[from->device];
+    const mpar__device* b = &p->ctx->devices[to->device];
+    memset(l, 0, sizeof *l);
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->cv, NULL);
+    l->capacity = capacity;
+    l->timeout = p->desc.timeout_seconds;
+    l->slot_floats = floats;
+    l->same_context = a->info.group == b->info.group;
+    l->tags = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
+    l->dev = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
+    l->host = (float**)mpar__alloc(p->ctx, sizeof(float*) * (size_t)capacity);
+    if (!l->tags || !l->dev || !l->host) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(l->dev, 0, sizeof(cl_mem) * (size_t)capacity);
+    memset(l->host, 0, sizeof(float*) * (size_t)capacity);
+    for (s = 0; s < capacity; s++) {
+        if (l->same_context) {
+            MPAR__TRY(mpar__alloc_buffer(p, &p->workers[to->worker], floats, &l->dev[s]));
+        } else if (!(l->host[s] = (float*)mpar__alloc(p->ctx, floats * sizeof(float) + 64))) {
+            return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        }
+    }
+    return MPAR_SUCCESS;
+}
+
+static void mpar__link_release(mpar_pipeline* p, mpar__link* l) {
+    int s;
+    for (s = l->capacity - 1; s >= 0; s--) {
+        if (l->dev && l->dev[s]) clReleaseMemObject(l->dev[s]);
+        if (l->host) mpar__free(p->ctx, l->host[s]);
+    }
+    mpar__free(p->ctx, l->tags), mpar__free(p->ctx, l->dev), mpar__free(p->ctx, l->host);
+    pthread_cond_destroy(&l->cv);
+    pthread_mutex_destroy(&l->mu);
+}
+
+static void mpar__vstage_release(mpar_pipeline* p, mpar__vstage* v) {
+    cl_mem* one[] = {&v->losses, &v->targets, &v->partial, &v->norms, &v->work, &v->scratch, &v->opt2, &v->opt1,
+                     &v->grads, &v->params};
+    int s;
+    size_t i;
+    for (i = 0; i < sizeof one / sizeof one[0]; i++)
+        if (*one[i]) clReleaseMemObject(*one[i]);
+    for (s = v->slot_count - 1; s >= 0; s--) {
+        if (v->grad_slots && v->grad_slots[s]) clReleaseMemObject(v->grad_slots[s]);
+        if (v->act_slots && v->act_slots[s]) clReleaseMemObject(v->act_slots[s]);
+    }
+    mpar__free(p->ctx, v->slot_mb), mpar__free(p->ctx, v->grad_slots), mpar__free(p->ctx, v->act_slots);
+    mpar__free(p->ctx, v->gstash_cum), mpar__free(p->ctx, v->stash_cum), mpar__free(p->ctx, v->act_cum);
+    mpar__free(p->ctx, v->param_off);
+}
+
+MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
+    int i;
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->quit = 1;
+    pthread_cond_broadcast(&p->start_cv);
+    pthread_mutex_unlock(&p->mu);
+    for (i = p->workers_count - 1; i >= 0; i--)
+        if (p->workers[i].started) pthread_join(p->workers[i].thread, NULL);
+    if (p->links)
+        for (i = 0; i < p->vs_count - 1; i++) {
+            if (2 * i < p->links_ready) mpar__link_release(p, &p->links[i]);
+            if (2 * i + 1 < p->links_ready) mpar__link_release(p, &p->links[p->vs_count - 1 + i]);
+        }
+    if (p->vs)
+        for (i = p->vs_count - 1; i >= 0; i--) mpar__vstage_release(p, &p->vs[i]);
+    for (i = p->workers_count - 1; i >= 0; i--) {
+        mpar__exec_release(&p->workers[i].ex);
+        if (p->workers[i].ex.queue) clReleaseCommandQueue(p->workers[i].ex.queue);
+    }
+    mpar_schedule_destroy(p->schedule);
+    mpar__free(p->ctx, p->links), mpar__free(p->ctx, p->vs), mpar__free(p->ctx, p->layer_sumsq);
+    mpar__free(p->ctx, p->mb_loss), mpar__free(p->ctx, p->mb_first);
+    pthread_cond_destroy(&p->done_cv), pthread_cond_destroy(&p->start_cv), pthread_mutex_destroy(&p->mu);
+    mpar__free(p->ctx, p);
+}
+
+static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline_desc* desc) {
+    mpar_pipeline_desc* d = &p->desc;
+    mpar_optimizer_desc* o = &d->optimizer;
+    mpar_error err;
+    *d = *desc;
+    if (d->microbatches == 0) d->microbatches = 1;
+    if (d->virtual_stages == 0) d->virtual_stages = 1;
+    if (d->timeout_seconds <= 0) d->timeout_seconds = 600;
+    if (o->lr == 0.0f) o->lr = 1e-3f;
+    if (o->beta1 == 0.0f) o->beta1 = 0.9f;
+    if (o->beta2 == 0.0f) o->beta2 = 0.999f;
+    if (o->eps == 0.0f) o->eps = 1e-8f;
+    if (mpar_model_validate(p->model, &err) != MPAR_SUCCESS) return mpar__fail(p->ctx, err.code, "%s", err.message);
+    if (d->max_batch <= 0 || d->microbatches < 0 || d->virtual_stages < 0 || d->link_capacity < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "max_batch must be positive (got %d); microbatches, "
+                          "virtual_stages and link_capacity not negative", d->max_batch);
+    if (d->microbatches > d->max_batch)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "%d micro-batches need max_batch >= %d (got %d)",
+                          d->microbatches, d->microbatches, d->max_batch);
+    if ((int)o->kind < 0 || o->kind > MPAR_OPTIMIZER_SGD || o->lr < 0 || o->weight_decay < 0 || o->clip_norm < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer: unknown kind or negative setting");
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
+    mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
+    mpar_simulation* sim = NULL;
+    mpar_error err;
+    int i, peak = 1, M;
+    size_t max_link = 0;
+    if (p->desc.stage_count > 4 * MPAR__MAX_WORKERS || mpar_device_count(p->ctx) * p->desc.virtual_stages >
+                                                           4 * MPAR__MAX_WORKERS)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "too many stages");
+    MPAR__TRY(mpar__resolve_stages(p, stages));
+    if (mpar_schedule_create(p->desc.schedule, p->workers_count, p->desc.microbatches, p->desc.virtual_stages,
+                             &p->schedule, &err) != MPAR_SUCCESS ||
+        mpar_simulate(p->schedule, NULL, &sim, &err) != MPAR_SUCCESS)
+        return mpar__fail(p->ctx, err.code, "%s", err.message);
+    for (i = 0; i < p->workers_count; i++)
+        if (sim->peak_in_flight[i] > peak) peak = sim->peak_in_flight[i];
+    mpar_simulation_destroy(sim);
+    M = p->schedule->microbatches;
+    p->mb_rows_max = ((p->desc.max_batch + M - 1) / M) * p->seq_len;
+    p->mb_capacity = M;
+    p->mb_first = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)(M + 1));
+    p->mb_loss = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)M);
+    p->layer_sumsq = (double*)mpar__alloc(p->ctx, sizeof(double) * (size_t)p->layer_count);
+    p->vs = (mpar__vstage*)mpar__alloc(p->ctx, sizeof(mpar__vstage) * (size_t)p->vs_count);
+    p->links = (mpar__link*)mpar__alloc(p->ctx, sizeof(mpar__link) * (size_t)(2 * p->vs_count));
+    if (!p->mb_first || !p->mb_loss || !p->layer_sumsq || !p->vs || !p->links)
+        return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(p->vs, 0, sizeof(mpar__vstage) * (size_t)p->vs_count);
+    memset(p->layer_sumsq, 0, sizeof(double) * (size_t)p->layer_count);
+    for (i = 0; i < p->workers_count; i++) {
+        mpar__worker* w = &p->workers[i];
+        cl_int st = CL_SUCCESS;
+        w->p = p, w->index = i, w->device = stages[i].device;
+        w->ex.ctx = p->ctx, w->ex.device = w->device;
+        w->ex.queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
+                                           p->ctx->devices[w->device].id, CL_QUEUE_PROFILING_ENABLE, &st);
+        MPAR__CL(p->ctx, st);
+    }
+    for (i = 0; i < p->vs_count; i++) {
+        mpar__vstage* v = &p->vs[i];
+        v->index = i, v->worker = i % p->workers_count, v->chunk = i / p->workers_count;
+        v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
+        v->n = v->last - v->first + 1;
+        MPAR__TRY(mpar__vstage_layout(p, v));
+        MPAR__TRY(mpar__vstage_buffers(p, v, peak));
+        MPAR__TRY(mpar__vstage_init(p, v));
+        if (i > 0) {
+            size_t width = (size_t)p->mb_rows_max * v->act_cum[1];
+            if (width > max_link) max_link = width;
+        }
+    }
+    p->links_ready = 0;
+    for (i = 0; i + 1 < p->vs_count; i++) {
+        mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
+        size_t floats = (size_t)p->mb_rows_max * b->act_cum[1];
+        int cap = p->desc.link_capacity ? p->desc.link_capacity : (peak > 2 ? peak : 2);
+        MPAR__TRY(mpar__link_init(p, &p->links[i], a, b, floats, cap));
+        p->links_ready++;
+        MPAR__TRY(mpar__link_init(p, &p->links[p->vs_count - 1 + i], b, a, floats, cap));
+        p->links_ready++;
+        a->fwd_out = b->fwd_in = &p->links[i];
+        b->bwd_out = a->bwd_in = &p->links[p->vs_count - 1 + i];
+    }
+    (void)max_link;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                         mpar_pipeline** out) {
+    mpar_pipeline* p;
+    mpar_result r;
+    int i;
+    if (!ctx || !model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
+                                                           "NULL argument");
+    *out = NULL;
+    p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
+    if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(p, 0, sizeof *p);
+    p->ctx = ctx;
+    p->model = model;
+    p->layer_count = mpar_model_layer_count(model);
+    p->seq_len = model->desc.seq_len;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->start_cv, NULL);
+    pthread_cond_init(&p->done_cv, NULL);
+    r = mpar__pipeline_defaults(p, desc);
+    if (r == MPAR_SUCCESS) r = mpar__pipeline_build(p);
+    for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++) {
+        if (pthread_create(&p->workers[i].thread, NULL, mpar__worker_main, &p->workers[i]) != 0)
+            r = mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "cannot start worker thread %d", i);
+        else
+            p->workers[i].started = 1;
+    }
+    if (r != MPAR_SUCCESS) {
+        mpar_pipeline_destroy(p);
+        return r;
+    }
+    *out = p;
     return MPAR_SUCCESS;
 }
 

@@ -14,11 +14,13 @@
      y    = xhat * gamma + beta
 
    Numerics: the mean is accumulated relative to the row's first element
-   (shift K = x[0]: mean = K + sum_c (x[c] - K) / cols), then the variance is
-   a second pass over (x - mean). Rows with a large common offset (1e4) thus
-   keep an accurate variance; the saved mean is the float nearest the row
-   mean, and forward and both backward kernels all use that same saved mean,
-   so they are consistent with each other. */
+   (shift K = x[0], ms = sum_c (x[c] - K) / cols, mean = K + ms), and the
+   variance is a second pass over ((x - K) - ms), which does not suffer from
+   the rounding of the mean to float. Rows with a large common offset (1e4)
+   thus keep an accurate mean and variance. The saved mean is that float
+   (within half an ulp of the row mean, plus rounding), and y and both
+   backward kernels use xhat = (x - saved mean) * rstd, so forward and
+   backward are consistent with each other. */
 
 /* Forward. Global size: rows (one work-item per row).
    Writes y (rows x cols), mean[r], rstd[r]. y may alias x. */
@@ -38,11 +40,12 @@ __kernel void mpar_layernorm_fwd(__global const float* x, int x_off,
     float k = xr[0];
     float s = 0.0f;
     for (int c = 0; c < cols; ++c) s += xr[c] - k;
-    float m = k + s / (float)cols;
+    float ms = s / (float)cols;      /* mean - k, kept apart: more precise */
+    float m = k + ms;
 
     float v = 0.0f;
     for (int c = 0; c < cols; ++c) {
-        float d = xr[c] - m;
+        float d = (xr[c] - k) - ms;
         v += d * d;
     }
     float rs = 1.0f / sqrt(v / (float)cols + eps);

@@ -1,0 +1,736 @@
+/* Tests for section 6: schedules as data and the simulator. No device needed.
+
+   gcc -std=c99 -Wall -Wextra -Werror -pedantic -fsanitize=address,undefined \
+       -I/work/main tests/test_schedule.c -lcmocka -lm */
+#define MPAR_IMPLEMENTATION
+#include "../mpar.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#define assert_contains(hay, needle)                                                                       \
+    do {                                                                                                   \
+        if (!strstr((hay), (needle))) {                                                                    \
+            print_error("expected \"%s\" in message \"%s\"\n", (needle), (hay));                           \
+            fail();                                                                                        \
+        }                                                                                                  \
+    } while (0)
+
+#define assert_near(a, b, tol)                                                                             \
+    do {                                                                                                   \
+        double a_ = (a), b_ = (b);                                                                         \
+        if (!(fabs(a_ - b_) <= (tol))) {                                                                   \
+            print_error("%s = %.12g, expected %.12g\n", #a, a_, b_);                                       \
+            fail();                                                                                        \
+        }                                                                                                  \
+    } while (0)
+
+static const mpar_schedule_kind all_kinds[] = {MPAR_SCHEDULE_SEQUENTIAL, MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B,
+                                               MPAR_SCHEDULE_INTERLEAVED_1F1B, MPAR_SCHEDULE_ZB_H1};
+
+static mpar_schedule* create_ok(mpar_schedule_kind kind, int P, int M, int V) {
+    mpar_schedule* sc = NULL;
+    mpar_error err;
+    mpar_result r;
+    memset(&err, 0, sizeof err);
+    r = mpar_schedule_create(kind, P, M, V, &sc, &err);
+    if (r != MPAR_SUCCESS) {
+        print_error("create %s P=%d M=%d V=%d: %s\n", mpar_schedule_kind_name(kind), P, M, V, err.message);
+        fail();
+    }
+    assert_non_null(sc);
+    return sc;
+}
+
+static mpar_simulation* simulate_ok(const mpar_schedule* sc, const mpar_sim_desc* desc) {
+    mpar_simulation* sim = NULL;
+    mpar_error err;
+    mpar_result r;
+    memset(&err, 0, sizeof err);
+    r = mpar_simulate(sc, desc, &sim, &err);
+    if (r != MPAR_SUCCESS) {
+        print_error("simulate P=%d M=%d V=%d: %s\n", sc->stages, sc->microbatches, sc->virtual_stages, err.message);
+        fail();
+    }
+    assert_non_null(sim);
+    return sim;
+}
+
+static mpar_sim_desc costs(double f, double b, double i, double w) {
+    mpar_sim_desc d;
+    memset(&d, 0, sizeof d);
+    d.forward = f;
+    d.backward = b;
+    d.backward_input = i;
+    d.backward_weight = w;
+    return d;
+}
+
+/* Bubble of kind (P, M, V) under desc. */
+static double bubble(mpar_schedule_kind kind, int P, int M, int V, const mpar_sim_desc* desc) {
+    mpar_schedule* sc = create_ok(kind, P, M, V);
+    mpar_simulation* sim = simulate_ok(sc, desc);
+    double b = sim->bubble_fraction;
+    mpar_simulation_destroy(sim);
+    mpar_schedule_destroy(sc);
+    return b;
+}
+
+/* Independent check of a simulation with scalar costs f, b, i, w, optimizer
+   step 0 and the same link delay on every boundary: every (vs, m) has its
+   actions, every action lasts its cost and starts exactly at
+   max(previous end on its stage, its inputs ready). */
+static void check_timing(const mpar_schedule* sc, const mpar_simulation* sim, double f, double b, double i,
+                         double w, double link) {
+    int P = sc->stages, M = sc->microbatches, V = sc->virtual_stages, VS = P * V, s, k;
+    int n = VS * M;
+    double* f_end = (double*)malloc(sizeof(double) * (size_t)n);
+    double* g_end = (double*)malloc(sizeof(double) * (size_t)n); /* B or I */
+    double* w_end = (double*)malloc(sizeof(double) * (size_t)n); /* B or W */
+    assert_non_null(f_end);
+    assert_non_null(g_end);
+    assert_non_null(w_end);
+    for (k = 0; k < n; ++k) f_end[k] = g_end[k] = w_end[k] = -1.0;
+    assert_int_equal(sim->stages, P);
+    for (s = 0; s < P; ++s) {
+        assert_int_equal(sim->action_count[s], sc->action_count[s]);
+        for (k = 0; k < sc->action_count[s]; ++k) {
+            const mpar_action* a = &sc->actions[s][k];
+            double e = sim->end[s][k];
+            if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) continue;
+            {
+                int idx = (a->chunk * P + s) * M + a->microbatch;
+                if (a->kind == MPAR_ACTION_FORWARD) f_end[idx] = e;
+                if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_INPUT) g_end[idx] = e;
+                if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_WEIGHT) w_end[idx] = e;
+            }
+        }
+    }
+    for (k = 0; k < n; ++k) {
+        assert_true(f_end[k] >= 0.0);
+        assert_true(g_end[k] >= 0.0);
+        assert_true(w_end[k] >= 0.0);
+    }
+    for (s = 0; s < P; ++s) {
+        for (k = 0; k < sc->action_count[s]; ++k) {
+            const mpar_action* a = &sc->actions[s][k];
+            int vs = a->chunk * P + s, m = a->microbatch;
+            double ready = k > 0 ? sim->end[s][k - 1] : 0.0, dur = 0.0, dep = 0.0;
+            switch (a->kind) {
+            case MPAR_ACTION_FORWARD:
+                dur = f;
+                if (vs > 0) dep = f_end[(vs - 1) * M + m] + ((vs - 1) % P != s ? link : 0.0);
+                break;
+            case MPAR_ACTION_BACKWARD:
+            case MPAR_ACTION_BACKWARD_INPUT:
+                dur = a->kind == MPAR_ACTION_BACKWARD ? b : i;
+                dep = f_end[vs * M + m];
+                if (vs + 1 < VS) {
+                    double g = g_end[(vs + 1) * M + m] + ((vs + 1) % P != s ? link : 0.0);
+                    if (g > dep) dep = g;
+                }
+                break;
+            case MPAR_ACTION_BACKWARD_WEIGHT:
+                dur = w;
+                dep = g_end[vs * M + m];
+                break;
+            default: break;
+            }
+            if (dep > ready) ready = dep;
+            assert_near(sim->start[s][k], ready, 1e-9);
+            assert_near(sim->end[s][k] - sim->start[s][k], dur, 1e-9);
+            assert_true(sim->end[s][k] <= sim->step_time + 1e-9);
+        }
+    }
+    free(f_end);
+    free(g_end);
+    free(w_end);
+}
+
+/* ---- every generated schedule runs, with the right shape and timing ---- */
+
+static void test_grid_every_schedule_simulates(void** state) {
+    size_t kk;
+    int P, M, V, s, checked = 0;
+    mpar_sim_desc d = costs(1.0, 2.0, 1.0, 1.0);
+    d.link_delay = 0.25;
+    (void)state;
+    for (kk = 0; kk < sizeof all_kinds / sizeof all_kinds[0]; ++kk) {
+        mpar_schedule_kind kind = all_kinds[kk];
+        for (P = 1; P <= 8; ++P)
+            for (M = 1; M <= 16; ++M)
+                for (V = 1; V <= (kind == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 3 : 1); ++V) {
+                    mpar_schedule* sc = create_ok(kind, P, M, V);
+                    mpar_simulation* sim;
+                    int m_sched = kind == MPAR_SCHEDULE_SEQUENTIAL ? 1 : M;
+                    int per_stage = (kind == MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * m_sched * V + 1;
+                    assert_int_equal(sc->stages, P);
+                    assert_int_equal(sc->microbatches, m_sched);
+                    assert_int_equal(sc->virtual_stages, V);
+                    assert_int_equal(sc->custom, 0);
+                    for (s = 0; s < P; ++s) {
+                        assert_int_equal(sc->action_count[s], per_stage);
+                        assert_int_equal(sc->actions[s][per_stage - 1].kind, MPAR_ACTION_OPTIMIZER_STEP);
+                    }
+                    assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
+                    sim = simulate_ok(sc, &d);
+                    check_timing(sc, sim, 1.0, 2.0, 1.0, 1.0, 0.25);
+                    assert_true(sim->step_time > 0.0);
+                    assert_true(sim->bubble_fraction >= -1e-12 && sim->bubble_fraction < 1.0);
+                    mpar_simulation_destroy(sim);
+                    mpar_schedule_destroy(sc);
+                    ++checked;
+                }
+    }
+    assert_int_equal(checked, 8 * 16 * (1 + 1 + 1 + 3 + 1));
+}
+
+/* ---- bubble figures ---- */
+
+static void test_bubble_gpipe_and_1f1b_match_formula(void** state) {
+    mpar_sim_desc d = costs(1.0, 2.0, 0.0, 0.0);
+    int P, M;
+    (void)state;
+    for (P = 1; P <= 8; ++P)
+        for (M = 1; M <= 16; ++M) {
+            double expected = (double)(P - 1) / (double)(M + P - 1);
+            assert_near(bubble(MPAR_SCHEDULE_GPIPE, P, M, 1, &d), expected, 1e-9);
+            assert_near(bubble(MPAR_SCHEDULE_1F1B, P, M, 1, &d), expected, 1e-9);
+        }
+}
+
+static void test_sequential_utilization_is_one_over_p(void** state) {
+    mpar_sim_desc d = costs(1.0, 2.0, 0.0, 0.0);
+    int P;
+    (void)state;
+    for (P = 1; P <= 8; ++P) {
+        mpar_schedule* sc = create_ok(MPAR_SCHEDULE_SEQUENTIAL, P, 8, 1);
+        mpar_simulation* sim = simulate_ok(sc, &d);
+        int s;
+        assert_int_equal(sc->microbatches, 1); /* whole batch as one micro-batch */
+        assert_near(sim->bubble_fraction, 1.0 - 1.0 / P, 1e-9);
+        assert_near(sim->step_time, 3.0 * P, 1e-9);
+        for (s = 0; s < P; ++s) assert_near(sim->busy[s], 3.0, 1e-9);
+        mpar_simulation_destroy(sim);
+        mpar_schedule_destroy(sc);
+    }
+}
+
+static void test_zbh1_bubble_below_1f1b(void** state) {
+    mpar_sim_desc d = costs(1.0, 2.0, 1.0, 1.0);
+    int P, j;
+    (void)state;
+    for (P = 2; P <= 8; ++P) {
+        int ms[5];
+        ms[0] = 1, ms[1] = 2, ms[2] = P, ms[3] = 2 * P, ms[4] = 16;
+        for (j = 0; j < 5; ++j) {
+            int M = ms[j];
+            double zb = bubble(MPAR_SCHEDULE_ZB_H1, P, M, 1, &d), base = bubble(MPAR_SCHEDULE_1F1B, P, M, 1, &d);
+            if (!(zb < base - 1e-9)) {
+                print_error("P=%d M=%d: zbh1 bubble %g not below 1f1b %g\n", P, M, zb, base);
+                fail();
+            }
+            /* H1 with F = I = W: the bubble is (P-1) time units per stage
+               once the pipeline fills (M >= P), i.e. (P-1)/(3M+P-1). */
+            if (M >= P) assert_near(zb, (double)(P - 1) / (3.0 * M + P - 1), 1e-9);
+        }
+    }
+}
+
+static void test_interleaved_bubble_below_1f1b(void** state) {
+    int P, M, V;
+    (void)state;
+    for (V = 2; V <= 3; ++V) {
+        /* same total work: each of the V chunks does 1/V of a stage's work */
+        mpar_sim_desc chunked = costs(1.0 / V, 2.0 / V, 0.0, 0.0);
+        mpar_sim_desc whole = costs(1.0, 2.0, 0.0, 0.0);
+        for (P = 2; P <= 8; ++P)
+            for (M = 2; M <= 16; ++M) { /* holds from M = 2, not only M >= P */
+                double inter = bubble(MPAR_SCHEDULE_INTERLEAVED_1F1B, P, M, V, &chunked);
+                double base = bubble(MPAR_SCHEDULE_1F1B, P, M, 1, &whole);
+                if (!(inter < base - 1e-9)) {
+                    print_error("P=%d M=%d V=%d: interleaved %g not below 1f1b %g\n", P, M, V, inter, base);
+                    fail();
+                }
+                if (M % P == 0) /* Megatron-LM's figure */
+                    assert_near(inter, (double)(P - 1) / (double)(V * M + P - 1), 1e-9);
+            }
+    }
+}
+
+/* ---- peak in-flight micro-batches ---- */
+
+static void test_peak_in_flight(void** state) {
+    int P, M, s;
+    (void)state;
+    for (P = 1; P <= 8; ++P)
+        for (M = 1; M <= 16; ++M) {
+            mpar_schedule* g = create_ok(MPAR_SCHEDULE_GPIPE, P, M, 1);
+            mpar_schedule* o = create_ok(MPAR_SCHEDULE_1F1B, P, M, 1);
+            mpar_schedule* z = create_ok(MPAR_SCHEDULE_ZB_H1, P, M, 1);
+            mpar_simulation* gs = simulate_ok(g, NULL);
+            mpar_simulation* os = simulate_ok(o, NULL);
+            mpar_simulation* zs = simulate_ok(z, NULL);
+            int zmax = 0, omax = 0;
+            assert_int_equal(gs->peak_in_flight[0], M);
+            for (s = 0; s < P; ++s) {
+                int expect = M < P - s ? M : P - s;
+                assert_int_equal(gs->peak_in_flight[s], M);
+                assert_int_equal(os->peak_in_flight[s], expect);
+                if (zs->peak_in_flight[s] > zmax) zmax = zs->peak_in_flight[s];
+                if (os->peak_in_flight[s] > omax) omax = os->peak_in_flight[s];
+            }
+            assert_true(zs->peak_in_flight[0] <= os->peak_in_flight[0]);
+            /* a stash lives until W: the last stage, whose W's lag P-1
+               behind its I's, holds min(M, P) stashes */
+            assert_int_equal(zs->peak_in_flight[P - 1], M < P ? M : P);
+            assert_true(zmax <= omax); /* ZB-H1 keeps 1F1B's peak memory */
+            mpar_simulation_destroy(gs);
+            mpar_simulation_destroy(os);
+            mpar_simulation_destroy(zs);
+            mpar_schedule_destroy(g);
+            mpar_schedule_destroy(o);
+            mpar_schedule_destroy(z);
+        }
+}
+
+/* ---- hand-written schedules ---- */
+
+static mpar_action act(mpar_action_kind kind, int m, int chunk) {
+    mpar_action a;
+    a.kind = kind;
+    a.microbatch = kind == MPAR_ACTION_OPTIMIZER_STEP ? -1 : m;
+    a.chunk = chunk;
+    return a;
+}
+#define F(m) act(MPAR_ACTION_FORWARD, m, 0)
+#define B(m) act(MPAR_ACTION_BACKWARD, m, 0)
+#define I(m) act(MPAR_ACTION_BACKWARD_INPUT, m, 0)
+#define W(m) act(MPAR_ACTION_BACKWARD_WEIGHT, m, 0)
+#define OPT act(MPAR_ACTION_OPTIMIZER_STEP, 0, 0)
+
+/* Builds a 2-stage custom schedule and expects validate and simulate to
+   reject it with INVALID_SCHEDULE and a message holding each needle. */
+static void expect_rejected(int M, int V, const mpar_action* s0, int n0, const mpar_action* s1, int n1,
+                            const char* const* needles, int needle_count) {
+    const mpar_action* lists[2];
+    int counts[2], j;
+    mpar_schedule* sc = NULL;
+    mpar_simulation* sim = NULL;
+    mpar_error err;
+    lists[0] = s0, lists[1] = s1, counts[0] = n0, counts[1] = n1;
+    memset(&err, 0, sizeof err);
+    assert_int_equal(mpar_schedule_from_lists(2, M, V, lists, counts, &sc, &err), MPAR_SUCCESS);
+    assert_int_equal(sc->custom, 1);
+    assert_int_equal(mpar_schedule_validate(sc, &err), MPAR_ERROR_INVALID_SCHEDULE);
+    assert_int_equal(err.code, MPAR_ERROR_INVALID_SCHEDULE);
+    for (j = 0; j < needle_count; ++j) assert_contains(err.message, needles[j]);
+    memset(&err, 0, sizeof err);
+    assert_int_equal(mpar_simulate(sc, NULL, &sim, &err), MPAR_ERROR_INVALID_SCHEDULE);
+    assert_null(sim);
+    for (j = 0; j < needle_count; ++j) assert_contains(err.message, needles[j]);
+    mpar_schedule_destroy(sc);
+}
+
+static void test_custom_valid_schedule_runs(void** state) {
+    /* 1F1B for P = 2, M = 2 written by hand: must pass, so the rejections
+       below are caused by the edits and nothing else */
+    mpar_action s0[] = {F(0), F(1), B(0), B(1), OPT};
+    mpar_action s1[] = {F(0), B(0), F(1), B(1), OPT};
+    const mpar_action* lists[2];
+    int counts[2] = {5, 5};
+    mpar_schedule* sc = NULL;
+    mpar_simulation* sim;
+    (void)state;
+    lists[0] = s0, lists[1] = s1;
+    assert_int_equal(mpar_schedule_from_lists(2, 2, 1, lists, counts, &sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
+    sim = simulate_ok(sc, NULL);
+    check_timing(sc, sim, 1.0, 2.0, 1.0, 1.0, 0.0);
+    assert_near(sim->step_time, 9.0, 1e-9);
+    mpar_simulation_destroy(sim);
+    mpar_schedule_destroy(sc);
+}
+
+static void test_deadlock_names_stage_step_and_wait(void** state) {
+    /* stage 0 waits for B0's gradient before sending F1; stage 1 waits
+       for F1 before running B0 */
+    mpar_action s0[] = {F(0), B(0), F(1), B(1), OPT};
+    mpar_action s1[] = {F(0), F(1), B(0), B(1), OPT};
+    const char* needles[] = {"deadlock", "stage 0 step 1 (B0) waits for B0 from stage 1",
+                             "stage 1 step 1 (F1) waits for F1 from stage 0"};
+    (void)state;
+    expect_rejected(2, 1, s0, 5, s1, 5, needles, 3);
+}
+
+static void test_deadlock_within_one_stage(void** state) {
+    /* one device holding two chunks: chunk 1 cannot run before chunk 0 */
+    mpar_action s0[] = {act(MPAR_ACTION_FORWARD, 0, 1), act(MPAR_ACTION_FORWARD, 0, 0),
+                        act(MPAR_ACTION_BACKWARD, 0, 1), act(MPAR_ACTION_BACKWARD, 0, 0), OPT};
+    const mpar_action* lists[1];
+    int counts[1] = {5};
+    mpar_schedule* sc = NULL;
+    mpar_error err;
+    (void)state;
+    lists[0] = s0;
+    assert_int_equal(mpar_schedule_from_lists(1, 1, 2, lists, counts, &sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_validate(sc, &err), MPAR_ERROR_INVALID_SCHEDULE);
+    assert_contains(err.message, "stage 0 step 0 (F0.1) waits for F0.0 from stage 0");
+    mpar_schedule_destroy(sc);
+}
+
+static void test_backward_before_forward_rejected(void** state) {
+    mpar_action s0[] = {F(0), F(1), B(0), B(1), OPT};
+    mpar_action s1[] = {B(0), F(0), F(1), B(1), OPT};
+    mpar_action z0[] = {F(0), I(0), W(0), OPT};
+    mpar_action z1[] = {F(0), W(0), I(0), OPT};
+    const char* needles[] = {"stage 1 step 0", "B0 comes before its own F0 (step 1)"};
+    const char* wneedles[] = {"stage 1 step 1", "W0 comes before its own I0 (step 2)"};
+    (void)state;
+    expect_rejected(2, 1, s0, 5, s1, 5, needles, 2);
+    expect_rejected(1, 1, z0, 4, z1, 4, wneedles, 2);
+}
+
+static void test_missing_actions_rejected(void** state) {
+    mpar_action s0[] = {F(0), F(1), B(0), B(1), OPT};
+    mpar_action no_f1[] = {F(0), B(0), B(1), OPT};
+    mpar_action no_b1[] = {F(0), B(0), F(1), OPT};
+    mpar_action no_opt[] = {F(0), B(0), F(1), B(1)};
+    mpar_action opt_early[] = {F(0), B(0), OPT, F(1), B(1)};
+    mpar_action z0[] = {F(0), I(0), W(0), OPT};
+    mpar_action no_w[] = {F(0), I(0), OPT};
+    const char* n1[] = {"stage 1", "F1 is missing"};
+    const char* n2[] = {"stage 1", "backward of micro-batch 1 is missing"};
+    const char* n3[] = {"stage 1", "missing optimizer step", "step 4"};
+    const char* n4[] = {"stage 1 step 2", "optimizer step must be the last"};
+    const char* n5[] = {"stage 1 step 1", "I0 has no matching weight-gradient"};
+    (void)state;
+    expect_rejected(2, 1, s0, 5, no_f1, 4, n1, 2);
+    expect_rejected(2, 1, s0, 5, no_b1, 4, n2, 2);
+    expect_rejected(2, 1, s0, 5, no_opt, 4, n3, 3);
+    expect_rejected(2, 1, s0, 5, opt_early, 5, n4, 2);
+    expect_rejected(1, 1, z0, 4, no_w, 3, n5, 2);
+}
+
+static void test_duplicate_and_out_of_range_rejected(void** state) {
+    mpar_action s0[] = {F(0), F(1), B(0), B(1), OPT};
+    mpar_action dup[] = {F(0), B(0), F(1), B(1), B(0), OPT};
+    mpar_action mixed[] = {F(0), B(0), I(0), W(0), F(1), B(1), OPT};
+    mpar_action big_m[] = {F(0), B(0), F(1), B(1), F(2), OPT};
+    mpar_action big_chunk[] = {F(0), B(0), act(MPAR_ACTION_FORWARD, 1, 1), F(1), B(1), OPT};
+    const char* n1[] = {"stage 1 step 4", "duplicate B0 (already at step 1)"};
+    const char* n2[] = {"stage 1", "mixes a full backward with a split one"};
+    const char* n3[] = {"stage 1 step 4", "micro-batch 2 out of range 0..1"};
+    const char* n4[] = {"stage 1 step 2", "chunk 1 out of range 0..0"};
+    (void)state;
+    expect_rejected(2, 1, s0, 5, dup, 6, n1, 2);
+    expect_rejected(2, 1, s0, 5, mixed, 7, n2, 2);
+    expect_rejected(2, 1, s0, 5, big_m, 6, n3, 2);
+    expect_rejected(2, 1, s0, 5, big_chunk, 6, n4, 2);
+}
+
+/* ---- bad input ---- */
+
+static void expect_create_error(mpar_schedule_kind kind, int P, int M, int V, mpar_result code, const char* needle) {
+    mpar_schedule* sc = (mpar_schedule*)&sc; /* must be reset to NULL */
+    mpar_error err;
+    memset(&err, 0, sizeof err);
+    assert_int_equal(mpar_schedule_create(kind, P, M, V, &sc, &err), code);
+    assert_int_equal(err.code, code);
+    assert_null(sc);
+    assert_contains(err.message, needle);
+}
+
+static void test_bad_arguments(void** state) {
+    mpar_error err;
+    mpar_schedule* sc = NULL;
+    mpar_simulation* sim = NULL;
+    mpar_action a[] = {F(0), B(0), OPT};
+    const mpar_action* lists[1];
+    int counts[1] = {3}, bad_count[1] = {-1};
+    (void)state;
+    lists[0] = a;
+    expect_create_error(MPAR_SCHEDULE_1F1B, 0, 4, 1, MPAR_ERROR_INVALID_ARGUMENT, "stages is 0");
+    expect_create_error(MPAR_SCHEDULE_1F1B, 4, 0, 1, MPAR_ERROR_INVALID_ARGUMENT, "microbatches is 0");
+    expect_create_error(MPAR_SCHEDULE_1F1B, 4, 4, 0, MPAR_ERROR_INVALID_ARGUMENT, "virtual_stages is 0");
+    expect_create_error(MPAR_SCHEDULE_INTERLEAVED_1F1B, 4, 4, -2, MPAR_ERROR_INVALID_ARGUMENT, "virtual_stages is -2");
+    expect_create_error(MPAR_SCHEDULE_GPIPE, 4, 4, 2, MPAR_ERROR_INVALID_ARGUMENT, "only the interleaved");
+    expect_create_error(MPAR_SCHEDULE_ZB_H1, 4, 4, 3, MPAR_ERROR_INVALID_ARGUMENT, "'zbh1' needs 1");
+    expect_create_error((mpar_schedule_kind)99, 4, 4, 1, MPAR_ERROR_INVALID_ARGUMENT, "unknown schedule kind 99");
+    expect_create_error(MPAR_SCHEDULE_GPIPE, 100000, 100000, 1, MPAR_ERROR_INVALID_ARGUMENT, "too large");
+
+    assert_int_equal(mpar_schedule_create(MPAR_SCHEDULE_1F1B, 4, 4, 1, NULL, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "out is NULL");
+    assert_int_equal(mpar_schedule_create(MPAR_SCHEDULE_1F1B, 4, 4, 1, NULL, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+
+    assert_int_equal(mpar_schedule_from_lists(1, 1, 1, NULL, counts, &sc, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "NULL");
+    assert_int_equal(mpar_schedule_from_lists(1, 1, 1, lists, bad_count, &sc, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "stage 0: count -1");
+    assert_int_equal(mpar_schedule_from_lists(0, 1, 1, lists, counts, &sc, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_schedule_from_lists(1, 1, 1, lists, counts, NULL, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    a[1].kind = (mpar_action_kind)17;
+    assert_int_equal(mpar_schedule_from_lists(1, 1, 1, lists, counts, &sc, &err), MPAR_ERROR_INVALID_SCHEDULE);
+    assert_contains(err.message, "stage 0 step 1: unknown action kind 17");
+    assert_null(sc);
+
+    assert_int_equal(mpar_schedule_validate(NULL, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_simulate(NULL, NULL, &sim, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "schedule is NULL");
+    sc = create_ok(MPAR_SCHEDULE_1F1B, 2, 2, 1);
+    assert_int_equal(mpar_simulate(sc, NULL, NULL, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "out is NULL");
+    mpar_schedule_destroy(sc);
+    mpar_schedule_destroy(NULL);
+    mpar_simulation_destroy(NULL);
+}
+
+static void test_bad_costs(void** state) {
+    mpar_schedule* sc = create_ok(MPAR_SCHEDULE_ZB_H1, 2, 2, 1);
+    mpar_simulation* sim = NULL;
+    mpar_error err;
+    mpar_sim_desc d;
+    double per_stage[2] = {1.0, -3.0}, scale[2] = {1.0, 0.0};
+    (void)state;
+    d = costs(-1.0, 0.0, 0.0, 0.0);
+    assert_int_equal(mpar_simulate(sc, &d, &sim, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "forward cost of virtual stage 0 is -1");
+    d = costs(1.0, 0.0, 0.0, 0.0);
+    d.backward_weight_per_stage = per_stage;
+    assert_int_equal(mpar_simulate(sc, &d, &sim, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "backward-weight cost of virtual stage 1 is -3");
+    d = costs(1.0, 2.0, 3.0, 0.0); /* B < I: W would be negative */
+    assert_int_equal(mpar_simulate(sc, &d, &sim, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "backward cost 2 is less than");
+    d = costs(1.0, 0.0, 0.0, 0.0);
+    d.link_delay = NAN;
+    assert_int_equal(mpar_simulate(sc, &d, &sim, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "link delay of boundary 0");
+    d = costs(1.0, 0.0, 0.0, 0.0);
+    d.microbatch_scale = scale;
+    assert_int_equal(mpar_simulate(sc, &d, &sim, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "microbatch_scale[1] is 0");
+    d = costs(1.0, 0.0, 0.0, 0.0);
+    d.optimizer_step = INFINITY;
+    assert_int_equal(mpar_simulate(sc, &d, &sim, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "optimizer step cost of stage 0");
+    assert_null(sim);
+    mpar_schedule_destroy(sc);
+}
+
+/* ---- cost model ---- */
+
+static double step_time(const mpar_schedule* sc, const mpar_sim_desc* d) {
+    mpar_simulation* sim = simulate_ok(sc, d);
+    double t = sim->step_time;
+    mpar_simulation_destroy(sim);
+    return t;
+}
+
+static void test_cost_defaults_links_and_scales(void** state) {
+    mpar_schedule* one_zb = create_ok(MPAR_SCHEDULE_ZB_H1, 1, 1, 1);
+    mpar_schedule* one_gp = create_ok(MPAR_SCHEDULE_GPIPE, 1, 1, 1);
+    mpar_schedule* two_gp = create_ok(MPAR_SCHEDULE_GPIPE, 2, 1, 1);
+    mpar_schedule* uneven = create_ok(MPAR_SCHEDULE_GPIPE, 1, 2, 1);
+    mpar_schedule* two_gp2 = create_ok(MPAR_SCHEDULE_GPIPE, 2, 2, 1);
+    mpar_schedule* chain = create_ok(MPAR_SCHEDULE_GPIPE, 3, 1, 1);
+    mpar_sim_desc d;
+    double scale[2] = {1.0, 3.0}, links[2] = {0.5, 4.0}, opt[3] = {0.0, 0.0, 20.0};
+    double fwd[3] = {1.0, 2.0, 3.0};
+    (void)state;
+    d = costs(0.0, 0.0, 0.0, 0.0); /* F = 1, I = W = 1, B = 2 */
+    assert_near(step_time(one_zb, &d), 3.0, 1e-12);
+    assert_near(step_time(one_gp, &d), 3.0, 1e-12);
+    assert_near(step_time(one_gp, NULL), 3.0, 1e-12);
+    d = costs(2.0, 6.0, 0.0, 0.0); /* I = W = B / 2 */
+    assert_near(step_time(one_zb, &d), 8.0, 1e-12);
+    d = costs(2.0, 6.0, 1.0, 0.0); /* W = B - I = 5 */
+    assert_near(step_time(one_zb, &d), 8.0, 1e-12);
+    d = costs(1.0, 0.0, 2.0, 5.0); /* B = I + W */
+    assert_near(step_time(one_gp, &d), 8.0, 1e-12);
+    d = costs(1.0, 2.0, 0.0, 0.0);
+    d.link_delay = 0.5; /* one activation and one gradient cross */
+    assert_near(step_time(two_gp, &d), 2.0 * 3.0 + 2.0 * 0.5, 1e-12);
+    d.microbatch_scale = scale; /* uneven micro-batches */
+    assert_near(step_time(uneven, &d), (1.0 + 3.0) * 3.0, 1e-12);
+    /* the scale applies to link delays too (activations grow with the
+       micro-batch): s1 F1 starts at 4 + 3 * .5, s0 B1 at 16.5 + 3 * .5 */
+    assert_near(step_time(two_gp2, &d), 24.0, 1e-12);
+    d = costs(0.0, 0.0, 0.0, 0.0);
+    d.forward_per_stage = fwd; /* B = 2F per stage by default */
+    d.link_delay_per_boundary = links;
+    d.optimizer_step_per_stage = opt;
+    /* F: 1 + .5 + 2 + 4 + 3 = 10.5; B: 6, then + 4 + 4 + .5 + 2 to stage 0;
+       stage 2's optimizer step (20) overlaps that and ends last */
+    {
+        mpar_simulation* sim = simulate_ok(chain, &d);
+        assert_near(sim->step_time, 10.5 + 6.0 + 20.0, 1e-12);
+        assert_near(sim->end[0][1], 10.5 + 6.0 + 4.0 + 4.0 + 0.5 + 2.0, 1e-12);
+        assert_near(sim->busy[2], 3.0 + 6.0 + 20.0, 1e-12);
+        mpar_simulation_destroy(sim);
+    }
+    mpar_schedule_destroy(one_zb);
+    mpar_schedule_destroy(one_gp);
+    mpar_schedule_destroy(two_gp);
+    mpar_schedule_destroy(uneven);
+    mpar_schedule_destroy(two_gp2);
+    mpar_schedule_destroy(chain);
+}
+
+static void test_slowest_stage_sets_the_pace(void** state) {
+    /* stage 1 twice as slow: with many micro-batches 1F1B's step time is
+       about M * (stage 1's F + B) */
+    double fwd[2] = {1.0, 2.0};
+    mpar_sim_desc d = costs(0.0, 0.0, 0.0, 0.0);
+    mpar_schedule* sc = create_ok(MPAR_SCHEDULE_1F1B, 2, 32, 1);
+    mpar_simulation* sim;
+    (void)state;
+    d.forward_per_stage = fwd;
+    sim = simulate_ok(sc, &d);
+    assert_true(sim->step_time >= 32 * 6.0);
+    assert_true(sim->step_time <= 32 * 6.0 + 3.0 + 1e-9);
+    assert_true(sim->busy[1] > sim->busy[0]);
+    mpar_simulation_destroy(sim);
+    mpar_schedule_destroy(sc);
+}
+
+/* ---- names, accessors, printing ---- */
+
+static void test_kind_names_round_trip(void** state) {
+    size_t k;
+    mpar_schedule_kind kind;
+    mpar_error err;
+    (void)state;
+    for (k = 0; k < sizeof all_kinds / sizeof all_kinds[0]; ++k) {
+        assert_int_equal(mpar_schedule_kind_parse(mpar_schedule_kind_name(all_kinds[k]), &kind, NULL), MPAR_SUCCESS);
+        assert_int_equal(kind, all_kinds[k]);
+    }
+    assert_string_equal(mpar_schedule_kind_name(MPAR_SCHEDULE_SEQUENTIAL), "sequential");
+    assert_string_equal(mpar_schedule_kind_name(MPAR_SCHEDULE_GPIPE), "gpipe");
+    assert_string_equal(mpar_schedule_kind_name(MPAR_SCHEDULE_1F1B), "1f1b");
+    assert_string_equal(mpar_schedule_kind_name(MPAR_SCHEDULE_INTERLEAVED_1F1B), "interleaved");
+    assert_string_equal(mpar_schedule_kind_name(MPAR_SCHEDULE_ZB_H1), "zbh1");
+    assert_string_equal(mpar_schedule_kind_name((mpar_schedule_kind)42), "unknown");
+    assert_int_equal(mpar_schedule_kind_parse("ZB-H1", &kind, NULL), MPAR_SUCCESS);
+    assert_int_equal(kind, MPAR_SCHEDULE_ZB_H1);
+    assert_int_equal(mpar_schedule_kind_parse("Interleaved_1F1B", &kind, NULL), MPAR_SUCCESS);
+    assert_int_equal(kind, MPAR_SCHEDULE_INTERLEAVED_1F1B);
+    assert_int_equal(mpar_schedule_kind_parse("bogus", &kind, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "unknown schedule 'bogus'");
+    assert_int_equal(mpar_schedule_kind_parse("1f1bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", &kind, &err),
+                     MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_schedule_kind_parse(NULL, &kind, &err), MPAR_ERROR_INVALID_ARGUMENT);
+}
+
+static void test_accessors(void** state) {
+    mpar_schedule* sc = create_ok(MPAR_SCHEDULE_INTERLEAVED_1F1B, 4, 8, 2);
+    const mpar_action* a;
+    char buf[16];
+    (void)state;
+    assert_int_equal(mpar_schedule_action_count(sc, 0), 2 * 8 * 2 + 1);
+    assert_int_equal(mpar_schedule_action_count(sc, 4), 0);
+    assert_int_equal(mpar_schedule_action_count(NULL, 0), 0);
+    a = mpar_schedule_action(sc, 0, 4); /* chunk 1 of micro-batch 0 follows chunk 0 of the group */
+    assert_non_null(a);
+    assert_int_equal(a->kind, MPAR_ACTION_FORWARD);
+    assert_int_equal(a->microbatch, 0);
+    assert_int_equal(a->chunk, 1);
+    a = mpar_schedule_action(sc, 3, 32);
+    assert_non_null(a);
+    assert_int_equal(a->kind, MPAR_ACTION_OPTIMIZER_STEP);
+    assert_null(mpar_schedule_action(sc, 3, 33));
+    assert_null(mpar_schedule_action(sc, -1, 0));
+    assert_int_equal(mpar_schedule_virtual_stage(sc, 3, 1), 7);
+    a = mpar_schedule_action(sc, 0, 4);
+    mpar_action_format(a, 1, buf, sizeof buf);
+    assert_string_equal(buf, "F0.1");
+    mpar_action_format(a, 0, buf, sizeof buf);
+    assert_string_equal(buf, "F0");
+    mpar_schedule_destroy(sc);
+}
+
+static char* capture(void (*write)(FILE*, const void*, const void*), const void* x, const void* y) {
+    FILE* f = tmpfile();
+    long n;
+    char* text;
+    assert_non_null(f);
+    write(f, x, y);
+    n = ftell(f);
+    rewind(f);
+    text = (char*)malloc((size_t)n + 1);
+    assert_non_null(text);
+    assert_int_equal(fread(text, 1, (size_t)n, f), (size_t)n);
+    text[n] = '\0';
+    fclose(f);
+    return text;
+}
+
+static void write_schedule(FILE* f, const void* x, const void* y) {
+    (void)y;
+    mpar_schedule_print((const mpar_schedule*)x, f);
+}
+
+static void write_simulation(FILE* f, const void* x, const void* y) {
+    mpar_simulation_print((const mpar_simulation*)x, (const mpar_schedule*)y, f, 27);
+}
+
+static void test_print_table_and_timeline(void** state) {
+    mpar_schedule* z = create_ok(MPAR_SCHEDULE_ZB_H1, 4, 8, 1);
+    mpar_schedule* v = create_ok(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, 2, 2);
+    mpar_schedule* g = create_ok(MPAR_SCHEDULE_GPIPE, 2, 2, 1);
+    mpar_simulation* sim = simulate_ok(g, NULL);
+    char* text;
+    (void)state;
+    text = capture(write_schedule, z, NULL);
+    assert_contains(text, "schedule zbh1: 4 stages, 8 micro-batches");
+    assert_contains(text, "stage 0  F0  F1  F2  F3  I0  W0  F4");
+    assert_contains(text, "stage 3  F0  I0  F1  I1  F2  I2  F3  I3  W0");
+    assert_contains(text, "W7  OPT");
+    free(text);
+    text = capture(write_schedule, v, NULL);
+    assert_contains(text, "stage 0  F0.0 F1.0 F0.1 F1.1 B0.1 B1.1 B0.0 B1.0 OPT");
+    free(text);
+    /* GPipe P = 2, M = 2, F = 1, B = 2: step 9, one column per time unit */
+    text = capture(write_simulation, sim, g);
+    assert_contains(text, "step time 9, bubble 0.3333");
+    assert_contains(text, "stage 0  |FFFfff.........BBBBBBbbbbbb|");
+    assert_contains(text, "stage 1  |...FFFfffBBBBBBbbbbbb......|");
+    assert_contains(text, "peak in flight 2");
+    free(text);
+    mpar_simulation_destroy(sim);
+    mpar_schedule_destroy(z);
+    mpar_schedule_destroy(v);
+    mpar_schedule_destroy(g);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_grid_every_schedule_simulates),
+        cmocka_unit_test(test_bubble_gpipe_and_1f1b_match_formula),
+        cmocka_unit_test(test_sequential_utilization_is_one_over_p),
+        cmocka_unit_test(test_zbh1_bubble_below_1f1b),
+        cmocka_unit_test(test_interleaved_bubble_below_1f1b),
+        cmocka_unit_test(test_peak_in_flight),
+        cmocka_unit_test(test_custom_valid_schedule_runs),
+        cmocka_unit_test(test_deadlock_names_stage_step_and_wait),
+        cmocka_unit_test(test_deadlock_within_one_stage),
+        cmocka_unit_test(test_backward_before_forward_rejected),
+        cmocka_unit_test(test_missing_actions_rejected),
+        cmocka_unit_test(test_duplicate_and_out_of_range_rejected),
+        cmocka_unit_test(test_bad_arguments),
+        cmocka_unit_test(test_bad_costs),
+        cmocka_unit_test(test_cost_defaults_links_and_scales),
+        cmocka_unit_test(test_slowest_stage_sets_the_pace),
+        cmocka_unit_test(test_kind_names_round_trip),
+        cmocka_unit_test(test_accessors),
+        cmocka_unit_test(test_print_table_and_timeline),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
