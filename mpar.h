@@ -3264,7 +3264,7 @@ struct mpar_pipeline {
     int step, grads_ready;
     float step_lr, step_scale;
     double last_loss;
-    int mb_capacity, links_ready;
+    int mb_capacity, links_ready, first_failure;
 };
 
 static double mpar__now(void) {
@@ -3686,10 +3686,14 @@ static void* mpar__worker_main(void* arg) {
         else if (job == MPAR__JOB_STEP) r = mpar__job_step(w);
         else if (job == MPAR__JOB_INFER) r = mpar__job_infer(w, &action, name, sizeof name);
         if (r != MPAR_SUCCESS) {
-            if (r != MPAR_ERROR_ABORTED || !strstr(mpar_last_error(p->ctx), "fault injected")) {
-                /* keep only the first cause; the others just stopped */
-            }
-            if (r != MPAR_ERROR_ABORTED || action) {
+            /* The first worker to fail is the cause; the others were woken by
+               the abort below and only report that they stopped. */
+            int first;
+            pthread_mutex_lock(&p->mu);
+            first = p->first_failure < 0;
+            if (first) p->first_failure = w->index;
+            pthread_mutex_unlock(&p->mu);
+            if (first) {
                 pthread_mutex_lock(&p->ctx->lock);
                 snprintf(w->error, sizeof w->error, "stage %d (device %d), action %s: %s", w->index, w->device,
                          action ? action : (job == MPAR__JOB_STEP ? "optimizer step" : "setup"), p->ctx->error);
@@ -3716,22 +3720,16 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     pthread_mutex_lock(&p->mu);
     p->job = job;
     p->done_count = 0;
+    p->first_failure = -1;
     p->generation++;
     pthread_cond_broadcast(&p->start_cv);
     while (p->done_count < p->workers_count) pthread_cond_wait(&p->done_cv, &p->mu);
     pthread_mutex_unlock(&p->mu);
-    /* The cause is the first failure that is not just "a neighbour stopped". */
-    for (i = 0; i < p->workers_count; i++) {
-        mpar__worker* w = &p->workers[i];
-        if (w->result == MPAR_SUCCESS) continue;
-        if (r == MPAR_SUCCESS || (r == MPAR_ERROR_ABORTED && w->result != MPAR_ERROR_ABORTED) ||
-            (!detail && w->error[0])) {
-            if (w->error[0] || r == MPAR_SUCCESS) {
-                r = w->result;
-                detail = w->error[0] ? w->error : NULL;
-            }
-        }
+    if (p->first_failure >= 0) {
+        r = p->workers[p->first_failure].result;
+        detail = p->workers[p->first_failure].error;
     }
+    for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++) r = p->workers[i].result;
     if (r != MPAR_SUCCESS) {
         mpar__links_abort(p, 0);
         return mpar__fail(p->ctx, r, "%s", detail ? detail : "a stage stopped");

@@ -1,0 +1,156 @@
+/* mpar demo: finds the OpenCL devices, splits an MLP across them, trains it
+   on a slice of Fashion-MNIST with a 1F1B pipeline, and compares the step
+   time with the same model on one device. Run from the repository root:
+   `make demo`. */
+#define MPAR_IMPLEMENTATION
+#include "mpar.h"
+#include "data.h"
+
+#include <time.h>
+
+#define CHECK(call)                                                                         \
+    do {                                                                                    \
+        mpar_result r_ = (call);                                                            \
+        if (r_ != MPAR_SUCCESS) {                                                           \
+            fprintf(stderr, "demo: %s failed: %s\n  %s\n", #call, mpar_result_string(r_),   \
+                    ctx ? mpar_last_error(ctx) : err.message);                              \
+            return 1;                                                                       \
+        }                                                                                   \
+    } while (0)
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int build_model(mpar_model** m, mpar_error* err) {
+    mpar_model_desc md;
+    int r = 0;
+    memset(&md, 0, sizeof md);
+    md.input_features = 784;
+    md.seed = 2026;
+    r |= mpar_model_create(&md, m, err);
+    r |= mpar_model_add_linear(*m, 512, err);
+    r |= mpar_model_add_simple(*m, mpar_layer_relu(), err);
+    r |= mpar_model_add_linear(*m, 512, err);
+    r |= mpar_model_add_simple(*m, mpar_layer_relu(), err);
+    r |= mpar_model_add_linear(*m, 512, err);
+    r |= mpar_model_add_simple(*m, mpar_layer_relu(), err);
+    r |= mpar_model_add_linear(*m, 10, err);
+    r |= mpar_model_add_simple(*m, mpar_layer_cross_entropy(), err);
+    return r;
+}
+
+/* Mean seconds per training step over `steps` steps (after one warm-up). */
+static double time_steps(mpar_pipeline* p, const data_mnist* d, int batch, int steps, float* x, int32_t* y) {
+    mpar_batch b;
+    mpar_step_info info;
+    double t0 = 0;
+    int s;
+    for (s = 0; s <= steps; s++) {
+        if (s == 1) t0 = seconds();
+        data_mnist_batch(d, NULL, (s * batch) % (d->count - batch), batch, x, y, NULL, 0);
+        b.inputs = x, b.targets = y, b.samples = batch;
+        if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) return -1.0;
+    }
+    return (seconds() - t0) / steps;
+}
+
+int main(void) {
+    mpar_context* ctx = NULL;
+    mpar_error err;
+    mpar_desc desc;
+    mpar_model* model = NULL;
+    mpar_pipeline *pipe = NULL, *single = NULL;
+    mpar_pipeline_desc pd;
+    mpar_stage_desc one = {0, 0, 7};
+    data_mnist train, test;
+    char msg[512];
+    int i, n, batch = 128, steps = 120, correct = 0;
+    float *x, *logits;
+    int32_t* y;
+    double t_pipe, t_one, loss = 0.0;
+
+    memset(&desc, 0, sizeof desc);
+    desc.error = &err;
+    CHECK(mpar_create(&desc, &ctx));
+    n = mpar_device_count(ctx);
+    printf("mpar %s: %d device(s)\n", MPAR_VERSION_STRING, n);
+    for (i = 0; i < n; i++) {
+        mpar_device_info info;
+        mpar_device_get_info(ctx, i, &info);
+        printf("  device %d: %s (%s, %s), %d compute unit(s), %.1f GiB, context %d\n", i, info.name,
+               info.platform, mpar_device_type_name(info.type), info.compute_units,
+               (double)info.global_mem_bytes / 1073741824.0, info.group);
+    }
+    if (data_mnist_load_split("train", 12000, &train, msg, sizeof msg) != DATA_OK ||
+        data_mnist_load_split("t10k", 2000, &test, msg, sizeof msg) != DATA_OK) {
+        fprintf(stderr, "demo: %s\n", msg);
+        return 1;
+    }
+    if (build_model(&model, &err) != 0) {
+        fprintf(stderr, "demo: model: %s\n", err.message);
+        return 1;
+    }
+    printf("model: 784-512-512-512-10 MLP, %zu parameters, %d layers\n", mpar_model_param_count(model),
+           mpar_model_layer_count(model));
+
+    memset(&pd, 0, sizeof pd);
+    pd.schedule = MPAR_SCHEDULE_1F1B;
+    pd.microbatches = 8;
+    pd.max_batch = batch;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
+    pd.optimizer.lr = 1e-3f;
+    CHECK(mpar_pipeline_create(ctx, model, &pd, &pipe)); /* layers split evenly over every device */
+    {
+        mpar_schedule* s = NULL;
+        mpar_schedule_create(MPAR_SCHEDULE_1F1B, n, 8, 1, &s, &err);
+        printf("\n1F1B schedule on %d stage(s), 8 micro-batches (one row per device):\n", n);
+        mpar_schedule_print(s, stdout);
+        mpar_schedule_destroy(s);
+    }
+
+    x = (float*)malloc(sizeof(float) * 784 * (size_t)(batch > test.count ? batch : test.count));
+    y = (int32_t*)malloc(sizeof(int32_t) * (size_t)(batch > test.count ? batch : test.count));
+    logits = (float*)malloc(sizeof(float) * 10 * (size_t)test.count);
+    printf("\ntraining on %d Fashion-MNIST images, batch %d, %d steps:\n", train.count, batch, steps);
+    for (i = 0; i < steps; i++) {
+        mpar_batch b;
+        mpar_step_info info;
+        data_mnist_batch(&train, NULL, (i * batch) % (train.count - batch), batch, x, y, NULL, 0);
+        b.inputs = x, b.targets = y, b.samples = batch;
+        CHECK(mpar_pipeline_train_step(pipe, &b, &info));
+        loss = info.loss;
+        if (i % 20 == 0 || i == steps - 1) printf("  step %3d  loss %.4f  grad norm %.3f\n", i, info.loss, info.grad_norm);
+    }
+    {
+        mpar_batch b;
+        b.inputs = test.images, b.targets = test.labels, b.samples = test.count;
+        CHECK(mpar_pipeline_infer(pipe, &b, logits, &loss));
+        for (i = 0; i < test.count; i++) {
+            int k, best = 0;
+            for (k = 1; k < 10; k++)
+                if (logits[i * 10 + k] > logits[i * 10 + best]) best = k;
+            correct += best == test.labels[i];
+        }
+        printf("test: loss %.4f, accuracy %.4f on %d images\n", loss, (double)correct / test.count, test.count);
+    }
+
+    /* Same model and schedule on one device: the pipeline's speed-up. */
+    pd.stages = &one;
+    pd.stage_count = 1;
+    CHECK(mpar_pipeline_create(ctx, model, &pd, &single));
+    t_one = time_steps(single, &train, batch, 10, x, y);
+    t_pipe = time_steps(pipe, &train, batch, 10, x, y);
+    printf("\nstep time: %.1f ms on 1 device, %.1f ms on %d devices (1F1B, M=8): speed-up %.2fx\n", 1e3 * t_one,
+           1e3 * t_pipe, n, t_one / t_pipe);
+
+    mpar_pipeline_destroy(single);
+    mpar_pipeline_destroy(pipe);
+    mpar_model_destroy(model);
+    free(x), free(y), free(logits);
+    data_mnist_free(&train), data_mnist_free(&test);
+    mpar_destroy(ctx);
+    return 0;
+}

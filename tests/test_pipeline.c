@@ -1,0 +1,288 @@
+/* Pipeline tests: every schedule on 2, 3 and 4 stages gives the same loss
+   and parameters as one stage on one device, bit for bit (same PoCL
+   driver); one context per device too, and two platforms when run by
+   scripts/run-tests.sh with MPAR_TEST_PLATFORMS=2. Memory accounting,
+   failure handling and bad input. */
+#define MPAR_IMPLEMENTATION
+#include "mpar.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+const char* __lsan_default_suppressions(void);
+const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
+
+enum { IN = 24, HID = 24, CLASSES = 6, BATCH = 30, STEPS = 3 };
+
+static mpar_context* g_ctx;      /* devices share a context per platform */
+static mpar_context* g_ctx_sep;  /* one context per device */
+static mpar_model* g_model;
+static float g_x[BATCH * IN];
+static int32_t g_y[BATCH];
+
+static int setup(void** state) {
+    mpar_desc d;
+    mpar_error err;
+    mpar_model_desc md;
+    uint64_t s = 7;
+    int i;
+    (void)state;
+    memset(&d, 0, sizeof d);
+    d.error = &err;
+    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS) return -1;
+    d.context_per_device = 1;
+    if (mpar_create(&d, &g_ctx_sep) != MPAR_SUCCESS) return -1;
+    memset(&md, 0, sizeof md);
+    md.input_features = IN;
+    md.seed = 1234;
+    if (mpar_model_create(&md, &g_model, &err) != MPAR_SUCCESS) return -1;
+    for (i = 0; i < 6; i++) { /* 14 layers: enough for 4 stages × 2 chunks */
+        mpar_model_add_linear(g_model, HID, &err);
+        mpar_model_add_simple(g_model, i % 2 ? mpar_layer_tanh() : mpar_layer_relu(), &err);
+    }
+    mpar_model_add_linear(g_model, CLASSES, &err);
+    if (mpar_model_add_simple(g_model, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) return -1;
+    for (i = 0; i < BATCH * IN; i++) g_x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
+    for (i = 0; i < BATCH; i++) g_y[i] = (int32_t)(mpar__rng_next(&s) % CLASSES);
+    g_y[3] = -1; /* an ignored row */
+    return 0;
+}
+
+static int teardown(void** state) {
+    (void)state;
+    mpar_model_destroy(g_model);
+    mpar_destroy(g_ctx_sep);
+    mpar_destroy(g_ctx);
+    return 0;
+}
+
+typedef struct run_result {
+    double loss[STEPS];
+    float* params; /* all layers, concatenated */
+    int peak0, slots0;
+} run_result;
+
+/* Trains STEPS steps with `stages` stages (× V chunks), devices used round
+   robin, and returns the losses and final parameters. */
+static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, int M, run_result* out) {
+    mpar_stage_desc st[32];
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_batch b;
+    mpar_pipeline_stats stats;
+    int L = mpar_model_layer_count(g_model), n = stages * V, j, step;
+    size_t off = 0;
+    for (j = 0; j < n; j++) {
+        st[j].device = (j % stages) % mpar_device_count(ctx);
+        st[j].first_layer = L * j / n;
+        st[j].last_layer = L * (j + 1) / n - 1;
+    }
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st;
+    pd.stage_count = n;
+    pd.schedule = kind;
+    pd.microbatches = M;
+    pd.virtual_stages = V;
+    pd.max_batch = BATCH;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
+    pd.optimizer.lr = 0.01f;
+    pd.optimizer.weight_decay = 0.01f;
+    pd.optimizer.clip_norm = 0.5f;
+    if (mpar_pipeline_create(ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
+    b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
+    for (step = 0; step < STEPS; step++) {
+        mpar_step_info info;
+        if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) fail_msg("step: %s", mpar_last_error(ctx));
+        assert_int_equal(info.counted_rows, BATCH - 1);
+        out->loss[step] = info.loss;
+    }
+    out->params = (float*)malloc(sizeof(float) * mpar_model_param_count(g_model));
+    for (j = 0; j < L; j++) {
+        assert_int_equal(mpar_pipeline_get_params(p, j, out->params + off), MPAR_SUCCESS);
+        off += mpar_model_layer(g_model, j)->param_count;
+    }
+    assert_int_equal(mpar_pipeline_get_stats(p, &stats), MPAR_SUCCESS);
+    assert_int_equal(stats.stages, stages);
+    out->peak0 = stats.peak_in_flight[0];
+    out->slots0 = stats.slots[0];
+    mpar_pipeline_destroy(p);
+}
+
+static void expect_same(const run_result* a, const run_result* b, const char* what) {
+    size_t n = mpar_model_param_count(g_model), i;
+    int s;
+    for (s = 0; s < STEPS; s++)
+        if (a->loss[s] != b->loss[s]) fail_msg("%s: loss of step %d differs: %.9g vs %.9g", what, s, a->loss[s], b->loss[s]);
+    for (i = 0; i < n; i++)
+        if (memcmp(&a->params[i], &b->params[i], sizeof(float)) != 0)
+            fail_msg("%s: parameter %zu differs: %.9g vs %.9g", what, i, (double)a->params[i], (double)b->params[i]);
+}
+
+static void equality_for(mpar_schedule_kind kind, int V) {
+    run_result base, other;
+    int stages, c;
+    const int M = 8;
+    /* the single-device reference: same micro-batches, one stage */
+    run(g_ctx, kind == MPAR_SCHEDULE_SEQUENTIAL ? kind : MPAR_SCHEDULE_1F1B, 1, 1, M, &base);
+    assert_true(base.loss[STEPS - 1] < base.loss[0]); /* it learns */
+    for (c = 0; c < 2; c++)
+        for (stages = 2; stages <= 4; stages++) {
+            char what[96];
+            if (c == 1 && stages != 2) continue; /* one context per device: 2 stages */
+            run(c ? g_ctx_sep : g_ctx, kind, stages, V, M, &other);
+            snprintf(what, sizeof what, "%s, %d stages, V=%d%s", mpar_schedule_kind_name(kind), stages, V,
+                     c ? ", context per device" : "");
+            expect_same(&base, &other, what);
+            free(other.params);
+        }
+    free(base.params);
+}
+
+static void test_equal_sequential(void** s) { (void)s; equality_for(MPAR_SCHEDULE_SEQUENTIAL, 1); }
+static void test_equal_gpipe(void** s) { (void)s; equality_for(MPAR_SCHEDULE_GPIPE, 1); }
+static void test_equal_1f1b(void** s) { (void)s; equality_for(MPAR_SCHEDULE_1F1B, 1); }
+static void test_equal_interleaved(void** s) { (void)s; equality_for(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2); }
+static void test_equal_zbh1(void** s) { (void)s; equality_for(MPAR_SCHEDULE_ZB_H1, 1); }
+
+/* Peak stashed micro-batches on stage 0, from the executor's accounting. */
+static void test_memory_accounting(void** state) {
+    run_result r;
+    const int M = 8, P = 4;
+    (void)state;
+    run(g_ctx, MPAR_SCHEDULE_GPIPE, P, 1, M, &r);
+    assert_int_equal(r.peak0, M);
+    free(r.params);
+    run(g_ctx, MPAR_SCHEDULE_1F1B, P, 1, M, &r);
+    assert_true(r.peak0 <= P);
+    assert_int_equal(r.peak0, P);
+    assert_true(r.slots0 <= P); /* and only that much was allocated */
+    free(r.params);
+    run(g_ctx, MPAR_SCHEDULE_ZB_H1, P, 1, M, &r);
+    assert_true(r.peak0 <= P);
+    free(r.params);
+}
+
+/* A failure on the last stage mid-step: an error naming stage and action
+   within a second, and every worker thread stops (destroy joins them). */
+static void test_fault_on_last_stage(void** state) {
+    mpar_stage_desc st[2] = {{0, 0, 6}, {1, 7, 13}};
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_batch b;
+    mpar_step_info info;
+    double t0, t1;
+    mpar_result r;
+    (void)state;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 8, pd.max_batch = BATCH;
+    pd.inject_fault = 1, pd.fault_stage = 1, pd.fault_action = 7;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_SUCCESS);
+    b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
+    t0 = mpar__now();
+    r = mpar_pipeline_train_step(p, &b, &info);
+    t1 = mpar__now();
+    assert_int_equal(r, MPAR_ERROR_ABORTED);
+    assert_true(t1 - t0 < 1.0);
+    if (!strstr(mpar_last_error(g_ctx), "stage 1") || !strstr(mpar_last_error(g_ctx), "action ") ||
+        !strstr(mpar_last_error(g_ctx), "fault injected"))
+        fail_msg("error detail: %s", mpar_last_error(g_ctx));
+    /* still usable: the next step fails the same way, not with a hang */
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_ERROR_ABORTED);
+    assert_int_equal(mpar_pipeline_apply_gradients(p, &info), MPAR_ERROR_INVALID_STATE);
+    t0 = mpar__now();
+    mpar_pipeline_destroy(p);
+    assert_true(mpar__now() - t0 < 1.0);
+}
+
+static void test_bad_input(void** state) {
+    mpar_stage_desc gap[2] = {{0, 0, 5}, {1, 7, 13}}, order[2] = {{0, 7, 13}, {1, 0, 6}},
+                    short_[2] = {{0, 0, 5}, {1, 6, 12}}, nodev[2] = {{0, 0, 6}, {9, 7, 13}};
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_batch b;
+    mpar_step_info info;
+    int32_t bad_y[BATCH];
+    (void)state;
+    memset(&pd, 0, sizeof pd);
+    pd.max_batch = BATCH, pd.stage_count = 2;
+    pd.stages = gap;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "contiguous"));
+    assert_null(p);
+    pd.stages = order;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    pd.stages = short_;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "14 layers"));
+    pd.stages = nodev;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "device 9 does not exist"));
+    pd.stages = NULL, pd.stage_count = 0, pd.max_batch = 0;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    pd.max_batch = 4, pd.microbatches = 8;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    pd.microbatches = 2, pd.virtual_stages = 2, pd.schedule = MPAR_SCHEDULE_1F1B;
+    assert_true(mpar_pipeline_create(g_ctx, g_model, &pd, &p) != MPAR_SUCCESS); /* V>1 needs interleaved */
+    assert_int_equal(mpar_pipeline_create(NULL, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    pd.virtual_stages = 1, pd.max_batch = BATCH;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_SUCCESS); /* default: even split */
+    b.inputs = g_x, b.targets = g_y, b.samples = BATCH + 1;
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "exceeds max_batch"));
+    b.samples = 1;
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_ERROR_INVALID_ARGUMENT);
+    b.samples = BATCH, b.targets = NULL;
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_ERROR_INVALID_ARGUMENT);
+    memcpy(bad_y, g_y, sizeof bad_y);
+    bad_y[5] = CLASSES;
+    b.targets = bad_y;
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "row 5"));
+    assert_int_equal(mpar_pipeline_get_params(p, 99, (float*)g_x), MPAR_ERROR_INVALID_ARGUMENT);
+    b.targets = g_y;
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_SUCCESS); /* still fine */
+    mpar_pipeline_destroy(p);
+}
+
+/* Forward-only streaming through 2 stages equals 1 stage, and the loss
+   equals the training loss before any step. */
+static void test_inference(void** state) {
+    mpar_stage_desc one[1] = {{0, 0, 13}}, two[2] = {{0, 0, 6}, {1, 7, 13}};
+    mpar_pipeline_desc pd;
+    mpar_pipeline *p1, *p2;
+    mpar_batch b;
+    float out1[BATCH * CLASSES], out2[BATCH * CLASSES];
+    double l1 = 0, l2 = 0;
+    mpar_step_info info;
+    (void)state;
+    memset(&pd, 0, sizeof pd);
+    pd.max_batch = 8, pd.microbatches = 4, pd.schedule = MPAR_SCHEDULE_1F1B; /* 2 samples per micro-batch */
+    pd.stages = one, pd.stage_count = 1;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p1), MPAR_SUCCESS);
+    pd.stages = two, pd.stage_count = 2;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p2), MPAR_SUCCESS);
+    b.inputs = g_x, b.targets = g_y, b.samples = BATCH; /* 15 micro-batches streamed */
+    assert_int_equal(mpar_pipeline_infer(p1, &b, out1, &l1), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_infer(p2, &b, out2, &l2), MPAR_SUCCESS);
+    assert_memory_equal(out1, out2, sizeof out1);
+    assert_true(l1 == l2 && l1 > 0.0);
+    b.samples = 8;
+    assert_int_equal(mpar_pipeline_compute_gradients(p2, &b, &info), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_infer(p1, &b, NULL, &l1), MPAR_SUCCESS);
+    assert_true(fabs(info.loss - l1) < 1e-6);
+    mpar_pipeline_destroy(p2);
+    mpar_pipeline_destroy(p1);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_equal_sequential), cmocka_unit_test(test_equal_gpipe),
+        cmocka_unit_test(test_equal_1f1b),       cmocka_unit_test(test_equal_interleaved),
+        cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_memory_accounting),
+        cmocka_unit_test(test_fault_on_last_stage), cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_inference),
+    };
+    return cmocka_run_group_tests_name("pipeline", tests, setup, teardown);
+}
