@@ -3,7 +3,7 @@
 #   make test     the test suite on two PoCL devices, then on two platforms
 #   make demo     a real run on the devices found
 #   make bench    every benchmark, one `name: value` per line
-#   make check    the tests under AddressSanitizer + UBSan
+#   make check    the tests under AddressSanitizer + UBSan, the executor under ThreadSanitizer
 #   make install PREFIX=/usr/local
 CC       ?= cc
 CXX      ?= c++
@@ -59,6 +59,9 @@ check: deps
 	$(MAKE) CFLAGS="-O1 -g $(SAN)" $(TESTS) $(ICD2)
 	ASAN_OPTIONS=detect_leaks=1 scripts/run-tests.sh $(TESTS)
 	$(MAKE) clean-tests
+	@mkdir -p build
+	$(CC) $(CSTD) $(WARN) -O1 -g -fsanitize=thread -I. tests/test_pipeline.c -o build/test_pipeline_tsan $(LDLIBS)
+	TSAN_OPTIONS=halt_on_error=1 $(TEST_ENV) build/test_pipeline_tsan
 
 demo: all
 	examples/demo
