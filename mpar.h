@@ -1,6 +1,51 @@
 /* mpar.h - layer-wise model parallelism over OpenCL devices, in one header.
 
-   (top documentation comes here)
+   mpar splits a neural network into contiguous ranges of layers ("stages"),
+   one or more per OpenCL device, joins the stages into a chain of queues and
+   schedules micro-batches through it (GPipe, 1F1B, interleaved 1F1B,
+   zero-bubble ZB-H1) for training and inference. Kernels are .cl files
+   loaded at run time (kernels/); GEMM goes through CLBlast.
+
+   Do this:
+       #define MPAR_IMPLEMENTATION
+   before you include this file in *one* C or C++ file (include it first
+   there), and link with -lclblast -lOpenCL -lpthread -lm.
+
+   Configuration macros (define before including):
+       MPAR_STATIC          every public function static to that file
+       MPAR_MALLOC(sz), MPAR_REALLOC(p,sz), MPAR_FREE(p)
+                            allocation; define all three or none
+       MPAR_ASSERT(x)       internal checks (default: assert)
+       MPAR_KERNEL_DIR      last folder searched for .cl files ("a:b")
+       MPARDEF              linkage of public functions
+
+   Using it:
+       mpar_context* ctx;   mpar_desc desc = {0};   mpar_create(&desc, &ctx);
+       mpar_model* m;       mpar_model_desc md = {0};  md.input_features = 784;
+       mpar_model_create(&md, &m, NULL);
+       mpar_model_add_linear(m, 256, NULL);
+       mpar_model_add_simple(m, mpar_layer_relu(), NULL);
+       mpar_model_add_linear(m, 10, NULL);
+       mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL);
+       mpar_pipeline_desc pd = {0};  pd.schedule = MPAR_SCHEDULE_1F1B;
+       pd.microbatches = 8;  pd.max_batch = 128;
+       mpar_pipeline* p;     mpar_pipeline_create(ctx, m, &pd, &p);
+       mpar_batch b = {inputs, targets, 128};
+       mpar_pipeline_train_step(p, &b, &info);
+       ...  mpar_pipeline_destroy(p); mpar_model_destroy(m); mpar_destroy(ctx);
+   Every call returns an mpar_result; mpar_last_error(ctx) tells why.
+
+   Sections: 1 basics, 2 devices, 3 kernels, 4 model and layers,
+   6 schedules and simulator, 7-8 stage chain and executor.
+
+   Environment: MPAR_DEVICES, MPAR_KERNEL_PATH, MPAR_BUILD_OPTIONS,
+   MPAR_CACHE_DIR, POCL_DEVICES (see README.md).
+
+   Revision history:
+       0.1.0 (2026-11-21)  devices, run-time kernels with binary cache,
+                           layers, schedules, simulator, pipeline executor
+
+   License: MIT, see the end of this file.
 */
 #ifndef MPAR_H
 #define MPAR_H
@@ -4291,3 +4336,27 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
 
 #endif /* MPAR_IMPLEMENTATION_DONE */
 #endif /* MPAR_IMPLEMENTATION */
+
+/*
+MIT License
+
+Copyright (c) 2026 the mpar authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy
+of this software and associated documentation files (the "Software"), to deal
+in the Software without restriction, including without limitation the rights
+to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+copies of the Software, and to permit persons to whom the Software is
+furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+*/
