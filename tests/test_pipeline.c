@@ -66,6 +66,8 @@ typedef struct run_result {
 
 /* Trains STEPS steps with `stages` stages (× V chunks), devices used round
    robin, and returns the losses and final parameters. */
+static int g_recompute; /* run() passes it to the pipeline */
+
 static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, int M, run_result* out) {
     mpar_stage_desc st[32];
     mpar_pipeline_desc pd;
@@ -90,6 +92,7 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     pd.optimizer.lr = 0.01f;
     pd.optimizer.weight_decay = 0.01f;
     pd.optimizer.clip_norm = 0.5f;
+    pd.recompute = g_recompute;
     if (mpar_pipeline_create(ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
     b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
     for (step = 0; step < STEPS; step++) {
@@ -145,6 +148,22 @@ static void test_equal_gpipe(void** s) { (void)s; equality_for(MPAR_SCHEDULE_GPI
 static void test_equal_1f1b(void** s) { (void)s; equality_for(MPAR_SCHEDULE_1F1B, 1); }
 static void test_equal_interleaved(void** s) { (void)s; equality_for(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2); }
 static void test_equal_zbh1(void** s) { (void)s; equality_for(MPAR_SCHEDULE_ZB_H1, 1); }
+
+/* Recomputing activations in backward changes memory, not results. */
+static void test_recompute(void** state) {
+    run_result base, other;
+    (void)state;
+    run(g_ctx, MPAR_SCHEDULE_1F1B, 1, 1, 8, &base);
+    g_recompute = 1;
+    run(g_ctx, MPAR_SCHEDULE_1F1B, 3, 1, 8, &other);
+    expect_same(&base, &other, "1f1b with recompute");
+    free(other.params);
+    run(g_ctx, MPAR_SCHEDULE_ZB_H1, 2, 1, 8, &other);
+    expect_same(&base, &other, "zbh1 with recompute");
+    free(other.params);
+    g_recompute = 0;
+    free(base.params);
+}
 
 /* Peak stashed micro-batches on stage 0, from the executor's accounting. */
 static void test_memory_accounting(void** state) {
@@ -280,7 +299,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_equal_sequential), cmocka_unit_test(test_equal_gpipe),
         cmocka_unit_test(test_equal_1f1b),       cmocka_unit_test(test_equal_interleaved),
-        cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_memory_accounting),
+        cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_recompute),
+        cmocka_unit_test(test_memory_accounting),
         cmocka_unit_test(test_fault_on_last_stage), cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_inference),
     };
