@@ -71,7 +71,7 @@ bench: all
 
 install: $(HDR)
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/mpar/kernels $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 644 mpar.h $(DESTDIR)$(PREFIX)/include/mpar.h
+	sed -e 's|^#define MPAR__INSTALLED_KERNEL_DIR ""|#define MPAR__INSTALLED_KERNEL_DIR "$(PREFIX)/share/mpar/kernels"|' mpar.h > $(DESTDIR)$(PREFIX)/include/mpar.h
 	install -m 644 kernels/*.cl $(DESTDIR)$(PREFIX)/share/mpar/kernels/
 	sed -e 's|@PREFIX@|$(PREFIX)|g' mpar.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/mpar.pc
 

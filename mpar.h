@@ -16,7 +16,8 @@
        MPAR_MALLOC(sz), MPAR_REALLOC(p,sz), MPAR_FREE(p)
                             allocation; define all three or none
        MPAR_ASSERT(x)       internal checks (default: assert)
-       MPAR_KERNEL_DIR      last folder searched for .cl files ("a:b")
+       MPAR_KERNEL_DIR      last folder searched for .cl files ("a:b");
+                            make install bakes in its kernel folder
        MPARDEF              linkage of public functions
 
    Using it:
@@ -54,6 +55,9 @@
 #define MPAR_VERSION_MINOR 1
 #define MPAR_VERSION_PATCH 0
 #define MPAR_VERSION_STRING "0.1.0"
+/* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
+   when defined, takes its place. */
+#define MPAR__INSTALLED_KERNEL_DIR ""
 
 #if defined(MPAR_IMPLEMENTATION) && !defined(_POSIX_C_SOURCE) && !defined(_WIN32)
 /* setenv, readlink, fsync, pthreads: include mpar.h first in the file that
@@ -1365,6 +1369,9 @@ MPARDEF mpar_result mpar_kernel_find(mpar_context* ctx, const char* file, char* 
     }
 #ifdef MPAR_KERNEL_DIR
     if (mpar__find_in_list(MPAR_KERNEL_DIR, file, out, out_size, searched, sizeof searched)) return MPAR_SUCCESS;
+#else
+    if (mpar__find_in_list(MPAR__INSTALLED_KERNEL_DIR, file, out, out_size, searched, sizeof searched))
+        return MPAR_SUCCESS;
 #endif
     out[0] = '\0';
     return mpar__fail(ctx, MPAR_ERROR_KERNEL_NOT_FOUND,
