@@ -66,7 +66,8 @@ typedef struct run_result {
 
 /* Trains STEPS steps with `stages` stages (× V chunks), devices used round
    robin, and returns the losses and final parameters. */
-static int g_recompute; /* run() passes it to the pipeline */
+static int g_recompute;           /* run() passes these to the pipeline */
+static mpar_link_mode g_link_mode;
 
 static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, int M, run_result* out) {
     mpar_stage_desc st[32];
@@ -93,6 +94,7 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     pd.optimizer.weight_decay = 0.01f;
     pd.optimizer.clip_norm = 0.5f;
     pd.recompute = g_recompute;
+    pd.link_mode = g_link_mode;
     if (mpar_pipeline_create(ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
     b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
     for (step = 0; step < STEPS; step++) {
@@ -130,13 +132,18 @@ static void equality_for(mpar_schedule_kind kind, int V) {
     /* the single-device reference: same micro-batches, one stage */
     run(g_ctx, kind == MPAR_SCHEDULE_SEQUENTIAL ? kind : MPAR_SCHEDULE_1F1B, 1, 1, M, &base);
     assert_true(base.loss[STEPS - 1] < base.loss[0]); /* it learns */
-    for (c = 0; c < 2; c++)
+    /* c = 0: shared context, links chosen by AUTO (host-staged on CPU
+       devices); 1: one context per device; 2: device-side copies forced */
+    for (c = 0; c < 3; c++)
         for (stages = 2; stages <= 4; stages++) {
             char what[96];
-            if (c == 1 && stages != 2) continue; /* one context per device: 2 stages */
-            run(c ? g_ctx_sep : g_ctx, kind, stages, V, M, &other);
+            if (c > 0 && stages != 2) continue;
+            if (c == 2 && getenv("MPAR_TEST_PLATFORMS")) continue; /* no shared context there */
+            g_link_mode = c == 2 ? MPAR_LINK_DEVICE_COPY : MPAR_LINK_AUTO;
+            run(c == 1 ? g_ctx_sep : g_ctx, kind, stages, V, M, &other);
+            g_link_mode = MPAR_LINK_AUTO;
             snprintf(what, sizeof what, "%s, %d stages, V=%d%s", mpar_schedule_kind_name(kind), stages, V,
-                     c ? ", context per device" : "");
+                     c == 1 ? ", context per device" : c == 2 ? ", device copies" : "");
             expect_same(&base, &other, what);
             free(other.params);
         }
@@ -238,6 +245,12 @@ static void test_bad_input(void** state) {
     pd.stages = nodev;
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_PLAN);
     assert_non_null(strstr(mpar_last_error(g_ctx), "device 9 does not exist"));
+    pd.stages = order, pd.stages = NULL, pd.stage_count = 0, pd.link_mode = MPAR_LINK_DEVICE_COPY;
+    assert_int_equal(mpar_pipeline_create(g_ctx_sep, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx_sep), "do not share"));
+    pd.link_mode = (mpar_link_mode)7;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    pd.link_mode = MPAR_LINK_AUTO, pd.stages = gap, pd.stage_count = 2;
     pd.stages = NULL, pd.stage_count = 0, pd.max_batch = 0;
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
     pd.max_batch = 4, pd.microbatches = 8;
