@@ -706,6 +706,24 @@ MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batc
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out);
 MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in);
 MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out);
+
+/* Per-layer training state, for checkpoints: each array has the layer's
+   param_count floats. MOMENT1 is SGD's velocity or AdamW's first moment;
+   MOMENT2 is AdamW's second moment (zeros for SGD). */
+typedef enum mpar_state_kind {
+    MPAR_STATE_PARAMS = 0,
+    MPAR_STATE_GRADS = 1,
+    MPAR_STATE_MOMENT1 = 2,
+    MPAR_STATE_MOMENT2 = 3
+} mpar_state_kind;
+MPARDEF mpar_result mpar_pipeline_read_state(mpar_pipeline* p, int layer, mpar_state_kind kind, float* out);
+MPARDEF mpar_result mpar_pipeline_write_state(mpar_pipeline* p, int layer, mpar_state_kind kind, const float* in);
+/* Optimizer steps taken; it also seeds dropout, so restoring it resumes
+   the same random stream. */
+MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p);
+MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step);
+MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p);
+MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p);
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out);
 
 #ifdef __cplusplus
@@ -3966,12 +3984,20 @@ static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int w
     mpar__vstage* v;
     size_t n;
     cl_mem mem;
-    if (!p || (!host && layer >= 0)) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (which < 0 || which > (int)MPAR_STATE_MOMENT2)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown state kind %d", which);
     v = mpar__vs_of_layer(p, layer, &k);
     if (!v) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "layer %d does not exist", layer);
     n = v->param_off[k + 1] - v->param_off[k];
     if (n == 0) return MPAR_SUCCESS;
-    mem = which ? v->grads : v->params;
+    if (!host) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "layer %d: the host array is NULL", layer);
+    mem = which == MPAR_STATE_PARAMS ? v->params : which == MPAR_STATE_GRADS ? v->grads
+        : which == MPAR_STATE_MOMENT1 ? v->opt1 : v->opt2;
+    if (which == MPAR_STATE_MOMENT2 && p->desc.optimizer.kind != MPAR_OPTIMIZER_ADAMW) {
+        if (!write) memset(host, 0, n * sizeof(float));
+        return MPAR_SUCCESS;
+    }
     if (write)
         MPAR__CL(p->ctx, clEnqueueWriteBuffer(p->workers[v->worker].ex.queue, mem, CL_TRUE, v->param_off[k] * 4, n * 4,
                                               host, 0, NULL, NULL));
@@ -3981,14 +4007,29 @@ static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int w
     return MPAR_SUCCESS;
 }
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out) {
-    return mpar__param_io(p, layer, out, 0, 0);
+    return mpar__param_io(p, layer, out, MPAR_STATE_PARAMS, 0);
 }
 MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in) {
-    return mpar__param_io(p, layer, (void*)in, 0, 1);
+    return mpar__param_io(p, layer, (void*)in, MPAR_STATE_PARAMS, 1);
 }
 MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out) {
-    return mpar__param_io(p, layer, out, 1, 0);
+    return mpar__param_io(p, layer, out, MPAR_STATE_GRADS, 0);
 }
+MPARDEF mpar_result mpar_pipeline_read_state(mpar_pipeline* p, int layer, mpar_state_kind kind, float* out) {
+    return mpar__param_io(p, layer, out, (int)kind, 0);
+}
+MPARDEF mpar_result mpar_pipeline_write_state(mpar_pipeline* p, int layer, mpar_state_kind kind, const float* in) {
+    return mpar__param_io(p, layer, (void*)in, (int)kind, 1);
+}
+MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p) { return p ? p->step : 0; }
+MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (step < 0) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "step %d is negative", step);
+    p->step = step;
+    return MPAR_SUCCESS;
+}
+MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) { return p ? p->model : NULL; }
+MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) { return p ? &p->desc : NULL; }
 
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out) {
     int i, c;
