@@ -655,6 +655,7 @@ typedef struct mpar_pipeline_desc {
     int skip_nonfinite;     /* skip a step whose loss/gradients are NaN/Inf */
     int link_capacity;      /* messages a link holds [most micro-batches a stage holds, at least 2] */
     mpar_link_mode link_mode; /* how activations cross a stage boundary [AUTO] */
+    int profile;            /* record a timeline of every step (mpar_pipeline_get_timeline) */
     double timeout_seconds; /* longest wait for a neighbour [600] */
     /* Testing: make action `fault_action` (position in the list) of stage
        `fault_stage` fail with MPAR_ERROR_ABORTED in every training step. */
@@ -724,6 +725,49 @@ MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p);
 MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step);
 MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p);
 MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p);
+
+/* ==========================================================================
+   9. Observability: what each stage did during a step, on one clock.
+   ========================================================================== */
+
+typedef enum mpar_event_kind {
+    MPAR_EVENT_FORWARD = 0,
+    MPAR_EVENT_BACKWARD = 1,        /* a B action (input and weight gradients) */
+    MPAR_EVENT_BACKWARD_INPUT = 2,  /* an I action (zero-bubble) */
+    MPAR_EVENT_BACKWARD_WEIGHT = 3, /* a W action (zero-bubble) */
+    MPAR_EVENT_OPTIMIZER_STEP = 4,
+    MPAR_EVENT_SEND = 5,    /* copying a tensor into a link */
+    MPAR_EVENT_RECEIVE = 6, /* copying a tensor out of a link */
+    MPAR_EVENT_WAIT = 7     /* blocked on a link: the neighbour was not ready */
+} mpar_event_kind;
+
+typedef struct mpar_event {
+    mpar_event_kind kind;
+    int stage;      /* device stage (worker) */
+    int microbatch; /* -1 for the optimizer step */
+    int chunk;      /* virtual stage on this device (interleaved), else 0 */
+    int boundary;   /* links: between virtual stage `boundary` and the next; else -1 */
+    int gradient;   /* links: 1 when carrying gradients backwards */
+    double start;   /* seconds since the step began, one host clock for all devices */
+    double end;
+    uint64_t bytes; /* links: bytes moved */
+} mpar_event;
+
+typedef struct mpar_timeline {
+    int stages, virtual_stages, microbatches;
+    mpar_schedule_kind schedule;
+    double step_time; /* seconds: step start to the last event's end */
+    int event_count;
+    mpar_event* events; /* by stage, then start time */
+    size_t device_bytes[64]; /* buffers allocated per stage */
+} mpar_timeline;
+
+/* The timeline of the last training step (compute + apply) or inference
+   call; needs mpar_pipeline_desc.profile. Compute times come from OpenCL
+   profiling events mapped onto the host clock; link times from the host.
+   Free with mpar_timeline_free. */
+MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out);
+MPARDEF void mpar_timeline_free(mpar_timeline* t);
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out);
 
 #ifdef __cplusplus
@@ -1722,7 +1766,55 @@ struct mpar_exec {
         char* name;
         cl_kernel kernel;
     } kernels[MPAR__EXEC_MAX_KERNELS];
+    /* Profiling (only when asked, so that it costs nothing otherwise): the
+       events of the commands since the last interval, folded into the
+       earliest start and latest end. */
+    int profiling, event_count;
+    cl_event events[64];
+    cl_ulong prof_start, prof_end;
+    double clock_offset; /* host seconds minus device seconds */
 };
+
+/* Folds pending profiling events into [prof_start, prof_end]. */
+static void mpar__exec_fold(mpar_exec* ex) {
+    int i;
+    if (ex->event_count == 0) return;
+    clFinish(ex->queue);
+    for (i = 0; i < ex->event_count; i++) {
+        cl_ulong a = 0, b = 0;
+        if (clGetEventProfilingInfo(ex->events[i], CL_PROFILING_COMMAND_START, sizeof a, &a, NULL) == CL_SUCCESS &&
+            clGetEventProfilingInfo(ex->events[i], CL_PROFILING_COMMAND_END, sizeof b, &b, NULL) == CL_SUCCESS) {
+            if (a < ex->prof_start) ex->prof_start = a;
+            if (b > ex->prof_end) ex->prof_end = b;
+        }
+        clReleaseEvent(ex->events[i]);
+    }
+    ex->event_count = 0;
+}
+
+/* The host-clock interval covered by the commands since the last call; 0
+   when there were none. */
+static int mpar__exec_interval(mpar_exec* ex, double* start, double* end) {
+    int any;
+    mpar__exec_fold(ex);
+    any = ex->prof_end > 0 && ex->prof_end >= ex->prof_start;
+    if (any) {
+        *start = 1e-9 * (double)ex->prof_start + ex->clock_offset;
+        *end = 1e-9 * (double)ex->prof_end + ex->clock_offset;
+    }
+    ex->prof_start = ~(cl_ulong)0;
+    ex->prof_end = 0;
+    return any;
+}
+
+static cl_event* mpar__exec_event_slot(mpar_exec* ex) {
+    if (!ex->profiling) return NULL;
+    if (ex->event_count == (int)(sizeof ex->events / sizeof ex->events[0])) mpar__exec_fold(ex);
+    return &ex->events[ex->event_count];
+}
+static void mpar__exec_event_taken(mpar_exec* ex, cl_event* slot, int ok) {
+    if (slot && ok) ex->event_count++;
+}
 
 static mpar_result mpar__exec_kernel(mpar_exec* ex, const char* file, const char* name, cl_kernel* out) {
     int i;
@@ -1801,6 +1893,7 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
     size_t global[2];
     mpar_result r;
     cl_int st;
+    cl_event* ev;
     if (!ex || !file || !kernel || !args) return MPAR_ERROR_INVALID_ARGUMENT;
     r = mpar__exec_kernel(ex, file, kernel, &k);
     if (r != MPAR_SUCCESS) return r;
@@ -1811,7 +1904,9 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
     if (global0 == 0 || (global1 == 0 && 0)) return MPAR_SUCCESS;
     global[0] = global0;
     global[1] = global1;
-    st = clEnqueueNDRangeKernel(ex->queue, k, global1 ? 2u : 1u, NULL, global, NULL, 0, NULL, NULL);
+    ev = mpar__exec_event_slot(ex);
+    st = clEnqueueNDRangeKernel(ex->queue, k, global1 ? 2u : 1u, NULL, global, NULL, 0, NULL, ev);
+    mpar__exec_event_taken(ex, ev, st == CL_SUCCESS);
     if (st != CL_SUCCESS)
         return mpar__fail(ex->ctx, (mpar_result)st, "clEnqueueNDRangeKernel(%s from %s, %zux%zu) failed with %s",
                           kernel, file, global0, global1, mpar_result_string((mpar_result)st));
@@ -1822,12 +1917,15 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
                                    mpar_buf a, size_t lda, mpar_buf b, size_t ldb, float beta, mpar_buf c,
                                    size_t ldc) {
     CLBlastStatusCode st;
+    cl_event* ev;
     if (!ex) return MPAR_ERROR_INVALID_ARGUMENT;
     if (m == 0 || n == 0) return MPAR_SUCCESS;
     if (k == 0) return MPAR_ERROR_INVALID_ARGUMENT;
+    ev = mpar__exec_event_slot(ex);
     st = CLBlastSgemm(CLBlastLayoutRowMajor, trans_a ? CLBlastTransposeYes : CLBlastTransposeNo,
                       trans_b ? CLBlastTransposeYes : CLBlastTransposeNo, m, n, k, alpha, a.mem, a.off, lda, b.mem,
-                      b.off, ldb, beta, c.mem, c.off, ldc, &ex->queue, NULL);
+                      b.off, ldb, beta, c.mem, c.off, ldc, &ex->queue, ev);
+    mpar__exec_event_taken(ex, ev, st == CLBlastSuccess);
     if (st != CLBlastSuccess)
         return mpar__fail(ex->ctx, (mpar_result)st, "CLBlastSgemm(%c%c, m=%zu n=%zu k=%zu) failed with %s (%d)",
                           trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, mpar_result_string((mpar_result)st),
@@ -3282,6 +3380,7 @@ MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedu
 
 typedef struct mpar__link {
     int capacity, head, count, aborted, device_copy;
+    int boundary, gradient; /* for the timeline */
     int* tags;
     cl_mem* dev;  /* same context: device buffers */
     float** host; /* across contexts: staged through host memory */
@@ -3318,6 +3417,8 @@ typedef struct mpar__worker {
     mpar_result result;
     char error[2048];
     size_t bytes;
+    mpar_event* events; /* the timeline of the current step (profiling) */
+    int event_count, event_cap;
 } mpar__worker;
 
 struct mpar_pipeline {
@@ -3347,12 +3448,48 @@ struct mpar_pipeline {
     float step_lr, step_scale;
     double last_loss;
     int mb_capacity, links_ready, first_failure;
+    double t0; /* host time the current step began (timeline origin) */
 };
 
 static double mpar__now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Appends to the worker's timeline (only when profiling). */
+static void mpar__record(mpar__worker* w, mpar_event_kind kind, int mb, int chunk, int boundary, int gradient,
+                         double start, double end, uint64_t bytes) {
+    mpar_event* e;
+    if (!w->ex.profiling) return;
+    if (w->event_count == w->event_cap) {
+        int cap = w->event_cap ? 2 * w->event_cap : 256;
+        mpar_event* grown = (mpar_event*)mpar__alloc(w->p->ctx, sizeof(mpar_event) * (size_t)cap);
+        if (!grown) return; /* the timeline loses an event, training goes on */
+        if (w->events) memcpy(grown, w->events, sizeof(mpar_event) * (size_t)w->event_count);
+        mpar__free(w->p->ctx, w->events);
+        w->events = grown, w->event_cap = cap;
+    }
+    e = &w->events[w->event_count++];
+    e->kind = kind, e->stage = w->index, e->microbatch = mb, e->chunk = chunk;
+    e->boundary = boundary, e->gradient = gradient;
+    e->start = start - w->p->t0, e->end = end - w->p->t0, e->bytes = bytes;
+}
+
+/* Records the device time of the kernels enqueued since the last record. */
+static void mpar__record_compute(mpar__worker* w, mpar_event_kind kind, int mb, int chunk) {
+    double a, b;
+    if (w->ex.profiling && mpar__exec_interval(&w->ex, &a, &b)) mpar__record(w, kind, mb, chunk, -1, 0, a, b, 0);
+}
+
+static void mpar__record_link(mpar__worker* w, const mpar__link* l, int send, int mb, double t_wait, double t_copy,
+                              double t_end, size_t floats) {
+    int sender = l->gradient ? l->boundary + 1 : l->boundary, receiver = l->gradient ? l->boundary : l->boundary + 1;
+    int chunk = (send ? sender : receiver) / w->p->workers_count;
+    if (!w->ex.profiling) return;
+    if (t_copy - t_wait > 1e-6) mpar__record(w, MPAR_EVENT_WAIT, mb, chunk, l->boundary, l->gradient, t_wait, t_copy, 0);
+    mpar__record(w, send ? MPAR_EVENT_SEND : MPAR_EVENT_RECEIVE, mb, chunk, l->boundary, l->gradient, t_copy, t_end,
+                 (uint64_t)floats * 4);
 }
 
 /* Waits on a link's condition; fails on abort or after the timeout. */
@@ -3374,10 +3511,12 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     double t0 = mpar__now();
     int slot;
     cl_int st;
+    double t_copy;
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == l->capacity) r = mpar__link_wait(l, t0);
     slot = (l->head + l->count) % l->capacity;
     pthread_mutex_unlock(&l->mu);
+    t_copy = mpar__now();
     if (r == MPAR_ERROR_TIMEOUT)
         return mpar__fail(w->p->ctx, r, "link send of micro-batch %d waited over %.0f s for room", mb, l->timeout);
     if (r != MPAR_SUCCESS) return r;
@@ -3387,6 +3526,7 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
         st = clEnqueueReadBuffer(w->ex.queue, src.mem, CL_TRUE, src.off * 4, floats * 4, l->host[slot], 0, NULL, NULL);
     if (st == CL_SUCCESS) st = clFinish(w->ex.queue);
     MPAR__CL(w->p->ctx, st);
+    mpar__record_link(w, l, 1, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
     l->tags[slot] = mb;
     l->count++;
@@ -3400,11 +3540,13 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     double t0 = mpar__now();
     int slot, tag;
     cl_int st;
+    double t_copy;
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == 0) r = mpar__link_wait(l, t0);
     slot = l->head;
     tag = l->tags[slot];
     pthread_mutex_unlock(&l->mu);
+    t_copy = mpar__now();
     if (r == MPAR_ERROR_TIMEOUT)
         return mpar__fail(w->p->ctx, r, "link receive of micro-batch %d waited over %.0f s", mb, l->timeout);
     if (r != MPAR_SUCCESS) return r;
@@ -3418,6 +3560,7 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
                                   NULL);
     if (st == CL_SUCCESS) st = clFinish(w->ex.queue);
     MPAR__CL(w->p->ctx, st);
+    mpar__record_link(w, l, 0, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
     l->head = (l->head + 1) % l->capacity;
     l->count--;
@@ -3575,38 +3718,42 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
     if (v->index < p->vs_count - 1) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
+        mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
         MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__act(p, v, slot, v->n), (size_t)rows * width, mb));
     } else {
         MPAR__TRY(mpar__last_stage_outputs(w, v, slot, mb, rows, row0));
+        mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
     }
     MPAR__CL(p->ctx, clFinish(w->ex.queue));
     if (p->job == MPAR__JOB_INFER) mpar__release_slot(w, v, slot);
     return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int mb) {
+static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int mb, mpar_event_kind kind) {
     mpar_pipeline* p = w->p;
     int slot = mpar__slot_of(v, mb), k, rows = mpar__mb_samples(p, mb) * p->seq_len;
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "backward of micro-batch %d before its forward", mb);
-    if (p->desc.recompute) MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
     if (v->index < p->vs_count - 1) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
         MPAR__TRY(mpar__link_recv(w, v->bwd_in, mpar__grad(p, v, slot, v->n), (size_t)rows * width, mb));
     }
+    if (p->desc.recompute) MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
     for (k = v->n - 1; k >= 0; k--) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
         mpar_io io;
         mpar__io(p, v, slot, mb, k, &io);
         MPAR__TRY(l->type->backward_input(&w->ex, l, &io));
     }
+    mpar__record_compute(w, kind, mb, v->chunk);
     if (v->index > 0)
         MPAR__TRY(mpar__link_send(w, v->bwd_out, mpar__grad(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
     MPAR__CL(p->ctx, clFinish(w->ex.queue));
     return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, int mb, int recomputed) {
+static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, int mb, int recomputed,
+                                            mpar_event_kind kind) {
     mpar_pipeline* p = w->p;
     int slot = mpar__slot_of(v, mb), k;
     if (slot < 0)
@@ -3620,6 +3767,7 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
         mpar__io(p, v, slot, mb, k, &io);
         MPAR__TRY(l->type->backward_weight(&w->ex, l, &io));
     }
+    mpar__record_compute(w, kind, mb, v->chunk);
     MPAR__CL(p->ctx, clFinish(w->ex.queue));
     mpar__release_slot(w, v, slot);
     return MPAR_SUCCESS;
@@ -3664,10 +3812,12 @@ static mpar_result mpar__run_action(mpar__worker* w, const mpar_action* a) {
     switch (a->kind) {
         case MPAR_ACTION_FORWARD: return mpar__do_forward(w, v, a->microbatch);
         case MPAR_ACTION_BACKWARD:
-            MPAR__TRY(mpar__do_backward_input(w, v, a->microbatch));
-            return mpar__do_backward_weight(w, v, a->microbatch, 1);
-        case MPAR_ACTION_BACKWARD_INPUT: return mpar__do_backward_input(w, v, a->microbatch);
-        case MPAR_ACTION_BACKWARD_WEIGHT: return mpar__do_backward_weight(w, v, a->microbatch, 0);
+            MPAR__TRY(mpar__do_backward_input(w, v, a->microbatch, MPAR_EVENT_BACKWARD));
+            return mpar__do_backward_weight(w, v, a->microbatch, 1, MPAR_EVENT_BACKWARD);
+        case MPAR_ACTION_BACKWARD_INPUT:
+            return mpar__do_backward_input(w, v, a->microbatch, MPAR_EVENT_BACKWARD_INPUT);
+        case MPAR_ACTION_BACKWARD_WEIGHT:
+            return mpar__do_backward_weight(w, v, a->microbatch, 0, MPAR_EVENT_BACKWARD_WEIGHT);
         default: return MPAR_SUCCESS;
     }
 }
@@ -3682,6 +3832,11 @@ static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, 
         MPAR__TRY(mpar__zero(w, v->grads, v->param_off[v->n]));
     }
     w->in_flight = 0;
+    w->event_count = 0;
+    if (w->ex.profiling) {
+        double a, b;
+        mpar__exec_interval(&w->ex, &a, &b); /* zeroing belongs to no action */
+    }
     for (i = 0; i < n; i++) {
         const mpar_action* a = mpar_schedule_action(p->schedule, w->index, i);
         mpar_result r;
@@ -3696,6 +3851,7 @@ static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, 
         }
     }
     for (c = 0; c < p->desc.virtual_stages; c++) MPAR__TRY(mpar__layer_norms(w, mpar__vstage_of(p, w->index, c)));
+    mpar__record_compute(w, MPAR_EVENT_OPTIMIZER_STEP, -1, 0); /* gradient norms: the step's first half */
     return MPAR_SUCCESS;
 }
 
@@ -3720,6 +3876,7 @@ static mpar_result mpar__job_step(mpar__worker* w) {
                                        (double)p->step_scale));
         }
     }
+    mpar__record_compute(w, MPAR_EVENT_OPTIMIZER_STEP, -1, 0);
     MPAR__CL(p->ctx, clFinish(w->ex.queue));
     return MPAR_SUCCESS;
 }
@@ -3733,6 +3890,7 @@ static mpar_result mpar__job_infer(mpar__worker* w, const char** failed_action, 
         for (s = 0; s < v->slot_count; s++) v->slot_mb[s] = -1;
     }
     w->in_flight = 0;
+    w->event_count = 0;
     for (m = 0; m < p->mb_count; m++)
         for (c = 0; c < p->desc.virtual_stages; c++) {
             mpar_result r = mpar__do_forward(w, mpar__vstage_of(p, w->index, c), m);
@@ -3799,6 +3957,7 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     mpar_result r = MPAR_SUCCESS;
     const char* detail = NULL;
     mpar__links_abort(p, 0);
+    if (job != MPAR__JOB_STEP) p->t0 = mpar__now();
     pthread_mutex_lock(&p->mu);
     p->job = job;
     p->done_count = 0;
@@ -4031,6 +4190,45 @@ MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step) {
 MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) { return p ? p->model : NULL; }
 MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) { return p ? &p->desc : NULL; }
 
+static int mpar__event_order(const void* a, const void* b) {
+    const mpar_event *x = (const mpar_event*)a, *y = (const mpar_event*)b;
+    if (x->stage != y->stage) return x->stage < y->stage ? -1 : 1;
+    if (x->start != y->start) return x->start < y->start ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end ? 1 : 0;
+}
+
+MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out) {
+    int i, n = 0;
+    if (!p || !out) return MPAR_ERROR_INVALID_ARGUMENT;
+    memset(out, 0, sizeof *out);
+    if (!p->desc.profile)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
+    for (i = 0; i < p->workers_count; i++) n += p->workers[i].event_count;
+    out->events = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)(n ? n : 1));
+    if (!out->events) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    out->stages = p->workers_count;
+    out->virtual_stages = p->desc.virtual_stages;
+    out->microbatches = p->schedule->microbatches;
+    out->schedule = p->desc.schedule;
+    for (i = 0; i < p->workers_count; i++) {
+        mpar__worker* w = &p->workers[i];
+        if (w->event_count) memcpy(out->events + out->event_count, w->events, sizeof(mpar_event) * (size_t)w->event_count);
+        out->event_count += w->event_count;
+        out->device_bytes[i] = w->bytes;
+    }
+    qsort(out->events, (size_t)n, sizeof(mpar_event), mpar__event_order);
+    for (i = 0; i < n; i++)
+        if (out->events[i].end > out->step_time) out->step_time = out->events[i].end;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF void mpar_timeline_free(mpar_timeline* t) {
+    if (!t) return;
+    MPAR_FREE(t->events);
+    t->events = NULL;
+    t->event_count = 0;
+}
+
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out) {
     int i, c;
     if (!p || !out) return MPAR_ERROR_INVALID_ARGUMENT;
@@ -4055,6 +4253,24 @@ static mpar_result mpar__alloc_buffer(mpar_pipeline* p, mpar__worker* w, size_t 
         return mpar__fail(p->ctx, (mpar_result)st, "clCreateBuffer(%zu bytes) on device %d failed with %s", floats * 4,
                           w->device, mpar_result_string((mpar_result)st));
     w->bytes += floats * 4;
+    return MPAR_SUCCESS;
+}
+
+/* Maps a device's profiling clock onto the host clock: a marker's end
+   time against the host time right after it completed. */
+static mpar_result mpar__clock_offset(mpar_pipeline* p, mpar__worker* w) {
+    cl_event ev;
+    cl_ulong end = 0;
+    double host;
+    MPAR__CL(p->ctx, clEnqueueMarkerWithWaitList(w->ex.queue, 0, NULL, &ev));
+    MPAR__CL(p->ctx, clWaitForEvents(1, &ev));
+    host = mpar__now();
+    clGetEventProfilingInfo(ev, CL_PROFILING_COMMAND_END, sizeof end, &end, NULL);
+    clReleaseEvent(ev);
+    w->ex.clock_offset = host - 1e-9 * (double)end;
+    w->ex.profiling = 1;
+    w->ex.prof_start = ~(cl_ulong)0;
+    w->ex.prof_end = 0;
     return MPAR_SUCCESS;
 }
 
@@ -4264,6 +4480,7 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
     if (p->vs)
         for (i = p->vs_count - 1; i >= 0; i--) mpar__vstage_release(p, &p->vs[i]);
     for (i = p->workers_count - 1; i >= 0; i--) {
+        mpar__free(p->ctx, p->workers[i].events);
         mpar__exec_release(&p->workers[i].ex);
         if (p->workers[i].ex.queue) clReleaseCommandQueue(p->workers[i].ex.queue);
     }
@@ -4337,6 +4554,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         w->ex.queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
                                            p->ctx->devices[w->device].id, CL_QUEUE_PROFILING_ENABLE, &st);
         MPAR__CL(p->ctx, st);
+        if (p->desc.profile) MPAR__TRY(mpar__clock_offset(p, w));
     }
     for (i = 0; i < p->vs_count; i++) {
         mpar__vstage* v = &p->vs[i];
@@ -4360,6 +4578,8 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[p->vs_count - 1 + i], b, a, floats, cap));
         p->links_ready++;
+        p->links[i].boundary = p->links[p->vs_count - 1 + i].boundary = i;
+        p->links[p->vs_count - 1 + i].gradient = 1;
         a->fwd_out = b->fwd_in = &p->links[i];
         b->bwd_out = a->bwd_in = &p->links[p->vs_count - 1 + i];
     }
