@@ -33,7 +33,7 @@ deps:
 
 tests/%: tests/%.c $(HDR) $(wildcard tests/*.h) | deps
 	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
-examples/%: examples/%.c $(HDR) examples/data.h | deps
+examples/%: examples/%.c $(HDR) examples/data.h examples/common.h | deps
 	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
 bench/%: bench/%.c $(HDR) | deps
 	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)

@@ -3784,8 +3784,9 @@ static mpar_result mpar__zero(mpar__worker* w, cl_mem mem, size_t n) {
 
 static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
     mpar_pipeline* p = w->p;
-    float norms[512];
+    float* norms;
     int k;
+    cl_int st;
     for (k = 0; k < v->n; k++) {
         size_t n = v->param_off[k + 1] - v->param_off[k];
         mpar_buf g, part, out;
@@ -3801,9 +3802,12 @@ static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
                                    part));
         MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sum_final", 1, 0, "bib", part, chunks, out));
     }
-    MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, v->norms, CL_TRUE, 0, sizeof(float) * (size_t)v->n, norms, 0,
-                                         NULL, NULL));
-    for (k = 0; k < v->n; k++) p->layer_sumsq[v->first + k] = (double)norms[k];
+    norms = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)v->n);
+    if (!norms) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    st = clEnqueueReadBuffer(w->ex.queue, v->norms, CL_TRUE, 0, sizeof(float) * (size_t)v->n, norms, 0, NULL, NULL);
+    for (k = 0; st == CL_SUCCESS && k < v->n; k++) p->layer_sumsq[v->first + k] = (double)norms[k];
+    mpar__free(p->ctx, norms);
+    MPAR__CL(p->ctx, st);
     return MPAR_SUCCESS;
 }
 
@@ -4083,7 +4087,7 @@ MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_in
     p->step++;
     p->step_lr = mpar__lr_at(&p->desc.optimizer, p->step);
     p->step_scale = (p->desc.optimizer.clip_norm > 0.0f && norm > p->desc.optimizer.clip_norm)
-                        ? (float)(p->desc.optimizer.clip_norm / norm) : 1.0f;
+                        ? (float)(p->desc.optimizer.clip_norm / (norm + 1e-6)) : 1.0f;
     r = mpar__run_job(p, MPAR__JOB_STEP);
     if (info) {
         info->lr = p->step_lr;
