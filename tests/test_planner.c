@@ -3,7 +3,6 @@
    and enumerate every device sequence and every set of cut points. */
 #define MPAR_IMPLEMENTATION
 #include "../mpar.h"
-#include "../parts/planner.h"
 
 #include <math.h>
 #include <setjmp.h>
@@ -154,7 +153,7 @@ static void brute_cuts(brute* b, int s) {
 
 static void brute_orders(brute* b, int* order, int* used, int pos) {
     int d, s;
-    if (pos == b->k) {
+    if (pos == b->k || pos >= MAXP) {
         b->n = b->k * virtual_of(b->in, b->k);
         if (b->n > b->in->L) return;
         for (s = 0; s < b->n; ++s) b->dev[s] = order[s % b->k];
@@ -270,11 +269,30 @@ static void random_schedule(instance* in) {
     }
 }
 
-static void random_instance(instance* in, mpar_plan_order order) {
+/* Devices in two kinds, links by kind pair: swapping two devices of a kind
+   changes nothing, which is what the search's deduplication relies on. */
+static void make_clusters(instance* in) {
+    int d, e, kind[MAXP];
+    for (d = 0; d < in->P; ++d) {
+        kind[d] = rnd_int(0, 1);
+        for (e = 0; e < d; ++e)
+            if (kind[e] == kind[d]) in->devs[d] = in->devs[e];
+    }
+    for (d = 0; d < in->P; ++d)
+        for (e = 0; e < in->P; ++e) {
+            int a = kind[d] * 2 + kind[e];
+            in->links[d * in->P + e].bandwidth = 1e3 * (1 + a);
+            in->links[d * in->P + e].latency = 0.01 * (3 - a);
+        }
+    in->desc.links = in->links;
+    in->desc.measured_forward = in->desc.measured_backward_input = in->desc.measured_backward_weight = NULL;
+}
+
+static void random_instance(instance* in, mpar_plan_order order, int clusters) {
     memset(in, 0, sizeof *in);
-    in->L = rnd_int(1, 7);
+    in->L = rnd_int(1, MAXL);
     in->P = rnd_int(1, MAXP);
-    if (order == MPAR_PLAN_ORDER_SEARCH && in->L > 6 && in->P > 3) in->L = 6; /* keep the brute force quick */
+    if (order == MPAR_PLAN_ORDER_SEARCH && in->L > 7 && in->P > 3) in->L = 7; /* keep the brute force quick */
     random_layers(in);
     random_devices(in);
     in->desc.num_layers = in->L;
@@ -285,9 +303,10 @@ static void random_instance(instance* in, mpar_plan_order order) {
     random_tables(in);
     random_links(in);
     random_schedule(in);
+    if (clusters) make_clusters(in);
 }
 
-static int run_random(mpar_plan_order order, int count) {
+static int run_random(mpar_plan_order order, int count, int clusters) {
     int i, feasible = 0;
     for (i = 0; i < count; ++i) {
         instance in;
@@ -295,7 +314,7 @@ static int run_random(mpar_plan_order order, int count) {
         mpar_error err;
         mpar_result r;
         brute b;
-        random_instance(&in, order);
+        random_instance(&in, order, clusters);
         b = brute_force(&in);
         r = mpar_plan_create(&in.desc, &plan, &err);
         if (!b.best.feasible) {
@@ -324,13 +343,19 @@ static int run_random(mpar_plan_order order, int count) {
 static void test_brute_force_fixed_order(void** state) {
     (void)state;
     rng_state = 12345;
-    assert_true(run_random(MPAR_PLAN_ORDER_FIXED, 300) > 150); /* most instances must be feasible to mean much */
+    assert_true(run_random(MPAR_PLAN_ORDER_FIXED, 300, 0) > 150); /* most instances must be feasible to mean much */
 }
 
 static void test_brute_force_order_search(void** state) {
     (void)state;
     rng_state = 67890;
-    assert_true(run_random(MPAR_PLAN_ORDER_SEARCH, 300) > 150);
+    assert_true(run_random(MPAR_PLAN_ORDER_SEARCH, 300, 0) > 150);
+}
+
+static void test_brute_force_identical_devices(void** state) {
+    (void)state;
+    rng_state = 1357;
+    assert_true(run_random(MPAR_PLAN_ORDER_SEARCH, 200, 1) > 100);
 }
 
 /* ---- hand-made instances ---- */
@@ -876,6 +901,112 @@ static void test_large_device_count(void** state) {
     assert_true(near(p.bottleneck_seconds, q.bottleneck_seconds));
     mpar_plan_free(&p);
     mpar_plan_free(&q);
+    /* Links too slow to split: the climb must also try a single device. */
+    for (i = 0; i < 64; ++i) s.links[i].latency = 1000.0;
+    s.desc.links = s.links;
+    s.desc.order = MPAR_PLAN_ORDER_SEARCH;
+    assert_int_equal(mpar_plan_create(&s.desc, &p, NULL), MPAR_SUCCESS);
+    assert_int_equal(p.exact, 0);
+    assert_int_equal(p.num_stages, 1);
+    assert_int_equal(p.stages[0].device, 7); /* the fastest */
+    mpar_plan_free(&p);
+}
+
+/* Extreme but valid numbers (subnormal and huge costs, 2^60-byte layers)
+   and random junk must end in a result code, never a crash or a hang; a
+   successful plan always covers every layer once. */
+static void test_random_descriptors_are_safe(void** state) {
+    static const double values[8] = {0.0, 5e-324, 1e-300, 1.0, 3.5, 1e18, 1e300, -1.0};
+    mpar_plan p_tiny;
+    int it, i, ok = 0;
+    (void)state;
+    rng_state = 777;
+    for (it = 0; it < 20000; ++it) {
+        instance in;
+        mpar_plan p;
+        mpar_error err;
+        mpar_result r;
+        random_instance(&in, (mpar_plan_order)rnd_int(0, 1), 0);
+        for (i = 0; i < MAXL * MAXP; ++i) {
+            in.mf[i] = values[rnd_int(0, 6)];
+            in.mbi[i] = rnd_int(0, 1) ? in.mf[i] : values[rnd_int(0, 6)];
+            in.mbw[i] = rnd_int(0, 1) ? in.mf[i] : values[rnd_int(0, 6)];
+        }
+        for (i = 0; i < in.L; ++i) {
+            if (rnd_int(0, 3) == 0) in.layers[i].flops_forward = values[rnd_int(0, 7)];
+            if (rnd_int(0, 5) == 0) in.layers[i].param_bytes = (uint64_t)1 << 60;
+        }
+        for (i = 0; i < in.P; ++i)
+            if (rnd_int(0, 3) == 0) in.devs[i].flops_per_second = values[rnd_int(0, 7)];
+        for (i = 0; i < MAXP * MAXP; ++i)
+            if (rnd_int(0, 3) == 0) in.links[i].bandwidth = values[rnd_int(0, 7)];
+        in.desc.order_budget = rnd_int(0, 3) ? 0 : 1; /* sometimes the hill climb */
+        r = mpar_plan_create(&in.desc, &p, &err);
+        assert_true(r == MPAR_SUCCESS || r == MPAR_ERROR_INVALID_ARGUMENT || r == MPAR_ERROR_DOES_NOT_FIT);
+        if (r == MPAR_SUCCESS) {
+            assert_int_equal(p.stages[0].first_layer, 0);
+            assert_int_equal(p.stages[p.num_stages - 1].last_layer, in.L - 1);
+            for (i = 1; i < p.num_stages; ++i) assert_int_equal(p.stages[i].first_layer, p.stages[i - 1].last_layer + 1);
+            for (i = 0; i < in.P; ++i)
+                assert_true(!p.device_capacity_bytes[i] || p.device_memory_bytes[i] <= p.device_capacity_bytes[i]);
+            ok++;
+        } else {
+            assert_true(strlen(err.message) > 10);
+        }
+        mpar_plan_free(&p);
+    }
+    assert_true(ok > 2000);
+    /* Regression: costs of a few subnormals once kept the bisection going
+       for ever (the midpoint of adjacent doubles is one of them). */
+    {
+        simple t;
+        double tiny[6] = {5e-324, 5e-324, 1e-323, 5e-324, 5e-324, 5e-324};
+        simple_init(&t, 3, 2);
+        t.desc.measured_forward = t.desc.measured_backward_input = t.desc.measured_backward_weight = tiny;
+        assert_int_equal(mpar_plan_create(&t.desc, &p_tiny, NULL), MPAR_SUCCESS);
+        assert_true(p_tiny.bottleneck_seconds < 1e-300);
+        mpar_plan_free(&p_tiny);
+    }
+}
+
+/* The hill climb against the exhaustive search on random 7-device
+   instances (13,699 device sequences: more than the default budget of
+   4,096, so the default takes the climb) whose links matter a lot. It
+   never beats the optimum (it costs real plans) and stays close to it. */
+static void test_heuristic_vs_exhaustive(void** state) {
+    simple s;
+    int t, i, hits = 0;
+    double worst = 1.0, sum = 0.0;
+    (void)state;
+    rng_state = 2468;
+    for (t = 0; t < 24; ++t) {
+        mpar_plan exact, climb;
+        simple_init(&s, 24, 7);
+        for (i = 0; i < 24; ++i) s.layers[i].flops_forward = 1e9 * (0.5 + rnd_unit());
+        for (i = 0; i < 7; ++i) s.devs[i].flops_per_second = 1e9 * (1.0 + 9.0 * rnd_unit());
+        for (i = 0; i < 49; ++i) {
+            s.links[i].bandwidth = 1e3 * (0.1 + rnd_unit());
+            s.links[i].latency = t % 4 == 0 ? 20.0 * rnd_unit() : 0.1 * rnd_unit(); /* some very slow */
+        }
+        s.desc.links = s.links;
+        s.desc.order_budget = 20000;
+        assert_int_equal(mpar_plan_create(&s.desc, &exact, NULL), MPAR_SUCCESS);
+        s.desc.order_budget = 0;
+        assert_int_equal(mpar_plan_create(&s.desc, &climb, NULL), MPAR_SUCCESS);
+        assert_int_equal(exact.exact, 1);
+        assert_int_equal(climb.exact, 0);
+        assert_true(climb.bottleneck_seconds >= exact.bottleneck_seconds * (1 - 1e-9));
+        assert_true(climb.bottleneck_seconds <= exact.bottleneck_seconds * 1.10);
+        worst = climb.bottleneck_seconds / exact.bottleneck_seconds > worst
+                    ? climb.bottleneck_seconds / exact.bottleneck_seconds : worst;
+        sum += climb.bottleneck_seconds / exact.bottleneck_seconds;
+        hits += near(climb.bottleneck_seconds, exact.bottleneck_seconds);
+        mpar_plan_free(&exact);
+        mpar_plan_free(&climb);
+    }
+    fprintf(stderr, "hill climb: optimum in %d of 24, mean ratio %.4f, worst %.4f\n", hits, sum / 24, worst);
+    assert_true(hits >= 12);
+    assert_true(sum / 24 <= 1.02);
 }
 
 int main(void) {
@@ -883,6 +1014,7 @@ int main(void) {
         cmocka_unit_test(test_in_flight_counts),
         cmocka_unit_test(test_brute_force_fixed_order),
         cmocka_unit_test(test_brute_force_order_search),
+        cmocka_unit_test(test_brute_force_identical_devices),
         cmocka_unit_test(test_equal_layers_equal_devices),
         cmocka_unit_test(test_round_robin_rejected),
         cmocka_unit_test(test_manual_validation),
@@ -897,6 +1029,8 @@ int main(void) {
         cmocka_unit_test(test_interleaved),
         cmocka_unit_test(test_print_and_json),
         cmocka_unit_test(test_large_device_count),
+        cmocka_unit_test(test_heuristic_vs_exhaustive),
+        cmocka_unit_test(test_random_descriptors_are_safe),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
