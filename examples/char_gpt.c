@@ -1,0 +1,191 @@
+/* A character-level GPT (token + position embedding, decoder blocks, final
+   layer norm, linear head) trained on the King James Bible from Debian's
+   bible-kjv-text, split across the OpenCL devices; reports training and
+   validation loss against the text's unigram entropy, then writes a sample.
+
+     examples/char_gpt [--devices SEL] [--schedule 1f1b|gpipe|zbh1|interleaved|sequential]
+                       [--microbatches M] [--stages D:A-B,...] [--steps N] [--batch B]
+                       [--seq T] [--width C] [--layers L] [--heads H] [--lr X]
+                       [--prompt TEXT] [--sample N] [--seed S]
+
+   Ends with `val_loss: <nats/char>` and `unigram_entropy: <nats/char>`. */
+#define MPAR_IMPLEMENTATION
+#include "mpar.h"
+#include "data.h"
+#include "common.h"
+
+#include <math.h>
+
+static int die(const char* what, mpar_context* ctx, const char* msg) {
+    fprintf(stderr, "char_gpt: %s: %s\n", what, ctx ? mpar_last_error(ctx) : msg);
+    return 1;
+}
+
+/* Random windows of T+1 characters: inputs are the first T, targets the
+   next T. */
+static void fill_batch(const int32_t* ids, size_t n, int batch, int T, data_rng* rng, int32_t* x, int32_t* y) {
+    int b, t;
+    for (b = 0; b < batch; b++) {
+        size_t at = (size_t)data_rng_below(rng, (uint32_t)(n - (size_t)T - 1));
+        for (t = 0; t < T; t++) {
+            x[b * T + t] = ids[at + (size_t)t];
+            y[b * T + t] = ids[at + (size_t)t + 1];
+        }
+    }
+}
+
+/* Mean loss over `windows` fixed windows of a split. */
+static double evaluate(mpar_pipeline* p, const int32_t* ids, size_t n, int windows, int T, int32_t* x, int32_t* y) {
+    data_rng rng;
+    mpar_batch b;
+    double loss = 0.0;
+    data_rng_seed(&rng, 12345);
+    fill_batch(ids, n, windows, T, &rng, x, y);
+    b.inputs = x, b.targets = y, b.samples = windows;
+    if (mpar_pipeline_infer(p, &b, NULL, &loss) != MPAR_SUCCESS) return -1.0;
+    return loss;
+}
+
+/* Samples `count` characters after `prompt` (temperature 0.8). */
+static int generate(mpar_pipeline* p, const data_charset* cs, const char* prompt, int count, int T, int vocab,
+                    uint64_t seed) {
+    int32_t* ctx_ids = (int32_t*)calloc((size_t)T, sizeof(int32_t));
+    float* logits = (float*)malloc(sizeof(float) * (size_t)T * (size_t)vocab);
+    int len = 0, i, k;
+    data_rng rng;
+    data_rng_seed(&rng, seed);
+    for (i = 0; prompt[i] && len < T; i++)
+        if (cs->index[(unsigned char)prompt[i]] >= 0) ctx_ids[len++] = cs->index[(unsigned char)prompt[i]];
+    printf("sample: %s", prompt);
+    for (i = 0; i < count && len > 0; i++) {
+        mpar_batch b;
+        double sum = 0.0, r, max = -1e30;
+        float* row;
+        b.inputs = ctx_ids, b.targets = NULL, b.samples = 1;
+        if (mpar_pipeline_infer(p, &b, logits, NULL) != MPAR_SUCCESS) break;
+        row = logits + (size_t)(len - 1) * (size_t)vocab; /* causal: later padding is not seen */
+        for (k = 0; k < vocab; k++) max = row[k] > max ? row[k] : max;
+        for (k = 0; k < vocab; k++) sum += exp((row[k] - max) / 0.8);
+        r = data_rng_float(&rng) * sum;
+        for (k = 0; k < vocab - 1; k++) {
+            r -= exp((row[k] - max) / 0.8);
+            if (r <= 0) break;
+        }
+        putchar(cs->symbols[k]);
+        if (len == T) {
+            memmove(ctx_ids, ctx_ids + 1, sizeof(int32_t) * (size_t)(T - 1));
+            len--;
+        }
+        ctx_ids[len++] = k;
+    }
+    printf("\n");
+    free(ctx_ids), free(logits);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    mpar_desc desc;
+    mpar_error err;
+    mpar_context* ctx = NULL;
+    mpar_model* model = NULL;
+    mpar_model_desc md;
+    mpar_layer_desc ld;
+    mpar_pipeline_desc pd;
+    mpar_pipeline* pipe = NULL;
+    mpar_stage_desc stages[64];
+    data_text text;
+    data_charset cs;
+    data_rng rng;
+    char msg[512];
+    int32_t *ids, *x, *y;
+    size_t n_train, n_val;
+    int T = ex_int(argc, argv, "--seq", 64), C = ex_int(argc, argv, "--width", 96);
+    int L = ex_int(argc, argv, "--layers", 3), H = ex_int(argc, argv, "--heads", 4);
+    int batch = ex_int(argc, argv, "--batch", 16), steps = ex_int(argc, argv, "--steps", 600), i;
+    int eval_windows = 64;
+    double entropy = 0.0, t0, train_loss = 0.0, val_loss;
+    const char* sched = ex_option(argc, argv, "--schedule");
+    const char* stage_text = ex_option(argc, argv, "--stages");
+    const char* prompt = ex_option(argc, argv, "--prompt");
+
+    if (data_text_load(NULL, &text, msg, sizeof msg) != DATA_OK) return die("text", NULL, msg);
+    if (data_charset_build(text.bytes, text.size, &cs, msg, sizeof msg) != DATA_OK) return die("charset", NULL, msg);
+    ids = (int32_t*)malloc(sizeof(int32_t) * text.size);
+    data_charset_encode(&cs, text.bytes, text.size, ids, msg, sizeof msg);
+    n_train = text.size * 9 / 10, n_val = text.size - n_train;
+    data_unigram_entropy(text.bytes, n_train, &entropy, msg, sizeof msg);
+
+    memset(&desc, 0, sizeof desc);
+    desc.devices = ex_option(argc, argv, "--devices");
+    desc.error = &err;
+    if (mpar_create(&desc, &ctx) != MPAR_SUCCESS) return die("devices", NULL, err.message);
+    memset(&md, 0, sizeof md);
+    md.input_features = 1, md.seq_len = T, md.seed = (uint64_t)ex_int(argc, argv, "--seed", 1);
+    if (mpar_model_create(&md, &model, &err) != MPAR_SUCCESS) return die("model", NULL, err.message);
+    memset(&ld, 0, sizeof ld);
+    ld.type = mpar_layer_embedding(), ld.units = C, ld.vocab = cs.size;
+    if (mpar_model_add(model, &ld, &err) != MPAR_SUCCESS) return die("model", NULL, err.message);
+    for (i = 0; i < L; i++) {
+        memset(&ld, 0, sizeof ld);
+        ld.type = mpar_layer_decoder_block(), ld.heads = H;
+        if (mpar_model_add(model, &ld, &err) != MPAR_SUCCESS) return die("model", NULL, err.message);
+    }
+    if (mpar_model_add_simple(model, mpar_layer_layernorm(), &err) || mpar_model_add_linear(model, cs.size, &err) ||
+        mpar_model_add_simple(model, mpar_layer_cross_entropy(), &err))
+        return die("model", NULL, err.message);
+
+    memset(&pd, 0, sizeof pd);
+    pd.schedule = MPAR_SCHEDULE_1F1B;
+    if (sched && mpar_schedule_kind_parse(sched, &pd.schedule, &err) != MPAR_SUCCESS)
+        return die("--schedule", NULL, err.message);
+    pd.microbatches = ex_int(argc, argv, "--microbatches", 4);
+    pd.virtual_stages = pd.schedule == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1;
+    pd.max_batch = batch > eval_windows ? batch : eval_windows;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
+    pd.optimizer.lr = (float)ex_double(argc, argv, "--lr", 3e-3);
+    pd.optimizer.weight_decay = 0.01f;
+    pd.optimizer.clip_norm = 1.0f;
+    pd.optimizer.warmup_steps = steps / 20;
+    pd.optimizer.decay_steps = steps - steps / 20;
+    pd.optimizer.min_lr = pd.optimizer.lr * 0.1f;
+    if (stage_text) {
+        pd.stage_count = ex_parse_stages(stage_text, stages, 64);
+        if (pd.stage_count <= 0) return die("--stages", NULL, "expected D:A-B,D:A-B,... (device:first-last layer)");
+        pd.stages = stages;
+    }
+    if (mpar_pipeline_create(ctx, model, &pd, &pipe) != MPAR_SUCCESS) return die("pipeline", ctx, NULL);
+    printf("char_gpt: %zu characters (%d distinct), %d layers (%d decoder blocks, width %d, %d heads, context %d), "
+           "%zu parameters, %s, M=%d, %d device(s)\n",
+           text.size, cs.size, mpar_model_layer_count(model), L, C, H, T, mpar_model_param_count(model),
+           mpar_schedule_kind_name(pd.schedule), pd.microbatches, mpar_device_count(ctx));
+
+    x = (int32_t*)malloc(sizeof(int32_t) * (size_t)pd.max_batch * (size_t)T);
+    y = (int32_t*)malloc(sizeof(int32_t) * (size_t)pd.max_batch * (size_t)T);
+    data_rng_seed(&rng, md.seed);
+    t0 = ex_seconds();
+    for (i = 0; i < steps; i++) {
+        mpar_batch b;
+        mpar_step_info info;
+        fill_batch(ids, n_train, batch, T, &rng, x, y);
+        b.inputs = x, b.targets = y, b.samples = batch;
+        if (mpar_pipeline_train_step(pipe, &b, &info) != MPAR_SUCCESS) return die("train", ctx, NULL);
+        train_loss = i ? 0.95 * train_loss + 0.05 * info.loss : info.loss;
+        if (i % 10 == 0 || i + 1 == steps)
+            ex_progress(i + 1, steps, train_loss, (double)(i + 1) * batch * T / (ex_seconds() - t0), ex_seconds() - t0);
+    }
+    val_loss = evaluate(pipe, ids + n_train, n_val, eval_windows, T, x, y);
+    if (val_loss < 0) return die("evaluate", ctx, NULL);
+    printf("trained %d steps in %.1f s (%.0f characters/s)\n", steps, ex_seconds() - t0,
+           (double)steps * batch * T / (ex_seconds() - t0));
+    generate(pipe, &cs, prompt ? prompt : "And God said", ex_int(argc, argv, "--sample", 200), T, cs.size,
+             md.seed + 7);
+    printf("train_loss: %.4f\n", evaluate(pipe, ids, n_train, eval_windows, T, x, y));
+    printf("val_loss: %.4f\n", val_loss);
+    printf("unigram_entropy: %.4f\n", entropy);
+    free(ids), free(x), free(y);
+    data_text_free(&text);
+    mpar_pipeline_destroy(pipe);
+    mpar_model_destroy(model);
+    mpar_destroy(ctx);
+    return 0;
+}
