@@ -864,8 +864,12 @@ typedef enum mpar_link_mode {
 } mpar_link_mode;
 
 typedef struct mpar_pipeline_desc {
-    const mpar_stage_desc* stages; /* NULL: every device, layers split evenly */
+    const mpar_stage_desc* stages; /* explicit stages; NULL: from `plan` */
     int stage_count;               /* entries in `stages` */
+    /* With no stages: the plan to follow (mpar_pipeline_plan); NULL: mpar
+       plans itself with plan_options (NULL: optimal, FLOP model). */
+    const struct mpar_plan* plan;
+    const struct mpar_plan_options* plan_options;
     mpar_schedule_kind schedule;   /* zero is SEQUENTIAL, the naive baseline */
     int microbatches;              /* M [1] */
     int virtual_stages;            /* V for INTERLEAVED_1F1B [1] */
@@ -911,6 +915,35 @@ typedef struct mpar_pipeline mpar_pipeline;
 
 MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                          mpar_pipeline** out);
+
+/* Planning a pipeline for a model on the context's devices: the planner's
+   inputs come from the model (FLOPs, parameter, optimizer and activation
+   bytes for a micro-batch of the desc's size) and the devices (memory, and
+   throughput: given, or measured). Zero fields take the defaults in brackets. */
+typedef struct mpar_plan_options {
+    mpar_plan_mode mode;        /* [OPTIMAL]; PROPORTIONAL uses weights; MANUAL is desc.stages */
+    const double* weights;      /* PROPORTIONAL: one per device */
+    int use_devices;            /* exactly this many [0: the planner chooses, fewer when faster] */
+    mpar_plan_order order;      /* [SEARCH device orders] or FIXED (context order) */
+    const double* device_flops; /* FLOP/s per device [measured with a GEMM; once when all are alike] */
+    /* Measured seconds per micro-batch, [layer * devices + device]
+       (mpar_profile_layers); they replace the FLOP model. */
+    const double *measured_forward, *measured_backward_input, *measured_backward_weight;
+    uint64_t reserve_bytes;     /* left free on every device [64 MiB] */
+    double link_bandwidth;      /* bytes/s between devices [12e9 same context, 6e9 staged] */
+    double link_latency;        /* seconds per transfer [1e-4] */
+} mpar_plan_options;
+
+MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                       const mpar_plan_options* options, mpar_plan* out);
+/* GEMM throughput of a device in FLOP/s (CLBlast SGEMM, n = 512). */
+MPARDEF mpar_result mpar_device_measure_flops(mpar_context* ctx, int device, double* flops);
+/* Seconds per micro-batch of each layer's forward, input-gradient and
+   weight-gradient work on one device ([layer] arrays), measured by running
+   every layer as its own stage on that device. Models of at most 64 layers. */
+MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                        int device, double* forward, double* backward_input,
+                                        double* backward_weight);
 MPARDEF void mpar_pipeline_destroy(mpar_pipeline* pipeline);
 /* Forward and backward over the batch's micro-batches; gradients are
    zeroed first and accumulated in micro-batch order. */
@@ -5351,6 +5384,9 @@ struct mpar_pipeline {
     double last_loss;
     int mb_capacity, links_ready, first_failure;
     double t0; /* host time the current step began (timeline origin) */
+    int serial;          /* this job runs its kernels one stage at a time */
+    int seen_count;      /* (job, micro-batch rows) pairs already run */
+    int seen[64];
 };
 
 static double mpar__now(void) {
@@ -5572,6 +5608,24 @@ static int mpar__slot_of(const mpar__vstage* v, int mb) {
     return -1;
 }
 
+/* PoCL (3.1, CPU devices) can abort with "pocl_release_dlhandle_cache:
+   Assertion found->ref_count > 0" when two threads load the same kernel
+   variant for the first time at once. Steps that run a shape for the first
+   time therefore execute their kernels one stage at a time, under one lock
+   for the process (the cache it protects is PoCL's, process-wide); later
+   steps of those shapes run in parallel. */
+static pthread_mutex_t mpar__first_run_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void mpar__serial_begin(mpar__worker* w) {
+    if (w->p->serial) pthread_mutex_lock(&mpar__first_run_lock);
+}
+static mpar_result mpar__serial_end(mpar__worker* w, mpar_result r) {
+    if (!w->p->serial) return r;
+    if (r == MPAR_SUCCESS) r = mpar__cl_check(w->p->ctx, clFinish(w->ex.queue), "clFinish", __FILE__, __LINE__);
+    pthread_mutex_unlock(&mpar__first_run_lock);
+    return r;
+}
+
 static void mpar__release_slot(mpar__worker* w, mpar__vstage* v, int slot) {
     v->slot_mb[slot] = -1;
     w->in_flight--;
@@ -5604,6 +5658,7 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     int slot = mpar__slot_of(v, -1), rows = mpar__mb_samples(p, mb) * p->seq_len;
     size_t row0 = (size_t)p->mb_first[mb] * (size_t)p->seq_len;
     const mpar_layer* first = mpar_model_layer(p->model, v->first);
+    mpar_result r;
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "no free activation slot for micro-batch %d (%d held)",
                           mb, v->slot_count);
@@ -5617,14 +5672,14 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     if (v->index == p->vs_count - 1 && p->batch->targets)
         MPAR__TRY(mpar__upload(w, v->targets, (size_t)slot * (size_t)p->mb_rows_max, p->batch->targets + row0,
                                (size_t)rows));
-    MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
+    mpar__serial_begin(w);
+    r = mpar__layers_forward(w, v, slot, mb);
+    if (r == MPAR_SUCCESS && v->index == p->vs_count - 1) r = mpar__last_stage_outputs(w, v, slot, mb, rows, row0);
+    MPAR__TRY(mpar__serial_end(w, r));
+    mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
     if (v->index < p->vs_count - 1) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
-        mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
         MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__act(p, v, slot, v->n), (size_t)rows * width, mb));
-    } else {
-        MPAR__TRY(mpar__last_stage_outputs(w, v, slot, mb, rows, row0));
-        mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
     }
     MPAR__CL(p->ctx, clFinish(w->ex.queue));
     if (p->job == MPAR__JOB_INFER) mpar__release_slot(w, v, slot);
@@ -5634,19 +5689,22 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
 static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int mb, mpar_event_kind kind) {
     mpar_pipeline* p = w->p;
     int slot = mpar__slot_of(v, mb), k, rows = mpar__mb_samples(p, mb) * p->seq_len;
+    mpar_result r;
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "backward of micro-batch %d before its forward", mb);
     if (v->index < p->vs_count - 1) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
         MPAR__TRY(mpar__link_recv(w, v->bwd_in, mpar__grad(p, v, slot, v->n), (size_t)rows * width, mb));
     }
-    if (p->desc.recompute) MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
-    for (k = v->n - 1; k >= 0; k--) {
+    mpar__serial_begin(w);
+    r = p->desc.recompute ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
+    for (k = v->n - 1; r == MPAR_SUCCESS && k >= 0; k--) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
         mpar_io io;
         mpar__io(p, v, slot, mb, k, &io);
-        MPAR__TRY(l->type->backward_input(&w->ex, l, &io));
+        r = l->type->backward_input(&w->ex, l, &io);
     }
+    MPAR__TRY(mpar__serial_end(w, r));
     mpar__record_compute(w, kind, mb, v->chunk);
     if (v->index > 0)
         MPAR__TRY(mpar__link_send(w, v->bwd_out, mpar__grad(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
@@ -5658,17 +5716,20 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
                                             mpar_event_kind kind) {
     mpar_pipeline* p = w->p;
     int slot = mpar__slot_of(v, mb), k;
+    mpar_result r;
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "weight gradient of micro-batch %d before its forward",
                           mb);
-    if (p->desc.recompute && !recomputed) MPAR__TRY(mpar__layers_forward(w, v, slot, mb));
-    for (k = 0; k < v->n; k++) {
+    mpar__serial_begin(w);
+    r = p->desc.recompute && !recomputed ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
+    for (k = 0; r == MPAR_SUCCESS && k < v->n; k++) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
         mpar_io io;
         if (!l->type->backward_weight || l->param_count == 0) continue;
         mpar__io(p, v, slot, mb, k, &io);
-        MPAR__TRY(l->type->backward_weight(&w->ex, l, &io));
+        r = l->type->backward_weight(&w->ex, l, &io);
     }
+    MPAR__TRY(mpar__serial_end(w, r));
     mpar__record_compute(w, kind, mb, v->chunk);
     MPAR__CL(p->ctx, clFinish(w->ex.queue));
     mpar__release_slot(w, v, slot);
@@ -5731,12 +5792,15 @@ static mpar_result mpar__run_action(mpar__worker* w, const mpar_action* a) {
 static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
     mpar_pipeline* p = w->p;
     int i, c, n = mpar_schedule_action_count(p->schedule, w->index);
-    for (c = 0; c < p->desc.virtual_stages; c++) {
+    mpar_result r = MPAR_SUCCESS;
+    mpar__serial_begin(w);
+    for (c = 0; r == MPAR_SUCCESS && c < p->desc.virtual_stages; c++) {
         mpar__vstage* v = mpar__vstage_of(p, w->index, c);
         int s;
         for (s = 0; s < v->slot_count; s++) v->slot_mb[s] = -1;
-        MPAR__TRY(mpar__zero(w, v->grads, v->param_off[v->n]));
+        r = mpar__zero(w, v->grads, v->param_off[v->n]);
     }
+    MPAR__TRY(mpar__serial_end(w, r));
     w->in_flight = 0;
     w->event_count = 0;
     if (w->ex.profiling) {
@@ -5756,7 +5820,9 @@ static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, 
             return r;
         }
     }
-    for (c = 0; c < p->desc.virtual_stages; c++) MPAR__TRY(mpar__layer_norms(w, mpar__vstage_of(p, w->index, c)));
+    mpar__serial_begin(w);
+    for (c = 0; r == MPAR_SUCCESS && c < p->desc.virtual_stages; c++) r = mpar__layer_norms(w, mpar__vstage_of(p, w->index, c));
+    MPAR__TRY(mpar__serial_end(w, r));
     mpar__record_compute(w, MPAR_EVENT_OPTIMIZER_STEP, -1, 0); /* gradient norms: the step's first half */
     return MPAR_SUCCESS;
 }
@@ -5829,7 +5895,10 @@ static void* mpar__worker_main(void* arg) {
         pthread_mutex_unlock(&p->mu);
         w->error[0] = '\0';
         if (job == MPAR__JOB_GRADS) r = mpar__job_grads(w, &action, name, sizeof name);
-        else if (job == MPAR__JOB_STEP) r = mpar__job_step(w);
+        else if (job == MPAR__JOB_STEP) {
+            mpar__serial_begin(w);
+            r = mpar__serial_end(w, mpar__job_step(w));
+        }
         else if (job == MPAR__JOB_INFER) r = mpar__job_infer(w, &action, name, sizeof name);
         if (r != MPAR_SUCCESS) {
             /* The first worker to fail is the cause; the others were woken by
@@ -5857,6 +5926,20 @@ static void* mpar__worker_main(void* arg) {
     return NULL;
 }
 
+/* A job whose (kind, micro-batch rows) were not run before by this
+   pipeline runs its kernels one stage at a time (see mpar__first_run_lock). */
+static void mpar__decide_serial(mpar_pipeline* p, mpar__job job) {
+    int m, k;
+    p->serial = 0;
+    for (m = 0; m < (job == MPAR__JOB_STEP ? 1 : p->mb_count); m++) {
+        int key = (int)job << 24 | (job == MPAR__JOB_STEP ? 0 : mpar__mb_samples(p, m));
+        for (k = 0; k < p->seen_count && p->seen[k] != key; k++) {}
+        if (k < p->seen_count) continue;
+        p->serial = 1;
+        if (p->seen_count < (int)(sizeof p->seen / sizeof p->seen[0])) p->seen[p->seen_count++] = key;
+    }
+}
+
 /* Runs one job on every worker and waits for all of them. */
 static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     int i;
@@ -5864,6 +5947,7 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     const char* detail = NULL;
     mpar__links_abort(p, 0);
     if (job != MPAR__JOB_STEP) p->t0 = mpar__now();
+    mpar__decide_serial(p, job);
     pthread_mutex_lock(&p->mu);
     p->job = job;
     p->done_count = 0;
@@ -6180,7 +6264,7 @@ static mpar_result mpar__clock_offset(mpar_pipeline* p, mpar__worker* w) {
     return MPAR_SUCCESS;
 }
 
-/* Even split of the layers over every device when no stages are given. */
+/* The stages: given, from a given plan, or planned now. */
 static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) {
     const mpar_pipeline_desc* d = &p->desc;
     int V = d->virtual_stages, n, j;
@@ -6191,14 +6275,23 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
                               "virtual_stages %d", n, V);
         memcpy(out, d->stages, sizeof(mpar_stage_desc) * (size_t)n);
     } else {
-        n = mpar_device_count(p->ctx) * V;
-        if (n > p->layer_count) n = p->layer_count - p->layer_count % V;
-        if (n < V) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "%d layers cannot fill %d chunks", p->layer_count, V);
-        for (j = 0; j < n; j++) {
-            out[j].device = j % (n / V);
-            out[j].first_layer = (int)((long)p->layer_count * j / n);
-            out[j].last_layer = (int)((long)p->layer_count * (j + 1) / n) - 1;
+        mpar_plan local;
+        const mpar_plan* plan = d->plan;
+        if (!plan) {
+            MPAR__TRY(mpar_pipeline_plan(p->ctx, p->model, d, d->plan_options, &local));
+            plan = &local;
         }
+        n = plan->num_stages;
+        if (n <= 0 || n > 4 * MPAR__MAX_WORKERS || n % V != 0) {
+            if (plan == &local) mpar_plan_free(&local);
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "the plan has %d stages for %d virtual stages", n, V);
+        }
+        for (j = 0; j < n; j++) {
+            out[j].device = plan->stages[j].device;
+            out[j].first_layer = plan->stages[j].first_layer;
+            out[j].last_layer = plan->stages[j].last_layer;
+        }
+        if (plan == &local) mpar_plan_free(&local);
     }
     p->vs_count = n;
     p->workers_count = n / V;
@@ -6525,6 +6618,189 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
     }
     *out = p;
     return MPAR_SUCCESS;
+}
+
+
+/* --------------------------------------------------------------------------
+   Planning a pipeline: the planner's tables from a model and a context
+   -------------------------------------------------------------------------- */
+
+MPARDEF mpar_result mpar_device_measure_flops(mpar_context* ctx, int device, double* flops) {
+    const size_t n = 512;
+    cl_context cc;
+    cl_command_queue q;
+    cl_mem m[3] = {NULL, NULL, NULL};
+    cl_int st = CL_SUCCESS;
+    mpar_result r;
+    double t0 = 0.0;
+    int i, rep;
+    if (!flops) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_device_measure_flops: flops is NULL");
+    r = mpar_device_get_cl(ctx, device, NULL, &cc, &q);
+    if (r != MPAR_SUCCESS) return r;
+    for (i = 0; i < 3 && st == CL_SUCCESS; i++) m[i] = clCreateBuffer(cc, CL_MEM_READ_WRITE, n * n * 4, NULL, &st);
+    for (i = 0; i < 3 && st == CL_SUCCESS; i++) {
+        float zero = 0.0f;
+        st = clEnqueueFillBuffer(q, m[i], &zero, sizeof zero, 0, n * n * 4, 0, NULL, NULL);
+    }
+    for (rep = 0; rep < 4 && st == CL_SUCCESS; rep++) { /* the first compiles CLBlast's kernels */
+        if (rep == 1) t0 = mpar__now();
+        st = (cl_int)CLBlastSgemm(CLBlastLayoutRowMajor, CLBlastTransposeNo, CLBlastTransposeNo, n, n, n, 1.0f, m[0],
+                                  0, n, m[1], 0, n, 0.0f, m[2], 0, n, &q, NULL);
+        if (st == CL_SUCCESS) st = clFinish(q);
+    }
+    for (i = 2; i >= 0; i--)
+        if (m[i]) clReleaseMemObject(m[i]);
+    if (st != CL_SUCCESS)
+        return mpar__fail(ctx, (mpar_result)st, "measuring device %d: GEMM failed with %s", device,
+                          mpar_result_string((mpar_result)st));
+    *flops = 3.0 * 2.0 * (double)n * (double)n * (double)n / (mpar__now() - t0);
+    return MPAR_SUCCESS;
+}
+
+/* Device throughputs for the planner: given, or measured (once when every
+   device has the same name and driver, so equal devices get equal plans). */
+static mpar_result mpar__plan_flops(mpar_context* ctx, const mpar_plan_options* o, double* out) {
+    int d, n = mpar_device_count(ctx), alike = 1;
+    for (d = 1; d < n; d++)
+        alike &= !strcmp(ctx->devices[d].info.name, ctx->devices[0].info.name) &&
+                 !strcmp(ctx->devices[d].info.driver, ctx->devices[0].info.driver);
+    for (d = 0; d < n; d++) {
+        if (o && o->device_flops) out[d] = o->device_flops[d];
+        else if (d > 0 && alike) out[d] = out[0];
+        else MPAR__TRY(mpar_device_measure_flops(ctx, d, &out[d]));
+        if (!(out[d] > 0.0))
+            return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "device %d: throughput must be positive", d);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* What one micro-batch of each layer costs and holds, as the executor
+   allocates it: activations and stash per in-flight micro-batch; the
+   backward buffer once per stage (per micro-batch for zero-bubble). */
+static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc* d, int rows, mpar_plan_layer* out) {
+    int i, split = d->schedule == MPAR_SCHEDULE_ZB_H1;
+    for (i = 0; i < model->count; i++) {
+        const mpar_layer* l = &model->layers[i];
+        uint64_t grad_buffer = (uint64_t)rows * ((uint64_t)l->in_features + l->gstash_per_row) * 4u;
+        uint64_t moments = d->optimizer.kind == MPAR_OPTIMIZER_ADAMW ? 2u : 1u;
+        memset(&out[i], 0, sizeof out[i]);
+        out[i].flops_forward = l->flops_forward * rows;
+        out[i].flops_backward_input = l->flops_backward_input * rows;
+        out[i].flops_backward_weight = l->flops_backward_weight * rows;
+        out[i].param_bytes = (uint64_t)l->param_count * 4u;
+        out[i].optimizer_bytes = (uint64_t)l->param_count * 4u * moments + (split ? 0u : grad_buffer);
+        out[i].activation_bytes =
+            (uint64_t)rows * ((uint64_t)l->in_features + l->stash_per_row) * 4u + (split ? grad_buffer : 0u);
+        out[i].output_bytes = (uint64_t)rows * (uint64_t)l->out_features * 4u;
+    }
+}
+
+MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                       const mpar_plan_options* options, mpar_plan* out) {
+    mpar_plan_options o;
+    mpar_pipeline_desc d;
+    mpar_plan_desc pd;
+    mpar_plan_layer* layers = NULL;
+    mpar_plan_device devices[MPAR__MAX_DEVICES];
+    mpar_plan_link links[MPAR__MAX_DEVICES * MPAR__MAX_DEVICES];
+    double flops[MPAR__MAX_DEVICES];
+    mpar_error err;
+    mpar_result r;
+    int n, a, b, M, rows;
+    if (!ctx || !model || !desc || !out)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan: NULL argument");
+    if (mpar_model_validate(model, &err) != MPAR_SUCCESS) return mpar__fail(ctx, err.code, "%s", err.message);
+    memset(&o, 0, sizeof o);
+    if (options) o = *options;
+    d = *desc;
+    if (d.microbatches <= 0) d.microbatches = 1;
+    if (d.virtual_stages <= 0) d.virtual_stages = 1;
+    if (d.max_batch <= 0) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning needs max_batch > 0");
+    M = d.schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : d.microbatches;
+    rows = (d.max_batch + M - 1) / M * model->desc.seq_len;
+    n = mpar_device_count(ctx);
+    MPAR__TRY(mpar__plan_flops(ctx, &o, flops));
+    for (a = 0; a < n; a++) {
+        devices[a].name = ctx->devices[a].info.name;
+        devices[a].flops_per_second = flops[a];
+        devices[a].memory_bytes = ctx->devices[a].info.global_mem_bytes;
+        devices[a].reserve_bytes = o.reserve_bytes ? o.reserve_bytes : (uint64_t)64 << 20;
+        for (b = 0; b < n; b++) {
+            int staged = ctx->devices[a].info.group != ctx->devices[b].info.group ||
+                         ctx->devices[a].info.type == MPAR_DEVICE_CPU || ctx->devices[b].info.type == MPAR_DEVICE_CPU;
+            links[a * n + b].bandwidth = o.link_bandwidth > 0 ? o.link_bandwidth : staged ? 6e9 : 12e9;
+            links[a * n + b].latency = o.link_latency > 0 ? o.link_latency : 1e-4;
+        }
+    }
+    layers = (mpar_plan_layer*)mpar__alloc(ctx, sizeof(mpar_plan_layer) * (size_t)model->count);
+    if (!layers) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    mpar__plan_layers(model, &d, rows, layers);
+    memset(&pd, 0, sizeof pd);
+    pd.num_layers = model->count, pd.layers = layers;
+    pd.num_devices = n, pd.devices = devices, pd.links = links;
+    pd.measured_forward = o.measured_forward;
+    pd.measured_backward_input = o.measured_backward_input;
+    pd.measured_backward_weight = o.measured_backward_weight;
+    pd.schedule = d.schedule, pd.microbatches = d.microbatches, pd.virtual_stages = d.virtual_stages;
+    pd.mode = o.mode, pd.use_devices = o.use_devices, pd.order = o.order, pd.weights = o.weights;
+    r = mpar_plan_create(&pd, out, &err);
+    mpar__free(ctx, layers);
+    if (r != MPAR_SUCCESS) return mpar__fail(ctx, r, "%s", err.message);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                        int device, double* forward, double* backward_input,
+                                        double* backward_weight) {
+    mpar_stage_desc stages[MPAR__MAX_WORKERS];
+    mpar_pipeline_desc d;
+    mpar_pipeline* p = NULL;
+    mpar_timeline t;
+    mpar_batch batch;
+    int L, i, k, samples, rows, width;
+    void* inputs;
+    int32_t* targets;
+    mpar_result r;
+    if (!ctx || !model || !desc || !forward || !backward_input || !backward_weight)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: NULL argument");
+    L = model->count;
+    if (L > MPAR__MAX_WORKERS)
+        return mpar__fail(ctx, MPAR_ERROR_UNSUPPORTED, "profiling takes at most %d layers (model has %d)",
+                          MPAR__MAX_WORKERS, L);
+    MPAR__TRY(mpar__check_device(ctx, device));
+    d = *desc;
+    samples = (d.max_batch + (d.microbatches > 0 ? d.microbatches : 1) - 1) / (d.microbatches > 0 ? d.microbatches : 1);
+    for (i = 0; i < L; i++) stages[i].device = device, stages[i].first_layer = stages[i].last_layer = i;
+    d.stages = stages, d.stage_count = L, d.plan = NULL, d.schedule = MPAR_SCHEDULE_SEQUENTIAL;
+    d.microbatches = 1, d.virtual_stages = 1, d.max_batch = samples, d.profile = 1, d.inject_fault = 0;
+    rows = samples * model->desc.seq_len;
+    width = model->desc.input_features;
+    inputs = mpar__alloc(ctx, (size_t)rows * (size_t)width * 4);
+    targets = (int32_t*)mpar__alloc(ctx, (size_t)rows * 4);
+    if (!inputs || !targets) {
+        mpar__free(ctx, inputs), mpar__free(ctx, targets);
+        return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
+    memset(inputs, 0, (size_t)rows * (size_t)width * 4); /* zeros are valid tokens and inputs alike */
+    memset(targets, 0, (size_t)rows * 4);
+    batch.inputs = inputs, batch.targets = targets, batch.samples = samples;
+    r = mpar_pipeline_create(ctx, model, &d, &p);
+    for (k = 0; r == MPAR_SUCCESS && k < 3; k++) r = mpar_pipeline_compute_gradients(p, &batch, NULL);
+    if (r == MPAR_SUCCESS) r = mpar_pipeline_get_timeline(p, &t);
+    if (r == MPAR_SUCCESS) {
+        for (i = 0; i < L; i++) forward[i] = backward_input[i] = backward_weight[i] = 0.0;
+        for (k = 0; k < t.event_count; k++) { /* a B is recorded as its input part, then its weight part */
+            const mpar_event* e = &t.events[k];
+            double dt = e->end - e->start;
+            if (e->kind == MPAR_EVENT_FORWARD) forward[e->stage] += dt;
+            else if (e->kind == MPAR_EVENT_BACKWARD && backward_input[e->stage] == 0.0) backward_input[e->stage] = dt;
+            else if (e->kind == MPAR_EVENT_BACKWARD) backward_weight[e->stage] += dt;
+        }
+        mpar_timeline_free(&t);
+    }
+    mpar_pipeline_destroy(p);
+    mpar__free(ctx, inputs), mpar__free(ctx, targets);
+    return r;
 }
 
 #endif /* MPAR_IMPLEMENTATION_DONE */

@@ -224,7 +224,8 @@ static void test_fault_on_last_stage(void** state) {
 
 static void test_bad_input(void** state) {
     mpar_stage_desc gap[2] = {{0, 0, 5}, {1, 7, 13}}, order[2] = {{0, 7, 13}, {1, 0, 6}},
-                    short_[2] = {{0, 0, 5}, {1, 6, 12}}, nodev[2] = {{0, 0, 6}, {9, 7, 13}};
+                    short_[2] = {{0, 0, 5}, {1, 6, 12}}, nodev[2] = {{0, 0, 6}, {9, 7, 13}},
+                    two_ok[2] = {{0, 0, 6}, {1, 7, 13}};
     mpar_pipeline_desc pd;
     mpar_pipeline* p = NULL;
     mpar_batch b;
@@ -245,7 +246,7 @@ static void test_bad_input(void** state) {
     pd.stages = nodev;
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_PLAN);
     assert_non_null(strstr(mpar_last_error(g_ctx), "device 9 does not exist"));
-    pd.stages = order, pd.stages = NULL, pd.stage_count = 0, pd.link_mode = MPAR_LINK_DEVICE_COPY;
+    pd.stages = two_ok, pd.link_mode = MPAR_LINK_DEVICE_COPY;
     assert_int_equal(mpar_pipeline_create(g_ctx_sep, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
     assert_non_null(strstr(mpar_last_error(g_ctx_sep), "do not share"));
     pd.link_mode = (mpar_link_mode)7;
