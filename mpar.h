@@ -384,6 +384,7 @@ MPARDEF mpar_result mpar_model_add_simple(mpar_model* model, const mpar_layer_ty
 /* Whole-model checks: a loss is last, nothing follows it, tokens come first. */
 MPARDEF mpar_result mpar_model_validate(const mpar_model* model, mpar_error* err);
 MPARDEF int mpar_model_layer_count(const mpar_model* model);
+MPARDEF const mpar_model_desc* mpar_model_get_desc(const mpar_model* model);
 MPARDEF const mpar_layer* mpar_model_layer(const mpar_model* model, int index);
 MPARDEF size_t mpar_model_param_count(const mpar_model* model);
 /* The initial parameters of one layer (deterministic from the seed). */
@@ -1021,6 +1022,269 @@ typedef struct mpar_timeline {
    Free with mpar_timeline_free. */
 MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out);
 MPARDEF void mpar_timeline_free(mpar_timeline* t);
+/* ==========================================================================
+   9b. Timeline analysis (pure C, no OpenCL): what a recorded step tells,
+       and three ways to look at it.
+
+   Input is an mpar_timeline (mpar_pipeline_get_timeline, or one built by
+   hand: every function here reads only the struct). From it:
+   - mpar_timeline_get_stats: per stage busy (compute events: F, B, I, W and
+     the optimizer step), transfer (SEND + RECEIVE copies), wait (WAIT: the
+     worker blocked on a link) and idle = step - busy - transfer (waits are
+     part of idle); measured bubble = 1 - sum(busy) / (stages * step), the
+     simulator's definition; the slowest (most busy) stage; device memory.
+     mpar_timeline_get_link_stats: per link direction, bytes, copy times and
+     achieved bandwidth = bytes / (send + receive copy time), the rate of the
+     whole move from one device to the next.
+   - mpar_timeline_simulate / mpar_timeline_predict: the schedule of the
+     timeline run through mpar_simulate with the measured costs, so the
+     predicted bubble sits next to the measured one. Costs per virtual stage
+     are means per action: F, B (both of its parts), I, W; the executor's
+     link copies block its worker, so each copy is charged to the action that
+     makes it (activations to the F of the sender and of the receiver,
+     gradients to the B / I). The link delay of a boundary is the mean
+     hand-off latency: for every receive that had to wait, the time from the
+     end of the send to the start of the receive. The optimizer step per
+     stage is the sum of its two OPTIMIZER_STEP events. The predicted bubble
+     uses the measured compute time over the simulated step (same definition
+     as the measured bubble; the simulation's own bubble_fraction counts the
+     copies as busy).
+   - mpar_timeline_check: the invariants a recorded training or inference
+     step must satisfy (no overlapping compute on a stage, dependencies in
+     time, one forward per virtual stage and micro-batch, each receive after
+     its send ...). Comparisons between a device clock and the host clock, or
+     between two devices, allow `clock_tolerance` seconds of mapping error.
+   - mpar_timeline_print_gantt (terminal), mpar_timeline_write_svg,
+     mpar_timeline_write_chrome_trace (chrome://tracing, ui.perfetto.dev).
+   ========================================================================== */
+#ifndef MPAR_PART_TIMELINE_DECL
+#define MPAR_PART_TIMELINE_DECL
+
+#define MPAR_TIMELINE_MAX_STAGES 64 /* as mpar_timeline.device_bytes */
+
+typedef struct mpar_timeline_stage_stats {
+    double busy;         /* seconds in compute events (F, B, I, W, optimizer) */
+    double transfer;     /* seconds in SEND and RECEIVE copies */
+    double wait;         /* seconds blocked on a link (part of idle) */
+    double idle;         /* step - busy - transfer, at least 0 */
+    double overhead;     /* idle - wait, at least 0: in no event at all (the worker
+                            enqueueing, synchronising, or not scheduled) */
+    int compute_events;
+    size_t device_bytes; /* buffers allocated on the stage's device */
+} mpar_timeline_stage_stats;
+
+typedef struct mpar_timeline_stats {
+    int stages;
+    double step_time;       /* seconds (the timeline's, else the last event's end) */
+    double busy_total;      /* sum of busy over stages */
+    double bubble_fraction; /* 1 - busy_total / (stages * step_time) */
+    double utilisation;     /* 1 - bubble_fraction */
+    int slowest_stage;      /* most busy */
+    size_t peak_device_bytes;
+    mpar_timeline_stage_stats stage[MPAR_TIMELINE_MAX_STAGES];
+} mpar_timeline_stats;
+
+/* One direction of the link at `boundary` (between virtual stages boundary
+   and boundary+1): activations (gradient 0) or gradients (gradient 1). */
+typedef struct mpar_timeline_link_stats {
+    int boundary, gradient;
+    int from_stage, to_stage; /* device stages of the sender and the receiver */
+    int messages;             /* SEND events */
+    int received;             /* RECEIVE events */
+    uint64_t bytes;           /* bytes sent */
+    double send_time;         /* seconds in SEND copies */
+    double receive_time;      /* seconds in RECEIVE copies */
+    double send_wait;         /* sender blocked: link full */
+    double receive_wait;      /* receiver blocked: nothing sent yet */
+    double bandwidth;         /* bytes / (send_time + receive_time), bytes/s; 0 without copies */
+    double handoff_latency;   /* mean send end -> receive start over receives that waited; 0 if none */
+} mpar_timeline_link_stats;
+
+typedef struct mpar_timeline_prediction {
+    double step_time;                /* simulated, seconds */
+    double bubble_fraction;          /* 1 - measured busy / (stages * simulated step) */
+    double measured_step_time;
+    double measured_bubble_fraction;
+} mpar_timeline_prediction;
+
+/* err may be NULL in every function here. Bad timelines (stage, kind,
+   micro-batch, chunk or boundary out of range, end < start, NaN) give
+   MPAR_ERROR_INVALID_ARGUMENT. */
+MPARDEF mpar_result mpar_timeline_get_stats(const mpar_timeline* t, mpar_timeline_stats* out, mpar_error* err);
+/* Link directions: 2 * (stages * virtual_stages - 1), boundaries 0 .. count/2-1. */
+MPARDEF int mpar_timeline_link_count(const mpar_timeline* t);
+MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int boundary, int gradient,
+                                                 mpar_timeline_link_stats* out, mpar_error* err);
+
+/* Builds the timeline's schedule (mpar_schedule_create with its kind, P, M,
+   V) and simulates it with the measured costs (see above). Either output
+   may be NULL; the caller destroys what it receives. */
+MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
+                                           mpar_error* err);
+/* mpar_timeline_simulate, reduced to predicted vs measured step and bubble. */
+MPARDEF mpar_result mpar_timeline_predict(const mpar_timeline* t, mpar_timeline_prediction* out, mpar_error* err);
+
+/* MPAR_ERROR_INVALID_SCHEDULE with the first broken invariant named, e.g.
+   "stage 1: I3 starts at 4.102 ms, before F3 (stage 1) ends (4.350 ms)". A timeline
+   with no backward events is checked as an inference call. */
+MPARDEF mpar_result mpar_timeline_check(const mpar_timeline* t, double clock_tolerance, mpar_error* err);
+
+/* Terminal Gantt chart, `columns` time slices (<= 0: 80). Two lines per
+   stage: the first says what the stage did for at least half of the slice
+   (F forward, B backward, I input gradient, W weight gradient, O optimizer;
+   lower case for odd chunks when interleaved), else the longest of
+   '~' copying over a link, '-' blocked on a link, '.' idle; the second line
+   gives the micro-batch under each compute cell (0-9, a-z, A-Z, then
+   round again). A header with the time axis, a legend and per-stage busy
+   share come with it. */
+MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns);
+/* Stage and link tables, measured vs predicted step and bubble. */
+MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out);
+
+/* Chrome trace JSON (Trace Event Format, "X" events in microseconds): one
+   track per stage (its compute, copies and waits) and one per link
+   direction (its copies), named by metadata events. A slice that runs into
+   the next one of its track (device times are mapped onto the host clock
+   with an error of a few microseconds) is cut where that one starts, so no
+   two slices of a track overlap; args keep the recorded times.
+   MPAR_ERROR_IO when the stream reports an error. */
+MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FILE* out);
+/* A self-contained SVG: one lane per stage with boxes coloured by kind and
+   labelled with the micro-batch, copies and waits as thin bars under them,
+   a time axis in ms, a legend, and the schedule, measured and predicted
+   bubble in the title. */
+MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out);
+
+#endif /* MPAR_PART_TIMELINE_DECL */
+
+
+/* ==========================================================================
+   10. Checkpoints: parameters and optimizer state, one file, written atomically.
+   ========================================================================== */
+/* ==========================================================================
+   10. Checkpoints: a pipeline's whole training state in one file, saved
+       atomically and checked completely before any of it is used.
+
+   The state is kept per layer, never per stage, so a checkpoint saved from
+   one partition (stages, devices, schedule) loads into any other partition
+   of the same model. It holds what resuming needs to continue bit for bit:
+   the parameters, the optimizer moments and the step counter (which also
+   seeds dropout, together with the model seed).
+
+   File format, version 1. Every integer is little-endian, every array is
+   IEEE-754 binary32 little-endian (a big-endian host converts on the way in
+   and out). All offsets are bytes from the start of the file.
+
+   Header, 64 bytes:
+       0  8  magic "MPARCKPT"
+       8  4  format version (1)
+      12  4  header size (64)
+      16  4  writer's mpar version: major << 16 | minor << 8 | patch
+      20  4  byte-order mark 0x01020304 (bytes 04 03 02 01)
+      24  8  file size in bytes, trailer included
+      32  4  layer count L (at least 1)
+      36  4  optimizer kind (0 AdamW, 1 SGD)
+      40  8  step: optimizer steps taken (at most INT_MAX)
+      48  8  model seed
+      56  4  model input_features
+      60  4  model seq_len
+   Layer table, L records in model order, each 56 bytes + its name:
+      +0  4  record size: 56 + name length rounded up to a multiple of 8
+      +4  4  type name length n, 1..255
+      +8  4  in_features          +12  4  out_features
+     +16  8  param_count P
+     +24  8  offset of this layer's data block
+     +32  4  units   +36 4 vocab   +40 4 heads   +44 4 hidden (int32)
+     +48  4  rate (binary32)       +52 4 eps (binary32)
+     +56  n  type name (no NUL), then zeros up to the record size
+   Table checksum, 8 bytes: checksum of bytes [0, end of the table).
+   Data, one block per layer in model order, each following the previous
+   (the first right after the table checksum):
+       PARAMS[P], MOMENT1[P], MOMENT2[P] as binary32 (12·P bytes; MOMENT2
+       is zeros for SGD), then 8 bytes: checksum of those 12·P bytes.
+   Trailer, 16 bytes:
+       "MPAR-END", then the checksum of every byte before it.
+   The layout is canonical: every size, offset and padding byte has exactly
+   one valid value, so the parser accepts no other arrangement.
+
+   Checksum ("mpar64"): h = 0x6D70617263686B31; for each whole 8-byte
+   little-endian word w: h = mix(h ^ w); then the remaining 0-7 bytes,
+   zero-padded to a word t: h = mix(h ^ t); finally h = mix(h ^ length).
+   mix(x): x *= 0x9E3779B97F4A7C15; x ^= x >> 29; x *= 0xBF58476D1CE4E5B9;
+   x ^= x >> 32. Every step is a bijection of h, so any change confined to
+   one 8-byte word (every single-byte error) always changes the checksum.
+
+   Saving writes `path.tmp.<pid>`, fsyncs it, renames it over `path` and
+   fsyncs the folder: a crash at any moment leaves the old file or the new
+   one at `path`, never a mix (a crash may leave the temp file behind).
+   Loading reads the whole file, checks everything (the trailer checksum
+   first, then the layout, the section checksums, then that the model and
+   optimizer match the pipeline's) and only then writes the state; the
+   pipeline's previous state is kept on the host meanwhile and put back if
+   a device write fails, so a load changes all or nothing.
+   ========================================================================== */
+#ifndef MPAR_PART_CHECKPOINT_DECL
+#define MPAR_PART_CHECKPOINT_DECL
+
+#define MPAR_CHECKPOINT_FORMAT_VERSION 1
+#define MPAR_CHECKPOINT_MAX_NAME 255
+
+/* One layer as a checkpoint describes it. */
+typedef struct mpar_checkpoint_layer {
+    char type_name[MPAR_CHECKPOINT_MAX_NAME + 1];
+    int in_features, out_features;
+    int units, vocab, heads, hidden; /* the layer descriptor's fields */
+    float rate, eps;
+    size_t param_count;
+    /* Byte offsets into the checkpoint of PARAMS, MOMENT1 and MOMENT2
+       (each param_count little-endian binary32 values), and of the block's
+       checksum. */
+    size_t params_offset, moment1_offset, moment2_offset, checksum_offset;
+} mpar_checkpoint_layer;
+
+/* What mpar_checkpoint_parse found. */
+typedef struct mpar_checkpoint_info {
+    unsigned format_version;
+    unsigned mpar_version; /* of the writer: major << 16 | minor << 8 | patch */
+    size_t size;           /* bytes, the whole file */
+    int input_features, seq_len;
+    uint64_t seed;
+    mpar_optimizer_kind optimizer;
+    int step;
+    int layer_count;
+    mpar_checkpoint_layer* layers; /* [layer_count]; freed by mpar_checkpoint_info_free */
+} mpar_checkpoint_info;
+
+/* Checks a checkpoint held in memory (no device needed) and describes it.
+   Any input is safe: nothing outside [data, data + size) is read and no
+   allocation exceeds a few times `size`. MPAR_ERROR_CORRUPT says what is
+   wrong and at which byte offset; MPAR_ERROR_UNSUPPORTED is an intact file
+   of a newer format version. `info` may be NULL; on success it must be
+   released with mpar_checkpoint_info_free, on failure it holds nothing. */
+MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_checkpoint_info* info,
+                                          mpar_error* err);
+MPARDEF void mpar_checkpoint_info_free(mpar_checkpoint_info* info);
+/* Copies one layer's PARAMS, MOMENT1 or MOMENT2 (param_count floats) out
+   of a checkpoint parsed into `info`, converting to the host's byte order. */
+MPARDEF mpar_result mpar_checkpoint_get_state(const void* data, size_t size, const mpar_checkpoint_info* info,
+                                              int layer, mpar_state_kind kind, float* out, mpar_error* err);
+/* MPAR_SUCCESS if the checkpoint was saved from this model (layer by layer:
+   type, shapes, parameter counts, descriptor fields; seq_len and seed) with
+   this optimizer kind; MPAR_ERROR_MISMATCH naming the first difference. */
+MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, const mpar_model* model,
+                                          mpar_optimizer_kind optimizer, mpar_error* err);
+/* Saves the pipeline's parameters, optimizer moments and step to `path`,
+   atomically (see above). File errors: MPAR_ERROR_IO naming the path and
+   the system's reason; the file at `path` is then the one before. */
+MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err);
+/* Restores a checkpoint saved from the same model with any partition.
+   MPAR_ERROR_IO (cannot read), MPAR_ERROR_CORRUPT (fails its checks),
+   MPAR_ERROR_MISMATCH (another model or optimizer): the pipeline is then
+   unchanged. */
+MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err);
+
+#endif /* MPAR_PART_CHECKPOINT_DECL */
+
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out);
 
 #ifdef __cplusplus
@@ -2706,6 +2970,7 @@ MPARDEF mpar_result mpar_model_validate(const mpar_model* m, mpar_error* err) {
 }
 
 MPARDEF int mpar_model_layer_count(const mpar_model* m) { return m ? m->count : 0; }
+MPARDEF const mpar_model_desc* mpar_model_get_desc(const mpar_model* m) { return m ? &m->desc : NULL; }
 MPARDEF const mpar_layer* mpar_model_layer(const mpar_model* m, int i) {
     return m && i >= 0 && i < m->count ? &m->layers[i] : NULL;
 }
@@ -6802,6 +7067,1550 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
     mpar__free(ctx, inputs), mpar__free(ctx, targets);
     return r;
 }
+
+#ifndef MPAR_PART_CHECKPOINT_IMPL
+#define MPAR_PART_CHECKPOINT_IMPL
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MPAR__CKPT_MAGIC "MPARCKPT"
+#define MPAR__CKPT_END "MPAR-END"
+#define MPAR__CKPT_BOM 0x01020304u
+#define MPAR__CKPT_HEADER 64u
+#define MPAR__CKPT_RECORD 56u
+#define MPAR__CKPT_TRAILER 16u
+/* header + table checksum + trailer: the smallest file with no layers */
+#define MPAR__CKPT_MIN (MPAR__CKPT_HEADER + 8u + MPAR__CKPT_TRAILER)
+/* the least a layer takes: a record with a 1..8-byte name, a data checksum */
+#define MPAR__CKPT_LAYER_MIN (MPAR__CKPT_RECORD + 8u + 8u)
+#define MPAR__CKPT_HASH_SEED 0x6D70617263686B31ULL
+#ifdef O_CLOEXEC
+#define MPAR__CKPT_CLOEXEC O_CLOEXEC
+#else
+#define MPAR__CKPT_CLOEXEC 0
+#endif
+
+/* ---- little-endian fields ---- */
+static uint32_t mpar__ckpt_rd32(const unsigned char* p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t mpar__ckpt_rd64(const unsigned char* p) {
+    return (uint64_t)mpar__ckpt_rd32(p) | (uint64_t)mpar__ckpt_rd32(p + 4) << 32;
+}
+static void mpar__ckpt_wr32(unsigned char* p, uint32_t v) {
+    p[0] = (unsigned char)v, p[1] = (unsigned char)(v >> 8), p[2] = (unsigned char)(v >> 16),
+    p[3] = (unsigned char)(v >> 24);
+}
+static void mpar__ckpt_wr64(unsigned char* p, uint64_t v) {
+    mpar__ckpt_wr32(p, (uint32_t)v);
+    mpar__ckpt_wr32(p + 4, (uint32_t)(v >> 32));
+}
+static float mpar__ckpt_rdf(const unsigned char* p) {
+    uint32_t u = mpar__ckpt_rd32(p);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static void mpar__ckpt_wrf(unsigned char* p, float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    mpar__ckpt_wr32(p, u);
+}
+static int mpar__ckpt_host_le(void) {
+    const uint32_t one = 1;
+    unsigned char b[4];
+    memcpy(b, &one, 4);
+    return b[0] == 1;
+}
+/* float arrays <-> little-endian bytes */
+static void mpar__ckpt_encode(unsigned char* out, const float* in, size_t n) {
+    size_t i;
+    if (mpar__ckpt_host_le()) {
+        if (n) memcpy(out, in, n * 4);
+        return;
+    }
+    for (i = 0; i < n; i++) mpar__ckpt_wrf(out + 4 * i, in[i]);
+}
+static void mpar__ckpt_decode(float* out, const unsigned char* in, size_t n) {
+    size_t i;
+    if (mpar__ckpt_host_le()) {
+        if (n) memcpy(out, in, n * 4);
+        return;
+    }
+    for (i = 0; i < n; i++) out[i] = mpar__ckpt_rdf(in + 4 * i);
+}
+
+/* ---- the "mpar64" checksum (see the format), streamable ---- */
+typedef struct mpar__ckpt_hash {
+    uint64_t h, length;
+    unsigned char tail[8];
+    unsigned pending;
+} mpar__ckpt_hash;
+
+static uint64_t mpar__ckpt_mix(uint64_t x) {
+    x *= 0x9E3779B97F4A7C15ULL;
+    x ^= x >> 29;
+    x *= 0xBF58476D1CE4E5B9ULL;
+    x ^= x >> 32;
+    return x;
+}
+static void mpar__ckpt_hash_init(mpar__ckpt_hash* s) {
+    memset(s, 0, sizeof *s);
+    s->h = MPAR__CKPT_HASH_SEED;
+}
+static void mpar__ckpt_hash_add(mpar__ckpt_hash* s, const void* data, size_t n) {
+    const unsigned char* p = (const unsigned char*)data;
+    s->length += n;
+    while (s->pending && n) { /* finish a word begun by the previous call */
+        s->tail[s->pending++] = *p++, n--;
+        if (s->pending == 8) s->h = mpar__ckpt_mix(s->h ^ mpar__ckpt_rd64(s->tail)), s->pending = 0;
+    }
+    for (; n >= 8; p += 8, n -= 8) s->h = mpar__ckpt_mix(s->h ^ mpar__ckpt_rd64(p));
+    while (n) s->tail[s->pending++] = *p++, n--;
+}
+static uint64_t mpar__ckpt_hash_end(mpar__ckpt_hash* s) {
+    memset(s->tail + s->pending, 0, 8 - s->pending);
+    s->h = mpar__ckpt_mix(s->h ^ mpar__ckpt_rd64(s->tail));
+    return mpar__ckpt_mix(s->h ^ s->length);
+}
+static uint64_t mpar__ckpt_checksum(const void* data, size_t n) {
+    mpar__ckpt_hash s;
+    mpar__ckpt_hash_init(&s);
+    mpar__ckpt_hash_add(&s, data, n);
+    return mpar__ckpt_hash_end(&s);
+}
+
+/* two's complement int32 -> int, without implementation-defined casts */
+static int mpar__ckpt_int(uint32_t v) { return v & 0x80000000u ? -(int)(~v) - 1 : (int)v; }
+
+static size_t mpar__ckpt_pad8(size_t n) { return (n + 7u) & ~(size_t)7u; }
+
+/* ---- parsing ---- */
+
+/* The header fields after the trailer checksum proved the file intact (or,
+   when diagnosing a checksum failure, to find what is wrong). */
+static mpar_result mpar__ckpt_header(const unsigned char* d, size_t size, mpar_checkpoint_info* in,
+                                     mpar_error* err) {
+    uint32_t v = mpar__ckpt_rd32(d + 8), L = mpar__ckpt_rd32(d + 32), opt = mpar__ckpt_rd32(d + 36);
+    uint64_t step = mpar__ckpt_rd64(d + 40);
+    uint32_t inf = mpar__ckpt_rd32(d + 56), seq = mpar__ckpt_rd32(d + 60);
+    if (v != MPAR_CHECKPOINT_FORMAT_VERSION)
+        return mpar_error_set(err, MPAR_ERROR_UNSUPPORTED, "format version %lu at offset 8; this mpar reads version %d",
+                              (unsigned long)v, MPAR_CHECKPOINT_FORMAT_VERSION);
+    if (mpar__ckpt_rd32(d + 12) != MPAR__CKPT_HEADER)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "header size %lu at offset 12, expected %u",
+                              (unsigned long)mpar__ckpt_rd32(d + 12), MPAR__CKPT_HEADER);
+    if (mpar__ckpt_rd32(d + 20) != MPAR__CKPT_BOM)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "byte-order mark 0x%08lx at offset 20, expected 0x%08x",
+                              (unsigned long)mpar__ckpt_rd32(d + 20), MPAR__CKPT_BOM);
+    if (L == 0 || L > (size - MPAR__CKPT_MIN) / MPAR__CKPT_LAYER_MIN || L > (uint32_t)INT_MAX)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer count %lu at offset 32 is impossible in %lu bytes",
+                              (unsigned long)L, (unsigned long)size);
+    if (opt > (uint32_t)MPAR_OPTIMIZER_SGD)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "unknown optimizer kind %lu at offset 36", (unsigned long)opt);
+    if (step > (uint64_t)INT_MAX)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "step %llu at offset 40 is out of range",
+                              (unsigned long long)step);
+    if (inf == 0 || inf > (uint32_t)INT_MAX || seq == 0 || seq > (uint32_t)INT_MAX)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "model input_features %lu (offset 56) or seq_len %lu (offset "
+                              "60) is out of range", (unsigned long)inf, (unsigned long)seq);
+    in->format_version = v;
+    in->mpar_version = mpar__ckpt_rd32(d + 16);
+    in->size = size;
+    in->layer_count = (int)L;
+    in->optimizer = (mpar_optimizer_kind)opt;
+    in->step = (int)step;
+    in->seed = mpar__ckpt_rd64(d + 48);
+    in->input_features = (int)inf;
+    in->seq_len = (int)seq;
+    return MPAR_SUCCESS;
+}
+
+/* One layer table record at `pos`; `end` is where the trailer begins. */
+static mpar_result mpar__ckpt_record(const unsigned char* d, size_t pos, size_t end, int i, int prev_out,
+                                     mpar_checkpoint_layer* l, size_t* next, mpar_error* err) {
+    const unsigned char* r = d + pos;
+    uint32_t rec, n, k, fields[6];
+    uint64_t P;
+    size_t j;
+    if (end - pos < MPAR__CKPT_RECORD + 8u)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: table record at offset %lu runs past the end", i,
+                              (unsigned long)pos);
+    rec = mpar__ckpt_rd32(r), n = mpar__ckpt_rd32(r + 4);
+    if (n == 0 || n > MPAR_CHECKPOINT_MAX_NAME)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: type name length %lu at offset %lu (1..%d)", i,
+                              (unsigned long)n, (unsigned long)pos + 4, MPAR_CHECKPOINT_MAX_NAME);
+    if (rec != MPAR__CKPT_RECORD + mpar__ckpt_pad8(n))
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: record size %lu at offset %lu, expected %lu", i,
+                              (unsigned long)rec, (unsigned long)pos, (unsigned long)(MPAR__CKPT_RECORD + mpar__ckpt_pad8(n)));
+    if (end - pos < (size_t)rec + 8u)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: table record at offset %lu (%lu bytes) runs past "
+                              "the end", i, (unsigned long)pos, (unsigned long)rec);
+    for (j = 0; j < rec - MPAR__CKPT_RECORD; j++) {
+        unsigned char c = r[MPAR__CKPT_RECORD + j];
+        if ((j < n && c == 0) || (j >= n && c != 0))
+            return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: %s at offset %lu", i,
+                                  j < n ? "NUL inside the type name" : "non-zero padding after the type name",
+                                  (unsigned long)(pos + MPAR__CKPT_RECORD + j));
+    }
+    memcpy(l->type_name, r + MPAR__CKPT_RECORD, n);
+    l->type_name[n] = '\0';
+    for (k = 0; k < 2; k++) {
+        fields[k] = mpar__ckpt_rd32(r + 8 + 4 * k);
+        if (fields[k] == 0 || fields[k] > (uint32_t)INT_MAX)
+            return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: %s %lu at offset %lu is out of range", i,
+                                  k == 0 ? "in_features" : "out_features", (unsigned long)fields[k],
+                                  (unsigned long)(pos + 8 + 4 * k));
+    }
+    for (k = 2; k < 6; k++) fields[k] = mpar__ckpt_rd32(r + 32 + 4 * (k - 2));
+    if ((int)fields[0] != prev_out)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: in_features %lu at offset %lu, but the layer "
+                              "before gives %d", i, (unsigned long)fields[0], (unsigned long)pos + 8, prev_out);
+    l->in_features = (int)fields[0], l->out_features = (int)fields[1];
+    l->units = mpar__ckpt_int(fields[2]), l->vocab = mpar__ckpt_int(fields[3]);
+    l->heads = mpar__ckpt_int(fields[4]), l->hidden = mpar__ckpt_int(fields[5]);
+    l->rate = mpar__ckpt_rdf(r + 48), l->eps = mpar__ckpt_rdf(r + 52);
+    if (!isfinite(l->rate) || !isfinite(l->eps))
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: rate or eps at offset %lu is not finite", i,
+                              (unsigned long)pos + 48);
+    P = mpar__ckpt_rd64(r + 16);
+    if (P > (uint64_t)(end / 12u)) /* 12·P bytes of data must fit */
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: parameter count %llu at offset %lu cannot fit in "
+                              "the file", i, (unsigned long long)P, (unsigned long)pos + 16);
+    l->param_count = (size_t)P;
+    l->checksum_offset = pos; /* until the layout check: where the record is */
+    *next = pos + rec;
+    return MPAR_SUCCESS;
+}
+
+/* Layout and section checksums, after the header. */
+static mpar_result mpar__ckpt_layout(const unsigned char* d, size_t size, mpar_checkpoint_info* in, mpar_error* err) {
+    size_t end = size - MPAR__CKPT_TRAILER, pos = MPAR__CKPT_HEADER, table_end;
+    int i, prev_out = in->input_features;
+    mpar_result r;
+    for (i = 0; i < in->layer_count; i++) {
+        r = mpar__ckpt_record(d, pos, end, i, prev_out, &in->layers[i], &pos, err);
+        if (r != MPAR_SUCCESS) return r;
+        prev_out = in->layers[i].out_features;
+    }
+    table_end = pos; /* the records left room for 8 more bytes */
+    if (mpar__ckpt_rd64(d + table_end) != mpar__ckpt_checksum(d, table_end))
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "header or layer table (bytes 0..%lu) does not match its "
+                              "checksum at offset %lu", (unsigned long)table_end, (unsigned long)table_end);
+    pos = table_end + 8;
+    for (i = 0; i < in->layer_count; i++) {
+        mpar_checkpoint_layer* l = &in->layers[i];
+        size_t bytes = 12u * l->param_count;
+        uint64_t stated = mpar__ckpt_rd64(d + l->checksum_offset + 24);
+        if (stated != (uint64_t)pos)
+            return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d (%s): data offset %llu at offset %lu, expected "
+                                  "%lu", i, l->type_name, (unsigned long long)stated,
+                                  (unsigned long)(l->checksum_offset + 24), (unsigned long)pos);
+        l->params_offset = pos;
+        if (end - pos < 8u || bytes > end - pos - 8u)
+            return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d (%s): data at offset %lu (%lu bytes) runs past "
+                                  "the end", i, l->type_name, (unsigned long)pos, (unsigned long)bytes + 8);
+        l->moment1_offset = pos + 4u * l->param_count;
+        l->moment2_offset = pos + 8u * l->param_count;
+        l->checksum_offset = pos + bytes;
+        if (mpar__ckpt_rd64(d + pos + bytes) != mpar__ckpt_checksum(d + pos, bytes))
+            return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d (%s): data (bytes %lu..%lu) does not match its "
+                                  "checksum at offset %lu", i, l->type_name, (unsigned long)pos,
+                                  (unsigned long)(pos + bytes), (unsigned long)(pos + bytes));
+        pos += bytes + 8u;
+    }
+    if (pos != end)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "%lu unexpected bytes between the last layer's data (ends at "
+                              "offset %lu) and the trailer", (unsigned long)(end - pos), (unsigned long)pos);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__ckpt_body(const unsigned char* d, size_t size, mpar_checkpoint_info* in, mpar_error* err) {
+    mpar_result r = mpar__ckpt_header(d, size, in, err);
+    if (r != MPAR_SUCCESS) return r;
+    /* bounded: layer_count <= size / MPAR__CKPT_LAYER_MIN */
+    if ((size_t)in->layer_count > (size_t)-1 / sizeof(mpar_checkpoint_layer))
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer count %d is too large", in->layer_count);
+    in->layers = (mpar_checkpoint_layer*)MPAR_MALLOC(sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
+    if (!in->layers) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(in->layers, 0, sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
+    r = mpar__ckpt_layout(d, size, in, err);
+    if (r != MPAR_SUCCESS) {
+        MPAR_FREE(in->layers);
+        in->layers = NULL;
+    }
+    return r;
+}
+
+MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_checkpoint_info* info,
+                                          mpar_error* err) {
+    const unsigned char* d = (const unsigned char*)data;
+    mpar_checkpoint_info in;
+    uint64_t stated;
+    mpar_result r;
+    if (info) memset(info, 0, sizeof *info);
+    if (!data && size) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_parse: data is NULL");
+    memset(&in, 0, sizeof in);
+    if (size < MPAR__CKPT_MIN)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "truncated: the file ends at offset %lu, a checkpoint has at least %u bytes",
+                              (unsigned long)size, MPAR__CKPT_MIN);
+    if (memcmp(d, MPAR__CKPT_MAGIC, 8) != 0)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "not an mpar checkpoint: bad magic at offset 0");
+    stated = mpar__ckpt_rd64(d + 24);
+    if (stated > (uint64_t)size)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "truncated: the header (offset 24) says %llu bytes, there are "
+                              "%lu", (unsigned long long)stated, (unsigned long)size);
+    if (stated < (uint64_t)size)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "%lu bytes of trailing garbage from offset %llu (the size "
+                              "stated at offset 24)", (unsigned long)(size - (size_t)stated),
+                              (unsigned long long)stated);
+    if (memcmp(d + size - MPAR__CKPT_TRAILER, MPAR__CKPT_END, 8) != 0)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "no end marker at offset %lu",
+                              (unsigned long)(size - MPAR__CKPT_TRAILER));
+    if (mpar__ckpt_rd64(d + size - 8) != mpar__ckpt_checksum(d, size - 8)) {
+        /* Say where, when a section checksum or the layout can tell. */
+        mpar_error why;
+        why.message[0] = '\0';
+        r = mpar__ckpt_body(d, size, &in, &why);
+        if (r == MPAR_SUCCESS) MPAR_FREE(in.layers);
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "checksum of the whole file (at offset %lu) does not match%s%s",
+                              (unsigned long)(size - 8), r == MPAR_SUCCESS ? "" : ": ", r == MPAR_SUCCESS ? "" : why.message);
+    }
+    r = mpar__ckpt_body(d, size, &in, err);
+    if (r != MPAR_SUCCESS) return r;
+    if (info) *info = in;
+    else MPAR_FREE(in.layers);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF void mpar_checkpoint_info_free(mpar_checkpoint_info* info) {
+    if (!info) return;
+    MPAR_FREE(info->layers);
+    info->layers = NULL;
+    info->layer_count = 0;
+}
+
+MPARDEF mpar_result mpar_checkpoint_get_state(const void* data, size_t size, const mpar_checkpoint_info* info,
+                                              int layer, mpar_state_kind kind, float* out, mpar_error* err) {
+    const mpar_checkpoint_layer* l;
+    size_t off;
+    if (!data || !info || !info->layers || layer < 0 || layer >= info->layer_count)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_get_state: NULL argument or no "
+                              "layer %d", layer);
+    l = &info->layers[layer];
+    off = kind == MPAR_STATE_PARAMS ? l->params_offset : kind == MPAR_STATE_MOMENT1 ? l->moment1_offset
+        : kind == MPAR_STATE_MOMENT2 ? l->moment2_offset : (size_t)-1;
+    if (off == (size_t)-1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "a checkpoint holds no state of kind %d", (int)kind);
+    if (l->param_count == 0) return MPAR_SUCCESS;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_get_state: out is NULL");
+    if (off > size || l->param_count > (size - off) / 4u)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "layer %d: state at offset %lu lies outside the %lu "
+                              "bytes given", layer, (unsigned long)off, (unsigned long)size);
+    mpar__ckpt_decode(out, (const unsigned char*)data + off, l->param_count);
+    return MPAR_SUCCESS;
+}
+
+/* ---- model matching ---- */
+
+/* The model's seed. mpar.h has no public getter for the model descriptor
+   yet; this reads it from the implementation's struct. */
+static uint64_t mpar__ckpt_model_seed(const mpar_model* m) { return mpar_model_get_desc(m)->seed; }
+
+static int mpar__ckpt_same_float(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
+
+static mpar_result mpar__ckpt_match_layer(const mpar_checkpoint_layer* c, const mpar_layer* l, int i,
+                                          mpar_error* err) {
+    const mpar_layer_desc* d = &l->desc;
+    const char* name = l->type && l->type->name ? l->type->name : "?";
+    if (strcmp(c->type_name, name) != 0 || c->in_features != l->in_features || c->out_features != l->out_features ||
+        c->param_count != l->param_count)
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "layer %d differs: the checkpoint has %s %d->%d with %lu "
+                              "parameters, the model %s %d->%d with %lu", i, c->type_name, c->in_features,
+                              c->out_features, (unsigned long)c->param_count, name, l->in_features, l->out_features,
+                              (unsigned long)l->param_count);
+    if (c->units != d->units || c->vocab != d->vocab || c->heads != d->heads || c->hidden != d->hidden ||
+        !mpar__ckpt_same_float(c->rate, d->rate) || !mpar__ckpt_same_float(c->eps, d->eps))
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "layer %d (%s) differs: the checkpoint has units %d vocab %d "
+                              "heads %d hidden %d rate %g eps %g, the model units %d vocab %d heads %d hidden %d "
+                              "rate %g eps %g", i, name, c->units, c->vocab, c->heads, c->hidden, (double)c->rate,
+                              (double)c->eps, d->units, d->vocab, d->heads, d->hidden, (double)d->rate, (double)d->eps);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, const mpar_model* model,
+                                          mpar_optimizer_kind optimizer, mpar_error* err) {
+    int n, i;
+    const mpar_layer* first;
+    if (!info || !model || !info->layers)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_match: NULL argument");
+    n = mpar_model_layer_count(model);
+    for (i = 0; i < n && i < info->layer_count; i++) {
+        mpar_result r = mpar__ckpt_match_layer(&info->layers[i], mpar_model_layer(model, i), i, err);
+        if (r != MPAR_SUCCESS) return r;
+    }
+    if (n != info->layer_count)
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "the checkpoint has %d layers, the model %d: layer %d (%s) "
+                              "is missing from the %s", info->layer_count, n, i,
+                              n > i ? mpar_model_layer(model, i)->type->name : info->layers[i].type_name,
+                              n > i ? "checkpoint" : "model");
+    first = mpar_model_layer(model, 0);
+    if (first && first->seq_len != info->seq_len)
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "seq_len differs: %d in the checkpoint, %d in the model",
+                              info->seq_len, first->seq_len);
+    if (mpar__ckpt_model_seed(model) != info->seed)
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "model seed differs: %llu in the checkpoint, %llu in the model "
+                              "(dropout would not resume the same stream)", (unsigned long long)info->seed,
+                              (unsigned long long)mpar__ckpt_model_seed(model));
+    if (optimizer != info->optimizer)
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "optimizer differs: %s in the checkpoint, %s in the pipeline",
+                              info->optimizer == MPAR_OPTIMIZER_ADAMW ? "AdamW" : "SGD",
+                              optimizer == MPAR_OPTIMIZER_ADAMW ? "AdamW" : "SGD");
+    return MPAR_SUCCESS;
+}
+
+/* ---- saving ---- */
+
+typedef struct mpar__ckpt_out {
+    int fd;
+    const char* path; /* for messages */
+    const char* tmp;
+    mpar__ckpt_hash file; /* everything written so far */
+} mpar__ckpt_out;
+
+static mpar_result mpar__ckpt_io(mpar_error* err, const char* what, const char* path, const char* tmp, int e) {
+    return mpar_error_set(err, MPAR_ERROR_IO, "checkpoint '%s': %s%s%s%s: %s", path, what, tmp ? " '" : "",
+                          tmp ? tmp : "", tmp ? "'" : "", strerror(e));
+}
+
+static mpar_result mpar__ckpt_write(mpar__ckpt_out* o, const void* data, size_t n, mpar_error* err) {
+    const unsigned char* p = (const unsigned char*)data;
+    mpar__ckpt_hash_add(&o->file, data, n);
+    while (n) {
+        size_t chunk = n < ((size_t)1 << 30) ? n : ((size_t)1 << 30);
+        ssize_t w = write(o->fd, p, chunk);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return mpar__ckpt_io(err, "cannot write the temp file", o->path, o->tmp, w < 0 ? errno : EIO);
+        p += w, n -= (size_t)w;
+    }
+    return MPAR_SUCCESS;
+}
+
+/* Header, layer table and table checksum, built in memory. */
+static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, uint64_t* file_size, size_t* max_params,
+                                       mpar_result* code, mpar_error* err) {
+    const mpar_model* m = mpar_pipeline_model(p);
+    int L = mpar_model_layer_count(m), i;
+    size_t T = MPAR__CKPT_HEADER, pos;
+    uint64_t data = 0;
+    unsigned char* t;
+    *max_params = 0;
+    if (L < 1) {
+        *code = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "the pipeline's model has no layers");
+        return NULL;
+    }
+    for (i = 0; i < L; i++) {
+        const mpar_layer* l = mpar_model_layer(m, i);
+        size_t n = l->type && l->type->name ? strlen(l->type->name) : 0;
+        if (n == 0 || n > MPAR_CHECKPOINT_MAX_NAME) {
+            *code = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "layer %d: its type name must have 1..%d "
+                                   "characters to be saved", i, MPAR_CHECKPOINT_MAX_NAME);
+            return NULL;
+        }
+        T += MPAR__CKPT_RECORD + mpar__ckpt_pad8(n);
+        data += 12u * (uint64_t)l->param_count + 8u;
+        if (l->param_count > *max_params) *max_params = l->param_count;
+    }
+    t = (unsigned char*)MPAR_MALLOC(T + 8);
+    if (!t) {
+        *code = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        return NULL;
+    }
+    memset(t, 0, T + 8);
+    *table_bytes = T + 8;
+    *file_size = (uint64_t)T + 8u + data + MPAR__CKPT_TRAILER;
+    memcpy(t, MPAR__CKPT_MAGIC, 8);
+    mpar__ckpt_wr32(t + 8, MPAR_CHECKPOINT_FORMAT_VERSION);
+    mpar__ckpt_wr32(t + 12, MPAR__CKPT_HEADER);
+    mpar__ckpt_wr32(t + 16, (uint32_t)(MPAR_VERSION_MAJOR << 16 | MPAR_VERSION_MINOR << 8 | MPAR_VERSION_PATCH));
+    mpar__ckpt_wr32(t + 20, MPAR__CKPT_BOM);
+    mpar__ckpt_wr64(t + 24, *file_size);
+    mpar__ckpt_wr32(t + 32, (uint32_t)L);
+    mpar__ckpt_wr32(t + 36, (uint32_t)mpar_pipeline_get_desc(p)->optimizer.kind);
+    mpar__ckpt_wr64(t + 40, (uint64_t)mpar_pipeline_get_step(p));
+    mpar__ckpt_wr64(t + 48, mpar__ckpt_model_seed(m));
+    mpar__ckpt_wr32(t + 56, (uint32_t)mpar_model_layer(m, 0)->in_features);
+    mpar__ckpt_wr32(t + 60, (uint32_t)mpar_model_layer(m, 0)->seq_len);
+    data = T + 8;
+    for (i = 0, pos = MPAR__CKPT_HEADER; i < L; i++) {
+        const mpar_layer* l = mpar_model_layer(m, i);
+        size_t n = strlen(l->type->name);
+        unsigned char* r = t + pos;
+        mpar__ckpt_wr32(r, (uint32_t)(MPAR__CKPT_RECORD + mpar__ckpt_pad8(n)));
+        mpar__ckpt_wr32(r + 4, (uint32_t)n);
+        mpar__ckpt_wr32(r + 8, (uint32_t)l->in_features);
+        mpar__ckpt_wr32(r + 12, (uint32_t)l->out_features);
+        mpar__ckpt_wr64(r + 16, (uint64_t)l->param_count);
+        mpar__ckpt_wr64(r + 24, data);
+        mpar__ckpt_wr32(r + 32, (uint32_t)l->desc.units);
+        mpar__ckpt_wr32(r + 36, (uint32_t)l->desc.vocab);
+        mpar__ckpt_wr32(r + 40, (uint32_t)l->desc.heads);
+        mpar__ckpt_wr32(r + 44, (uint32_t)l->desc.hidden);
+        mpar__ckpt_wrf(r + 48, l->desc.rate);
+        mpar__ckpt_wrf(r + 52, l->desc.eps);
+        memcpy(r + MPAR__CKPT_RECORD, l->type->name, n);
+        pos += MPAR__CKPT_RECORD + mpar__ckpt_pad8(n);
+        data += 12u * (uint64_t)l->param_count + 8u;
+    }
+    mpar__ckpt_wr64(t + T, mpar__ckpt_checksum(t, T));
+    return t;
+}
+
+/* Every layer's data block, then the trailer. */
+static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, size_t max_params, mpar_error* err) {
+    const mpar_model* m = mpar_pipeline_model(p);
+    static const mpar_state_kind kinds[3] = {MPAR_STATE_PARAMS, MPAR_STATE_MOMENT1, MPAR_STATE_MOMENT2};
+    float* f = (float*)MPAR_MALLOC(max_params ? max_params * sizeof(float) : 1);
+    unsigned char* b = (unsigned char*)MPAR_MALLOC(max_params ? 12u * max_params : 1);
+    unsigned char sum[8], trailer[MPAR__CKPT_TRAILER];
+    mpar_result r = MPAR_SUCCESS;
+    int i, k;
+    if (!f || !b) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    for (i = 0; r == MPAR_SUCCESS && i < mpar_model_layer_count(m); i++) {
+        size_t n = mpar_model_layer(m, i)->param_count;
+        for (k = 0; r == MPAR_SUCCESS && k < 3 && n; k++) {
+            r = mpar_pipeline_read_state(p, i, kinds[k], f);
+            if (r != MPAR_SUCCESS)
+                mpar_error_set(err, r, "checkpoint '%s': reading layer %d's state from its device failed: %s",
+                               o->path, i, mpar_result_string(r));
+            else mpar__ckpt_encode(b + 4u * n * (size_t)k, f, n);
+        }
+        if (r != MPAR_SUCCESS) break;
+        mpar__ckpt_wr64(sum, mpar__ckpt_checksum(b, 12u * n));
+        r = mpar__ckpt_write(o, b, 12u * n, err);
+        if (r == MPAR_SUCCESS) r = mpar__ckpt_write(o, sum, 8, err);
+    }
+    if (r == MPAR_SUCCESS) {
+        mpar__ckpt_hash whole;
+        memcpy(trailer, MPAR__CKPT_END, 8);
+        r = mpar__ckpt_write(o, trailer, 8, err);
+        whole = o->file; /* everything before the checksum */
+        mpar__ckpt_wr64(trailer + 8, mpar__ckpt_hash_end(&whole));
+        if (r == MPAR_SUCCESS) r = mpar__ckpt_write(o, trailer + 8, 8, err);
+    }
+    MPAR_FREE(f);
+    MPAR_FREE(b);
+    return r;
+}
+
+/* fsync the folder holding `path`, so that the rename itself is durable. */
+static int mpar__ckpt_sync_dir(const char* path) {
+    const char* slash = strrchr(path, '/');
+    char* dir;
+    size_t n = slash ? (size_t)(slash - path) : 1;
+    int fd, rc = 0, e = 0;
+    if (slash && n == 0) n = 1; /* "/file" */
+    dir = (char*)MPAR_MALLOC(n + 1);
+    if (!dir) return ENOMEM;
+    memcpy(dir, slash ? path : ".", n);
+    dir[n] = '\0';
+    fd = open(dir, O_RDONLY);
+    if (fd < 0) e = errno;
+    else {
+        rc = fsync(fd);
+        if (rc != 0 && errno != EINVAL && errno != EBADF) e = errno; /* some file systems cannot sync folders */
+        close(fd);
+    }
+    MPAR_FREE(dir);
+    return e;
+}
+
+static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar__ckpt_out o;
+    unsigned char* table;
+    size_t table_bytes = 0, max_params = 0, n;
+    uint64_t file_size = 0;
+    char* tmp;
+    mpar_result r;
+    int e;
+    if (!p || !path || !*path)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_save_checkpoint: NULL pipeline or path");
+    table = mpar__ckpt_table(p, &table_bytes, &file_size, &max_params, &r, err);
+    if (!table) return r;
+    n = strlen(path) + 32;
+    tmp = (char*)MPAR_MALLOC(n);
+    if (!tmp) {
+        MPAR_FREE(table);
+        return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
+    snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
+    o.path = path, o.tmp = tmp;
+    mpar__ckpt_hash_init(&o.file);
+    o.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | MPAR__CKPT_CLOEXEC, 0666);
+    if (o.fd < 0) {
+        r = mpar__ckpt_io(err, "cannot create the temp file", path, tmp, errno);
+        MPAR_FREE(table), MPAR_FREE(tmp);
+        return r;
+    }
+    r = mpar__ckpt_write(&o, table, table_bytes, err);
+    MPAR_FREE(table);
+    if (r == MPAR_SUCCESS) r = mpar__ckpt_write_data(p, &o, max_params, err);
+    if (r == MPAR_SUCCESS && o.file.length != file_size) /* the model changed under us? */
+        r = mpar_error_set(err, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': wrote %llu bytes, planned %llu", path,
+                           (unsigned long long)o.file.length, (unsigned long long)file_size);
+    if (r == MPAR_SUCCESS && fsync(o.fd) != 0) r = mpar__ckpt_io(err, "cannot fsync the temp file", path, tmp, errno);
+    if (close(o.fd) != 0 && r == MPAR_SUCCESS) r = mpar__ckpt_io(err, "cannot close the temp file", path, tmp, errno);
+    if (r == MPAR_SUCCESS && rename(tmp, path) != 0)
+        r = mpar__ckpt_io(err, "cannot rename the temp file", path, tmp, errno);
+    if (r != MPAR_SUCCESS) {
+        unlink(tmp); /* the file at `path`, if any, is untouched */
+        MPAR_FREE(tmp);
+        return r;
+    }
+    MPAR_FREE(tmp);
+    e = mpar__ckpt_sync_dir(path);
+    if (e) return mpar__ckpt_io(err, "saved, but cannot fsync its folder", path, NULL, e);
+    return MPAR_SUCCESS;
+}
+
+/* ---- loading ---- */
+
+static mpar_result mpar__ckpt_read_file(const char* path, unsigned char** out, size_t* size, mpar_error* err) {
+    struct stat st;
+    unsigned char* d;
+    size_t n, got = 0;
+    int fd = open(path, O_RDONLY | MPAR__CKPT_CLOEXEC);
+    *out = NULL, *size = 0;
+    if (fd < 0) return mpar__ckpt_io(err, "cannot open", path, NULL, errno);
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return mpar__ckpt_io(err, "cannot stat", path, NULL, e);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return mpar__ckpt_io(err, "not a regular file", path, NULL, EINVAL);
+    }
+    if ((uint64_t)st.st_size > (uint64_t)((size_t)-1 / 2)) {
+        close(fd);
+        return mpar__ckpt_io(err, "too large to read", path, NULL, EFBIG);
+    }
+    n = (size_t)st.st_size;
+    d = (unsigned char*)MPAR_MALLOC(n ? n : 1);
+    if (!d) {
+        close(fd);
+        return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "checkpoint '%s': out of host memory for %lu bytes",
+                              path, (unsigned long)n);
+    }
+    while (got < n) {
+        ssize_t k = read(fd, d + got, n - got);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) {
+            int e = errno;
+            close(fd), MPAR_FREE(d);
+            return mpar__ckpt_io(err, "cannot read", path, NULL, e);
+        }
+        if (k == 0) break; /* shrank while reading: the parser reports the truncation */
+        got += (size_t)k;
+    }
+    close(fd);
+    *out = d, *size = got;
+    return MPAR_SUCCESS;
+}
+
+/* Reads (write = 0) or writes every layer's three state arrays between the
+   pipeline and `host`, laid out as in the file (12·P bytes per layer, host
+   floats). */
+static mpar_result mpar__ckpt_state_io(mpar_pipeline* p, float* host, int write) {
+    const mpar_model* m = mpar_pipeline_model(p);
+    int i, k;
+    for (i = 0; i < mpar_model_layer_count(m); i++) {
+        size_t n = mpar_model_layer(m, i)->param_count;
+        for (k = 0; k < 3 && n; k++) {
+            mpar_state_kind kind = k == 0 ? MPAR_STATE_PARAMS : k == 1 ? MPAR_STATE_MOMENT1 : MPAR_STATE_MOMENT2;
+            mpar_result r = write ? mpar_pipeline_write_state(p, i, kind, host) : mpar_pipeline_read_state(p, i, kind, host);
+            if (r != MPAR_SUCCESS) return r;
+            host += n;
+        }
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__ckpt_apply(mpar_pipeline* p, const unsigned char* d, size_t size,
+                                    const mpar_checkpoint_info* info, const char* path, mpar_error* err) {
+    size_t total = 3u * mpar_model_param_count(mpar_pipeline_model(p)), at = 0;
+    float* next = (float*)MPAR_MALLOC(total ? total * sizeof(float) : 1);
+    float* backup = (float*)MPAR_MALLOC(total ? total * sizeof(float) : 1);
+    int old_step = mpar_pipeline_get_step(p), i;
+    mpar_result r = MPAR_SUCCESS;
+    if (!next || !backup) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    for (i = 0; r == MPAR_SUCCESS && i < info->layer_count; i++) {
+        size_t n = info->layers[i].param_count;
+        r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_PARAMS, next + at, err);
+        if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + at + n, err);
+        if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + at + 2 * n, err);
+        at += 3u * n;
+    }
+    if (r == MPAR_SUCCESS) {
+        r = mpar__ckpt_state_io(p, backup, 0);
+        if (r != MPAR_SUCCESS)
+            mpar_error_set(err, r, "checkpoint '%s': reading the pipeline's current state failed (%s); nothing was "
+                           "changed", path, mpar_result_string(r));
+    }
+    if (r == MPAR_SUCCESS) {
+        r = mpar__ckpt_state_io(p, next, 1);
+        if (r == MPAR_SUCCESS) r = mpar_pipeline_set_step(p, info->step);
+        if (r != MPAR_SUCCESS) {
+            mpar_result back = mpar__ckpt_state_io(p, backup, 1);
+            mpar_pipeline_set_step(p, old_step);
+            mpar_error_set(err, r, "checkpoint '%s': writing the state to the devices failed (%s); %s", path,
+                           mpar_result_string(r), back == MPAR_SUCCESS ? "the previous state was put back"
+                                                                       : "the previous state could not be put back");
+        }
+    }
+    MPAR_FREE(next);
+    MPAR_FREE(backup);
+    return r;
+}
+
+static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_error* err) {
+    unsigned char* d;
+    size_t size;
+    mpar_checkpoint_info info;
+    mpar_error why, detail;
+    mpar_result r;
+    if (!p || !path)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_load_checkpoint: NULL pipeline or path");
+    r = mpar__ckpt_read_file(path, &d, &size, err);
+    if (r != MPAR_SUCCESS) return r;
+    why.message[0] = '\0';
+    r = mpar_checkpoint_parse(d, size, &info, &why);
+    if (r == MPAR_SUCCESS) {
+        r = mpar_checkpoint_match(&info, mpar_pipeline_model(p), mpar_pipeline_get_desc(p)->optimizer.kind, &detail);
+        if (r == MPAR_SUCCESS) r = mpar__ckpt_apply(p, d, size, &info, path, &why);
+        else mpar_error_set(&why, r, "is for another model or optimizer: %.900s", detail.message);
+        mpar_checkpoint_info_free(&info);
+    }
+    MPAR_FREE(d);
+    if (r != MPAR_SUCCESS && strncmp(why.message, "checkpoint '", 12) != 0)
+        return mpar_error_set(err, r, "checkpoint '%s': %.900s", path, why.message);
+    if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", why.message);
+    return MPAR_SUCCESS;
+}
+
+#endif /* MPAR_PART_CHECKPOINT_IMPL */
+
+/* The public entry points also record the failure on the context, so that
+   mpar_last_error tells it like every other call; a load also drops any
+   gradients computed for the state it replaces. */
+MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_error local;
+    mpar_result r = mpar__ckpt_save(p, path, &local);
+    if (r != MPAR_SUCCESS) {
+        if (p) mpar__fail(p->ctx, r, "%s", local.message);
+        if (err) *err = local;
+    }
+    return r;
+}
+
+MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_error local;
+    mpar_result r = mpar__ckpt_load(p, path, &local);
+    if (r != MPAR_SUCCESS) {
+        if (p) mpar__fail(p->ctx, r, "%s", local.message);
+        if (err) *err = local;
+        return r;
+    }
+    p->grads_ready = 0;
+    return MPAR_SUCCESS;
+}
+
+#ifndef MPAR_PART_TIMELINE_IMPL
+#define MPAR_PART_TIMELINE_IMPL
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int mpar__tl_is_compute(mpar_event_kind k) { return k <= MPAR_EVENT_OPTIMIZER_STEP; }
+static int mpar__tl_is_copy(mpar_event_kind k) { return k == MPAR_EVENT_SEND || k == MPAR_EVENT_RECEIVE; }
+static int mpar__tl_is_link(mpar_event_kind k) { return k >= MPAR_EVENT_SEND && k <= MPAR_EVENT_WAIT; }
+static int mpar__tl_is_backward(mpar_event_kind k) {
+    return k == MPAR_EVENT_BACKWARD || k == MPAR_EVENT_BACKWARD_INPUT || k == MPAR_EVENT_BACKWARD_WEIGHT;
+}
+static int mpar__tl_vs_count(const mpar_timeline* t) { return t->stages * t->virtual_stages; }
+static int mpar__tl_vstage(const mpar_timeline* t, const mpar_event* e) { return e->chunk * t->stages + e->stage; }
+/* Virtual stage that sends / receives over a link event's boundary. */
+static int mpar__tl_sender(const mpar_event* e) { return e->gradient ? e->boundary + 1 : e->boundary; }
+static int mpar__tl_receiver(const mpar_event* e) { return e->gradient ? e->boundary : e->boundary + 1; }
+static double mpar__tl_ms(double seconds) { return seconds * 1e3; }
+
+static const char* mpar__tl_kind_name(mpar_event_kind k) {
+    static const char* names[] = {"forward", "backward", "backward_input", "backward_weight",
+                                  "optimizer",  "send",     "receive",        "wait"};
+    return (int)k >= 0 && k <= MPAR_EVENT_WAIT ? names[k] : "unknown";
+}
+
+/* "F3", "I3.1" (chunk shown when interleaved), "OPT", "send A3", "recv G3",
+   "wait A3" (A: activations, G: gradients). */
+static void mpar__tl_name(const mpar_timeline* t, const mpar_event* e, char* buf, size_t size) {
+    static const char letters[] = "FBIW";
+    if (e->kind == MPAR_EVENT_OPTIMIZER_STEP)
+        snprintf(buf, size, "OPT");
+    else if (mpar__tl_is_compute(e->kind) && t->virtual_stages > 1)
+        snprintf(buf, size, "%c%d.%d", letters[e->kind], e->microbatch, e->chunk);
+    else if (mpar__tl_is_compute(e->kind))
+        snprintf(buf, size, "%c%d", letters[e->kind], e->microbatch);
+    else
+        snprintf(buf, size, "%s %c%d", e->kind == MPAR_EVENT_SEND ? "send" : e->kind == MPAR_EVENT_RECEIVE ? "recv" : "wait",
+                 e->gradient ? 'G' : 'A', e->microbatch);
+}
+
+static double mpar__tl_step(const mpar_timeline* t) {
+    double step = t->step_time;
+    int i;
+    if (step > 0.0) return step;
+    for (i = 0; i < t->event_count; i++)
+        if (t->events[i].end > step) step = t->events[i].end;
+    return step;
+}
+
+/* Shape of the struct and of every event; the other functions rely on it. */
+static mpar_result mpar__tl_check_shape(const mpar_timeline* t, const char* fn, mpar_error* err) {
+    int i, VS;
+    if (!t) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: timeline is NULL", fn);
+    if (t->stages < 1 || t->stages > MPAR_TIMELINE_MAX_STAGES || t->virtual_stages < 1 || t->microbatches < 1 ||
+        t->event_count < 0 || (t->event_count > 0 && !t->events) || t->virtual_stages > 4096 ||
+        t->microbatches > (1 << 20))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: bad timeline shape (stages %d, virtual stages %d, micro-batches %d, %d events)", fn,
+                              t->stages, t->virtual_stages, t->microbatches, t->event_count);
+    VS = mpar__tl_vs_count(t);
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        const char* bad = NULL;
+        if ((int)e->kind < 0 || (int)e->kind > (int)MPAR_EVENT_WAIT) bad = "kind";
+        else if (e->stage < 0 || e->stage >= t->stages) bad = "stage";
+        else if (!(e->start >= -1e9 && e->start <= 1e9 && e->end >= e->start && e->end <= 1e9)) bad = "times";
+        else if (e->chunk < 0 || e->chunk >= t->virtual_stages) bad = "chunk";
+        else if (e->kind != MPAR_EVENT_OPTIMIZER_STEP && (e->microbatch < 0 || e->microbatch >= t->microbatches))
+            bad = "micro-batch";
+        else if (mpar__tl_is_link(e->kind) && (e->boundary < 0 || e->boundary >= VS - 1 || e->gradient < 0 ||
+                                                e->gradient > 1))
+            bad = "boundary";
+        if (bad)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                                  "%s: event %d (kind %d, stage %d) has a bad %s", fn, i, (int)e->kind, e->stage, bad);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* ---- statistics ---- */
+
+MPARDEF mpar_result mpar_timeline_get_stats(const mpar_timeline* t, mpar_timeline_stats* out, mpar_error* err) {
+    mpar_result r;
+    int i, s;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_timeline_get_stats: out is NULL");
+    memset(out, 0, sizeof *out);
+    r = mpar__tl_check_shape(t, "mpar_timeline_get_stats", err);
+    if (r != MPAR_SUCCESS) return r;
+    out->stages = t->stages;
+    out->step_time = mpar__tl_step(t);
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        mpar_timeline_stage_stats* st = &out->stage[e->stage];
+        double d = e->end - e->start;
+        if (mpar__tl_is_compute(e->kind)) st->busy += d, st->compute_events++;
+        else if (mpar__tl_is_copy(e->kind)) st->transfer += d;
+        else st->wait += d;
+    }
+    for (s = 0; s < t->stages; s++) {
+        mpar_timeline_stage_stats* st = &out->stage[s];
+        st->idle = out->step_time - st->busy - st->transfer;
+        if (st->idle < 0.0) st->idle = 0.0;
+        st->overhead = st->idle > st->wait ? st->idle - st->wait : 0.0;
+        st->device_bytes = t->device_bytes[s];
+        if (st->device_bytes > out->peak_device_bytes) out->peak_device_bytes = st->device_bytes;
+        out->busy_total += st->busy;
+        if (st->busy > out->stage[out->slowest_stage].busy) out->slowest_stage = s;
+    }
+    out->bubble_fraction = out->step_time > 0.0 ? 1.0 - out->busy_total / (t->stages * out->step_time) : 0.0;
+    out->utilisation = 1.0 - out->bubble_fraction;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF int mpar_timeline_link_count(const mpar_timeline* t) {
+    if (!t || t->stages < 1 || t->virtual_stages < 1) return 0;
+    return 2 * (mpar__tl_vs_count(t) - 1);
+}
+
+/* Index of the event of `kind` for (boundary, gradient, micro-batch) on
+   stage `stage` (any stage when < 0), or -1. */
+static int mpar__tl_find_link(const mpar_timeline* t, mpar_event_kind kind, int boundary, int gradient, int mb,
+                              int stage) {
+    int i;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        if (e->kind == kind && e->boundary == boundary && e->gradient == gradient && e->microbatch == mb &&
+            (stage < 0 || e->stage == stage))
+            return i;
+    }
+    return -1;
+}
+
+/* Hand-off latency of one receive: send end -> receive start, when the
+   receiver was already waiting for it (else its start says nothing about
+   the link). Returns 0 when it does not apply. */
+static int mpar__tl_handoff(const mpar_timeline* t, const mpar_event* recv, double* latency) {
+    int si = mpar__tl_find_link(t, MPAR_EVENT_SEND, recv->boundary, recv->gradient, recv->microbatch, -1);
+    int wi = mpar__tl_find_link(t, MPAR_EVENT_WAIT, recv->boundary, recv->gradient, recv->microbatch, recv->stage);
+    const mpar_event *s, *w;
+    if (si < 0 || wi < 0) return 0;
+    s = &t->events[si], w = &t->events[wi];
+    if (w->stage == s->stage || w->start > s->end || w->end > recv->start + 1e-9) return 0;
+    *latency = recv->start - s->end > 0.0 ? recv->start - s->end : 0.0;
+    return 1;
+}
+
+MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int boundary, int gradient,
+                                                 mpar_timeline_link_stats* out, mpar_error* err) {
+    mpar_result r;
+    int i, handoffs = 0;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_timeline_get_link_stats: out is NULL");
+    memset(out, 0, sizeof *out);
+    r = mpar__tl_check_shape(t, "mpar_timeline_get_link_stats", err);
+    if (r != MPAR_SUCCESS) return r;
+    if (boundary < 0 || boundary >= mpar__tl_vs_count(t) - 1 || gradient < 0 || gradient > 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "mpar_timeline_get_link_stats: no link at boundary %d, direction %d", boundary, gradient);
+    out->boundary = boundary, out->gradient = gradient;
+    out->from_stage = (gradient ? boundary + 1 : boundary) % t->stages;
+    out->to_stage = (gradient ? boundary : boundary + 1) % t->stages;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        double d = e->end - e->start, lat;
+        if (!mpar__tl_is_link(e->kind) || e->boundary != boundary || e->gradient != gradient) continue;
+        if (e->kind == MPAR_EVENT_SEND) {
+            out->messages++, out->bytes += e->bytes, out->send_time += d;
+        } else if (e->kind == MPAR_EVENT_RECEIVE) {
+            out->received++, out->receive_time += d;
+            if (mpar__tl_handoff(t, e, &lat)) out->handoff_latency += lat, handoffs++;
+        } else if (e->stage == (mpar__tl_sender(e) % t->stages) && e->stage != mpar__tl_receiver(e) % t->stages) {
+            out->send_wait += d;
+        } else {
+            out->receive_wait += d;
+        }
+    }
+    if (handoffs) out->handoff_latency /= handoffs;
+    if (out->send_time + out->receive_time > 0.0)
+        out->bandwidth = (double)out->bytes / (out->send_time + out->receive_time);
+    return MPAR_SUCCESS;
+}
+
+/* ---- prediction ---- */
+
+/* Measured mean costs per virtual stage, in mpar_sim_desc's layout. */
+typedef struct mpar__tl_costs {
+    double* mem;
+    double *f, *b, *i, *w, *opt, *link;
+    int* count; /* [4 * VS]: scheduled F, B, I, W actions per virtual stage */
+} mpar__tl_costs;
+
+static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedule* sc, mpar__tl_costs* c,
+                                       mpar_error* err) {
+    int P = t->stages, VS = mpar__tl_vs_count(t), s, i, k;
+    int* handoffs;
+    c->mem = (double*)MPAR_MALLOC(sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
+    if (!c->mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_simulate: out of host memory");
+    memset(c->mem, 0, sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
+    c->f = c->mem, c->b = c->f + VS, c->i = c->b + VS, c->w = c->i + VS, c->link = c->w + VS, c->opt = c->link + VS;
+    c->count = (int*)(void*)(c->opt + P);
+    handoffs = c->count + 4 * VS;
+    for (s = 0; s < P; s++)
+        for (i = 0; i < sc->action_count[s]; i++) {
+            const mpar_action* a = &sc->actions[s][i];
+            if (a->kind != MPAR_ACTION_OPTIMIZER_STEP) c->count[(int)a->kind * VS + a->chunk * P + s]++;
+        }
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        double d = e->end - e->start, lat;
+        int vs = mpar__tl_vstage(t, e), bwd;
+        if (e->kind == MPAR_EVENT_OPTIMIZER_STEP) c->opt[e->stage] += d;
+        else if (e->kind == MPAR_EVENT_FORWARD) c->f[vs] += d;
+        else if (e->kind == MPAR_EVENT_BACKWARD) c->b[vs] += d;
+        else if (e->kind == MPAR_EVENT_BACKWARD_INPUT) c->i[vs] += d;
+        else if (e->kind == MPAR_EVENT_BACKWARD_WEIGHT) c->w[vs] += d;
+        if (!mpar__tl_is_copy(e->kind)) continue;
+        /* a copy belongs to the action that makes it: F for activations,
+           B (or I when the backward is split) for gradients */
+        vs = e->kind == MPAR_EVENT_SEND ? mpar__tl_sender(e) : mpar__tl_receiver(e);
+        bwd = c->count[MPAR_ACTION_BACKWARD_INPUT * VS + vs] > 0 ? 2 : 1;
+        (e->gradient ? (bwd == 2 ? c->i : c->b) : c->f)[vs] += d;
+        if (e->kind == MPAR_EVENT_RECEIVE && mpar__tl_handoff(t, e, &lat)) c->link[e->boundary] += lat, handoffs[e->boundary]++;
+    }
+    for (k = 0; k < 4; k++) {
+        double* arr = k == 0 ? c->f : k == 1 ? c->b : k == 2 ? c->i : c->w;
+        for (s = 0; s < VS; s++) {
+            int n = c->count[k * VS + s];
+            arr[s] = n ? arr[s] / n : 0.0;
+            if (arr[s] < 1e-12) arr[s] = 1e-12; /* the simulator reads 0 as "not given" */
+        }
+    }
+    for (s = 0; s < VS - 1; s++) c->link[s] = handoffs[s] ? c->link[s] / handoffs[s] : 0.0;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
+                                           mpar_error* err) {
+    mpar_schedule* sc = NULL;
+    mpar_simulation* result = NULL;
+    mpar__tl_costs c;
+    mpar_sim_desc d;
+    mpar_result r;
+    int split;
+    memset(&c, 0, sizeof c);
+    if (schedule) *schedule = NULL;
+    if (sim) *sim = NULL;
+    r = mpar__tl_check_shape(t, "mpar_timeline_simulate", err);
+    if (r != MPAR_SUCCESS) return r;
+    r = mpar_schedule_create(t->schedule, t->stages, t->microbatches, t->virtual_stages, &sc, err);
+    if (r != MPAR_SUCCESS) return r;
+    r = mpar__tl_costs_make(t, sc, &c, err);
+    if (r != MPAR_SUCCESS) {
+        mpar_schedule_destroy(sc);
+        return r;
+    }
+    memset(&d, 0, sizeof d);
+    split = c.count[MPAR_ACTION_BACKWARD_INPUT * mpar__tl_vs_count(t)] > 0;
+    d.forward_per_stage = c.f;
+    if (split) d.backward_input_per_stage = c.i, d.backward_weight_per_stage = c.w;
+    else d.backward_per_stage = c.b;
+    d.optimizer_step_per_stage = c.opt;
+    d.link_delay_per_boundary = c.link;
+    r = mpar_simulate(sc, &d, &result, err);
+    MPAR_FREE(c.mem);
+    if (r == MPAR_SUCCESS && sim) *sim = result;
+    else mpar_simulation_destroy(result);
+    if (r == MPAR_SUCCESS && schedule) *schedule = sc;
+    else mpar_schedule_destroy(sc);
+    return r;
+}
+
+MPARDEF mpar_result mpar_timeline_predict(const mpar_timeline* t, mpar_timeline_prediction* out, mpar_error* err) {
+    mpar_timeline_stats st;
+    mpar_simulation* sim = NULL;
+    mpar_result r;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_timeline_predict: out is NULL");
+    memset(out, 0, sizeof *out);
+    r = mpar_timeline_get_stats(t, &st, err);
+    if (r == MPAR_SUCCESS) r = mpar_timeline_simulate(t, NULL, &sim, err);
+    if (r != MPAR_SUCCESS) return r;
+    out->measured_step_time = st.step_time;
+    out->measured_bubble_fraction = st.bubble_fraction;
+    out->step_time = sim->step_time;
+    out->bubble_fraction = sim->step_time > 0.0 ? 1.0 - st.busy_total / (t->stages * sim->step_time) : 0.0;
+    mpar_simulation_destroy(sim);
+    return MPAR_SUCCESS;
+}
+
+/* ---- consistency ---- */
+
+/* Per (virtual stage, micro-batch): the events the checks compare. */
+typedef struct mpar__tl_slot {
+    int f, bi, w, b_count, i_count, w_count, f_count; /* event indices (-1) and counts */
+} mpar__tl_slot;
+
+static int mpar__tl_cmp_stage_start(const void* a, const void* b) {
+    const mpar_event *x = (const mpar_event*)a, *y = (const mpar_event*)b;
+    int cx = mpar__tl_is_compute(x->kind), cy = mpar__tl_is_compute(y->kind);
+    if (x->stage != y->stage) return x->stage < y->stage ? -1 : 1;
+    if (cx != cy) return cx > cy ? -1 : 1;
+    if (x->start != y->start) return x->start < y->start ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end ? 1 : 0;
+}
+
+/* One clock per stage for compute events and one (the host's) for link
+   events: within either, events of a stage must not overlap. */
+static mpar_result mpar__tl_check_overlap(const mpar_timeline* t, mpar_error* err) {
+    mpar_event* ev;
+    mpar_result r = MPAR_SUCCESS;
+    int i;
+    if (t->event_count < 2) return MPAR_SUCCESS;
+    ev = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)t->event_count);
+    if (!ev) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_check: out of host memory");
+    memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
+    qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_stage_start);
+    for (i = 1; i < t->event_count && r == MPAR_SUCCESS; i++) {
+        const mpar_event *a = &ev[i - 1], *b = &ev[i];
+        char na[32], nb[32];
+        if (a->stage != b->stage || mpar__tl_is_compute(a->kind) != mpar__tl_is_compute(b->kind)) continue;
+        if (b->start >= a->end - 1e-9) continue;
+        mpar__tl_name(t, a, na, sizeof na);
+        mpar__tl_name(t, b, nb, sizeof nb);
+        r = mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                           "stage %d: %s (%.3f-%.3f ms) overlaps %s (%.3f-%.3f ms)", a->stage, na,
+                           mpar__tl_ms(a->start), mpar__tl_ms(a->end), nb, mpar__tl_ms(b->start), mpar__tl_ms(b->end));
+    }
+    MPAR_FREE(ev);
+    return r;
+}
+
+/* Fills slots[vs * M + m]: the events of each and how many of each kind. */
+static void mpar__tl_fill_slots(const mpar_timeline* t, mpar__tl_slot* slots) {
+    int i, M = t->microbatches;
+    for (i = 0; i < mpar__tl_vs_count(t) * M; i++) {
+        mpar__tl_slot* sl = &slots[i];
+        sl->f = sl->bi = sl->w = -1;
+        sl->b_count = sl->i_count = sl->w_count = sl->f_count = 0;
+    }
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        mpar__tl_slot* sl;
+        if (!mpar__tl_is_compute(e->kind) || e->kind == MPAR_EVENT_OPTIMIZER_STEP) continue;
+        sl = &slots[mpar__tl_vstage(t, e) * M + e->microbatch];
+        if (e->kind == MPAR_EVENT_FORWARD) sl->f = i, sl->f_count++;
+        if (e->kind == MPAR_EVENT_BACKWARD_WEIGHT) sl->w = i, sl->w_count++;
+        if (e->kind == MPAR_EVENT_BACKWARD) sl->b_count++;
+        if (e->kind == MPAR_EVENT_BACKWARD_INPUT) sl->i_count++;
+        /* the first backward part is the one that sends the gradient on */
+        if ((e->kind == MPAR_EVENT_BACKWARD || e->kind == MPAR_EVENT_BACKWARD_INPUT) &&
+            (sl->bi < 0 || e->start < t->events[sl->bi].start))
+            sl->bi = i;
+    }
+}
+
+static mpar_result mpar__tl_fail_order(const mpar_timeline* t, const mpar_event* late, const mpar_event* early,
+                                       mpar_error* err) {
+    char nl[32], ne[32];
+    mpar__tl_name(t, late, nl, sizeof nl);
+    mpar__tl_name(t, early, ne, sizeof ne);
+    return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE, "stage %d: %s starts at %.3f ms, before %s (stage %d) ends (%.3f ms)",
+                          late->stage, nl, mpar__tl_ms(late->start), ne, early->stage, mpar__tl_ms(early->end));
+}
+
+/* Counts per (virtual stage, micro-batch): one F; for training one B (one
+   or two events, the same number on every micro-batch of a virtual stage)
+   or one I and a W (none only if the chunk never records one). */
+static mpar_result mpar__tl_check_counts(const mpar_timeline* t, const mpar__tl_slot* slots, int training,
+                                         mpar_error* err) {
+    int vs, m, M = t->microbatches, split = t->schedule == MPAR_SCHEDULE_ZB_H1;
+    for (vs = 0; vs < mpar__tl_vs_count(t); vs++)
+        for (m = 0; m < M; m++) {
+            const mpar__tl_slot *sl = &slots[vs * M + m], *s0 = &slots[vs * M];
+            const char* bad = NULL;
+            if (sl->f_count != 1) bad = "forward";
+            else if (!training && sl->b_count + sl->i_count + sl->w_count) bad = "backward";
+            else if (training && !split && (sl->b_count < 1 || sl->b_count > 2 || sl->b_count != s0->b_count ||
+                                            sl->i_count || sl->w_count))
+                bad = "backward";
+            else if (training && split && (sl->b_count || sl->i_count != 1 || sl->w_count > 1 ||
+                                           sl->w_count != s0->w_count))
+                bad = "input/weight gradient";
+            if (bad)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                      "virtual stage %d, micro-batch %d: %d F, %d B, %d I, %d W events (bad %s count)",
+                                      vs, m, sl->f_count, sl->b_count, sl->i_count, sl->w_count, bad);
+        }
+    return MPAR_SUCCESS;
+}
+
+/* Dependencies in time: on a stage exactly, across clocks within tol. */
+static mpar_result mpar__tl_check_deps(const mpar_timeline* t, const mpar__tl_slot* slots, int training, double tol,
+                                       mpar_error* err) {
+    int vs, m, M = t->microbatches, VS = mpar__tl_vs_count(t);
+    const mpar_event* ev = t->events;
+    for (vs = 0; vs < VS; vs++)
+        for (m = 0; m < M; m++) {
+            const mpar__tl_slot* sl = &slots[vs * M + m];
+            const mpar_event *f = &ev[sl->f], *bi = training ? &ev[sl->bi] : NULL;
+            if (vs > 0 && f->start < ev[slots[(vs - 1) * M + m].f].end - tol)
+                return mpar__tl_fail_order(t, f, &ev[slots[(vs - 1) * M + m].f], err);
+            if (!training) continue;
+            if (bi->start < f->end - 1e-9) return mpar__tl_fail_order(t, bi, f, err);
+            if (sl->w >= 0 && ev[sl->w].start < ev[sl->bi].end - 1e-9)
+                return mpar__tl_fail_order(t, &ev[sl->w], bi, err);
+            if (vs < VS - 1 && bi->start < ev[slots[(vs + 1) * M + m].bi].end - tol)
+                return mpar__tl_fail_order(t, bi, &ev[slots[(vs + 1) * M + m].bi], err);
+        }
+    return MPAR_SUCCESS;
+}
+
+/* Every message: one send on the sender's stage, one receive on the
+   receiver's, the receive copy after the send copy, the send after the
+   compute that made the tensor and the receive before the compute that
+   reads it. */
+static mpar_result mpar__tl_check_links(const mpar_timeline* t, const mpar__tl_slot* slots, int training, double tol,
+                                        mpar_error* err) {
+    int b, g, m, i, M = t->microbatches, VS = mpar__tl_vs_count(t), P = t->stages;
+    const mpar_event* ev = t->events;
+    for (b = 0; b < VS - 1; b++)
+        for (g = 0; g <= training; g++)
+            for (m = 0; m < M; m++) {
+                int si = -1, ri = -1, ns = 0, nr = 0, from = g ? b + 1 : b, to = g ? b : b + 1, made, used;
+                for (i = 0; i < t->event_count; i++) {
+                    if (ev[i].boundary != b || ev[i].gradient != g || ev[i].microbatch != m) continue;
+                    if (ev[i].kind == MPAR_EVENT_SEND) si = i, ns++;
+                    if (ev[i].kind == MPAR_EVENT_RECEIVE) ri = i, nr++;
+                }
+                if (ns != 1 || nr != 1 || ev[si].stage != from % P || ev[ri].stage != to % P)
+                    return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                          "link %d (%s), micro-batch %d: %d sends and %d receives, expected one send on "
+                                          "stage %d and one receive on stage %d",
+                                          b, g ? "gradients" : "activations", m, ns, nr, from % P, to % P);
+                if (ev[ri].start < ev[si].end - 1e-9) return mpar__tl_fail_order(t, &ev[ri], &ev[si], err);
+                made = g ? slots[from * M + m].bi : slots[from * M + m].f;
+                used = g ? slots[to * M + m].bi : slots[to * M + m].f;
+                if (ev[si].start < ev[made].end - tol) return mpar__tl_fail_order(t, &ev[si], &ev[made], err);
+                if (ev[used].start < ev[ri].end - tol) return mpar__tl_fail_order(t, &ev[used], &ev[ri], err);
+            }
+    for (i = 0; i < t->event_count; i++)
+        if (!training && mpar__tl_is_link(ev[i].kind) && ev[i].gradient)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE, "stage %d: a gradient link event in an inference "
+                                  "timeline", ev[i].stage);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_timeline_check(const mpar_timeline* t, double clock_tolerance, mpar_error* err) {
+    mpar__tl_slot* slots;
+    mpar_result r;
+    int i, training = 0;
+    r = mpar__tl_check_shape(t, "mpar_timeline_check", err);
+    if (r != MPAR_SUCCESS) return r;
+    if (!(clock_tolerance >= 0.0)) clock_tolerance = 0.0;
+    for (i = 0; i < t->event_count; i++) training |= mpar__tl_is_backward(t->events[i].kind);
+    r = mpar__tl_check_overlap(t, err);
+    if (r != MPAR_SUCCESS) return r;
+    slots = (mpar__tl_slot*)MPAR_MALLOC(sizeof(mpar__tl_slot) * (size_t)mpar__tl_vs_count(t) * (size_t)t->microbatches);
+    if (!slots) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_check: out of host memory");
+    mpar__tl_fill_slots(t, slots);
+    r = mpar__tl_check_counts(t, slots, training, err);
+    if (r == MPAR_SUCCESS) r = mpar__tl_check_deps(t, slots, training, clock_tolerance, err);
+    if (r == MPAR_SUCCESS) r = mpar__tl_check_links(t, slots, training, clock_tolerance, err);
+    MPAR_FREE(slots);
+    return r;
+}
+
+/* ---- terminal Gantt chart ---- */
+
+static char mpar__tl_mb_char(int m) {
+    static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    return m < 0 ? ' ' : digits[m % 62];
+}
+
+/* Cell of stage s over [a, b): kind letter and micro-batch character. */
+static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, char* kind, char* mb) {
+    static const char letters[] = "FBIWO";
+    double compute = 0.0, copy = 0.0, wait = 0.0, best = 0.0, idle;
+    int i, best_i = -1;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        double lo = e->start > a ? e->start : a, hi = e->end < b ? e->end : b;
+        if (e->stage != s || hi <= lo) continue;
+        if (mpar__tl_is_compute(e->kind)) {
+            compute += hi - lo;
+            if (hi - lo > best) best = hi - lo, best_i = i;
+        } else if (mpar__tl_is_copy(e->kind)) {
+            copy += hi - lo;
+        } else {
+            wait += hi - lo;
+        }
+    }
+    idle = (b - a) - compute - copy - wait;
+    *mb = ' ';
+    if (best_i >= 0 && compute >= 0.5 * (b - a)) {
+        const mpar_event* e = &t->events[best_i];
+        *kind = letters[e->kind];
+        if (e->chunk % 2) *kind = (char)(*kind - 'A' + 'a');
+        *mb = mpar__tl_mb_char(e->microbatch);
+    } else if (copy > 0.0 && copy >= wait && copy >= idle) {
+        *kind = '~';
+    } else if (wait > 0.0 && wait >= idle) {
+        *kind = '-';
+    } else {
+        *kind = '.';
+    }
+}
+
+/* Axis: a label (ms) every 10 columns where it fits, '|' ticks below. */
+static void mpar__tl_axis(FILE* out, double step, int columns) {
+    char* line = (char*)MPAR_MALLOC((size_t)columns + 16);
+    int c, next = 0;
+    if (!line) return;
+    memset(line, ' ', (size_t)columns + 15);
+    line[columns + 15] = '\0';
+    for (c = 0; c < columns; c += 10) {
+        char label[32];
+        int n = snprintf(label, sizeof label, "%.4g", mpar__tl_ms(step * c / columns));
+        if (c < next || c + n > columns + 14) continue;
+        memcpy(line + c, label, (size_t)n);
+        next = c + n + 1;
+    }
+    for (c = columns + 14; c > 0 && line[c] == ' '; c--) line[c] = '\0';
+    fprintf(out, "time ms   %s\n          ", line);
+    for (c = 0; c < columns; c++) fputc(c % 10 == 0 ? '|' : ' ', out);
+    fputc('\n', out);
+    MPAR_FREE(line);
+}
+
+MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns) {
+    mpar_timeline_stats st;
+    char *kinds, *mbs;
+    double step;
+    int s, c;
+    if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return;
+    if (columns <= 0) columns = 80;
+    if (columns > 4096) columns = 4096;
+    step = st.step_time;
+    kinds = (char*)MPAR_MALLOC(2 * (size_t)columns + 2);
+    if (!kinds) return;
+    mbs = kinds + columns + 1;
+    fprintf(out, "%s: %d stages x %d chunks, %d micro-batches; step %.3f ms, measured bubble %.1f%%; %.4g ms per column\n",
+            mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches, mpar__tl_ms(step),
+            100.0 * st.bubble_fraction, mpar__tl_ms(step / columns));
+    mpar__tl_axis(out, step, columns);
+    for (s = 0; s < t->stages; s++) {
+        for (c = 0; c < columns; c++)
+            mpar__tl_cell(t, s, step * c / columns, step * (c + 1) / columns, &kinds[c], &mbs[c]);
+        kinds[columns] = mbs[columns] = '\0';
+        fprintf(out, "stage %-2d |%s| busy %.1f%%\n", s, kinds, step > 0.0 ? 100.0 * st.stage[s].busy / step : 0.0);
+        fprintf(out, "         |%s|\n", mbs);
+    }
+    fprintf(out, "F forward  B backward  I input grad  W weight grad  O optimizer (odd chunk: lower case)\n"
+                 "second line: micro-batch (0-9a-zA-Z)  ~ link copy  - blocked on a link  . idle\n");
+    MPAR_FREE(kinds);
+}
+
+MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out) {
+    mpar_timeline_stats st;
+    mpar_timeline_prediction pr;
+    int s, l;
+    if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return;
+    fprintf(out, "%s, %d stages x %d chunks, %d micro-batches: step %.3f ms, measured bubble %.1f%%",
+            mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches,
+            mpar__tl_ms(st.step_time), 100.0 * st.bubble_fraction);
+    if (mpar_timeline_predict(t, &pr, NULL) == MPAR_SUCCESS)
+        fprintf(out, "; simulated from these costs: step %.3f ms, bubble %.1f%%", mpar__tl_ms(pr.step_time),
+                100.0 * pr.bubble_fraction);
+    fprintf(out, "\nstage   busy ms  transfer ms  wait ms  idle ms  (no event)  device MB\n");
+    for (s = 0; s < t->stages; s++)
+        fprintf(out, "%-5d %9.3f %12.3f %8.3f %8.3f %11.3f %10.2f%s\n", s, mpar__tl_ms(st.stage[s].busy),
+                mpar__tl_ms(st.stage[s].transfer), mpar__tl_ms(st.stage[s].wait), mpar__tl_ms(st.stage[s].idle),
+                mpar__tl_ms(st.stage[s].overhead), (double)st.stage[s].device_bytes / 1048576.0,
+                s == st.slowest_stage ? "  (slowest)" : "");
+    fprintf(out, "link               msgs   bytes      send ms  recv ms  MB/s     hand-off ms\n");
+    for (l = 0; l < mpar_timeline_link_count(t); l++) {
+        mpar_timeline_link_stats ls;
+        char name[40];
+        if (mpar_timeline_get_link_stats(t, l / 2, l % 2, &ls, NULL) != MPAR_SUCCESS) continue;
+        snprintf(name, sizeof name, "b%d %c %d->%d", ls.boundary, ls.gradient ? 'G' : 'A', ls.from_stage, ls.to_stage);
+        fprintf(out, "%-18s %5d %10llu %8.3f %8.3f %8.1f %8.3f\n", name, ls.messages, (unsigned long long)ls.bytes,
+                mpar__tl_ms(ls.send_time), mpar__tl_ms(ls.receive_time), ls.bandwidth / 1e6,
+                mpar__tl_ms(ls.handoff_latency));
+    }
+}
+
+/* ---- Chrome trace ---- */
+
+/* Events in start order: stage tracks take every event of their stage, link
+   tracks the copies of their direction. */
+static int mpar__tl_cmp_start(const void* a, const void* b) {
+    const mpar_event *x = (const mpar_event*)a, *y = (const mpar_event*)b;
+    if (x->start != y->start) return x->start < y->start ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end ? 1 : 0;
+}
+
+static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const mpar_event* e, int tid, double end) {
+    char name[32];
+    double ts = floor(e->start * 1e9 + 0.5) / 1e3, te = floor(end * 1e9 + 0.5) / 1e3; /* us, rounded once */
+    mpar__tl_name(t, e, name, sizeof name);
+    fprintf(out, ",\n{\"name\":\"%s\",\"cat\":\"%s\",\"ph\":\"X\",\"pid\":0,\"tid\":%d,\"ts\":%.3f,\"dur\":%.3f,"
+                 "\"args\":{\"stage\":%d,\"microbatch\":%d,\"chunk\":%d,\"start_us\":%.3f,\"end_us\":%.3f",
+            name, mpar__tl_kind_name(e->kind), tid, ts, te > ts ? te - ts : 0.0, e->stage, e->microbatch, e->chunk,
+            e->start * 1e6, e->end * 1e6);
+    if (mpar__tl_is_link(e->kind))
+        fprintf(out, ",\"boundary\":%d,\"direction\":\"%s\",\"bytes\":%llu", e->boundary,
+                e->gradient ? "gradients" : "activations", (unsigned long long)e->bytes);
+    fprintf(out, "}}");
+}
+
+/* One track: events in start order. A track is one worker (or one link
+   direction) doing one thing at a time, so when a slice starts before the
+   previous one ends (device times are mapped onto the host clock with an
+   error of a few microseconds) the previous slice is cut there. stage < 0:
+   the copies of link direction `link`, else every event of `stage`. */
+static void mpar__tl_trace_track(FILE* out, const mpar_timeline* t, const mpar_event* sorted, int stage, int link,
+                                 int tid) {
+    const mpar_event* pending = NULL;
+    int i;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &sorted[i];
+        if (stage >= 0 ? e->stage != stage
+                       : !mpar__tl_is_copy(e->kind) || e->boundary != link / 2 || e->gradient != link % 2)
+            continue;
+        if (pending) mpar__tl_trace_event(out, t, pending, tid, e->start < pending->end ? e->start : pending->end);
+        pending = e;
+    }
+    if (pending) mpar__tl_trace_event(out, t, pending, tid, pending->end);
+}
+
+static void mpar__tl_trace_meta(FILE* out, int tid, const char* name) {
+    fprintf(out, ",\n{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":0,\"tid\":%d,\"args\":{\"name\":\"%s\"}}"
+                 ",\n{\"name\":\"thread_sort_index\",\"ph\":\"M\",\"pid\":0,\"tid\":%d,\"args\":{\"sort_index\":%d}}",
+            tid, name, tid, tid);
+}
+
+MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FILE* out) {
+    mpar_timeline_stats st;
+    mpar_event* ev;
+    int s, l, links, P;
+    if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
+    P = t->stages, links = mpar_timeline_link_count(t);
+    ev = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)(t->event_count + 1));
+    if (!ev) return MPAR_ERROR_OUT_OF_HOST_MEMORY;
+    if (t->event_count) memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
+    qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_start);
+    fprintf(out, "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"schedule\":\"%s\",\"stages\":%d,\"virtual_stages\":%d,"
+                 "\"microbatches\":%d,\"step_ms\":%.6f,\"bubble_fraction\":%.6f},\n\"traceEvents\":[",
+            mpar_schedule_kind_name(t->schedule), P, t->virtual_stages, t->microbatches, mpar__tl_ms(st.step_time),
+            st.bubble_fraction);
+    fprintf(out, "\n{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":0,\"tid\":0,\"args\":{\"name\":\"mpar %s\"}}",
+            mpar_schedule_kind_name(t->schedule));
+    for (s = 0; s < P; s++) {
+        char name[32];
+        snprintf(name, sizeof name, "stage %d", s);
+        mpar__tl_trace_meta(out, s, name);
+        mpar__tl_trace_track(out, t, ev, s, -1, s);
+    }
+    for (l = 0; l < links; l++) {
+        char name[64];
+        int b = l / 2, g = l % 2;
+        snprintf(name, sizeof name, "link %d: stage %d -> %d %s", b, (g ? b + 1 : b) % P, (g ? b : b + 1) % P,
+                 g ? "gradients" : "activations");
+        mpar__tl_trace_meta(out, P + l, name);
+        mpar__tl_trace_track(out, t, ev, -1, l, P + l);
+    }
+    fprintf(out, "\n]}\n");
+    MPAR_FREE(ev);
+    return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
+}
+
+/* ---- SVG ---- */
+
+static const char* mpar__tl_colour(mpar_event_kind k) {
+    static const char* colours[] = {"#4e79a7", "#59a14f", "#76b7b2", "#edc948",
+                                    "#9c755f", "#f28e2b", "#e15759", "#bab0ac"};
+    return (int)k >= 0 && k <= MPAR_EVENT_WAIT ? colours[k] : "#000000";
+}
+
+/* Axis step in ms: 1, 2 or 5 times a power of ten, about 10 ticks. */
+static double mpar__tl_tick(double span_ms) {
+    double raw = span_ms / 10.0, mag, norm;
+    if (!(raw > 0.0)) return 1.0;
+    mag = pow(10.0, floor(log10(raw)));
+    norm = raw / mag;
+    return (norm < 1.5 ? 1.0 : norm < 3.5 ? 2.0 : norm < 7.5 ? 5.0 : 10.0) * mag;
+}
+
+enum { MPAR__TL_SVG_W = 1200, MPAR__TL_SVG_LEFT = 90, MPAR__TL_SVG_RIGHT = 30, MPAR__TL_SVG_TOP = 84,
+       MPAR__TL_SVG_LANE = 48, MPAR__TL_SVG_BOX = 30 };
+
+static void mpar__tl_svg_legend(FILE* out) {
+    static const char* labels[] = {"forward", "backward", "input grad (I)", "weight grad (W)",
+                                   "optimizer", "send copy", "receive copy", "blocked on link"};
+    int k, x = MPAR__TL_SVG_LEFT;
+    for (k = 0; k <= (int)MPAR_EVENT_WAIT; k++) {
+        int thin = k >= (int)MPAR_EVENT_SEND;
+        fprintf(out, "<rect x=\"%d\" y=\"%d\" width=\"14\" height=\"%d\" fill=\"%s\"/>"
+                     "<text x=\"%d\" y=\"64\" font-size=\"12\">%s</text>\n",
+                x, thin ? 56 : 53, thin ? 6 : 12, mpar__tl_colour((mpar_event_kind)k), x + 18, labels[k]);
+        x += 18 + 6 * (int)strlen(labels[k]) + 22; /* ~6 px per character at 12 px */
+    }
+}
+
+static void mpar__tl_svg_event(FILE* out, const mpar_timeline* t, const mpar_event* e, double scale) {
+    char name[32];
+    double x = MPAR__TL_SVG_LEFT + e->start * scale, w = (e->end - e->start) * scale;
+    int y = MPAR__TL_SVG_TOP + e->stage * MPAR__TL_SVG_LANE, compute = mpar__tl_is_compute(e->kind);
+    int by = compute ? y : y + MPAR__TL_SVG_BOX + 3 + (e->kind == MPAR_EVENT_WAIT ? 0 : 2);
+    int bh = compute ? MPAR__TL_SVG_BOX : e->kind == MPAR_EVENT_WAIT ? 10 : 6;
+    if (w < 0.5) w = 0.5;
+    mpar__tl_name(t, e, name, sizeof name);
+    fprintf(out, "<rect x=\"%.2f\" y=\"%d\" width=\"%.2f\" height=\"%d\" fill=\"%s\"%s><title>%s, stage %d: "
+                 "%.3f-%.3f ms",
+            x, by, w, bh, mpar__tl_colour(e->kind),
+            compute && e->chunk % 2 ? " fill-opacity=\"0.7\"" : compute ? " stroke=\"#ffffff\" stroke-width=\"0.5\"" : "",
+            name, e->stage, mpar__tl_ms(e->start), mpar__tl_ms(e->end));
+    if (e->bytes) fprintf(out, ", %llu bytes", (unsigned long long)e->bytes);
+    fprintf(out, "</title></rect>\n");
+    if (compute && e->kind != MPAR_EVENT_OPTIMIZER_STEP) {
+        char label[24];
+        int n = t->virtual_stages > 1 ? snprintf(label, sizeof label, "%d.%d", e->microbatch, e->chunk)
+                                      : snprintf(label, sizeof label, "%d", e->microbatch);
+        if (w >= 7.0 * n + 2.0)
+            fprintf(out, "<text x=\"%.2f\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\" fill=\"%s\">%s</text>\n",
+                    x + w / 2, y + MPAR__TL_SVG_BOX / 2 + 4, e->kind == MPAR_EVENT_BACKWARD_WEIGHT ? "#000000" : "#ffffff",
+                    label);
+    }
+}
+
+static void mpar__tl_svg_axis(FILE* out, double step, double scale, int lanes_bottom) {
+    double tick = mpar__tl_tick(mpar__tl_ms(step)), v;
+    fprintf(out, "<line x1=\"%d\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#333333\"/>\n", MPAR__TL_SVG_LEFT,
+            lanes_bottom, MPAR__TL_SVG_LEFT + step * scale, lanes_bottom);
+    for (v = 0.0; v <= mpar__tl_ms(step) * (1.0 + 1e-9); v += tick) {
+        double x = MPAR__TL_SVG_LEFT + v * 1e-3 * scale;
+        fprintf(out, "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#dddddd\"/>"
+                     "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#333333\"/>"
+                     "<text x=\"%.2f\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\">%g</text>\n",
+                x, MPAR__TL_SVG_TOP - 6, x, lanes_bottom, x, lanes_bottom, x, lanes_bottom + 5, x, lanes_bottom + 19, v);
+    }
+    fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\">time (ms)</text>\n",
+            MPAR__TL_SVG_LEFT + (MPAR__TL_SVG_W - MPAR__TL_SVG_LEFT - MPAR__TL_SVG_RIGHT) / 2, lanes_bottom + 36);
+}
+
+MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
+    mpar_timeline_stats st;
+    mpar_timeline_prediction pr;
+    double scale;
+    int s, i, bottom, height;
+    if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
+    scale = st.step_time > 0.0 ? (MPAR__TL_SVG_W - MPAR__TL_SVG_LEFT - MPAR__TL_SVG_RIGHT) / st.step_time : 0.0;
+    bottom = MPAR__TL_SVG_TOP + t->stages * MPAR__TL_SVG_LANE;
+    height = bottom + 48;
+    fprintf(out, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+                 "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" viewBox=\"0 0 %d %d\" "
+                 "font-family=\"sans-serif\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"#ffffff\"/>\n",
+            MPAR__TL_SVG_W, height, MPAR__TL_SVG_W, height);
+    fprintf(out, "<text x=\"%d\" y=\"22\" font-size=\"16\" font-weight=\"bold\">mpar timeline: %s, %d stages x %d "
+                 "chunks, %d micro-batches, step %.3f ms, measured bubble %.1f%%</text>\n",
+            MPAR__TL_SVG_LEFT, mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches,
+            mpar__tl_ms(st.step_time), 100.0 * st.bubble_fraction);
+    if (mpar_timeline_predict(t, &pr, NULL) == MPAR_SUCCESS)
+        fprintf(out, "<text x=\"%d\" y=\"40\" font-size=\"12\">simulated from the measured costs: step %.3f ms, "
+                     "bubble %.1f%%; slowest stage %d</text>\n",
+                MPAR__TL_SVG_LEFT, mpar__tl_ms(pr.step_time), 100.0 * pr.bubble_fraction, st.slowest_stage);
+    mpar__tl_svg_legend(out);
+    mpar__tl_svg_axis(out, st.step_time, scale, bottom);
+    for (s = 0; s < t->stages; s++)
+        fprintf(out, "<text x=\"8\" y=\"%d\" font-size=\"13\">stage %d</text>"
+                     "<text x=\"8\" y=\"%d\" font-size=\"10\" fill=\"#555555\">busy %.0f%%</text>\n",
+                MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 14, s, MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 28,
+                st.step_time > 0.0 ? 100.0 * st.stage[s].busy / st.step_time : 0.0);
+    for (i = 0; i < t->event_count; i++)
+        if (t->events[i].kind == MPAR_EVENT_WAIT) mpar__tl_svg_event(out, t, &t->events[i], scale);
+    for (i = 0; i < t->event_count; i++)
+        if (t->events[i].kind != MPAR_EVENT_WAIT) mpar__tl_svg_event(out, t, &t->events[i], scale);
+    fprintf(out, "</svg>\n");
+    return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
+}
+
+#endif /* MPAR_PART_TIMELINE_IMPL */
 
 #endif /* MPAR_IMPLEMENTATION_DONE */
 #endif /* MPAR_IMPLEMENTATION */

@@ -1,0 +1,618 @@
+/* Timeline analysis (parts/timeline.h): real timelines of every schedule on
+   two PoCL devices pass the consistency checks, and each check catches the
+   corruption it is for; statistics and the simulated prediction of a
+   hand-made timeline come out exactly; the naive schedule measures about
+   1/P utilisation and its Gantt chart never shows two devices computing at
+   once; the Chrome trace is JSON with one track per stage and per link; the
+   SVG is XML and renders in headless Chromium (scripts/check-svg.sh) when
+   Chromium is installed. */
+#define MPAR_IMPLEMENTATION
+#include "mpar.h"
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+const char* __lsan_default_suppressions(void);
+const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
+
+#define assert_near(a, b, tol)                                                                                   \
+    do {                                                                                                         \
+        double a_ = (a), b_ = (b);                                                                               \
+        if (!(fabs(a_ - b_) <= (tol))) fail_msg("%s = %.12g, expected %.12g", #a, a_, b_);                       \
+    } while (0)
+
+#define assert_contains(hay, needle)                                                                             \
+    do {                                                                                                         \
+        if (!strstr((hay), (needle))) fail_msg("expected \"%s\" in \"%s\"", (needle), (hay));                    \
+    } while (0)
+
+enum { IN = 128, BATCH = 64, WIDE = 384 };
+/* Device times against host times and across devices: the executor maps
+   each device clock once, so allow a millisecond of mapping error there
+   (same-clock comparisons are exact). */
+#define CLOCK_TOLERANCE 1e-3
+
+static mpar_context* g_ctx;
+static mpar_model* g_model;
+static mpar_model* g_wide; /* more compute per kernel: host overhead matters less */
+static float g_x[BATCH * IN];
+static int32_t g_y[BATCH];
+
+static int setup(void** state) {
+    mpar_desc d;
+    mpar_error err;
+    mpar_model_desc md;
+    uint64_t s = 11;
+    int i;
+    (void)state;
+    memset(&d, 0, sizeof d);
+    d.error = &err;
+    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS) {
+        fprintf(stderr, "mpar_create: %s\n", err.message);
+        return -1;
+    }
+    memset(&md, 0, sizeof md);
+    md.input_features = IN;
+    md.seed = 5;
+    if (mpar_model_create(&md, &g_model, &err) != MPAR_SUCCESS) return -1;
+    for (i = 0; i < 6; i++) {
+        mpar_model_add_linear(g_model, 128, &err);
+        mpar_model_add_simple(g_model, mpar_layer_relu(), &err);
+    }
+    mpar_model_add_linear(g_model, 10, &err);
+    if (mpar_model_add_simple(g_model, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) return -1;
+    if (mpar_model_create(&md, &g_wide, &err) != MPAR_SUCCESS) return -1;
+    for (i = 0; i < 6; i++) {
+        mpar_model_add_linear(g_wide, WIDE, &err);
+        mpar_model_add_simple(g_wide, mpar_layer_relu(), &err);
+    }
+    mpar_model_add_linear(g_wide, 10, &err);
+    if (mpar_model_add_simple(g_wide, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) return -1;
+    for (i = 0; i < BATCH * IN; i++) g_x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
+    for (i = 0; i < BATCH; i++) g_y[i] = i % 10;
+    return 0;
+}
+
+static int teardown(void** state) {
+    (void)state;
+    mpar_model_destroy(g_model);
+    mpar_model_destroy(g_wide);
+    mpar_destroy(g_ctx);
+    return 0;
+}
+
+/* A profiled pipeline on 2 devices (4 chunks on devices 0,1,0,1 for V = 2). */
+static mpar_pipeline* make_pipeline_for(const mpar_model* model, mpar_schedule_kind kind, int M) {
+    mpar_stage_desc st[4];
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    int V = kind == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1, n = 2 * V, j;
+    int L = mpar_model_layer_count(model);
+    for (j = 0; j < n; j++) {
+        st[j].device = (j % 2) % mpar_device_count(g_ctx);
+        st[j].first_layer = L * j / n;
+        st[j].last_layer = L * (j + 1) / n - 1;
+    }
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st;
+    pd.stage_count = n;
+    pd.schedule = kind;
+    pd.microbatches = M;
+    pd.virtual_stages = V;
+    pd.max_batch = BATCH;
+    pd.profile = 1;
+    if (mpar_pipeline_create(g_ctx, model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+    return p;
+}
+static mpar_pipeline* make_pipeline(mpar_schedule_kind kind, int M) { return make_pipeline_for(g_model, kind, M); }
+
+static void train_step(mpar_pipeline* p, mpar_timeline* t) {
+    mpar_batch b;
+    mpar_step_info info;
+    b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
+    if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) fail_msg("step: %s", mpar_last_error(g_ctx));
+    if (mpar_pipeline_get_timeline(p, t) != MPAR_SUCCESS) fail_msg("timeline: %s", mpar_last_error(g_ctx));
+}
+
+static void expect_consistent(const mpar_timeline* t, double tol, const char* what) {
+    mpar_error err;
+    memset(&err, 0, sizeof err);
+    if (mpar_timeline_check(t, tol, &err) != MPAR_SUCCESS) fail_msg("%s: %s", what, err.message);
+}
+
+static void expect_invalid(const mpar_timeline* t, const char* needle) {
+    mpar_error err;
+    memset(&err, 0, sizeof err);
+    assert_int_equal(mpar_timeline_check(t, 0.0, &err), MPAR_ERROR_INVALID_SCHEDULE);
+    assert_contains(err.message, needle);
+}
+
+/* Counts the test makes itself, independent of mpar_timeline_check. */
+static void expect_counts(const mpar_timeline* t) {
+    int VS = t->stages * t->virtual_stages, M = t->microbatches, n[8] = {0}, i, vs, m;
+    for (i = 0; i < t->event_count; i++) n[t->events[i].kind]++;
+    assert_int_equal(n[MPAR_EVENT_FORWARD], VS * M);
+    if (t->schedule == MPAR_SCHEDULE_ZB_H1) {
+        assert_int_equal(n[MPAR_EVENT_BACKWARD], 0);
+        assert_int_equal(n[MPAR_EVENT_BACKWARD_INPUT], VS * M);
+        assert_int_equal(n[MPAR_EVENT_BACKWARD_WEIGHT], VS * M);
+    } else {
+        assert_int_equal(n[MPAR_EVENT_BACKWARD], 2 * VS * M); /* input part, weight part */
+        assert_int_equal(n[MPAR_EVENT_BACKWARD_INPUT] + n[MPAR_EVENT_BACKWARD_WEIGHT], 0);
+    }
+    assert_int_equal(n[MPAR_EVENT_OPTIMIZER_STEP], 2 * t->stages);
+    assert_int_equal(n[MPAR_EVENT_SEND], 2 * (VS - 1) * M);
+    assert_int_equal(n[MPAR_EVENT_RECEIVE], 2 * (VS - 1) * M);
+    for (vs = 0; vs < VS; vs++)
+        for (m = 0; m < M; m++) {
+            int f = 0;
+            for (i = 0; i < t->event_count; i++) {
+                const mpar_event* e = &t->events[i];
+                f += e->kind == MPAR_EVENT_FORWARD && e->microbatch == m && e->chunk * t->stages + e->stage == vs;
+            }
+            if (f != 1) fail_msg("virtual stage %d, micro-batch %d: %d forwards", vs, m, f);
+        }
+    /* each receive copy starts after its send copy finished */
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* r = &t->events[i];
+        int j, found = 0;
+        if (r->kind != MPAR_EVENT_RECEIVE) continue;
+        for (j = 0; j < t->event_count; j++) {
+            const mpar_event* s = &t->events[j];
+            if (s->kind != MPAR_EVENT_SEND || s->boundary != r->boundary || s->gradient != r->gradient ||
+                s->microbatch != r->microbatch)
+                continue;
+            found++;
+            assert_true(s->stage != r->stage);
+            if (r->start < s->end) fail_msg("receive of mb %d at %.6f before its send ended %.6f", r->microbatch, r->start, s->end);
+        }
+        assert_int_equal(found, 1);
+    }
+}
+
+/* Every schedule on 2 devices: the recorded step is consistent. */
+static void test_real_timelines_consistent(void** state) {
+    static const mpar_schedule_kind kinds[] = {MPAR_SCHEDULE_SEQUENTIAL, MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B,
+                                               MPAR_SCHEDULE_ZB_H1, MPAR_SCHEDULE_INTERLEAVED_1F1B};
+    size_t k;
+    (void)state;
+    for (k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        mpar_pipeline* p = make_pipeline(kinds[k], 4);
+        mpar_timeline t;
+        mpar_timeline_stats st;
+        mpar_timeline_prediction pr;
+        mpar_error err;
+        int step;
+        for (step = 0; step < 2; step++) {
+            train_step(p, &t);
+            assert_int_equal(t.schedule, kinds[k]);
+            assert_int_equal(t.stages, 2);
+            expect_consistent(&t, CLOCK_TOLERANCE, mpar_schedule_kind_name(kinds[k]));
+            expect_counts(&t);
+            assert_int_equal(mpar_timeline_get_stats(&t, &st, NULL), MPAR_SUCCESS);
+            assert_true(st.bubble_fraction > 0.0 && st.bubble_fraction < 1.0);
+            assert_true(st.stage[0].device_bytes > 0 && st.peak_device_bytes >= st.stage[1].device_bytes);
+            memset(&err, 0, sizeof err);
+            if (mpar_timeline_predict(&t, &pr, &err) != MPAR_SUCCESS) fail_msg("predict: %s", err.message);
+            assert_true(pr.step_time > 0.0 && pr.bubble_fraction >= 0.0 && pr.bubble_fraction < 1.0);
+            mpar_timeline_free(&t);
+        }
+        if (kinds[k] == MPAR_SCHEDULE_1F1B) { /* an inference call is checked as one */
+            mpar_batch b;
+            b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
+            assert_int_equal(mpar_pipeline_infer(p, &b, NULL, NULL), MPAR_SUCCESS);
+            assert_int_equal(mpar_pipeline_get_timeline(p, &t), MPAR_SUCCESS);
+            expect_consistent(&t, CLOCK_TOLERANCE, "1f1b inference");
+            mpar_timeline_free(&t);
+        }
+        mpar_pipeline_destroy(p);
+    }
+}
+
+/* ---- a hand-made GPipe step, P = 2, M = 2, in seconds ---- */
+
+static mpar_event ev(mpar_event_kind kind, int stage, int mb, double start, double end) {
+    mpar_event e;
+    memset(&e, 0, sizeof e);
+    e.kind = kind, e.stage = stage, e.microbatch = mb, e.boundary = -1, e.start = start, e.end = end;
+    return e;
+}
+static mpar_event lk(mpar_event_kind kind, int stage, int mb, int gradient, double start, double end, uint64_t bytes) {
+    mpar_event e = ev(kind, stage, mb, start, end);
+    e.boundary = 0, e.gradient = gradient, e.bytes = kind == MPAR_EVENT_WAIT ? 0 : bytes;
+    return e;
+}
+
+static mpar_event g_ev[40];
+
+static void synthetic(mpar_timeline* t) {
+    int n = 0;
+    /* stage 0 */
+    g_ev[n++] = ev(MPAR_EVENT_FORWARD, 0, 0, 0.0, 1.0);
+    g_ev[n++] = lk(MPAR_EVENT_SEND, 0, 0, 0, 1.0, 1.25, 1000);
+    g_ev[n++] = ev(MPAR_EVENT_FORWARD, 0, 1, 1.25, 2.25);
+    g_ev[n++] = lk(MPAR_EVENT_SEND, 0, 1, 0, 2.25, 2.5, 1000);
+    g_ev[n++] = lk(MPAR_EVENT_WAIT, 0, 0, 1, 2.5, 5.1, 0);
+    g_ev[n++] = lk(MPAR_EVENT_RECEIVE, 0, 0, 1, 5.1, 5.35, 500);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 0, 0, 5.35, 6.35);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 0, 0, 6.35, 7.35);
+    g_ev[n++] = lk(MPAR_EVENT_RECEIVE, 0, 1, 1, 7.35, 7.6, 500);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 0, 1, 7.6, 8.6);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 0, 1, 8.6, 9.6);
+    g_ev[n++] = ev(MPAR_EVENT_OPTIMIZER_STEP, 0, -1, 9.6, 9.75);
+    g_ev[n++] = ev(MPAR_EVENT_OPTIMIZER_STEP, 0, -1, 9.75, 10.0);
+    /* stage 1 */
+    g_ev[n++] = lk(MPAR_EVENT_WAIT, 1, 0, 0, 0.0, 1.25, 0);
+    g_ev[n++] = lk(MPAR_EVENT_RECEIVE, 1, 0, 0, 1.25, 1.5, 1000);
+    g_ev[n++] = ev(MPAR_EVENT_FORWARD, 1, 0, 1.5, 2.5);
+    g_ev[n++] = lk(MPAR_EVENT_RECEIVE, 1, 1, 0, 2.5, 2.75, 1000);
+    g_ev[n++] = ev(MPAR_EVENT_FORWARD, 1, 1, 2.75, 3.75);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 1, 0, 3.75, 4.75);
+    g_ev[n++] = lk(MPAR_EVENT_SEND, 1, 0, 1, 4.75, 5.0, 500);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 1, 0, 5.0, 6.0);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 1, 1, 6.0, 7.0);
+    g_ev[n++] = lk(MPAR_EVENT_SEND, 1, 1, 1, 7.0, 7.25, 500);
+    g_ev[n++] = ev(MPAR_EVENT_BACKWARD, 1, 1, 7.25, 8.25);
+    g_ev[n++] = ev(MPAR_EVENT_OPTIMIZER_STEP, 1, -1, 8.25, 8.5);
+    g_ev[n++] = ev(MPAR_EVENT_OPTIMIZER_STEP, 1, -1, 9.0, 9.5);
+    memset(t, 0, sizeof *t);
+    t->stages = 2, t->virtual_stages = 1, t->microbatches = 2;
+    t->schedule = MPAR_SCHEDULE_GPIPE;
+    t->step_time = 10.0;
+    t->event_count = n;
+    t->events = g_ev;
+    t->device_bytes[0] = 3000, t->device_bytes[1] = 5000;
+}
+
+static void test_synthetic_stats(void** state) {
+    mpar_timeline t;
+    mpar_timeline_stats st;
+    mpar_timeline_link_stats ls;
+    mpar_timeline_prediction pr;
+    mpar_error err;
+    (void)state;
+    synthetic(&t);
+    expect_consistent(&t, 0.0, "synthetic");
+    assert_int_equal(mpar_timeline_get_stats(&t, &st, NULL), MPAR_SUCCESS);
+    assert_near(st.step_time, 10.0, 0.0);
+    assert_near(st.stage[0].busy, 2.0 + 4.0 + 0.4, 1e-12);
+    assert_near(st.stage[0].transfer, 1.0, 1e-12);
+    assert_near(st.stage[0].wait, 2.6, 1e-12);
+    assert_near(st.stage[0].idle, 10.0 - 6.4 - 1.0, 1e-12);
+    assert_near(st.stage[0].overhead, 0.0, 1e-12);
+    assert_near(st.stage[1].busy, 2.0 + 4.0 + 0.75, 1e-12);
+    assert_near(st.stage[1].transfer, 1.0, 1e-12);
+    assert_near(st.stage[1].wait, 1.25, 1e-12);
+    assert_near(st.stage[1].idle, 10.0 - 6.75 - 1.0, 1e-12);
+    assert_near(st.stage[1].overhead, 1.0, 1e-12); /* 8.5-9.0 and 9.5-10.0 */
+    assert_int_equal(st.stage[1].compute_events, 8);
+    assert_near(st.bubble_fraction, 1.0 - 13.15 / 20.0, 1e-12);
+    assert_near(st.utilisation, 13.15 / 20.0, 1e-12);
+    assert_int_equal(st.slowest_stage, 1);
+    assert_true(st.peak_device_bytes == 5000 && st.stage[0].device_bytes == 3000);
+
+    assert_int_equal(mpar_timeline_link_count(&t), 2);
+    assert_int_equal(mpar_timeline_get_link_stats(&t, 0, 0, &ls, NULL), MPAR_SUCCESS);
+    assert_true(ls.from_stage == 0 && ls.to_stage == 1 && ls.messages == 2 && ls.received == 2 && ls.bytes == 2000);
+    assert_near(ls.send_time, 0.5, 1e-12);
+    assert_near(ls.receive_time, 0.5, 1e-12);
+    assert_near(ls.bandwidth, 2000.0, 1e-9);
+    assert_near(ls.receive_wait, 1.25, 1e-12);
+    assert_near(ls.send_wait, 0.0, 0.0);
+    assert_near(ls.handoff_latency, 0.0, 1e-12); /* A0 arrived as the receiver stopped waiting */
+    assert_int_equal(mpar_timeline_get_link_stats(&t, 0, 1, &ls, NULL), MPAR_SUCCESS);
+    assert_true(ls.from_stage == 1 && ls.to_stage == 0 && ls.bytes == 1000);
+    assert_near(ls.bandwidth, 1000.0, 1e-9);
+    assert_near(ls.receive_wait, 2.6, 1e-12);
+    assert_near(ls.handoff_latency, 0.1, 1e-12); /* G0 sent at 5.0, picked up at 5.1; G1 had no wait */
+
+    /* Prediction: F = 1 + 0.25 copy, B = 2 + 0.25 copy on both virtual
+       stages, optimizer 0.4 and 0.75, link delay mean(0, 0.1) = 0.05.
+       GPipe by hand: stage 1 F0 1.3-2.55, F1 2.55-3.8, B0 3.8-6.05,
+       B1 6.05-8.3; stage 0 B0 6.1-8.35, B1 8.35-10.6, optimizer to 11.0. */
+    memset(&err, 0, sizeof err);
+    if (mpar_timeline_predict(&t, &pr, &err) != MPAR_SUCCESS) fail_msg("predict: %s", err.message);
+    assert_near(pr.step_time, 11.0, 1e-9);
+    assert_near(pr.bubble_fraction, 1.0 - 13.15 / 22.0, 1e-9);
+    assert_near(pr.measured_bubble_fraction, st.bubble_fraction, 0.0);
+
+    /* bad input */
+    assert_int_equal(mpar_timeline_get_stats(NULL, &st, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_timeline_get_link_stats(&t, 1, 0, &ls, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    g_ev[3].stage = 2;
+    assert_int_equal(mpar_timeline_get_stats(&t, &st, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_contains(err.message, "bad stage");
+    assert_int_equal(mpar_timeline_write_svg(&t, stdout), MPAR_ERROR_INVALID_ARGUMENT);
+}
+
+/* Each invariant of mpar_timeline_check fails on the corruption it is for. */
+static void test_check_catches_corruption(void** state) {
+    mpar_timeline t;
+    int i;
+    (void)state;
+    synthetic(&t);
+    g_ev[2].start = 0.5; /* stage 0: F1 into F0 */
+    expect_invalid(&t, "overlaps");
+    synthetic(&t);
+    g_ev[17].microbatch = 0; /* stage 1: F0 twice, no F1 */
+    expect_invalid(&t, "bad forward count");
+    synthetic(&t);
+    g_ev[7].kind = MPAR_EVENT_BACKWARD_WEIGHT; /* half a B */
+    expect_invalid(&t, "bad backward count");
+    synthetic(&t);
+    g_ev[15].start = 3.75, g_ev[15].end = 4.75; /* stage 1: B0 (input part) before F0 */
+    g_ev[18].start = 1.5, g_ev[18].end = 2.5;
+    expect_invalid(&t, "B0 starts at 1500.000 ms, before F0 (stage 1) ends");
+    synthetic(&t);
+    g_ev[15].start = 0.9, g_ev[15].end = 1.4; /* stage 1: F0 before stage 0's F0 ended */
+    g_ev[13].end = 0.9;
+    expect_invalid(&t, "F0 starts at 900.000 ms, before F0 (stage 0) ends");
+    synthetic(&t);
+    g_ev[13].end = 1.0, g_ev[14].start = 1.0; /* receive copy starts before the send copy ended */
+    expect_invalid(&t, "recv A0 starts at 1000.000 ms, before send A0 (stage 0) ends");
+    synthetic(&t);
+    g_ev[19].stage = 0, g_ev[19].start = 0.0, g_ev[19].end = 0.0; /* gradient sent by the wrong stage */
+    expect_invalid(&t, "1 sends and 1 receives, expected one send on stage 1");
+    /* W before its I: the same step as zero-bubble, stage 0's mb 1 I and W swapped */
+    synthetic(&t);
+    t.schedule = MPAR_SCHEDULE_ZB_H1;
+    for (i = 0; i < 4; i++) {
+        static const int input_part[4] = {6, 9, 18, 21}, weight_part[4] = {7, 10, 20, 23};
+        g_ev[input_part[i]].kind = MPAR_EVENT_BACKWARD_INPUT;
+        g_ev[weight_part[i]].kind = MPAR_EVENT_BACKWARD_WEIGHT;
+    }
+    expect_consistent(&t, 0.0, "zero-bubble synthetic");
+    g_ev[9].kind = MPAR_EVENT_BACKWARD_WEIGHT, g_ev[10].kind = MPAR_EVENT_BACKWARD_INPUT;
+    expect_invalid(&t, "W1 starts at 7600.000 ms, before I1 (stage 0) ends");
+}
+
+/* ---- Gantt chart ---- */
+
+/* Whether a weight-gradient computation of `stage` runs during [a, b): a W,
+   or the second part of a B (its input gradient is sent before it). */
+static int in_weight_part(const mpar_timeline* t, int stage, double a, double b) {
+    int i, j;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        if (e->stage != stage || e->end <= a || e->start >= b) continue;
+        if (e->kind == MPAR_EVENT_BACKWARD_WEIGHT) return 1;
+        if (e->kind != MPAR_EVENT_BACKWARD) continue;
+        for (j = 0; j < t->event_count; j++) {
+            const mpar_event* o = &t->events[j];
+            if (o->kind == MPAR_EVENT_BACKWARD && o->stage == stage && o->chunk == e->chunk &&
+                o->microbatch == e->microbatch && o->end <= e->start)
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* Reads the chart's stage rows. Returns the columns in which two or more
+   stages compute (F/B/I/W); *unexplained counts those where more than one
+   of them is not in a weight-gradient part (NULL t: not counted). */
+static int gantt_overlap_columns(const char* text, const mpar_timeline* t, int stages, int* compute_cells,
+                                 int* unexplained) {
+    const char* rows[8];
+    const char* line = text;
+    int n = 0, c, s, both = 0, width;
+    while (line && *line && n < stages) {
+        if (!strncmp(line, "stage ", 6)) rows[n++] = strchr(line, '|') + 1;
+        line = strchr(line, '\n');
+        if (line) line++;
+    }
+    assert_int_equal(n, stages);
+    width = (int)(strchr(rows[0], '|') - rows[0]);
+    if (unexplained) *unexplained = 0;
+    for (s = 0; s < stages; s++) compute_cells[s] = 0;
+    for (c = 0; c < width; c++) {
+        int k = 0, other = 0;
+        for (s = 0; s < stages; s++)
+            if (rows[s][c] && strchr("FBIWfbiw", rows[s][c])) {
+                k++, compute_cells[s]++;
+                if (t && !in_weight_part(t, s, t->step_time * c / width, t->step_time * (c + 1) / width)) other++;
+            }
+        both += k >= 2;
+        if (unexplained && k >= 2 && other >= 2) ++*unexplained;
+    }
+    return both;
+}
+
+static char* gantt_text(const mpar_timeline* t, int columns) {
+    FILE* f = tmpfile();
+    char* buf;
+    long n;
+    assert_non_null(f);
+    mpar_timeline_print_gantt(t, f, columns);
+    n = ftell(f);
+    rewind(f);
+    buf = (char*)calloc((size_t)n + 1, 1);
+    assert_true(fread(buf, 1, (size_t)n, f) == (size_t)n);
+    fclose(f);
+    return buf;
+}
+
+/* Naive layer-wise parallelism keeps one device busy at a time. The
+   executor sends a B's input gradient before computing its weight gradient,
+   so stage s-1's backward may overlap stage s's weight part: the chart may
+   show two devices computing only there (and in one boundary column).
+   Utilisation: the lowest over SEQUENTIAL steps and the highest over 1F1B
+   steps (up to 12 each, stopping once shown): these are wall-clock
+   measurements, and another process stealing a core for a step must not
+   decide the outcome. */
+static void test_sequential_utilisation_and_gantt(void** state) {
+    mpar_timeline t;
+    mpar_timeline_stats st;
+    mpar_pipeline* p;
+    double seq = 1.0, best = 0.0;
+    char *text, *best_text = NULL;
+    int cells[2], step, overlap, unexplained;
+    (void)state;
+    p = make_pipeline_for(g_wide, MPAR_SCHEDULE_SEQUENTIAL, 4);
+    train_step(p, &t); /* warm-up: CLBlast builds its kernels for these sizes */
+    mpar_timeline_free(&t);
+    for (step = 0; step < 12 && (step < 3 || seq > 0.65); step++) {
+        train_step(p, &t);
+        assert_int_equal(mpar_timeline_get_stats(&t, &st, NULL), MPAR_SUCCESS);
+        if (st.utilisation < seq) seq = st.utilisation;
+        text = gantt_text(&t, 100);
+        if (getenv("MPAR_TEST_VERBOSE")) fputs(text, stdout);
+        overlap = gantt_overlap_columns(text, &t, 2, cells, &unexplained);
+        if (unexplained > 1) fail_msg("sequential: %d columns with both devices computing\n%s", unexplained, text);
+        assert_true(cells[0] >= 10 && cells[1] >= 10);
+        assert_contains(text, "sequential: 2 stages");
+        if (step == 0) print_message("sequential: %d of 100 columns both compute (weight part)\n", overlap);
+        free(text);
+        mpar_timeline_free(&t);
+    }
+    mpar_pipeline_destroy(p);
+    print_message("sequential utilisation %.3f\n", seq);
+    assert_true(seq <= 0.65);
+
+    /* 1F1B with 8 micro-batches overlaps the devices */
+    p = make_pipeline_for(g_wide, MPAR_SCHEDULE_1F1B, 8);
+    train_step(p, &t);
+    mpar_timeline_free(&t);
+    overlap = 0;
+    for (step = 0; step < 12 && (step < 3 || best <= seq + 0.05); step++) {
+        train_step(p, &t);
+        assert_int_equal(mpar_timeline_get_stats(&t, &st, NULL), MPAR_SUCCESS);
+        if (st.utilisation > best) {
+            best = st.utilisation;
+            free(best_text);
+            best_text = gantt_text(&t, 100);
+            overlap = gantt_overlap_columns(best_text, &t, 2, cells, &unexplained);
+        }
+        mpar_timeline_free(&t);
+    }
+    mpar_pipeline_destroy(p);
+    if (getenv("MPAR_TEST_VERBOSE")) fputs(best_text, stdout);
+    print_message("1f1b M=8 utilisation %.3f; %d of 100 columns both compute\n", best, overlap);
+    if (overlap < 5) fail_msg("1f1b: only %d columns with both devices computing\n%s", overlap, best_text);
+    free(best_text);
+    assert_true(best > seq + 0.05);
+}
+
+/* The chart of the hand-made step, cell by cell. */
+static void test_gantt_synthetic(void** state) {
+    mpar_timeline t;
+    char* text;
+    (void)state;
+    synthetic(&t);
+    text = gantt_text(&t, 20); /* 0.5 s per column */
+    /* stage 0, column 10 (5.0-5.5 s): wait 0.1, copy 0.25, B0 0.15 -> '~';
+       column 19: B1 0.1 + two optimizer halves 0.4 -> 'O' */
+    assert_contains(text, "stage 0  |FFFFF-----~BBBBBBBBO| busy 64.0%\n         |00111      00001111 |");
+    /* stage 1, column 7 (3.5-4 s): F1 and B0 0.25 each -> the first, F1 */
+    assert_contains(text, "stage 1  |--~FFFFFBBBBBBBBB.O.| busy 67.5%\n         |   00111000011111   |");
+    /* the overlap counting of the SEQUENTIAL test is not blind: stage 0's F1
+       runs beside stage 1's F0 (columns 3, 4: counted), B beside B with
+       one of them in its weight part (columns 11-16: allowed) */
+    {
+        int cells[2], unexplained, both = gantt_overlap_columns(text, &t, 2, cells, &unexplained);
+        assert_int_equal(cells[0], 13);
+        assert_int_equal(cells[1], 14);
+        assert_int_equal(both, 8);
+        assert_int_equal(unexplained, 2);
+    }
+    free(text);
+}
+
+/* ---- Chrome trace and SVG ---- */
+
+static int have(const char* cmd) {
+    char buf[256];
+    snprintf(buf, sizeof buf, "command -v %s >/dev/null 2>&1", cmd);
+    return system(buf) == 0;
+}
+
+static void write_file(const char* path, const mpar_timeline* t, int svg) {
+    FILE* f = fopen(path, "w");
+    assert_non_null(f);
+    assert_int_equal(svg ? mpar_timeline_write_svg(t, f) : mpar_timeline_write_chrome_trace(t, f), MPAR_SUCCESS);
+    fclose(f);
+}
+
+/* Python checks the trace: JSON; one named track per stage and per link
+   direction; every stage and link track has slices; slices of a track
+   do not overlap. */
+static const char* const trace_checker =
+    "import json,sys\n"
+    "d=json.load(open(sys.argv[1])); P=int(sys.argv[2]); L=int(sys.argv[3])\n"
+    "ev=d['traceEvents']\n"
+    "names={e['tid']:e['args']['name'] for e in ev if e['ph']=='M' and e['name']=='thread_name'}\n"
+    "assert len(names)==P+L, names\n"
+    "assert sum(n.startswith('stage ') for n in names.values())==P, names\n"
+    "assert sum(n.startswith('link ') for n in names.values())==L, names\n"
+    "x=[e for e in ev if e['ph']=='X']\n"
+    "assert all(e['dur']>=0 and e['ts']>=0 for e in x)\n"
+    "for tid in names:\n"
+    "  s=sorted((e['ts'],e['ts']+e['dur']) for e in x if e['tid']==tid)\n"
+    "  assert s, 'empty track %s'%names[tid]\n"
+    "  assert all(b[0]>=a[1]-1e-3 for a,b in zip(s,s[1:])), names[tid]\n"
+    "assert any(e['name'] in ('F3','F3.1') and e['args']['microbatch']==3 for e in x)\n"
+    "assert any(e['cat']=='send' and e['args']['bytes']>0 for e in x)\n";
+
+static void test_trace_and_svg(void** state) {
+    static const mpar_schedule_kind kinds[] = {MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_INTERLEAVED_1F1B};
+    char json[] = "/tmp/mpar_tl_XXXXXX", cmd[1024];
+    size_t k;
+    int fd;
+    (void)state;
+    fd = mkstemp(json);
+    assert_true(fd >= 0);
+    close(fd);
+    if (!have("python3")) {
+        print_message("python3 not found: trace and SVG not parsed\n");
+        unlink(json);
+        skip();
+    }
+    for (k = 0; k < 2; k++) {
+        mpar_pipeline* p = make_pipeline(kinds[k], 4);
+        mpar_timeline t;
+        char svg[64];
+        train_step(p, &t);
+        write_file(json, &t, 0);
+        snprintf(cmd, sizeof cmd, "python3 -c \"$MPAR_TL_CHECKER\" %s %d %d", json, t.stages, mpar_timeline_link_count(&t));
+        setenv("MPAR_TL_CHECKER", trace_checker, 1);
+        if (system(cmd) != 0) fail_msg("%s: Chrome trace %s failed the checks", mpar_schedule_kind_name(kinds[k]), json);
+        snprintf(svg, sizeof svg, "%s.svg", json);
+        write_file(svg, &t, 1);
+        snprintf(cmd, sizeof cmd,
+                 "python3 -c \"import sys,xml.etree.ElementTree as E; r=E.parse(sys.argv[1]).getroot(); "
+                 "n=sum(1 for e in r.iter() if e.tag.endswith('rect')); sys.exit(0 if n>=%d else 1)\" %s",
+                 t.event_count, svg);
+        if (system(cmd) != 0) fail_msg("SVG %s is not XML or lacks boxes", svg);
+        if (have("chromium") || have("chromium-browser")) {
+            snprintf(cmd, sizeof cmd, "scripts/check-svg.sh %s %s.png >/dev/null", svg, json);
+            if (system(cmd) != 0) fail_msg("scripts/check-svg.sh %s failed", svg);
+            snprintf(cmd, sizeof cmd, "%s.png", json);
+            unlink(cmd);
+        } else if (k == 0) {
+            print_message("chromium not installed: SVG rendering not checked (apt-get install chromium)\n");
+        }
+        unlink(svg);
+        mpar_timeline_free(&t);
+        mpar_pipeline_destroy(p);
+    }
+    unlink(json);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_synthetic_stats),
+        cmocka_unit_test(test_check_catches_corruption),
+        cmocka_unit_test(test_gantt_synthetic),
+        cmocka_unit_test(test_real_timelines_consistent),
+        cmocka_unit_test(test_sequential_utilisation_and_gantt),
+        cmocka_unit_test(test_trace_and_svg),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
