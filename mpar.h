@@ -5727,7 +5727,7 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
         st = clEnqueueCopyBuffer(w->ex.queue, src.mem, l->dev[slot], src.off * 4, 0, floats * 4, 0, NULL, NULL);
     else
         st = clEnqueueReadBuffer(w->ex.queue, src.mem, CL_TRUE, src.off * 4, floats * 4, l->host[slot], 0, NULL, NULL);
-    if (st == CL_SUCCESS) st = clFinish(w->ex.queue);
+    if (st == CL_SUCCESS && l->device_copy) st = clFinish(w->ex.queue);
     MPAR__CL(w->p->ctx, st);
     mpar__record_link(w, l, 1, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
@@ -5761,7 +5761,7 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     else
         st = clEnqueueWriteBuffer(w->ex.queue, dst.mem, CL_TRUE, dst.off * 4, floats * 4, l->host[slot], 0, NULL,
                                   NULL);
-    if (st == CL_SUCCESS) st = clFinish(w->ex.queue);
+    if (st == CL_SUCCESS && l->device_copy) st = clFinish(w->ex.queue); /* before the slot is reused */
     MPAR__CL(w->p->ctx, st);
     mpar__record_link(w, l, 0, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
@@ -5946,7 +5946,8 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
         MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__act(p, v, slot, v->n), (size_t)rows * width, mb));
     }
-    MPAR__CL(p->ctx, clFinish(w->ex.queue));
+    /* no clFinish: the in-order queue orders whatever comes next, links and
+       uploads synchronise themselves */
     if (p->job == MPAR__JOB_INFER) mpar__release_slot(w, v, slot);
     return MPAR_SUCCESS;
 }
@@ -5973,7 +5974,6 @@ static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int
     mpar__record_compute(w, kind, mb, v->chunk);
     if (v->index > 0)
         MPAR__TRY(mpar__link_send(w, v->bwd_out, mpar__grad(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
-    MPAR__CL(p->ctx, clFinish(w->ex.queue));
     return MPAR_SUCCESS;
 }
 
@@ -5996,8 +5996,7 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
     }
     MPAR__TRY(mpar__serial_end(w, r));
     mpar__record_compute(w, kind, mb, v->chunk);
-    MPAR__CL(p->ctx, clFinish(w->ex.queue));
-    mpar__release_slot(w, v, slot);
+    mpar__release_slot(w, v, slot); /* reused only by later commands of this queue */
     return MPAR_SUCCESS;
 }
 
@@ -8022,6 +8021,34 @@ typedef struct mpar__tl_costs {
     int* count; /* [4 * VS]: scheduled F, B, I, W actions per virtual stage */
 } mpar__tl_costs;
 
+/* Host time between a stage's events (launch set-up, synchronisation) is
+   part of what its actions cost: spread over its actions evenly. */
+static void mpar__tl_add_host_gaps(const mpar_timeline* t, mpar__tl_costs* c) {
+    int P = t->stages, VS = mpar__tl_vs_count(t), s, v, k, i;
+    for (s = 0; s < P; s++) {
+        double first = 0.0, last = 0.0, covered = 0.0, gap;
+        int seen = 0, actions = 0;
+        for (i = 0; i < t->event_count; i++) {
+            const mpar_event* e = &t->events[i];
+            if (e->stage != s || e->kind == MPAR_EVENT_OPTIMIZER_STEP) continue;
+            if (!seen || e->start < first) first = e->start;
+            if (!seen || e->end > last) last = e->end;
+            seen = 1;
+            covered += e->end - e->start;
+        }
+        for (v = s; v < VS; v += P)
+            for (k = 0; k < 4; k++) actions += c->count[k * VS + v];
+        gap = last - first - covered;
+        if (!seen || actions == 0 || gap <= 0.0) continue;
+        for (v = s; v < VS; v += P) {
+            c->f[v] += gap / actions;
+            c->b[v] += gap / actions;
+            c->i[v] += gap / actions;
+            c->w[v] += gap / actions;
+        }
+    }
+}
+
 static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedule* sc, mpar__tl_costs* c,
                                        mpar_error* err) {
     int P = t->stages, VS = mpar__tl_vs_count(t), s, i, k;
@@ -8063,6 +8090,7 @@ static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedu
         }
     }
     for (s = 0; s < VS - 1; s++) c->link[s] = handoffs[s] ? c->link[s] / handoffs[s] : 0.0;
+    mpar__tl_add_host_gaps(t, c);
     return MPAR_SUCCESS;
 }
 

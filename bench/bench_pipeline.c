@@ -1,101 +1,93 @@
-/* Pipeline speed on 2 devices vs 1, per schedule, and measured vs
-   simulated 1F1B step time. Prints `name: value` lines:
-     speedup_<schedule>_2dev   1-device step time / 2-device step time (M = 8)
-     measured_over_predicted_1f1b
-   A balanced model (equal layers) so that the split is even. Needs two
-   devices that run in parallel: POCL_DEVICES="basic basic" (the default). */
+/* Pipeline speed and idle time on two devices, one `name: value` per line:
+     speedup_<schedule>_2dev       1-device step time / 2-device step time (M = 8)
+     measured_over_predicted_1f1b  measured step / simulator's prediction from
+                                   the action costs measured in the same step
+     naive_util_<P>dev             measured utilisation of the naive schedule
+     <schedule>_bubble_measured_2dev_m8, gpipe_bubble_theory_2dev_m8
+   Timings on this kind of machine drift, so 1-device and 2-device steps are
+   measured alternately, several rounds, and the median ratio is printed.
+   Needs two devices that run in parallel: POCL_DEVICES="basic basic". */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
-#include <time.h>
-
-enum { WIDTH = 384, BLOCKS = 6, BATCH = 256, M = 8, STEPS = 6 };
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
+enum { WIDTH = 384, BLOCKS = 6, BATCH = 256, M = 8, ROUNDS = 5, STEPS = 5 };
 
 static mpar_context* ctx;
 static mpar_model* model;
 static float* x;
 static int32_t* y;
 
-static mpar_pipeline* make(mpar_schedule_kind kind, int stages, int V) {
-    mpar_stage_desc st[16];
+static void die(const char* what) {
+    fprintf(stderr, "bench_pipeline: %s: %s\n", what, mpar_last_error(ctx));
+    exit(1);
+}
+
+/* stages × V chunks over `stages` devices; the blocks split evenly, the
+   head and the loss go with the last chunk */
+static mpar_pipeline* make(mpar_schedule_kind kind, int stages, int V, int profile) {
+    mpar_stage_desc st[32];
     mpar_pipeline_desc pd;
     mpar_pipeline* p = NULL;
     int L = mpar_model_layer_count(model), n = stages * V, j;
-    /* even split of the blocks; the small head and loss go with the last */
     for (j = 0; j < n; j++) {
-        st[j].device = j % stages;
+        st[j].device = (j % stages) % mpar_device_count(ctx);
         st[j].first_layer = 2 * BLOCKS * j / n;
         st[j].last_layer = j == n - 1 ? L - 1 : 2 * BLOCKS * (j + 1) / n - 1;
     }
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = n, pd.schedule = kind, pd.microbatches = M, pd.virtual_stages = V;
-    pd.max_batch = BATCH;
+    pd.max_batch = BATCH, pd.profile = profile;
     pd.optimizer.kind = MPAR_OPTIMIZER_SGD;
     pd.optimizer.lr = 1e-3f;
-    if (mpar_pipeline_create(ctx, model, &pd, &p) != MPAR_SUCCESS) {
-        fprintf(stderr, "bench: %s\n", mpar_last_error(ctx));
-        exit(1);
-    }
+    if (mpar_pipeline_create(ctx, model, &pd, &p) != MPAR_SUCCESS) die("create");
     return p;
 }
 
-/* Median seconds per step over STEPS steps after a warm-up step. */
-static double step_time(mpar_pipeline* p) {
-    double t[STEPS], tmp;
+static double steps(mpar_pipeline* p, int n) {
     mpar_batch b;
     mpar_step_info info;
-    int s, i, j;
-    b.inputs = x, b.targets = y, b.samples = BATCH;
-    for (s = -1; s < STEPS; s++) {
-        double t0 = now();
-        if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) {
-            fprintf(stderr, "bench: %s\n", mpar_last_error(ctx));
-            exit(1);
-        }
-        if (s >= 0) t[s] = now() - t0;
-    }
-    for (i = 0; i < STEPS; i++)
-        for (j = i + 1; j < STEPS; j++)
-            if (t[j] < t[i]) tmp = t[i], t[i] = t[j], t[j] = tmp;
-    return 0.5 * (t[STEPS / 2] + t[(STEPS - 1) / 2]);
-}
-
-static double infer_time(mpar_pipeline* p) {
-    mpar_batch b;
-    double best = 1e9;
+    double t0 = mpar__now();
     int s;
     b.inputs = x, b.targets = y, b.samples = BATCH;
-    for (s = 0; s < 4; s++) {
-        double t0 = now(), t;
-        mpar_pipeline_infer(p, &b, NULL, NULL);
-        t = now() - t0;
-        if (t < best) best = t;
-    }
-    return best;
+    for (s = 0; s < n; s++)
+        if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) die("step");
+    return (mpar__now() - t0) / n;
 }
 
-int main(void) {
+static int by_value(const void* a, const void* b) {
+    double u = *(const double*)a, v = *(const double*)b;
+    return u < v ? -1 : u > v;
+}
+
+/* Runs a profiled pipeline and returns its last step's statistics. */
+static void profiled(mpar_schedule_kind kind, int stages, mpar_timeline_stats* st, mpar_timeline_prediction* pr,
+                     double* wall) {
+    mpar_pipeline* p = make(kind, stages, 1, 1);
+    mpar_timeline t;
+    mpar_error err;
+    steps(p, 2);
+    *wall = steps(p, STEPS);
+    if (mpar_pipeline_get_timeline(p, &t) != MPAR_SUCCESS) die("timeline");
+    if (mpar_timeline_get_stats(&t, st, &err) != MPAR_SUCCESS ||
+        (pr && mpar_timeline_predict(&t, pr, &err) != MPAR_SUCCESS)) {
+        fprintf(stderr, "bench_pipeline: %s\n", err.message);
+        exit(1);
+    }
+    mpar_timeline_free(&t);
+    mpar_pipeline_destroy(p);
+}
+
+static void setup(void) {
     mpar_desc d;
     mpar_model_desc md;
     mpar_error err;
     uint64_t s = 3;
     int i;
-    const mpar_schedule_kind kinds[4] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_INTERLEAVED_1F1B,
-                                         MPAR_SCHEDULE_ZB_H1};
-    const char* names[4] = {"gpipe", "1f1b", "interleaved", "zbh1"};
-    double t1, t2[4];
     memset(&d, 0, sizeof d);
     d.error = &err;
-    d.context_per_device = getenv("BENCH_CONTEXT_PER_DEVICE") != NULL;
-    if (mpar_create(&d, &ctx) != MPAR_SUCCESS || mpar_device_count(ctx) < 2) {
-        fprintf(stderr, "bench: needs 2 devices (%s)\n", err.message);
-        return 1;
+    if (mpar_create(&d, &ctx) != MPAR_SUCCESS) {
+        fprintf(stderr, "bench_pipeline: %s\n", err.message);
+        exit(1);
     }
     memset(&md, 0, sizeof md);
     md.input_features = WIDTH, md.seed = 9;
@@ -110,38 +102,65 @@ int main(void) {
     y = (int32_t*)malloc(sizeof(int32_t) * BATCH);
     for (i = 0; i < BATCH * WIDTH; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
     for (i = 0; i < BATCH; i++) y[i] = (int32_t)(mpar__rng_next(&s) % 10);
+}
 
-    {
-        mpar_pipeline* one = make(MPAR_SCHEDULE_1F1B, 1, 1);
-        double f_all, b_all;
-        mpar_schedule* sch;
-        mpar_simulation* sim;
-        mpar_sim_desc sd;
-        t1 = step_time(one);
-        /* action costs measured on one device: forward-only streaming gives F,
-           the rest of a training step is B (optimizer step folded in) */
-        f_all = infer_time(one) / M;
-        b_all = t1 / M - f_all;
-        mpar_pipeline_destroy(one);
-        for (i = 0; i < 4; i++) {
-            mpar_pipeline* p = make(kinds[i], 2, kinds[i] == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1);
-            t2[i] = step_time(p);
-            mpar_pipeline_destroy(p);
-            printf("speedup_%s_2dev: %.3f\n", names[i], t1 / t2[i]);
-        }
-        memset(&sd, 0, sizeof sd);
-        sd.forward = f_all / 2, sd.backward = b_all / 2;
-        mpar_schedule_create(MPAR_SCHEDULE_1F1B, 2, M, 1, &sch, &err);
-        mpar_simulate(sch, &sd, &sim, &err);
-        printf("step_ms_1dev: %.2f\n", 1e3 * t1);
-        printf("step_ms_1f1b_2dev: %.2f\n", 1e3 * t2[1]);
-        printf("predicted_ms_1f1b_2dev: %.2f\n", 1e3 * sim->step_time);
-        printf("measured_over_predicted_1f1b: %.3f\n", t2[1] / sim->step_time);
-        mpar_simulation_destroy(sim);
-        mpar_schedule_destroy(sch);
+int main(int argc, char** argv) {
+    const mpar_schedule_kind kinds[4] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_INTERLEAVED_1F1B,
+                                         MPAR_SCHEDULE_ZB_H1};
+    const char* names[4] = {"gpipe", "1f1b", "interleaved", "zbh1"};
+    mpar_pipeline *one, *two[4];
+    double ratio[4][ROUNDS], t1 = 0, wall;
+    mpar_timeline_stats st;
+    mpar_timeline_prediction pr;
+    int i, r;
+
+    if (argc > 1 && !strcmp(argv[1], "--naive4")) { /* child: four devices */
+        setup();
+        if (mpar_device_count(ctx) < 4) die("needs 4 devices");
+        profiled(MPAR_SCHEDULE_SEQUENTIAL, 4, &st, NULL, &wall);
+        printf("naive_util_4dev: %.3f\n", st.utilisation);
+        return 0;
     }
+    setup();
+    if (mpar_device_count(ctx) < 2) die("needs 2 devices");
+
+    one = make(MPAR_SCHEDULE_1F1B, 1, 1, 0);
+    for (i = 0; i < 4; i++) two[i] = make(kinds[i], 2, kinds[i] == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1, 0);
+    steps(one, 2);
+    for (i = 0; i < 4; i++) steps(two[i], 2);
+    for (r = 0; r < ROUNDS; r++) {
+        t1 = steps(one, STEPS);
+        for (i = 0; i < 4; i++) ratio[i][r] = t1 / steps(two[i], STEPS);
+    }
+    for (i = 0; i < 4; i++) {
+        qsort(ratio[i], ROUNDS, sizeof(double), by_value);
+        printf("speedup_%s_2dev: %.3f\n", names[i], ratio[i][ROUNDS / 2]);
+        mpar_pipeline_destroy(two[i]);
+    }
+    printf("step_ms_1dev: %.2f\n", 1e3 * t1);
+    mpar_pipeline_destroy(one);
+
+    profiled(MPAR_SCHEDULE_1F1B, 2, &st, &pr, &wall);
+    printf("step_ms_1f1b_2dev_profiled: %.2f\n", 1e3 * wall);
+    printf("predicted_ms_1f1b_2dev: %.2f\n", 1e3 * pr.step_time);
+    printf("measured_over_predicted_1f1b: %.3f\n", wall / pr.step_time);
+    printf("1f1b_bubble_measured_2dev_m8: %.3f\n", st.bubble_fraction);
+    printf("1f1b_bubble_predicted_2dev_m8: %.3f\n", pr.bubble_fraction);
+    profiled(MPAR_SCHEDULE_GPIPE, 2, &st, NULL, &wall);
+    printf("gpipe_bubble_measured_2dev_m8: %.3f\n", st.bubble_fraction);
+    printf("gpipe_bubble_theory_2dev_m8: %.3f\n", 1.0 / (M + 1));
+    profiled(MPAR_SCHEDULE_SEQUENTIAL, 2, &st, NULL, &wall);
+    printf("naive_util_2dev: %.3f\n", st.utilisation);
+    printf("naive_util_theory_2dev: %.3f\n", 0.5);
     mpar_model_destroy(model);
     free(x), free(y);
     mpar_destroy(ctx);
+    fflush(stdout);
+    {
+        char cmd[4200];
+        snprintf(cmd, sizeof cmd, "POCL_DEVICES='basic basic basic basic' '%s' --naive4", argv[0]);
+        if (system(cmd) != 0) return 1;
+        printf("naive_util_theory_4dev: %.3f\n", 0.25);
+    }
     return 0;
 }
