@@ -6,7 +6,11 @@
      examples/char_gpt [--devices SEL] [--schedule 1f1b|gpipe|zbh1|interleaved|sequential]
                        [--microbatches M] [--stages D:A-B,...] [--steps N] [--batch B]
                        [--seq T] [--width C] [--layers L] [--heads H] [--lr X]
-                       [--prompt TEXT] [--sample N] [--seed S]
+                       [--prompt TEXT] [--sample N] [--seed S] [--plan optimal|proportional --weights W,W]
+                       [--checkpoint PATH [--resume]] [--trace PATH]
+
+   --checkpoint saves the training state every 100 steps and at the end;
+   --resume continues from it. --trace writes the last step's timeline.
 
    Ends with `val_loss: <nats/char>` and `unigram_entropy: <nats/char>`. */
 #define MPAR_IMPLEMENTATION
@@ -107,6 +111,11 @@ int main(int argc, char** argv) {
     const char* sched = ex_option(argc, argv, "--schedule");
     const char* stage_text = ex_option(argc, argv, "--stages");
     const char* prompt = ex_option(argc, argv, "--prompt");
+    const char* ckpt = ex_option(argc, argv, "--checkpoint");
+    const char* trace = ex_option(argc, argv, "--trace");
+    mpar_plan_options plan_options;
+    double weights[64];
+    int first = 0;
 
     if (data_text_load(NULL, &text, msg, sizeof msg) != DATA_OK) return die("text", NULL, msg);
     if (data_charset_build(text.bytes, text.size, &cs, msg, sizeof msg) != DATA_OK) return die("charset", NULL, msg);
@@ -148,12 +157,21 @@ int main(int argc, char** argv) {
     pd.optimizer.warmup_steps = steps / 20;
     pd.optimizer.decay_steps = steps - steps / 20;
     pd.optimizer.min_lr = pd.optimizer.lr * 0.1f;
+    pd.profile = trace != NULL;
     if (stage_text) {
         pd.stage_count = ex_parse_stages(stage_text, stages, 64);
         if (pd.stage_count <= 0) return die("--stages", NULL, "expected D:A-B,D:A-B,... (device:first-last layer)");
         pd.stages = stages;
     }
+    if (ex_plan_options(argc, argv, &plan_options, weights, 64) != 0)
+        return die("--plan", NULL, "expected optimal, or proportional with --weights W,W,...");
+    pd.plan_options = &plan_options;
     if (mpar_pipeline_create(ctx, model, &pd, &pipe) != MPAR_SUCCESS) return die("pipeline", ctx, NULL);
+    if (ckpt && ex_flag(argc, argv, "--resume")) {
+        if (mpar_pipeline_load_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS) return die("--resume", ctx, NULL);
+        first = mpar_pipeline_get_step(pipe);
+        printf("resumed from %s at step %d\n", ckpt, first);
+    }
     printf("char_gpt: %zu characters (%d distinct), %d layers (%d decoder blocks, width %d, %d heads, context %d), "
            "%zu parameters, %s, M=%d, %d device(s)\n",
            text.size, cs.size, mpar_model_layer_count(model), L, C, H, T, mpar_model_param_count(model),
@@ -161,22 +179,27 @@ int main(int argc, char** argv) {
 
     x = (int32_t*)malloc(sizeof(int32_t) * (size_t)pd.max_batch * (size_t)T);
     y = (int32_t*)malloc(sizeof(int32_t) * (size_t)pd.max_batch * (size_t)T);
-    data_rng_seed(&rng, md.seed);
+    data_rng_seed(&rng, md.seed + (uint64_t)first);
     t0 = ex_seconds();
-    for (i = 0; i < steps; i++) {
+    for (i = first; i < steps; i++) {
         mpar_batch b;
         mpar_step_info info;
         fill_batch(ids, n_train, batch, T, &rng, x, y);
         b.inputs = x, b.targets = y, b.samples = batch;
         if (mpar_pipeline_train_step(pipe, &b, &info) != MPAR_SUCCESS) return die("train", ctx, NULL);
-        train_loss = i ? 0.95 * train_loss + 0.05 * info.loss : info.loss;
+        train_loss = i > first ? 0.95 * train_loss + 0.05 * info.loss : info.loss;
         if (i % 10 == 0 || i + 1 == steps)
-            ex_progress(i + 1, steps, train_loss, (double)(i + 1) * batch * T / (ex_seconds() - t0), ex_seconds() - t0);
+            ex_progress(i + 1, steps, train_loss, (double)(i + 1 - first) * batch * T / (ex_seconds() - t0),
+                        ex_seconds() - t0);
+        if (ckpt && ((i + 1) % 100 == 0 || i + 1 == steps) &&
+            mpar_pipeline_save_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS)
+            return die("checkpoint", ctx, NULL);
     }
+    if (trace) ex_report_timeline(pipe, trace);
     val_loss = evaluate(pipe, ids + n_train, n_val, eval_windows, T, x, y);
     if (val_loss < 0) return die("evaluate", ctx, NULL);
-    printf("trained %d steps in %.1f s (%.0f characters/s)\n", steps, ex_seconds() - t0,
-           (double)steps * batch * T / (ex_seconds() - t0));
+    printf("trained %d steps in %.1f s (%.0f characters/s)\n", steps - first, ex_seconds() - t0,
+           (double)(steps - first) * batch * T / (ex_seconds() - t0));
     generate(pipe, &cs, prompt ? prompt : "And God said", ex_int(argc, argv, "--sample", 200), T, cs.size,
              md.seed + 7);
     printf("train_loss: %.4f\n", evaluate(pipe, ids, n_train, eval_windows, T, x, y));

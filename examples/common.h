@@ -8,14 +8,14 @@
 #include <string.h>
 #include <time.h>
 
-static double ex_seconds(void) {
+static inline double ex_seconds(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
 /* "--name value" or "--name=value"; returns the value or NULL. */
-static const char* ex_option(int argc, char** argv, const char* name) {
+static inline const char* ex_option(int argc, char** argv, const char* name) {
     int i;
     size_t n = strlen(name);
     for (i = 1; i < argc; i++) {
@@ -25,17 +25,23 @@ static const char* ex_option(int argc, char** argv, const char* name) {
     }
     return NULL;
 }
-static int ex_int(int argc, char** argv, const char* name, int fallback) {
+static inline int ex_flag(int argc, char** argv, const char* name) {
+    int i;
+    for (i = 1; i < argc; i++)
+        if (!strcmp(argv[i], name)) return 1;
+    return 0;
+}
+static inline int ex_int(int argc, char** argv, const char* name, int fallback) {
     const char* v = ex_option(argc, argv, name);
     return v ? atoi(v) : fallback;
 }
-static double ex_double(int argc, char** argv, const char* name, double fallback) {
+static inline double ex_double(int argc, char** argv, const char* name, double fallback) {
     const char* v = ex_option(argc, argv, name);
     return v ? atof(v) : fallback;
 }
 
 /* Parses "D:A-B,D:A-B,..." (device : first-last layer) into stages. */
-static int ex_parse_stages(const char* text, mpar_stage_desc* out, int capacity) {
+static inline int ex_parse_stages(const char* text, mpar_stage_desc* out, int capacity) {
     int n = 0;
     const char* p = text;
     while (*p && n < capacity) {
@@ -50,8 +56,53 @@ static int ex_parse_stages(const char* text, mpar_stage_desc* out, int capacity)
     return n;
 }
 
+/* Plan options from --plan optimal|proportional and --weights W,W,... */
+static inline int ex_plan_options(int argc, char** argv, mpar_plan_options* o, double* weights, int capacity) {
+    const char* mode = ex_option(argc, argv, "--plan");
+    const char* w = ex_option(argc, argv, "--weights");
+    memset(o, 0, sizeof *o);
+    if (!mode || !strcmp(mode, "optimal")) return 0;
+    if (strcmp(mode, "proportional") != 0) return -1;
+    o->mode = MPAR_PLAN_PROPORTIONAL;
+    if (w) {
+        int n = 0;
+        while (*w && n < capacity) {
+            char* end;
+            weights[n++] = strtod(w, &end);
+            if (end == w) return -1;
+            w = *end == ',' ? end + 1 : end;
+        }
+        o->weights = weights;
+    }
+    return 0;
+}
+
+/* After training: the Gantt chart and statistics of the last step, and the
+   timeline as a Chrome trace (opens in Perfetto) and an SVG. */
+static inline void ex_report_timeline(mpar_pipeline* p, const char* trace_path) {
+    mpar_timeline t;
+    char svg[1024];
+    FILE* f;
+    if (mpar_pipeline_get_timeline(p, &t) != MPAR_SUCCESS) return;
+    printf("\nlast training step, one row per device:\n");
+    mpar_timeline_print_gantt(&t, stdout, 100);
+    mpar_timeline_print_stats(&t, stdout);
+    if (trace_path && (f = fopen(trace_path, "w")) != NULL) {
+        mpar_timeline_write_chrome_trace(&t, f);
+        fclose(f);
+        printf("trace: %s (open in https://ui.perfetto.dev or chrome://tracing)\n", trace_path);
+        snprintf(svg, sizeof svg, "%s.svg", trace_path);
+        if ((f = fopen(svg, "w")) != NULL) {
+            mpar_timeline_write_svg(&t, f);
+            fclose(f);
+            printf("timeline picture: %s\n", svg);
+        }
+    }
+    mpar_timeline_free(&t);
+}
+
 /* One line, redrawn in place: step, loss, samples/s, ETA. */
-static void ex_progress(int step, int steps, double loss, double samples_per_s, double elapsed) {
+static inline void ex_progress(int step, int steps, double loss, double samples_per_s, double elapsed) {
     int width = 30, filled = steps ? width * step / steps : width, i;
     double eta = step ? elapsed * (steps - step) / step : 0.0;
     char bar[64];

@@ -3,7 +3,12 @@
 
      examples/fashion_mnist [--devices SEL] [--schedule 1f1b|gpipe|zbh1|interleaved|sequential]
                             [--microbatches M] [--stages D:A-B,...] [--epochs N] [--batch B]
-                            [--lr X] [--hidden H] [--seed S]
+                            [--lr X] [--hidden H] [--seed S] [--plan optimal|proportional --weights W,W]
+                            [--checkpoint PATH [--resume]] [--trace PATH]
+
+   --checkpoint saves the training state after every epoch (atomically);
+   --resume continues from it. --trace writes the last step's timeline as a
+   Chrome trace and an SVG, after printing its Gantt chart.
 
    The last line is `test_accuracy: <fraction>`. */
 #define MPAR_IMPLEMENTATION
@@ -49,6 +54,11 @@ int main(int argc, char** argv) {
     double mean, stdev, t0, test_loss = 0.0, acc;
     const char* sched = ex_option(argc, argv, "--schedule");
     const char* stage_text = ex_option(argc, argv, "--stages");
+    const char* ckpt = ex_option(argc, argv, "--checkpoint");
+    const char* trace = ex_option(argc, argv, "--trace");
+    mpar_plan_options plan_options;
+    double weights[64];
+    int first_epoch = 0;
 
     memset(&desc, 0, sizeof desc);
     desc.devices = ex_option(argc, argv, "--devices");
@@ -92,22 +102,39 @@ int main(int argc, char** argv) {
     pd.optimizer.warmup_steps = steps / 50;
     pd.optimizer.decay_steps = steps - steps / 50;
     pd.optimizer.min_lr = pd.optimizer.lr * 0.05f;
+    pd.profile = trace != NULL;
     if (stage_text) {
         pd.stage_count = ex_parse_stages(stage_text, stages, 64);
         if (pd.stage_count <= 0) return fail("--stages", NULL, "expected D:A-B,D:A-B,... (device:first-last layer)");
         pd.stages = stages;
     }
+    if (ex_plan_options(argc, argv, &plan_options, weights, 64) != 0)
+        return fail("--plan", NULL, "expected optimal, or proportional with --weights W,W,...");
+    pd.plan_options = &plan_options;
     if (mpar_pipeline_create(ctx, model, &pd, &pipe) != MPAR_SUCCESS) return fail("pipeline", ctx, NULL);
+    if (ckpt && ex_flag(argc, argv, "--resume")) {
+        if (mpar_pipeline_load_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS) return fail("--resume", ctx, NULL);
+        first_epoch = mpar_pipeline_get_step(pipe) / steps_per_epoch;
+        step = first_epoch * steps_per_epoch;
+        printf("resumed from %s at step %d (epoch %d)\n", ckpt, step, first_epoch + 1);
+    }
     printf("fashion_mnist: %d train / %d test images, MLP 784-%d-%d-10, %s, M=%d, %d device(s), %d epochs\n",
            train.count, test.count, hidden, hidden / 2, mpar_schedule_kind_name(pd.schedule), pd.microbatches,
            mpar_device_count(ctx), epochs);
+    {
+        mpar_plan plan;
+        if (mpar_pipeline_plan(ctx, model, &pd, &plan_options, &plan) == MPAR_SUCCESS) {
+            if (!stage_text) mpar_plan_print(&plan, stdout);
+            mpar_plan_free(&plan);
+        }
+    }
 
     order = (int32_t*)malloc(sizeof(int32_t) * (size_t)train.count);
     x = (float*)malloc(sizeof(float) * 784 * (size_t)batch);
     y = (int32_t*)malloc(sizeof(int32_t) * (size_t)batch);
     logits = (float*)malloc(sizeof(float) * 10 * (size_t)(train.count > test.count ? train.count : test.count));
     t0 = ex_seconds();
-    for (e = 0; e < epochs; e++) {
+    for (e = first_epoch; e < epochs; e++) {
         data_permutation(order, train.count, md.seed + (uint64_t)e, msg, sizeof msg);
         for (i = 0; i < steps_per_epoch; i++, step++) {
             mpar_batch b;
@@ -121,7 +148,9 @@ int main(int argc, char** argv) {
         }
         acc = accuracy(pipe, &test, logits, &test_loss);
         fprintf(stderr, "epoch %d: test loss %.4f, accuracy %.4f\n", e + 1, test_loss, acc);
+        if (ckpt && mpar_pipeline_save_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS) return fail("checkpoint", ctx, NULL);
     }
+    if (trace) ex_report_timeline(pipe, trace);
     acc = accuracy(pipe, &test, logits, &test_loss);
     if (acc < 0) return fail("evaluate", ctx, NULL);
     printf("trained %d steps in %.1f s (%.0f samples/s)\n", steps, ex_seconds() - t0,
