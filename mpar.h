@@ -257,6 +257,13 @@ MPARDEF mpar_result mpar_device_get_info(const mpar_context* ctx, int device, mp
 MPARDEF mpar_result mpar_device_get_cl(const mpar_context* ctx, int device, cl_device_id* device_id,
                                        cl_context* context, cl_command_queue* queue);
 MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context_stats* out);
+/* Fault injection, to test error handling: the chosen kind of OpenCL call
+   fails on a stage at an optimizer step. spec is "KIND:STAGE:STEP[:NTH]":
+   KIND alloc (buffer allocation), enqueue (kernel launch), transfer (link
+   copies and uploads) or build (kernel program build); STAGE and STEP a
+   number or '*'; the NTH matching call fails (default 1), once. Also read
+   from the MPAR_FAULT environment variable by mpar_create. NULL or "" clears. */
+MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec);
 /* Every device on every platform, no selection applied. `count` receives
    the total even when `capacity` is smaller. */
 MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* count, const char* pocl_devices,
@@ -1462,6 +1469,7 @@ struct mpar_context {
     pthread_mutex_t lock; /* guards error, programs, stats */
     char* error;          /* last error detail, never NULL after create */
     size_t error_cap;
+    int fault_kind, fault_stage, fault_step, fault_nth; /* mpar_set_fault; kind 0: none */
 };
 
 static void* mpar__alloc(const mpar_context* ctx, size_t size) {
@@ -1816,6 +1824,8 @@ MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     }
     ctx->error[0] = '\0';
     r = mpar__create_setup(ctx, &d, err);
+    if (r == MPAR_SUCCESS && getenv("MPAR_FAULT") && mpar_set_fault(ctx, getenv("MPAR_FAULT")) != MPAR_SUCCESS)
+        r = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "MPAR_FAULT: %s", ctx->error);
     if (r != MPAR_SUCCESS) {
         mpar_destroy(ctx);
         return r;
@@ -1882,6 +1892,55 @@ MPARDEF mpar_result mpar_device_get_cl(const mpar_context* ctx, int device, cl_d
     if (context) *context = ctx->groups[ctx->devices[device].info.group];
     if (queue) *queue = ctx->devices[device].queue;
     return MPAR_SUCCESS;
+}
+
+enum { MPAR__FAULT_ALLOC = 1, MPAR__FAULT_ENQUEUE, MPAR__FAULT_TRANSFER, MPAR__FAULT_BUILD };
+
+static int mpar__fault_field(const char** p, int* out) {
+    if (**p == '*') {
+        *out = -1;
+        (*p)++;
+        return 1;
+    }
+    if (!isdigit((unsigned char)**p)) return 0;
+    *out = 0;
+    while (isdigit((unsigned char)**p) && *out < 100000000) *out = *out * 10 + (*(*p)++ - '0');
+    return !isdigit((unsigned char)**p);
+}
+
+MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec) {
+    static const char* kinds[] = {"alloc", "enqueue", "transfer", "build"};
+    int k, kind = 0, stage = -1, step = -1, nth = 1;
+    const char* p;
+    if (!ctx) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (spec && spec[0]) {
+        for (k = 0; k < 4 && !kind; k++)
+            if (!strncmp(spec, kinds[k], strlen(kinds[k])) && spec[strlen(kinds[k])] == ':') kind = k + 1;
+        p = kind ? spec + strlen(kinds[kind - 1]) + 1 : spec;
+        if (!kind || !mpar__fault_field(&p, &stage) || *p++ != ':' || !mpar__fault_field(&p, &step) ||
+            (*p == ':' && (p++, !mpar__fault_field(&p, &nth) || nth < 1)) || *p)
+            return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT,
+                              "fault spec '%.100s': expected KIND:STAGE:STEP[:NTH], KIND alloc|enqueue|transfer|build",
+                              spec);
+    }
+    pthread_mutex_lock(&ctx->lock);
+    ctx->fault_kind = kind, ctx->fault_stage = stage, ctx->fault_step = step, ctx->fault_nth = nth;
+    pthread_mutex_unlock(&ctx->lock);
+    return MPAR_SUCCESS;
+}
+
+/* Whether this call is the injected failure (at most once per setting). */
+static int mpar__fault_hit(mpar_context* ctx, int kind, int stage, int step) {
+    int hit = 0;
+    if (!ctx->fault_kind) return 0; /* racy read is fine: set before the run */
+    pthread_mutex_lock(&ctx->lock);
+    if (ctx->fault_kind == kind && (ctx->fault_stage < 0 || ctx->fault_stage == stage) &&
+        (ctx->fault_step < 0 || ctx->fault_step == step) && --ctx->fault_nth == 0) {
+        hit = 1;
+        ctx->fault_kind = 0;
+    }
+    pthread_mutex_unlock(&ctx->lock);
+    return hit;
 }
 
 MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context_stats* out) {
@@ -2290,7 +2349,13 @@ struct mpar_exec {
     cl_event events[64];
     cl_ulong prof_start, prof_end;
     double clock_offset; /* host seconds minus device seconds */
+    int stage;           /* for fault injection: the stage, and its step counter */
+    const int* step;
 };
+
+static int mpar__exec_fault(mpar_exec* ex, int kind) {
+    return mpar__fault_hit(ex->ctx, kind, ex->stage, ex->step ? *ex->step : -1);
+}
 
 /* Folds pending profiling events into [prof_start, prof_end]. */
 static void mpar__exec_fold(mpar_exec* ex) {
@@ -2344,6 +2409,9 @@ static mpar_result mpar__exec_kernel(mpar_exec* ex, const char* file, const char
     if (ex->kernel_count == MPAR__EXEC_MAX_KERNELS)
         return mpar__fail(ex->ctx, MPAR_ERROR_UNSUPPORTED, "more than %d distinct kernels on one stage",
                           MPAR__EXEC_MAX_KERNELS);
+    if (mpar__exec_fault(ex, MPAR__FAULT_BUILD))
+        return mpar__fail(ex->ctx, MPAR_ERROR_KERNEL_BUILD, "kernel build failed: file '%s' on device %d: injected fault",
+                          file, ex->device);
     r = mpar_kernel_create(ex->ctx, ex->device, file, name, out);
     if (r != MPAR_SUCCESS) return r;
     i = ex->kernel_count;
@@ -2422,6 +2490,9 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
     global[0] = global0;
     global[1] = global1;
     ev = mpar__exec_event_slot(ex);
+    if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
+        return mpar__fail(ex->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "clEnqueueNDRangeKernel(%s): injected enqueue fault",
+                          kernel);
     st = clEnqueueNDRangeKernel(ex->queue, k, global1 ? 2u : 1u, NULL, global, NULL, 0, NULL, ev);
     mpar__exec_event_taken(ex, ev, st == CL_SUCCESS);
     if (st != CL_SUCCESS)
@@ -2439,6 +2510,8 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
     if (m == 0 || n == 0) return MPAR_SUCCESS;
     if (k == 0) return MPAR_ERROR_INVALID_ARGUMENT;
     ev = mpar__exec_event_slot(ex);
+    if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
+        return mpar__fail(ex->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "CLBlastSgemm: injected enqueue fault");
     st = CLBlastSgemm(CLBlastLayoutRowMajor, trans_a ? CLBlastTransposeYes : CLBlastTransposeNo,
                       trans_b ? CLBlastTransposeYes : CLBlastTransposeNo, m, n, k, alpha, a.mem, a.off, lda, b.mem,
                       b.off, ldb, beta, c.mem, c.off, ldc, &ex->queue, ev);
@@ -5650,6 +5723,7 @@ struct mpar_pipeline {
     int mb_capacity, links_ready, first_failure;
     double t0; /* host time the current step began (timeline origin) */
     int serial;          /* this job runs its kernels one stage at a time */
+    int damaged;         /* an optimizer step failed part-way: only a checkpoint load continues */
     int seen_count;      /* (job, micro-batch rows) pairs already run */
     int seen[64];
 };
@@ -5723,7 +5797,9 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     if (r == MPAR_ERROR_TIMEOUT)
         return mpar__fail(w->p->ctx, r, "link send of micro-batch %d waited over %.0f s for room", mb, l->timeout);
     if (r != MPAR_SUCCESS) return r;
-    if (l->device_copy)
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
+        st = CL_OUT_OF_RESOURCES; /* injected */
+    else if (l->device_copy)
         st = clEnqueueCopyBuffer(w->ex.queue, src.mem, l->dev[slot], src.off * 4, 0, floats * 4, 0, NULL, NULL);
     else
         st = clEnqueueReadBuffer(w->ex.queue, src.mem, CL_TRUE, src.off * 4, floats * 4, l->host[slot], 0, NULL, NULL);
@@ -5756,7 +5832,9 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     if (tag != mb)
         return mpar__fail(w->p->ctx, MPAR_ERROR_INVALID_SCHEDULE,
                           "link delivered micro-batch %d where the schedule expects %d", tag, mb);
-    if (l->device_copy)
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
+        st = CL_OUT_OF_RESOURCES; /* injected */
+    else if (l->device_copy)
         st = clEnqueueCopyBuffer(w->ex.queue, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4, 0, NULL, NULL);
     else
         st = clEnqueueWriteBuffer(w->ex.queue, dst.mem, CL_TRUE, dst.off * 4, floats * 4, l->host[slot], 0, NULL,
@@ -5862,6 +5940,8 @@ static mpar_buf mpar__buf0(cl_mem m) {
 }
 
 static mpar_result mpar__upload(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems) {
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
+        return mpar__fail(w->p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "clEnqueueWriteBuffer: injected transfer fault");
     MPAR__CL(w->p->ctx, clEnqueueWriteBuffer(w->ex.queue, mem, CL_TRUE, off_elems * 4, elems * 4, src, 0, NULL, NULL));
     return MPAR_SUCCESS;
 }
@@ -6175,7 +6255,7 @@ static void* mpar__worker_main(void* arg) {
             if (first) {
                 pthread_mutex_lock(&p->ctx->lock);
                 snprintf(w->error, sizeof w->error, "stage %d (device %d), action %s: %s", w->index, w->device,
-                         action ? action : (job == MPAR__JOB_STEP ? "optimizer step" : "setup"), p->ctx->error);
+                         action ? action : (job == MPAR__JOB_STEP ? "optimizer step" : "start of step"), p->ctx->error);
                 pthread_mutex_unlock(&p->ctx->lock);
             }
             mpar__links_abort(p, 1);
@@ -6273,11 +6353,18 @@ static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb
     return MPAR_SUCCESS;
 }
 
+static mpar_result mpar__damaged(mpar_pipeline* p) {
+    return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE,
+                      "an optimizer step failed part-way, so some stages may hold updated parameters and others not; "
+                      "load a checkpoint (mpar_pipeline_load_checkpoint) to continue training");
+}
+
 MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_result r;
     double loss = 0.0;
     int m, counted;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->damaged) return mpar__damaged(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
     counted = (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
@@ -6311,6 +6398,7 @@ MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_in
     int i, bad = -1;
     mpar_result r;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->damaged) return mpar__damaged(p);
     if (!p->grads_ready)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "apply_gradients needs a successful compute_gradients first");
     p->grads_ready = 0;
@@ -6339,6 +6427,12 @@ MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_in
     p->step_scale = (p->desc.optimizer.clip_norm > 0.0f && norm > p->desc.optimizer.clip_norm)
                         ? (float)(p->desc.optimizer.clip_norm / (norm + 1e-6)) : 1.0f;
     r = mpar__run_job(p, MPAR__JOB_STEP);
+    if (r != MPAR_SUCCESS) {
+        /* some stages may have stepped and others not */
+        p->damaged = 1;
+        p->step--;
+        return r;
+    }
     if (info) {
         info->lr = p->step_lr;
         info->step = p->step;
@@ -6502,7 +6596,9 @@ static mpar_result mpar__alloc_buffer(mpar_pipeline* p, mpar__worker* w, size_t 
     cl_context cc = p->ctx->groups[p->ctx->devices[w->device].info.group];
     cl_int st = CL_SUCCESS;
     if (floats == 0) floats = 1;
-    *out = clCreateBuffer(cc, CL_MEM_READ_WRITE, floats * 4, NULL, &st);
+    *out = mpar__fault_hit(p->ctx, MPAR__FAULT_ALLOC, w->index, p->step)
+               ? (st = CL_MEM_OBJECT_ALLOCATION_FAILURE, (cl_mem)NULL) /* injected */
+               : clCreateBuffer(cc, CL_MEM_READ_WRITE, floats * 4, NULL, &st);
     if (st != CL_SUCCESS)
         return mpar__fail(p->ctx, (mpar_result)st, "clCreateBuffer(%zu bytes) on device %d failed with %s", floats * 4,
                           w->device, mpar_result_string((mpar_result)st));
@@ -6813,7 +6909,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         mpar__worker* w = &p->workers[i];
         cl_int st = CL_SUCCESS;
         w->p = p, w->index = i, w->device = stages[i].device;
-        w->ex.ctx = p->ctx, w->ex.device = w->device;
+        w->ex.ctx = p->ctx, w->ex.device = w->device, w->ex.stage = i, w->ex.step = &p->step;
         w->ex.queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
                                            p->ctx->devices[w->device].id, CL_QUEUE_PROFILING_ENABLE, &st);
         MPAR__CL(p->ctx, st);
@@ -7827,6 +7923,7 @@ MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* 
         return r;
     }
     p->grads_ready = 0;
+    p->damaged = 0;
     return MPAR_SUCCESS;
 }
 

@@ -1,10 +1,13 @@
 /* mpar demo: finds the OpenCL devices, splits an MLP across them, trains it
-   on a slice of Fashion-MNIST with a 1F1B pipeline, and compares the step
-   time with the same model on one device. Run from the repository root:
-   `make demo`. */
+   on a slice of Fashion-MNIST with a 1F1B pipeline, compares the step time
+   with the same model on one device, and ends with a Gantt chart of a step,
+   its measured and predicted bubble, and a trace file. Run from the
+   repository root: `make demo`. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 #include "data.h"
+
+#include <sys/stat.h>
 
 #include <time.h>
 
@@ -102,7 +105,15 @@ int main(void) {
     pd.max_batch = batch;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     pd.optimizer.lr = 1e-3f;
-    CHECK(mpar_pipeline_create(ctx, model, &pd, &pipe)); /* layers split evenly over every device */
+    pd.profile = 1; /* record a timeline of every step */
+    CHECK(mpar_pipeline_create(ctx, model, &pd, &pipe)); /* mpar plans the split itself */
+    {
+        mpar_plan plan;
+        CHECK(mpar_pipeline_plan(ctx, model, &pd, NULL, &plan));
+        printf("\nthe plan mpar chose:\n");
+        mpar_plan_print(&plan, stdout);
+        mpar_plan_free(&plan);
+    }
     {
         mpar_schedule* s = NULL;
         mpar_schedule_create(MPAR_SCHEDULE_1F1B, n, 8, 1, &s, &err);
@@ -146,6 +157,31 @@ int main(void) {
     printf("\nstep time: %.1f ms on 1 device, %.1f ms on %d devices (1F1B, M=8): speed-up %.2fx\n", 1e3 * t_one,
            1e3 * t_pipe, n, t_one / t_pipe);
 
+    {
+        mpar_timeline t;
+        mpar_timeline_prediction pr;
+        FILE* f;
+        const char* path = "build/demo_trace.json";
+        CHECK(mpar_pipeline_get_timeline(pipe, &t));
+        printf("\nthe last step, one row per device (F forward, B backward, O optimizer; digits: micro-batch):\n");
+        mpar_timeline_print_gantt(&t, stdout, 100);
+        if (mpar_timeline_predict(&t, &pr, &err) == MPAR_SUCCESS)
+            printf("bubble: measured %.3f, predicted by the simulator from the measured costs %.3f, "
+                   "(P-1)/(M+P-1) = %.3f\n",
+                   pr.measured_bubble_fraction, pr.bubble_fraction, (double)(n - 1) / (8 + n - 1));
+        mkdir("build", 0755);
+        if ((f = fopen(path, "w")) != NULL) {
+            mpar_timeline_write_chrome_trace(&t, f);
+            fclose(f);
+            printf("trace written to %s (open it in https://ui.perfetto.dev)\n", path);
+        }
+        if ((f = fopen("build/demo_trace.svg", "w")) != NULL) {
+            mpar_timeline_write_svg(&t, f);
+            fclose(f);
+            printf("timeline picture written to build/demo_trace.svg\n");
+        }
+        mpar_timeline_free(&t);
+    }
     mpar_pipeline_destroy(single);
     mpar_pipeline_destroy(pipe);
     mpar_model_destroy(model);

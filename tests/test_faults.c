@@ -1,0 +1,212 @@
+/* Injected faults (mpar_set_fault): buffer allocation, kernel enqueue,
+   transfers and program builds failing on the first, a middle and the last
+   of three stages. Each ends in a returned error within a bounded time,
+   with every worker stopped (the pipeline is destroyed or used again), no
+   leak (run under ASan by `make check`), and the parameters unchanged; a
+   step that fails half-way through the optimizer refuses to continue until
+   a checkpoint is loaded. */
+#define MPAR_IMPLEMENTATION
+#include "mpar.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+const char* __lsan_default_suppressions(void);
+const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
+
+enum { IN = 16, CLASSES = 4, BATCH = 12, LAYERS = 9 };
+static mpar_context* ctx;
+static mpar_model* model;
+static float x[BATCH * IN];
+static int32_t y[BATCH];
+static char dir[64];
+
+static int setup(void** state) {
+    mpar_desc d;
+    mpar_model_desc md;
+    mpar_error err;
+    uint64_t s = 11;
+    int i;
+    (void)state;
+    memset(&d, 0, sizeof d);
+    d.error = &err;
+    if (mpar_create(&d, &ctx) != MPAR_SUCCESS) return -1;
+    memset(&md, 0, sizeof md);
+    md.input_features = IN, md.seed = 5;
+    mpar_model_create(&md, &model, &err);
+    for (i = 0; i < 4; i++) {
+        mpar_model_add_linear(model, 16, &err);
+        mpar_model_add_simple(model, mpar_layer_tanh(), &err);
+    }
+    mpar_model_add_linear(model, CLASSES, &err);
+    if (mpar_model_add_simple(model, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) return -1;
+    for (i = 0; i < BATCH * IN; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
+    for (i = 0; i < BATCH; i++) y[i] = i % CLASSES;
+    snprintf(dir, sizeof dir, "/tmp/mpar-faults-XXXXXX");
+    return mkdtemp(dir) ? 0 : -1;
+}
+
+static int teardown(void** state) {
+    char cmd[128];
+    (void)state;
+    mpar_model_destroy(model);
+    mpar_destroy(ctx);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+/* Three stages over the two devices: 0, 1, 0. */
+static mpar_result make(mpar_pipeline** p) {
+    static const mpar_stage_desc st[3] = {{0, 0, 2}, {1, 3, 5}, {0, 6, 9}};
+    mpar_pipeline_desc pd;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = 3, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 4, pd.max_batch = BATCH;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
+    return mpar_pipeline_create(ctx, model, &pd, p);
+}
+
+static mpar_result step(mpar_pipeline* p) {
+    mpar_batch b;
+    mpar_step_info info;
+    b.inputs = x, b.targets = y, b.samples = BATCH;
+    return mpar_pipeline_train_step(p, &b, &info);
+}
+
+/* All parameters, concatenated (malloc'd). */
+static float* params(mpar_pipeline* p) {
+    float* all = (float*)malloc(sizeof(float) * mpar_model_param_count(model));
+    size_t off = 0;
+    int l;
+    for (l = 0; l < LAYERS + 1; l++) {
+        assert_int_equal(mpar_pipeline_get_params(p, l, all + off), MPAR_SUCCESS);
+        off += mpar_model_layer(model, l)->param_count;
+    }
+    return all;
+}
+
+static void expect_failure(mpar_result r, mpar_result code, const char* text, double started) {
+    if (r != code) fail_msg("got %s, want %s: %s", mpar_result_string(r), mpar_result_string(code), mpar_last_error(ctx));
+    if (!strstr(mpar_last_error(ctx), text)) fail_msg("'%s' not in '%s'", text, mpar_last_error(ctx));
+    assert_true(mpar__now() - started < 5.0); /* promptly, never a hang */
+}
+
+static void test_alloc_faults(void** state) {
+    int s;
+    (void)state;
+    for (s = 0; s < 3; s++) {
+        mpar_pipeline* p = (mpar_pipeline*)&s;
+        char spec[32];
+        double t0 = mpar__now();
+        snprintf(spec, sizeof spec, "alloc:%d:*:2", s);
+        assert_int_equal(mpar_set_fault(ctx, spec), MPAR_SUCCESS);
+        expect_failure(make(&p), (mpar_result)CL_MEM_OBJECT_ALLOCATION_FAILURE, "clCreateBuffer", t0);
+        assert_null(p);
+        assert_int_equal(make(&p), MPAR_SUCCESS); /* once only: the next one works */
+        assert_int_equal(step(p), MPAR_SUCCESS);
+        mpar_pipeline_destroy(p);
+    }
+}
+
+/* enqueue and transfer faults in a step: error, parameters unchanged, the
+   pipeline usable again. */
+static void step_faults(const char* kind, const char* text) {
+    int s;
+    for (s = 0; s < 3; s++) {
+        mpar_pipeline* p;
+        float *before, *after;
+        char spec[48];
+        double t0;
+        assert_int_equal(make(&p), MPAR_SUCCESS);
+        assert_int_equal(step(p), MPAR_SUCCESS);
+        before = params(p);
+        snprintf(spec, sizeof spec, "%s:%d:1", kind, s); /* step counter is 1 during the backward pass */
+        assert_int_equal(mpar_set_fault(ctx, spec), MPAR_SUCCESS);
+        t0 = mpar__now();
+        expect_failure(step(p), (mpar_result)CL_OUT_OF_RESOURCES, text, t0);
+        {
+            char stage[16];
+            snprintf(stage, sizeof stage, "stage %d", s);
+            if (!strstr(mpar_last_error(ctx), stage)) fail_msg("'%s' not in '%s'", stage, mpar_last_error(ctx));
+        }
+        after = params(p);
+        assert_memory_equal(before, after, sizeof(float) * mpar_model_param_count(model));
+        assert_int_equal(mpar_pipeline_get_step(p), 1);
+        assert_int_equal(step(p), MPAR_SUCCESS);
+        assert_int_equal(mpar_pipeline_get_step(p), 2);
+        free(before), free(after);
+        mpar_pipeline_destroy(p);
+    }
+}
+
+static void test_enqueue_faults(void** state) { (void)state; step_faults("enqueue", "injected"); }
+static void test_transfer_faults(void** state) { (void)state; step_faults("transfer", ""); }
+
+static void test_build_faults(void** state) {
+    int s;
+    (void)state;
+    for (s = 0; s < 3; s++) {
+        mpar_pipeline* p = NULL;
+        char spec[32];
+        double t0 = mpar__now();
+        mpar_result r;
+        snprintf(spec, sizeof spec, "build:%d:*", s);
+        assert_int_equal(mpar_set_fault(ctx, spec), MPAR_SUCCESS);
+        r = make(&p);
+        if (r == MPAR_SUCCESS) r = step(p); /* the build may come at creation or at the first step */
+        expect_failure(r, MPAR_ERROR_KERNEL_BUILD, "injected", t0);
+        if (!p) assert_int_equal(make(&p), MPAR_SUCCESS);
+        assert_int_equal(step(p), MPAR_SUCCESS);
+        mpar_pipeline_destroy(p);
+    }
+}
+
+/* A fault inside the optimizer step leaves stages out of step with each
+   other: training refuses to go on until a checkpoint is loaded. */
+static void test_fault_in_optimizer_step(void** state) {
+    mpar_pipeline* p;
+    char path[128];
+    float *saved, *now;
+    double t0;
+    (void)state;
+    snprintf(path, sizeof path, "%s/ok.ckpt", dir);
+    assert_int_equal(make(&p), MPAR_SUCCESS);
+    assert_int_equal(step(p), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_save_checkpoint(p, path, NULL), MPAR_SUCCESS);
+    saved = params(p);
+    assert_int_equal(mpar_set_fault(ctx, "enqueue:2:2"), MPAR_SUCCESS); /* step counter 2 = the optimizer step */
+    t0 = mpar__now();
+    expect_failure(step(p), (mpar_result)CL_OUT_OF_RESOURCES, "optimizer step", t0);
+    assert_int_equal(step(p), MPAR_ERROR_INVALID_STATE);
+    assert_non_null(strstr(mpar_last_error(ctx), "load a checkpoint"));
+    assert_int_equal(mpar_pipeline_load_checkpoint(p, path, NULL), MPAR_SUCCESS);
+    now = params(p);
+    assert_memory_equal(saved, now, sizeof(float) * mpar_model_param_count(model));
+    assert_int_equal(step(p), MPAR_SUCCESS);
+    free(saved), free(now);
+    mpar_pipeline_destroy(p);
+}
+
+static void test_fault_spec(void** state) {
+    (void)state;
+    assert_int_equal(mpar_set_fault(ctx, "nonsense"), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_set_fault(ctx, "alloc:1"), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_set_fault(ctx, "alloc:x:1"), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_set_fault(ctx, "alloc:1:1:0"), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_set_fault(ctx, "alloc:1:1:3:"), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(ctx), "KIND:STAGE:STEP"));
+    assert_int_equal(mpar_set_fault(ctx, "transfer:*:*:2"), MPAR_SUCCESS);
+    assert_int_equal(mpar_set_fault(ctx, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_set_fault(NULL, ""), MPAR_ERROR_INVALID_ARGUMENT);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fault_spec),     cmocka_unit_test(test_alloc_faults),
+        cmocka_unit_test(test_enqueue_faults), cmocka_unit_test(test_transfer_faults),
+        cmocka_unit_test(test_build_faults),   cmocka_unit_test(test_fault_in_optimizer_step),
+    };
+    return cmocka_run_group_tests_name("faults", tests, setup, teardown);
+}
