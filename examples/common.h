@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static inline double ex_seconds(void) {
     struct timespec t;
@@ -106,6 +107,11 @@ static inline void ex_progress(int step, int steps, double loss, double samples_
     int width = 30, filled = steps ? width * step / steps : width, i;
     double eta = step ? elapsed * (steps - step) / step : 0.0;
     char bar[64];
+    if (!isatty(2)) { /* a log file: a plain line every tenth of the run */
+        if (step == steps || (steps >= 10 && step % (steps / 10) < 10 && step > 10))
+            fprintf(stderr, "step %d/%d  loss %.4f  %.0f samples/s  %.0fs left\n", step, steps, loss, samples_per_s, eta);
+        return;
+    }
     for (i = 0; i < width; i++) bar[i] = i < filled ? '#' : '-';
     bar[width] = '\0';
     fprintf(stderr, "\r[%s] step %d/%d  loss %.4f  %.0f samples/s  ETA %.0fs   ", bar, step, steps, loss,

@@ -145,12 +145,12 @@ int main(int argc, char** argv) {
             if (step % 10 == 0 || step + 1 == steps)
                 ex_progress(step + 1, steps, info.loss, (double)(step + 1) * batch / (ex_seconds() - t0),
                             ex_seconds() - t0);
+            if (trace && step + 1 == steps) ex_report_timeline(pipe, trace); /* the last training step */
         }
         acc = accuracy(pipe, &test, logits, &test_loss);
         fprintf(stderr, "epoch %d: test loss %.4f, accuracy %.4f\n", e + 1, test_loss, acc);
         if (ckpt && mpar_pipeline_save_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS) return fail("checkpoint", ctx, NULL);
     }
-    if (trace) ex_report_timeline(pipe, trace);
     acc = accuracy(pipe, &test, logits, &test_loss);
     if (acc < 0) return fail("evaluate", ctx, NULL);
     printf("trained %d steps in %.1f s (%.0f samples/s)\n", steps, ex_seconds() - t0,
