@@ -25,7 +25,7 @@ export POCL_DEVICES ?= basic basic
 TEST_ENV  = MPAR_CACHE_DIR=$(CURDIR)/build/cache
 ICD2      = build/icd2
 
-.PHONY: all deps test test-one-platform test-two-platforms compile-tests demo bench check install clean
+.PHONY: all deps test test-mpi compile-tests demo bench check install clean clean-tests
 all: deps compile-tests $(TESTS) $(EXAMPLES) $(BENCHES)
 
 deps:
@@ -53,6 +53,19 @@ $(ICD2):
 
 test: all $(ICD2)
 	@scripts/run-tests.sh $(TESTS)
+	@if command -v mpicc >/dev/null; then $(MAKE) --no-print-directory test-mpi; \
+	else echo "MPI tests skipped: no mpicc (apt-get install openmpi-bin libopenmpi-dev)"; fi
+
+# Stages in separate processes: 2 and 3 ranks on this machine, one PoCL
+# device each. mpirun needs both flags to run as root on two cores.
+MPIRUN = mpirun --allow-run-as-root --oversubscribe
+tests/mpi/test_mpi: tests/mpi/test_mpi.c $(HDR) | deps
+	mpicc $(CSTD) $(WARN) $(CFLAGS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
+bench/mpi/bench_mpi: bench/mpi/bench_mpi.c $(HDR) | deps
+	mpicc $(CSTD) $(WARN) $(CFLAGS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
+test-mpi: tests/mpi/test_mpi
+	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels timeout 300 $(MPIRUN) -np 2 tests/mpi/test_mpi
+	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels timeout 300 $(MPIRUN) -np 3 tests/mpi/test_mpi
 
 check: deps
 	$(MAKE) clean-tests
@@ -68,6 +81,8 @@ demo: all
 
 bench: all
 	@for b in $(BENCHES); do echo "# $$b"; $(TEST_ENV) $$b || exit 1; done
+	@if command -v mpicc >/dev/null; then $(MAKE) --no-print-directory bench/mpi/bench_mpi && echo "# bench/mpi/bench_mpi" && \
+	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels $(MPIRUN) -np 2 bench/mpi/bench_mpi; fi
 
 install: $(HDR)
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/mpar/kernels $(DESTDIR)$(PREFIX)/lib/pkgconfig
@@ -78,4 +93,4 @@ install: $(HDR)
 clean-tests:
 	rm -f $(TESTS)
 clean:
-	rm -rf build $(TESTS) $(EXAMPLES) $(BENCHES)
+	rm -rf build $(TESTS) $(EXAMPLES) $(BENCHES) tests/mpi/test_mpi bench/mpi/bench_mpi

@@ -77,6 +77,9 @@
 #else
 #include <CL/cl.h>
 #endif
+#ifdef MPAR_USE_MPI
+#include <mpi.h>
+#endif
 
 #ifndef MPARDEF
 #ifdef MPAR_STATIC
@@ -888,6 +891,15 @@ typedef struct mpar_pipeline_desc {
     int link_capacity;      /* messages a link holds [most micro-batches a stage holds, at least 2] */
     mpar_link_mode link_mode; /* how activations cross a stage boundary [AUTO] */
     int profile;            /* record a timeline of every step (mpar_pipeline_get_timeline) */
+    /* Stages in separate processes (compiled with MPAR_USE_MPI): the
+       address of an MPI_Comm whose ranks share this pipeline, each calling
+       every pipeline function with the same arguments (MPI must be
+       initialised with MPI_THREAD_MULTIPLE). stage_rank[s] is the rank that
+       runs stage s (default: contiguous blocks of stages per rank); device
+       indices in `stages` are those of the owning rank's context. Explicit
+       `stages` are required. NULL: one process. */
+    const void* mpi_comm;
+    const int* stage_rank;
     double timeout_seconds; /* longest wait for a neighbour [600] */
     /* Testing: make action `fault_action` (position in the list) of stage
        `fault_stage` fail with MPAR_ERROR_ABORTED in every training step. */
@@ -5654,6 +5666,11 @@ MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedu
 typedef struct mpar__link {
     int capacity, head, count, aborted, device_copy;
     int boundary, gradient; /* for the timeline */
+    int sender_local, receiver_local; /* this process holds that end */
+    int peer;                         /* the other end's rank, for a link across processes */
+    int next;                         /* sends made, to pick the next host buffer */
+    void* requests;                   /* MPI_Request per host buffer (MPAR_USE_MPI) */
+    int* pending;                     /* a send still in flight from that buffer */
     int* tags;
     cl_mem* dev;  /* same context: device buffers */
     float** host; /* across contexts: staged through host memory */
@@ -5721,12 +5738,24 @@ struct mpar_pipeline {
     float step_lr, step_scale;
     double last_loss;
     int mb_capacity, links_ready, first_failure;
+    /* processes: this one's rank, how many, and who runs each stage */
+    int rank, ranks, local_workers;
+    int peer_failed;       /* another rank reported a failure in this job */
+    int abort_generation;  /* payload of the abort messages this rank sends */
+    int stage_rank[MPAR__MAX_WORKERS];
+#ifdef MPAR_USE_MPI
+    MPI_Comm comm;
+#endif
     double t0; /* host time the current step began (timeline origin) */
     int serial;          /* this job runs its kernels one stage at a time */
+    int force_serial;    /* every job does (profiling single layers) */
     int damaged;         /* an optimizer step failed part-way: only a checkpoint load continues */
     int seen_count;      /* (job, micro-batch rows) pairs already run */
     int seen[64];
 };
+
+/* Whether this process runs a stage (always, without MPI). */
+static int mpar__local(const mpar_pipeline* p, int worker) { return p->stage_rank[worker] == p->rank; }
 
 static double mpar__now(void) {
     struct timespec ts;
@@ -5783,12 +5812,133 @@ static mpar_result mpar__link_wait(mpar__link* l, double started) {
     return l->aborted ? MPAR_ERROR_ABORTED : MPAR_SUCCESS;
 }
 
+
+static void mpar__links_abort(mpar_pipeline* p, int value);
+
+#ifdef MPAR_USE_MPI
+/* ---- links across processes: MPI point-to-point, non-blocking, polled so
+   that an abort or a timeout is noticed; one tag per link direction and
+   micro-batch (modulo 1024), and one for "a rank failed" ---- */
+enum { MPAR__TAG_ABORT = 32767 };
+
+static int mpar__mpi_tag(const mpar__link* l, int mb) { return (l->boundary * 2 + l->gradient) * 1024 + mb % 1024; }
+
+/* Tells every other rank that this one failed in the current job. */
+static void mpar__mpi_abort_peers(mpar_pipeline* p) {
+    int r;
+    p->abort_generation = p->generation;
+    for (r = 0; r < p->ranks; r++) {
+        MPI_Request q;
+        if (r == p->rank) continue;
+        if (MPI_Isend(&p->abort_generation, 1, MPI_INT, r, MPAR__TAG_ABORT, p->comm, &q) == MPI_SUCCESS)
+            MPI_Request_free(&q);
+    }
+}
+
+/* Whether another rank reported a failure in the current job; messages of
+   earlier jobs are dropped. Matched probes keep concurrent threads apart. */
+static int mpar__mpi_peer_aborted(mpar_pipeline* p) {
+    for (;;) {
+        int flag = 0, gen = -1;
+        MPI_Message msg;
+        MPI_Status st;
+        if (MPI_Improbe(MPI_ANY_SOURCE, MPAR__TAG_ABORT, p->comm, &flag, &msg, &st) != MPI_SUCCESS || !flag) break;
+        MPI_Mrecv(&gen, 1, MPI_INT, &msg, MPI_STATUS_IGNORE);
+        if (gen == p->generation) {
+            pthread_mutex_lock(&p->mu);
+            p->peer_failed = 1;
+            pthread_mutex_unlock(&p->mu);
+        }
+    }
+    return p->peer_failed;
+}
+
+/* Waits for a request, polling for local aborts, peer failures and the
+   timeout; an abandoned receive is cancelled, a send left to finish. */
+static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* req, int is_send, int mb) {
+    mpar_pipeline* p = w->p;
+    double t0 = mpar__now();
+    for (;;) {
+        int done = 0, aborted;
+        struct timespec nap = {0, 100000};
+        if (MPI_Test(req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+            return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Test failed on the link to rank %d", l->peer);
+        if (done) return MPAR_SUCCESS;
+        pthread_mutex_lock(&l->mu);
+        aborted = l->aborted;
+        pthread_mutex_unlock(&l->mu);
+        if (!aborted && mpar__mpi_peer_aborted(p)) {
+            mpar__links_abort(p, 1);
+            aborted = 1;
+        }
+        if (aborted || mpar__now() - t0 > l->timeout) {
+            if (is_send) {
+                MPI_Request_free(req);
+            } else {
+                MPI_Cancel(req);
+                MPI_Wait(req, MPI_STATUS_IGNORE);
+            }
+            if (aborted) return MPAR_ERROR_ABORTED;
+            return mpar__fail(p->ctx, MPAR_ERROR_TIMEOUT, "%s micro-batch %d %s rank %d waited over %.0f s",
+                              is_send ? "sending" : "receiving", mb, is_send ? "to" : "from", l->peer, l->timeout);
+        }
+        nanosleep(&nap, NULL);
+    }
+}
+
+static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
+    mpar_pipeline* p = w->p;
+    int slot = l->next % l->capacity;
+    MPI_Request* req = (MPI_Request*)l->requests + slot;
+    double t_wait = mpar__now(), t_copy;
+    if (l->pending[slot]) { /* the buffer's previous message must be out first */
+        mpar_result r = mpar__mpi_wait(w, l, req, 1, mb);
+        l->pending[slot] = 0;
+        if (r != MPAR_SUCCESS) return r;
+    }
+    t_copy = mpar__now();
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
+        return mpar__fail(p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "link send to rank %d: injected transfer fault",
+                          l->peer);
+    MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, src.mem, CL_TRUE, src.off * 4, floats * 4, l->host[slot], 0,
+                                         NULL, NULL));
+    if (MPI_Isend(l->host[slot], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(l, mb), p->comm, req) != MPI_SUCCESS)
+        return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Isend of micro-batch %d to rank %d failed", mb, l->peer);
+    l->pending[slot] = 1;
+    l->next++;
+    mpar__record_link(w, l, 1, mb, t_wait, t_copy, mpar__now(), floats);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__mpi_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, size_t floats, int mb) {
+    mpar_pipeline* p = w->p;
+    MPI_Request req;
+    double t_wait = mpar__now(), t_copy;
+    mpar_result r;
+    if (MPI_Irecv(l->host[0], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(l, mb), p->comm, &req) != MPI_SUCCESS)
+        return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Irecv of micro-batch %d from rank %d failed", mb, l->peer);
+    r = mpar__mpi_wait(w, l, &req, 0, mb);
+    if (r != MPAR_SUCCESS) return r;
+    t_copy = mpar__now();
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
+        return mpar__fail(p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "link receive from rank %d: injected transfer fault",
+                          l->peer);
+    MPAR__CL(p->ctx, clEnqueueWriteBuffer(w->ex.queue, dst.mem, CL_TRUE, dst.off * 4, floats * 4, l->host[0], 0, NULL,
+                                          NULL));
+    mpar__record_link(w, l, 0, mb, t_wait, t_copy, mpar__now(), floats);
+    return MPAR_SUCCESS;
+}
+#endif
+
 static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
     mpar_result r = MPAR_SUCCESS;
     double t0 = mpar__now();
     int slot;
     cl_int st;
     double t_copy;
+#ifdef MPAR_USE_MPI
+    if (!l->receiver_local) return mpar__mpi_send(w, l, src, floats, mb);
+#endif
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == l->capacity) r = mpar__link_wait(l, t0);
     slot = (l->head + l->count) % l->capacity;
@@ -5820,6 +5970,9 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     int slot, tag;
     cl_int st;
     double t_copy;
+#ifdef MPAR_USE_MPI
+    if (!l->sender_local) return mpar__mpi_recv(w, l, dst, floats, mb);
+#endif
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == 0) r = mpar__link_wait(l, t0);
     slot = l->head;
@@ -6259,6 +6412,9 @@ static void* mpar__worker_main(void* arg) {
                 pthread_mutex_unlock(&p->ctx->lock);
             }
             mpar__links_abort(p, 1);
+#ifdef MPAR_USE_MPI
+            if (first && p->ranks > 1 && !p->peer_failed) mpar__mpi_abort_peers(p);
+#endif
         }
         pthread_mutex_lock(&p->mu);
         w->result = r;
@@ -6274,7 +6430,7 @@ static void* mpar__worker_main(void* arg) {
    pipeline runs its kernels one stage at a time (see mpar__first_run_lock). */
 static void mpar__decide_serial(mpar_pipeline* p, mpar__job job) {
     int m, k;
-    p->serial = 0;
+    p->serial = p->force_serial;
     for (m = 0; m < (job == MPAR__JOB_STEP ? 1 : p->mb_count); m++) {
         int key = (int)job << 24 | (job == MPAR__JOB_STEP ? 0 : mpar__mb_samples(p, m));
         for (k = 0; k < p->seen_count && p->seen[k] != key; k++) {}
@@ -6284,6 +6440,33 @@ static void mpar__decide_serial(mpar_pipeline* p, mpar__job job) {
     }
 }
 
+#ifdef MPAR_USE_MPI
+/* After a job, every rank learns whether any rank failed (and which one
+   caused it), and gets the losses and gradient norms of the stages it does
+   not run: sums with zeros from everyone else, so the values are exact. */
+static mpar_result mpar__mpi_after_job(mpar_pipeline* p, mpar__job job, mpar_result r, const char** detail) {
+    static char why[160];
+    int cause = (r != MPAR_SUCCESS && !p->peer_failed) ? p->rank : p->ranks, first = p->ranks, failed = r != MPAR_SUCCESS,
+        any = 0;
+    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, p->comm);
+    MPI_Allreduce(&cause, &first, 1, MPI_INT, MPI_MIN, p->comm);
+    if (any) {
+        if (r == MPAR_SUCCESS || (p->peer_failed && r == MPAR_ERROR_ABORTED)) {
+            snprintf(why, sizeof why, "stopped because rank %d failed (its mpar_last_error says why)",
+                     first < p->ranks ? first : -1);
+            *detail = why;
+            return MPAR_ERROR_ABORTED;
+        }
+        return r;
+    }
+    if (job == MPAR__JOB_GRADS || job == MPAR__JOB_INFER)
+        MPI_Allreduce(MPI_IN_PLACE, p->mb_loss, p->mb_count, MPI_FLOAT, MPI_SUM, p->comm);
+    if (job == MPAR__JOB_GRADS)
+        MPI_Allreduce(MPI_IN_PLACE, p->layer_sumsq, p->layer_count, MPI_DOUBLE, MPI_SUM, p->comm);
+    return MPAR_SUCCESS;
+}
+#endif
+
 /* Runs one job on every worker and waits for all of them. */
 static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     int i;
@@ -6292,19 +6475,28 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     mpar__links_abort(p, 0);
     if (job != MPAR__JOB_STEP) p->t0 = mpar__now();
     mpar__decide_serial(p, job);
+    if (p->ranks > 1 && job != MPAR__JOB_STEP) { /* what other ranks own stays zero for the sums */
+        memset(p->mb_loss, 0, sizeof(float) * (size_t)p->mb_count);
+        memset(p->layer_sumsq, 0, sizeof(double) * (size_t)p->layer_count);
+    }
+    p->peer_failed = 0;
     pthread_mutex_lock(&p->mu);
     p->job = job;
     p->done_count = 0;
     p->first_failure = -1;
     p->generation++;
     pthread_cond_broadcast(&p->start_cv);
-    while (p->done_count < p->workers_count) pthread_cond_wait(&p->done_cv, &p->mu);
+    while (p->done_count < p->local_workers) pthread_cond_wait(&p->done_cv, &p->mu);
     pthread_mutex_unlock(&p->mu);
     if (p->first_failure >= 0) {
         r = p->workers[p->first_failure].result;
         detail = p->workers[p->first_failure].error;
     }
-    for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++) r = p->workers[i].result;
+    for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++)
+        if (mpar__local(p, i)) r = p->workers[i].result;
+#ifdef MPAR_USE_MPI
+    if (p->ranks > 1) r = mpar__mpi_after_job(p, job, r, &detail);
+#endif
     if (r != MPAR_SUCCESS) {
         mpar__links_abort(p, 0);
         return mpar__fail(p->ctx, r, "%s", detail ? detail : "a stage stopped");
@@ -6496,6 +6688,9 @@ static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int w
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown state kind %d", which);
     v = mpar__vs_of_layer(p, layer, &k);
     if (!v) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "layer %d does not exist", layer);
+    if (!mpar__local(p, v->worker))
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "layer %d lives on rank %d, not on this rank (%d)", layer,
+                          p->stage_rank[v->worker], p->rank);
     n = v->param_off[k + 1] - v->param_off[k];
     if (n == 0) return MPAR_SUCCESS;
     if (!host) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "layer %d: the host array is NULL", layer);
@@ -6657,7 +6852,7 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
     p->workers_count = n / V;
     for (j = 0; j < n; j++) {
         int expect_first = j ? out[j - 1].last_layer + 1 : 0;
-        if (out[j].device < 0 || out[j].device >= mpar_device_count(p->ctx))
+        if (!d->mpi_comm && (out[j].device < 0 || out[j].device >= mpar_device_count(p->ctx)))
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage %d: device %d does not exist", j, out[j].device);
         if (out[j].first_layer != expect_first || out[j].last_layer < out[j].first_layer)
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN,
@@ -6765,26 +6960,41 @@ static mpar_result mpar__vstage_init(mpar_pipeline* p, mpar__vstage* v) {
 static mpar_result mpar__link_init(mpar_pipeline* p, mpar__link* l, const mpar__vstage* from, const mpar__vstage* to,
                                    size_t floats, int capacity) {
     int s;
-    const mpar__device* a = &p->ctx->devices[from->device];
-    const mpar__device* b = &p->ctx->devices[to->device];
     memset(l, 0, sizeof *l);
-    if (p->desc.link_mode == MPAR_LINK_DEVICE_COPY && a->info.group != b->info.group)
-        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "link_mode DEVICE_COPY: devices %d and %d do not share "
-                          "a cl_context", from->device, to->device);
     pthread_mutex_init(&l->mu, NULL);
     pthread_cond_init(&l->cv, NULL);
-    l->capacity = capacity;
+    l->sender_local = mpar__local(p, from->worker);
+    l->receiver_local = mpar__local(p, to->worker);
+    l->peer = l->sender_local ? p->stage_rank[to->worker] : p->stage_rank[from->worker];
     l->timeout = p->desc.timeout_seconds;
     l->slot_floats = floats;
-    l->device_copy = a->info.group == b->info.group && p->desc.link_mode != MPAR_LINK_HOST_STAGED &&
-                      (p->desc.link_mode == MPAR_LINK_DEVICE_COPY ||
-                       (a->info.type != MPAR_DEVICE_CPU && b->info.type != MPAR_DEVICE_CPU));
+    if (!l->sender_local && !l->receiver_local) return MPAR_SUCCESS; /* between two other processes */
+    if (l->sender_local && l->receiver_local) {
+        const mpar__device* a = &p->ctx->devices[from->device];
+        const mpar__device* b = &p->ctx->devices[to->device];
+        if (p->desc.link_mode == MPAR_LINK_DEVICE_COPY && a->info.group != b->info.group)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "link_mode DEVICE_COPY: devices %d and %d do not "
+                              "share a cl_context", from->device, to->device);
+        l->device_copy = a->info.group == b->info.group && p->desc.link_mode != MPAR_LINK_HOST_STAGED &&
+                         (p->desc.link_mode == MPAR_LINK_DEVICE_COPY ||
+                          (a->info.type != MPAR_DEVICE_CPU && b->info.type != MPAR_DEVICE_CPU));
+    }
+    l->capacity = capacity;
     l->tags = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
     l->dev = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
     l->host = (float**)mpar__alloc(p->ctx, sizeof(float*) * (size_t)capacity);
-    if (!l->tags || !l->dev || !l->host) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    l->pending = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
+    if (!l->tags || !l->dev || !l->host || !l->pending)
+        return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(l->dev, 0, sizeof(cl_mem) * (size_t)capacity);
     memset(l->host, 0, sizeof(float*) * (size_t)capacity);
+    memset(l->pending, 0, sizeof(int) * (size_t)capacity);
+#ifdef MPAR_USE_MPI
+    if (!(l->sender_local && l->receiver_local)) {
+        l->requests = mpar__alloc(p->ctx, sizeof(MPI_Request) * (size_t)capacity);
+        if (!l->requests) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
+#endif
     for (s = 0; s < capacity; s++) {
         if (l->device_copy) {
             MPAR__TRY(mpar__alloc_buffer(p, &p->workers[to->worker], floats, &l->dev[s]));
@@ -6797,11 +7007,16 @@ static mpar_result mpar__link_init(mpar_pipeline* p, mpar__link* l, const mpar__
 
 static void mpar__link_release(mpar_pipeline* p, mpar__link* l) {
     int s;
+#ifdef MPAR_USE_MPI
+    for (s = 0; l->requests && s < l->capacity; s++) /* sends still in flight finish on their own */
+        if (l->pending[s]) MPI_Request_free(&((MPI_Request*)l->requests)[s]);
+    mpar__free(p->ctx, l->requests);
+#endif
     for (s = l->capacity - 1; s >= 0; s--) {
         if (l->dev && l->dev[s]) clReleaseMemObject(l->dev[s]);
         if (l->host) mpar__free(p->ctx, l->host[s]);
     }
-    mpar__free(p->ctx, l->tags), mpar__free(p->ctx, l->dev), mpar__free(p->ctx, l->host);
+    mpar__free(p->ctx, l->tags), mpar__free(p->ctx, l->dev), mpar__free(p->ctx, l->host), mpar__free(p->ctx, l->pending);
     pthread_cond_destroy(&l->cv);
     pthread_mutex_destroy(&l->mu);
 }
@@ -6838,6 +7053,9 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
         }
     if (p->vs)
         for (i = p->vs_count - 1; i >= 0; i--) mpar__vstage_release(p, &p->vs[i]);
+#ifdef MPAR_USE_MPI
+    if (p->ranks > 1) MPI_Comm_free(&p->comm);
+#endif
     for (i = p->workers_count - 1; i >= 0; i--) {
         mpar__free(p->ctx, p->workers[i].events);
         mpar__exec_release(&p->workers[i].ex);
@@ -6876,6 +7094,48 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     return MPAR_SUCCESS;
 }
 
+/* Which process runs which stage; one process unless an MPI communicator
+   is given. */
+static mpar_result mpar__setup_ranks(mpar_pipeline* p) {
+    int i;
+    p->rank = 0, p->ranks = 1;
+    if (p->desc.mpi_comm) {
+#ifdef MPAR_USE_MPI
+        int level = 0;
+        MPI_Query_thread(&level);
+        if (level < MPI_THREAD_MULTIPLE)
+            return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "mpar's stage threads call MPI at once: initialise MPI "
+                              "with MPI_Init_thread(..., MPI_THREAD_MULTIPLE, ...)");
+        if (!p->desc.stages || p->desc.virtual_stages > 1)
+            return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "pipelines across processes need explicit stages and "
+                              "no interleaving");
+        /* our own communicator: our tags never meet the application's */
+        if (MPI_Comm_dup(*(const MPI_Comm*)p->desc.mpi_comm, &p->comm) != MPI_SUCCESS)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "MPI_Comm_dup failed");
+        MPI_Comm_set_errhandler(p->comm, MPI_ERRORS_RETURN);
+        MPI_Comm_rank(p->comm, &p->rank);
+        MPI_Comm_size(p->comm, &p->ranks);
+        if (2 * p->vs_count * 1024 > 32767)
+            return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "at most 15 stage boundaries across processes");
+#else
+        return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "mpi_comm given, but mpar was compiled without MPAR_USE_MPI");
+#endif
+    }
+    p->local_workers = 0;
+    for (i = 0; i < p->workers_count; i++) {
+        p->stage_rank[i] = p->desc.stage_rank ? p->desc.stage_rank[i] : i * p->ranks / p->workers_count;
+        if (p->stage_rank[i] < 0 || p->stage_rank[i] >= p->ranks)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage %d: rank %d does not exist (%d ranks)", i,
+                              p->stage_rank[i], p->ranks);
+        if (!mpar__local(p, i)) continue;
+        p->local_workers++;
+        if (p->workers[i].device < 0 || p->workers[i].device >= mpar_device_count(p->ctx))
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage %d: device %d does not exist on rank %d", i,
+                              p->workers[i].device, p->rank);
+    }
+    return MPAR_SUCCESS;
+}
+
 static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
     mpar_simulation* sim = NULL;
@@ -6907,9 +7167,14 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     memset(p->layer_sumsq, 0, sizeof(double) * (size_t)p->layer_count);
     for (i = 0; i < p->workers_count; i++) {
         mpar__worker* w = &p->workers[i];
-        cl_int st = CL_SUCCESS;
         w->p = p, w->index = i, w->device = stages[i].device;
         w->ex.ctx = p->ctx, w->ex.device = w->device, w->ex.stage = i, w->ex.step = &p->step;
+    }
+    MPAR__TRY(mpar__setup_ranks(p));
+    for (i = 0; i < p->workers_count; i++) {
+        mpar__worker* w = &p->workers[i];
+        cl_int st = CL_SUCCESS;
+        if (!mpar__local(p, i)) continue;
         w->ex.queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
                                            p->ctx->devices[w->device].id, CL_QUEUE_PROFILING_ENABLE, &st);
         MPAR__CL(p->ctx, st);
@@ -6921,6 +7186,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
         v->n = v->last - v->first + 1;
         MPAR__TRY(mpar__vstage_layout(p, v));
+        if (!mpar__local(p, v->worker)) continue;
         MPAR__TRY(mpar__vstage_buffers(p, v, peak));
         MPAR__TRY(mpar__vstage_init(p, v));
         if (i > 0) {
@@ -6967,6 +7233,7 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
     r = mpar__pipeline_defaults(p, desc);
     if (r == MPAR_SUCCESS) r = mpar__pipeline_build(p);
     for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++) {
+        if (!mpar__local(p, i)) continue;
         if (pthread_create(&p->workers[i].thread, NULL, mpar__worker_main, &p->workers[i]) != 0)
             r = mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "cannot start worker thread %d", i);
         else
@@ -7101,7 +7368,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     pd.measured_forward = o.measured_forward;
     pd.measured_backward_input = o.measured_backward_input;
     pd.measured_backward_weight = o.measured_backward_weight;
-    pd.schedule = d.schedule, pd.microbatches = d.microbatches, pd.virtual_stages = d.virtual_stages;
+    pd.schedule = d.schedule, pd.microbatches = M, pd.virtual_stages = d.virtual_stages; /* SEQUENTIAL: one */
     pd.mode = o.mode, pd.use_devices = o.use_devices, pd.order = o.order, pd.weights = o.weights;
     r = mpar_plan_create(&pd, out, &err);
     mpar__free(ctx, layers);
@@ -7131,7 +7398,9 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
     d = *desc;
     samples = (d.max_batch + (d.microbatches > 0 ? d.microbatches : 1) - 1) / (d.microbatches > 0 ? d.microbatches : 1);
     for (i = 0; i < L; i++) stages[i].device = device, stages[i].first_layer = stages[i].last_layer = i;
-    d.stages = stages, d.stage_count = L, d.plan = NULL, d.schedule = MPAR_SCHEDULE_SEQUENTIAL;
+    /* zero-bubble lists keep the input and weight parts apart; every kernel
+       runs alone (force_serial), so no layer's time includes another's */
+    d.stages = stages, d.stage_count = L, d.plan = NULL, d.schedule = MPAR_SCHEDULE_ZB_H1;
     d.microbatches = 1, d.virtual_stages = 1, d.max_batch = samples, d.profile = 1, d.inject_fault = 0;
     rows = samples * model->desc.seq_len;
     width = model->desc.input_features;
@@ -7145,16 +7414,17 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
     memset(targets, 0, (size_t)rows * 4);
     batch.inputs = inputs, batch.targets = targets, batch.samples = samples;
     r = mpar_pipeline_create(ctx, model, &d, &p);
+    if (r == MPAR_SUCCESS) p->force_serial = 1;
     for (k = 0; r == MPAR_SUCCESS && k < 3; k++) r = mpar_pipeline_compute_gradients(p, &batch, NULL);
     if (r == MPAR_SUCCESS) r = mpar_pipeline_get_timeline(p, &t);
     if (r == MPAR_SUCCESS) {
         for (i = 0; i < L; i++) forward[i] = backward_input[i] = backward_weight[i] = 0.0;
-        for (k = 0; k < t.event_count; k++) { /* a B is recorded as its input part, then its weight part */
+        for (k = 0; k < t.event_count; k++) {
             const mpar_event* e = &t.events[k];
             double dt = e->end - e->start;
             if (e->kind == MPAR_EVENT_FORWARD) forward[e->stage] += dt;
-            else if (e->kind == MPAR_EVENT_BACKWARD && backward_input[e->stage] == 0.0) backward_input[e->stage] = dt;
-            else if (e->kind == MPAR_EVENT_BACKWARD) backward_weight[e->stage] += dt;
+            else if (e->kind == MPAR_EVENT_BACKWARD_INPUT) backward_input[e->stage] += dt;
+            else if (e->kind == MPAR_EVENT_BACKWARD_WEIGHT) backward_weight[e->stage] += dt;
         }
         mpar_timeline_free(&t);
     }

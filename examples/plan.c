@@ -285,7 +285,8 @@ int main(int argc, char** argv) {
 
     memset(&pd, 0, sizeof pd);
     pd.schedule = MPAR_SCHEDULE_1F1B;
-    if (sched && mpar_schedule_kind_parse(sched, &pd.schedule, &err) != MPAR_SUCCESS) return die("--schedule", err.message);
+    if (sched && mpar_schedule_kind_parse(sched, &pd.schedule, &err) != MPAR_SUCCESS)
+        return die("--schedule", err.message);
     pd.microbatches = ex_int(argc, argv, "--microbatches", 4);
     pd.virtual_stages = pd.schedule == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1;
     pd.max_batch = ex_int(argc, argv, "--batch", gpt ? 16 : 128);

@@ -1,0 +1,175 @@
+/* Stages in separate processes over MPI. Run with
+     mpirun -np 2 tests/mpi/test_mpi    and    mpirun -np 3 tests/mpi/test_mpi
+   Each rank drives one PoCL device. For several schedules the loss and the
+   parameters after a few steps equal those of the same stages run in one
+   process, bit for bit; inference outputs too; a fault injected on the last
+   rank makes every rank return an error within a bounded time, and the
+   pipeline works again afterwards. Rank 0 prints "N passed, N failed". */
+#define MPAR_IMPLEMENTATION
+#include "mpar.h"
+
+#include <mpi.h>
+
+enum { IN = 24, HID = 24, CLASSES = 6, BATCH = 30, STEPS = 3, M = 6 };
+
+static int rank, size, failures, checks;
+static mpar_context* ctx;
+static mpar_model* model;
+static float x[BATCH * IN];
+static int32_t y[BATCH];
+
+#define CHECK(cond, ...)                                                     \
+    do {                                                                     \
+        checks++;                                                            \
+        if (!(cond)) {                                                       \
+            failures++;                                                      \
+            fprintf(stderr, "rank %d: FAILED %s: ", rank, #cond);            \
+            fprintf(stderr, __VA_ARGS__);                                    \
+            fprintf(stderr, "\n");                                           \
+        }                                                                    \
+    } while (0)
+
+static mpar_pipeline* make(mpar_schedule_kind kind, int mpi, mpar_stage_desc* st) {
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    MPI_Comm comm = MPI_COMM_WORLD;
+    int L = mpar_model_layer_count(model), j;
+    for (j = 0; j < size; j++) {
+        st[j].device = 0; /* each rank's own device; in one process all on device 0 */
+        st[j].first_layer = L * j / size;
+        st[j].last_layer = L * (j + 1) / size - 1;
+    }
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = size, pd.schedule = kind, pd.microbatches = M, pd.max_batch = BATCH;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 0.01f, pd.optimizer.clip_norm = 0.5f;
+    pd.timeout_seconds = 30;
+    pd.mpi_comm = mpi ? &comm : NULL; /* mpar duplicates it during create */
+    if (mpar_pipeline_create(ctx, model, &pd, &p) != MPAR_SUCCESS) {
+        fprintf(stderr, "rank %d: create: %s\n", rank, mpar_last_error(ctx));
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    return p;
+}
+
+static mpar_result step(mpar_pipeline* p, double* loss) {
+    mpar_batch b;
+    mpar_step_info info;
+    mpar_result r;
+    b.inputs = x, b.targets = y, b.samples = BATCH;
+    r = mpar_pipeline_train_step(p, &b, &info);
+    if (loss) *loss = info.loss;
+    return r;
+}
+
+/* One process vs one stage per rank: same losses, same parameters. */
+static void equality(mpar_schedule_kind kind) {
+    mpar_stage_desc st1[8], st2[8];
+    mpar_pipeline* ref = make(kind, 0, st1);
+    mpar_pipeline* dist = make(kind, 1, st2);
+    int s, l;
+    for (s = 0; s < STEPS; s++) {
+        double a = 0, b = 0;
+        CHECK(step(ref, &a) == MPAR_SUCCESS, "reference step: %s", mpar_last_error(ctx));
+        CHECK(step(dist, &b) == MPAR_SUCCESS, "mpi step: %s", mpar_last_error(ctx));
+        CHECK(a == b, "%s step %d: loss %.9g (one process) vs %.9g (MPI)", mpar_schedule_kind_name(kind), s, a, b);
+    }
+    for (l = st2[rank].first_layer; l <= st2[rank].last_layer; l++) {
+        size_t n = mpar_model_layer(model, l)->param_count;
+        float* u = (float*)malloc(sizeof(float) * (n ? n : 1));
+        float* v = (float*)malloc(sizeof(float) * (n ? n : 1));
+        if (n) {
+            CHECK(mpar_pipeline_get_params(ref, l, u) == MPAR_SUCCESS, "params");
+            CHECK(mpar_pipeline_get_params(dist, l, v) == MPAR_SUCCESS, "params: %s", mpar_last_error(ctx));
+            CHECK(memcmp(u, v, n * sizeof(float)) == 0, "%s: layer %d parameters differ", mpar_schedule_kind_name(kind),
+                  l);
+        }
+        free(u), free(v);
+    }
+    if (size > 1) { /* another rank's layer is not here */
+        float tmp[1];
+        int other = st2[(rank + 1) % size].first_layer;
+        CHECK(mpar_pipeline_get_params(dist, other, tmp) == MPAR_ERROR_INVALID_ARGUMENT, "remote layer");
+    }
+    {
+        mpar_batch b;
+        float o1[BATCH * CLASSES], o2[BATCH * CLASSES];
+        double l1 = 0, l2 = 0;
+        b.inputs = x, b.targets = y, b.samples = BATCH;
+        CHECK(mpar_pipeline_infer(ref, &b, o1, &l1) == MPAR_SUCCESS, "infer");
+        CHECK(mpar_pipeline_infer(dist, &b, o2, &l2) == MPAR_SUCCESS, "infer: %s", mpar_last_error(ctx));
+        CHECK(l1 == l2, "inference loss %.9g vs %.9g", l1, l2);
+        if (rank == size - 1) CHECK(memcmp(o1, o2, sizeof o1) == 0, "inference outputs differ");
+    }
+    mpar_pipeline_destroy(dist);
+    mpar_pipeline_destroy(ref);
+}
+
+/* A fault on the last rank: every rank returns an error, promptly. */
+static void fault(void) {
+    mpar_stage_desc st[8];
+    mpar_pipeline* p = make(MPAR_SCHEDULE_1F1B, 1, st);
+    double t0, loss;
+    mpar_result r;
+    CHECK(step(p, &loss) == MPAR_SUCCESS, "first step: %s", mpar_last_error(ctx));
+    if (rank == size - 1) mpar_set_fault(ctx, "enqueue:*:1:3");
+    MPI_Barrier(MPI_COMM_WORLD);
+    t0 = mpar__now();
+    r = step(p, &loss);
+    CHECK(r != MPAR_SUCCESS, "a step with a fault on rank %d succeeded", size - 1);
+    CHECK(mpar__now() - t0 < 10.0, "the failing step took %.1f s", mpar__now() - t0);
+    if (rank == size - 1)
+        CHECK(r == (mpar_result)CL_OUT_OF_RESOURCES, "cause: %s %s", mpar_result_string(r), mpar_last_error(ctx));
+    else
+        CHECK(r == MPAR_ERROR_ABORTED && strstr(mpar_last_error(ctx), "rank"), "others: %s %s", mpar_result_string(r),
+              mpar_last_error(ctx));
+    CHECK(step(p, &loss) == MPAR_SUCCESS, "the step after the fault: %s", mpar_last_error(ctx));
+    mpar_pipeline_destroy(p);
+}
+
+int main(int argc, char** argv) {
+    int provided = 0, total[2], mine[2], i;
+    mpar_desc d;
+    mpar_error err;
+    mpar_model_desc md;
+    uint64_t s = 7;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (provided < MPI_THREAD_MULTIPLE) {
+        if (rank == 0) fprintf(stderr, "test_mpi: MPI without MPI_THREAD_MULTIPLE\n");
+        MPI_Finalize();
+        return 1;
+    }
+    setenv("POCL_DEVICES", "basic", 1); /* one device per rank */
+    memset(&d, 0, sizeof d);
+    d.error = &err;
+    if (mpar_create(&d, &ctx) != MPAR_SUCCESS) {
+        fprintf(stderr, "rank %d: %s\n", rank, err.message);
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    memset(&md, 0, sizeof md);
+    md.input_features = IN, md.seed = 1234;
+    mpar_model_create(&md, &model, &err);
+    for (i = 0; i < 6; i++) {
+        mpar_model_add_linear(model, HID, &err);
+        mpar_model_add_simple(model, i % 2 ? mpar_layer_tanh() : mpar_layer_relu(), &err);
+    }
+    mpar_model_add_linear(model, CLASSES, &err);
+    mpar_model_add_simple(model, mpar_layer_cross_entropy(), &err);
+    for (i = 0; i < BATCH * IN; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
+    for (i = 0; i < BATCH; i++) y[i] = (int32_t)(mpar__rng_next(&s) % CLASSES);
+
+    equality(MPAR_SCHEDULE_1F1B);
+    equality(MPAR_SCHEDULE_GPIPE);
+    equality(MPAR_SCHEDULE_ZB_H1);
+    equality(MPAR_SCHEDULE_SEQUENTIAL);
+    fault();
+
+    mine[0] = checks - failures, mine[1] = failures;
+    MPI_Reduce(mine, total, 2, MPI_INT, MPI_SUM, 0, MPI_COMM_WORLD);
+    if (rank == 0) printf("mpi (%d ranks): %d passed, %d failed\n", size, total[0], total[1]);
+    mpar_model_destroy(model);
+    mpar_destroy(ctx);
+    MPI_Finalize();
+    return failures ? 1 : 0;
+}
