@@ -3,7 +3,8 @@
 #   make test     the test suite on two PoCL devices, then on two platforms
 #   make demo     a real run on the devices found
 #   make bench    every benchmark, one `name: value` per line
-#   make check    the tests under AddressSanitizer + UBSan, the executor under ThreadSanitizer
+#   make check    the tests under AddressSanitizer + UBSan, the executor under
+#                 ThreadSanitizer, the pure parts under valgrind
 #   make install PREFIX=/usr/local
 CC       ?= cc
 CXX      ?= c++
@@ -75,6 +76,12 @@ check: deps
 	@mkdir -p build
 	$(CC) $(CSTD) $(WARN) -O1 -g -fsanitize=thread -I. tests/test_pipeline.c -o build/test_pipeline_tsan $(LDLIBS)
 	TSAN_OPTIONS=halt_on_error=1 $(TEST_ENV) build/test_pipeline_tsan
+	@# valgrind where the sanitizers are not: the pure parts (PoCL's LLVM JIT
+	@# is too slow and too noisy under valgrind for the device tests)
+	$(CC) $(CSTD) $(WARN) -O1 -g -I. tests/test_schedule.c -o build/test_schedule_vg $(LDLIBS)
+	$(CC) $(CSTD) $(WARN) -O1 -g -I. tests/test_planner.c -o build/test_planner_vg $(LDLIBS)
+	valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/test_schedule_vg
+	valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/test_planner_vg
 
 demo: all
 	examples/demo

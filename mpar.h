@@ -1650,6 +1650,16 @@ MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* 
     return r;
 }
 
+/* A decimal index, saturated at 1e9 so that huge numbers stay huge. */
+static int mpar__index(const char* s) {
+    long v = 0;
+    while (isdigit((unsigned char)*s)) {
+        v = v * 10 + (*s++ - '0');
+        if (v > 1000000000L) return 1000000000;
+    }
+    return (int)v;
+}
+
 static int mpar__is_digits(const char* s, size_t n) {
     size_t i;
     if (n == 0) return 0;
@@ -1670,12 +1680,12 @@ static mpar_result mpar__select_term(const char* term, const mpar__device* all, 
     else if (!strcmp(term, "gpu")) type = MPAR_DEVICE_GPU;
     else if (!strcmp(term, "cpu")) type = MPAR_DEVICE_CPU;
     else if (!strcmp(term, "accel") || !strcmp(term, "accelerator")) type = MPAR_DEVICE_ACCELERATOR;
-    else if (mpar__is_digits(term, len)) lo = hi = atoi(term);
+    else if (mpar__is_digits(term, len)) lo = hi = mpar__index(term);
     else if (dash && mpar__is_digits(term, (size_t)(dash - term)) && mpar__is_digits(dash + 1, strlen(dash + 1))) {
-        lo = atoi(term);
-        hi = atoi(dash + 1);
+        lo = mpar__index(term);
+        hi = mpar__index(dash + 1);
         if (hi < lo) return mpar_error_set(err, MPAR_ERROR_INVALID_SELECTION, "device range '%s' runs backwards", term);
-    } else if (term[0] == 'p' && mpar__is_digits(term + 1, len - 1)) platform = atoi(term + 1);
+    } else if (term[0] == 'p' && mpar__is_digits(term + 1, len - 1)) platform = mpar__index(term + 1);
     else if (!strncmp(term, "name:", 5)) text = term + 5;
     else text = term;
     if (lo >= 0 && hi >= n)
@@ -1956,7 +1966,8 @@ static int mpar__fault_hit(mpar_context* ctx, int kind, int stage, int step) {
 }
 
 MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context_stats* out) {
-    if (!ctx || !out) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!ctx || !out)
+        return mpar__fail((mpar_context*)ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_context_get_stats: out is NULL");
     pthread_mutex_lock((pthread_mutex_t*)&ctx->lock);
     *out = ctx->stats;
     pthread_mutex_unlock((pthread_mutex_t*)&ctx->lock);
@@ -1967,11 +1978,10 @@ MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context
    3. Kernels
    -------------------------------------------------------------------------- */
 
+/* A regular file (a folder opens with fopen too, and has no size). */
 static int mpar__file_exists(const char* path) {
-    FILE* f = fopen(path, "rb");
-    if (!f) return 0;
-    fclose(f);
-    return 1;
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 /* Tries every folder of a colon-separated list; appends it to `searched`. */
@@ -1982,7 +1992,13 @@ static int mpar__find_in_list(const char* list, const char* file, char* out, siz
         size_t len = strcspn(p, ":");
         if (len > 0) {
             size_t used = strlen(searched);
-            snprintf(out, out_size, "%.*s/%s", (int)len, p, file);
+            int w = snprintf(out, out_size, "%.*s/%s", (int)len, p, file);
+            if (w < 0 || (size_t)w >= out_size) { /* a cut path could name another file */
+                out[0] = '\0';
+                p += len;
+                if (*p == ':') p++;
+                continue;
+            }
             snprintf(searched + used, searched_size - used, "%s%.*s", used ? ", " : "", (int)len, p);
             if (mpar__file_exists(out)) return 1;
         }
@@ -2017,6 +2033,9 @@ MPARDEF mpar_result mpar_kernel_find(mpar_context* ctx, const char* file, char* 
     if (!ctx || !file || !file[0] || !out || out_size == 0)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_kernel_find: NULL or empty argument");
     if (strchr(file, '/') && mpar__file_exists(file)) {
+        if (strlen(file) >= out_size)
+            return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_kernel_find: %zu bytes cannot hold '%s'", out_size,
+                              file);
         snprintf(out, out_size, "%s", file);
         return MPAR_SUCCESS;
     }
@@ -2047,7 +2066,7 @@ static char* mpar__read_file(const mpar_context* ctx, const char* path, size_t* 
     char* buf = NULL;
     long n;
     if (!f) return NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
+    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && n < (1L << 30) && fseek(f, 0, SEEK_SET) == 0) {
         buf = (char*)mpar__alloc(ctx, (size_t)n + 1);
         if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
             mpar__free(ctx, buf);
@@ -2491,7 +2510,9 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
     mpar_result r;
     cl_int st;
     cl_event* ev;
-    if (!ex || !file || !kernel || !args) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!ex) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!file || !kernel || !args)
+        return mpar__fail(ex->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_exec_launch: file, kernel or args is NULL");
     r = mpar__exec_kernel(ex, file, kernel, &k);
     if (r != MPAR_SUCCESS) return r;
     va_start(ap, args);
@@ -2520,7 +2541,7 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
     cl_event* ev;
     if (!ex) return MPAR_ERROR_INVALID_ARGUMENT;
     if (m == 0 || n == 0) return MPAR_SUCCESS;
-    if (k == 0) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (k == 0) return mpar__fail(ex->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_exec_gemm: k is 0");
     ev = mpar__exec_event_slot(ex);
     if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
         return mpar__fail(ex->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "CLBlastSgemm: injected enqueue fault");
@@ -5014,7 +5035,7 @@ MPARDEF const mpar_action* mpar_schedule_action(const mpar_schedule* schedule, i
 }
 
 MPARDEF int mpar_schedule_virtual_stage(const mpar_schedule* schedule, int stage, int chunk) {
-    if (!schedule) return -1;
+    if (!schedule || stage < 0 || stage >= schedule->stages || chunk < 0 || chunk >= schedule->virtual_stages) return -1;
     return chunk * schedule->stages + stage;
 }
 
@@ -6643,7 +6664,8 @@ MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batc
     int per_mb, count, m;
     mpar_result r;
     double sum = 0.0;
-    if (!p || !batch) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!batch) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch is NULL");
     per_mb = p->mb_rows_max / p->seq_len;
     count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
     if (count > p->mb_capacity) {
@@ -6742,7 +6764,8 @@ static int mpar__event_order(const void* a, const void* b) {
 
 MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out) {
     int i, n = 0;
-    if (!p || !out) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_timeline: out is NULL");
     memset(out, 0, sizeof *out);
     if (!p->desc.profile)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
@@ -6774,7 +6797,8 @@ MPARDEF void mpar_timeline_free(mpar_timeline* t) {
 
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out) {
     int i, c;
-    if (!p || !out) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_stats: out is NULL");
     memset(out, 0, sizeof *out);
     out->stages = p->workers_count;
     for (i = 0; i < p->workers_count; i++) {
@@ -6837,7 +6861,7 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
             plan = &local;
         }
         n = plan->num_stages;
-        if (n <= 0 || n > 4 * MPAR__MAX_WORKERS || n % V != 0) {
+        if (n <= 0 || n > 4 * MPAR__MAX_WORKERS || n % V != 0 || !plan->stages) {
             if (plan == &local) mpar_plan_free(&local);
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "the plan has %d stages for %d virtual stages", n, V);
         }
@@ -6851,7 +6875,7 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
     p->vs_count = n;
     p->workers_count = n / V;
     for (j = 0; j < n; j++) {
-        int expect_first = j ? out[j - 1].last_layer + 1 : 0;
+        int expect_first = j ? (out[j - 1].last_layer < p->layer_count ? out[j - 1].last_layer + 1 : p->layer_count) : 0;
         if (!d->mpi_comm && (out[j].device < 0 || out[j].device >= mpar_device_count(p->ctx)))
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage %d: device %d does not exist", j, out[j].device);
         if (out[j].first_layer != expect_first || out[j].last_layer < out[j].first_layer)
@@ -7084,6 +7108,9 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     if (d->max_batch <= 0 || d->microbatches < 0 || d->virtual_stages < 0 || d->link_capacity < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "max_batch must be positive (got %d); microbatches, "
                           "virtual_stages and link_capacity not negative", d->max_batch);
+    if (d->max_batch > (1 << 24) / p->seq_len || d->microbatches > (1 << 20) || d->virtual_stages > 64)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "max_batch x seq_len must stay below 2^24 rows, "
+                          "micro-batches below 2^20 and virtual_stages at most 64");
     if (d->microbatches > d->max_batch)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "%d micro-batches need max_batch >= %d (got %d)",
                           d->microbatches, d->microbatches, d->max_batch);
@@ -7138,6 +7165,7 @@ static mpar_result mpar__setup_ranks(mpar_pipeline* p) {
 
 static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
+    int slots[4 * MPAR__MAX_WORKERS];
     mpar_simulation* sim = NULL;
     mpar_error err;
     int i, peak = 1, M;
@@ -7150,8 +7178,12 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
                              &p->schedule, &err) != MPAR_SUCCESS ||
         mpar_simulate(p->schedule, NULL, &sim, &err) != MPAR_SUCCESS)
         return mpar__fail(p->ctx, err.code, "%s", err.message);
-    for (i = 0; i < p->workers_count; i++)
+    for (i = 0; i < p->workers_count; i++) {
+        /* each stage gets what it holds at most; interleaved chunks each get
+           their device's count (their own peaks are not known separately) */
+        slots[i] = sim->peak_in_flight[i] > 1 ? sim->peak_in_flight[i] : 1;
         if (sim->peak_in_flight[i] > peak) peak = sim->peak_in_flight[i];
+    }
     mpar_simulation_destroy(sim);
     M = p->schedule->microbatches;
     p->mb_rows_max = ((p->desc.max_batch + M - 1) / M) * p->seq_len;
@@ -7186,8 +7218,25 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
         v->n = v->last - v->first + 1;
         MPAR__TRY(mpar__vstage_layout(p, v));
+    }
+    for (i = 0; i < p->vs_count; i++) { /* refuse before allocating anything */
+        mpar__vstage* v = &p->vs[i];
+        uint64_t biggest = (uint64_t)v->param_off[v->n], limit;
         if (!mpar__local(p, v->worker)) continue;
-        MPAR__TRY(mpar__vstage_buffers(p, v, peak));
+        if ((uint64_t)v->act_floats > biggest) biggest = v->act_floats;
+        if ((uint64_t)v->grad_floats > biggest) biggest = v->grad_floats;
+        biggest *= 4;
+        limit = p->ctx->devices[v->device].info.max_alloc_bytes;
+        if (limit && biggest > limit)
+            return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT,
+                              "stage %d (layers %d-%d) needs a buffer of %llu bytes but device %d allows at most %llu in "
+                              "one buffer: split the stage", i, v->first, v->last, (unsigned long long)biggest, v->device,
+                              (unsigned long long)limit);
+    }
+    for (i = 0; i < p->vs_count; i++) {
+        mpar__vstage* v = &p->vs[i];
+        if (!mpar__local(p, v->worker)) continue;
+        MPAR__TRY(mpar__vstage_buffers(p, v, slots[v->worker]));
         MPAR__TRY(mpar__vstage_init(p, v));
         if (i > 0) {
             size_t width = (size_t)p->mb_rows_max * v->act_cum[1];
@@ -7328,6 +7377,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     mpar_pipeline_desc d;
     mpar_plan_desc pd;
     mpar_plan_layer* layers = NULL;
+    mpar_plan_stage* manual = NULL;
     mpar_plan_device devices[MPAR__MAX_DEVICES];
     mpar_plan_link links[MPAR__MAX_DEVICES * MPAR__MAX_DEVICES];
     double flops[MPAR__MAX_DEVICES];
@@ -7344,6 +7394,9 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     if (d.virtual_stages <= 0) d.virtual_stages = 1;
     if (d.max_batch <= 0) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning needs max_batch > 0");
     M = d.schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : d.microbatches;
+    if (d.max_batch > (1 << 24) / model->desc.seq_len || d.microbatches > (1 << 20) || d.virtual_stages > 64)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning: max_batch x seq_len above 2^24, or too many "
+                          "micro-batches or virtual stages");
     rows = (d.max_batch + M - 1) / M * model->desc.seq_len;
     n = mpar_device_count(ctx);
     MPAR__TRY(mpar__plan_flops(ctx, &o, flops));
@@ -7370,8 +7423,28 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     pd.measured_backward_weight = o.measured_backward_weight;
     pd.schedule = d.schedule, pd.microbatches = M, pd.virtual_stages = d.virtual_stages; /* SEQUENTIAL: one */
     pd.mode = o.mode, pd.use_devices = o.use_devices, pd.order = o.order, pd.weights = o.weights;
+    if (o.mode == MPAR_PLAN_MANUAL) { /* cost the stages the desc gives */
+        int j;
+        if (!d.stages || d.stage_count <= 0 || d.stage_count > 4 * MPAR__MAX_WORKERS) {
+            mpar__free(ctx, layers);
+            return mpar__fail(ctx, MPAR_ERROR_INVALID_PLAN, "MANUAL planning needs desc.stages");
+        }
+        manual = (mpar_plan_stage*)mpar__alloc(ctx, sizeof(mpar_plan_stage) * (size_t)d.stage_count);
+        if (!manual) {
+            mpar__free(ctx, layers);
+            return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        }
+        memset(manual, 0, sizeof(mpar_plan_stage) * (size_t)d.stage_count);
+        for (j = 0; j < d.stage_count; j++) {
+            manual[j].device = d.stages[j].device;
+            manual[j].first_layer = d.stages[j].first_layer;
+            manual[j].last_layer = d.stages[j].last_layer;
+        }
+        pd.manual_stages = manual, pd.num_manual_stages = d.stage_count;
+    }
     r = mpar_plan_create(&pd, out, &err);
     mpar__free(ctx, layers);
+    mpar__free(ctx, manual);
     if (r != MPAR_SUCCESS) return mpar__fail(ctx, r, "%s", err.message);
     return MPAR_SUCCESS;
 }
@@ -7391,6 +7464,9 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
     if (!ctx || !model || !desc || !forward || !backward_input || !backward_weight)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: NULL argument");
     L = model->count;
+    if (desc->max_batch <= 0 || desc->microbatches < 0)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: max_batch must be positive (got %d)",
+                          desc->max_batch);
     if (L > MPAR__MAX_WORKERS)
         return mpar__fail(ctx, MPAR_ERROR_UNSUPPORTED, "profiling takes at most %d layers (model has %d)",
                           MPAR__MAX_WORKERS, L);
@@ -8312,7 +8388,9 @@ MPARDEF mpar_result mpar_timeline_get_stats(const mpar_timeline* t, mpar_timelin
 }
 
 MPARDEF int mpar_timeline_link_count(const mpar_timeline* t) {
-    if (!t || t->stages < 1 || t->virtual_stages < 1) return 0;
+    if (!t || t->stages < 1 || t->virtual_stages < 1 || t->stages > MPAR_TIMELINE_MAX_STAGES ||
+        t->virtual_stages > 4096)
+        return 0;
     return 2 * (mpar__tl_vs_count(t) - 1);
 }
 

@@ -127,7 +127,7 @@ static void step_faults(const char* kind, const char* text) {
         t0 = mpar__now();
         expect_failure(step(p), (mpar_result)CL_OUT_OF_RESOURCES, text, t0);
         {
-            char stage[16];
+            char stage[32];
             snprintf(stage, sizeof stage, "stage %d", s);
             if (!strstr(mpar_last_error(ctx), stage)) fail_msg("'%s' not in '%s'", stage, mpar_last_error(ctx));
         }
