@@ -11,6 +11,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <math.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -189,6 +190,49 @@ static void test_fault_in_optimizer_step(void** state) {
     mpar_pipeline_destroy(p);
 }
 
+/* NaN in the parameters makes the loss and gradients non-finite: the step
+   reports it with the stage and layer and changes nothing; with
+   skip_nonfinite the step is skipped instead. */
+static void test_nonfinite(void** state) {
+    mpar_pipeline* p;
+    float *w, *before, *after;
+    size_t n = mpar_model_layer(model, 4)->param_count;
+    int skip;
+    (void)state;
+    for (skip = 0; skip <= 1; skip++) {
+        mpar_stage_desc st[3] = {{0, 0, 2}, {1, 3, 5}, {0, 6, 9}};
+        mpar_pipeline_desc pd;
+        mpar_batch b;
+        mpar_step_info info;
+        memset(&pd, 0, sizeof pd);
+        pd.stages = st, pd.stage_count = 3, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 4;
+        pd.max_batch = BATCH, pd.skip_nonfinite = skip;
+        assert_int_equal(mpar_pipeline_create(ctx, model, &pd, &p), MPAR_SUCCESS);
+        assert_int_equal(step(p), MPAR_SUCCESS);
+        w = (float*)malloc(sizeof(float) * n);
+        assert_int_equal(mpar_pipeline_get_params(p, 4, w), MPAR_SUCCESS);
+        w[3] = (float)NAN; /* layer 4 runs on stage 1 */
+        assert_int_equal(mpar_pipeline_set_params(p, 4, w), MPAR_SUCCESS);
+        before = params(p);
+        b.inputs = x, b.targets = y, b.samples = BATCH;
+        memset(&info, 0, sizeof info);
+        if (!skip) {
+            assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_ERROR_NUMERICAL);
+            if (!strstr(mpar_last_error(ctx), "not finite") || !strstr(mpar_last_error(ctx), "layer") ||
+                !strstr(mpar_last_error(ctx), "stage"))
+                fail_msg("detail: %s", mpar_last_error(ctx));
+        } else {
+            assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_SUCCESS);
+            assert_int_equal(info.skipped, 1);
+        }
+        after = params(p);
+        assert_memory_equal(before, after, sizeof(float) * mpar_model_param_count(model));
+        assert_int_equal(mpar_pipeline_get_step(p), 1);
+        free(w), free(before), free(after);
+        mpar_pipeline_destroy(p);
+    }
+}
+
 static void test_fault_spec(void** state) {
     (void)state;
     assert_int_equal(mpar_set_fault(ctx, "nonsense"), MPAR_ERROR_INVALID_ARGUMENT);
@@ -207,6 +251,7 @@ int main(void) {
         cmocka_unit_test(test_fault_spec),     cmocka_unit_test(test_alloc_faults),
         cmocka_unit_test(test_enqueue_faults), cmocka_unit_test(test_transfer_faults),
         cmocka_unit_test(test_build_faults),   cmocka_unit_test(test_fault_in_optimizer_step),
+        cmocka_unit_test(test_nonfinite),
     };
     return cmocka_run_group_tests_name("faults", tests, setup, teardown);
 }
