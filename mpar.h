@@ -956,6 +956,13 @@ typedef struct mpar_plan_options {
 
 MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                        const mpar_plan_options* options, mpar_plan* out);
+/* The planner's per-layer table for a model and pipeline description, as
+   mpar_pipeline_plan builds it: FLOPs per micro-batch, bytes of parameters,
+   optimizer state (with the backward buffer), stashed activations per
+   micro-batch in flight, and the output that crosses a cut. out has one
+   entry per layer. */
+MPARDEF mpar_result mpar_pipeline_plan_layers(const mpar_model* model, const mpar_pipeline_desc* desc,
+                                              mpar_plan_layer* out, mpar_error* err);
 /* GEMM throughput of a device in FLOP/s (CLBlast SGEMM, n = 512). */
 MPARDEF mpar_result mpar_device_measure_flops(mpar_context* ctx, int device, double* flops);
 /* Seconds per micro-batch of each layer's forward, input-gradient and
@@ -7369,6 +7376,21 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
             (uint64_t)rows * ((uint64_t)l->in_features + l->stash_per_row) * 4u + (split ? grad_buffer : 0u);
         out[i].output_bytes = (uint64_t)rows * (uint64_t)l->out_features * 4u;
     }
+}
+
+MPARDEF mpar_result mpar_pipeline_plan_layers(const mpar_model* model, const mpar_pipeline_desc* desc,
+                                              mpar_plan_layer* out, mpar_error* err) {
+    mpar_pipeline_desc d;
+    int M;
+    if (!model || !desc || !out)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan_layers: NULL argument");
+    d = *desc;
+    if (d.microbatches <= 0) d.microbatches = 1;
+    if (d.max_batch <= 0 || d.max_batch > (1 << 24) / model->desc.seq_len)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "max_batch must be positive and below 2^24 rows");
+    M = d.schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : d.microbatches;
+    mpar__plan_layers(model, &d, (d.max_batch + M - 1) / M * model->desc.seq_len, out);
+    return MPAR_SUCCESS;
 }
 
 MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,

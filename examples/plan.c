@@ -74,28 +74,12 @@ fail:
     return err->code;
 }
 
-/* The planner's per-layer table for one pipeline description, as
-   mpar_pipeline_plan builds it (mpar.h keeps that function private):
-   per micro-batch FLOPs, and bytes of parameters, optimizer state (plus the
-   backward buffer, once per stage), stashed activations per micro-batch in
-   flight, and the output that crosses a cut. */
+/* The planner's per-layer table, as mpar_pipeline_plan builds it. */
 static void plan_layers(const mpar_model* model, const mpar_pipeline_desc* d, mpar_plan_layer* out) {
-    int M = d->schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : (d->microbatches > 0 ? d->microbatches : 1);
-    int rows = (d->max_batch + M - 1) / M * mpar_model_get_desc(model)->seq_len;
-    int split = d->schedule == MPAR_SCHEDULE_ZB_H1, i;
-    uint64_t moments = d->optimizer.kind == MPAR_OPTIMIZER_ADAMW ? 2u : 1u;
-    for (i = 0; i < mpar_model_layer_count(model); i++) {
-        const mpar_layer* l = mpar_model_layer(model, i);
-        uint64_t grad_buffer = (uint64_t)rows * ((uint64_t)l->in_features + l->gstash_per_row) * 4u;
-        memset(&out[i], 0, sizeof out[i]);
-        out[i].flops_forward = l->flops_forward * rows;
-        out[i].flops_backward_input = l->flops_backward_input * rows;
-        out[i].flops_backward_weight = l->flops_backward_weight * rows;
-        out[i].param_bytes = (uint64_t)l->param_count * 4u;
-        out[i].optimizer_bytes = (uint64_t)l->param_count * 4u * moments + (split ? 0u : grad_buffer);
-        out[i].activation_bytes =
-            (uint64_t)rows * ((uint64_t)l->in_features + l->stash_per_row) * 4u + (split ? grad_buffer : 0u);
-        out[i].output_bytes = (uint64_t)rows * (uint64_t)l->out_features * 4u;
+    mpar_error err;
+    if (mpar_pipeline_plan_layers(model, d, out, &err) != MPAR_SUCCESS) {
+        fprintf(stderr, "plan: %s\n", err.message);
+        exit(1);
     }
 }
 
