@@ -1360,6 +1360,7 @@ MPARDEF mpar_result mpar_error_set(mpar_error* err, mpar_result code, const char
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -1657,14 +1658,20 @@ MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* 
     return r;
 }
 
-/* A decimal index, saturated at 1e9 so that huge numbers stay huge. */
-static int mpar__index(const char* s) {
-    long v = 0;
+/* A decimal number, saturated (at the largest long long) so that huge
+   numbers stay huge and still compare right with smaller ones. */
+static long long mpar__number(const char* s) {
+    long long v = 0;
     while (isdigit((unsigned char)*s)) {
-        v = v * 10 + (*s++ - '0');
-        if (v > 1000000000L) return 1000000000;
+        int d = *s++ - '0';
+        v = v > (LLONG_MAX - 9) / 10 ? LLONG_MAX : v * 10 + d;
     }
-    return (int)v;
+    return v;
+}
+/* ... and as an index: anything past 1e9 is just "does not exist". */
+static int mpar__index(const char* s) {
+    long long v = mpar__number(s);
+    return v > 1000000000LL ? 1000000000 : (int)v;
 }
 
 static int mpar__is_digits(const char* s, size_t n) {
@@ -1691,7 +1698,7 @@ static mpar_result mpar__select_term(const char* term, const mpar__device* all, 
     else if (dash && mpar__is_digits(term, (size_t)(dash - term)) && mpar__is_digits(dash + 1, strlen(dash + 1))) {
         lo = mpar__index(term);
         hi = mpar__index(dash + 1);
-        if (hi < lo) return mpar_error_set(err, MPAR_ERROR_INVALID_SELECTION, "device range '%s' runs backwards", term);
+        if (mpar__number(dash + 1) < mpar__number(term)) return mpar_error_set(err, MPAR_ERROR_INVALID_SELECTION, "device range '%s' runs backwards", term);
     } else if (term[0] == 'p' && mpar__is_digits(term + 1, len - 1)) platform = mpar__index(term + 1);
     else if (!strncmp(term, "name:", 5)) text = term + 5;
     else text = term;
