@@ -108,8 +108,7 @@ int main(int argc, char** argv) {
     int batch = ex_int(argc, argv, "--batch", 16), steps = ex_int(argc, argv, "--steps", 600), i;
     int eval_windows = 64;
     double entropy = 0.0, t0, train_loss = 0.0, val_loss;
-    const char* sched = ex_option(argc, argv, "--schedule");
-    const char* stage_text = ex_option(argc, argv, "--stages");
+    const char* bad;
     const char* prompt = ex_option(argc, argv, "--prompt");
     const char* ckpt = ex_option(argc, argv, "--checkpoint");
     const char* trace = ex_option(argc, argv, "--trace");
@@ -144,11 +143,8 @@ int main(int argc, char** argv) {
         return die("model", NULL, err.message);
 
     memset(&pd, 0, sizeof pd);
-    pd.schedule = MPAR_SCHEDULE_1F1B;
-    if (sched && mpar_schedule_kind_parse(sched, &pd.schedule, &err) != MPAR_SUCCESS)
-        return die("--schedule", NULL, err.message);
-    pd.microbatches = ex_int(argc, argv, "--microbatches", 4);
-    pd.virtual_stages = pd.schedule == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1;
+    if ((bad = ex_pipeline_options(argc, argv, 4, &pd, stages, &plan_options, weights)) != NULL)
+        return die("options", NULL, bad);
     pd.max_batch = batch > eval_windows ? batch : eval_windows;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     pd.optimizer.lr = (float)ex_double(argc, argv, "--lr", 3e-3);
@@ -157,15 +153,6 @@ int main(int argc, char** argv) {
     pd.optimizer.warmup_steps = steps / 20;
     pd.optimizer.decay_steps = steps - steps / 20;
     pd.optimizer.min_lr = pd.optimizer.lr * 0.1f;
-    pd.profile = trace != NULL;
-    if (stage_text) {
-        pd.stage_count = ex_parse_stages(stage_text, stages, 64);
-        if (pd.stage_count <= 0) return die("--stages", NULL, "expected D:A-B,D:A-B,... (device:first-last layer)");
-        pd.stages = stages;
-    }
-    if (ex_plan_options(argc, argv, &plan_options, weights, 64) != 0)
-        return die("--plan", NULL, "expected optimal, or proportional with --weights W,W,...");
-    pd.plan_options = &plan_options;
     if (mpar_pipeline_create(ctx, model, &pd, &pipe) != MPAR_SUCCESS) return die("pipeline", ctx, NULL);
     if (ckpt && ex_flag(argc, argv, "--resume")) {
         if (mpar_pipeline_load_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS) return die("--resume", ctx, NULL);

@@ -78,6 +78,31 @@ static inline int ex_plan_options(int argc, char** argv, mpar_plan_options* o, d
     return 0;
 }
 
+/* The options every example shares, into a pipeline descriptor: --schedule,
+   --microbatches (default given), --stages or --plan/--weights, and --trace
+   (profiling). stages, o and weights are the caller's storage (64 each).
+   Returns NULL, or what was wrong. */
+static inline const char* ex_pipeline_options(int argc, char** argv, int microbatches, mpar_pipeline_desc* pd,
+                                              mpar_stage_desc* stages, mpar_plan_options* o, double* weights) {
+    const char* sched = ex_option(argc, argv, "--schedule");
+    const char* stage_text = ex_option(argc, argv, "--stages");
+    pd->schedule = MPAR_SCHEDULE_1F1B;
+    if (sched && mpar_schedule_kind_parse(sched, &pd->schedule, NULL) != MPAR_SUCCESS)
+        return "--schedule: expected sequential, gpipe, 1f1b, interleaved or zbh1";
+    pd->microbatches = ex_int(argc, argv, "--microbatches", microbatches);
+    pd->virtual_stages = pd->schedule == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1;
+    pd->profile = ex_option(argc, argv, "--trace") != NULL;
+    if (stage_text) {
+        pd->stage_count = ex_parse_stages(stage_text, stages, 64);
+        if (pd->stage_count <= 0) return "--stages: expected D:A-B,D:A-B,... (device:first-last layer)";
+        pd->stages = stages;
+    }
+    if (ex_plan_options(argc, argv, o, weights, 64) != 0)
+        return "--plan: expected optimal, or proportional with --weights W,W,...";
+    pd->plan_options = o;
+    return NULL;
+}
+
 /* After training: the Gantt chart and statistics of the last step, and the
    timeline as a Chrome trace (opens in Perfetto) and an SVG. */
 static inline void ex_report_timeline(mpar_pipeline* p, const char* trace_path) {

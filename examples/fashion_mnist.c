@@ -52,8 +52,7 @@ int main(int argc, char** argv) {
     int epochs = ex_int(argc, argv, "--epochs", 6), batch = ex_int(argc, argv, "--batch", 128);
     int hidden = ex_int(argc, argv, "--hidden", 512), steps_per_epoch, steps, step = 0, e, i;
     double mean, stdev, t0, test_loss = 0.0, acc;
-    const char* sched = ex_option(argc, argv, "--schedule");
-    const char* stage_text = ex_option(argc, argv, "--stages");
+    const char* bad;
     const char* ckpt = ex_option(argc, argv, "--checkpoint");
     const char* trace = ex_option(argc, argv, "--trace");
     mpar_plan_options plan_options;
@@ -90,11 +89,8 @@ int main(int argc, char** argv) {
     steps_per_epoch = train.count / batch;
     steps = epochs * steps_per_epoch;
     memset(&pd, 0, sizeof pd);
-    pd.schedule = MPAR_SCHEDULE_1F1B;
-    if (sched && mpar_schedule_kind_parse(sched, &pd.schedule, &err) != MPAR_SUCCESS)
-        return fail("--schedule", NULL, err.message);
-    pd.microbatches = ex_int(argc, argv, "--microbatches", 4);
-    pd.virtual_stages = pd.schedule == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1;
+    if ((bad = ex_pipeline_options(argc, argv, 4, &pd, stages, &plan_options, weights)) != NULL)
+        return fail("options", NULL, bad);
     pd.max_batch = batch > 1000 ? batch : 1000;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     pd.optimizer.lr = (float)ex_double(argc, argv, "--lr", 1e-3);
@@ -102,15 +98,6 @@ int main(int argc, char** argv) {
     pd.optimizer.warmup_steps = steps / 50;
     pd.optimizer.decay_steps = steps - steps / 50;
     pd.optimizer.min_lr = pd.optimizer.lr * 0.05f;
-    pd.profile = trace != NULL;
-    if (stage_text) {
-        pd.stage_count = ex_parse_stages(stage_text, stages, 64);
-        if (pd.stage_count <= 0) return fail("--stages", NULL, "expected D:A-B,D:A-B,... (device:first-last layer)");
-        pd.stages = stages;
-    }
-    if (ex_plan_options(argc, argv, &plan_options, weights, 64) != 0)
-        return fail("--plan", NULL, "expected optimal, or proportional with --weights W,W,...");
-    pd.plan_options = &plan_options;
     if (mpar_pipeline_create(ctx, model, &pd, &pipe) != MPAR_SUCCESS) return fail("pipeline", ctx, NULL);
     if (ckpt && ex_flag(argc, argv, "--resume")) {
         if (mpar_pipeline_load_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS) return fail("--resume", ctx, NULL);
@@ -124,7 +111,7 @@ int main(int argc, char** argv) {
     {
         mpar_plan plan;
         if (mpar_pipeline_plan(ctx, model, &pd, &plan_options, &plan) == MPAR_SUCCESS) {
-            if (!stage_text) mpar_plan_print(&plan, stdout);
+            if (!pd.stages) mpar_plan_print(&plan, stdout);
             mpar_plan_free(&plan);
         }
     }
