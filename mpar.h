@@ -2533,7 +2533,7 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
     r = mpar__set_args(ex, k, kernel, args, ap);
     va_end(ap);
     if (r != MPAR_SUCCESS) return r;
-    if (global0 == 0 || (global1 == 0 && 0)) return MPAR_SUCCESS;
+    if (global0 == 0) return MPAR_SUCCESS; /* nothing to do; a zero 2nd dimension means 1-D */
     global[0] = global0;
     global[1] = global1;
     ev = mpar__exec_event_slot(ex);
@@ -5782,6 +5782,7 @@ struct mpar_pipeline {
     MPI_Comm comm;
 #endif
     double t0; /* host time the current step began (timeline origin) */
+    uint64_t step_seed;  /* dropout seed of the current step (model seed and step) */
     int serial;          /* this job runs its kernels one stage at a time */
     int force_serial;    /* every job does (profiling single layers) */
     int damaged;         /* an optimizer step failed part-way: only a checkpoint load continues */
@@ -6100,10 +6101,8 @@ static void mpar__io(const mpar_pipeline* p, const mpar__vstage* v, int slot, in
     io->scratch.mem = v->scratch;
     io->targets.mem = v->targets, io->targets.off = (size_t)slot * (size_t)p->mb_rows_max;
     io->loss_scale = p->loss_scale;
-    io->seed = mpar__fnv1a(p->model->desc.seed ^ 0x5851F42D4C957F2DULL, &p->step, sizeof p->step) ^
-               (0x9E3779B97F4A7C15ULL * (uint64_t)(l->index + 1));
+    io->seed = p->step_seed ^ (0x9E3779B97F4A7C15ULL * (uint64_t)(l->index + 1));
     io->training = p->job != MPAR__JOB_INFER;
-    (void)l;
 }
 
 static mpar_result mpar__layers_forward(mpar__worker* w, mpar__vstage* v, int slot, int mb) {
@@ -6321,20 +6320,29 @@ static mpar_result mpar__run_action(mpar__worker* w, const mpar_action* a) {
     }
 }
 
+/* A job starts with every activation slot of the worker free and no
+   timeline yet. */
+static void mpar__job_start(mpar__worker* w) {
+    int c, s;
+    for (c = 0; c < w->p->desc.virtual_stages; c++) {
+        mpar__vstage* v = mpar__vstage_of(w->p, w->index, c);
+        for (s = 0; s < v->slot_count; s++) v->slot_mb[s] = -1;
+    }
+    w->in_flight = 0;
+    w->event_count = 0;
+}
+
 static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
     mpar_pipeline* p = w->p;
     int i, c, n = mpar_schedule_action_count(p->schedule, w->index);
     mpar_result r = MPAR_SUCCESS;
+    mpar__job_start(w);
     mpar__serial_begin(w);
     for (c = 0; r == MPAR_SUCCESS && c < p->desc.virtual_stages; c++) {
         mpar__vstage* v = mpar__vstage_of(p, w->index, c);
-        int s;
-        for (s = 0; s < v->slot_count; s++) v->slot_mb[s] = -1;
         r = mpar__zero(w, v->grads, v->param_off[v->n]);
     }
     MPAR__TRY(mpar__serial_end(w, r));
-    w->in_flight = 0;
-    w->event_count = 0;
     if (w->ex.profiling) {
         double a, b;
         mpar__exec_interval(&w->ex, &a, &b); /* zeroing belongs to no action */
@@ -6388,13 +6396,7 @@ static mpar_result mpar__job_step(mpar__worker* w) {
 static mpar_result mpar__job_infer(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
     mpar_pipeline* p = w->p;
     int m, c;
-    for (c = 0; c < p->desc.virtual_stages; c++) {
-        mpar__vstage* v = mpar__vstage_of(p, w->index, c);
-        int s;
-        for (s = 0; s < v->slot_count; s++) v->slot_mb[s] = -1;
-    }
-    w->in_flight = 0;
-    w->event_count = 0;
+    mpar__job_start(w);
     for (m = 0; m < p->mb_count; m++)
         for (c = 0; c < p->desc.virtual_stages; c++) {
             mpar_result r = mpar__do_forward(w, mpar__vstage_of(p, w->index, c), m);
@@ -6509,6 +6511,7 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     const char* detail = NULL;
     mpar__links_abort(p, 0);
     if (job != MPAR__JOB_STEP) p->t0 = mpar__now();
+    p->step_seed = mpar__fnv1a(p->model->desc.seed ^ 0x5851F42D4C957F2DULL, &p->step, sizeof p->step);
     mpar__decide_serial(p, job);
     if (p->ranks > 1 && job != MPAR__JOB_STEP) { /* what other ranks own stays zero for the sums */
         memset(p->mb_loss, 0, sizeof(float) * (size_t)p->mb_count);
@@ -6551,7 +6554,6 @@ static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb
     if (b->samples < mb_count)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples cannot fill %d micro-batches",
                           b->samples, mb_count);
-    if (!need_targets && b->targets == NULL && mb_count > 0) { /* inference without a loss */ }
     p->batch = b;
     p->mb_count = mb_count;
     for (m = 0; m <= mb_count; m++) /* uneven: the first (samples mod M) get one more */
@@ -7183,7 +7185,6 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_simulation* sim = NULL;
     mpar_error err;
     int i, peak = 1, M;
-    size_t max_link = 0;
     if (p->desc.stage_count > 4 * MPAR__MAX_WORKERS || mpar_device_count(p->ctx) * p->desc.virtual_stages >
                                                            4 * MPAR__MAX_WORKERS)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "too many stages");
@@ -7252,10 +7253,6 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         if (!mpar__local(p, v->worker)) continue;
         MPAR__TRY(mpar__vstage_buffers(p, v, slots[v->worker]));
         MPAR__TRY(mpar__vstage_init(p, v));
-        if (i > 0) {
-            size_t width = (size_t)p->mb_rows_max * v->act_cum[1];
-            if (width > max_link) max_link = width;
-        }
     }
     p->links_ready = 0;
     for (i = 0; i + 1 < p->vs_count; i++) {
@@ -7271,7 +7268,6 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         a->fwd_out = b->fwd_in = &p->links[i];
         b->bwd_out = a->bwd_in = &p->links[p->vs_count - 1 + i];
     }
-    (void)max_link;
     return MPAR_SUCCESS;
 }
 
@@ -7412,7 +7408,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     double flops[MPAR__MAX_DEVICES];
     mpar_error err;
     mpar_result r;
-    int n, a, b, M, rows;
+    int n, a, b, M;
     if (!ctx || !model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan: NULL argument");
     if (mpar_model_validate(model, &err) != MPAR_SUCCESS) return mpar__fail(ctx, err.code, "%s", err.message);
@@ -7426,7 +7422,6 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     if (d.max_batch > (1 << 24) / model->desc.seq_len || d.microbatches > (1 << 20) || d.virtual_stages > 64)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning: max_batch x seq_len above 2^24, or too many "
                           "micro-batches or virtual stages");
-    rows = (d.max_batch + M - 1) / M * model->desc.seq_len;
     n = mpar_device_count(ctx);
     MPAR__TRY(mpar__plan_flops(ctx, &o, flops));
     for (a = 0; a < n; a++) {
@@ -7443,7 +7438,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     }
     layers = (mpar_plan_layer*)mpar__alloc(ctx, sizeof(mpar_plan_layer) * (size_t)model->count);
     if (!layers) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    mpar__plan_layers(model, &d, rows, layers);
+    mpar_pipeline_plan_layers(model, &d, layers, NULL); /* arguments checked above */
     memset(&pd, 0, sizeof pd);
     pd.num_layers = model->count, pd.layers = layers;
     pd.num_devices = n, pd.devices = devices, pd.links = links;
