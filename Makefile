@@ -12,7 +12,13 @@ PREFIX   ?= /usr/local
 CSTD      = -std=c99
 WARN      = -Wall -Wextra -Werror -pedantic
 CFLAGS   ?= -O2 -g
-LDLIBS    = -lclblast -lOpenCL -lcmocka -lz -lpthread -lm
+# The host route for CPU devices (MPAR_USE_CBLAS): BLIS built single-threaded,
+# which is safe to call from every stage's worker thread at once (Debian's
+# serial OpenBLAS is not: concurrent SGEMMs gave wrong results).
+MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null)
+BLAS_DIR  = /usr/lib/$(MULTIARCH)/blis-serial
+BLAS      = -DMPAR_USE_CBLAS -I/usr/include/$(MULTIARCH)/blis-serial
+LDLIBS    = -lclblast -lOpenCL -lcmocka -lz -lpthread -lm -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lblis
 SAN       = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
 TESTS    := $(patsubst %.c,%,$(wildcard tests/test_*.c))
@@ -33,11 +39,11 @@ deps:
 	@scripts/deps.sh
 
 tests/%: tests/%.c $(HDR) $(wildcard tests/*.h) | deps
-	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+	$(CC) $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -I. $< -o $@ $(LDLIBS)
 examples/%: examples/%.c $(HDR) examples/data.h examples/common.h | deps
-	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+	$(CC) $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -I. $< -o $@ $(LDLIBS)
 bench/%: bench/%.c $(HDR) | deps
-	$(CC) $(CSTD) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+	$(CC) $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -I. $< -o $@ $(LDLIBS)
 
 # The header alone: as C99 (pedantic), as C++, and with MPAR_STATIC.
 compile-tests: $(HDR) | deps
@@ -46,7 +52,9 @@ compile-tests: $(HDR) | deps
 	$(CXX) -Wall -Wextra -Werror -I. -x c++ -c tests/compile/impl.c -o build/impl_cpp.o
 	$(CC) $(CSTD) $(WARN) -DMPAR_STATIC -I. -c tests/compile/impl.c -o build/impl_static.o
 	$(CC) $(CSTD) $(WARN) -I. -c tests/compile/decl_only.c -o build/decl_only.o
-	@echo "compile-tests: C99, C++, MPAR_STATIC and declarations-only builds are warning-free"
+	$(CC) $(CSTD) $(WARN) $(BLAS) -I. -c tests/compile/impl.c -o build/impl_cblas_c.o
+	$(CXX) -Wall -Wextra -Werror $(BLAS) -I. -x c++ -c tests/compile/impl.c -o build/impl_cblas_cpp.o
+	@echo "compile-tests: C99, C++, MPAR_STATIC, declarations-only and MPAR_USE_CBLAS builds are warning-free"
 
 $(ICD2):
 	@mkdir -p $(ICD2)
@@ -61,9 +69,9 @@ test: all $(ICD2)
 # device each. mpirun needs both flags to run as root on two cores.
 MPIRUN = mpirun --allow-run-as-root --oversubscribe
 tests/mpi/test_mpi: tests/mpi/test_mpi.c $(HDR) | deps
-	mpicc $(CSTD) $(WARN) $(CFLAGS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
+	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
 bench/mpi/bench_mpi: bench/mpi/bench_mpi.c $(HDR) | deps
-	mpicc $(CSTD) $(WARN) $(CFLAGS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
+	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
 test-mpi: tests/mpi/test_mpi
 	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels timeout 300 $(MPIRUN) -np 2 tests/mpi/test_mpi
 	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels timeout 300 $(MPIRUN) -np 3 tests/mpi/test_mpi
@@ -74,12 +82,12 @@ check: deps
 	ASAN_OPTIONS=detect_leaks=1 scripts/run-tests.sh $(TESTS)
 	$(MAKE) clean-tests
 	@mkdir -p build
-	$(CC) $(CSTD) $(WARN) -O1 -g -fsanitize=thread -I. tests/test_pipeline.c -o build/test_pipeline_tsan $(LDLIBS)
+	$(CC) $(CSTD) $(WARN) -O1 -g -fsanitize=thread $(BLAS) -I. tests/test_pipeline.c -o build/test_pipeline_tsan $(LDLIBS)
 	TSAN_OPTIONS=halt_on_error=1 $(TEST_ENV) build/test_pipeline_tsan
 	@# valgrind where the sanitizers are not: the pure parts (PoCL's LLVM JIT
 	@# is too slow and too noisy under valgrind for the device tests)
-	$(CC) $(CSTD) $(WARN) -O1 -g -I. tests/test_schedule.c -o build/test_schedule_vg $(LDLIBS)
-	$(CC) $(CSTD) $(WARN) -O1 -g -I. tests/test_planner.c -o build/test_planner_vg $(LDLIBS)
+	$(CC) $(CSTD) $(WARN) -O1 -g $(BLAS) -I. tests/test_schedule.c -o build/test_schedule_vg $(LDLIBS)
+	$(CC) $(CSTD) $(WARN) -O1 -g $(BLAS) -I. tests/test_planner.c -o build/test_planner_vg $(LDLIBS)
 	valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/test_schedule_vg
 	valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite build/test_planner_vg
 

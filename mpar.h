@@ -16,6 +16,11 @@
        MPAR_MALLOC(sz), MPAR_REALLOC(p,sz), MPAR_FREE(p)
                             allocation; define all three or none
        MPAR_ASSERT(x)       internal checks (default: assert)
+       MPAR_USE_CBLAS       CPU devices may run layers as host code, GEMMs
+                            through CBLAS (see mpar_cpu_route); link a
+                            thread-safe single-threaded CBLAS (-lblis from
+                            BLIS's serial build)
+       MPAR_CBLAS_HEADER    the CBLAS header to include [<cblas.h>]
        MPAR_KERNEL_DIR      last folder searched for .cl files ("a:b");
                             make install bakes in its kernel folder
        MPARDEF              linkage of public functions
@@ -58,6 +63,10 @@
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
    when defined, takes its place. */
 #define MPAR__INSTALLED_KERNEL_DIR ""
+
+#ifndef MPAR_CBLAS_HEADER
+#define MPAR_CBLAS_HEADER <cblas.h>
+#endif
 
 #if defined(MPAR_IMPLEMENTATION) && !defined(_POSIX_C_SOURCE) && !defined(_WIN32)
 /* setenv, readlink, fsync, pthreads: include mpar.h first in the file that
@@ -198,7 +207,25 @@ typedef struct mpar_device_info {
     uint64_t global_mem_bytes;
     uint64_t max_alloc_bytes;
     int compute_units;
+    /* Layers on this device run as host code on the buffers' memory (see
+       mpar_cpu_route); 0: as OpenCL kernels. */
+    int host_route;
 } mpar_device_info;
+
+/* How layers run on CPU devices. OpenCL on a CPU (PoCL) reaches a fraction
+   of what the same core does through a tuned BLAS, so a CPU device whose
+   buffers are host memory may take a native route: GEMMs through CBLAS and
+   the built-in kernels as C loops, on the buffers' own memory, in the
+   stage's worker thread. It needs mpar compiled with MPAR_USE_CBLAS and a
+   thread-safe single-threaded CBLAS (BLIS serial; Debian's serial OpenBLAS
+   is not safe to call from two threads at once). Kernels without a host
+   version (user layers' own .cl files) still run through OpenCL on the same
+   memory, so every layer works on either route. GPUs always take OpenCL. */
+typedef enum mpar_cpu_route {
+    MPAR_CPU_ROUTE_AUTO = 0,   /* host code where possible, else OpenCL */
+    MPAR_CPU_ROUTE_OPENCL = 1, /* always OpenCL kernels */
+    MPAR_CPU_ROUTE_HOST = 2    /* host code on every CPU device, or mpar_create fails */
+} mpar_cpu_route;
 
 /* Setup descriptor: a zero-initialised struct means "all defaults". */
 typedef struct mpar_desc {
@@ -236,6 +263,9 @@ typedef struct mpar_desc {
     mpar_log_fn log;          /* NULL: silent */
     void* log_user;
     mpar_log_level log_level; /* messages above this level are dropped */
+    /* How CPU devices run layers [AUTO]; the MPAR_CPU_ROUTE environment
+       variable (auto, opencl or host), when set, replaces it. */
+    mpar_cpu_route cpu_route;
     /* Receives the reason when mpar_create fails (there is no context then
        to ask). Optional. */
     mpar_error* error;
@@ -411,7 +441,14 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
                                    mpar_buf a, size_t lda, mpar_buf b, size_t ldb, float beta, mpar_buf c,
                                    size_t ldc);
 MPARDEF mpar_context* mpar_exec_context(mpar_exec* ex);
+/* The stage's queue. Commands a layer enqueues on it itself are waited for
+   before the next host-route call. */
 MPARDEF cl_command_queue mpar_exec_queue(mpar_exec* ex);
+/* On a stage that takes the host route (mpar_device_info.host_route): the
+   host address of b, after every command enqueued on the stage's queue has
+   finished, so that a user layer can do its work in C as the built-in ones
+   do. NULL on OpenCL stages, and for buffers mpar did not allocate. */
+MPARDEF float* mpar_exec_host(mpar_exec* ex, mpar_buf b);
 /* Records detail for a failure inside a layer and returns code. */
 MPARDEF mpar_result mpar_exec_fail(mpar_exec* ex, mpar_result code, const char* message);
 
@@ -929,6 +966,10 @@ typedef struct mpar_pipeline_stats {
     int peak_in_flight[64];    /* most micro-batch activations held at once, per device */
     int slots[64];             /* activation slots allocated, per device */
     size_t device_bytes[64];   /* buffers allocated, per device */
+    /* Kernel launches and GEMMs in the last job (training step, gradient
+       computation or inference), per device: all of them, and those that
+       went to OpenCL (the rest ran as host code). */
+    uint64_t launches[64], opencl_launches[64];
 } mpar_pipeline_stats;
 
 typedef struct mpar_pipeline mpar_pipeline;
@@ -963,8 +1004,13 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
    entry per layer. */
 MPARDEF mpar_result mpar_pipeline_plan_layers(const mpar_model* model, const mpar_pipeline_desc* desc,
                                               mpar_plan_layer* out, mpar_error* err);
-/* GEMM throughput of a device in FLOP/s (CLBlast SGEMM, n = 512). */
+/* GEMM throughput of a device in FLOP/s at n = 512, through the route its
+   layers take (CLBlast on OpenCL, CBLAS on the host route). */
 MPARDEF mpar_result mpar_device_measure_flops(mpar_context* ctx, int device, double* flops);
+/* The same for row-major C[m×n] = A[m×k]·B[k×n]: small shapes show what a
+   micro-batch's GEMM gets, launch costs included. */
+MPARDEF mpar_result mpar_device_measure_gemm(mpar_context* ctx, int device, size_t m, size_t n, size_t k,
+                                             double* flops);
 /* Seconds per micro-batch of each layer's forward, input-gradient and
    weight-gradient work on one device ([layer] arrays), measured by running
    every layer as its own stage on that device. Models of at most 64 layers. */
@@ -1470,6 +1516,7 @@ typedef struct mpar__device {
     cl_platform_id platform;
     cl_device_id id;
     cl_command_queue queue;
+    size_t host_align; /* host route: alignment of buffer memory, bytes */
 } mpar__device;
 
 struct mpar_context {
@@ -1568,6 +1615,11 @@ static mpar_result mpar__cl_check(mpar_context* ctx, cl_int status, const char* 
     do {                                                                                     \
         mpar_result mpar__r = mpar__cl_check((ctx), (call), #call, __FILE__, __LINE__);      \
         if (mpar__r != MPAR_SUCCESS) return mpar__r;                                         \
+    } while (0)
+#define MPAR__TRY(expr)                                                                                       \
+    do {                                                                                                      \
+        mpar_result mpar__t = (expr);                                                                         \
+        if (mpar__t != MPAR_SUCCESS) return mpar__t;                                                          \
     } while (0)
 
 MPARDEF const char* mpar_device_type_name(mpar_device_type type) {
@@ -1790,6 +1842,88 @@ static mpar_result mpar__create_contexts(mpar_context* ctx, int per_device) {
     return MPAR_SUCCESS;
 }
 
+/* Host memory aligned to `align` (a power of two), through the context's
+   allocator. Just before the block: the pointer to free and the context,
+   so that an OpenCL destructor callback can free it. */
+typedef struct mpar__aligned_head {
+    void* raw;
+    const mpar_context* ctx;
+} mpar__aligned_head;
+static void* mpar__alloc_aligned(const mpar_context* ctx, size_t bytes, size_t align) {
+    mpar__aligned_head head;
+    uintptr_t at;
+    if (bytes > SIZE_MAX - align - sizeof head) return NULL;
+    head.raw = mpar__alloc(ctx, bytes + align + sizeof head);
+    head.ctx = ctx;
+    if (!head.raw) return NULL;
+    at = ((uintptr_t)head.raw + sizeof head + (align - 1)) & ~(uintptr_t)(align - 1);
+    memcpy((unsigned char*)at - sizeof head, &head, sizeof head);
+    return (void*)at;
+}
+static void mpar__free_aligned(void* p) {
+    mpar__aligned_head head;
+    if (!p) return;
+    memcpy(&head, (unsigned char*)p - sizeof head, sizeof head);
+    mpar__free(head.ctx, head.raw);
+}
+
+/* Whether the device computes on the very memory of a CL_MEM_USE_HOST_PTR
+   buffer, with no copy in between (PoCL's CPU devices do): the host route
+   shares its buffers with the OpenCL kernels that have no host version. */
+static int mpar__shares_host_memory(mpar_context* ctx, mpar__device* d) {
+    float pattern = 42.0f, back = 0.0f, *h = (float*)mpar__alloc_aligned(ctx, 64, d->host_align);
+    cl_int st = CL_SUCCESS;
+    cl_mem m;
+    int ok;
+    if (!h) return 0;
+    memset(h, 0, 64);
+    m = clCreateBuffer(ctx->groups[d->info.group], CL_MEM_READ_WRITE | CL_MEM_USE_HOST_PTR, 64, h, &st);
+    if (st == CL_SUCCESS) st = clEnqueueFillBuffer(d->queue, m, &pattern, sizeof pattern, 0, 64, 0, NULL, NULL);
+    if (st == CL_SUCCESS) st = clFinish(d->queue);
+    ok = st == CL_SUCCESS && h[3] == 42.0f; /* the device wrote here */
+    h[5] = 7.0f;
+    if (ok) ok = clEnqueueReadBuffer(d->queue, m, CL_TRUE, 20, 4, &back, 0, NULL, NULL) == CL_SUCCESS && back == 7.0f;
+    if (m) clReleaseMemObject(m);
+    mpar__free_aligned(h);
+    return ok;
+}
+
+/* Decides once, for each device, whether its layers take the host route. */
+static mpar_result mpar__decide_routes(mpar_context* ctx, mpar_cpu_route route, mpar_error* err) {
+    const char* env = getenv("MPAR_CPU_ROUTE");
+    int i;
+    if (env && env[0]) {
+        if (!strcmp(env, "auto")) route = MPAR_CPU_ROUTE_AUTO;
+        else if (!strcmp(env, "opencl")) route = MPAR_CPU_ROUTE_OPENCL;
+        else if (!strcmp(env, "host")) route = MPAR_CPU_ROUTE_HOST;
+        else
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                                  "MPAR_CPU_ROUTE is '%s'; expected auto, opencl or host", env);
+    }
+    if (route != MPAR_CPU_ROUTE_AUTO && route != MPAR_CPU_ROUTE_OPENCL && route != MPAR_CPU_ROUTE_HOST)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_desc.cpu_route: unknown value %d", (int)route);
+    for (i = 0; i < ctx->device_count; i++) {
+        mpar__device* d = &ctx->devices[i];
+        cl_uint bits = 0;
+        cl_bool unified = CL_FALSE;
+        const char* why = NULL;
+        clGetDeviceInfo(d->id, CL_DEVICE_MEM_BASE_ADDR_ALIGN, sizeof bits, &bits, NULL);
+        clGetDeviceInfo(d->id, CL_DEVICE_HOST_UNIFIED_MEMORY, sizeof unified, &unified, NULL);
+        d->host_align = bits / 8 > 128 ? (size_t)bits / 8 : 128;
+        if (d->info.type != MPAR_DEVICE_CPU || route == MPAR_CPU_ROUTE_OPENCL) continue;
+#ifndef MPAR_USE_CBLAS
+        why = "mpar was compiled without MPAR_USE_CBLAS";
+#endif
+        if (!why && !unified) why = "its memory is not the host's (CL_DEVICE_HOST_UNIFIED_MEMORY is false)";
+        if (!why && !mpar__shares_host_memory(ctx, d)) why = "it copies CL_MEM_USE_HOST_PTR buffers";
+        if (why && route == MPAR_CPU_ROUTE_HOST)
+            return mpar_error_set(err, MPAR_ERROR_UNSUPPORTED, "cpu_route HOST: device %d (%s) cannot take it: %s", i,
+                                  d->info.name, why);
+        d->info.host_route = why == NULL;
+    }
+    return MPAR_SUCCESS;
+}
+
 static char* mpar__default_cache_dir(const mpar_context* ctx) {
     const char* env = getenv("MPAR_CACHE_DIR");
     const char* base;
@@ -1828,7 +1962,7 @@ static mpar_result mpar__create_setup(mpar_context* ctx, const mpar_desc* d, mpa
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     r = mpar__create_contexts(ctx, d->context_per_device);
     if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", ctx->error);
-    return MPAR_SUCCESS;
+    return mpar__decide_routes(ctx, d->cpu_route, err);
 }
 
 MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
@@ -2374,6 +2508,17 @@ MPARDEF mpar_result mpar_kernel_create(mpar_context* ctx, int device, const char
    -------------------------------------------------------------------------- */
 #include <math.h>
 #include <clblast_c.h>
+#ifdef MPAR_USE_CBLAS
+/* BLIS's cblas.h brings static helpers that a strict build flags unused. */
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#endif
+#include MPAR_CBLAS_HEADER
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
 
 #define MPAR__EXEC_MAX_KERNELS 96
 
@@ -2396,7 +2541,13 @@ struct mpar_exec {
     double clock_offset; /* host seconds minus device seconds */
     int stage;           /* for fault injection: the stage, and its step counter */
     const int* step;
+    int host_route;      /* built-in kernels and GEMMs run as host code */
+    int cl_pending;      /* OpenCL commands enqueued and not yet waited for */
+    double host_start, host_end; /* profiling: host-route work since the last interval (0: none) */
+    uint64_t launches, cl_launches; /* since the job began */
 };
+
+static double mpar__now(void);
 
 static int mpar__exec_fault(mpar_exec* ex, int kind) {
     return mpar__fault_hit(ex->ctx, kind, ex->stage, ex->step ? *ex->step : -1);
@@ -2422,16 +2573,940 @@ static void mpar__exec_fold(mpar_exec* ex) {
 /* The host-clock interval covered by the commands since the last call; 0
    when there were none. */
 static int mpar__exec_interval(mpar_exec* ex, double* start, double* end) {
-    int any;
+    int any, host = ex->host_end > 0.0;
     mpar__exec_fold(ex);
     any = ex->prof_end > 0 && ex->prof_end >= ex->prof_start;
     if (any) {
         *start = 1e-9 * (double)ex->prof_start + ex->clock_offset;
         *end = 1e-9 * (double)ex->prof_end + ex->clock_offset;
     }
+    if (host) {
+        if (!any || ex->host_start < *start) *start = ex->host_start;
+        if (!any || ex->host_end > *end) *end = ex->host_end;
+    }
     ex->prof_start = ~(cl_ulong)0;
     ex->prof_end = 0;
-    return any;
+    ex->host_start = ex->host_end = 0.0;
+    return any || host;
+}
+
+/* ---- the host route: built-in kernels as C loops, GEMMs through CBLAS, on
+   the memory of CL_MEM_USE_HOST_PTR buffers, in the worker thread ---- */
+
+/* Before host code touches the stage's memory, the OpenCL commands enqueued
+   before it must have finished. */
+static mpar_result mpar__exec_sync(mpar_exec* ex) {
+    if (!ex->cl_pending) return MPAR_SUCCESS;
+    ex->cl_pending = 0;
+    return mpar__cl_check(ex->ctx, clFinish(ex->queue), "clFinish", __FILE__, __LINE__);
+}
+
+/* The host memory behind a buffer mpar allocated for a host-route stage;
+   NULL for any other buffer. */
+static unsigned char* mpar__exec_host_ptr(const mpar_exec* ex, cl_mem m) {
+    void* p = NULL;
+    if (!ex->host_route || !m || clGetMemObjectInfo(m, CL_MEM_HOST_PTR, sizeof p, &p, NULL) != CL_SUCCESS) return NULL;
+    return (unsigned char*)p;
+}
+
+static void mpar__exec_host_done(mpar_exec* ex, double t0) {
+    ex->launches++;
+    if (!ex->profiling) return;
+    if (ex->host_end == 0.0) ex->host_start = t0;
+    ex->host_end = mpar__now();
+}
+
+/* Copies between a stage buffer and host memory: memcpy on the host route,
+   a blocking transfer otherwise. */
+static mpar_result mpar__exec_transfer(mpar_exec* ex, mpar_buf b, void* host, size_t bytes, int to_device) {
+    unsigned char* h = mpar__exec_host_ptr(ex, b.mem);
+    cl_int st;
+    if (h) {
+        MPAR__TRY(mpar__exec_sync(ex));
+        if (to_device) memcpy(h + 4 * b.off, host, bytes);
+        else memcpy(host, h + 4 * b.off, bytes);
+        return MPAR_SUCCESS;
+    }
+    st = to_device ? clEnqueueWriteBuffer(ex->queue, b.mem, CL_TRUE, b.off * 4, bytes, host, 0, NULL, NULL)
+                   : clEnqueueReadBuffer(ex->queue, b.mem, CL_TRUE, b.off * 4, bytes, host, 0, NULL, NULL);
+    return mpar__cl_check(ex->ctx, st, to_device ? "clEnqueueWriteBuffer" : "clEnqueueReadBuffer", __FILE__, __LINE__);
+}
+
+/* Host versions of the built-in kernels (kernels/<file>.cl). Each function
+   computes what the whole NDRange of its kernel computes: every global id in
+   [0, g0), each with the kernel's own guard, formulas and order of
+   floating-point operations inside the work-item. Work-items of these
+   kernels never write the same location, so the host visits them in the
+   order that reads memory contiguously. No kernel reads get_global_id(1),
+   so g1 is ignored. No `restrict`: element-wise kernels allow their output
+   to alias an input at the same offset, and every loop reads an element
+   before writing it, as the kernel's work-item does. tests/test_host_kernels.c
+   checks every one against the OpenCL kernel. */
+
+/* One argument of a host kernel, in the order of mpar_exec_launch's letters:
+   'b' (buffer + offset) and 'm' (buffer) become one pointer p, already moved
+   to the offset (b.off counts 4-byte elements: floats, or int32 for tokens and targets);
+   'i' -> i, 'u' -> u, 'f' -> f. */
+typedef union mpar__harg { void* p; int i; unsigned u; float f; } mpar__harg;
+/* g0, g1: the global size given to mpar_exec_launch (g1 == 0: a 1-D range). */
+typedef void (*mpar__host_fn)(const mpar__harg* a, size_t g0, size_t g1);
+
+/* Contraction. OpenCL C compiles with FP_CONTRACT ON: where an expression
+   adds (or subtracts) a product it computed itself, as in `s += x * y` or
+   `w - lr * v`, the device compiler may fuse the two into one fma (one
+   rounding). LLVM-based CPU compilers (PoCL) do so on CPUs with FMA
+   (x86-64 since Haswell, ARMv8), as GPU compilers generally do. Every such
+   place in the kernels is written MPAR__HK_MAD(a, b, c) = a * b + c here,
+   with the operands the LLVM front end picks (clang: the left product when
+   both sides of + are products; c - a * b is fma(-a, b, c); a product
+   computed in an earlier statement is never fused).
+   MPAR__HK_FMA 1: fmaf, correctly rounded on every machine, so
+   bit-identical to PoCL on FMA CPUs, and the same bits on every host. It
+   is inlined (and the element-wise loops vectorised at -O3) when compiled
+   with -mfma or -march=haswell or later; a libm call per element otherwise.
+   MPAR__HK_FMA 0 (default, since the host route needs to agree only with
+   itself, and fmaf is a call per element unless built with -mfma): a
+   separate multiply and add (what a device computes when
+   it does not contract): no libm call, but up to a few ulp from the kernels
+   on FMA CPUs (more where a result cancels).
+   Bit-identity also needs the host compiler not to fuse on its own across
+   statements, as gcc does with -ffp-contract=fast, its default in GNU modes
+   (-std=gnu*), when the target has FMA (-mfma, -march=native): it fuses
+   `g - sg` in layernorm_bwd_input, whose g = dy * gamma the kernel rounds.
+   gcc in ISO modes (-std=c99, as mpar's Makefile) and clang's default
+   (-ffp-contract=on) keep them apart. */
+#ifndef MPAR__HK_FMA
+#define MPAR__HK_FMA 0
+#endif
+#if MPAR__HK_FMA
+#define MPAR__HK_MAD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MPAR__HK_MAD(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* The transcendental built-ins the kernels call (tanh, exp, log). OpenCL
+   allows them a few ulp, and a device's may differ from libm's in the last
+   bits; they are macros so that a test can put the device's own values in
+   their place and check everything around them bit for bit. (sqrt and
+   division are correctly rounded on both sides: no macro needed.) */
+#ifndef MPAR__HK_TANHF
+#define MPAR__HK_TANHF tanhf
+#endif
+#ifndef MPAR__HK_EXPF
+#define MPAR__HK_EXPF expf
+#endif
+#ifndef MPAR__HK_LOGF
+#define MPAR__HK_LOGF logf
+#endif
+
+/* Number of work-items that pass a guard `if (i >= n) return;` when the
+   range is [0, g0): a padded range (g0 > n) is cut by the guard, a short one
+   (g0 < n) only covers its first g0 items, as on the device. */
+static size_t mpar__hk_count(size_t g0, int n) {
+    if (n <= 0) return 0;
+    return g0 < (size_t)n ? g0 : (size_t)n;
+}
+
+/* The kernels compute sizes such as rows * cols in int; the host documents
+   every size < 2^31, so this is the same value. Done in unsigned so that a
+   bad size cannot be undefined behaviour here. */
+static int mpar__hk_mul(int x, int y) { return (int)((unsigned)x * (unsigned)y); }
+
+/* Column sums (bias_grad, layernorm_bwd_weight, embedding_bwd_*) keep a
+   block of per-column accumulators so that rows are read contiguously
+   instead of with a stride; each column still adds its rows in ascending
+   order starting from 0.0f, as the kernel's work-item does. */
+#define MPAR__HK_COLS 64
+
+/* ===================== elementwise.cl ===================== */
+
+/* mpar_fill(y, n, value): "bif" */
+static void mpar__hk_fill(const mpar__harg* a, size_t g0, size_t g1) {
+    float* y = (float*)a[0].p;
+    size_t n = mpar__hk_count(g0, a[1].i), i;
+    float value = a[2].f;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] = value;
+}
+
+/* mpar_scale(y, n, alpha): never launched by mpar.h; letters "bif" from the
+   signature (y, y_off, int n, float alpha). */
+static void mpar__hk_scale(const mpar__harg* a, size_t g0, size_t g1) {
+    float* y = (float*)a[0].p;
+    size_t n = mpar__hk_count(g0, a[1].i), i;
+    float alpha = a[2].f;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] *= alpha;
+}
+
+/* mpar_axpy(x, y, n, alpha): never launched by mpar.h; letters "bbif" from
+   the signature. */
+static void mpar__hk_axpy(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    float* y = (float*)a[1].p;
+    size_t n = mpar__hk_count(g0, a[2].i), i;
+    float alpha = a[3].f;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] = MPAR__HK_MAD(alpha, x[i], y[i]);
+}
+
+/* mpar_copy(x, y, n): "bbi". A plain loop, not memcpy: x and y may be the
+   same memory (in-place), which memcpy does not allow. */
+static void mpar__hk_copy(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    float* y = (float*)a[1].p;
+    size_t n = mpar__hk_count(g0, a[2].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] = x[i];
+}
+
+/* mpar_add(a, b, out, n): "bbbi" */
+static void mpar__hk_add(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    const float* y = (const float*)a[1].p;
+    float* out = (float*)a[2].p;
+    size_t n = mpar__hk_count(g0, a[3].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) out[i] = x[i] + y[i];
+}
+
+/* mpar_relu_fwd(x, y, n): "bbi". NaN and -0 give +0, as the kernel's
+   `v > 0.0f ? v : 0.0f` (fmaxf would keep -0 or differ on NaN). */
+static void mpar__hk_relu_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    float* y = (float*)a[1].p;
+    size_t n = mpar__hk_count(g0, a[2].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) {
+        float v = x[i];
+        y[i] = v > 0.0f ? v : 0.0f;
+    }
+}
+
+/* mpar_relu_bwd(x, dy, dx, n): "bbbi" */
+static void mpar__hk_relu_bwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    const float* dy = (const float*)a[1].p;
+    float* dx = (float*)a[2].p;
+    size_t n = mpar__hk_count(g0, a[3].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+/* Same constants and the same left-to-right products as the kernel's
+   MPAR_GELU_K0 / MPAR_GELU_K1 expressions. */
+#define MPAR__HK_GELU_K0 0.7978845608028654f
+#define MPAR__HK_GELU_K1 0.044715f
+
+/* mpar_gelu_fwd(x, y, n): "bbi". tanhf may differ from the device's tanh in
+   the last bits (OpenCL allows a few ulp). */
+static void mpar__hk_gelu_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    float* y = (float*)a[1].p;
+    size_t n = mpar__hk_count(g0, a[2].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) {
+        float v = x[i];
+        float t = MPAR__HK_TANHF(MPAR__HK_GELU_K0 * MPAR__HK_MAD(MPAR__HK_GELU_K1 * v * v, v, v));
+        y[i] = 0.5f * v * (1.0f + t);
+    }
+}
+
+/* mpar_gelu_bwd(x, dy, dx, n): "bbbi" */
+static void mpar__hk_gelu_bwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    const float* dy = (const float*)a[1].p;
+    float* dx = (float*)a[2].p;
+    size_t n = mpar__hk_count(g0, a[3].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) {
+        float v = x[i];
+        float t = MPAR__HK_TANHF(MPAR__HK_GELU_K0 * MPAR__HK_MAD(MPAR__HK_GELU_K1 * v * v, v, v));
+        /* a + b with a and b both products: the left one is fused */
+        float b = 0.5f * v * MPAR__HK_MAD(-t, t, 1.0f) * MPAR__HK_GELU_K0 *
+                  MPAR__HK_MAD(3.0f * MPAR__HK_GELU_K1 * v, v, 1.0f);
+        float d = MPAR__HK_MAD(0.5f, 1.0f + t, b);
+        dx[i] = dy[i] * d;
+    }
+}
+
+/* mpar_tanh_fwd(x, y, n): "bbi" */
+static void mpar__hk_tanh_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    float* y = (float*)a[1].p;
+    size_t n = mpar__hk_count(g0, a[2].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] = MPAR__HK_TANHF(x[i]);
+}
+
+/* mpar_tanh_bwd(y, dy, dx, n): "bbbi" (from the saved forward output) */
+static void mpar__hk_tanh_bwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* y = (const float*)a[0].p;
+    const float* dy = (const float*)a[1].p;
+    float* dx = (float*)a[2].p;
+    size_t n = mpar__hk_count(g0, a[3].i), i;
+    (void)g1;
+    for (i = 0; i < n; i++) {
+        float t = y[i];
+        dx[i] = dy[i] * MPAR__HK_MAD(-t, t, 1.0f);
+    }
+}
+
+/* The dropout hash, bit for bit: OpenCL uint is 32 bits and its arithmetic
+   wraps, so everything is uint32_t. */
+static uint32_t mpar__hk_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* Shared body of mpar_dropout_fwd / _bwd: out[i] = in[i] * mult(i). The
+   kernel recomputes key and scale per item; they do not depend on i, so they
+   are hoisted (same values). Per item: keep iff !(p >= 1) && !(u < p), as in
+   the kernel (a NaN p keeps everything and scales by NaN, like the kernel). */
+static void mpar__hk_dropout(const mpar__harg* a, size_t g0) {
+    const float* in = (const float*)a[0].p;
+    float* out = (float*)a[1].p;
+    size_t n = mpar__hk_count(g0, a[2].i), i;
+    float p = a[3].f;
+    uint32_t key = mpar__hk_mix32(a[4].u ^ mpar__hk_mix32(a[5].u ^ 0x9e3779b9u));
+    uint32_t base = (uint32_t)a[6].i; /* (uint)idx_off: wraps like the kernel */
+    int drop_all = p >= 1.0f;
+    float scale = drop_all ? 0.0f : 1.0f / (1.0f - p); /* unused when p >= 1 */
+    for (i = 0; i < n; i++) {
+        uint32_t ctr = base + (uint32_t)i;
+        uint32_t h = mpar__hk_mix32(mpar__hk_mix32(ctr ^ key) + key);
+        float u = (float)(h >> 8) * (1.0f / 16777216.0f);
+        float m = (drop_all || u < p) ? 0.0f : scale;
+        out[i] = in[i] * m;
+    }
+}
+
+/* mpar_dropout_fwd(x, y, n, p, seed_lo, seed_hi, idx_off): "bbifuui" */
+static void mpar__hk_dropout_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    (void)g1;
+    mpar__hk_dropout(a, g0);
+}
+
+/* mpar_dropout_bwd(dy, dx, n, p, seed_lo, seed_hi, idx_off): "bbifuui" */
+static void mpar__hk_dropout_bwd(const mpar__harg* a, size_t g0, size_t g1) {
+    (void)g1;
+    mpar__hk_dropout(a, g0);
+}
+
+/* mpar_bias_add(y, rows, cols, b): "biib". Item i adds b[i % cols]; walked
+   row by row so the inner loop is contiguous (the last row may be cut short
+   by a global size that is not a multiple of cols). Sizes <= 0 do nothing
+   (the kernel would only do something for two negative sizes, which mpar
+   never passes). */
+static void mpar__hk_bias_add(const mpar__harg* a, size_t g0, size_t g1) {
+    float* y = (float*)a[0].p;
+    int rows = a[1].i, cols = a[2].i;
+    const float* b = (const float*)a[3].p;
+    size_t n, base, c;
+    (void)g1;
+    if (rows <= 0 || cols <= 0) return;
+    n = mpar__hk_count(g0, mpar__hk_mul(rows, cols));
+    for (base = 0; base < n; base += (size_t)cols) {
+        float* yr = y + base;
+        size_t m = n - base < (size_t)cols ? n - base : (size_t)cols;
+        for (c = 0; c < m; c++) yr[c] += b[c];
+    }
+}
+
+/* mpar_bias_grad(dy, rows, cols, db): "biib". Global size cols; column c
+   sums rows 0..rows-1 in order from 0.0f, then db[c] += s. */
+static void mpar__hk_bias_grad(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* dy = (const float*)a[0].p;
+    int rows = a[1].i, cols = a[2].i;
+    float* db = (float*)a[3].p;
+    size_t n = mpar__hk_count(g0, cols), c0, c;
+    float s[MPAR__HK_COLS];
+    int r;
+    (void)g1;
+    for (c0 = 0; c0 < n; c0 += MPAR__HK_COLS) {
+        size_t m = n - c0 < MPAR__HK_COLS ? n - c0 : MPAR__HK_COLS;
+        for (c = 0; c < m; c++) s[c] = 0.0f;
+        for (r = 0; r < rows; r++) {
+            const float* row = dy + (size_t)r * (size_t)cols + c0;
+            for (c = 0; c < m; c++) s[c] += row[c];
+        }
+        for (c = 0; c < m; c++) db[c0 + c] += s[c];
+    }
+}
+
+/* ===================== embedding.cl ===================== */
+
+/* mpar_embedding_fwd(tokens, wte, wpe, out, rows, T, C, V): "bbbbiiii".
+   Item i = row*C + c; a token outside [0, V) gives just the wpe row. */
+static void mpar__hk_embedding_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const int32_t* tokens = (const int32_t*)a[0].p;
+    const float* wte = (const float*)a[1].p;
+    const float* wpe = (const float*)a[2].p;
+    float* out = (float*)a[3].p;
+    int rows = a[4].i, T = a[5].i, C = a[6].i, V = a[7].i;
+    size_t n, base, c;
+    int row;
+    (void)g1;
+    if (rows <= 0 || C <= 0 || T <= 0) return;
+    n = mpar__hk_count(g0, mpar__hk_mul(rows, C));
+    for (row = 0, base = 0; base < n; row++, base += (size_t)C) {
+        size_t m = n - base < (size_t)C ? n - base : (size_t)C;
+        int tok = tokens[row];
+        const float* pe = wpe + (size_t)(row % T) * (size_t)C;
+        float* o = out + base;
+        if (tok >= 0 && tok < V) {
+            const float* te = wte + (size_t)tok * (size_t)C;
+            for (c = 0; c < m; c++) o[c] = te[c] + pe[c];
+        } else {
+            for (c = 0; c < m; c++) o[c] = pe[c];
+        }
+    }
+}
+
+/* mpar_embedding_bwd_wte(tokens, dout, dwte, rows, C, V): "bbbiii".
+   Item (v, c) sums dout[row, c] over rows with tokens[row] == v, ascending,
+   and adds only if some row matched (rows of an unused token stay untouched,
+   even -0.0f). The host scans the tokens once per (v, column block) instead
+   of once per element; each sum keeps its order. */
+static void mpar__hk_embedding_bwd_wte(const mpar__harg* a, size_t g0, size_t g1) {
+    const int32_t* tokens = (const int32_t*)a[0].p;
+    const float* dout = (const float*)a[1].p;
+    float* dwte = (float*)a[2].p;
+    int rows = a[3].i, C = a[4].i, V = a[5].i;
+    size_t n, base, c0, c;
+    float s[MPAR__HK_COLS];
+    int v, row, hit;
+    (void)g1;
+    if (C <= 0 || V <= 0) return;
+    n = mpar__hk_count(g0, mpar__hk_mul(V, C));
+    for (v = 0, base = 0; base < n; v++, base += (size_t)C) {
+        size_t mv = n - base < (size_t)C ? n - base : (size_t)C;
+        for (c0 = 0; c0 < mv; c0 += MPAR__HK_COLS) {
+            size_t m = mv - c0 < MPAR__HK_COLS ? mv - c0 : MPAR__HK_COLS;
+            for (c = 0; c < m; c++) s[c] = 0.0f;
+            hit = 0;
+            for (row = 0; row < rows; row++) {
+                if (tokens[row] == v) {
+                    const float* d = dout + (size_t)row * (size_t)C + c0;
+                    for (c = 0; c < m; c++) s[c] += d[c];
+                    hit = 1;
+                }
+            }
+            if (hit)
+                for (c = 0; c < m; c++) dwte[base + c0 + c] += s[c];
+        }
+    }
+}
+
+/* mpar_embedding_bwd_wpe(dout, dwpe, rows, T, C): "bbiii".
+   Item (t, c): dwpe[t, c] += sum of dout[row, c], row = t, t+T, ... < rows. */
+static void mpar__hk_embedding_bwd_wpe(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* dout = (const float*)a[0].p;
+    float* dwpe = (float*)a[1].p;
+    int rows = a[2].i, T = a[3].i, C = a[4].i;
+    size_t n, base, c0, c;
+    float s[MPAR__HK_COLS];
+    int t, row;
+    (void)g1;
+    if (T <= 0 || C <= 0) return;
+    n = mpar__hk_count(g0, mpar__hk_mul(T, C));
+    for (t = 0, base = 0; base < n; t++, base += (size_t)C) {
+        size_t mt = n - base < (size_t)C ? n - base : (size_t)C;
+        for (c0 = 0; c0 < mt; c0 += MPAR__HK_COLS) {
+            size_t m = mt - c0 < MPAR__HK_COLS ? mt - c0 : MPAR__HK_COLS;
+            for (c = 0; c < m; c++) s[c] = 0.0f;
+            for (row = t; row < rows; row += T) {
+                const float* d = dout + (size_t)row * (size_t)C + c0;
+                for (c = 0; c < m; c++) s[c] += d[c];
+            }
+            for (c = 0; c < m; c++) dwpe[base + c0 + c] += s[c];
+        }
+    }
+}
+
+/* ===================== layernorm.cl ===================== */
+
+/* mpar_layernorm_fwd(x, gamma, beta, y, mean, rstd, rows, cols, eps):
+   "bbbbbbiif". One item per row; the shifted two-pass mean/variance of the
+   kernel, same order. sqrtf is correctly rounded; the device's sqrt may be
+   too (it is allowed up to 3 ulp). y may alias x: each yr[c] is written
+   after its xr[c] is read, as in the kernel. */
+static void mpar__hk_layernorm_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    const float* gamma = (const float*)a[1].p;
+    const float* beta = (const float*)a[2].p;
+    float* y = (float*)a[3].p;
+    float* mean = (float*)a[4].p;
+    float* rstd = (float*)a[5].p;
+    int cols = a[7].i;
+    float eps = a[8].f;
+    size_t n = mpar__hk_count(g0, a[6].i), r;
+    int c;
+    (void)g1;
+    for (r = 0; r < n; r++) {
+        const float* xr = x + r * (size_t)cols;
+        float* yr = y + r * (size_t)cols;
+        float k = xr[0]; /* the kernel reads x[0] even when cols <= 0 */
+        float s = 0.0f, ms, m, v = 0.0f, rs;
+        for (c = 0; c < cols; c++) s += xr[c] - k;
+        ms = s / (float)cols;
+        m = k + ms;
+        for (c = 0; c < cols; c++) {
+            float d = (xr[c] - k) - ms;
+            v = MPAR__HK_MAD(d, d, v);
+        }
+        rs = 1.0f / sqrtf(v / (float)cols + eps);
+        for (c = 0; c < cols; c++) yr[c] = MPAR__HK_MAD((xr[c] - m) * rs, gamma[c], beta[c]);
+        mean[r] = m;
+        rstd[r] = rs;
+    }
+}
+
+/* mpar_layernorm_bwd_input(dy, x, mean, rstd, gamma, dx, rows, cols):
+   "bbbbbbii". One item per row (overwrite). */
+static void mpar__hk_layernorm_bwd_input(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* dy = (const float*)a[0].p;
+    const float* x = (const float*)a[1].p;
+    const float* mean = (const float*)a[2].p;
+    const float* rstd = (const float*)a[3].p;
+    const float* gamma = (const float*)a[4].p;
+    float* dx = (float*)a[5].p;
+    int cols = a[7].i;
+    size_t n = mpar__hk_count(g0, a[6].i), r;
+    int c;
+    (void)g1;
+    for (r = 0; r < n; r++) {
+        const float* xr = x + r * (size_t)cols;
+        const float* dyr = dy + r * (size_t)cols;
+        float* dxr = dx + r * (size_t)cols;
+        float m = mean[r], rs = rstd[r];
+        float sg = 0.0f, sgx = 0.0f;
+        for (c = 0; c < cols; c++) {
+            float g = dyr[c] * gamma[c];
+            sg += g;
+            sgx = MPAR__HK_MAD(g, (xr[c] - m) * rs, sgx);
+        }
+        sg /= (float)cols;
+        sgx /= (float)cols;
+        for (c = 0; c < cols; c++) {
+            float g = dyr[c] * gamma[c];
+            float xh = (xr[c] - m) * rs;
+            dxr[c] = rs * MPAR__HK_MAD(-xh, sgx, g - sg);
+        }
+    }
+}
+
+/* mpar_layernorm_bwd_weight(dy, x, mean, rstd, dgamma, dbeta, rows, cols):
+   "bbbbbbii". Global size cols; column c sums rows in order (accumulate). */
+static void mpar__hk_layernorm_bwd_weight(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* dy = (const float*)a[0].p;
+    const float* x = (const float*)a[1].p;
+    const float* mean = (const float*)a[2].p;
+    const float* rstd = (const float*)a[3].p;
+    float* dgamma = (float*)a[4].p;
+    float* dbeta = (float*)a[5].p;
+    int rows = a[6].i, cols = a[7].i;
+    size_t n = mpar__hk_count(g0, cols), c0, c;
+    float sg[MPAR__HK_COLS], sb[MPAR__HK_COLS];
+    int r;
+    (void)g1;
+    for (c0 = 0; c0 < n; c0 += MPAR__HK_COLS) {
+        size_t m = n - c0 < MPAR__HK_COLS ? n - c0 : MPAR__HK_COLS;
+        for (c = 0; c < m; c++) sg[c] = sb[c] = 0.0f;
+        for (r = 0; r < rows; r++) {
+            const float* dyr = dy + (size_t)r * (size_t)cols + c0;
+            const float* xr = x + (size_t)r * (size_t)cols + c0;
+            float mr = mean[r], rs = rstd[r];
+            for (c = 0; c < m; c++) {
+                float d = dyr[c];
+                float xh = (xr[c] - mr) * rs;
+                sg[c] = MPAR__HK_MAD(d, xh, sg[c]);
+                sb[c] += d;
+            }
+        }
+        for (c = 0; c < m; c++) {
+            dgamma[c0 + c] += sg[c];
+            dbeta[c0 + c] += sb[c];
+        }
+    }
+}
+
+/* ===================== loss.cl ===================== */
+
+/* mpar_xent_fwd(logits, targets, loss, rows, classes): "bbbii".
+   One item per row; a target outside [0, classes) gives loss 0 and reads
+   nothing. fmaxf = OpenCL fmax (NaN-ignoring); expf/logf may differ from the
+   device's exp/log in the last bits. */
+static void mpar__hk_xent_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* logits = (const float*)a[0].p;
+    const int32_t* targets = (const int32_t*)a[1].p;
+    float* loss = (float*)a[2].p;
+    int classes = a[4].i;
+    size_t n = mpar__hk_count(g0, a[3].i), r;
+    int c;
+    (void)g1;
+    for (r = 0; r < n; r++) {
+        int t = targets[r];
+        const float* l = logits + r * (size_t)classes;
+        float mx, s = 0.0f;
+        if (t < 0 || t >= classes) {
+            loss[r] = 0.0f;
+            continue;
+        }
+        mx = l[0];
+        for (c = 1; c < classes; c++) mx = fmaxf(mx, l[c]);
+        for (c = 0; c < classes; c++) s += MPAR__HK_EXPF(l[c] - mx);
+        loss[r] = (mx - l[t]) + MPAR__HK_LOGF(s);
+    }
+}
+
+/* mpar_xent_bwd(logits, targets, dlogits, rows, classes, scale): "bbbiif".
+   One item per row (overwrite). dlogits may alias logits: the last loop
+   reads l[c] before writing d[c], as in the kernel. */
+static void mpar__hk_xent_bwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* logits = (const float*)a[0].p;
+    const int32_t* targets = (const int32_t*)a[1].p;
+    float* dlogits = (float*)a[2].p;
+    int classes = a[4].i;
+    float scale = a[5].f;
+    size_t n = mpar__hk_count(g0, a[3].i), r;
+    int c;
+    (void)g1;
+    for (r = 0; r < n; r++) {
+        int t = targets[r];
+        const float* l = logits + r * (size_t)classes;
+        float* d = dlogits + r * (size_t)classes;
+        float mx, s = 0.0f, inv;
+        if (t < 0 || t >= classes) {
+            for (c = 0; c < classes; c++) d[c] = 0.0f;
+            continue;
+        }
+        mx = l[0];
+        for (c = 1; c < classes; c++) mx = fmaxf(mx, l[c]);
+        for (c = 0; c < classes; c++) s += MPAR__HK_EXPF(l[c] - mx);
+        inv = 1.0f / s;
+        for (c = 0; c < classes; c++) {
+            float p = MPAR__HK_EXPF(l[c] - mx) * inv;
+            d[c] = (p - (c == t ? 1.0f : 0.0f)) * scale;
+        }
+    }
+}
+
+/* Sequential sum, shared by mpar_loss_sum and mpar_sum_final: only work-item
+   0 does anything, so any g0 >= 1 gives one sum, and g0 == 0 none. */
+static void mpar__hk_sum1(const mpar__harg* a, size_t g0) {
+    const float* x = (const float*)a[0].p;
+    int n = a[1].i, i;
+    float* out = (float*)a[2].p;
+    float s = 0.0f;
+    if (g0 == 0) return;
+    for (i = 0; i < n; i++) s += x[i];
+    out[0] = s;
+}
+
+/* mpar_loss_sum(x, n, out): "bib". Global size 1. */
+static void mpar__hk_loss_sum(const mpar__harg* a, size_t g0, size_t g1) {
+    (void)g1;
+    mpar__hk_sum1(a, g0);
+}
+
+/* ===================== optimizer.cl ===================== */
+
+/* mpar_sgd_step(p, g, v, n, lr, momentum, weight_decay, grad_scale):
+   "bbbiffff" */
+static void mpar__hk_sgd_step(const mpar__harg* a, size_t g0, size_t g1) {
+    float* p = (float*)a[0].p;
+    const float* g = (const float*)a[1].p;
+    float* v = (float*)a[2].p;
+    size_t n = mpar__hk_count(g0, a[3].i), i;
+    float lr = a[4].f, momentum = a[5].f, wd = a[6].f, gs = a[7].f;
+    (void)g1;
+    if (wd != 0.0f) {
+        for (i = 0; i < n; i++) {
+            float w = p[i];
+            float gr = gs * g[i];
+            float vel;
+            gr = MPAR__HK_MAD(wd, w, gr);
+            vel = MPAR__HK_MAD(momentum, v[i], gr);
+            v[i] = vel;
+            p[i] = MPAR__HK_MAD(-lr, vel, w);
+        }
+    } else {
+        for (i = 0; i < n; i++) {
+            float w = p[i];
+            float gr = gs * g[i];
+            float vel = MPAR__HK_MAD(momentum, v[i], gr);
+            v[i] = vel;
+            p[i] = MPAR__HK_MAD(-lr, vel, w);
+        }
+    }
+}
+
+/* mpar_adamw_step(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, c1,
+   c2, grad_scale): "bbbbiffffffff". 1 - beta1 and 1 - beta2 are float
+   expressions of kernel arguments, the same on every item: hoisted. */
+static void mpar__hk_adamw_step(const mpar__harg* a, size_t g0, size_t g1) {
+    float* p = (float*)a[0].p;
+    const float* g = (const float*)a[1].p;
+    float* m = (float*)a[2].p;
+    float* v = (float*)a[3].p;
+    size_t n = mpar__hk_count(g0, a[4].i), i;
+    float lr = a[5].f, beta1 = a[6].f, beta2 = a[7].f, eps = a[8].f, wd = a[9].f;
+    float c1 = a[10].f, c2 = a[11].f, gs = a[12].f;
+    float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2;
+    (void)g1;
+    for (i = 0; i < n; i++) {
+        float w = p[i];
+        float gr = gs * g[i];
+        float mm = MPAR__HK_MAD(beta1, m[i], omb1 * gr); /* left product fused */
+        float vv = MPAR__HK_MAD(beta2, v[i], omb2 * gr * gr);
+        float upd;
+        m[i] = mm;
+        v[i] = vv;
+        upd = MPAR__HK_MAD(wd, w, (mm / c1) / (sqrtf(vv / c2) + eps));
+        p[i] = MPAR__HK_MAD(-lr, upd, w);
+    }
+}
+
+/* mpar_sumsq_partial(g, n, partial): "bib". Global size ceil(n / 4096),
+   one item per chunk of 4096 elements (not per element): item k sums the
+   squares of chunk k in order into partial[k]; items past the end of g
+   write nothing, and a smaller global size leaves the last chunks out. */
+static void mpar__hk_sumsq_partial(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* g = (const float*)a[0].p;
+    int n = a[1].i;
+    float* partial = (float*)a[2].p;
+    size_t k, i;
+    (void)g1;
+    if (n <= 0) return;
+    /* item k runs iff k * 4096 < n (computed in size_t: cannot wrap) */
+    for (k = 0; k < g0 && k * 4096u < (size_t)n; k++) {
+        size_t begin = k * 4096u, end = (size_t)n - begin < 4096u ? (size_t)n : begin + 4096u;
+        float s = 0.0f;
+        for (i = begin; i < end; i++) {
+            float x = g[i];
+            s = MPAR__HK_MAD(x, x, s);
+        }
+        partial[k] = s;
+    }
+}
+
+/* mpar_sum_final(partial, n, out): "bib". Global size 1. */
+static void mpar__hk_sum_final(const mpar__harg* a, size_t g0, size_t g1) {
+    (void)g1;
+    mpar__hk_sum1(a, g0);
+}
+
+/* ===================== attention.cl ===================== */
+
+/* mpar_attn_fwd(qkv, out, P, B, T, C, H): "bbbiiii". One item per query row,
+   gid = (b*H + h)*T + i; the P row is the softmax scratch, as in the kernel
+   (scores, then exponentials, then probabilities; masked tail set to 0). */
+static void mpar__hk_attn_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* qkv = (const float*)a[0].p;
+    float* out = (float*)a[1].p;
+    float* P = (float*)a[2].p;
+    int B = a[3].i, T = a[4].i, C = a[5].i, H = a[6].i;
+    int D, C3, gid, n;
+    float sc;
+    (void)g1;
+    if (B <= 0 || T <= 0 || H <= 0) return;
+    n = (int)mpar__hk_count(g0, mpar__hk_mul(mpar__hk_mul(B, H), T));
+    D = C / H;
+    C3 = 3 * C;
+    sc = 1.0f / sqrtf((float)D);
+    for (gid = 0; gid < n; gid++) {
+        int i = gid % T, h = (gid / T) % H, b = gid / (T * H), j, d;
+        const float* q = qkv + (size_t)(b * T + i) * (size_t)C3 + (size_t)(h * D);
+        const float* kbase = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(C + h * D);
+        const float* vbase = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(2 * C + h * D);
+        float* p = P + (size_t)gid * (size_t)T;
+        float* o = out + (size_t)(b * T + i) * (size_t)C + (size_t)(h * D);
+        float mx = -INFINITY, sum = 0.0f, inv;
+        for (j = 0; j <= i; j++) {
+            const float* k = kbase + (size_t)j * (size_t)C3;
+            float dot = 0.0f;
+            for (d = 0; d < D; d++) dot = MPAR__HK_MAD(q[d], k[d], dot);
+            dot *= sc;
+            p[j] = dot;
+            mx = fmaxf(mx, dot);
+        }
+        for (j = 0; j <= i; j++) {
+            float e = MPAR__HK_EXPF(p[j] - mx);
+            p[j] = e;
+            sum += e;
+        }
+        inv = 1.0f / sum;
+        for (j = 0; j <= i; j++) p[j] *= inv;
+        for (j = i + 1; j < T; j++) p[j] = 0.0f;
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (j = 0; j <= i; j++) acc = MPAR__HK_MAD(p[j], vbase[(size_t)j * (size_t)C3 + (size_t)d], acc);
+            o[d] = acc;
+        }
+    }
+}
+
+/* mpar_attn_bwd_ds(dout, qkv, P, dS, B, T, C, H): "bbbbiiii". One item per
+   row gid = (b*H + h)*T + i; the dS row first holds dP, then dS. */
+static void mpar__hk_attn_bwd_ds(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* dout = (const float*)a[0].p;
+    const float* qkv = (const float*)a[1].p;
+    const float* P = (const float*)a[2].p;
+    float* dS = (float*)a[3].p;
+    int B = a[4].i, T = a[5].i, C = a[6].i, H = a[7].i;
+    int D, C3, gid, n;
+    (void)g1;
+    if (B <= 0 || T <= 0 || H <= 0) return;
+    n = (int)mpar__hk_count(g0, mpar__hk_mul(mpar__hk_mul(B, H), T));
+    D = C / H;
+    C3 = 3 * C;
+    for (gid = 0; gid < n; gid++) {
+        int i = gid % T, h = (gid / T) % H, b = gid / (T * H), j, d;
+        const float* go = dout + (size_t)(b * T + i) * (size_t)C + (size_t)(h * D);
+        const float* vbase = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(2 * C + h * D);
+        const float* p = P + (size_t)gid * (size_t)T;
+        float* ds = dS + (size_t)gid * (size_t)T;
+        float rowdot = 0.0f;
+        for (j = 0; j <= i; j++) {
+            const float* v = vbase + (size_t)j * (size_t)C3;
+            float dp = 0.0f;
+            for (d = 0; d < D; d++) dp = MPAR__HK_MAD(go[d], v[d], dp);
+            ds[j] = dp;
+            rowdot = MPAR__HK_MAD(dp, p[j], rowdot);
+        }
+        for (j = 0; j <= i; j++) ds[j] = p[j] * (ds[j] - rowdot);
+        for (j = i + 1; j < T; j++) ds[j] = 0.0f;
+    }
+}
+
+/* mpar_attn_bwd_qkv(dout, qkv, P, dS, dqkv, B, T, C, H): "bbbbbiiii".
+   One item per element of dqkv, gid = (b*T + t)*3C + part*C + h*D + d. */
+static void mpar__hk_attn_bwd_qkv(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* dout = (const float*)a[0].p;
+    const float* qkv = (const float*)a[1].p;
+    const float* P = (const float*)a[2].p;
+    const float* dS = (const float*)a[3].p;
+    float* dqkv = (float*)a[4].p;
+    int B = a[5].i, T = a[6].i, C = a[7].i, H = a[8].i;
+    int C3, D, gid, n;
+    float sc;
+    (void)g1;
+    if (B <= 0 || T <= 0 || C <= 0 || H <= 0) return;
+    C3 = 3 * C;
+    n = (int)mpar__hk_count(g0, mpar__hk_mul(mpar__hk_mul(B, T), C3));
+    D = C / H;
+    sc = 1.0f / sqrtf((float)D);
+    for (gid = 0; gid < n; gid++) {
+        int b = gid / (T * C3), rem = gid % (T * C3);
+        int t = rem / C3, col = rem % C3;
+        int part = col / C, hc = col % C;
+        int h = hc / D, d = hc % D, j;
+        size_t bh = (size_t)(b * H + h) * (size_t)T * (size_t)T;
+        const float* xb = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(h * D + d);
+        float acc = 0.0f;
+        if (part == 0) {
+            const float* ds = dS + bh + (size_t)t * (size_t)T;
+            for (j = 0; j <= t; j++) acc = MPAR__HK_MAD(ds[j], xb[(size_t)j * (size_t)C3 + (size_t)C], acc);
+            acc *= sc;
+        } else if (part == 1) {
+            const float* ds = dS + bh + (size_t)t;
+            for (j = t; j < T; j++) acc = MPAR__HK_MAD(ds[(size_t)j * (size_t)T], xb[(size_t)j * (size_t)C3], acc);
+            acc *= sc;
+        } else {
+            const float* p = P + bh + (size_t)t;
+            const float* go = dout + (size_t)(b * T) * (size_t)C + (size_t)(h * D + d);
+            for (j = t; j < T; j++) acc = MPAR__HK_MAD(p[(size_t)j * (size_t)T], go[(size_t)j * (size_t)C], acc);
+        }
+        dqkv[gid] = acc;
+    }
+}
+
+/* Lookup table: kernel file and name -> host function. */
+static const struct mpar__host_kernel {
+    const char* file;
+    const char* name;
+    mpar__host_fn fn;
+} mpar__host_kernels[] = {
+    {"elementwise.cl", "mpar_fill", mpar__hk_fill},
+    {"elementwise.cl", "mpar_scale", mpar__hk_scale},
+    {"elementwise.cl", "mpar_axpy", mpar__hk_axpy},
+    {"elementwise.cl", "mpar_copy", mpar__hk_copy},
+    {"elementwise.cl", "mpar_add", mpar__hk_add},
+    {"elementwise.cl", "mpar_relu_fwd", mpar__hk_relu_fwd},
+    {"elementwise.cl", "mpar_relu_bwd", mpar__hk_relu_bwd},
+    {"elementwise.cl", "mpar_gelu_fwd", mpar__hk_gelu_fwd},
+    {"elementwise.cl", "mpar_gelu_bwd", mpar__hk_gelu_bwd},
+    {"elementwise.cl", "mpar_tanh_fwd", mpar__hk_tanh_fwd},
+    {"elementwise.cl", "mpar_tanh_bwd", mpar__hk_tanh_bwd},
+    {"elementwise.cl", "mpar_dropout_fwd", mpar__hk_dropout_fwd},
+    {"elementwise.cl", "mpar_dropout_bwd", mpar__hk_dropout_bwd},
+    {"elementwise.cl", "mpar_bias_add", mpar__hk_bias_add},
+    {"elementwise.cl", "mpar_bias_grad", mpar__hk_bias_grad},
+    {"embedding.cl", "mpar_embedding_fwd", mpar__hk_embedding_fwd},
+    {"embedding.cl", "mpar_embedding_bwd_wte", mpar__hk_embedding_bwd_wte},
+    {"embedding.cl", "mpar_embedding_bwd_wpe", mpar__hk_embedding_bwd_wpe},
+    {"layernorm.cl", "mpar_layernorm_fwd", mpar__hk_layernorm_fwd},
+    {"layernorm.cl", "mpar_layernorm_bwd_input", mpar__hk_layernorm_bwd_input},
+    {"layernorm.cl", "mpar_layernorm_bwd_weight", mpar__hk_layernorm_bwd_weight},
+    {"loss.cl", "mpar_xent_fwd", mpar__hk_xent_fwd},
+    {"loss.cl", "mpar_xent_bwd", mpar__hk_xent_bwd},
+    {"loss.cl", "mpar_loss_sum", mpar__hk_loss_sum},
+    {"optimizer.cl", "mpar_sgd_step", mpar__hk_sgd_step},
+    {"optimizer.cl", "mpar_adamw_step", mpar__hk_adamw_step},
+    {"optimizer.cl", "mpar_sumsq_partial", mpar__hk_sumsq_partial},
+    {"optimizer.cl", "mpar_sum_final", mpar__hk_sum_final},
+    {"attention.cl", "mpar_attn_fwd", mpar__hk_attn_fwd},
+    {"attention.cl", "mpar_attn_bwd_ds", mpar__hk_attn_bwd_ds},
+    {"attention.cl", "mpar_attn_bwd_qkv", mpar__hk_attn_bwd_qkv},
+};
+
+static mpar__host_fn mpar__host_kernel(const char* file, const char* name) {
+    size_t i;
+    for (i = 0; i < sizeof mpar__host_kernels / sizeof mpar__host_kernels[0]; i++)
+        if (!strcmp(mpar__host_kernels[i].name, name) && !strcmp(mpar__host_kernels[i].file, file))
+            return mpar__host_kernels[i].fn;
+    return NULL;
+}
+
+/* Runs a launch as host code when the stage takes the host route, the
+   kernel has a host version and every buffer is host memory; *done tells
+   whether it did (otherwise OpenCL runs it). */
+static mpar_result mpar__exec_host_launch(mpar_exec* ex, const char* file, const char* kernel, size_t g0, size_t g1,
+                                          const char* args, va_list ap, int* done) {
+    mpar__harg a[32];
+    mpar__host_fn fn;
+    int n = 0;
+    const char* c;
+    double t0;
+    *done = 0;
+    if (!ex->host_route || !(fn = mpar__host_kernel(file, kernel)) || strlen(args) > 32) return MPAR_SUCCESS;
+    for (c = args; *c; c++, n++) {
+        if (*c == 'b' || *c == 'm') {
+            mpar_buf b;
+            unsigned char* h;
+            if (*c == 'b') b = va_arg(ap, mpar_buf);
+            else b.mem = va_arg(ap, cl_mem), b.off = 0;
+            if (!(h = mpar__exec_host_ptr(ex, b.mem))) return MPAR_SUCCESS;
+            a[n].p = h + 4 * b.off;
+        } else if (*c == 'i') a[n].i = va_arg(ap, int);
+        else if (*c == 'u') a[n].u = va_arg(ap, unsigned int);
+        else if (*c == 'f') a[n].f = (float)va_arg(ap, double);
+        else return MPAR_SUCCESS; /* OpenCL's path reports the bad letter */
+    }
+    *done = 1;
+    if (g0 == 0) return MPAR_SUCCESS;
+    if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
+        return mpar__fail(ex->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "%s (host route): injected enqueue fault", kernel);
+    MPAR__TRY(mpar__exec_sync(ex));
+    t0 = ex->profiling ? mpar__now() : 0.0;
+    fn(a, g0, g1);
+    mpar__exec_host_done(ex, t0);
+    return MPAR_SUCCESS;
 }
 
 static cl_event* mpar__exec_event_slot(mpar_exec* ex) {
@@ -2527,6 +3602,13 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
     if (!ex) return MPAR_ERROR_INVALID_ARGUMENT;
     if (!file || !kernel || !args)
         return mpar__fail(ex->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_exec_launch: file, kernel or args is NULL");
+    if (ex->host_route) {
+        int done;
+        va_start(ap, args);
+        r = mpar__exec_host_launch(ex, file, kernel, global0, global1, args, ap, &done);
+        va_end(ap);
+        if (done || r != MPAR_SUCCESS) return r;
+    }
     r = mpar__exec_kernel(ex, file, kernel, &k);
     if (r != MPAR_SUCCESS) return r;
     va_start(ap, args);
@@ -2542,6 +3624,8 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
                           kernel);
     st = clEnqueueNDRangeKernel(ex->queue, k, global1 ? 2u : 1u, NULL, global, NULL, 0, NULL, ev);
     mpar__exec_event_taken(ex, ev, st == CL_SUCCESS);
+    ex->cl_pending = 1;
+    ex->launches++, ex->cl_launches++;
     if (st != CL_SUCCESS)
         return mpar__fail(ex->ctx, (mpar_result)st, "clEnqueueNDRangeKernel(%s from %s, %zux%zu) failed with %s",
                           kernel, file, global0, global1, mpar_result_string((mpar_result)st));
@@ -2556,6 +3640,25 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
     if (!ex) return MPAR_ERROR_INVALID_ARGUMENT;
     if (m == 0 || n == 0) return MPAR_SUCCESS;
     if (k == 0) return mpar__fail(ex->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_exec_gemm: k is 0");
+#ifdef MPAR_USE_CBLAS
+    if (ex->host_route && m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX &&
+        ldc <= INT_MAX) {
+        unsigned char *ha = mpar__exec_host_ptr(ex, a.mem), *hb = mpar__exec_host_ptr(ex, b.mem),
+                      *hc = mpar__exec_host_ptr(ex, c.mem);
+        if (ha && hb && hc) {
+            double t0;
+            if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
+                return mpar__fail(ex->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "cblas_sgemm: injected enqueue fault");
+            MPAR__TRY(mpar__exec_sync(ex));
+            t0 = ex->profiling ? mpar__now() : 0.0;
+            cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, (int)m,
+                        (int)n, (int)k, alpha, (const float*)(ha + 4 * a.off), (int)lda, (const float*)(hb + 4 * b.off),
+                        (int)ldb, beta, (float*)(hc + 4 * c.off), (int)ldc);
+            mpar__exec_host_done(ex, t0);
+            return MPAR_SUCCESS;
+        }
+    }
+#endif
     ev = mpar__exec_event_slot(ex);
     if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
         return mpar__fail(ex->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "CLBlastSgemm: injected enqueue fault");
@@ -2563,6 +3666,8 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
                       trans_b ? CLBlastTransposeYes : CLBlastTransposeNo, m, n, k, alpha, a.mem, a.off, lda, b.mem,
                       b.off, ldb, beta, c.mem, c.off, ldc, &ex->queue, ev);
     mpar__exec_event_taken(ex, ev, st == CLBlastSuccess);
+    ex->cl_pending = 1;
+    ex->launches++, ex->cl_launches++;
     if (st != CLBlastSuccess)
         return mpar__fail(ex->ctx, (mpar_result)st, "CLBlastSgemm(%c%c, m=%zu n=%zu k=%zu) failed with %s (%d)",
                           trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, mpar_result_string((mpar_result)st),
@@ -2571,7 +3676,16 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
 }
 
 MPARDEF mpar_context* mpar_exec_context(mpar_exec* ex) { return ex ? ex->ctx : NULL; }
-MPARDEF cl_command_queue mpar_exec_queue(mpar_exec* ex) { return ex ? ex->queue : NULL; }
+MPARDEF cl_command_queue mpar_exec_queue(mpar_exec* ex) {
+    if (!ex) return NULL;
+    ex->cl_pending = 1; /* the caller may enqueue on it */
+    return ex->queue;
+}
+MPARDEF float* mpar_exec_host(mpar_exec* ex, mpar_buf b) {
+    unsigned char* h = ex ? mpar__exec_host_ptr(ex, b.mem) : NULL;
+    if (!h || mpar__exec_sync(ex) != MPAR_SUCCESS) return NULL;
+    return (float*)(h + 4 * b.off);
+}
 MPARDEF mpar_result mpar_exec_fail(mpar_exec* ex, mpar_result code, const char* message) {
     return ex ? mpar__fail(ex->ctx, code, "%s", message ? message : "layer failure") : code;
 }
@@ -2602,12 +3716,6 @@ static mpar_buf mpar__at(mpar_buf b, size_t floats) {
     b.off += floats;
     return b;
 }
-
-#define MPAR__TRY(expr)                                                                                       \
-    do {                                                                                                      \
-        mpar_result mpar__t = (expr);                                                                         \
-        if (mpar__t != MPAR_SUCCESS) return mpar__t;                                                          \
-    } while (0)
 
 /* ---- linear: y = x·W + b, W is [in × out] row-major ---- */
 static mpar_result mpar__linear_setup(mpar_layer* l, mpar_error* err) {
@@ -5936,8 +7044,7 @@ static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, mpar_buf src, 
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
         return mpar__fail(p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "link send to rank %d: injected transfer fault",
                           l->peer);
-    MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, src.mem, CL_TRUE, src.off * 4, floats * 4, l->host[slot], 0,
-                                         NULL, NULL));
+    MPAR__TRY(mpar__exec_transfer(&w->ex, src, l->host[slot], floats * 4, 0));
     if (MPI_Isend(l->host[slot], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(l, mb), p->comm, req) != MPI_SUCCESS)
         return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Isend of micro-batch %d to rank %d failed", mb, l->peer);
     l->pending[slot] = 1;
@@ -5959,8 +7066,7 @@ static mpar_result mpar__mpi_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, 
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
         return mpar__fail(p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "link receive from rank %d: injected transfer fault",
                           l->peer);
-    MPAR__CL(p->ctx, clEnqueueWriteBuffer(w->ex.queue, dst.mem, CL_TRUE, dst.off * 4, floats * 4, l->host[0], 0, NULL,
-                                          NULL));
+    MPAR__TRY(mpar__exec_transfer(&w->ex, dst, l->host[0], floats * 4, 1));
     mpar__record_link(w, l, 0, mb, t_wait, t_copy, mpar__now(), floats);
     return MPAR_SUCCESS;
 }
@@ -5970,7 +7076,6 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     mpar_result r = MPAR_SUCCESS;
     double t0 = mpar__now();
     int slot;
-    cl_int st;
     double t_copy;
 #ifdef MPAR_USE_MPI
     if (!l->receiver_local) return mpar__mpi_send(w, l, src, floats, mb);
@@ -5983,14 +7088,15 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     if (r == MPAR_ERROR_TIMEOUT)
         return mpar__fail(w->p->ctx, r, "link send of micro-batch %d waited over %.0f s for room", mb, l->timeout);
     if (r != MPAR_SUCCESS) return r;
-    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
-        st = CL_OUT_OF_RESOURCES; /* injected */
-    else if (l->device_copy)
-        st = clEnqueueCopyBuffer(w->ex.queue, src.mem, l->dev[slot], src.off * 4, 0, floats * 4, 0, NULL, NULL);
-    else
-        st = clEnqueueReadBuffer(w->ex.queue, src.mem, CL_TRUE, src.off * 4, floats * 4, l->host[slot], 0, NULL, NULL);
-    if (st == CL_SUCCESS && l->device_copy) st = clFinish(w->ex.queue);
-    MPAR__CL(w->p->ctx, st);
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER)) {
+        MPAR__CL(w->p->ctx, CL_OUT_OF_RESOURCES); /* injected */
+    } else if (l->device_copy) {
+        MPAR__CL(w->p->ctx, clEnqueueCopyBuffer(w->ex.queue, src.mem, l->dev[slot], src.off * 4, 0, floats * 4, 0, NULL,
+                                                NULL));
+        MPAR__CL(w->p->ctx, clFinish(w->ex.queue));
+    } else {
+        MPAR__TRY(mpar__exec_transfer(&w->ex, src, l->host[slot], floats * 4, 0));
+    }
     mpar__record_link(w, l, 1, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
     l->tags[slot] = mb;
@@ -6004,7 +7110,6 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     mpar_result r = MPAR_SUCCESS;
     double t0 = mpar__now();
     int slot, tag;
-    cl_int st;
     double t_copy;
 #ifdef MPAR_USE_MPI
     if (!l->sender_local) return mpar__mpi_recv(w, l, dst, floats, mb);
@@ -6021,15 +7126,16 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     if (tag != mb)
         return mpar__fail(w->p->ctx, MPAR_ERROR_INVALID_SCHEDULE,
                           "link delivered micro-batch %d where the schedule expects %d", tag, mb);
-    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
-        st = CL_OUT_OF_RESOURCES; /* injected */
-    else if (l->device_copy)
-        st = clEnqueueCopyBuffer(w->ex.queue, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4, 0, NULL, NULL);
-    else
-        st = clEnqueueWriteBuffer(w->ex.queue, dst.mem, CL_TRUE, dst.off * 4, floats * 4, l->host[slot], 0, NULL,
-                                  NULL);
-    if (st == CL_SUCCESS && l->device_copy) st = clFinish(w->ex.queue); /* before the slot is reused */
-    MPAR__CL(w->p->ctx, st);
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER)) {
+        MPAR__CL(w->p->ctx, CL_OUT_OF_RESOURCES); /* injected */
+    } else if (l->device_copy) {
+        MPAR__TRY(mpar__exec_sync(&w->ex)); /* host-route writes are done; kernels are ordered by the queue */
+        MPAR__CL(w->p->ctx, clEnqueueCopyBuffer(w->ex.queue, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4, 0,
+                                                NULL, NULL));
+        MPAR__CL(w->p->ctx, clFinish(w->ex.queue)); /* before the slot is reused */
+    } else {
+        MPAR__TRY(mpar__exec_transfer(&w->ex, dst, l->host[slot], floats * 4, 1));
+    }
     mpar__record_link(w, l, 0, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
     l->head = (l->head + 1) % l->capacity;
@@ -6127,10 +7233,11 @@ static mpar_buf mpar__buf0(cl_mem m) {
 }
 
 static mpar_result mpar__upload(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems) {
+    mpar_buf b;
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
         return mpar__fail(w->p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "clEnqueueWriteBuffer: injected transfer fault");
-    MPAR__CL(w->p->ctx, clEnqueueWriteBuffer(w->ex.queue, mem, CL_TRUE, off_elems * 4, elems * 4, src, 0, NULL, NULL));
-    return MPAR_SUCCESS;
+    b.mem = mem, b.off = off_elems;
+    return mpar__exec_transfer(&w->ex, b, (void*)(uintptr_t)src, elems * 4, 1);
 }
 
 static int mpar__slot_of(const mpar__vstage* v, int mb) {
@@ -6173,15 +7280,13 @@ static mpar_result mpar__last_stage_outputs(mpar__worker* w, mpar__vstage* v, in
     if (p->job == MPAR__JOB_INFER && p->infer_out) {
         int k = (last->type->flags & MPAR_LAYER_LOSS) ? v->n - 1 : v->n;
         size_t width = v->act_cum[k + 1] - v->act_cum[k];
-        mpar_buf out = mpar__act(p, v, slot, k);
-        MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, out.mem, CL_TRUE, out.off * 4, (size_t)rows * width * 4,
-                                             p->infer_out + row0 * width, 0, NULL, NULL));
+        MPAR__TRY(mpar__exec_transfer(&w->ex, mpar__act(p, v, slot, k), p->infer_out + row0 * width,
+                                      (size_t)rows * width * 4, 0));
     }
     if (!p->batch->targets || !(last->type->flags & MPAR_LAYER_LOSS)) return MPAR_SUCCESS;
     sum.mem = v->losses, sum.off = 0;
     MPAR__TRY(mpar_exec_launch(&w->ex, "loss.cl", "mpar_loss_sum", 1, 0, "bib", mpar__act(p, v, slot, v->n), rows, sum));
-    MPAR__CL(p->ctx, clEnqueueReadBuffer(w->ex.queue, v->losses, CL_TRUE, 0, sizeof(float), &p->mb_loss[mb], 0, NULL,
-                                         NULL));
+    MPAR__TRY(mpar__exec_transfer(&w->ex, sum, &p->mb_loss[mb], sizeof(float), 0));
     return MPAR_SUCCESS;
 }
 
@@ -6280,7 +7385,7 @@ static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
     mpar_pipeline* p = w->p;
     float* norms;
     int k;
-    cl_int st;
+    mpar_result r;
     for (k = 0; k < v->n; k++) {
         size_t n = v->param_off[k + 1] - v->param_off[k];
         mpar_buf g, part, out;
@@ -6298,11 +7403,10 @@ static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
     }
     norms = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)v->n);
     if (!norms) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    st = clEnqueueReadBuffer(w->ex.queue, v->norms, CL_TRUE, 0, sizeof(float) * (size_t)v->n, norms, 0, NULL, NULL);
-    for (k = 0; st == CL_SUCCESS && k < v->n; k++) p->layer_sumsq[v->first + k] = (double)norms[k];
+    r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norms), norms, sizeof(float) * (size_t)v->n, 0);
+    for (k = 0; r == MPAR_SUCCESS && k < v->n; k++) p->layer_sumsq[v->first + k] = (double)norms[k];
     mpar__free(p->ctx, norms);
-    MPAR__CL(p->ctx, st);
-    return MPAR_SUCCESS;
+    return r;
 }
 
 static mpar_result mpar__run_action(mpar__worker* w, const mpar_action* a) {
@@ -6330,6 +7434,7 @@ static void mpar__job_start(mpar__worker* w) {
     }
     w->in_flight = 0;
     w->event_count = 0;
+    w->ex.launches = w->ex.cl_launches = 0;
 }
 
 static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
@@ -6820,6 +7925,8 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
     for (i = 0; i < p->workers_count; i++) {
         out->peak_in_flight[i] = p->workers[i].peak_in_flight;
         out->device_bytes[i] = p->workers[i].bytes;
+        out->launches[i] = p->workers[i].ex.launches;
+        out->opencl_launches[i] = p->workers[i].ex.cl_launches;
         for (c = 0; c < p->desc.virtual_stages; c++) out->slots[i] += p->vs[c * p->workers_count + i].slot_count;
     }
     return MPAR_SUCCESS;
@@ -6827,13 +7934,45 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
 
 /* ---- creation ---- */
 
-static mpar_result mpar__alloc_buffer(mpar_pipeline* p, mpar__worker* w, size_t floats, cl_mem* out) {
-    cl_context cc = p->ctx->groups[p->ctx->devices[w->device].info.group];
+static void CL_CALLBACK mpar__host_block_release(cl_mem m, void* block) {
+    (void)m;
+    mpar__free_aligned(block);
+}
+
+/* A buffer of a device. On the host route its memory is ours (aligned, from
+   the context's allocator, freed when OpenCL deletes the buffer), so that
+   host code and OpenCL kernels work on the same bytes. */
+static cl_int mpar__device_buffer(mpar_context* ctx, int device, size_t floats, cl_mem* out) {
+    const mpar__device* d = &ctx->devices[device];
+    cl_context cc = ctx->groups[d->info.group];
     cl_int st = CL_SUCCESS;
+    void* host;
+    if (!d->info.host_route) {
+        *out = clCreateBuffer(cc, CL_MEM_READ_WRITE, floats * 4, NULL, &st);
+        return st;
+    }
+    host = mpar__alloc_aligned(ctx, floats * 4, d->host_align);
+    if (!host) return CL_OUT_OF_HOST_MEMORY;
+    *out = clCreateBuffer(cc, CL_MEM_READ_WRITE | CL_MEM_USE_HOST_PTR, floats * 4, host, &st);
+    if (st == CL_SUCCESS) st = clSetMemObjectDestructorCallback(*out, mpar__host_block_release, host);
+    if (st != CL_SUCCESS) {
+        if (*out) clReleaseMemObject(*out);
+        else mpar__free_aligned(host);
+        *out = NULL;
+    }
+    return st;
+}
+
+static mpar_result mpar__alloc_buffer(mpar_pipeline* p, mpar__worker* w, size_t floats, cl_mem* out) {
+    cl_int st;
     if (floats == 0) floats = 1;
-    *out = mpar__fault_hit(p->ctx, MPAR__FAULT_ALLOC, w->index, p->step)
-               ? (st = CL_MEM_OBJECT_ALLOCATION_FAILURE, (cl_mem)NULL) /* injected */
-               : clCreateBuffer(cc, CL_MEM_READ_WRITE, floats * 4, NULL, &st);
+    if (floats > SIZE_MAX / 4)
+        return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT, "a buffer of %zu floats on device %d overflows size_t",
+                          floats, w->device);
+    if (mpar__fault_hit(p->ctx, MPAR__FAULT_ALLOC, w->index, p->step))
+        *out = NULL, st = CL_MEM_OBJECT_ALLOCATION_FAILURE; /* injected */
+    else
+        st = mpar__device_buffer(p->ctx, w->device, floats, out);
     if (st != CL_SUCCESS)
         return mpar__fail(p->ctx, (mpar_result)st, "clCreateBuffer(%zu bytes) on device %d failed with %s", floats * 4,
                           w->device, mpar_result_string((mpar_result)st));
@@ -7216,6 +8355,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         mpar__worker* w = &p->workers[i];
         w->p = p, w->index = i, w->device = stages[i].device;
         w->ex.ctx = p->ctx, w->ex.device = w->device, w->ex.stage = i, w->ex.step = &p->step;
+        w->ex.host_route = p->ctx->devices[w->device].info.host_route;
     }
     MPAR__TRY(mpar__setup_ranks(p));
     for (i = 0; i < p->workers_count; i++) {
@@ -7311,36 +8451,57 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
    Planning a pipeline: the planner's tables from a model and a context
    -------------------------------------------------------------------------- */
 
-MPARDEF mpar_result mpar_device_measure_flops(mpar_context* ctx, int device, double* flops) {
-    const size_t n = 512;
-    cl_context cc;
-    cl_command_queue q;
-    cl_mem m[3] = {NULL, NULL, NULL};
+MPARDEF mpar_result mpar_device_measure_gemm(mpar_context* ctx, int device, size_t m, size_t n, size_t k,
+                                             double* flops) {
+    mpar_exec ex;
+    mpar_buf a, b, c;
+    cl_mem mem[3] = {NULL, NULL, NULL};
+    size_t floats[3];
     cl_int st = CL_SUCCESS;
     mpar_result r;
-    double t0 = 0.0;
-    int i, rep;
-    if (!flops) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_device_measure_flops: flops is NULL");
-    r = mpar_device_get_cl(ctx, device, NULL, &cc, &q);
+    double t0 = 0.0, t = 0.0;
+    int i, reps = 0;
+    if (!flops) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_device_measure_gemm: flops is NULL");
+    r = mpar__check_device(ctx, device);
     if (r != MPAR_SUCCESS) return r;
-    for (i = 0; i < 3 && st == CL_SUCCESS; i++) m[i] = clCreateBuffer(cc, CL_MEM_READ_WRITE, n * n * 4, NULL, &st);
+    if (m == 0 || n == 0 || k == 0 || m > (1u << 20) || n > (1u << 20) || k > (1u << 20) || m * k > ((size_t)1 << 28) ||
+        k * n > ((size_t)1 << 28) || m * n > ((size_t)1 << 28))
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT,
+                          "mpar_device_measure_gemm: shape %zux%zux%zu must be positive with each matrix at most 2^28 "
+                          "floats", m, n, k);
+    memset(&ex, 0, sizeof ex);
+    ex.ctx = ctx, ex.device = device, ex.stage = -1, ex.queue = ctx->devices[device].queue;
+    ex.host_route = ctx->devices[device].info.host_route;
+    floats[0] = m * k, floats[1] = k * n, floats[2] = m * n;
+    for (i = 0; i < 3 && st == CL_SUCCESS; i++) st = mpar__device_buffer(ctx, device, floats[i], &mem[i]);
     for (i = 0; i < 3 && st == CL_SUCCESS; i++) {
         float zero = 0.0f;
-        st = clEnqueueFillBuffer(q, m[i], &zero, sizeof zero, 0, n * n * 4, 0, NULL, NULL);
+        st = clEnqueueFillBuffer(ex.queue, mem[i], &zero, sizeof zero, 0, floats[i] * 4, 0, NULL, NULL);
     }
-    for (rep = 0; rep < 4 && st == CL_SUCCESS; rep++) { /* the first compiles CLBlast's kernels */
-        if (rep == 1) t0 = mpar__now();
-        st = (cl_int)CLBlastSgemm(CLBlastLayoutRowMajor, CLBlastTransposeNo, CLBlastTransposeNo, n, n, n, 1.0f, m[0],
-                                  0, n, m[1], 0, n, 0.0f, m[2], 0, n, &q, NULL);
-        if (st == CL_SUCCESS) st = clFinish(q);
+    if (st == CL_SUCCESS) st = clFinish(ex.queue);
+    r = (mpar_result)st;
+    a.mem = mem[0], b.mem = mem[1], c.mem = mem[2];
+    a.off = b.off = c.off = 0;
+    /* the first call compiles CLBlast's kernels; then at least 3 calls and 50 ms */
+    while (r == MPAR_SUCCESS && (reps < 4 || t - t0 < 0.05)) {
+        if (reps == 1) t0 = mpar__now();
+        r = mpar_exec_gemm(&ex, 0, 0, m, n, k, 1.0f, a, k, b, n, 0.0f, c, n);
+        if (r == MPAR_SUCCESS) r = mpar__exec_sync(&ex);
+        t = mpar__now();
+        reps++;
     }
     for (i = 2; i >= 0; i--)
-        if (m[i]) clReleaseMemObject(m[i]);
-    if (st != CL_SUCCESS)
-        return mpar__fail(ctx, (mpar_result)st, "measuring device %d: GEMM failed with %s", device,
-                          mpar_result_string((mpar_result)st));
-    *flops = 3.0 * 2.0 * (double)n * (double)n * (double)n / (mpar__now() - t0);
+        if (mem[i]) clReleaseMemObject(mem[i]);
+    if (r != MPAR_SUCCESS)
+        return mpar__fail(ctx, r, "measuring device %d: GEMM %zux%zux%zu failed with %s", device, m, n, k,
+                          mpar_result_string(r));
+    *flops = (double)(reps - 1) * 2.0 * (double)m * (double)n * (double)k / (t - t0);
     return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_device_measure_flops(mpar_context* ctx, int device, double* flops) {
+    if (!flops) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_device_measure_flops: flops is NULL");
+    return mpar_device_measure_gemm(ctx, device, 512, 512, 512, flops);
 }
 
 /* Device throughputs for the planner: given, or measured (once when every
