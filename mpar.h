@@ -45,11 +45,14 @@
    6 schedules and simulator, 7-8 stage chain and executor.
 
    Environment: MPAR_DEVICES, MPAR_KERNEL_PATH, MPAR_BUILD_OPTIONS,
-   MPAR_CACHE_DIR, POCL_DEVICES (see README.md).
+   MPAR_CACHE_DIR, MPAR_CPU_ROUTE, POCL_DEVICES (see README.md).
 
    Revision history:
        0.1.0 (2026-11-21)  devices, run-time kernels with binary cache,
                            layers, schedules, simulator, pipeline executor
+       0.2.0 (2026-12-01)  host route for CPU devices (MPAR_USE_CBLAS,
+                           mpar_cpu_route, mpar_exec_host), launch counts,
+                           mpar_device_measure_gemm
 
    License: MIT, see the end of this file.
 */
@@ -57,9 +60,9 @@
 #define MPAR_H
 
 #define MPAR_VERSION_MAJOR 0
-#define MPAR_VERSION_MINOR 1
+#define MPAR_VERSION_MINOR 2
 #define MPAR_VERSION_PATCH 0
-#define MPAR_VERSION_STRING "0.1.0"
+#define MPAR_VERSION_STRING "0.2.0"
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
    when defined, takes its place. */
 #define MPAR__INSTALLED_KERNEL_DIR ""
@@ -3196,7 +3199,7 @@ static void mpar__hk_xent_bwd(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
-/* Sequential sum, shared by mpar_loss_sum and mpar_sum_final: only work-item
+/* Sequential sum (mpar_loss_sum): only work-item
    0 does anything, so any g0 >= 1 gives one sum, and g0 == 0 none. */
 static void mpar__hk_sum1(const mpar__harg* a, size_t g0) {
     const float* x = (const float*)a[0].p;
@@ -3270,35 +3273,6 @@ static void mpar__hk_adamw_step(const mpar__harg* a, size_t g0, size_t g1) {
         upd = MPAR__HK_MAD(wd, w, (mm / c1) / (sqrtf(vv / c2) + eps));
         p[i] = MPAR__HK_MAD(-lr, upd, w);
     }
-}
-
-/* mpar_sumsq_partial(g, n, partial): "bib". Global size ceil(n / 4096),
-   one item per chunk of 4096 elements (not per element): item k sums the
-   squares of chunk k in order into partial[k]; items past the end of g
-   write nothing, and a smaller global size leaves the last chunks out. */
-static void mpar__hk_sumsq_partial(const mpar__harg* a, size_t g0, size_t g1) {
-    const float* g = (const float*)a[0].p;
-    int n = a[1].i;
-    float* partial = (float*)a[2].p;
-    size_t k, i;
-    (void)g1;
-    if (n <= 0) return;
-    /* item k runs iff k * 4096 < n (computed in size_t: cannot wrap) */
-    for (k = 0; k < g0 && k * 4096u < (size_t)n; k++) {
-        size_t begin = k * 4096u, end = (size_t)n - begin < 4096u ? (size_t)n : begin + 4096u;
-        float s = 0.0f;
-        for (i = begin; i < end; i++) {
-            float x = g[i];
-            s = MPAR__HK_MAD(x, x, s);
-        }
-        partial[k] = s;
-    }
-}
-
-/* mpar_sum_final(partial, n, out): "bib". Global size 1. */
-static void mpar__hk_sum_final(const mpar__harg* a, size_t g0, size_t g1) {
-    (void)g1;
-    mpar__hk_sum1(a, g0);
 }
 
 /* ===================== attention.cl ===================== */
@@ -3426,6 +3400,40 @@ static void mpar__hk_attn_bwd_qkv(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
+/* optimizer.cl: mpar_sumsq_layers_partial ("bbib"): the chunks of every
+   layer of a stage, each summed in element order. */
+static void mpar__hk_sumsq_layers_partial(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* g = (const float*)a[0].p;
+    const int* seg = (const int*)a[1].p;
+    int layers = a[2].i, j, k;
+    const int* first = seg + layers + 1;
+    float* partial = (float*)a[3].p;
+    (void)g1;
+    for (j = 0; j < layers; j++)
+        for (k = first[j]; k < first[j + 1] && (size_t)k < g0; k++) {
+            int begin = seg[j] + (k - first[j]) * 4096, end = begin + 4096 < seg[j + 1] ? begin + 4096 : seg[j + 1], i;
+            float s = 0.0f;
+            for (i = begin; i < end; i++) {
+                float x = g[i];
+                s = MPAR__HK_MAD(x, x, s);
+            }
+            partial[k] = s;
+        }
+}
+/* optimizer.cl: mpar_sumsq_layers_final ("bbib"): each layer's chunks in order. */
+static void mpar__hk_sumsq_layers_final(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* partial = (const float*)a[0].p;
+    const int* first = (const int*)a[1].p + a[2].i + 1;
+    float* out = (float*)a[3].p;
+    int j, k;
+    (void)g1;
+    for (j = 0; j < a[2].i && (size_t)j < g0; j++) {
+        float s = 0.0f;
+        for (k = first[j]; k < first[j + 1]; k++) s += partial[k];
+        out[j] = s;
+    }
+}
+
 /* Lookup table: kernel file and name -> host function. */
 static const struct mpar__host_kernel {
     const char* file;
@@ -3458,8 +3466,8 @@ static const struct mpar__host_kernel {
     {"loss.cl", "mpar_loss_sum", mpar__hk_loss_sum},
     {"optimizer.cl", "mpar_sgd_step", mpar__hk_sgd_step},
     {"optimizer.cl", "mpar_adamw_step", mpar__hk_adamw_step},
-    {"optimizer.cl", "mpar_sumsq_partial", mpar__hk_sumsq_partial},
-    {"optimizer.cl", "mpar_sum_final", mpar__hk_sum_final},
+    {"optimizer.cl", "mpar_sumsq_layers_partial", mpar__hk_sumsq_layers_partial},
+    {"optimizer.cl", "mpar_sumsq_layers_final", mpar__hk_sumsq_layers_final},
     {"attention.cl", "mpar_attn_fwd", mpar__hk_attn_fwd},
     {"attention.cl", "mpar_attn_bwd_ds", mpar__hk_attn_bwd_ds},
     {"attention.cl", "mpar_attn_bwd_qkv", mpar__hk_attn_bwd_qkv},
@@ -6831,6 +6839,7 @@ typedef struct mpar__vstage {
     size_t* gstash_cum; /* [n+1] */
     size_t scratch_per_row, act_floats, grad_floats;
     cl_mem params, grads, opt1, opt2, scratch, work, norms, partial, targets, losses;
+    cl_mem norm_table; /* int [2(n+1)]: layer offsets in grads, first chunk of each layer */
     size_t partial_count;
     int slot_count, grad_slot_count;
     cl_mem* act_slots;
@@ -7386,21 +7395,11 @@ static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
     float* norms;
     int k;
     mpar_result r;
-    for (k = 0; k < v->n; k++) {
-        size_t n = v->param_off[k + 1] - v->param_off[k];
-        mpar_buf g, part, out;
-        int chunks = (int)((n + 4095) / 4096);
-        g.mem = v->grads, g.off = v->param_off[k];
-        part = mpar__buf0(v->partial);
-        out.mem = v->norms, out.off = (size_t)k;
-        if (n == 0) {
-            MPAR__TRY(mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_fill", 1, 0, "bif", out, 1, 0.0));
-            continue;
-        }
-        MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_partial", (size_t)chunks, 0, "bib", g, (int)n,
-                                   part));
-        MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sum_final", 1, 0, "bib", part, chunks, out));
-    }
+    /* two launches for all the stage's layers, however many */
+    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_partial", v->partial_count, 0, "bbib",
+                               mpar__buf0(v->grads), mpar__buf0(v->norm_table), v->n, mpar__buf0(v->partial)));
+    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_final", (size_t)v->n, 0, "bbib",
+                               mpar__buf0(v->partial), mpar__buf0(v->norm_table), v->n, mpar__buf0(v->norms)));
     norms = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)v->n);
     if (!norms) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norms), norms, sizeof(float) * (size_t)v->n, 0);
@@ -8093,11 +8092,11 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int s
         MPAR__TRY(mpar__alloc_buffer(p, w, slot_floats, &v->act_slots[s]));
         if (s < v->grad_slot_count) MPAR__TRY(mpar__alloc_buffer(p, w, v->grad_floats, &v->grad_slots[s]));
     }
-    v->partial_count = 1;
-    for (s = 0; s < v->n; s++) {
-        size_t c = (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
-        if (c > v->partial_count) v->partial_count = c;
-    }
+    v->partial_count = 0; /* chunks of 4096 gradients, each layer's own */
+    for (s = 0; s < v->n; s++) v->partial_count += (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
+    if (v->partial_count > INT_MAX || np > INT_MAX)
+        return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT, "stage %d: %zu parameters exceed the kernels' int range",
+                          v->index, np);
     MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->params));
     MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->grads));
     MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->opt1));
@@ -8108,6 +8107,21 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int s
     MPAR__TRY(mpar__alloc_buffer(p, w, v->partial_count, &v->partial));
     MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
     MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
+    MPAR__TRY(mpar__alloc_buffer(p, w, 2 * (size_t)(v->n + 1), &v->norm_table));
+    {
+        int32_t* table = (int32_t*)mpar__alloc(p->ctx, sizeof(int32_t) * 2 * (size_t)(v->n + 1));
+        size_t chunks = 0;
+        mpar_result r;
+        if (!table) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        for (s = 0; s <= v->n; s++) {
+            table[s] = (int32_t)v->param_off[s];
+            table[v->n + 1 + s] = (int32_t)chunks;
+            if (s < v->n) chunks += (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
+        }
+        r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norm_table), table, sizeof(int32_t) * 2 * (size_t)(v->n + 1), 1);
+        mpar__free(p->ctx, table);
+        if (r != MPAR_SUCCESS) return r;
+    }
     return MPAR_SUCCESS;
 }
 
@@ -8201,8 +8215,8 @@ static void mpar__link_release(mpar_pipeline* p, mpar__link* l) {
 }
 
 static void mpar__vstage_release(mpar_pipeline* p, mpar__vstage* v) {
-    cl_mem* one[] = {&v->losses, &v->targets, &v->partial, &v->norms, &v->work, &v->scratch, &v->opt2, &v->opt1,
-                     &v->grads, &v->params};
+    cl_mem* one[] = {&v->norm_table, &v->losses, &v->targets, &v->partial, &v->norms, &v->work,
+                     &v->scratch,    &v->opt2,   &v->opt1,    &v->grads,   &v->params};
     int s;
     size_t i;
     for (i = 0; i < sizeof one / sizeof one[0]; i++)
@@ -8355,13 +8369,13 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         mpar__worker* w = &p->workers[i];
         w->p = p, w->index = i, w->device = stages[i].device;
         w->ex.ctx = p->ctx, w->ex.device = w->device, w->ex.stage = i, w->ex.step = &p->step;
-        w->ex.host_route = p->ctx->devices[w->device].info.host_route;
     }
     MPAR__TRY(mpar__setup_ranks(p));
     for (i = 0; i < p->workers_count; i++) {
         mpar__worker* w = &p->workers[i];
         cl_int st = CL_SUCCESS;
         if (!mpar__local(p, i)) continue;
+        w->ex.host_route = p->ctx->devices[w->device].info.host_route; /* the device index is checked now */
         w->ex.queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
                                            p->ctx->devices[w->device].id, CL_QUEUE_PROFILING_ENABLE, &st);
         MPAR__CL(p->ctx, st);

@@ -1,7 +1,13 @@
 /* A layer type of your own: Swish (x · sigmoid(x)) with its kernels in
    examples/kernels/swish.cl, used in a model split across the devices like
    any built-in layer. Prints its loss falling and checks one gradient
-   against a finite difference. */
+   against a finite difference.
+
+   CPU devices may take the host route (mpar_cpu_route): mpar's own layers
+   then run as host code. A user layer works there unchanged (its kernels
+   run through OpenCL on the same memory), and may add a host path of its
+   own: mpar_exec_host gives the host address of a buffer on such a stage
+   and NULL elsewhere, as the forward below does. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -17,9 +23,16 @@ static mpar_result swish_setup(mpar_layer* l, mpar_error* err) {
     return MPAR_SUCCESS;
 }
 static mpar_result swish_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
+    int n = io->rows * l->in_features, i;
+    float *x = mpar_exec_host(ex, io->x), *y = mpar_exec_host(ex, io->y);
+    if (x && y) { /* host route: plain C, no kernel launch */
+        for (i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
+        return MPAR_SUCCESS;
+    }
     return mpar_exec_launch(ex, "swish.cl", "swish_fwd", (size_t)n, 0, "bbi", io->x, io->y, n);
 }
+/* OpenCL only: on the host route this kernel runs through OpenCL on the
+   stage's memory, between host-code calls. */
 static mpar_result swish_backward_input(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int n = io->rows * l->in_features;
     if (!io->need_dx) return MPAR_SUCCESS;

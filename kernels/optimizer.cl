@@ -62,21 +62,35 @@ __kernel void mpar_adamw_step(__global float* p, int p_off,
     p[p_off + i] = w - lr * upd;
 }
 
-/* Global-norm clipping, step 1: partial sums of squares.
-   Work-item k writes partial[partial_off + k] = sum of g[i]^2 for
-   i = k*4096 .. min(n, (k+1)*4096) - 1 in order (overwrite).
-   Global size: ceil(n / 4096) = (n + 4095) / 4096.
-   For several tensors, give each its own range of partial slots and finish
-   with one mpar_sum_final over all of them. */
+/* Global-norm clipping: the sum of squares of each layer's gradients, for
+   every layer of a stage in two launches. Deterministic: each layer's
+   gradients are cut into chunks of 4096 from the layer's first element,
+   each chunk summed in element order, then each layer's chunks summed in
+   order. The host reads the per-layer sums (layers of other stages are summed
+   in model order the same way), sets
+   grad_scale = min(1, max_norm / (sqrt(sum) + 1e-6)) and passes it to the
+   step kernels above.
+   table (int) holds two arrays of layers + 1 entries: seg[j], the first
+   element of layer j in g (seg[layers] is the end), then first[j], the
+   first chunk of layer j in partial (first[layers] is the chunk count).
+   Step 1, one work-item per chunk (global size: the chunk count). */
 #define MPAR_SUMSQ_CHUNK 4096
 
-__kernel void mpar_sumsq_partial(__global const float* g, int g_off, int n,
-                                 __global float* partial, int partial_off)
+__kernel void mpar_sumsq_layers_partial(__global const float* g, int g_off,
+                                        __global const int* table, int table_off,
+                                        int layers, __global float* partial, int partial_off)
 {
     int k = (int)get_global_id(0);
-    int begin = k * MPAR_SUMSQ_CHUNK;
-    if (begin >= n) return;
-    int end = min(n, begin + MPAR_SUMSQ_CHUNK);
+    __global const int* seg = table + table_off;
+    __global const int* first = seg + layers + 1;
+    if (k >= first[layers]) return;
+    int lo = 0, hi = layers - 1;
+    while (lo < hi) { /* the last layer whose first chunk is <= k */
+        int mid = (lo + hi + 1) / 2;
+        if (first[mid] <= k) lo = mid; else hi = mid - 1;
+    }
+    int begin = seg[lo] + (k - first[lo]) * MPAR_SUMSQ_CHUNK;
+    int end = min(seg[lo + 1], begin + MPAR_SUMSQ_CHUNK);
     float s = 0.0f;
     for (int i = begin; i < end; ++i) {
         float x = g[g_off + i];
@@ -85,16 +99,16 @@ __kernel void mpar_sumsq_partial(__global const float* g, int g_off, int n,
     partial[partial_off + k] = s;
 }
 
-/* Global-norm clipping, step 2: out[out_off] = sum_k partial[k],
-   k = 0 .. n-1 in order (overwrite). Global size: 1.
-   The host reads the sum of squares, sets
-   grad_scale = min(1, max_norm / (sqrt(sum) + 1e-6)) and passes it to the
-   step kernels (or applies it with mpar_scale from elementwise.cl). */
-__kernel void mpar_sum_final(__global const float* partial, int partial_off, int n,
-                             __global float* out, int out_off)
+/* Step 2, one work-item per layer (global size: layers): out[j] = the sum
+   of layer j's chunks in order; 0 for a layer without parameters. */
+__kernel void mpar_sumsq_layers_final(__global const float* partial, int partial_off,
+                                      __global const int* table, int table_off,
+                                      int layers, __global float* out, int out_off)
 {
-    if (get_global_id(0) != 0) return;
+    int j = (int)get_global_id(0);
+    if (j >= layers) return;
+    __global const int* first = table + table_off + layers + 1;
     float s = 0.0f;
-    for (int k = 0; k < n; ++k) s += partial[partial_off + k];
-    out[out_off] = s;
+    for (int k = first[j]; k < first[j + 1]; ++k) s += partial[partial_off + k];
+    out[out_off + j] = s;
 }

@@ -1069,15 +1069,18 @@ static void test_sumsq(void** state)
     want[2] = ref_sumsq(g1d + 8192, n1 - 8192);
     want[3] = ref_sumsq(g2d, n2);
     double total = want[0] + want[1] + want[2] + want[3];
-    dbuf bg1 = dev_f(g1, n1), bg2 = dev_f(g2, n2), bp = dev_f(NULL, k1 + k2), bs = dev_f(NULL, 1);
-    dbuf bp2 = bp;
-    bp2.off = bp.off + k1; /* second tensor's slots */
-
-    run("mpar_sumsq_partial", k1, "BiB", &bg1, n1, &bp);
-    run("mpar_sumsq_partial", k2, "BiB", &bg2, n2, &bp2);
-    run("mpar_sum_final", 1, "BiB", &bp, k1 + k2, &bs);
+    /* one stage's gradients: layer 0 (n1), a layer without parameters,
+       layer 2 (n2), in one buffer (dev_f puts it at an offset) */
+    const int table[8] = {0, n1, n1, n1 + n2, 0, k1, k1, k1 + k2};
+    float* g = falloc(n1 + n2);
+    float* norms = falloc(3);
+    memcpy(g, g1, sizeof(float) * (size_t)n1);
+    memcpy(g + n1, g2, sizeof(float) * (size_t)n2);
+    dbuf bg = dev_f(g, n1 + n2), bt = dev_i(table, 8), bp = dev_f(NULL, k1 + k2), bn = dev_f(NULL, 3);
+    run("mpar_sumsq_layers_partial", k1 + k2, "BBiB", &bg, &bt, 3, &bp);
+    run("mpar_sumsq_layers_final", 3, "BBiB", &bp, &bt, 3, &bn);
     read_f(&bp, part);
-    read_f(&bs, sum);
+    read_f(&bn, norms);
     for (int k = 0; k < 4; ++k) {
         double e = fabs(part[k] - want[k]) / want[k];
         if (!(e <= 1e-5)) {
@@ -1085,6 +1088,16 @@ static void test_sumsq(void** state)
             fail();
         }
     }
+    {
+        /* per layer: its own chunks, in order (exactly, as the host sums them) */
+        float l0 = 0.0f;
+        l0 += part[0], l0 += part[1], l0 += part[2];
+        assert_true(norms[0] == l0);
+        assert_true(norms[1] == 0.0f);
+        assert_true(norms[2] == part[3]);
+    }
+    sum[0] = norms[0] + norms[1] + norms[2];
+    dbuf bg2 = dev_f(g2, n2);
     check_close("sum_final", sum, &total, 1, 1e-5);
 
     /* clip: grad_scale applied through mpar_scale */
@@ -1095,8 +1108,8 @@ static void test_sumsq(void** state)
     for (int i = 0; i < n2; ++i) g2d[i] *= (double)(float)clip;
     check_close("clip scale", out, g2d, n2, 1e-7);
 
-    dev_free(&bg1); dev_free(&bg2); dev_free(&bp); dev_free(&bs);
-    free(g1); free(g2); free(part); free(sum); free(g1d); free(g2d); free(out);
+    dev_free(&bg); dev_free(&bt); dev_free(&bn); dev_free(&bg2); dev_free(&bp);
+    free(g1); free(g2); free(g); free(norms); free(part); free(sum); free(g1d); free(g2d); free(out);
 }
 
 int main(void)
