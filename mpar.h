@@ -2775,15 +2775,25 @@ static void mpar__hk_add(const mpar__harg* a, size_t g0, size_t g1) {
 
 /* mpar_relu_fwd(x, y, n): "bbi". NaN and -0 give +0, as the kernel's
    `v > 0.0f ? v : 0.0f` (fmaxf would keep -0 or differ on NaN). */
+/* Same constants and the same left-to-right products as the kernel's
+   MPAR_GELU_K0 / MPAR_GELU_K1 expressions. */
+#define MPAR__HK_GELU_K0 0.7978845608028654f
+#define MPAR__HK_GELU_K1 0.044715f
+
+/* The activations' forward formulas, shared with mpar_bias_add_act as in
+   elementwise.cl. */
+static float mpar__hk_relu(float v) { return v > 0.0f ? v : 0.0f; }
+static float mpar__hk_gelu(float v) {
+    float t = MPAR__HK_TANHF(MPAR__HK_GELU_K0 * MPAR__HK_MAD(MPAR__HK_GELU_K1 * v * v, v, v));
+    return 0.5f * v * (1.0f + t);
+}
+
 static void mpar__hk_relu_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     float* y = (float*)a[1].p;
     size_t n = mpar__hk_count(g0, a[2].i), i;
     (void)g1;
-    for (i = 0; i < n; i++) {
-        float v = x[i];
-        y[i] = v > 0.0f ? v : 0.0f;
-    }
+    for (i = 0; i < n; i++) y[i] = mpar__hk_relu(x[i]);
 }
 
 /* mpar_relu_bwd(x, dy, dx, n): "bbbi" */
@@ -2796,10 +2806,6 @@ static void mpar__hk_relu_bwd(const mpar__harg* a, size_t g0, size_t g1) {
     for (i = 0; i < n; i++) dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
 }
 
-/* Same constants and the same left-to-right products as the kernel's
-   MPAR_GELU_K0 / MPAR_GELU_K1 expressions. */
-#define MPAR__HK_GELU_K0 0.7978845608028654f
-#define MPAR__HK_GELU_K1 0.044715f
 
 /* mpar_gelu_fwd(x, y, n): "bbi". tanhf may differ from the device's tanh in
    the last bits (OpenCL allows a few ulp). */
@@ -2808,11 +2814,7 @@ static void mpar__hk_gelu_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     float* y = (float*)a[1].p;
     size_t n = mpar__hk_count(g0, a[2].i), i;
     (void)g1;
-    for (i = 0; i < n; i++) {
-        float v = x[i];
-        float t = MPAR__HK_TANHF(MPAR__HK_GELU_K0 * MPAR__HK_MAD(MPAR__HK_GELU_K1 * v * v, v, v));
-        y[i] = 0.5f * v * (1.0f + t);
-    }
+    for (i = 0; i < n; i++) y[i] = mpar__hk_gelu(x[i]);
 }
 
 /* mpar_gelu_bwd(x, dy, dx, n): "bbbi" */
@@ -2917,6 +2919,29 @@ static void mpar__hk_bias_add(const mpar__harg* a, size_t g0, size_t g1) {
         float* yr = y + base;
         size_t m = n - base < (size_t)cols ? n - base : (size_t)cols;
         for (c = 0; c < m; c++) yr[c] += b[c];
+    }
+}
+
+/* mpar_bias_add_act(y, rows, cols, b, out, act): "biibbi": y += b, then
+   out = relu (1), gelu (2) or tanh (3) of it. */
+static void mpar__hk_bias_add_act(const mpar__harg* a, size_t g0, size_t g1) {
+    float* y = (float*)a[0].p;
+    int rows = a[1].i, cols = a[2].i, act = a[5].i;
+    const float* b = (const float*)a[3].p;
+    float* out = (float*)a[4].p;
+    size_t n, base, c;
+    (void)g1;
+    if (rows <= 0 || cols <= 0) return;
+    n = mpar__hk_count(g0, mpar__hk_mul(rows, cols));
+    for (base = 0; base < n; base += (size_t)cols) {
+        float *yr = y + base, *o = out + base;
+        size_t m = n - base < (size_t)cols ? n - base : (size_t)cols;
+        if (act == 1)
+            for (c = 0; c < m; c++) yr[c] += b[c], o[c] = mpar__hk_relu(yr[c]);
+        else if (act == 2)
+            for (c = 0; c < m; c++) yr[c] += b[c], o[c] = mpar__hk_gelu(yr[c]);
+        else
+            for (c = 0; c < m; c++) yr[c] += b[c], o[c] = MPAR__HK_TANHF(yr[c]);
     }
 }
 
@@ -3454,6 +3479,7 @@ static const struct mpar__host_kernel {
     {"elementwise.cl", "mpar_dropout_fwd", mpar__hk_dropout_fwd},
     {"elementwise.cl", "mpar_dropout_bwd", mpar__hk_dropout_bwd},
     {"elementwise.cl", "mpar_bias_add", mpar__hk_bias_add},
+    {"elementwise.cl", "mpar_bias_add_act", mpar__hk_bias_add_act},
     {"elementwise.cl", "mpar_bias_grad", mpar__hk_bias_grad},
     {"embedding.cl", "mpar_embedding_fwd", mpar__hk_embedding_fwd},
     {"embedding.cl", "mpar_embedding_bwd_wte", mpar__hk_embedding_bwd_wte},
@@ -3748,6 +3774,15 @@ static mpar_result mpar__linear_forward(mpar_exec* ex, const mpar_layer* l, cons
     MPAR__TRY(mpar_exec_gemm(ex, 0, 0, (size_t)io->rows, out, in, 1.0f, io->x, in, io->params, out, 0.0f, io->y, out));
     return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add", (size_t)io->rows * out, 0, "biib", io->y, io->rows,
                             (int)out, mpar__at(io->params, in * out));
+}
+/* The forward of a linear layer and the activation after it; act_out is
+   the activation's output (see mpar__fused_activation). */
+static mpar_result mpar__linear_forward_act(mpar_exec* ex, const mpar_layer* l, const mpar_io* io, mpar_buf act_out,
+                                            int act) {
+    size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 0, (size_t)io->rows, out, in, 1.0f, io->x, in, io->params, out, 0.0f, io->y, out));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add_act", (size_t)io->rows * out, 0, "biibbi", io->y,
+                            io->rows, (int)out, mpar__at(io->params, in * out), act_out, act);
 }
 static mpar_result mpar__linear_backward_input(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
@@ -7220,16 +7255,32 @@ static void mpar__io(const mpar_pipeline* p, const mpar__vstage* v, int slot, in
     io->training = p->job != MPAR__JOB_INFER;
 }
 
+/* A linear layer followed by relu (1), gelu (2) or tanh (3): the pair's
+   forward runs as the GEMM and one fused bias-and-activation launch, with
+   the arithmetic of the two layers' own kernels (so a cut between them
+   changes no bit), one launch fewer. 0: no fusion. */
+static int mpar__fused_activation(const mpar_layer* l, const mpar_layer* next) {
+    if (l->type != mpar_layer_linear()) return 0;
+    return next->type == mpar_layer_relu() ? 1 : next->type == mpar_layer_gelu() ? 2
+         : next->type == mpar_layer_tanh() ? 3 : 0;
+}
+
 static mpar_result mpar__layers_forward(mpar__worker* w, mpar__vstage* v, int slot, int mb) {
     mpar_pipeline* p = w->p;
     int k;
     for (k = 0; k < v->n; k++) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        int act = k + 1 < v->n ? mpar__fused_activation(l, mpar_model_layer(p->model, v->first + k + 1)) : 0;
         mpar_io io;
         mpar_result r;
         if (p->job == MPAR__JOB_INFER && (l->type->flags & MPAR_LAYER_LOSS) && !p->batch->targets) break;
         mpar__io(p, v, slot, mb, k, &io);
-        r = l->type->forward(&w->ex, l, &io);
+        if (act) {
+            r = mpar__linear_forward_act(&w->ex, l, &io, mpar__act(p, v, slot, k + 2), act);
+            k++;
+        } else {
+            r = l->type->forward(&w->ex, l, &io);
+        }
         if (r != MPAR_SUCCESS) return r;
     }
     return MPAR_SUCCESS;

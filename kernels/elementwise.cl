@@ -70,14 +70,17 @@ __kernel void mpar_add(__global const float* a, int a_off,
    Global size: n.
    ------------------------------------------------------------------------- */
 
+/* The activations' forward formulas, shared by their own kernels and the
+   fused bias + activation below, so that both give the same bits. */
+inline float mpar__relu(float v) { return v > 0.0f ? v : 0.0f; }
+
 /* y = max(x, 0) */
 __kernel void mpar_relu_fwd(__global const float* x, int x_off,
                             __global float* y, int y_off, int n)
 {
     int i = (int)get_global_id(0);
     if (i >= n) return;
-    float v = x[x_off + i];
-    y[y_off + i] = v > 0.0f ? v : 0.0f;
+    y[y_off + i] = mpar__relu(x[x_off + i]);
 }
 
 /* dx = dy * (x > 0 ? 1 : 0)   (derivative at 0 taken as 0) */
@@ -95,14 +98,18 @@ __kernel void mpar_relu_bwd(__global const float* x, int x_off,
 #define MPAR_GELU_K0 0.7978845608028654f
 #define MPAR_GELU_K1 0.044715f
 
+inline float mpar__gelu(float v)
+{
+    float t = tanh(MPAR_GELU_K0 * (v + MPAR_GELU_K1 * v * v * v));
+    return 0.5f * v * (1.0f + t);
+}
+
 __kernel void mpar_gelu_fwd(__global const float* x, int x_off,
                             __global float* y, int y_off, int n)
 {
     int i = (int)get_global_id(0);
     if (i >= n) return;
-    float v = x[x_off + i];
-    float t = tanh(MPAR_GELU_K0 * (v + MPAR_GELU_K1 * v * v * v));
-    y[y_off + i] = 0.5f * v * (1.0f + t);
+    y[y_off + i] = mpar__gelu(x[x_off + i]);
 }
 
 /* dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) k0 (1 + 3 k1 x^2)),
@@ -209,6 +216,22 @@ __kernel void mpar_bias_add(__global float* y, int y_off, int rows, int cols,
     int i = (int)get_global_id(0);
     if (i >= rows * cols) return;
     y[y_off + i] += b[b_off + i % cols];
+}
+
+/* A linear layer's bias and the activation layer after it, in one launch:
+   y[r,c] += b[c]; out[r,c] = f(y[r,c]) with f = relu (act 1), gelu (2) or
+   tanh (3), computed as mpar_bias_add then that activation's own kernel
+   compute them (y is still written: the activation's backward reads it).
+   Global size: rows*cols. */
+__kernel void mpar_bias_add_act(__global float* y, int y_off, int rows, int cols,
+                                __global const float* b, int b_off,
+                                __global float* out, int out_off, int act)
+{
+    int i = (int)get_global_id(0);
+    if (i >= rows * cols) return;
+    float v = y[y_off + i] + b[b_off + i % cols];
+    y[y_off + i] = v;
+    out[out_off + i] = act == 1 ? mpar__relu(v) : act == 2 ? mpar__gelu(v) : tanh(v);
 }
 
 /* db[c] += sum_r dy[r,c], r = 0, 1, ..., rows-1 in order (accumulate).

@@ -665,6 +665,14 @@ static void cases_bias(void) {
             tc_fbuf(r * c, 5, -1, 1), tc_int(r), tc_int(c), tc_fbuf(c, 3, -1, 1), tc_run();
             tc_begin("elementwise.cl", "mpar_bias_grad", "biib", (size_t)c + (size_t)(ci & 1) * 2);
             tc_fbuf(r * c, 2, -1, 1), tc_int(r), tc_int(c), tc_fbuf(c, 7, -1, 1), tc_run();
+            { /* bias + relu, gelu, tanh: values around gelu's cancellation too */
+                int act;
+                for (act = 1; act <= 3; act++) {
+                    tc_begin("elementwise.cl", "mpar_bias_add_act", "biibbi", (size_t)(r * c) + (size_t)(ci & 1) * 4);
+                    tc_fbuf(r * c, 5, -6, 4), tc_int(r), tc_int(c), tc_fbuf(c, 3, -1, 1), tc_fbuf(r * c, 2, -1, 1);
+                    tc_int(act), tc_run();
+                }
+            }
         }
 }
 

@@ -325,6 +325,82 @@ static void test_user_layer_on_both_routes(void** state) {
     for (i = 0; i < sizeof ph / sizeof ph[0]; i++) assert_true(fabsf(ph[i] - pc[i]) <= 1e-5f);
 }
 
+/* A linear layer and the relu, gelu or tanh after it run as one fused
+   launch when they share a stage. Cutting the model between the two must
+   change no bit, on either route, and each fused pair saves one launch per
+   micro-batch. */
+static void fused_run(mpar_cpu_route route, const mpar_stage_desc* stages, int count, float* params, uint64_t* launches) {
+    mpar_context* ctx = NULL;
+    mpar_error err;
+    mpar_model* m = NULL;
+    mpar_model_desc md;
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_pipeline_stats st;
+    mpar_step_info info;
+    mpar_batch b;
+    float x[16 * 12];
+    int32_t y[16];
+    int i, L;
+    size_t at = 0;
+    for (i = 0; i < 16 * 12; i++) x[i] = (float)((i * 53) % 17) / 4.0f - 2.0f;
+    for (i = 0; i < 16; i++) y[i] = i % 4;
+    assert_int_equal(make_ctx(route, &ctx, &err), MPAR_SUCCESS);
+    memset(&md, 0, sizeof md);
+    md.input_features = 12, md.seed = 8;
+    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_linear(m, 20, NULL), MPAR_SUCCESS); /* 0 */
+    assert_int_equal(mpar_model_add_simple(m, mpar_layer_gelu(), NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_linear(m, 20, NULL), MPAR_SUCCESS); /* 2 */
+    assert_int_equal(mpar_model_add_simple(m, mpar_layer_tanh(), NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_linear(m, 20, NULL), MPAR_SUCCESS); /* 4 */
+    assert_int_equal(mpar_model_add_simple(m, mpar_layer_relu(), NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_linear(m, 4, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
+    L = mpar_model_layer_count(m);
+    memset(&pd, 0, sizeof pd);
+    pd.stages = stages, pd.stage_count = count;
+    pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 4, pd.max_batch = 16;
+    pd.optimizer.lr = 0.01f;
+    if (mpar_pipeline_create(ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
+    b.inputs = x, b.targets = y, b.samples = 16;
+    for (i = 0; i < 3; i++) assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_get_stats(p, &st), MPAR_SUCCESS);
+    *launches = 0;
+    for (i = 0; i < st.stages; i++) *launches += st.launches[i];
+    for (i = 0; i < L; i++) {
+        assert_int_equal(mpar_pipeline_get_params(p, i, params + at), MPAR_SUCCESS);
+        at += mpar_model_layer(m, i)->param_count;
+    }
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+    mpar_destroy(ctx);
+}
+
+static void test_fused_activation_cuts(void** state) {
+    const mpar_stage_desc whole[1] = {{0, 0, 7}};
+    const mpar_stage_desc cut_gelu[2] = {{0, 0, 0}, {1, 1, 7}};        /* linear | gelu */
+    const mpar_stage_desc cut_tanh_relu[3] = {{0, 0, 2}, {1, 3, 4}, {0, 5, 7}}; /* linear | tanh, linear | relu */
+    enum { P = 12 * 20 + 20 + 2 * (20 * 20 + 20) + 20 * 4 + 4 };
+    float a[P], b[P], c[P];
+    uint64_t la, lb, lc;
+    int r;
+    (void)state;
+    for (r = 0; r < 2; r++) {
+        mpar_cpu_route route = r ? MPAR_CPU_ROUTE_OPENCL : MPAR_CPU_ROUTE_HOST;
+        fused_run(route, whole, 1, a, &la);
+        fused_run(route, cut_gelu, 2, b, &lb);
+        fused_run(route, cut_tanh_relu, 3, c, &lc);
+        assert_memory_equal(a, b, sizeof a);
+        assert_memory_equal(a, c, sizeof a);
+        /* launches of the last step: each fused pair saves one per
+           micro-batch (4); each extra stage costs its own per-step four
+           (zeroing gradients, two for the norms, the optimizer) */
+        assert_int_equal(lb - la, 1 * 4 + 4);
+        assert_int_equal(lc - la, 2 * 4 + 2 * 4);
+    }
+}
+
 static void test_measure_gemm(void** state) {
     mpar_context* ctx = NULL;
     mpar_error err;
@@ -346,7 +422,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_route_selection),        cmocka_unit_test(test_routes_agree_mlp),
         cmocka_unit_test(test_routes_agree_decoder),   cmocka_unit_test(test_user_layer_on_both_routes),
-        cmocka_unit_test(test_measure_gemm),
+        cmocka_unit_test(test_fused_activation_cuts), cmocka_unit_test(test_measure_gemm),
     };
     return cmocka_run_group_tests_name("route", tests, setup, teardown);
 }
