@@ -407,6 +407,42 @@ static void test_other_model(void** state) {
     tiny_free(&t);
 }
 
+/* token embedding (vocab 11, width 16) -> decoder block with `heads` heads
+   -> linear(11) -> cross entropy, 4 tokens per sample */
+static mpar_model* make_decoder(int heads) {
+    mpar_model* m = NULL;
+    mpar_model_desc md;
+    mpar_layer_desc ld;
+    memset(&md, 0, sizeof md);
+    md.input_features = 1, md.seq_len = 4, md.seed = 7;
+    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
+    memset(&ld, 0, sizeof ld);
+    ld.type = mpar_layer_embedding(), ld.vocab = 11, ld.units = 16;
+    assert_int_equal(mpar_model_add(m, &ld, NULL), MPAR_SUCCESS);
+    memset(&ld, 0, sizeof ld);
+    ld.type = mpar_layer_decoder_block(), ld.heads = heads;
+    assert_int_equal(mpar_model_add(m, &ld, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_linear(m, 11, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
+    return m;
+}
+
+/* Heads split the same parameters differently: a checkpoint of a 2-head
+   block has as many parameters as a 4-head one and must still be refused. */
+static void test_other_heads(void** state) {
+    mpar_model *two = make_decoder(2), *four = make_decoder(4);
+    mpar_pipeline* p = make_pipeline(two, 2, 0, MPAR_SCHEDULE_1F1B, MPAR_OPTIMIZER_ADAMW);
+    char path[400];
+    (void)state;
+    assert_int_equal(mpar_model_param_count(two), mpar_model_param_count(four));
+    path_in(path, sizeof path, "heads.ckpt");
+    assert_int_equal(mpar_pipeline_save_checkpoint(p, path, NULL), MPAR_SUCCESS);
+    expect_mismatch(four, MPAR_OPTIMIZER_ADAMW, path, "layer 1 (decoder_block) differs");
+    expect_mismatch(four, MPAR_OPTIMIZER_ADAMW, path, "heads 2");
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(two), mpar_model_destroy(four);
+}
+
 static void test_null_arguments(void** state) {
     tiny t;
     char path[400];
@@ -574,7 +610,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip),     cmocka_unit_test(test_every_byte_flip),
         cmocka_unit_test(test_truncation_and_trailing), cmocka_unit_test(test_missing_file),
-        cmocka_unit_test(test_other_model),    cmocka_unit_test(test_null_arguments),
+        cmocka_unit_test(test_other_model), cmocka_unit_test(test_other_heads),    cmocka_unit_test(test_null_arguments),
         cmocka_unit_test(test_parse),          cmocka_unit_test(test_save_failures),
     };
     return cmocka_run_group_tests_name("checkpoint", tests, setup, teardown);

@@ -974,6 +974,23 @@ static void test_reference_forward_backward(void** state) {
         free(dev);
     }
     free_grads(&c, hg);
+    /* attention logits in the hundreds (the q and k weights 25 times larger):
+       the softmax must subtract each row's maximum, or exp overflows to inf
+       and the outputs turn NaN */
+    {
+        hlayer* B = &c.h.l[2];
+        hblock_off o = hblock_layout(B->in, B->hidden);
+        size_t i;
+        for (i = o.wqkv; i < o.bqkv; i++) c.pf[2][i] *= 25.0f, B->p[i] = (double)c.pf[2][i];
+        assert_int_equal(mpar_pipeline_set_params(c.pipe, 2, c.pf[2]), MPAR_SUCCESS);
+        hm_forward(&c.h, acts, c.xd, c.tok, c.targets, c.rows);
+        assert_int_equal(mpar_pipeline_infer(c.pipe, &c.batch, out, NULL), MPAR_SUCCESS);
+        for (i = 0; i < (size_t)n; i++)
+            if (!isfinite(out[i])) fail_msg("large attention logits: output %d is %g", (int)i, (double)out[i]);
+        free(od);
+        od = f2d(out, (size_t)n);
+        check_close("reference: outputs with large attention logits", od, acts[3], (size_t)n, 1e-3, 1e-4);
+    }
     hm_acts_free(&c.h, acts);
     free(out), free(od);
     case_close(&c);
@@ -1088,8 +1105,10 @@ static void optimizer_check(const char* name, const mpar_optimizer_desc* opt) {
         snprintf(what, sizeof what, "%s: step %d gradient norm", name, t);
         check_scalar(what, info.grad_norm, norm, 1e-5, 0.0);
         if (opt->clip_norm > 0.0f) {
-            if (!(norm > 1.5 * opt->clip_norm)) fail_msg("%s: norm %g does not exceed the clip norm", name, norm);
-            scale = (double)opt->clip_norm / norm;
+            /* clipped well above the clip norm, untouched well below it */
+            if (norm > 1.5 * opt->clip_norm) scale = (double)opt->clip_norm / norm;
+            else if (!(norm < opt->clip_norm / 1.5))
+                fail_msg("%s: norm %g is too close to the clip norm %g to tell", name, norm, (double)opt->clip_norm);
         }
         for (k = 0; k < c.h.n; k++) {
             hlayer* L = &c.h.l[k];
@@ -1150,6 +1169,11 @@ static void test_clipping(void** state) {
     o.kind = MPAR_OPTIMIZER_ADAMW;
     o.lr = 1e-2f, o.beta1 = 0.9f, o.beta2 = 0.999f, o.eps = 1e-8f, o.weight_decay = 0.1f, o.clip_norm = 0.05f;
     optimizer_check("adamw + clipping to 0.05", &o);
+    /* a clip norm far above the gradients' norm leaves them alone */
+    memset(&o, 0, sizeof o);
+    o.kind = MPAR_OPTIMIZER_SGD;
+    o.lr = 0.1f, o.momentum = 0.9f, o.clip_norm = 1000.0f;
+    optimizer_check("sgd, clip norm 1000 not reached", &o);
 }
 
 /* Warm-up over 3 steps, cosine decay over 4 to min_lr, then min_lr; the

@@ -206,6 +206,26 @@ static void test_bubble_gpipe_and_1f1b_match_formula(void** state) {
         }
 }
 
+/* The step ends when the last stage ends, whichever it is: here stage 2's
+   long optimizer step (GPipe, P = 3, M = 1, F = 1, B = 2; optimizer 0.5,
+   0.5, 20). Stage 0 is done at 9.5, stage 2 at 5 + 20 = 25; busy
+   3.5 + 3.5 + 23 = 30 of 3 × 25. */
+static void test_bubble_counts_the_last_stage_to_finish(void** state) {
+    mpar_sim_desc d = costs(1.0, 2.0, 0.0, 0.0);
+    const double opt[3] = {0.5, 0.5, 20.0};
+    mpar_schedule* sc = create_ok(MPAR_SCHEDULE_GPIPE, 3, 1, 1);
+    mpar_simulation* sim;
+    (void)state;
+    d.optimizer_step_per_stage = opt;
+    sim = simulate_ok(sc, &d);
+    assert_near(sim->step_time, 25.0, 1e-12);
+    assert_near(sim->busy[0], 3.5, 1e-12);
+    assert_near(sim->busy[2], 23.0, 1e-12);
+    assert_near(sim->bubble_fraction, 1.0 - 30.0 / 75.0, 1e-12);
+    mpar_simulation_destroy(sim);
+    mpar_schedule_destroy(sc);
+}
+
 static void test_sequential_utilization_is_one_over_p(void** state) {
     mpar_sim_desc d = costs(1.0, 2.0, 0.0, 0.0);
     int P;
@@ -714,6 +734,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_grid_every_schedule_simulates),
         cmocka_unit_test(test_bubble_gpipe_and_1f1b_match_formula),
+        cmocka_unit_test(test_bubble_counts_the_last_stage_to_finish),
         cmocka_unit_test(test_sequential_utilization_is_one_over_p),
         cmocka_unit_test(test_zbh1_bubble_below_1f1b),
         cmocka_unit_test(test_interleaved_bubble_below_1f1b),

@@ -11,6 +11,7 @@
 #include <mpi.h>
 
 enum { IN = 24, HID = 24, CLASSES = 6, BATCH = 30, STEPS = 3, M = 6 };
+static const float CLIP = 0.05f; /* below the gradients' norm: clipping engages */
 
 static int rank, size, failures, checks;
 static mpar_context* ctx;
@@ -41,7 +42,7 @@ static mpar_pipeline* make(mpar_schedule_kind kind, int mpi, mpar_stage_desc* st
     }
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = size, pd.schedule = kind, pd.microbatches = M, pd.max_batch = BATCH;
-    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 0.01f, pd.optimizer.clip_norm = 0.5f;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 0.01f, pd.optimizer.clip_norm = CLIP;
     pd.timeout_seconds = 30;
     pd.mpi_comm = mpi ? &comm : NULL; /* mpar duplicates it during create */
     if (mpar_pipeline_create(ctx, model, &pd, &p) != MPAR_SUCCESS) {
@@ -51,13 +52,17 @@ static mpar_pipeline* make(mpar_schedule_kind kind, int mpi, mpar_stage_desc* st
     return p;
 }
 
+static double last_grad_norm; /* of the last step() */
+
 static mpar_result step(mpar_pipeline* p, double* loss) {
     mpar_batch b;
     mpar_step_info info;
     mpar_result r;
     b.inputs = x, b.targets = y, b.samples = BATCH;
+    memset(&info, 0, sizeof info);
     r = mpar_pipeline_train_step(p, &b, &info);
     if (loss) *loss = info.loss;
+    last_grad_norm = info.grad_norm;
     return r;
 }
 
@@ -68,10 +73,18 @@ static void equality(mpar_schedule_kind kind) {
     mpar_pipeline* dist = make(kind, 1, st2);
     int s, l;
     for (s = 0; s < STEPS; s++) {
-        double a = 0, b = 0;
+        double a = 0, b = 0, na, nb;
         CHECK(step(ref, &a) == MPAR_SUCCESS, "reference step: %s", mpar_last_error(ctx));
+        na = last_grad_norm;
         CHECK(step(dist, &b) == MPAR_SUCCESS, "mpi step: %s", mpar_last_error(ctx));
+        nb = last_grad_norm;
         CHECK(a == b, "%s step %d: loss %.9g (one process) vs %.9g (MPI)", mpar_schedule_kind_name(kind), s, a, b);
+        /* every rank sees the global norm (all layers, summed across ranks)
+           and clips with it */
+        CHECK(na == nb, "%s step %d: gradient norm %.9g (one process) vs %.9g (MPI)", mpar_schedule_kind_name(kind), s,
+              na, nb);
+        CHECK(na > 1.5 * CLIP, "%s step %d: gradient norm %g does not engage clipping at %g",
+              mpar_schedule_kind_name(kind), s, na, (double)CLIP);
     }
     for (l = st2[rank].first_layer; l <= st2[rank].last_layer; l++) {
         size_t n = mpar_model_layer(model, l)->param_count;
@@ -119,10 +132,34 @@ static void fault(void) {
     CHECK(mpar__now() - t0 < 10.0, "the failing step took %.1f s", mpar__now() - t0);
     if (rank == size - 1)
         CHECK(r == (mpar_result)CL_OUT_OF_RESOURCES, "cause: %s %s", mpar_result_string(r), mpar_last_error(ctx));
-    else
-        CHECK(r == MPAR_ERROR_ABORTED && strstr(mpar_last_error(ctx), "rank"), "others: %s %s", mpar_result_string(r),
+    else {
+        char cause[64];
+        snprintf(cause, sizeof cause, "because rank %d failed", size - 1); /* names the failing rank */
+        CHECK(r == MPAR_ERROR_ABORTED && strstr(mpar_last_error(ctx), cause), "others: %s %s", mpar_result_string(r),
               mpar_last_error(ctx));
+    }
     CHECK(step(p, &loss) == MPAR_SUCCESS, "the step after the fault: %s", mpar_last_error(ctx));
+    /* A fault in the last launch of the gradient job on the last rank (the
+       gradient norms; the optimizer's launch comes after it): the other
+       ranks may be done with that job when its abort message arrives, and
+       must not take it for a failure of the next step. */
+    {
+        mpar_pipeline_stats st;
+        char spec[64];
+        int last;
+        memset(&st, 0, sizeof st);
+        CHECK(mpar_pipeline_get_stats(p, &st) == MPAR_SUCCESS, "stats");
+        last = (int)st.launches[size - 1] - 1; /* launches of the last step, less the optimizer's */
+        if (rank == size - 1) {
+            snprintf(spec, sizeof spec, "enqueue:*:%d:%d", mpar_pipeline_get_step(p), last);
+            CHECK(last > 1 && mpar_set_fault(ctx, spec) == MPAR_SUCCESS, "fault %s", spec);
+        }
+        MPI_Barrier(MPI_COMM_WORLD);
+        r = step(p, &loss);
+        CHECK(r != MPAR_SUCCESS, "a step with a fault in its last launch on rank %d succeeded", size - 1);
+        CHECK(step(p, &loss) == MPAR_SUCCESS, "the step after a late fault: %s", mpar_last_error(ctx));
+        CHECK(step(p, &loss) == MPAR_SUCCESS, "the second step after a late fault: %s", mpar_last_error(ctx));
+    }
     mpar_pipeline_destroy(p);
 }
 
