@@ -7067,7 +7067,7 @@ static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* r
                 MPI_Wait(req, MPI_STATUS_IGNORE);
             }
             if (aborted) return MPAR_ERROR_ABORTED;
-            return mpar__fail(p->ctx, MPAR_ERROR_TIMEOUT, "%s micro-batch %d %s rank %d waited over %.0f s",
+            return mpar__fail(p->ctx, MPAR_ERROR_TIMEOUT, "%s micro-batch %d %s rank %d waited over %g s",
                               is_send ? "sending" : "receiving", mb, is_send ? "to" : "from", l->peer, l->timeout);
         }
         nanosleep(&nap, NULL);
@@ -7130,7 +7130,7 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     pthread_mutex_unlock(&l->mu);
     t_copy = mpar__now();
     if (r == MPAR_ERROR_TIMEOUT)
-        return mpar__fail(w->p->ctx, r, "link send of micro-batch %d waited over %.0f s for room", mb, l->timeout);
+        return mpar__fail(w->p->ctx, r, "link send of micro-batch %d waited over %g s for room", mb, l->timeout);
     if (r != MPAR_SUCCESS) return r;
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER)) {
         MPAR__CL(w->p->ctx, CL_OUT_OF_RESOURCES); /* injected */
@@ -7165,7 +7165,7 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     pthread_mutex_unlock(&l->mu);
     t_copy = mpar__now();
     if (r == MPAR_ERROR_TIMEOUT)
-        return mpar__fail(w->p->ctx, r, "link receive of micro-batch %d waited over %.0f s", mb, l->timeout);
+        return mpar__fail(w->p->ctx, r, "link receive of micro-batch %d waited over %g s", mb, l->timeout);
     if (r != MPAR_SUCCESS) return r;
     if (tag != mb)
         return mpar__fail(w->p->ctx, MPAR_ERROR_INVALID_SCHEDULE,

@@ -184,6 +184,86 @@ static void test_build_faults(void** state) {
     }
 }
 
+/* A layer that copies its input and, while `stall_seconds` is set, first
+   sleeps that long in the forward of micro-batch rows starting at 0: a
+   neighbour that hangs. */
+static double stall_seconds;
+static mpar_result stall_setup(mpar_layer* l, mpar_error* err) {
+    (void)err;
+    l->out_features = l->in_features;
+    return MPAR_SUCCESS;
+}
+static mpar_result stall_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    int n = io->rows * l->in_features;
+    if (stall_seconds > 0 && io->row_offset == 0 && io->training) {
+        struct timespec ts;
+        ts.tv_sec = (time_t)stall_seconds;
+        ts.tv_nsec = (long)((stall_seconds - (double)ts.tv_sec) * 1e9);
+        nanosleep(&ts, NULL);
+    }
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n);
+}
+static mpar_result stall_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    int n = io->rows * l->in_features;
+    if (!io->need_dx) return MPAR_SUCCESS;
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->dy, io->dx, n);
+}
+static const mpar_layer_type stall_type = {"stall", 0, stall_setup, NULL, stall_forward, stall_backward, NULL};
+
+/* Stage `where` (of 2) hangs for 1.5 s with a 0.3 s link timeout: its
+   neighbour's wait (a receive when stage 0 hangs, a send finding no room
+   when stage 1 hangs) times out, the step returns MPAR_ERROR_TIMEOUT once
+   the sleeper is back, and the next step works. */
+static void stall_case(int where) {
+    mpar_model* m = NULL;
+    mpar_model_desc md;
+    mpar_layer_desc ld;
+    mpar_pipeline_desc pd;
+    mpar_stage_desc st[2] = {{0, 0, 1}, {1, 2, 4}};
+    mpar_pipeline* p = NULL;
+    mpar_batch b;
+    mpar_step_info info;
+    double t0;
+    mpar_result r;
+    memset(&md, 0, sizeof md);
+    md.input_features = IN, md.seed = 3;
+    memset(&ld, 0, sizeof ld);
+    ld.type = &stall_type;
+    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_linear(m, 16, NULL), MPAR_SUCCESS);
+    if (where == 0) assert_int_equal(mpar_model_add(m, &ld, NULL), MPAR_SUCCESS);
+    else assert_int_equal(mpar_model_add_simple(m, mpar_layer_tanh(), NULL), MPAR_SUCCESS);
+    if (where == 1) assert_int_equal(mpar_model_add(m, &ld, NULL), MPAR_SUCCESS);
+    else assert_int_equal(mpar_model_add_simple(m, mpar_layer_tanh(), NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_linear(m, CLASSES, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_GPIPE, pd.microbatches = 6;
+    pd.max_batch = BATCH, pd.link_capacity = 1, pd.timeout_seconds = 0.3;
+    assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_SUCCESS);
+    b.inputs = x, b.targets = y, b.samples = BATCH;
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_SUCCESS); /* first runs done */
+    stall_seconds = 1.5;
+    t0 = mpar__now();
+    r = mpar_pipeline_train_step(p, &b, &info);
+    stall_seconds = 0;
+    if (r != MPAR_ERROR_TIMEOUT)
+        fail_msg("stage %d hung: %s (%s)", where, mpar_result_string(r), mpar_last_error(ctx));
+    assert_non_null(strstr(mpar_last_error(ctx), where == 0 ? "link receive" : "link send"));
+    assert_non_null(strstr(mpar_last_error(ctx), "waited over 0.3 s"));
+    assert_non_null(strstr(mpar_last_error(ctx), where == 0 ? "stage 1" : "stage 0"));
+    assert_true(mpar__now() - t0 < 1.5 + 2.0);
+    assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_SUCCESS);
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+}
+
+static void test_link_timeouts(void** state) {
+    (void)state;
+    stall_case(0);
+    stall_case(1);
+}
+
 /* A fault inside the optimizer step leaves stages out of step with each
    other: training refuses to go on until a checkpoint is loaded. */
 static void test_fault_in_optimizer_step(void** state) {
@@ -271,7 +351,7 @@ int main(void) {
         cmocka_unit_test(test_fault_spec),     cmocka_unit_test(test_alloc_faults),
         cmocka_unit_test(test_enqueue_faults), cmocka_unit_test(test_transfer_faults),
         cmocka_unit_test(test_build_faults),   cmocka_unit_test(test_fault_in_optimizer_step),
-        cmocka_unit_test(test_nonfinite),
+        cmocka_unit_test(test_nonfinite),      cmocka_unit_test(test_link_timeouts),
     };
     return cmocka_run_group_tests_name("faults", tests, setup, teardown);
 }

@@ -163,6 +163,90 @@ static void fault(void) {
     mpar_pipeline_destroy(p);
 }
 
+/* A layer that copies its input and, while `stall_seconds` is set, sleeps
+   that long first in the forward of the first micro-batch: a hung rank. */
+static double stall_seconds;
+static mpar_result stall_setup(mpar_layer* l, mpar_error* err) {
+    (void)err;
+    l->out_features = l->in_features;
+    return MPAR_SUCCESS;
+}
+static mpar_result stall_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    int n = io->rows * l->in_features;
+    if (stall_seconds > 0 && io->row_offset == 0 && io->training) {
+        struct timespec ts;
+        ts.tv_sec = (time_t)stall_seconds;
+        ts.tv_nsec = (long)((stall_seconds - (double)ts.tv_sec) * 1e9);
+        nanosleep(&ts, NULL);
+    }
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n);
+}
+static mpar_result stall_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    int n = io->rows * l->in_features;
+    if (!io->need_dx) return MPAR_SUCCESS;
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->dy, io->dx, n);
+}
+static const mpar_layer_type stall_type = {"stall", 0, stall_setup, NULL, stall_forward, stall_backward, NULL};
+
+/* The last rank hangs for 2 s with a 0.5 s timeout: a rank waiting for it
+   stops with MPAR_ERROR_TIMEOUT, every rank returns an error soon after
+   the sleeper is back, and the next step works everywhere. */
+static void timeout(void) {
+    mpar_model* m = NULL;
+    mpar_model_desc md;
+    mpar_layer_desc ld;
+    mpar_pipeline_desc pd;
+    mpar_stage_desc st[8];
+    mpar_pipeline* p = NULL;
+    MPI_Comm comm = MPI_COMM_WORLD;
+    int L, j;
+    double t0, loss;
+    mpar_result r;
+    memset(&md, 0, sizeof md);
+    md.input_features = IN, md.seed = 3;
+    memset(&ld, 0, sizeof ld);
+    ld.type = &stall_type;
+    mpar_model_create(&md, &m, NULL);
+    mpar_model_add_linear(m, HID, NULL);
+    mpar_model_add_simple(m, mpar_layer_tanh(), NULL);
+    mpar_model_add_linear(m, CLASSES, NULL);
+    mpar_model_add(m, &ld, NULL); /* on the last rank */
+    mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL);
+    L = mpar_model_layer_count(m);
+    for (j = 0; j < size; j++) {
+        st[j].device = 0;
+        st[j].first_layer = L * j / size;
+        st[j].last_layer = L * (j + 1) / size - 1;
+    }
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = size, pd.schedule = MPAR_SCHEDULE_GPIPE, pd.microbatches = M;
+    pd.max_batch = BATCH, pd.timeout_seconds = 0.5, pd.mpi_comm = &comm;
+    CHECK(mpar_pipeline_create(ctx, m, &pd, &p) == MPAR_SUCCESS, "create: %s", mpar_last_error(ctx));
+    if (!p) return;
+    CHECK(step(p, &loss) == MPAR_SUCCESS, "first step: %s", mpar_last_error(ctx));
+    if (rank == size - 1) stall_seconds = 2.0;
+    MPI_Barrier(MPI_COMM_WORLD);
+    t0 = mpar__now();
+    r = step(p, &loss);
+    stall_seconds = 0;
+    CHECK(mpar__now() - t0 < 2.0 + 3.0, "the hung step took %.1f s", mpar__now() - t0);
+    {
+        /* whichever waiting rank gives up first reports the timeout; the
+           rest, the sleeper included, stop because of it */
+        int timed_out = r == MPAR_ERROR_TIMEOUT, total = 0;
+        if (timed_out)
+            CHECK(rank != size - 1 && strstr(mpar_last_error(ctx), "waited over 0.5 s"), "waiter: %s",
+                  mpar_last_error(ctx));
+        else
+            CHECK(r == MPAR_ERROR_ABORTED, "others: %s %s", mpar_result_string(r), mpar_last_error(ctx));
+        MPI_Allreduce(&timed_out, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+        CHECK(total >= 1, "no rank reported the timeout");
+    }
+    CHECK(step(p, &loss) == MPAR_SUCCESS, "the step after the hang: %s", mpar_last_error(ctx));
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+}
+
 int main(int argc, char** argv) {
     int provided = 0, total[2], mine[2], i;
     mpar_desc d;
@@ -201,6 +285,7 @@ int main(int argc, char** argv) {
     equality(MPAR_SCHEDULE_ZB_H1);
     equality(MPAR_SCHEDULE_SEQUENTIAL);
     fault();
+    timeout();
 
     mine[0] = checks - failures, mine[1] = failures;
     MPI_Reduce(mine, total, 2, MPI_INT, MPI_SUM, 0, MPI_COMM_WORLD);
