@@ -2548,6 +2548,13 @@ struct mpar_exec {
     int cl_pending;      /* OpenCL commands enqueued and not yet waited for */
     double host_start, host_end; /* profiling: host-route work since the last interval (0: none) */
     uint64_t launches, cl_launches; /* since the job began */
+#ifdef MPAR_TEST_DEFER_COPIES
+    struct {
+        cl_mem src, dst;
+        size_t src_off, dst_off, bytes;
+        int pending;
+    } deferred; /* a link copy not enqueued yet (see mpar__link_copy) */
+#endif
 };
 
 static double mpar__now(void);
@@ -7116,6 +7123,34 @@ static mpar_result mpar__mpi_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, 
 }
 #endif
 
+/* Device-side link copies. With MPAR_TEST_DEFER_COPIES defined (tests
+   only), a copy is not enqueued when asked but at the link's next wait on
+   that queue, as an asynchronous copy engine may finish it late: code that
+   skipped the wait would hand over a slot whose data has not arrived, and
+   the numbers would change. (PoCL itself orders commands on a shared buffer
+   across queues, so without this no test could see a missing wait.) */
+#ifdef MPAR_TEST_DEFER_COPIES
+static cl_int mpar__link_copy(mpar_exec* ex, cl_mem src, cl_mem dst, size_t src_off, size_t dst_off, size_t bytes) {
+    ex->deferred.src = src, ex->deferred.dst = dst, ex->deferred.src_off = src_off, ex->deferred.dst_off = dst_off;
+    ex->deferred.bytes = bytes, ex->deferred.pending = 1;
+    return CL_SUCCESS;
+}
+static cl_int mpar__link_finish(mpar_exec* ex) {
+    if (ex->deferred.pending) {
+        cl_int st = clEnqueueCopyBuffer(ex->queue, ex->deferred.src, ex->deferred.dst, ex->deferred.src_off,
+                                        ex->deferred.dst_off, ex->deferred.bytes, 0, NULL, NULL);
+        ex->deferred.pending = 0;
+        if (st != CL_SUCCESS) return st;
+    }
+    return clFinish(ex->queue);
+}
+#else
+static cl_int mpar__link_copy(mpar_exec* ex, cl_mem src, cl_mem dst, size_t src_off, size_t dst_off, size_t bytes) {
+    return clEnqueueCopyBuffer(ex->queue, src, dst, src_off, dst_off, bytes, 0, NULL, NULL);
+}
+static cl_int mpar__link_finish(mpar_exec* ex) { return clFinish(ex->queue); }
+#endif
+
 static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
     mpar_result r = MPAR_SUCCESS;
     double t0 = mpar__now();
@@ -7135,9 +7170,8 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER)) {
         MPAR__CL(w->p->ctx, CL_OUT_OF_RESOURCES); /* injected */
     } else if (l->device_copy) {
-        MPAR__CL(w->p->ctx, clEnqueueCopyBuffer(w->ex.queue, src.mem, l->dev[slot], src.off * 4, 0, floats * 4, 0, NULL,
-                                                NULL));
-        MPAR__CL(w->p->ctx, clFinish(w->ex.queue));
+        MPAR__CL(w->p->ctx, mpar__link_copy(&w->ex, src.mem, l->dev[slot], src.off * 4, 0, floats * 4));
+        MPAR__CL(w->p->ctx, mpar__link_finish(&w->ex)); /* the data is there before the slot is handed over */
     } else {
         MPAR__TRY(mpar__exec_transfer(&w->ex, src, l->host[slot], floats * 4, 0));
     }
@@ -7174,9 +7208,8 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
         MPAR__CL(w->p->ctx, CL_OUT_OF_RESOURCES); /* injected */
     } else if (l->device_copy) {
         MPAR__TRY(mpar__exec_sync(&w->ex)); /* host-route writes are done; kernels are ordered by the queue */
-        MPAR__CL(w->p->ctx, clEnqueueCopyBuffer(w->ex.queue, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4, 0,
-                                                NULL, NULL));
-        MPAR__CL(w->p->ctx, clFinish(w->ex.queue)); /* before the slot is reused */
+        MPAR__CL(w->p->ctx, mpar__link_copy(&w->ex, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4));
+        MPAR__CL(w->p->ctx, mpar__link_finish(&w->ex)); /* before the slot is reused */
     } else {
         MPAR__TRY(mpar__exec_transfer(&w->ex, dst, l->host[slot], floats * 4, 1));
     }
