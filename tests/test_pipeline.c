@@ -61,7 +61,7 @@ static int teardown(void** state) {
 typedef struct run_result {
     double loss[STEPS];
     float* params; /* all layers, concatenated */
-    int peak0, slots0;
+    int peak[4], slots[4]; /* per device stage, from mpar_pipeline_get_stats */
 } run_result;
 
 /* Trains STEPS steps with `stages` stages (× V chunks), devices used round
@@ -110,8 +110,7 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     }
     assert_int_equal(mpar_pipeline_get_stats(p, &stats), MPAR_SUCCESS);
     assert_int_equal(stats.stages, stages);
-    out->peak0 = stats.peak_in_flight[0];
-    out->slots0 = stats.slots[0];
+    for (j = 0; j < stages && j < 4; j++) out->peak[j] = stats.peak_in_flight[j], out->slots[j] = stats.slots[j];
     mpar_pipeline_destroy(p);
 }
 
@@ -172,22 +171,43 @@ static void test_recompute(void** state) {
     free(base.params);
 }
 
-/* Peak stashed micro-batches on stage 0, from the executor's accounting. */
-static void test_memory_accounting(void** state) {
+/* Peak stashed micro-batches on every stage, from the executor's
+   accounting, against what each schedule's lists hold (section 6: a stash
+   is taken at F and freed at B, or at W for a split backward), and the
+   activation slots allocated: exactly that peak, per chunk on interleaved
+   devices (each chunk gets its device's count). P = 4, M = 8. */
+static void expect_peaks(mpar_schedule_kind kind, int V, const int* peak, int recompute) {
     run_result r;
     const int M = 8, P = 4;
+    int s;
+    g_recompute = recompute;
+    run(g_ctx, kind, P, V, M, &r);
+    g_recompute = 0;
+    for (s = 0; s < P; s++) {
+        if (r.peak[s] != peak[s] || r.slots[s] != V * (peak[s] > 1 ? peak[s] : 1))
+            fail_msg("%s V=%d%s, stage %d: peak %d in flight and %d slots, expected %d and %d",
+                     mpar_schedule_kind_name(kind), V, recompute ? " recompute" : "", s, r.peak[s], r.slots[s],
+                     peak[s], V * (peak[s] > 1 ? peak[s] : 1));
+    }
+    free(r.params);
+}
+
+static void test_memory_accounting(void** state) {
+    /* GPipe: all M forwards before the first B. 1F1B: min(M, P - s).
+       ZB-H1: 1F1B's P - s plus the s deferred W's: min(M, P) on every
+       stage. SEQUENTIAL: the batch is one micro-batch. Interleaved V = 2
+       (chunk units): 2(P-s-1) + (V-1)P warm-up forwards and one more,
+       P dividing M. */
+    static const int gpipe[4] = {8, 8, 8, 8}, one_f_one_b[4] = {4, 3, 2, 1}, zbh1[4] = {4, 4, 4, 4},
+                     sequential[4] = {1, 1, 1, 1}, interleaved[4] = {11, 9, 7, 5};
     (void)state;
-    run(g_ctx, MPAR_SCHEDULE_GPIPE, P, 1, M, &r);
-    assert_int_equal(r.peak0, M);
-    free(r.params);
-    run(g_ctx, MPAR_SCHEDULE_1F1B, P, 1, M, &r);
-    assert_true(r.peak0 <= P);
-    assert_int_equal(r.peak0, P);
-    assert_true(r.slots0 <= P); /* and only that much was allocated */
-    free(r.params);
-    run(g_ctx, MPAR_SCHEDULE_ZB_H1, P, 1, M, &r);
-    assert_true(r.peak0 <= P);
-    free(r.params);
+    expect_peaks(MPAR_SCHEDULE_GPIPE, 1, gpipe, 0);
+    expect_peaks(MPAR_SCHEDULE_1F1B, 1, one_f_one_b, 0);
+    expect_peaks(MPAR_SCHEDULE_ZB_H1, 1, zbh1, 0);
+    expect_peaks(MPAR_SCHEDULE_SEQUENTIAL, 1, sequential, 0);
+    expect_peaks(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, interleaved, 0);
+    /* recomputing changes what a slot holds, not how many are held */
+    expect_peaks(MPAR_SCHEDULE_ZB_H1, 1, zbh1, 1);
 }
 
 /* A failure on the last stage mid-step: an error naming stage and action
@@ -225,7 +245,8 @@ static void test_fault_on_last_stage(void** state) {
 static void test_bad_input(void** state) {
     mpar_stage_desc gap[2] = {{0, 0, 5}, {1, 7, 13}}, order[2] = {{0, 7, 13}, {1, 0, 6}},
                     short_[2] = {{0, 0, 5}, {1, 6, 12}}, nodev[2] = {{0, 0, 6}, {9, 7, 13}},
-                    two_ok[2] = {{0, 0, 6}, {1, 7, 13}};
+                    two_ok[2] = {{0, 0, 6}, {1, 7, 13}},
+                    two_chunks[4] = {{0, 0, 3}, {1, 4, 7}, {0, 8, 10}, {1, 11, 13}};
     mpar_pipeline_desc pd;
     mpar_pipeline* p = NULL;
     mpar_batch b;
@@ -257,7 +278,11 @@ static void test_bad_input(void** state) {
     pd.max_batch = 4, pd.microbatches = 8;
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
     pd.microbatches = 2, pd.virtual_stages = 2, pd.schedule = MPAR_SCHEDULE_1F1B;
-    assert_true(mpar_pipeline_create(g_ctx, g_model, &pd, &p) != MPAR_SUCCESS); /* V>1 needs interleaved */
+    pd.stages = two_chunks, pd.stage_count = 4; /* V>1 needs interleaved: the schedule refuses it */
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "only the interleaved"));
+    assert_null(p);
+    pd.stages = NULL, pd.stage_count = 0;
     assert_int_equal(mpar_pipeline_create(NULL, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
     pd.virtual_stages = 1, pd.max_batch = BATCH;
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_SUCCESS); /* default: even split */

@@ -156,10 +156,35 @@ static void check_timing(const mpar_schedule* sc, const mpar_simulation* sim, do
 
 /* ---- every generated schedule runs, with the right shape and timing ---- */
 
+/* Step time of a generated schedule with uniform costs F = 1, B = 2 (I = W
+   = 1) per chunk, no link delay and no optimizer cost, where a closed form
+   is known; -1 otherwise.
+     SEQUENTIAL      the batch through P stages one after another: 3P
+     GPIPE, 1F1B     3 (M + P - 1): bubble (P - 1) / (M + P - 1)
+     ZB_H1           M >= P: 3M + P - 1, the (P - 1) / (3M + P - 1) bubble;
+                     M < P: micro-batch 0 takes 2P - 1 to come back to
+                     stage 0 as an I (P forwards, P - 1 I's), then stage 0
+                     runs I, W of each micro-batch back to back: 2P - 1 + 2M
+     INTERLEAVED     V = 1: as 1F1B. P divides M: 3 (VM + P - 1), Megatron's
+                     (P - 1) / (VM + P - 1); other M: padding leaves more
+                     idle time, no closed form. */
+static double uniform_step(mpar_schedule_kind kind, int P, int M, int V) {
+    switch (kind) {
+    case MPAR_SCHEDULE_SEQUENTIAL: return 3.0 * P;
+    case MPAR_SCHEDULE_GPIPE:
+    case MPAR_SCHEDULE_1F1B: return 3.0 * (M + P - 1);
+    case MPAR_SCHEDULE_ZB_H1: return M >= P ? 3.0 * M + P - 1 : 2.0 * P - 1 + 2.0 * M;
+    case MPAR_SCHEDULE_INTERLEAVED_1F1B:
+        if (V == 1) return 3.0 * (M + P - 1);
+        return M % P == 0 ? 3.0 * (V * M + P - 1) : -1.0;
+    }
+    return -1.0;
+}
+
 static void test_grid_every_schedule_simulates(void** state) {
     size_t kk;
     int P, M, V, s, checked = 0;
-    mpar_sim_desc d = costs(1.0, 2.0, 1.0, 1.0);
+    mpar_sim_desc d = costs(1.0, 2.0, 1.0, 1.0), free_links = costs(1.0, 2.0, 1.0, 1.0);
     d.link_delay = 0.25;
     (void)state;
     for (kk = 0; kk < sizeof all_kinds / sizeof all_kinds[0]; ++kk) {
@@ -168,9 +193,12 @@ static void test_grid_every_schedule_simulates(void** state) {
             for (M = 1; M <= 16; ++M)
                 for (V = 1; V <= (kind == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 3 : 1); ++V) {
                     mpar_schedule* sc = create_ok(kind, P, M, V);
-                    mpar_simulation* sim;
+                    mpar_simulation *sim, *free_sim;
                     int m_sched = kind == MPAR_SCHEDULE_SEQUENTIAL ? 1 : M;
                     int per_stage = (kind == MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * m_sched * V + 1;
+                    /* F + B, or F + I + W, of every micro-batch and chunk:
+                       all a stage is busy with (the optimizer costs 0) */
+                    double busy = 3.0 * m_sched * V, last_end = 0.0, expect;
                     assert_int_equal(sc->stages, P);
                     assert_int_equal(sc->microbatches, m_sched);
                     assert_int_equal(sc->virtual_stages, V);
@@ -182,8 +210,36 @@ static void test_grid_every_schedule_simulates(void** state) {
                     assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
                     sim = simulate_ok(sc, &d);
                     check_timing(sc, sim, 1.0, 2.0, 1.0, 1.0, 0.25);
-                    assert_true(sim->step_time > 0.0);
-                    assert_true(sim->bubble_fraction >= -1e-12 && sim->bubble_fraction < 1.0);
+                    /* the step ends when the last stage ends, and the bubble
+                       is the idle share of P stages over that step */
+                    for (s = 0; s < P; ++s) {
+                        assert_near(sim->busy[s], busy, 1e-9);
+                        if (sim->end[s][per_stage - 1] > last_end) last_end = sim->end[s][per_stage - 1];
+                    }
+                    assert_near(sim->step_time, last_end, 0.0);
+                    assert_near(sim->bubble_fraction, 1.0 - busy / sim->step_time, 1e-12);
+                    /* SEQUENTIAL and GPipe run every micro-batch's forwards,
+                       then its backwards, through the whole chain: the fill
+                       and the drain each cross P - 1 links */
+                    if (kind == MPAR_SCHEDULE_SEQUENTIAL || kind == MPAR_SCHEDULE_GPIPE)
+                        assert_near(sim->step_time, 3.0 * (m_sched + P - 1) + 2.0 * (P - 1) * 0.25, 1e-9);
+                    if (P == 1) assert_near(sim->step_time, busy, 1e-9); /* no link, no idle time */
+                    /* free links: the closed forms above */
+                    free_sim = simulate_ok(sc, &free_links);
+                    expect = uniform_step(kind, P, M, V);
+                    if (expect > 0.0) {
+                        if (fabs(free_sim->step_time - expect) > 1e-9) {
+                            print_error("%s P=%d M=%d V=%d: step %g without link delays, expected %g\n",
+                                        mpar_schedule_kind_name(kind), P, M, V, free_sim->step_time, expect);
+                            fail();
+                        }
+                    } else { /* interleaved, P does not divide M: above Megatron's figure */
+                        assert_true(free_sim->bubble_fraction >= (double)(P - 1) / (double)(V * M + P - 1) - 1e-9);
+                    }
+                    assert_near(free_sim->bubble_fraction, 1.0 - busy / free_sim->step_time, 1e-12);
+                    /* a delay on the links never makes a step shorter */
+                    assert_true(sim->step_time >= free_sim->step_time - 1e-9);
+                    mpar_simulation_destroy(free_sim);
                     mpar_simulation_destroy(sim);
                     mpar_schedule_destroy(sc);
                     ++checked;
@@ -288,7 +344,7 @@ static void test_interleaved_bubble_below_1f1b(void** state) {
 /* ---- peak in-flight micro-batches ---- */
 
 static void test_peak_in_flight(void** state) {
-    int P, M, s;
+    int P, M, V, s;
     (void)state;
     for (P = 1; P <= 8; ++P)
         for (M = 1; M <= 16; ++M) {
@@ -298,20 +354,16 @@ static void test_peak_in_flight(void** state) {
             mpar_simulation* gs = simulate_ok(g, NULL);
             mpar_simulation* os = simulate_ok(o, NULL);
             mpar_simulation* zs = simulate_ok(z, NULL);
-            int zmax = 0, omax = 0;
-            assert_int_equal(gs->peak_in_flight[0], M);
             for (s = 0; s < P; ++s) {
                 int expect = M < P - s ? M : P - s;
                 assert_int_equal(gs->peak_in_flight[s], M);
                 assert_int_equal(os->peak_in_flight[s], expect);
-                if (zs->peak_in_flight[s] > zmax) zmax = zs->peak_in_flight[s];
-                if (os->peak_in_flight[s] > omax) omax = os->peak_in_flight[s];
+                /* a stash lives until W: stage s holds 1F1B's P - s and
+                   the s whose W's lag behind their I's, so min(M, P) on
+                   every stage: stage 0 as in 1F1B, and the peak over
+                   stages (what sizes memory) 1F1B's */
+                assert_int_equal(zs->peak_in_flight[s], M < P ? M : P);
             }
-            assert_true(zs->peak_in_flight[0] <= os->peak_in_flight[0]);
-            /* a stash lives until W: the last stage, whose W's lag P-1
-               behind its I's, holds min(M, P) stashes */
-            assert_int_equal(zs->peak_in_flight[P - 1], M < P ? M : P);
-            assert_true(zmax <= omax); /* ZB-H1 keeps 1F1B's peak memory */
             mpar_simulation_destroy(gs);
             mpar_simulation_destroy(os);
             mpar_simulation_destroy(zs);
@@ -319,6 +371,24 @@ static void test_peak_in_flight(void** state) {
             mpar_schedule_destroy(o);
             mpar_schedule_destroy(z);
         }
+    /* interleaved, P dividing M, in chunk units: the warm-up's
+       2(P-s-1) + (V-1)P forwards and the one more before the first B */
+    for (V = 2; V <= 3; ++V)
+        for (P = 1; P <= 8; ++P)
+            for (M = P; M <= 16; M += P) {
+                mpar_schedule* sc = create_ok(MPAR_SCHEDULE_INTERLEAVED_1F1B, P, M, V);
+                mpar_simulation* sim = simulate_ok(sc, NULL);
+                for (s = 0; s < P; ++s) {
+                    int warm = 2 * (P - s - 1) + (V - 1) * P + 1, expect = M * V < warm ? M * V : warm;
+                    if (sim->peak_in_flight[s] != expect) {
+                        print_error("interleaved P=%d M=%d V=%d stage %d: peak %d, expected %d\n", P, M, V, s,
+                                    sim->peak_in_flight[s], expect);
+                        fail();
+                    }
+                }
+                mpar_simulation_destroy(sim);
+                mpar_schedule_destroy(sc);
+            }
 }
 
 /* ---- hand-written schedules ---- */

@@ -4,8 +4,8 @@
    hand-made timeline come out exactly; the naive schedule measures about
    1/P utilisation and its Gantt chart never shows two devices computing at
    once; the Chrome trace is JSON with one track per stage and per link; the
-   SVG is XML and renders in headless Chromium (scripts/check-svg.sh) when
-   Chromium is installed. */
+   SVG is XML and renders in headless Chromium (scripts/check-svg.sh): where
+   Chromium is not installed that test is skipped, with a SKIPPED line. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -187,7 +188,101 @@ static void expect_counts(const mpar_timeline* t) {
     }
 }
 
-/* Every schedule on 2 devices: the recorded step is consistent. */
+/* What mpar_timeline_get_stats promises, recomputed from the events: the
+   step ends with the last event; busy (F, B, I, W, optimizer), transfer
+   (copies) and wait are sums of a stage's events, idle the rest of the
+   step; bubble = 1 - sum(busy) / (stages * step); device memory is the
+   executor's count. Exact but for the order of additions. */
+static void expect_stats_of(const mpar_timeline* t, const mpar_timeline_stats* st, const mpar_pipeline_stats* ps) {
+    double busy[2] = {0.0, 0.0}, transfer[2] = {0.0, 0.0}, wait[2] = {0.0, 0.0}, end = 0.0, total = 0.0;
+    size_t peak = 0;
+    int i, s;
+    assert_int_equal(t->stages, 2);
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        double d = e->end - e->start;
+        if (e->kind == MPAR_EVENT_SEND || e->kind == MPAR_EVENT_RECEIVE) transfer[e->stage] += d;
+        else if (e->kind == MPAR_EVENT_WAIT) wait[e->stage] += d;
+        else busy[e->stage] += d;
+        if (e->end > end) end = e->end;
+    }
+    assert_near(t->step_time, end, 0.0);
+    assert_near(st->step_time, t->step_time, 0.0);
+    for (s = 0; s < 2; s++) {
+        assert_near(st->stage[s].busy, busy[s], 1e-12);
+        assert_near(st->stage[s].transfer, transfer[s], 1e-12);
+        assert_near(st->stage[s].wait, wait[s], 1e-12);
+        assert_near(st->stage[s].idle, fmax(0.0, end - busy[s] - transfer[s]), 1e-12);
+        assert_true(st->stage[s].device_bytes == ps->device_bytes[s]);
+        if (ps->device_bytes[s] > peak) peak = ps->device_bytes[s];
+        total += busy[s];
+    }
+    assert_true(st->peak_device_bytes == peak && peak > 0);
+    assert_near(st->busy_total, total, 1e-12);
+    assert_near(st->bubble_fraction, 1.0 - total / (2.0 * end), 1e-12);
+    assert_near(st->utilisation, total / (2.0 * end), 1e-12);
+    /* two stages never both compute through a step: the second waits for
+       the first forward, the first for the last backward */
+    assert_true(st->bubble_fraction > 0.0 && st->bubble_fraction < 1.0);
+}
+
+/* What mpar_timeline_predict promises: the measured figures as they are,
+   and the predicted bubble as the measured busy time over the simulated
+   step. The simulated step is bounded by the events alone. Each stage runs
+   its actions one after another at their measured means: F, B (or I, W),
+   the stage's own copies charged to them, its host gaps (the time within
+   its span in no event) spread over them, and its two optimizer events.
+   So the step is at least the largest stage total; and at most all stage
+   totals plus every message's link delay (the mean hand-off latency of its
+   boundary, at most the larger direction's mean), since the step is one
+   chain of actions and messages, each at most once. A mean that is a sum,
+   a copy or gap left out or charged per action lands outside. Returns
+   predicted / measured step. */
+static double expect_prediction_of(const mpar_timeline* t, const mpar_timeline_stats* st) {
+    mpar_timeline_prediction pr;
+    mpar_error err;
+    double total[2], lower = 0.0, upper = 0.0;
+    int s, i, b;
+    memset(&err, 0, sizeof err);
+    if (mpar_timeline_predict(t, &pr, &err) != MPAR_SUCCESS) fail_msg("predict: %s", err.message);
+    assert_near(pr.measured_step_time, st->step_time, 0.0);
+    assert_near(pr.measured_bubble_fraction, st->bubble_fraction, 0.0);
+    assert_near(pr.bubble_fraction, 1.0 - st->busy_total / (2.0 * pr.step_time), 1e-12);
+    for (s = 0; s < 2; s++) {
+        double first = 0.0, last = 0.0, covered = 0.0, gap;
+        int seen = 0;
+        for (i = 0; i < t->event_count; i++) {
+            const mpar_event* e = &t->events[i];
+            if (e->stage != s || e->kind == MPAR_EVENT_OPTIMIZER_STEP) continue;
+            if (!seen || e->start < first) first = e->start;
+            if (!seen || e->end > last) last = e->end;
+            seen = 1;
+            covered += e->end - e->start;
+        }
+        gap = last - first - covered;
+        total[s] = st->stage[s].busy + st->stage[s].transfer + (gap > 0.0 ? gap : 0.0);
+        if (total[s] > lower) lower = total[s];
+        upper += total[s];
+    }
+    for (b = 0; b < mpar_timeline_link_count(t) / 2; b++) {
+        mpar_timeline_link_stats fwd, bwd;
+        assert_int_equal(mpar_timeline_get_link_stats(t, b, 0, &fwd, NULL), MPAR_SUCCESS);
+        assert_int_equal(mpar_timeline_get_link_stats(t, b, 1, &bwd, NULL), MPAR_SUCCESS);
+        upper += 2.0 * t->microbatches * fmax(fwd.handoff_latency, bwd.handoff_latency);
+    }
+    if (pr.step_time < lower - 1e-9 || pr.step_time > upper + 1e-9)
+        fail_msg("%s: predicted step %.6f ms outside [%.6f, %.6f] ms (stage totals %.6f and %.6f ms)",
+                 mpar_schedule_kind_name(t->schedule), pr.step_time * 1e3, lower * 1e3, upper * 1e3, total[0] * 1e3,
+                 total[1] * 1e3);
+    return pr.step_time / st->step_time;
+}
+
+/* Every schedule on 2 devices: the recorded step is consistent, and its
+   statistics and prediction are what the events make them. How near the
+   prediction comes to the measured step is printed, not asserted: host
+   time outside the events (before a stage's first one, thread wake-ups) is
+   not in the simulation, and on a loaded machine or under ASan it takes
+   the ratio from 0.8-1.05 down to 0.2. */
 static void test_real_timelines_consistent(void** state) {
     static const mpar_schedule_kind kinds[] = {MPAR_SCHEDULE_SEQUENTIAL, MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B,
                                                MPAR_SCHEDULE_ZB_H1, MPAR_SCHEDULE_INTERLEAVED_1F1B};
@@ -197,8 +292,8 @@ static void test_real_timelines_consistent(void** state) {
         mpar_pipeline* p = make_pipeline(kinds[k], 4);
         mpar_timeline t;
         mpar_timeline_stats st;
-        mpar_timeline_prediction pr;
-        mpar_error err;
+        mpar_pipeline_stats ps;
+        double ratio[2];
         int step;
         for (step = 0; step < 2; step++) {
             train_step(p, &t);
@@ -207,13 +302,13 @@ static void test_real_timelines_consistent(void** state) {
             expect_consistent(&t, CLOCK_TOLERANCE, mpar_schedule_kind_name(kinds[k]));
             expect_counts(&t);
             assert_int_equal(mpar_timeline_get_stats(&t, &st, NULL), MPAR_SUCCESS);
-            assert_true(st.bubble_fraction > 0.0 && st.bubble_fraction < 1.0);
-            assert_true(st.stage[0].device_bytes > 0 && st.peak_device_bytes >= st.stage[1].device_bytes);
-            memset(&err, 0, sizeof err);
-            if (mpar_timeline_predict(&t, &pr, &err) != MPAR_SUCCESS) fail_msg("predict: %s", err.message);
-            assert_true(pr.step_time > 0.0 && pr.bubble_fraction >= 0.0 && pr.bubble_fraction < 1.0);
+            assert_int_equal(mpar_pipeline_get_stats(p, &ps), MPAR_SUCCESS);
+            expect_stats_of(&t, &st, &ps);
+            ratio[step] = expect_prediction_of(&t, &st);
             mpar_timeline_free(&t);
         }
+        print_message("%s: predicted / measured step %.3f, %.3f\n", mpar_schedule_kind_name(kinds[k]), ratio[0],
+                      ratio[1]);
         if (kinds[k] == MPAR_SCHEDULE_1F1B) { /* an inference call is checked as one */
             mpar_batch b;
             b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
@@ -599,19 +694,59 @@ static void test_trace_and_svg(void** state) {
                  "n=sum(1 for e in r.iter() if e.tag.endswith('rect')); sys.exit(0 if n>=%d else 1)\" %s",
                  t.event_count, svg);
         if (system(cmd) != 0) fail_msg("SVG %s is not XML or lacks boxes", svg);
-        if (have("chromium") || have("chromium-browser")) {
-            snprintf(cmd, sizeof cmd, "scripts/check-svg.sh %s %s.png >/dev/null", svg, json);
-            if (system(cmd) != 0) fail_msg("scripts/check-svg.sh %s failed", svg);
-            snprintf(cmd, sizeof cmd, "%s.png", json);
-            unlink(cmd);
-        } else if (k == 0) {
-            print_message("chromium not installed: SVG rendering not checked (apt-get install chromium)\n");
-        }
         unlink(svg);
         mpar_timeline_free(&t);
         mpar_pipeline_destroy(p);
     }
     unlink(json);
+}
+
+/* The browsers scripts/check-svg.sh looks for. */
+static int have_browser(void) { return have("chromium") || have("chromium-browser") || have("google-chrome"); }
+
+/* Well-formed XML can still render blank: scripts/check-svg.sh renders the
+   SVG in headless Chromium and checks the picture. Without Chromium or
+   python3 (a developer machine) the check cannot run: it is skipped loudly,
+   a SKIPPED line here and in cmocka's summary, and make test still passes.
+   CI installs Chromium (.ci/run), so there (CI set, as CI services do) a
+   missing one fails instead of passing unseen. */
+static void test_svg_renders_in_chromium(void** state) {
+    static const mpar_schedule_kind kinds[] = {MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_INTERLEAVED_1F1B};
+    const char* ci = getenv("CI");
+    char svg[] = "/tmp/mpar_svg_XXXXXX", path[64], cmd[256];
+    size_t k;
+    int fd;
+    (void)state;
+    if (!have_browser() || !have("python3")) {
+        const char* missing = have_browser() ? "python3" : "chromium";
+        if (ci && *ci && strcmp(ci, "0") != 0 && strcmp(ci, "false") != 0)
+            fail_msg("CI=%s, but %s is not installed: the SVG rendering check cannot run", ci, missing);
+        print_message("SKIPPED: the timeline SVG was not rendered: %s not installed (apt-get install chromium "
+                      "python3; CI installs them)\n", missing);
+        skip();
+    }
+    fd = mkstemp(svg);
+    assert_true(fd >= 0);
+    close(fd);
+    unlink(svg);
+    for (k = 0; k < 2; k++) {
+        mpar_pipeline* p = make_pipeline(kinds[k], 4);
+        mpar_timeline t;
+        int rc;
+        train_step(p, &t);
+        snprintf(path, sizeof path, "%s.svg", svg);
+        write_file(path, &t, 1);
+        mpar_timeline_free(&t);
+        mpar_pipeline_destroy(p);
+        snprintf(cmd, sizeof cmd, "scripts/check-svg.sh %s %s.png", path, svg);
+        rc = system(cmd);
+        if (rc != 0)
+            fail_msg("%s: scripts/check-svg.sh %s failed (exit status %d)", mpar_schedule_kind_name(kinds[k]), path,
+                     WIFEXITED(rc) ? WEXITSTATUS(rc) : -1);
+        unlink(path);
+        snprintf(path, sizeof path, "%s.png", svg);
+        unlink(path);
+    }
 }
 
 int main(void) {
@@ -622,6 +757,7 @@ int main(void) {
         cmocka_unit_test(test_real_timelines_consistent),
         cmocka_unit_test(test_sequential_utilisation_and_gantt),
         cmocka_unit_test(test_trace_and_svg),
+        cmocka_unit_test(test_svg_renders_in_chromium),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
