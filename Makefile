@@ -5,6 +5,8 @@
 #   make bench    every benchmark, one `name: value` per line
 #   make check    the tests under AddressSanitizer + UBSan, the executor under
 #                 ThreadSanitizer, the pure parts under valgrind
+#   make mutate   plant each bug of tests/mutants.txt in a copy of the tree and
+#                 run the suites meant to catch it (not in CI: half an hour)
 #   make install PREFIX=/usr/local
 CC       ?= cc
 CXX      ?= c++
@@ -32,7 +34,7 @@ export POCL_DEVICES ?= basic basic
 TEST_ENV  = MPAR_CACHE_DIR=$(CURDIR)/build/cache
 ICD2      = build/icd2
 
-.PHONY: all deps test test-mpi compile-tests demo bench check install clean clean-tests
+.PHONY: all deps test test-mpi compile-tests demo bench check mutate install clean clean-tests
 all: deps compile-tests $(TESTS) $(EXAMPLES) $(BENCHES)
 
 deps:
@@ -93,6 +95,9 @@ check: deps
 
 demo: all
 	examples/demo
+
+mutate: deps
+	scripts/mutate.sh
 
 bench: all
 	@for b in $(BENCHES); do echo "# $$b"; $(TEST_ENV) $$b || exit 1; done
