@@ -70,7 +70,7 @@ test: all $(ICD2)
 # Stages in separate processes: 2 and 3 ranks on this machine, one PoCL
 # device each. mpirun needs both flags to run as root on two cores.
 MPIRUN = mpirun --allow-run-as-root --oversubscribe
-tests/mpi/test_mpi: tests/mpi/test_mpi.c $(HDR) | deps
+tests/mpi/test_mpi: tests/mpi/test_mpi.c $(HDR) tests/stall_layer.h | deps
 	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
 bench/mpi/bench_mpi: bench/mpi/bench_mpi.c $(HDR) | deps
 	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)

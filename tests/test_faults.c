@@ -184,31 +184,7 @@ static void test_build_faults(void** state) {
     }
 }
 
-/* A layer that copies its input and, while `stall_seconds` is set, first
-   sleeps that long in the forward of micro-batch rows starting at 0: a
-   neighbour that hangs. */
-static double stall_seconds;
-static mpar_result stall_setup(mpar_layer* l, mpar_error* err) {
-    (void)err;
-    l->out_features = l->in_features;
-    return MPAR_SUCCESS;
-}
-static mpar_result stall_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
-    if (stall_seconds > 0 && io->row_offset == 0 && io->training) {
-        struct timespec ts;
-        ts.tv_sec = (time_t)stall_seconds;
-        ts.tv_nsec = (long)((stall_seconds - (double)ts.tv_sec) * 1e9);
-        nanosleep(&ts, NULL);
-    }
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n);
-}
-static mpar_result stall_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
-    if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->dy, io->dx, n);
-}
-static const mpar_layer_type stall_type = {"stall", 0, stall_setup, NULL, stall_forward, stall_backward, NULL};
+#include "stall_layer.h"
 
 /* Stage `where` (of 2) hangs for 1.5 s with a 0.3 s link timeout: its
    neighbour's wait (a receive when stage 0 hangs, a send finding no room

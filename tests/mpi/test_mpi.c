@@ -163,30 +163,7 @@ static void fault(void) {
     mpar_pipeline_destroy(p);
 }
 
-/* A layer that copies its input and, while `stall_seconds` is set, sleeps
-   that long first in the forward of the first micro-batch: a hung rank. */
-static double stall_seconds;
-static mpar_result stall_setup(mpar_layer* l, mpar_error* err) {
-    (void)err;
-    l->out_features = l->in_features;
-    return MPAR_SUCCESS;
-}
-static mpar_result stall_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
-    if (stall_seconds > 0 && io->row_offset == 0 && io->training) {
-        struct timespec ts;
-        ts.tv_sec = (time_t)stall_seconds;
-        ts.tv_nsec = (long)((stall_seconds - (double)ts.tv_sec) * 1e9);
-        nanosleep(&ts, NULL);
-    }
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n);
-}
-static mpar_result stall_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
-    if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->dy, io->dx, n);
-}
-static const mpar_layer_type stall_type = {"stall", 0, stall_setup, NULL, stall_forward, stall_backward, NULL};
+#include "../stall_layer.h"
 
 /* The last rank hangs for 2 s with a 0.5 s timeout: a rank waiting for it
    stops with MPAR_ERROR_TIMEOUT, every rank returns an error soon after
