@@ -6,7 +6,7 @@
 #   make check    the tests under AddressSanitizer + UBSan, the executor under
 #                 ThreadSanitizer, the pure parts under valgrind
 #   make mutate   plant each bug of tests/mutants.txt in a copy of the tree and
-#                 run the suites meant to catch it (not in CI: half an hour)
+#                 run the suites meant to catch it (not in CI: 13-20 minutes)
 #   make install PREFIX=/usr/local
 CC       ?= cc
 CXX      ?= c++
