@@ -45,7 +45,8 @@
    6 schedules and simulator, 7-8 stage chain and executor.
 
    Environment: MPAR_DEVICES, MPAR_KERNEL_PATH, MPAR_BUILD_OPTIONS,
-   MPAR_CACHE_DIR, MPAR_CPU_ROUTE, POCL_DEVICES (see README.md).
+   MPAR_CACHE_DIR, MPAR_CPU_ROUTE (see README.md). mpar reads the
+   environment and never changes it.
 
    Revision history:
        0.1.0 (2026-11-21)  devices, run-time kernels with binary cache,
@@ -246,11 +247,6 @@ typedef struct mpar_desc {
     /* Non-zero: every device gets its own cl_context (the mixed-vendor path),
        even when devices share a platform. */
     int context_per_device;
-    /* Value given to POCL_DEVICES when it is unset, before OpenCL starts in
-       this process. NULL: "basic basic" (two one-core PoCL devices that run in
-       parallel); "": leave the environment alone. Has no effect once any
-       OpenCL platform was queried in the process. */
-    const char* pocl_devices;
     /* Kernel search: this colon-separated list of folders first, then
        MPAR_KERNEL_PATH, then kernels/ beside the executable (or in its parent
        folder), then the compiled-in MPAR_KERNEL_DIR. */
@@ -284,7 +280,12 @@ typedef struct mpar_context_stats {
 MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out);
 MPARDEF void mpar_destroy(mpar_context* ctx);
 /* The detail of the last failure on this context: the failing call, file
-   and line, or a kernel build log. Never NULL. */
+   and line, or a kernel build log. Never NULL. Safe from any thread; the
+   string stays valid until 16 more calls on this context have failed, or
+   the context is destroyed. A failing pipeline call names the stage that
+   failed first and that stage's own detail. mpar never changes the
+   process environment: to get two one-core PoCL devices on a CPU, set
+   POCL_DEVICES="basic basic" before the first OpenCL call. */
 MPARDEF const char* mpar_last_error(const mpar_context* ctx);
 MPARDEF int mpar_device_count(const mpar_context* ctx);
 MPARDEF mpar_result mpar_device_get_info(const mpar_context* ctx, int device, mpar_device_info* out);
@@ -302,8 +303,7 @@ MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context
 MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec);
 /* Every device on every platform, no selection applied. `count` receives
    the total even when `capacity` is smaller. */
-MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* count, const char* pocl_devices,
-                                      mpar_error* err);
+MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* count, mpar_error* err);
 MPARDEF const char* mpar_device_type_name(mpar_device_type type);
 
 /* ==========================================================================
@@ -1506,6 +1506,7 @@ static uint64_t mpar__fnv1a(uint64_t h, const void* data, size_t n) {
    -------------------------------------------------------------------------- */
 
 #define MPAR__MAX_DEVICES 64
+#define MPAR__MAX_SINKS 256 /* worker threads of all pipelines on one context */
 
 typedef struct mpar__program {
     int group;
@@ -1520,6 +1521,7 @@ typedef struct mpar__device {
     cl_device_id id;
     cl_command_queue queue;
     size_t host_align; /* host route: alignment of buffer memory, bytes */
+    int pocl;          /* PoCL's device: first runs of a kernel one thread at a time */
 } mpar__device;
 
 struct mpar_context {
@@ -1536,9 +1538,27 @@ struct mpar_context {
     char* cache_dir;     /* NULL: cache off */
     mpar__program* programs;
     mpar_context_stats stats;
-    pthread_mutex_t lock; /* guards error, programs, stats */
-    char* error;          /* last error detail, never NULL after create */
-    size_t error_cap;
+    pthread_mutex_t lock; /* guards error, retired, sinks, programs, stats */
+    /* The last error detail of a call made on this context (never NULL
+       after create). Each message is written once and never changed; the
+       16 before it stay allocated, so a pointer from mpar_last_error stays
+       valid while other threads fail. */
+    char* error;
+    char* retired[16];
+    int retired_next;
+    /* Worker threads of pipelines on this context: a failure inside one
+       goes to that worker's own buffer, not to `error` (the pipeline call
+       that ran the job assembles its message from them). */
+    struct {
+        pthread_t thread;
+        char* buf;
+        size_t cap;
+    } sinks[MPAR__MAX_SINKS];
+    int sink_count;
+    /* PoCL's kernel loader is not safe when two threads load a kernel for
+       the first time at once: first runs on this context's PoCL devices
+       take this lock (see mpar__serial_begin). */
+    pthread_mutex_t first_run_lock;
     int fault_kind, fault_stage, fault_step, fault_nth; /* mpar_set_fault; kind 0: none */
 };
 
@@ -1576,8 +1596,10 @@ static void mpar__log(const mpar_context* ctx, mpar_log_level level, const char*
     ctx->log(ctx->log_user, level, buf);
 }
 
-/* Records the failure detail on the context and returns code. The detail
-   may be long (a build log), so it grows as needed. */
+/* Records the failure detail and returns code. In a pipeline's worker
+   thread the detail goes to that worker's buffer; elsewhere it becomes the
+   context's message (mpar_last_error), a new string each time, so that a
+   reader on another thread never sees one half-written. */
 static mpar_result mpar__fail(mpar_context* ctx, mpar_result code, const char* fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 3, 4)))
@@ -1585,26 +1607,62 @@ static mpar_result mpar__fail(mpar_context* ctx, mpar_result code, const char* f
     ;
 static mpar_result mpar__fail(mpar_context* ctx, mpar_result code, const char* fmt, ...) {
     va_list ap;
-    int n;
+    int n, i;
+    char* msg;
     if (!ctx) return code;
     pthread_mutex_lock(&ctx->lock);
-    va_start(ap, fmt);
-    n = vsnprintf(ctx->error, ctx->error_cap, fmt, ap);
-    va_end(ap);
-    if (n >= 0 && (size_t)n >= ctx->error_cap) {
-        char* bigger = (char*)mpar__alloc(ctx, (size_t)n + 1);
-        if (bigger) {
-            mpar__free(ctx, ctx->error);
-            ctx->error = bigger;
-            ctx->error_cap = (size_t)n + 1;
-            va_start(ap, fmt);
-            vsnprintf(ctx->error, ctx->error_cap, fmt, ap);
-            va_end(ap);
-        }
+    for (i = 0; i < ctx->sink_count && !pthread_equal(ctx->sinks[i].thread, pthread_self()); i++) {}
+    if (i < ctx->sink_count) {
+        char* buf = ctx->sinks[i].buf;
+        va_start(ap, fmt);
+        vsnprintf(buf, ctx->sinks[i].cap, fmt, ap);
+        va_end(ap);
+        pthread_mutex_unlock(&ctx->lock);
+        mpar__log(ctx, MPAR_LOG_ERROR, "%s: %.900s", mpar_result_string(code), buf);
+        return code;
     }
     pthread_mutex_unlock(&ctx->lock);
-    mpar__log(ctx, MPAR_LOG_ERROR, "%s: %.900s", mpar_result_string(code), ctx->error);
+    va_start(ap, fmt);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    msg = (char*)mpar__alloc(ctx, n > 0 ? (size_t)n + 1 : 1);
+    if (!msg) return code; /* the previous message stays */
+    va_start(ap, fmt);
+    vsnprintf(msg, n > 0 ? (size_t)n + 1 : 1, fmt, ap);
+    va_end(ap);
+    mpar__log(ctx, MPAR_LOG_ERROR, "%s: %.900s", mpar_result_string(code), msg);
+    pthread_mutex_lock(&ctx->lock);
+    mpar__free(ctx, ctx->retired[ctx->retired_next]);
+    ctx->retired[ctx->retired_next] = ctx->error;
+    ctx->retired_next = (ctx->retired_next + 1) % (int)(sizeof ctx->retired / sizeof ctx->retired[0]);
+    ctx->error = msg;
+    pthread_mutex_unlock(&ctx->lock);
     return code;
+}
+
+/* The calling thread's failures go to buf (cap bytes) until removed. */
+static int mpar__sink_add(mpar_context* ctx, char* buf, size_t cap) {
+    int ok;
+    pthread_mutex_lock(&ctx->lock);
+    ok = ctx->sink_count < MPAR__MAX_SINKS;
+    if (ok) {
+        ctx->sinks[ctx->sink_count].thread = pthread_self();
+        ctx->sinks[ctx->sink_count].buf = buf;
+        ctx->sinks[ctx->sink_count].cap = cap;
+        ctx->sink_count++;
+    }
+    pthread_mutex_unlock(&ctx->lock);
+    return ok;
+}
+static void mpar__sink_remove(mpar_context* ctx, const char* buf) {
+    int i;
+    pthread_mutex_lock(&ctx->lock);
+    for (i = 0; i < ctx->sink_count; i++)
+        if (ctx->sinks[i].buf == buf) {
+            ctx->sinks[i] = ctx->sinks[--ctx->sink_count];
+            break;
+        }
+    pthread_mutex_unlock(&ctx->lock);
 }
 
 /* One check for every OpenCL call: the call's text, file and line go into
@@ -1632,14 +1690,6 @@ MPARDEF const char* mpar_device_type_name(mpar_device_type type) {
         case MPAR_DEVICE_ACCELERATOR: return "accelerator";
         default: return "other";
     }
-}
-
-static void mpar__pocl_default(const char* pocl_devices) {
-    const char* value = pocl_devices ? pocl_devices : "basic basic";
-    if (value[0] == '\0' || getenv("POCL_DEVICES")) return;
-#ifndef _WIN32
-    setenv("POCL_DEVICES", value, 0);
-#endif
 }
 
 static void mpar__device_strings(cl_device_id id, cl_platform_id platform, mpar_device_info* info) {
@@ -1695,8 +1745,7 @@ static mpar_result mpar__enumerate(mpar__device* out, int* count, mpar_error* er
     return MPAR_SUCCESS;
 }
 
-MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* count, const char* pocl_devices,
-                                      mpar_error* err) {
+MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* count, mpar_error* err) {
     mpar__device* all;
     int n = 0, i;
     mpar_result r;
@@ -1705,7 +1754,6 @@ MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* 
                                                                 "with a positive capacity");
     all = (mpar__device*)MPAR_MALLOC(sizeof(mpar__device) * MPAR__MAX_DEVICES);
     if (!all) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    mpar__pocl_default(pocl_devices);
     r = mpar__enumerate(all, &n, err);
     *count = n;
     for (i = 0; i < n && i < capacity; i++) out[i] = all[i].info;
@@ -1946,13 +1994,14 @@ static mpar_result mpar__create_setup(mpar_context* ctx, const mpar_desc* d, mpa
     const char* opts = getenv("MPAR_BUILD_OPTIONS");
     mpar_result r;
     if (!all) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    mpar__pocl_default(d->pocl_devices);
     r = mpar__enumerate(all, &n, err);
     if (r == MPAR_SUCCESS) r = mpar__select(spec, all, n, order, &count, err);
     for (i = 0; r == MPAR_SUCCESS && i < count; i++) {
         ctx->devices[i] = all[order[i]];
         ctx->devices[i].info.index = i;
         ctx->devices[i].info.group = -1;
+        ctx->devices[i].pocl = strstr(ctx->devices[i].info.platform, "Portable Computing Language") != NULL ||
+                               strstr(ctx->devices[i].info.vendor, "pocl") != NULL;
     }
     mpar__free(ctx, all);
     if (r != MPAR_SUCCESS) return r;
@@ -1989,8 +2038,8 @@ MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     ctx->log_user = d.log_user;
     ctx->log_level = d.log_level;
     pthread_mutex_init(&ctx->lock, NULL);
-    ctx->error_cap = 512;
-    ctx->error = (char*)mpar__alloc(ctx, ctx->error_cap);
+    pthread_mutex_init(&ctx->first_run_lock, NULL);
+    ctx->error = (char*)mpar__alloc(ctx, 1);
     if (!ctx->error) {
         mpar_destroy(ctx);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
@@ -2027,14 +2076,20 @@ MPARDEF void mpar_destroy(mpar_context* ctx) {
     mpar__free(ctx, ctx->build_options);
     mpar__free(ctx, ctx->kernel_path);
     mpar__free(ctx, ctx->error);
+    for (i = 0; i < (int)(sizeof ctx->retired / sizeof ctx->retired[0]); i++) mpar__free(ctx, ctx->retired[i]);
+    pthread_mutex_destroy(&ctx->first_run_lock);
     pthread_mutex_destroy(&ctx->lock);
     if (ctx->allocator.free) ctx->allocator.free(ctx->allocator.user, ctx);
     else MPAR_FREE(ctx);
 }
 
 MPARDEF const char* mpar_last_error(const mpar_context* ctx) {
+    const char* s;
     if (!ctx) return "mpar_last_error: context is NULL";
-    return ctx->error;
+    pthread_mutex_lock((pthread_mutex_t*)&ctx->lock);
+    s = ctx->error;
+    pthread_mutex_unlock((pthread_mutex_t*)&ctx->lock);
+    return s;
 }
 
 MPARDEF int mpar_device_count(const mpar_context* ctx) { return ctx ? ctx->device_count : 0; }
@@ -6898,8 +6953,10 @@ typedef struct mpar__worker {
     mpar_exec ex;
     pthread_t thread;
     int started, generation, in_flight, peak_in_flight;
+    int serial_held;   /* holds the context's first-run lock */
     mpar_result result;
-    char error[2048];
+    char detail[2048]; /* this thread's failure detail (mpar__fail) */
+    char error[2304];  /* its message: stage, device, action, detail */
     size_t bytes;
     mpar_event* events; /* the timeline of the current step (profiling) */
     int event_count, event_cap;
@@ -6917,6 +6974,7 @@ struct mpar_pipeline {
     /* job hand-off */
     pthread_mutex_t mu;
     pthread_cond_t start_cv, done_cv;
+    char why[160]; /* another rank's failure, told to this one */
     int generation, done_count, quit;
     mpar__job job;
     /* the current batch */
@@ -7343,18 +7401,21 @@ static int mpar__slot_of(const mpar__vstage* v, int mb) {
 /* PoCL (3.1, CPU devices) can abort with "pocl_release_dlhandle_cache:
    Assertion found->ref_count > 0" when two threads load the same kernel
    variant for the first time at once. Steps that run a shape for the first
-   time therefore execute their kernels one stage at a time, under one lock
-   for the process (the cache it protects is PoCL's, process-wide); later
-   steps of those shapes run in parallel. */
-static pthread_mutex_t mpar__first_run_lock = PTHREAD_MUTEX_INITIALIZER;
-
+   time therefore execute their kernels one stage at a time on PoCL devices,
+   under the context's first-run lock (decided per device at mpar_create;
+   other devices and other contexts are not held up); later steps of those
+   shapes run in parallel. force_serial (profiling single layers) holds the
+   lock on every device. */
 static void mpar__serial_begin(mpar__worker* w) {
-    if (w->p->serial) pthread_mutex_lock(&mpar__first_run_lock);
+    mpar_pipeline* p = w->p;
+    w->serial_held = p->serial && (p->force_serial || p->ctx->devices[w->device].pocl);
+    if (w->serial_held) pthread_mutex_lock(&p->ctx->first_run_lock);
 }
 static mpar_result mpar__serial_end(mpar__worker* w, mpar_result r) {
-    if (!w->p->serial) return r;
+    if (!w->serial_held) return r;
     if (r == MPAR_SUCCESS) r = mpar__cl_check(w->p->ctx, clFinish(w->ex.queue), "clFinish", __FILE__, __LINE__);
-    pthread_mutex_unlock(&mpar__first_run_lock);
+    w->serial_held = 0;
+    pthread_mutex_unlock(&w->p->ctx->first_run_lock);
     return r;
 }
 
@@ -7600,6 +7661,7 @@ static mpar_result mpar__job_infer(mpar__worker* w, const char** failed_action, 
 static void* mpar__worker_main(void* arg) {
     mpar__worker* w = (mpar__worker*)arg;
     mpar_pipeline* p = w->p;
+    int own_sink = mpar__sink_add(p->ctx, w->detail, sizeof w->detail);
     for (;;) {
         mpar__job job;
         mpar_result r = MPAR_SUCCESS;
@@ -7615,7 +7677,7 @@ static void* mpar__worker_main(void* arg) {
         gen = p->generation;
         job = p->job;
         pthread_mutex_unlock(&p->mu);
-        w->error[0] = '\0';
+        w->error[0] = w->detail[0] = '\0';
         if (job == MPAR__JOB_GRADS) r = mpar__job_grads(w, &action, name, sizeof name);
         else if (job == MPAR__JOB_STEP) {
             mpar__serial_begin(w);
@@ -7630,12 +7692,9 @@ static void* mpar__worker_main(void* arg) {
             first = p->first_failure < 0;
             if (first) p->first_failure = w->index;
             pthread_mutex_unlock(&p->mu);
-            if (first) {
-                pthread_mutex_lock(&p->ctx->lock);
-                snprintf(w->error, sizeof w->error, "stage %d (device %d), action %s: %s", w->index, w->device,
-                         action ? action : (job == MPAR__JOB_STEP ? "optimizer step" : "start of step"), p->ctx->error);
-                pthread_mutex_unlock(&p->ctx->lock);
-            }
+            snprintf(w->error, sizeof w->error, "stage %d (device %d), action %s: %s", w->index, w->device,
+                     action ? action : (job == MPAR__JOB_STEP ? "optimizer step" : "start of step"),
+                     own_sink ? w->detail : "(no detail: more than 256 worker threads on this context)");
             mpar__links_abort(p, 1);
 #ifdef MPAR_USE_MPI
             if (first && p->ranks > 1 && !p->peer_failed) mpar__mpi_abort_peers(p);
@@ -7648,11 +7707,12 @@ static void* mpar__worker_main(void* arg) {
         pthread_cond_broadcast(&p->done_cv);
         pthread_mutex_unlock(&p->mu);
     }
+    if (own_sink) mpar__sink_remove(p->ctx, w->detail);
     return NULL;
 }
 
 /* A job whose (kind, micro-batch rows) were not run before by this
-   pipeline runs its kernels one stage at a time (see mpar__first_run_lock). */
+   pipeline runs its kernels one stage at a time (see mpar__serial_begin). */
 static void mpar__decide_serial(mpar_pipeline* p, mpar__job job) {
     int m, k;
     p->serial = p->force_serial;
@@ -7670,14 +7730,14 @@ static void mpar__decide_serial(mpar_pipeline* p, mpar__job job) {
    caused it), and gets the losses and gradient norms of the stages it does
    not run: sums with zeros from everyone else, so the values are exact. */
 static mpar_result mpar__mpi_after_job(mpar_pipeline* p, mpar__job job, mpar_result r, const char** detail) {
-    static char why[160];
+    char* why = p->why;
     int cause = (r != MPAR_SUCCESS && !p->peer_failed) ? p->rank : p->ranks, first = p->ranks, failed = r != MPAR_SUCCESS,
         any = 0;
     MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, p->comm);
     MPI_Allreduce(&cause, &first, 1, MPI_INT, MPI_MIN, p->comm);
     if (any) {
         if (r == MPAR_SUCCESS || (p->peer_failed && r == MPAR_ERROR_ABORTED)) {
-            snprintf(why, sizeof why, "stopped because rank %d failed (its mpar_last_error says why)",
+            snprintf(why, sizeof p->why, "stopped because rank %d failed (its mpar_last_error says why)",
                      first < p->ranks ? first : -1);
             *detail = why;
             return MPAR_ERROR_ABORTED;

@@ -126,6 +126,7 @@ int main(int argc, char** argv) {
     memset(&desc, 0, sizeof desc);
     desc.devices = ex_option(argc, argv, "--devices");
     desc.error = &err;
+    ex_pocl_devices();
     if (mpar_create(&desc, &ctx) != MPAR_SUCCESS) return die("devices", NULL, err.message);
     memset(&md, 0, sizeof md);
     md.input_features = 1, md.seq_len = T, md.seed = (uint64_t)ex_int(argc, argv, "--seed", 1);

@@ -9,6 +9,14 @@
 #include <time.h>
 #include <unistd.h>
 
+/* mpar never touches the environment. On a machine whose only OpenCL is
+   PoCL on the CPU, these examples want two one-core devices that run in
+   parallel, so they ask PoCL for them before the first OpenCL call, unless
+   the user chose otherwise. */
+static inline void ex_pocl_devices(void) {
+    if (!getenv("POCL_DEVICES")) setenv("POCL_DEVICES", "basic basic", 0);
+}
+
 static inline double ex_seconds(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);

@@ -10,6 +10,7 @@
    and NULL elsewhere, as the forward below does. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
+#include "common.h"
 
 #include <math.h>
 
@@ -59,6 +60,7 @@ int main(void) {
 
     memset(&desc, 0, sizeof desc);
     desc.error = &err;
+    ex_pocl_devices();
     if (mpar_create(&desc, &ctx) != MPAR_SUCCESS) {
         fprintf(stderr, "custom_layer: %s\n", err.message);
         return 1;

@@ -5,6 +5,7 @@
    repository root: `make demo`. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
+#include "common.h"
 #include "data.h"
 
 #include <sys/stat.h>
@@ -77,6 +78,7 @@ int main(void) {
 
     memset(&desc, 0, sizeof desc);
     desc.error = &err;
+    ex_pocl_devices();
     CHECK(mpar_create(&desc, &ctx));
     n = mpar_device_count(ctx);
     printf("mpar %s: %d device(s)\n", MPAR_VERSION_STRING, n);

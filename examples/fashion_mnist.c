@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
     memset(&desc, 0, sizeof desc);
     desc.devices = ex_option(argc, argv, "--devices");
     desc.error = &err;
+    ex_pocl_devices();
     if (mpar_create(&desc, &ctx) != MPAR_SUCCESS) return fail("devices", NULL, err.message);
     if (data_mnist_load_split("train", 0, &train, msg, sizeof msg) != DATA_OK ||
         data_mnist_load_split("t10k", 0, &test, msg, sizeof msg) != DATA_OK)

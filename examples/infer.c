@@ -196,6 +196,7 @@ int main(int argc, char** argv) {
     memset(&desc, 0, sizeof desc);
     desc.devices = ex_option(argc, argv, "--devices");
     desc.error = &err;
+    ex_pocl_devices();
     if (mpar_create(&desc, &ctx) != MPAR_SUCCESS) {
         snprintf(msg, sizeof msg, "%s", err.message);
         goto done_msg;

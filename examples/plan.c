@@ -253,6 +253,7 @@ int main(int argc, char** argv) {
     memset(&desc, 0, sizeof desc);
     desc.devices = ex_option(argc, argv, "--devices");
     desc.error = &err;
+    ex_pocl_devices();
     if (mpar_create(&desc, &s.ctx) != MPAR_SUCCESS) return die("devices", err.message);
     s.devices = mpar_device_count(s.ctx);
     if (s.devices > MAX_DEV) return die("devices", "more than 64 devices");
