@@ -903,15 +903,25 @@ typedef struct mpar_stage_desc {
     int last_layer;  /* inclusive */
 } mpar_stage_desc;
 
-/* How a link moves a tensor between two stages. AUTO: a device-side copy
-   when both devices share a cl_context and neither is a CPU device, else
-   through host memory. CPU devices already live in host memory, and PoCL
-   serialises a buffer shared by two of its devices (measured: 1F1B on two
-   `basic` devices 0.86x with device copies, 1.47x staged). */
+/* How a link moves a tensor between two stages (its transport).
+   DEVICE_COPY: a copy in the sender's queue, waited for (one cl_context).
+   HOST_STAGED: a blocking read into host memory by the sender, a blocking
+     write by the receiver; both workers wait for their half.
+   ASYNC: the sender enqueues the copy on a copy queue of its device behind
+     an event of its compute queue and goes on; the receiver's queue waits
+     on the copy's event. Across cl_contexts the slot is pinned host memory
+     (CL_MEM_ALLOC_HOST_PTR, mapped once). Copies overlap compute where the
+     device can (GPUs with copy engines).
+   AUTO: ASYNC between two devices that are not CPUs, else HOST_STAGED.
+   CPU devices already live in host memory, and PoCL serialises a buffer
+   shared by two of its devices (measured: 1F1B on two `basic` devices 0.86x
+   with device copies, 1.47x staged). Links between processes use MPI
+   whatever this says. Every transport gives the same numbers, bit for bit. */
 typedef enum mpar_link_mode {
     MPAR_LINK_AUTO = 0,
     MPAR_LINK_DEVICE_COPY = 1, /* only possible within one cl_context */
-    MPAR_LINK_HOST_STAGED = 2
+    MPAR_LINK_HOST_STAGED = 2,
+    MPAR_LINK_ASYNC = 3        /* copy queue, events, pinned memory across contexts */
 } mpar_link_mode;
 
 typedef struct mpar_pipeline_desc {
@@ -930,6 +940,10 @@ typedef struct mpar_pipeline_desc {
     int skip_nonfinite;     /* skip a step whose loss/gradients are NaN/Inf */
     int link_capacity;      /* messages a link holds [most micro-batches a stage holds, at least 2] */
     mpar_link_mode link_mode; /* how activations cross a stage boundary [AUTO] */
+    /* Most actions a worker enqueues ahead of its device: after that it
+       waits for the oldest to finish [4]. Only OpenCL-route stages run
+       ahead; host-route ones compute in the worker thread. */
+    int max_run_ahead;
     int profile;            /* record a timeline of every step (mpar_pipeline_get_timeline) */
     /* Stages in separate processes (compiled with MPAR_USE_MPI): the
        address of an MPI_Comm whose ranks share this pipeline, each calling
@@ -973,6 +987,12 @@ typedef struct mpar_pipeline_stats {
        computation or inference), per device: all of them, and those that
        went to OpenCL (the rest ran as host code). */
     uint64_t launches[64], opencl_launches[64];
+    /* The transport each boundary's links use (boundary j: between stage
+       j and j+1 in model order; AUTO resolved; HOST_STAGED for MPI links)
+       and whether that transport overlaps compute. */
+    int boundaries;
+    mpar_link_mode link_modes[64];
+    int link_overlaps[64];
 } mpar_pipeline_stats;
 
 typedef struct mpar_pipeline mpar_pipeline;
@@ -6911,22 +6931,58 @@ MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedu
 
 #define MPAR__MAX_WORKERS 64
 
-typedef struct mpar__link {
-    int capacity, head, count, aborted, device_copy;
-    int boundary, gradient; /* for the timeline */
+typedef struct mpar__link mpar__link;
+struct mpar__worker;
+struct mpar__vstage;
+
+/* How a tensor crosses one stage boundary. The ring of slots (capacity,
+   head, count, tags) and its waiting are shared by the transports within
+   one process; a transport moves the data in and out of one slot. Those
+   with `ring` 0 (MPI) carry the whole hand-off themselves. */
+typedef struct mpar__transport {
+    const char* name;
+    mpar_link_mode mode;
+    int ring;     /* slots handed over through the shared ring */
+    int overlaps; /* the copy runs beside compute; no worker waits for it */
+    mpar_result (*init)(struct mpar_pipeline* p, mpar__link* l, const struct mpar__vstage* from,
+                        const struct mpar__vstage* to);
+    mpar_result (*send)(struct mpar__worker* w, mpar__link* l, int slot, mpar_buf src, size_t floats, int mb);
+    mpar_result (*recv)(struct mpar__worker* w, mpar__link* l, int slot, mpar_buf dst, size_t floats, int mb);
+    void (*abort)(mpar__link* l); /* after a job (all queues finished): drop what it left */
+    void (*release)(struct mpar_pipeline* p, mpar__link* l);
+} mpar__transport;
+
+struct mpar__link {
+    const mpar__transport* t;
+    int capacity, head, count, aborted;
+    int boundary, gradient;           /* for the timeline */
     int sender_local, receiver_local; /* this process holds that end */
+    int from_worker, to_worker;
     int peer;                         /* the other end's rank, for a link across processes */
     int next;                         /* sends made, to pick the next host buffer */
-    void* requests;                   /* MPI_Request per host buffer (MPAR_USE_MPI) */
-    int* pending;                     /* a send still in flight from that buffer */
     int* tags;
-    cl_mem* dev;  /* same context: device buffers */
-    float** host; /* across contexts: staged through host memory */
     size_t slot_floats;
     double timeout;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-} mpar__link;
+    /* transport state, per slot */
+    cl_mem* dev;      /* device copy, asynchronous in one context: buffers on the receiver's device */
+    float** host;     /* host-staged, MPI: host memory; asynchronous across contexts: the mapped pinned buffers */
+    cl_mem* pin;      /* asynchronous across contexts: pinned (CL_MEM_ALLOC_HOST_PTR) buffers, sender's context */
+    cl_event* ready;  /* asynchronous: the copy into the slot */
+    cl_event* freed;  /* asynchronous: the receiver's copy out of the slot */
+    int cross;        /* asynchronous: the two ends are in different contexts */
+    void* requests;   /* MPI_Request per host buffer (MPAR_USE_MPI) */
+    int* pending;     /* MPI: a send still in flight from that buffer */
+#ifdef MPAR_TEST_DEFER_COPIES
+    struct mpar__late {
+        cl_command_queue queue;
+        cl_mem src;
+        size_t off, bytes;
+        int pending;
+    } * late; /* per slot: a read into pinned memory not started yet */
+#endif
+};
 
 typedef struct mpar__vstage {
     int index, worker, chunk, device, first, last, n; /* n = layer count */
@@ -6954,6 +7010,18 @@ typedef struct mpar__worker {
     pthread_t thread;
     int started, generation, in_flight, peak_in_flight;
     int serial_held;   /* holds the context's first-run lock */
+    cl_command_queue copy_queue; /* asynchronous links: this worker's outgoing copies */
+    /* Outgoing asynchronous copies still reading a buffer of this stage:
+       the stage's next write to that buffer waits for them. */
+    struct {
+        cl_mem mem;
+        cl_event ev;      /* NULL: a late copy of the test hook (link, slot) */
+        mpar__link* link;
+        int slot;
+    } outs[32];
+    int out_count;
+    cl_event ahead[64]; /* markers after the last actions (run-ahead bound) */
+    int ahead_count;
     mpar_result result;
     char detail[2048]; /* this thread's failure detail (mpar__fail) */
     char error[2304];  /* its message: stage, device, action, detail */
@@ -7181,12 +7249,13 @@ static mpar_result mpar__mpi_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, 
 }
 #endif
 
-/* Device-side link copies. With MPAR_TEST_DEFER_COPIES defined (tests
-   only), a copy is not enqueued when asked but at the link's next wait on
-   that queue, as an asynchronous copy engine may finish it late: code that
-   skipped the wait would hand over a slot whose data has not arrived, and
-   the numbers would change. (PoCL itself orders commands on a shared buffer
-   across queues, so without this no test could see a missing wait.) */
+/* ---- transport: device copy (one cl_context) ----
+   With MPAR_TEST_DEFER_COPIES defined (tests only), a copy is not enqueued
+   when asked but at the link's next wait on that queue, as an asynchronous
+   copy engine may finish it late: code that skipped the wait would hand
+   over a slot whose data has not arrived, and the numbers would change.
+   (PoCL itself orders commands on a shared buffer across queues, so
+   without this no test could see a missing wait.) */
 #ifdef MPAR_TEST_DEFER_COPIES
 static cl_int mpar__link_copy(mpar_exec* ex, cl_mem src, cl_mem dst, size_t src_off, size_t dst_off, size_t bytes) {
     ex->deferred.src = src, ex->deferred.dst = dst, ex->deferred.src_off = src_off, ex->deferred.dst_off = dst_off;
@@ -7209,14 +7278,228 @@ static cl_int mpar__link_copy(mpar_exec* ex, cl_mem src, cl_mem dst, size_t src_
 static cl_int mpar__link_finish(mpar_exec* ex) { return clFinish(ex->queue); }
 #endif
 
+static mpar_result mpar__devcopy_send(mpar__worker* w, mpar__link* l, int slot, mpar_buf src, size_t floats, int mb) {
+    (void)mb;
+    MPAR__CL(w->p->ctx, mpar__link_copy(&w->ex, src.mem, l->dev[slot], src.off * 4, 0, floats * 4));
+    MPAR__CL(w->p->ctx, mpar__link_finish(&w->ex)); /* the data is there before the slot is handed over */
+    return MPAR_SUCCESS;
+}
+static mpar_result mpar__devcopy_recv(mpar__worker* w, mpar__link* l, int slot, mpar_buf dst, size_t floats, int mb) {
+    (void)mb;
+    MPAR__TRY(mpar__exec_sync(&w->ex)); /* host-route writes are done; kernels are ordered by the queue */
+    MPAR__CL(w->p->ctx, mpar__link_copy(&w->ex, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4));
+    MPAR__CL(w->p->ctx, mpar__link_finish(&w->ex)); /* before the slot is reused */
+    return MPAR_SUCCESS;
+}
+
+/* ---- transport: staged through host memory (blocking on both ends) ---- */
+static mpar_result mpar__staged_send(mpar__worker* w, mpar__link* l, int slot, mpar_buf src, size_t floats, int mb) {
+    (void)mb;
+    return mpar__exec_transfer(&w->ex, src, l->host[slot], floats * 4, 0);
+}
+static mpar_result mpar__staged_recv(mpar__worker* w, mpar__link* l, int slot, mpar_buf dst, size_t floats, int mb) {
+    (void)mb;
+    return mpar__exec_transfer(&w->ex, dst, l->host[slot], floats * 4, 1);
+}
+
+/* ---- transport: asynchronous. The sender enqueues the copy on its copy
+   queue behind a marker of its compute queue and goes on; the event of
+   the copy travels with the slot. In one context the receiver's copy out
+   of the slot waits on that event in its queue, and the sender's next copy
+   into the slot waits on the receiver's; nobody's host thread waits.
+   Across contexts (events cannot cross) the slot is pinned host memory in
+   the sender's context: the sender reads into it without blocking, the
+   receiver waits for that read on the host (its next kernels need the
+   data anyway) and writes without blocking; the sender waits for that
+   write only when it comes back to the slot. ---- */
+
+/* Test hook (MPAR_TEST_DEFER_COPIES): a read into a pinned slot starts
+   only when someone waits for it, the receiver or the sender's guard, as
+   a copy engine may start late. PoCL's `basic` devices otherwise run every
+   command the moment it is enqueued, so no test could see a missing wait.
+   Without the hook this does nothing. */
+static cl_int mpar__late_start(mpar__link* l, int slot) {
+#ifdef MPAR_TEST_DEFER_COPIES
+    cl_int st = CL_SUCCESS;
+    pthread_mutex_lock(&l->mu);
+    if (l->late && l->late[slot].pending) {
+        struct mpar__late* d = &l->late[slot];
+        st = clEnqueueReadBuffer(d->queue, d->src, CL_FALSE, d->off, d->bytes, l->host[slot], 0, NULL, &l->ready[slot]);
+        if (st == CL_SUCCESS) st = clFlush(d->queue);
+        d->pending = 0;
+    }
+    pthread_mutex_unlock(&l->mu);
+    return st;
+#else
+    (void)l, (void)slot;
+    return CL_SUCCESS;
+#endif
+}
+
+/* The receiver, across contexts: the read into the pinned slot is done. */
+static cl_int mpar__async_wait_ready(mpar__link* l, int slot) {
+    cl_int st = mpar__late_start(l, slot);
+    return st == CL_SUCCESS ? clWaitForEvents(1, &l->ready[slot]) : st;
+}
+
+/* Outgoing copy i of the worker has finished reading its buffer. */
+static cl_int mpar__out_wait(mpar__worker* w, int i, int on_host) {
+    cl_int st;
+    if (!w->outs[i].ev) { /* the test hook's late copy */
+        st = mpar__late_start(w->outs[i].link, w->outs[i].slot);
+        return st == CL_SUCCESS ? clFinish(w->copy_queue) : st;
+    }
+    st = on_host ? clWaitForEvents(1, &w->outs[i].ev) : clEnqueueBarrierWithWaitList(w->ex.queue, 1, &w->outs[i].ev, NULL);
+    clReleaseEvent(w->outs[i].ev);
+    return st;
+}
+
+/* The sender's buffer `mem` is read by an outgoing copy until `ev`. */
+static mpar_result mpar__out_track(mpar__worker* w, cl_mem mem, cl_event ev, mpar__link* l, int slot) {
+    if (w->out_count == (int)(sizeof w->outs / sizeof w->outs[0])) { /* full: the oldest must be done */
+        cl_int st = mpar__out_wait(w, 0, 1);
+        memmove(w->outs, w->outs + 1, sizeof w->outs[0] * (size_t)(w->out_count - 1));
+        w->out_count--;
+        MPAR__CL(w->p->ctx, st);
+    }
+    if (ev) clRetainEvent(ev);
+    w->outs[w->out_count].mem = mem, w->outs[w->out_count].ev = ev;
+    w->outs[w->out_count].link = l, w->outs[w->out_count].slot = slot;
+    w->out_count++;
+    return MPAR_SUCCESS;
+}
+
+/* Before the stage writes `mem`: outgoing copies still reading it finish
+   first, in the device's queue (no host wait) or, on the host route where
+   the host writes, on the host. */
+static mpar_result mpar__out_guard(mpar__worker* w, cl_mem mem) {
+    int i = 0;
+    while (i < w->out_count) {
+        cl_int st;
+        if (w->outs[i].mem != mem) {
+            i++;
+            continue;
+        }
+        st = mpar__out_wait(w, i, w->ex.host_route);
+        w->outs[i] = w->outs[--w->out_count];
+        MPAR__CL(w->p->ctx, st);
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__async_send(mpar__worker* w, mpar__link* l, int slot, mpar_buf src, size_t floats, int mb) {
+    mpar_context* ctx = w->p->ctx;
+    cl_event wait[2], marker = NULL;
+    cl_uint n = 0;
+    cl_int st;
+    (void)mb;
+    MPAR__CL(ctx, clEnqueueMarkerWithWaitList(w->ex.queue, 0, NULL, &marker)); /* src is computed */
+    wait[n++] = marker;
+    if (l->freed[slot] && l->cross) { /* the receiver's write out of the pinned slot */
+        st = clWaitForEvents(1, &l->freed[slot]);
+        clReleaseEvent(l->freed[slot]);
+        l->freed[slot] = NULL;
+        if (st != CL_SUCCESS) clReleaseEvent(marker);
+        MPAR__CL(ctx, st);
+    } else if (l->freed[slot]) {
+        wait[n++] = l->freed[slot];
+    }
+#ifdef MPAR_TEST_DEFER_COPIES
+    if (l->cross && l->late) { /* started by whoever waits for it (mpar__late_start) */
+        st = clWaitForEvents(1, &marker);
+        clReleaseEvent(marker);
+        if (n == 2) clReleaseEvent(l->freed[slot]), l->freed[slot] = NULL;
+        MPAR__CL(ctx, st);
+        pthread_mutex_lock(&l->mu);
+        l->late[slot].queue = w->copy_queue, l->late[slot].src = src.mem;
+        l->late[slot].off = src.off * 4, l->late[slot].bytes = floats * 4, l->late[slot].pending = 1;
+        pthread_mutex_unlock(&l->mu);
+        return mpar__out_track(w, src.mem, NULL, l, slot);
+    }
+#endif
+    if (l->cross)
+        st = clEnqueueReadBuffer(w->copy_queue, src.mem, CL_FALSE, src.off * 4, floats * 4, l->host[slot], n, wait,
+                                 &l->ready[slot]);
+    else
+        st = clEnqueueCopyBuffer(w->copy_queue, src.mem, l->dev[slot], src.off * 4, 0, floats * 4, n, wait,
+                                 &l->ready[slot]);
+    clReleaseEvent(marker);
+    if (n == 2) clReleaseEvent(l->freed[slot]), l->freed[slot] = NULL;
+    MPAR__CL(ctx, st);
+    MPAR__CL(ctx, clFlush(w->copy_queue));
+    return mpar__out_track(w, src.mem, l->ready[slot], l, slot);
+}
+
+static mpar_result mpar__async_recv(mpar__worker* w, mpar__link* l, int slot, mpar_buf dst, size_t floats, int mb) {
+    mpar_context* ctx = w->p->ctx;
+    cl_int st;
+    (void)mb;
+    MPAR__TRY(mpar__out_guard(w, dst.mem));
+    if (l->cross) {
+        st = mpar__async_wait_ready(l, slot);
+        if (st == CL_SUCCESS)
+            st = clEnqueueWriteBuffer(w->ex.queue, dst.mem, CL_FALSE, dst.off * 4, floats * 4, l->host[slot], 0, NULL,
+                                      &l->freed[slot]);
+    } else {
+        st = clEnqueueCopyBuffer(w->ex.queue, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4, 1, &l->ready[slot],
+                                 &l->freed[slot]);
+    }
+    clReleaseEvent(l->ready[slot]);
+    l->ready[slot] = NULL;
+    w->ex.cl_pending = 1; /* host-route code waits for the copy */
+    return mpar__cl_check(ctx, st, l->cross ? "clEnqueueWriteBuffer (asynchronous link)"
+                                            : "clEnqueueCopyBuffer (asynchronous link)", __FILE__, __LINE__);
+}
+
+static void mpar__async_abort(mpar__link* l) {
+    int s;
+    for (s = 0; s < l->capacity; s++) {
+#ifdef MPAR_TEST_DEFER_COPIES
+        if (l->late) l->late[s].pending = 0;
+#endif
+        if (l->ready && l->ready[s]) clReleaseEvent(l->ready[s]), l->ready[s] = NULL;
+        if (l->freed && l->freed[s]) clReleaseEvent(l->freed[s]), l->freed[s] = NULL;
+    }
+}
+
+static mpar_result mpar__link_init_buffers(struct mpar_pipeline* p, mpar__link* l, const struct mpar__vstage* from,
+                                           const struct mpar__vstage* to);
+static void mpar__link_release_buffers(struct mpar_pipeline* p, mpar__link* l);
+
+#ifdef MPAR_USE_MPI
+static mpar_result mpar__mpi_send_t(mpar__worker* w, mpar__link* l, int slot, mpar_buf src, size_t floats, int mb) {
+    (void)slot;
+    return mpar__mpi_send(w, l, src, floats, mb);
+}
+static mpar_result mpar__mpi_recv_t(mpar__worker* w, mpar__link* l, int slot, mpar_buf dst, size_t floats, int mb) {
+    (void)slot;
+    return mpar__mpi_recv(w, l, dst, floats, mb);
+}
+#endif
+static void mpar__no_abort(mpar__link* l) { (void)l; }
+
+static const mpar__transport mpar__transport_device_copy = {
+    "device copy", MPAR_LINK_DEVICE_COPY, 1, 0, mpar__link_init_buffers, mpar__devcopy_send, mpar__devcopy_recv,
+    mpar__no_abort, mpar__link_release_buffers};
+static const mpar__transport mpar__transport_host_staged = {
+    "host-staged", MPAR_LINK_HOST_STAGED, 1, 0, mpar__link_init_buffers, mpar__staged_send, mpar__staged_recv,
+    mpar__no_abort, mpar__link_release_buffers};
+static const mpar__transport mpar__transport_async = {
+    "asynchronous", MPAR_LINK_ASYNC, 1, 1, mpar__link_init_buffers, mpar__async_send, mpar__async_recv,
+    mpar__async_abort, mpar__link_release_buffers};
+#ifdef MPAR_USE_MPI
+static const mpar__transport mpar__transport_mpi = {
+    "MPI", MPAR_LINK_HOST_STAGED, 0, 0, mpar__link_init_buffers, mpar__mpi_send_t, mpar__mpi_recv_t,
+    mpar__no_abort, mpar__link_release_buffers};
+#endif
+
+/* The shared ring: room for a send, then the slot is published. */
 static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
     mpar_result r = MPAR_SUCCESS;
     double t0 = mpar__now();
     int slot;
     double t_copy;
-#ifdef MPAR_USE_MPI
-    if (!l->receiver_local) return mpar__mpi_send(w, l, src, floats, mb);
-#endif
+    if (!l->t->ring) return l->t->send(w, l, -1, src, floats, mb);
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == l->capacity) r = mpar__link_wait(l, t0);
     slot = (l->head + l->count) % l->capacity;
@@ -7225,14 +7508,10 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     if (r == MPAR_ERROR_TIMEOUT)
         return mpar__fail(w->p->ctx, r, "link send of micro-batch %d waited over %g s for room", mb, l->timeout);
     if (r != MPAR_SUCCESS) return r;
-    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER)) {
-        MPAR__CL(w->p->ctx, CL_OUT_OF_RESOURCES); /* injected */
-    } else if (l->device_copy) {
-        MPAR__CL(w->p->ctx, mpar__link_copy(&w->ex, src.mem, l->dev[slot], src.off * 4, 0, floats * 4));
-        MPAR__CL(w->p->ctx, mpar__link_finish(&w->ex)); /* the data is there before the slot is handed over */
-    } else {
-        MPAR__TRY(mpar__exec_transfer(&w->ex, src, l->host[slot], floats * 4, 0));
-    }
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
+        return mpar__fail(w->p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "%s link send of micro-batch %d: injected "
+                          "transfer fault", l->t->name, mb);
+    MPAR__TRY(l->t->send(w, l, slot, src, floats, mb));
     mpar__record_link(w, l, 1, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
     l->tags[slot] = mb;
@@ -7247,9 +7526,7 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     double t0 = mpar__now();
     int slot, tag;
     double t_copy;
-#ifdef MPAR_USE_MPI
-    if (!l->sender_local) return mpar__mpi_recv(w, l, dst, floats, mb);
-#endif
+    if (!l->t->ring) return l->t->recv(w, l, -1, dst, floats, mb);
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == 0) r = mpar__link_wait(l, t0);
     slot = l->head;
@@ -7262,15 +7539,10 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     if (tag != mb)
         return mpar__fail(w->p->ctx, MPAR_ERROR_INVALID_SCHEDULE,
                           "link delivered micro-batch %d where the schedule expects %d", tag, mb);
-    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER)) {
-        MPAR__CL(w->p->ctx, CL_OUT_OF_RESOURCES); /* injected */
-    } else if (l->device_copy) {
-        MPAR__TRY(mpar__exec_sync(&w->ex)); /* host-route writes are done; kernels are ordered by the queue */
-        MPAR__CL(w->p->ctx, mpar__link_copy(&w->ex, l->dev[slot], dst.mem, 0, dst.off * 4, floats * 4));
-        MPAR__CL(w->p->ctx, mpar__link_finish(&w->ex)); /* before the slot is reused */
-    } else {
-        MPAR__TRY(mpar__exec_transfer(&w->ex, dst, l->host[slot], floats * 4, 1));
-    }
+    if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
+        return mpar__fail(w->p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "%s link receive of micro-batch %d: injected "
+                          "transfer fault", l->t->name, mb);
+    MPAR__TRY(l->t->recv(w, l, slot, dst, floats, mb));
     mpar__record_link(w, l, 0, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
     l->head = (l->head + 1) % l->capacity;
@@ -7280,13 +7552,18 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     return MPAR_SUCCESS;
 }
 
+/* value 1: wake and fail every waiter; 0: a new job starts (every queue
+   has finished), empty rings. */
 static void mpar__links_abort(mpar_pipeline* p, int value) {
     int i;
     for (i = 0; i < 2 * (p->vs_count - 1); i++) {
         mpar__link* l = &p->links[i];
         pthread_mutex_lock(&l->mu);
         l->aborted = value;
-        if (!value) l->head = l->count = 0;
+        if (!value) {
+            l->head = l->count = 0;
+            if (l->t) l->t->abort(l);
+        }
         pthread_cond_broadcast(&l->cv);
         pthread_mutex_unlock(&l->mu);
     }
@@ -7455,6 +7732,8 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
                           mb, v->slot_count);
     v->slot_mb[slot] = mb;
     if (++w->in_flight > w->peak_in_flight) w->peak_in_flight = w->in_flight;
+    MPAR__TRY(mpar__out_guard(w, v->act_slots[slot]));
+    MPAR__TRY(mpar__out_guard(w, v->work));
     if (v->index == 0)
         MPAR__TRY(mpar__upload(w, v->act_slots[slot], 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
                                (size_t)rows * (size_t)first->in_features));
@@ -7484,6 +7763,8 @@ static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int
     mpar_result r;
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "backward of micro-batch %d before its forward", mb);
+    MPAR__TRY(mpar__out_guard(w, mpar__grad(p, v, slot, 0).mem));
+    MPAR__TRY(mpar__out_guard(w, v->work));
     if (v->index < p->vs_count - 1) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
         MPAR__TRY(mpar__link_recv(w, v->bwd_in, mpar__grad(p, v, slot, v->n), (size_t)rows * width, mb));
@@ -7511,6 +7792,7 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "weight gradient of micro-batch %d before its forward",
                           mb);
+    MPAR__TRY(mpar__out_guard(w, v->work));
     mpar__serial_begin(w);
     r = p->desc.recompute && !recomputed ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
     for (k = 0; r == MPAR_SUCCESS && k < v->n; k++) {
@@ -7553,7 +7835,46 @@ static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
     return r;
 }
 
+/* Bounds how far the worker runs ahead of its device: a marker after each
+   action; with max_run_ahead of them outstanding, the oldest is waited for. */
+static mpar_result mpar__run_ahead(mpar__worker* w) {
+    int limit = w->p->desc.max_run_ahead;
+    cl_event ev;
+    cl_int st;
+    if (w->ex.host_route && !w->ex.cl_pending) return MPAR_SUCCESS; /* nothing runs ahead */
+    if (w->ahead_count == limit) {
+        st = clWaitForEvents(1, &w->ahead[0]);
+        clReleaseEvent(w->ahead[0]);
+        memmove(w->ahead, w->ahead + 1, sizeof w->ahead[0] * (size_t)(w->ahead_count - 1));
+        w->ahead_count--;
+        MPAR__CL(w->p->ctx, st);
+    }
+    MPAR__CL(w->p->ctx, clEnqueueMarkerWithWaitList(w->ex.queue, 0, NULL, &ev));
+    w->ahead[w->ahead_count++] = ev;
+    return MPAR_SUCCESS;
+}
+
+/* After a job, failed or not: everything the worker enqueued has finished
+   and nothing it tracked is kept. */
+static mpar_result mpar__worker_drain(mpar__worker* w) {
+    cl_int st = clFinish(w->ex.queue), st2 = w->copy_queue ? clFinish(w->copy_queue) : CL_SUCCESS;
+    int i;
+    for (i = 0; i < w->out_count; i++)
+        if (w->outs[i].ev) clReleaseEvent(w->outs[i].ev);
+    for (i = 0; i < w->ahead_count; i++) clReleaseEvent(w->ahead[i]);
+    w->out_count = w->ahead_count = 0;
+    w->ex.cl_pending = 0;
+    MPAR__CL(w->p->ctx, st);
+    MPAR__CL(w->p->ctx, st2);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__run_action1(mpar__worker* w, const mpar_action* a);
 static mpar_result mpar__run_action(mpar__worker* w, const mpar_action* a) {
+    MPAR__TRY(mpar__run_action1(w, a));
+    return mpar__run_ahead(w);
+}
+static mpar_result mpar__run_action1(mpar__worker* w, const mpar_action* a) {
     mpar__vstage* v = mpar__vstage_of(w->p, w->index, a->chunk);
     switch (a->kind) {
         case MPAR_ACTION_FORWARD: return mpar__do_forward(w, v, a->microbatch);
@@ -7684,6 +8005,10 @@ static void* mpar__worker_main(void* arg) {
             r = mpar__serial_end(w, mpar__job_step(w));
         }
         else if (job == MPAR__JOB_INFER) r = mpar__job_infer(w, &action, name, sizeof name);
+        {
+            mpar_result d = mpar__worker_drain(w);
+            if (r == MPAR_SUCCESS) r = d;
+        }
         if (r != MPAR_SUCCESS) {
             /* The first worker to fail is the cause; the others were woken by
                the abort below and only report that they stopped. */
@@ -8072,6 +8397,11 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
         out->opencl_launches[i] = p->workers[i].ex.cl_launches;
         for (c = 0; c < p->desc.virtual_stages; c++) out->slots[i] += p->vs[c * p->workers_count + i].slot_count;
     }
+    out->boundaries = p->vs_count - 1 < 64 ? p->vs_count - 1 : 64;
+    for (i = 0; i < out->boundaries; i++) {
+        out->link_modes[i] = p->links[i].t->mode;
+        out->link_overlaps[i] = p->links[i].t->overlaps;
+    }
     return MPAR_SUCCESS;
 }
 
@@ -8294,37 +8624,78 @@ static mpar_result mpar__vstage_init(mpar_pipeline* p, mpar__vstage* v) {
     return MPAR_SUCCESS;
 }
 
+
+/* A worker's queue for outgoing asynchronous copies, made on first use. */
+static mpar_result mpar__copy_queue(mpar_pipeline* p, mpar__worker* w) {
+    cl_int st = CL_SUCCESS;
+    if (w->copy_queue) return MPAR_SUCCESS;
+    w->copy_queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
+                                         p->ctx->devices[w->device].id, 0, &st);
+    return mpar__cl_check(p->ctx, st, "clCreateCommandQueue (copy queue)", __FILE__, __LINE__);
+}
+
+/* The transport of a link between two local devices: the user's choice,
+   else asynchronous copies between two non-CPU devices (GPUs), else the
+   measured PoCL choice: through host memory when either end is a CPU
+   device (CPU devices live in host memory, and PoCL serialises a buffer
+   shared by two of its devices). */
+static mpar_result mpar__pick_transport(mpar_pipeline* p, mpar__link* l, const mpar__device* a, const mpar__device* b,
+                                        int from_device, int to_device) {
+    mpar_link_mode m = p->desc.link_mode;
+    if (m == MPAR_LINK_DEVICE_COPY && a->info.group != b->info.group)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "link_mode DEVICE_COPY: devices %d and %d do not "
+                          "share a cl_context (use ASYNC or HOST_STAGED)", from_device, to_device);
+    if (m == MPAR_LINK_AUTO)
+        m = (a->info.type != MPAR_DEVICE_CPU && b->info.type != MPAR_DEVICE_CPU) ? MPAR_LINK_ASYNC : MPAR_LINK_HOST_STAGED;
+    l->t = m == MPAR_LINK_DEVICE_COPY ? &mpar__transport_device_copy
+         : m == MPAR_LINK_ASYNC ? &mpar__transport_async : &mpar__transport_host_staged;
+    l->cross = m == MPAR_LINK_ASYNC && a->info.group != b->info.group;
+    return MPAR_SUCCESS;
+}
+
 static mpar_result mpar__link_init(mpar_pipeline* p, mpar__link* l, const mpar__vstage* from, const mpar__vstage* to,
                                    size_t floats, int capacity) {
-    int s;
     memset(l, 0, sizeof *l);
     pthread_mutex_init(&l->mu, NULL);
     pthread_cond_init(&l->cv, NULL);
+    l->from_worker = from->worker, l->to_worker = to->worker;
     l->sender_local = mpar__local(p, from->worker);
     l->receiver_local = mpar__local(p, to->worker);
     l->peer = l->sender_local ? p->stage_rank[to->worker] : p->stage_rank[from->worker];
     l->timeout = p->desc.timeout_seconds;
     l->slot_floats = floats;
+    l->capacity = capacity;
+    l->t = &mpar__transport_host_staged;
     if (!l->sender_local && !l->receiver_local) return MPAR_SUCCESS; /* between two other processes */
     if (l->sender_local && l->receiver_local) {
-        const mpar__device* a = &p->ctx->devices[from->device];
-        const mpar__device* b = &p->ctx->devices[to->device];
-        if (p->desc.link_mode == MPAR_LINK_DEVICE_COPY && a->info.group != b->info.group)
-            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "link_mode DEVICE_COPY: devices %d and %d do not "
-                              "share a cl_context", from->device, to->device);
-        l->device_copy = a->info.group == b->info.group && p->desc.link_mode != MPAR_LINK_HOST_STAGED &&
-                         (p->desc.link_mode == MPAR_LINK_DEVICE_COPY ||
-                          (a->info.type != MPAR_DEVICE_CPU && b->info.type != MPAR_DEVICE_CPU));
+        MPAR__TRY(mpar__pick_transport(p, l, &p->ctx->devices[from->device], &p->ctx->devices[to->device],
+                                       from->device, to->device));
+    } else {
+#ifdef MPAR_USE_MPI
+        l->t = &mpar__transport_mpi;
+#endif
     }
-    l->capacity = capacity;
+    return l->t->init(p, l, from, to);
+}
+
+static mpar_result mpar__link_init_buffers(mpar_pipeline* p, mpar__link* l, const mpar__vstage* from,
+                                           const mpar__vstage* to) {
+    int s, capacity = l->capacity;
+    size_t floats = l->slot_floats;
     l->tags = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
     l->dev = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
+    l->pin = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
     l->host = (float**)mpar__alloc(p->ctx, sizeof(float*) * (size_t)capacity);
+    l->ready = (cl_event*)mpar__alloc(p->ctx, sizeof(cl_event) * (size_t)capacity);
+    l->freed = (cl_event*)mpar__alloc(p->ctx, sizeof(cl_event) * (size_t)capacity);
     l->pending = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
-    if (!l->tags || !l->dev || !l->host || !l->pending)
+    if (!l->tags || !l->dev || !l->pin || !l->host || !l->ready || !l->freed || !l->pending)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(l->dev, 0, sizeof(cl_mem) * (size_t)capacity);
+    memset(l->pin, 0, sizeof(cl_mem) * (size_t)capacity);
     memset(l->host, 0, sizeof(float*) * (size_t)capacity);
+    memset(l->ready, 0, sizeof(cl_event) * (size_t)capacity);
+    memset(l->freed, 0, sizeof(cl_event) * (size_t)capacity);
     memset(l->pending, 0, sizeof(int) * (size_t)capacity);
 #ifdef MPAR_USE_MPI
     if (!(l->sender_local && l->receiver_local)) {
@@ -8332,8 +8703,27 @@ static mpar_result mpar__link_init(mpar_pipeline* p, mpar__link* l, const mpar__
         if (!l->requests) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
 #endif
+    if (l->t->mode == MPAR_LINK_ASYNC) MPAR__TRY(mpar__copy_queue(p, &p->workers[from->worker]));
+#ifdef MPAR_TEST_DEFER_COPIES
+    if (l->t->mode == MPAR_LINK_ASYNC && l->cross) {
+        l->late = (struct mpar__late*)mpar__alloc(p->ctx, sizeof *l->late * (size_t)capacity);
+        if (!l->late) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        memset(l->late, 0, sizeof *l->late * (size_t)capacity);
+    }
+#endif
     for (s = 0; s < capacity; s++) {
-        if (l->device_copy) {
+        if (l->t->mode == MPAR_LINK_ASYNC && l->cross) {
+            mpar__worker* w = &p->workers[from->worker];
+            cl_context c = p->ctx->groups[p->ctx->devices[w->device].info.group];
+            cl_int st = CL_SUCCESS;
+            void* h;
+            l->pin[s] = clCreateBuffer(c, CL_MEM_ALLOC_HOST_PTR, floats ? floats * 4 : 4, NULL, &st);
+            MPAR__CL(p->ctx, st);
+            h = clEnqueueMapBuffer(w->copy_queue, l->pin[s], CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0,
+                                   floats ? floats * 4 : 4, 0, NULL, NULL, &st);
+            MPAR__CL(p->ctx, st);
+            l->host[s] = (float*)h;
+        } else if (l->t->mode == MPAR_LINK_DEVICE_COPY || l->t->mode == MPAR_LINK_ASYNC) {
             MPAR__TRY(mpar__alloc_buffer(p, &p->workers[to->worker], floats, &l->dev[s]));
         } else if (!(l->host[s] = (float*)mpar__alloc(p->ctx, floats * sizeof(float) + 64))) {
             return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
@@ -8342,18 +8732,37 @@ static mpar_result mpar__link_init(mpar_pipeline* p, mpar__link* l, const mpar__
     return MPAR_SUCCESS;
 }
 
-static void mpar__link_release(mpar_pipeline* p, mpar__link* l) {
+static void mpar__link_release_buffers(mpar_pipeline* p, mpar__link* l) {
     int s;
 #ifdef MPAR_USE_MPI
     for (s = 0; l->requests && s < l->capacity; s++) /* sends still in flight finish on their own */
         if (l->pending[s]) MPI_Request_free(&((MPI_Request*)l->requests)[s]);
     mpar__free(p->ctx, l->requests);
 #endif
+    if (l->ready && l->freed) mpar__async_abort(l);
     for (s = l->capacity - 1; s >= 0; s--) {
         if (l->dev && l->dev[s]) clReleaseMemObject(l->dev[s]);
-        if (l->host) mpar__free(p->ctx, l->host[s]);
+        if (l->pin && l->pin[s]) {
+            mpar__worker* w = &p->workers[l->from_worker];
+            if (l->host[s] && w->copy_queue) {
+                clEnqueueUnmapMemObject(w->copy_queue, l->pin[s], l->host[s], 0, NULL, NULL);
+                clFinish(w->copy_queue);
+            }
+            clReleaseMemObject(l->pin[s]);
+        } else if (l->host) {
+            mpar__free(p->ctx, l->host[s]);
+        }
     }
-    mpar__free(p->ctx, l->tags), mpar__free(p->ctx, l->dev), mpar__free(p->ctx, l->host), mpar__free(p->ctx, l->pending);
+    mpar__free(p->ctx, l->tags), mpar__free(p->ctx, l->dev), mpar__free(p->ctx, l->pin);
+    mpar__free(p->ctx, l->host), mpar__free(p->ctx, l->ready), mpar__free(p->ctx, l->freed);
+    mpar__free(p->ctx, l->pending);
+#ifdef MPAR_TEST_DEFER_COPIES
+    mpar__free(p->ctx, l->late);
+#endif
+}
+
+static void mpar__link_release(mpar_pipeline* p, mpar__link* l) {
+    if (l->t) l->t->release(p, l);
     pthread_cond_destroy(&l->cv);
     pthread_mutex_destroy(&l->mu);
 }
@@ -8396,6 +8805,8 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
     for (i = p->workers_count - 1; i >= 0; i--) {
         mpar__free(p->ctx, p->workers[i].events);
         mpar__exec_release(&p->workers[i].ex);
+        if (p->workers[i].copy_queue) clReleaseCommandQueue(p->workers[i].copy_queue);
+
         if (p->workers[i].ex.queue) clReleaseCommandQueue(p->workers[i].ex.queue);
     }
     mpar_schedule_destroy(p->schedule);
@@ -8413,6 +8824,7 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     if (d->microbatches == 0) d->microbatches = 1;
     if (d->virtual_stages == 0) d->virtual_stages = 1;
     if (d->timeout_seconds <= 0) d->timeout_seconds = 600;
+    if (d->max_run_ahead == 0) d->max_run_ahead = 4;
     if (o->lr == 0.0f) o->lr = 1e-3f;
     if (o->beta1 == 0.0f) o->beta1 = 0.9f;
     if (o->beta2 == 0.0f) o->beta2 = 0.999f;
@@ -8427,7 +8839,10 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     if (d->microbatches > d->max_batch)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "%d micro-batches need max_batch >= %d (got %d)",
                           d->microbatches, d->microbatches, d->max_batch);
-    if ((int)d->link_mode < 0 || d->link_mode > MPAR_LINK_HOST_STAGED)
+    if (d->max_run_ahead < 0 || d->max_run_ahead > 64)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "max_run_ahead %d: give 1 to 64 actions (0: 4)",
+                          d->max_run_ahead);
+    if ((int)d->link_mode < 0 || d->link_mode > MPAR_LINK_ASYNC)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown link_mode %d", (int)d->link_mode);
     if ((int)o->kind < 0 || o->kind > MPAR_OPTIMIZER_SGD || o->lr < 0 || o->weight_decay < 0 || o->clip_norm < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer: unknown kind or negative setting");

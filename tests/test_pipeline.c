@@ -111,6 +111,13 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     assert_int_equal(mpar_pipeline_get_stats(p, &stats), MPAR_SUCCESS);
     assert_int_equal(stats.stages, stages);
     for (j = 0; j < stages && j < 4; j++) out->peak[j] = stats.peak_in_flight[j], out->slots[j] = stats.slots[j];
+    /* the transport asked for is the one that ran (AUTO: host-staged, as
+       every device here is a CPU) */
+    assert_int_equal(stats.boundaries, n - 1);
+    for (j = 0; j < n - 1; j++) {
+        assert_int_equal(stats.link_modes[j], g_link_mode == MPAR_LINK_AUTO ? MPAR_LINK_HOST_STAGED : g_link_mode);
+        assert_int_equal(stats.link_overlaps[j], g_link_mode == MPAR_LINK_ASYNC);
+    }
     mpar_pipeline_destroy(p);
 }
 
@@ -132,17 +139,23 @@ static void equality_for(mpar_schedule_kind kind, int V) {
     run(g_ctx, kind == MPAR_SCHEDULE_SEQUENTIAL ? kind : MPAR_SCHEDULE_1F1B, 1, 1, M, &base);
     assert_true(base.loss[STEPS - 1] < base.loss[0]); /* it learns */
     /* c = 0: shared context, links chosen by AUTO (host-staged on CPU
-       devices); 1: one context per device; 2: device-side copies forced */
-    for (c = 0; c < 3; c++)
+       devices); 1: one context per device; 2: device-side copies forced;
+       3: asynchronous links (copy queue, events) in the shared context (in
+       two contexts under MPAR_TEST_PLATFORMS); 4: asynchronous links across
+       contexts (pinned host memory) */
+    static const mpar_link_mode modes[5] = {MPAR_LINK_AUTO, MPAR_LINK_AUTO, MPAR_LINK_DEVICE_COPY, MPAR_LINK_ASYNC,
+                                            MPAR_LINK_ASYNC};
+    for (c = 0; c < 5; c++)
         for (stages = 2; stages <= 4; stages++) {
             char what[96];
-            if (c > 0 && stages != 2) continue;
+            if ((c == 1 || c == 2 || c == 4) && stages != 2) continue;
             if (c == 2 && getenv("MPAR_TEST_PLATFORMS")) continue; /* no shared context there */
-            g_link_mode = c == 2 ? MPAR_LINK_DEVICE_COPY : MPAR_LINK_AUTO;
-            run(c == 1 ? g_ctx_sep : g_ctx, kind, stages, V, M, &other);
+            g_link_mode = modes[c];
+            run(c == 1 || c == 4 ? g_ctx_sep : g_ctx, kind, stages, V, M, &other);
             g_link_mode = MPAR_LINK_AUTO;
             snprintf(what, sizeof what, "%s, %d stages, V=%d%s", mpar_schedule_kind_name(kind), stages, V,
-                     c == 1 ? ", context per device" : c == 2 ? ", device copies" : "");
+                     c == 1 ? ", context per device" : c == 2 ? ", device copies"
+                     : c == 3 ? ", asynchronous links" : c == 4 ? ", asynchronous links across contexts" : "");
             expect_same(&base, &other, what);
             free(other.params);
         }
