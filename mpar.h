@@ -405,6 +405,7 @@ typedef struct mpar_model_desc {
     int input_features; /* per row (1 for token models) */
     int seq_len;        /* rows per sample (tokens per sequence); 0: 1 */
     uint64_t seed;      /* parameter initialisation and dropout */
+    mpar_allocator allocator; /* the model and its layer table; all NULL: MPAR_MALLOC */
 } mpar_model_desc;
 
 MPARDEF const mpar_layer_type* mpar_layer_linear(void);
@@ -601,6 +602,9 @@ typedef struct mpar_plan_desc {
     const mpar_plan_stage* manual_stages; /* MANUAL: ranges in pipeline order ... */
     int num_manual_stages;
     const int* manual_layer_devices;      /* ... or MANUAL: a device per layer */
+    /* The planner's tables and the plan's arrays (the plan keeps a copy
+       for mpar_plan_free); all NULL: MPAR_MALLOC. */
+    mpar_allocator allocator;
 } mpar_plan_desc;
 
 typedef struct mpar_plan_binding {
@@ -626,6 +630,7 @@ typedef struct mpar_plan {
     mpar_plan_binding binding;
     int exact;                        /* 1: OPTIMAL and every device sequence was searched */
     long orders_evaluated;            /* device sequences the search costed */
+    mpar_allocator allocator;         /* what the arrays came from; mpar_plan_free uses it */
 } mpar_plan;
 
 /* Peak number of micro-batches whose activations stage `stage` (0-based) of
@@ -666,6 +671,10 @@ MPARDEF int mpar_plan_to_string(const mpar_plan* plan, char* buf, size_t size);
    safe. Errors: MPAR_ERROR_INVALID_ARGUMENT (NULL), MPAR_ERROR_INVALID_PLAN
    with the offset of the fault, MPAR_ERROR_OUT_OF_HOST_MEMORY. */
 MPARDEF mpar_result mpar_plan_parse(const char* text, size_t length, mpar_plan* out, mpar_error* err);
+/* mpar_plan_parse with the plan's arrays from `allocator` (NULL or all NULL:
+   MPAR_MALLOC); the plan keeps it for mpar_plan_free. */
+MPARDEF mpar_result mpar_plan_parse_with(const mpar_allocator* allocator, const char* text, size_t length,
+                                         mpar_plan* out, mpar_error* err);
 
 /* A table for people, and JSON for programs. MPAR_ERROR_IO if writing fails. */
 MPARDEF mpar_result mpar_plan_print(const mpar_plan* plan, FILE* f);
@@ -728,6 +737,7 @@ typedef struct mpar_schedule {
     int virtual_stages;      /* V: model chunks per stage (1 unless interleaved) */
     int* action_count;       /* [stages] */
     mpar_action** actions;   /* [stages][action_count[s]] */
+    mpar_allocator allocator; /* what it was made with; destroy and validate use it */
 } mpar_schedule;
 
 /* Builds the action lists of a schedule kind and checks them with
@@ -773,6 +783,17 @@ MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, in
 MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int virtual_stages,
                                              const mpar_action* const* lists, const int* counts,
                                              mpar_schedule** out, mpar_error* err);
+
+/* The two above with the schedule (and mpar_schedule_validate's scratch)
+   allocated from `allocator`, which the schedule keeps for
+   mpar_schedule_destroy; NULL or all NULL: MPAR_MALLOC. A partial
+   allocator is MPAR_ERROR_INVALID_ARGUMENT. */
+MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, mpar_schedule_kind kind, int stages,
+                                              int microbatches, int virtual_stages, mpar_schedule** out,
+                                              mpar_error* err);
+MPARDEF mpar_result mpar_schedule_from_lists_with(const mpar_allocator* allocator, int stages, int microbatches,
+                                                  int virtual_stages, const mpar_action* const* lists,
+                                                  const int* counts, mpar_schedule** out, mpar_error* err);
 
 MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule);
 
@@ -835,6 +856,10 @@ typedef struct mpar_sim_desc {
     /* Uneven micro-batches: micro-batch m's F, B, I, W and link delays are
        multiplied by microbatch_scale[m] (length microbatches, each > 0). */
     const double* microbatch_scale;
+    /* The simulation and the simulator's scratch (the simulation keeps a
+       copy for mpar_simulation_destroy); all NULL: MPAR_MALLOC, whatever
+       the schedule was made with. */
+    mpar_allocator allocator;
 } mpar_sim_desc;
 
 /* Outcome of a simulation. Links are asynchronous copies: their delay
@@ -853,6 +878,7 @@ typedef struct mpar_simulation {
     int* action_count;      /* [stages], as in the schedule */
     double** start;         /* [stages][action_count[s]] start of each action */
     double** end;           /* [stages][action_count[s]] end of each action */
+    mpar_allocator allocator; /* mpar_sim_desc.allocator; destroy uses it */
 } mpar_simulation;
 
 /* Runs the schedule: each stage executes its list strictly in order; an
@@ -1328,6 +1354,7 @@ typedef struct mpar_checkpoint_info {
     int step;
     int layer_count;
     mpar_checkpoint_layer* layers; /* [layer_count]; freed by mpar_checkpoint_info_free */
+    mpar_allocator allocator;      /* what layers came from, for mpar_checkpoint_info_free */
 } mpar_checkpoint_info;
 
 /* Checks a checkpoint held in memory (no device needed) and describes it.
@@ -1338,6 +1365,10 @@ typedef struct mpar_checkpoint_info {
    released with mpar_checkpoint_info_free, on failure it holds nothing. */
 MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_checkpoint_info* info,
                                           mpar_error* err);
+/* mpar_checkpoint_parse with info->layers from `allocator` (NULL or all
+   NULL: MPAR_MALLOC), which info keeps for mpar_checkpoint_info_free. */
+MPARDEF mpar_result mpar_checkpoint_parse_with(const mpar_allocator* allocator, const void* data, size_t size,
+                                               mpar_checkpoint_info* info, mpar_error* err);
 MPARDEF void mpar_checkpoint_info_free(mpar_checkpoint_info* info);
 /* Copies one layer's PARAMS, MOMENT1 or MOMENT2 (param_count floats) out
    of a checkpoint parsed into `info`, converting to the host's byte order. */
@@ -1393,6 +1424,34 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
 #include <assert.h>
 #define MPAR_ASSERT(x) assert(x)
 #endif
+
+/* Allocation through an mpar_allocator; NULL or all NULL: MPAR_MALLOC and
+   friends. Objects keep the allocator they were made with and free
+   through it. */
+static void* mpar__alloc_a(const mpar_allocator* a, size_t size) {
+    if (a && a->alloc) return a->alloc(a->user, size);
+    return MPAR_MALLOC(size);
+}
+static void mpar__free_a(const mpar_allocator* a, void* p) {
+    if (!p) return;
+    if (a && a->free) a->free(a->user, p);
+    else MPAR_FREE(p);
+}
+static void* mpar__realloc_a(const mpar_allocator* a, void* p, size_t size) {
+    if (a && a->realloc) return a->realloc(a->user, p, size);
+    return MPAR_REALLOC(p, size);
+}
+/* All three functions or none (NULL counts as none). */
+static int mpar__allocator_ok(const mpar_allocator* a) {
+    return !a || (a->alloc && a->realloc && a->free) || (!a->alloc && !a->realloc && !a->free);
+}
+/* A copy to keep in an object: all NULL for NULL. */
+static mpar_allocator mpar__allocator_copy(const mpar_allocator* a) {
+    mpar_allocator c;
+    if (a) return *a;
+    memset(&c, 0, sizeof c);
+    return c;
+}
 
 /* Sets err and returns code (see the declaration). */
 MPARDEF mpar_result mpar_error_set(mpar_error* err, mpar_result code, const char* fmt, ...) {
@@ -4170,7 +4229,10 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
         return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
                               "model input_features must be positive (got %d) and seq_len not negative (got %d)",
                               desc->input_features, desc->seq_len);
-    m = (mpar_model*)MPAR_MALLOC(sizeof *m);
+    if (!mpar__allocator_ok(&desc->allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_desc.allocator: give all three functions "
+                              "or none");
+    m = (mpar_model*)mpar__alloc_a(&desc->allocator, sizeof *m);
     if (!m) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(m, 0, sizeof *m);
     m->desc = *desc;
@@ -4180,9 +4242,11 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
 }
 
 MPARDEF void mpar_model_destroy(mpar_model* model) {
+    mpar_allocator a;
     if (!model) return;
-    MPAR_FREE(model->layers);
-    MPAR_FREE(model);
+    a = model->desc.allocator; /* the model's memory holds it */
+    mpar__free_a(&a, model->layers);
+    mpar__free_a(&a, model);
 }
 
 MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar_error* err) {
@@ -4212,7 +4276,8 @@ MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar
                               l.index, d->type->name);
     if (m->count == m->capacity) {
         int cap = m->capacity ? 2 * m->capacity : 16;
-        mpar_layer* grown = (mpar_layer*)MPAR_REALLOC(m->layers, sizeof(mpar_layer) * (size_t)cap);
+        mpar_layer* grown =
+            (mpar_layer*)mpar__realloc_a(&m->desc.allocator, m->layers, sizeof(mpar_layer) * (size_t)cap);
         if (!grown) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         m->layers = grown;
         m->capacity = cap;
@@ -4548,11 +4613,11 @@ static int mpar__planner_alloc(mpar__planner_ctx* c) {
     size_t L1 = (size_t)c->L + 1, P = (size_t)c->P, nm = (size_t)c->nmax;
     size_t nd = P * L1 + 4 * L1 + 3 * P * P + P + 2 * L1 + 2 * nm + nm * L1 + L1;
     size_t ni = L1 + nm * L1 + nm + P + 5 * P + nm;
-    double* dp = (double*)MPAR_MALLOC(nd * sizeof(double));
-    int* ip = (int*)MPAR_MALLOC(ni * sizeof(int));
+    double* dp = (double*)mpar__alloc_a(&c->d.allocator, nd * sizeof(double));
+    int* ip = (int*)mpar__alloc_a(&c->d.allocator, ni * sizeof(int));
     if (!dp || !ip) {
-        MPAR_FREE(dp);
-        MPAR_FREE(ip);
+        mpar__free_a(&c->d.allocator, dp);
+        mpar__free_a(&c->d.allocator, ip);
         return 0;
     }
     c->cost = dp;       dp += P * L1;
@@ -4580,8 +4645,8 @@ static int mpar__planner_alloc(mpar__planner_ctx* c) {
 }
 
 static void mpar__planner_ctx_free(mpar__planner_ctx* c) {
-    MPAR_FREE(c->cost);
-    MPAR_FREE(c->deque);
+    mpar__free_a(&c->d.allocator, c->cost);
+    mpar__free_a(&c->d.allocator, c->deque);
     c->cost = NULL;
     c->deque = NULL;
 }
@@ -5282,10 +5347,11 @@ static void mpar__planner_bind_stage(const mpar__planner_ctx* c, mpar_plan* p) {
     }
 }
 
+/* From p->allocator, which mpar_plan_create set. */
 static int mpar__planner_plan_alloc(mpar_plan* p, int n, int P) {
-    p->stages = (mpar_plan_stage*)MPAR_MALLOC((size_t)n * sizeof(mpar_plan_stage));
-    p->device_memory_bytes = (uint64_t*)MPAR_MALLOC((size_t)P * sizeof(uint64_t));
-    p->device_capacity_bytes = (uint64_t*)MPAR_MALLOC((size_t)P * sizeof(uint64_t));
+    p->stages = (mpar_plan_stage*)mpar__alloc_a(&p->allocator, (size_t)n * sizeof(mpar_plan_stage));
+    p->device_memory_bytes = (uint64_t*)mpar__alloc_a(&p->allocator, (size_t)P * sizeof(uint64_t));
+    p->device_capacity_bytes = (uint64_t*)mpar__alloc_a(&p->allocator, (size_t)P * sizeof(uint64_t));
     if (!p->stages || !p->device_memory_bytes || !p->device_capacity_bytes) {
         mpar_plan_free(p);
         return 0;
@@ -5700,7 +5766,7 @@ static mpar_result mpar__planner_manual(mpar__planner_ctx* c, mpar_plan* p, mpar
     if (!c->d.manual_layer_devices)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "planner: MANUAL needs manual_stages or "
                               "manual_layer_devices");
-    st = (mpar_plan_stage*)MPAR_MALLOC((size_t)c->L * sizeof(mpar_plan_stage));
+    st = (mpar_plan_stage*)mpar__alloc_a(&c->d.allocator, (size_t)c->L * sizeof(mpar_plan_stage));
     if (!st) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "planner: out of memory");
     memset(st, 0, (size_t)c->L * sizeof(mpar_plan_stage));
     r = mpar__planner_runs(c, st, &n, err);
@@ -5708,7 +5774,7 @@ static mpar_result mpar__planner_manual(mpar__planner_ctx* c, mpar_plan* p, mpar
         r = mpar_error_set(err, MPAR_ERROR_INVALID_PLAN, "planner: %d runs of layers, more than %d devices x %d "
                            "virtual stages", n, c->P, c->V);
     if (r == MPAR_SUCCESS) r = mpar__planner_manual_cost(c, st, n, p, err);
-    MPAR_FREE(st);
+    mpar__free_a(&c->d.allocator, st);
     return r;
 }
 
@@ -5720,8 +5786,12 @@ MPARDEF mpar_result mpar_plan_create(const mpar_plan_desc* desc, mpar_plan* out,
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_create: out is NULL");
     memset(out, 0, sizeof *out);
     if (!desc) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_create: desc is NULL");
+    if (!mpar__allocator_ok(&desc->allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_desc.allocator: give all three functions "
+                              "or none");
     r = mpar__planner_validate(desc, err);
     if (r != MPAR_SUCCESS) return r;
+    out->allocator = desc->allocator;
     r = mpar__planner_ctx_init(&c, desc, err);
     if (r == MPAR_SUCCESS) {
         if (c.d.mode == MPAR_PLAN_PROPORTIONAL) r = mpar__planner_proportional(&c, out, err);
@@ -5735,9 +5805,9 @@ MPARDEF mpar_result mpar_plan_create(const mpar_plan_desc* desc, mpar_plan* out,
 
 MPARDEF void mpar_plan_free(mpar_plan* plan) {
     if (!plan) return;
-    MPAR_FREE(plan->stages);
-    MPAR_FREE(plan->device_memory_bytes);
-    MPAR_FREE(plan->device_capacity_bytes);
+    mpar__free_a(&plan->allocator, plan->stages);
+    mpar__free_a(&plan->allocator, plan->device_memory_bytes);
+    mpar__free_a(&plan->allocator, plan->device_capacity_bytes);
     memset(plan, 0, sizeof *plan);
 }
 
@@ -5847,17 +5917,26 @@ static mpar_result mpar__planner_parse_all(mpar__planner_cursor* cur, mpar_plan*
 }
 
 MPARDEF mpar_result mpar_plan_parse(const char* text, size_t length, mpar_plan* out, mpar_error* err) {
+    return mpar_plan_parse_with(NULL, text, length, out, err);
+}
+
+MPARDEF mpar_result mpar_plan_parse_with(const mpar_allocator* allocator, const char* text, size_t length,
+                                         mpar_plan* out, mpar_error* err) {
     mpar__planner_cursor cur;
     size_t i, commas = 0;
     mpar_result r;
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_parse: out is NULL");
     memset(out, 0, sizeof *out);
     if (!text) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_parse: text is NULL");
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_parse: give the allocator all three "
+                              "functions or none");
     for (i = 0; i < length && text[i]; ++i) commas += text[i] == ',';
     cur.text = text;
     cur.len = i;
     cur.at = 0;
-    out->stages = (mpar_plan_stage*)MPAR_MALLOC((commas + 1) * sizeof(mpar_plan_stage));
+    out->allocator = mpar__allocator_copy(allocator);
+    out->stages = (mpar_plan_stage*)mpar__alloc_a(&out->allocator, (commas + 1) * sizeof(mpar_plan_stage));
     if (!out->stages) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_plan_parse: out of memory");
     memset(out->stages, 0, (commas + 1) * sizeof(mpar_plan_stage));
     out->virtual_stages = 1;
@@ -5971,29 +6050,32 @@ MPARDEF mpar_result mpar_plan_write_json(const mpar_plan* plan, FILE* f) {
 static void mpar__sched_free_lists(mpar_schedule* sc) {
     int s;
     if (sc->actions) {
-        for (s = 0; s < sc->stages; ++s) MPAR_FREE(sc->actions[s]);
-        MPAR_FREE(sc->actions);
+        for (s = 0; s < sc->stages; ++s) mpar__free_a(&sc->allocator, sc->actions[s]);
+        mpar__free_a(&sc->allocator, sc->actions);
     }
-    MPAR_FREE(sc->action_count);
+    mpar__free_a(&sc->allocator, sc->action_count);
 }
 
 MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule) {
+    mpar_allocator a;
     if (!schedule) return;
     mpar__sched_free_lists(schedule);
-    MPAR_FREE(schedule);
+    a = schedule->allocator; /* the schedule's memory holds it */
+    mpar__free_a(&a, schedule);
 }
 
 /* A schedule with room for caps[s] actions on stage s, all lists empty. */
-static mpar_schedule* mpar__sched_alloc(int P, int M, int V, const int* caps) {
+static mpar_schedule* mpar__sched_alloc(const mpar_allocator* a, int P, int M, int V, const int* caps) {
     int s;
-    mpar_schedule* sc = (mpar_schedule*)MPAR_MALLOC(sizeof(mpar_schedule));
+    mpar_schedule* sc = (mpar_schedule*)mpar__alloc_a(a, sizeof(mpar_schedule));
     if (!sc) return NULL;
     memset(sc, 0, sizeof *sc);
+    sc->allocator = mpar__allocator_copy(a);
     sc->stages = P;
     sc->microbatches = M;
     sc->virtual_stages = V;
-    sc->action_count = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
-    sc->actions = (mpar_action**)MPAR_MALLOC(sizeof(mpar_action*) * (size_t)P);
+    sc->action_count = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
+    sc->actions = (mpar_action**)mpar__alloc_a(a, sizeof(mpar_action*) * (size_t)P);
     if (!sc->action_count || !sc->actions) {
         mpar_schedule_destroy(sc);
         return NULL;
@@ -6004,7 +6086,7 @@ static mpar_schedule* mpar__sched_alloc(int P, int M, int V, const int* caps) {
     }
     for (s = 0; s < P; ++s) {
         size_t n = (size_t)(caps[s] > 0 ? caps[s] : 1);
-        sc->actions[s] = (mpar_action*)MPAR_MALLOC(sizeof(mpar_action) * n);
+        sc->actions[s] = (mpar_action*)mpar__alloc_a(a, sizeof(mpar_action) * n);
         if (!sc->actions[s]) {
             mpar_schedule_destroy(sc);
             return NULL;
@@ -6110,12 +6192,21 @@ static mpar_result mpar__sched_check_shape(const char* fn, int P, int M, int V, 
 
 MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, int microbatches,
                                          int virtual_stages, mpar_schedule** out, mpar_error* err) {
+    return mpar_schedule_create_with(NULL, kind, stages, microbatches, virtual_stages, out, err);
+}
+
+MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, mpar_schedule_kind kind, int stages,
+                                              int microbatches, int virtual_stages, mpar_schedule** out,
+                                              mpar_error* err) {
     static const char fn[] = "mpar_schedule_create";
     mpar_schedule* sc;
     mpar_result r;
     int s, per_stage, *caps;
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
     *out = NULL;
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: give the allocator all three functions or none",
+                              fn);
     if ((int)kind < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)kind > (int)MPAR_SCHEDULE_ZB_H1)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: unknown schedule kind %d", fn, (int)kind);
     r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
@@ -6128,11 +6219,11 @@ MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, in
     if (kind == MPAR_SCHEDULE_SEQUENTIAL) microbatches = 1; /* the whole batch is one micro-batch */
 
     per_stage = (kind == MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * microbatches * virtual_stages + 1;
-    caps = (int*)MPAR_MALLOC(sizeof(int) * (size_t)stages);
+    caps = (int*)mpar__alloc_a(allocator, sizeof(int) * (size_t)stages);
     if (!caps) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     for (s = 0; s < stages; ++s) caps[s] = per_stage;
-    sc = mpar__sched_alloc(stages, microbatches, virtual_stages, caps);
-    MPAR_FREE(caps);
+    sc = mpar__sched_alloc(allocator, stages, microbatches, virtual_stages, caps);
+    mpar__free_a(allocator, caps);
     if (!sc) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     sc->kind = kind;
     switch (kind) {
@@ -6161,12 +6252,21 @@ MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, in
 MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int virtual_stages,
                                              const mpar_action* const* lists, const int* counts,
                                              mpar_schedule** out, mpar_error* err) {
+    return mpar_schedule_from_lists_with(NULL, stages, microbatches, virtual_stages, lists, counts, out, err);
+}
+
+MPARDEF mpar_result mpar_schedule_from_lists_with(const mpar_allocator* allocator, int stages, int microbatches,
+                                                  int virtual_stages, const mpar_action* const* lists,
+                                                  const int* counts, mpar_schedule** out, mpar_error* err) {
     static const char fn[] = "mpar_schedule_from_lists";
     mpar_schedule* sc;
     mpar_result r;
     int s, i;
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
     *out = NULL;
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: give the allocator all three functions or none",
+                              fn);
     r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
     if (r != MPAR_SUCCESS) return r;
     if (!lists || !counts)
@@ -6183,7 +6283,7 @@ MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int v
                 return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE, "%s: stage %d step %d: unknown action kind %d",
                                       fn, s, i, (int)lists[s][i].kind);
     }
-    sc = mpar__sched_alloc(stages, microbatches, virtual_stages, counts);
+    sc = mpar__sched_alloc(allocator, stages, microbatches, virtual_stages, counts);
     if (!sc) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     sc->custom = 1;
     sc->kind = MPAR_SCHEDULE_SEQUENTIAL;
@@ -6339,11 +6439,11 @@ static mpar_result mpar__sched_check_pairs(const mpar_schedule* sc, const mpar__
     return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__sched_check_static(const mpar_schedule* sc, mpar_error* err) {
+static mpar_result mpar__sched_check_static(const mpar_schedule* sc, const mpar_allocator* a, mpar_error* err) {
     size_t n = (size_t)sc->stages * (size_t)sc->virtual_stages * (size_t)sc->microbatches, k;
     mpar__sched_steps st;
     mpar_result r;
-    int* mem = (int*)MPAR_MALLOC(sizeof(int) * 4 * n);
+    int* mem = (int*)mpar__alloc_a(a, sizeof(int) * 4 * n);
     if (!mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "schedule check: out of host memory");
     for (k = 0; k < 4 * n; ++k) mem[k] = -1;
     st.f = mem;
@@ -6352,7 +6452,7 @@ static mpar_result mpar__sched_check_static(const mpar_schedule* sc, mpar_error*
     st.w = mem + 3 * n;
     r = mpar__sched_scan(sc, &st, err);
     if (r == MPAR_SUCCESS) r = mpar__sched_check_pairs(sc, &st, err);
-    MPAR_FREE(mem);
+    mpar__free_a(a, mem);
     return r;
 }
 
@@ -6525,7 +6625,7 @@ static mpar_result mpar__sched_deadlock(const mpar__sched_run* run, mpar_error* 
    Start times do not depend on the order stages are visited in: an action
    is only placed once everything it waits for has its end time. */
 static mpar_result mpar__sched_walk(const mpar_schedule* sc, const mpar__sched_costs* costs, mpar_simulation* sim,
-                                    mpar_error* err) {
+                                    const mpar_allocator* a, mpar_error* err) {
     mpar__sched_run run;
     size_t n = (size_t)sc->stages * (size_t)sc->virtual_stages * (size_t)sc->microbatches, k;
     size_t P = (size_t)sc->stages;
@@ -6539,7 +6639,7 @@ static mpar_result mpar__sched_walk(const mpar_schedule* sc, const mpar__sched_c
     run.M = sc->microbatches;
     run.V = sc->virtual_stages;
     run.VS = sc->stages * sc->virtual_stages;
-    run.mem = MPAR_MALLOC(sizeof(double) * (2 * n + P) + sizeof(int) * 3 * P);
+    run.mem = mpar__alloc_a(a, sizeof(double) * (2 * n + P) + sizeof(int) * 3 * P);
     if (!run.mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "schedule walk: out of host memory");
     run.f_end = (double*)run.mem;
     run.bi_end = run.f_end + n;
@@ -6572,16 +6672,16 @@ static mpar_result mpar__sched_walk(const mpar_schedule* sc, const mpar__sched_c
             break;
         }
     }
-    MPAR_FREE(run.mem);
+    mpar__free_a(a, run.mem);
     return r;
 }
 
 MPARDEF mpar_result mpar_schedule_validate(const mpar_schedule* schedule, mpar_error* err) {
     mpar_result r;
     if (!schedule) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_schedule_validate: schedule is NULL");
-    r = mpar__sched_check_static(schedule, err);
+    r = mpar__sched_check_static(schedule, &schedule->allocator, err);
     if (r != MPAR_SUCCESS) return r;
-    return mpar__sched_walk(schedule, NULL, NULL, err);
+    return mpar__sched_walk(schedule, NULL, NULL, &schedule->allocator, err);
 }
 
 /* ---- simulation ---- */
@@ -6634,7 +6734,7 @@ static mpar_result mpar__sched_resolve(const mpar_schedule* sc, const mpar_sim_d
                                        mpar_error* err) {
     int P = sc->stages, M = sc->microbatches, VS = sc->stages * sc->virtual_stages, j;
     mpar_result r = MPAR_SUCCESS;
-    c->mem = (double*)MPAR_MALLOC(sizeof(double) * (size_t)(5 * VS + P + M));
+    c->mem = (double*)mpar__alloc_a(&d->allocator, sizeof(double) * (size_t)(5 * VS + P + M));
     if (!c->mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_simulate: out of host memory");
     c->f = c->mem;
     c->b = c->f + VS;
@@ -6657,37 +6757,40 @@ static mpar_result mpar__sched_resolve(const mpar_schedule* sc, const mpar_sim_d
                                "mpar_simulate: microbatch_scale[%d] is %g, must be finite and > 0", j, c->scale[j]);
     }
     if (r != MPAR_SUCCESS) {
-        MPAR_FREE(c->mem);
+        mpar__free_a(&d->allocator, c->mem);
         c->mem = NULL;
     }
     return r;
 }
 
 MPARDEF void mpar_simulation_destroy(mpar_simulation* sim) {
+    mpar_allocator a;
     int s;
     if (!sim) return;
+    a = sim->allocator; /* the simulation's memory holds it */
     if (sim->start)
-        for (s = 0; s < sim->stages; ++s) MPAR_FREE(sim->start[s]);
+        for (s = 0; s < sim->stages; ++s) mpar__free_a(&a, sim->start[s]);
     if (sim->end)
-        for (s = 0; s < sim->stages; ++s) MPAR_FREE(sim->end[s]);
-    MPAR_FREE(sim->start);
-    MPAR_FREE(sim->end);
-    MPAR_FREE(sim->busy);
-    MPAR_FREE(sim->peak_in_flight);
-    MPAR_FREE(sim->action_count);
-    MPAR_FREE(sim);
+        for (s = 0; s < sim->stages; ++s) mpar__free_a(&a, sim->end[s]);
+    mpar__free_a(&a, sim->start);
+    mpar__free_a(&a, sim->end);
+    mpar__free_a(&a, sim->busy);
+    mpar__free_a(&a, sim->peak_in_flight);
+    mpar__free_a(&a, sim->action_count);
+    mpar__free_a(&a, sim);
 }
 
-static mpar_simulation* mpar__sched_sim_alloc(const mpar_schedule* sc) {
+static mpar_simulation* mpar__sched_sim_alloc(const mpar_schedule* sc, const mpar_allocator* a) {
     int s, P = sc->stages;
-    mpar_simulation* sim = (mpar_simulation*)MPAR_MALLOC(sizeof(mpar_simulation));
+    mpar_simulation* sim = (mpar_simulation*)mpar__alloc_a(a, sizeof(mpar_simulation));
     if (!sim) return NULL;
     memset(sim, 0, sizeof *sim);
-    sim->busy = (double*)MPAR_MALLOC(sizeof(double) * (size_t)P);
-    sim->peak_in_flight = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
-    sim->action_count = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
-    sim->start = (double**)MPAR_MALLOC(sizeof(double*) * (size_t)P);
-    sim->end = (double**)MPAR_MALLOC(sizeof(double*) * (size_t)P);
+    sim->allocator = *a;
+    sim->busy = (double*)mpar__alloc_a(a, sizeof(double) * (size_t)P);
+    sim->peak_in_flight = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
+    sim->action_count = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
+    sim->start = (double**)mpar__alloc_a(a, sizeof(double*) * (size_t)P);
+    sim->end = (double**)mpar__alloc_a(a, sizeof(double*) * (size_t)P);
     if (!sim->busy || !sim->peak_in_flight || !sim->action_count || !sim->start || !sim->end) {
         mpar_simulation_destroy(sim);
         return NULL;
@@ -6701,8 +6804,8 @@ static mpar_simulation* mpar__sched_sim_alloc(const mpar_schedule* sc) {
     }
     for (s = 0; s < P; ++s) {
         size_t n = (size_t)(sc->action_count[s] > 0 ? sc->action_count[s] : 1);
-        sim->start[s] = (double*)MPAR_MALLOC(sizeof(double) * n);
-        sim->end[s] = (double*)MPAR_MALLOC(sizeof(double) * n);
+        sim->start[s] = (double*)mpar__alloc_a(a, sizeof(double) * n);
+        sim->end[s] = (double*)mpar__alloc_a(a, sizeof(double) * n);
         if (!sim->start[s] || !sim->end[s]) {
             mpar_simulation_destroy(sim);
             return NULL;
@@ -6726,17 +6829,20 @@ MPARDEF mpar_result mpar_simulate(const mpar_schedule* schedule, const mpar_sim_
         memset(&defaults, 0, sizeof defaults);
         desc = &defaults;
     }
-    r = mpar__sched_check_static(schedule, err);
+    if (!mpar__allocator_ok(&desc->allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_sim_desc.allocator: give all three functions "
+                              "or none");
+    r = mpar__sched_check_static(schedule, &desc->allocator, err);
     if (r != MPAR_SUCCESS) return r;
     r = mpar__sched_resolve(schedule, desc, &costs, err);
     if (r != MPAR_SUCCESS) return r;
-    sim = mpar__sched_sim_alloc(schedule);
+    sim = mpar__sched_sim_alloc(schedule, &desc->allocator);
     if (!sim) {
-        MPAR_FREE(costs.mem);
+        mpar__free_a(&desc->allocator, costs.mem);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_simulate: out of host memory");
     }
-    r = mpar__sched_walk(schedule, &costs, sim, err);
-    MPAR_FREE(costs.mem);
+    r = mpar__sched_walk(schedule, &costs, sim, &desc->allocator, err);
+    mpar__free_a(&desc->allocator, costs.mem);
     if (r != MPAR_SUCCESS) {
         mpar_simulation_destroy(sim);
         return r;
@@ -9061,12 +9167,13 @@ static mpar_result mpar__ckpt_body(const unsigned char* d, size_t size, mpar_che
     /* bounded: layer_count <= size / MPAR__CKPT_LAYER_MIN */
     if ((size_t)in->layer_count > (size_t)-1 / sizeof(mpar_checkpoint_layer))
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer count %d is too large", in->layer_count);
-    in->layers = (mpar_checkpoint_layer*)MPAR_MALLOC(sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
+    in->layers = (mpar_checkpoint_layer*)mpar__alloc_a(&in->allocator,
+                                                       sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
     if (!in->layers) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(in->layers, 0, sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
     r = mpar__ckpt_layout(d, size, in, err);
     if (r != MPAR_SUCCESS) {
-        MPAR_FREE(in->layers);
+        mpar__free_a(&in->allocator, in->layers);
         in->layers = NULL;
     }
     return r;
@@ -9074,13 +9181,22 @@ static mpar_result mpar__ckpt_body(const unsigned char* d, size_t size, mpar_che
 
 MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_checkpoint_info* info,
                                           mpar_error* err) {
+    return mpar_checkpoint_parse_with(NULL, data, size, info, err);
+}
+
+MPARDEF mpar_result mpar_checkpoint_parse_with(const mpar_allocator* allocator, const void* data, size_t size,
+                                               mpar_checkpoint_info* info, mpar_error* err) {
     const unsigned char* d = (const unsigned char*)data;
     mpar_checkpoint_info in;
     uint64_t stated;
     mpar_result r;
     if (info) memset(info, 0, sizeof *info);
     if (!data && size) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_parse: data is NULL");
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_parse: give the allocator all three "
+                              "functions or none");
     memset(&in, 0, sizeof in);
+    in.allocator = mpar__allocator_copy(allocator);
     if (size < MPAR__CKPT_MIN)
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "truncated: the file ends at offset %lu, a checkpoint has at least %u bytes",
                               (unsigned long)size, MPAR__CKPT_MIN);
@@ -9102,20 +9218,20 @@ MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_ch
         mpar_error why;
         why.message[0] = '\0';
         r = mpar__ckpt_body(d, size, &in, &why);
-        if (r == MPAR_SUCCESS) MPAR_FREE(in.layers);
+        if (r == MPAR_SUCCESS) mpar__free_a(&in.allocator, in.layers);
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "checksum of the whole file (at offset %lu) does not match%s%s",
                               (unsigned long)(size - 8), r == MPAR_SUCCESS ? "" : ": ", r == MPAR_SUCCESS ? "" : why.message);
     }
     r = mpar__ckpt_body(d, size, &in, err);
     if (r != MPAR_SUCCESS) return r;
     if (info) *info = in;
-    else MPAR_FREE(in.layers);
+    else mpar__free_a(&in.allocator, in.layers);
     return MPAR_SUCCESS;
 }
 
 MPARDEF void mpar_checkpoint_info_free(mpar_checkpoint_info* info) {
     if (!info) return;
-    MPAR_FREE(info->layers);
+    mpar__free_a(&info->allocator, info->layers);
     info->layers = NULL;
     info->layer_count = 0;
 }
