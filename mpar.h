@@ -164,7 +164,18 @@ typedef enum mpar_log_level {
 
 typedef void (*mpar_log_fn)(void* user, mpar_log_level level, const char* message);
 
-/* Run-time allocator; all three or none. */
+/* Run-time allocator; all three or none (all NULL: the compile-time
+   MPAR_MALLOC, MPAR_REALLOC and MPAR_FREE). A context takes one in
+   mpar_desc and uses it for everything it and its pipelines allocate,
+   plans, schedules, simulations and timelines it hands out included;
+   objects made without a context take one in their own desc
+   (mpar_model_desc, mpar_plan_desc, mpar_sim_desc) or through a _with
+   constructor (mpar_schedule_create_with, mpar_schedule_from_lists_with,
+   mpar_plan_parse_with, mpar_checkpoint_parse_with). Each object keeps a
+   copy in its `allocator` field and is freed through it, so objects made
+   with different allocators mix freely; `user` must outlive them. The only
+   allocation that never sees one is mpar_list_devices' scratch table (no
+   context exists there): MPAR_MALLOC. */
 typedef struct mpar_allocator {
     void* (*alloc)(void* user, size_t size);
     void* (*realloc)(void* user, void* ptr, size_t size);
@@ -301,7 +312,8 @@ MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context
    from the MPAR_FAULT environment variable by mpar_create. NULL or "" clears. */
 MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec);
 /* Every device on every platform, no selection applied. `count` receives
-   the total even when `capacity` is smaller. */
+   the total even when `capacity` is smaller. Its scratch table comes from
+   MPAR_MALLOC: there is no context, hence no run-time allocator. */
 MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* count, const char* pocl_devices,
                                       mpar_error* err);
 MPARDEF const char* mpar_device_type_name(mpar_device_type type);
@@ -1115,6 +1127,11 @@ typedef struct mpar_timeline {
     int event_count;
     mpar_event* events; /* by stage, then start time */
     size_t device_bytes[64]; /* buffers allocated per stage */
+    /* What events came from (the context's allocator), for
+       mpar_timeline_free; the analysis functions (9b) take their scratch and
+       the schedules and simulations they return from it too. All NULL:
+       MPAR_MALLOC, so zero-initialise a timeline built by hand. */
+    mpar_allocator allocator;
 } mpar_timeline;
 
 /* The timeline of the last training step (compute + apply) or inference
@@ -1128,7 +1145,8 @@ MPARDEF void mpar_timeline_free(mpar_timeline* t);
        and three ways to look at it.
 
    Input is an mpar_timeline (mpar_pipeline_get_timeline, or one built by
-   hand: every function here reads only the struct). From it:
+   hand and zero-initialised first: every function here reads only the
+   struct, and allocates from its `allocator`). From it:
    - mpar_timeline_get_stats: per stage busy (compute events: F, B, I, W and
      the optimizer step), transfer (SEND + RECEIVE copies), wait (WAIT: the
      worker blocked on a link) and idle = step - busy - transfer (waits are
@@ -1219,7 +1237,8 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
 
 /* Builds the timeline's schedule (mpar_schedule_create with its kind, P, M,
    V) and simulates it with the measured costs (see above). Either output
-   may be NULL; the caller destroys what it receives. */
+   may be NULL; the caller destroys what it receives (both made with the
+   timeline's allocator). */
 MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
                                            mpar_error* err);
 /* mpar_timeline_simulate, reduced to predicted vs measured step and bubble. */
@@ -8080,7 +8099,8 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
     if (!p->desc.profile)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
     for (i = 0; i < p->workers_count; i++) n += p->workers[i].event_count;
-    out->events = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)(n ? n : 1));
+    out->allocator = p->ctx->allocator;
+    out->events = (mpar_event*)mpar__alloc_a(&out->allocator, sizeof(mpar_event) * (size_t)(n ? n : 1));
     if (!out->events) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     out->stages = p->workers_count;
     out->virtual_stages = p->desc.virtual_stages;
@@ -8100,7 +8120,7 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
 
 MPARDEF void mpar_timeline_free(mpar_timeline* t) {
     if (!t) return;
-    MPAR_FREE(t->events);
+    mpar__free_a(&t->allocator, t->events);
     t->events = NULL;
     t->event_count = 0;
 }
@@ -8526,15 +8546,18 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
     int slots[4 * MPAR__MAX_WORKERS];
     mpar_simulation* sim = NULL;
+    mpar_sim_desc sd;
     mpar_error err;
     int i, peak = 1, M;
     if (p->desc.stage_count > 4 * MPAR__MAX_WORKERS || mpar_device_count(p->ctx) * p->desc.virtual_stages >
                                                            4 * MPAR__MAX_WORKERS)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "too many stages");
     MPAR__TRY(mpar__resolve_stages(p, stages));
-    if (mpar_schedule_create(p->desc.schedule, p->workers_count, p->desc.microbatches, p->desc.virtual_stages,
-                             &p->schedule, &err) != MPAR_SUCCESS ||
-        mpar_simulate(p->schedule, NULL, &sim, &err) != MPAR_SUCCESS)
+    memset(&sd, 0, sizeof sd);
+    sd.allocator = p->ctx->allocator;
+    if (mpar_schedule_create_with(&p->ctx->allocator, p->desc.schedule, p->workers_count, p->desc.microbatches,
+                                  p->desc.virtual_stages, &p->schedule, &err) != MPAR_SUCCESS ||
+        mpar_simulate(p->schedule, &sd, &sim, &err) != MPAR_SUCCESS)
         return mpar__fail(p->ctx, err.code, "%s", err.message);
     for (i = 0; i < p->workers_count; i++) {
         /* each stage gets what it holds at most; interleaved chunks each get
@@ -8805,6 +8828,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     if (!layers) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     mpar_pipeline_plan_layers(model, &d, layers, NULL); /* arguments checked above */
     memset(&pd, 0, sizeof pd);
+    pd.allocator = ctx->allocator; /* the planner's tables and the plan the caller frees */
     pd.num_layers = model->count, pd.layers = layers;
     pd.num_devices = n, pd.devices = devices, pd.links = links;
     pd.measured_forward = o.measured_forward;
@@ -9367,7 +9391,7 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
         data += 12u * (uint64_t)l->param_count + 8u;
         if (l->param_count > *max_params) *max_params = l->param_count;
     }
-    t = (unsigned char*)MPAR_MALLOC(T + 8);
+    t = (unsigned char*)mpar__alloc_a(&p->ctx->allocator, T + 8);
     if (!t) {
         *code = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         return NULL;
@@ -9416,8 +9440,9 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
 static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, size_t max_params, mpar_error* err) {
     const mpar_model* m = mpar_pipeline_model(p);
     static const mpar_state_kind kinds[3] = {MPAR_STATE_PARAMS, MPAR_STATE_MOMENT1, MPAR_STATE_MOMENT2};
-    float* f = (float*)MPAR_MALLOC(max_params ? max_params * sizeof(float) : 1);
-    unsigned char* b = (unsigned char*)MPAR_MALLOC(max_params ? 12u * max_params : 1);
+    const mpar_allocator* a = &p->ctx->allocator;
+    float* f = (float*)mpar__alloc_a(a, max_params ? max_params * sizeof(float) : 1);
+    unsigned char* b = (unsigned char*)mpar__alloc_a(a, max_params ? 12u * max_params : 1);
     unsigned char sum[8], trailer[MPAR__CKPT_TRAILER];
     mpar_result r = MPAR_SUCCESS;
     int i, k;
@@ -9444,19 +9469,19 @@ static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, si
         mpar__ckpt_wr64(trailer + 8, mpar__ckpt_hash_end(&whole));
         if (r == MPAR_SUCCESS) r = mpar__ckpt_write(o, trailer + 8, 8, err);
     }
-    MPAR_FREE(f);
-    MPAR_FREE(b);
+    mpar__free_a(a, f);
+    mpar__free_a(a, b);
     return r;
 }
 
 /* fsync the folder holding `path`, so that the rename itself is durable. */
-static int mpar__ckpt_sync_dir(const char* path) {
+static int mpar__ckpt_sync_dir(const mpar_allocator* a, const char* path) {
     const char* slash = strrchr(path, '/');
     char* dir;
     size_t n = slash ? (size_t)(slash - path) : 1;
     int fd, rc = 0, e = 0;
     if (slash && n == 0) n = 1; /* "/file" */
-    dir = (char*)MPAR_MALLOC(n + 1);
+    dir = (char*)mpar__alloc_a(a, n + 1);
     if (!dir) return ENOMEM;
     memcpy(dir, slash ? path : ".", n);
     dir[n] = '\0';
@@ -9467,11 +9492,12 @@ static int mpar__ckpt_sync_dir(const char* path) {
         if (rc != 0 && errno != EINVAL && errno != EBADF) e = errno; /* some file systems cannot sync folders */
         close(fd);
     }
-    MPAR_FREE(dir);
+    mpar__free_a(a, dir);
     return e;
 }
 
 static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_error* err) {
+    const mpar_allocator* a;
     mpar__ckpt_out o;
     unsigned char* table;
     size_t table_bytes = 0, max_params = 0, n;
@@ -9483,10 +9509,11 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_save_checkpoint: NULL pipeline or path");
     table = mpar__ckpt_table(p, &table_bytes, &file_size, &max_params, &r, err);
     if (!table) return r;
+    a = &p->ctx->allocator;
     n = strlen(path) + 32;
-    tmp = (char*)MPAR_MALLOC(n);
+    tmp = (char*)mpar__alloc_a(a, n);
     if (!tmp) {
-        MPAR_FREE(table);
+        mpar__free_a(a, table);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
     snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
@@ -9495,11 +9522,11 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
     o.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | MPAR__CKPT_CLOEXEC, 0666);
     if (o.fd < 0) {
         r = mpar__ckpt_io(err, "cannot create the temp file", path, tmp, errno);
-        MPAR_FREE(table), MPAR_FREE(tmp);
+        mpar__free_a(a, table), mpar__free_a(a, tmp);
         return r;
     }
     r = mpar__ckpt_write(&o, table, table_bytes, err);
-    MPAR_FREE(table);
+    mpar__free_a(a, table);
     if (r == MPAR_SUCCESS) r = mpar__ckpt_write_data(p, &o, max_params, err);
     if (r == MPAR_SUCCESS && o.file.length != file_size) /* the model changed under us? */
         r = mpar_error_set(err, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': wrote %llu bytes, planned %llu", path,
@@ -9510,18 +9537,19 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
         r = mpar__ckpt_io(err, "cannot rename the temp file", path, tmp, errno);
     if (r != MPAR_SUCCESS) {
         unlink(tmp); /* the file at `path`, if any, is untouched */
-        MPAR_FREE(tmp);
+        mpar__free_a(a, tmp);
         return r;
     }
-    MPAR_FREE(tmp);
-    e = mpar__ckpt_sync_dir(path);
+    mpar__free_a(a, tmp);
+    e = mpar__ckpt_sync_dir(a, path);
     if (e) return mpar__ckpt_io(err, "saved, but cannot fsync its folder", path, NULL, e);
     return MPAR_SUCCESS;
 }
 
 /* ---- loading ---- */
 
-static mpar_result mpar__ckpt_read_file(const char* path, unsigned char** out, size_t* size, mpar_error* err) {
+static mpar_result mpar__ckpt_read_file(const mpar_allocator* a, const char* path, unsigned char** out, size_t* size,
+                                        mpar_error* err) {
     struct stat st;
     unsigned char* d;
     size_t n, got = 0;
@@ -9542,7 +9570,7 @@ static mpar_result mpar__ckpt_read_file(const char* path, unsigned char** out, s
         return mpar__ckpt_io(err, "too large to read", path, NULL, EFBIG);
     }
     n = (size_t)st.st_size;
-    d = (unsigned char*)MPAR_MALLOC(n ? n : 1);
+    d = (unsigned char*)mpar__alloc_a(a, n ? n : 1);
     if (!d) {
         close(fd);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "checkpoint '%s': out of host memory for %lu bytes",
@@ -9553,7 +9581,7 @@ static mpar_result mpar__ckpt_read_file(const char* path, unsigned char** out, s
         if (k < 0 && errno == EINTR) continue;
         if (k < 0) {
             int e = errno;
-            close(fd), MPAR_FREE(d);
+            close(fd), mpar__free_a(a, d);
             return mpar__ckpt_io(err, "cannot read", path, NULL, e);
         }
         if (k == 0) break; /* shrank while reading: the parser reports the truncation */
@@ -9585,8 +9613,9 @@ static mpar_result mpar__ckpt_state_io(mpar_pipeline* p, float* host, int write)
 static mpar_result mpar__ckpt_apply(mpar_pipeline* p, const unsigned char* d, size_t size,
                                     const mpar_checkpoint_info* info, const char* path, mpar_error* err) {
     size_t total = 3u * mpar_model_param_count(mpar_pipeline_model(p)), at = 0;
-    float* next = (float*)MPAR_MALLOC(total ? total * sizeof(float) : 1);
-    float* backup = (float*)MPAR_MALLOC(total ? total * sizeof(float) : 1);
+    const mpar_allocator* a = &p->ctx->allocator;
+    float* next = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
+    float* backup = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
     int old_step = mpar_pipeline_get_step(p), i;
     mpar_result r = MPAR_SUCCESS;
     if (!next || !backup) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
@@ -9614,8 +9643,8 @@ static mpar_result mpar__ckpt_apply(mpar_pipeline* p, const unsigned char* d, si
                                                                        : "the previous state could not be put back");
         }
     }
-    MPAR_FREE(next);
-    MPAR_FREE(backup);
+    mpar__free_a(a, next);
+    mpar__free_a(a, backup);
     return r;
 }
 
@@ -9627,17 +9656,17 @@ static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_erro
     mpar_result r;
     if (!p || !path)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_load_checkpoint: NULL pipeline or path");
-    r = mpar__ckpt_read_file(path, &d, &size, err);
+    r = mpar__ckpt_read_file(&p->ctx->allocator, path, &d, &size, err);
     if (r != MPAR_SUCCESS) return r;
     why.message[0] = '\0';
-    r = mpar_checkpoint_parse(d, size, &info, &why);
+    r = mpar_checkpoint_parse_with(&p->ctx->allocator, d, size, &info, &why);
     if (r == MPAR_SUCCESS) {
         r = mpar_checkpoint_match(&info, mpar_pipeline_model(p), mpar_pipeline_get_desc(p)->optimizer.kind, &detail);
         if (r == MPAR_SUCCESS) r = mpar__ckpt_apply(p, d, size, &info, path, &why);
         else mpar_error_set(&why, r, "is for another model or optimizer: %.900s", detail.message);
         mpar_checkpoint_info_free(&info);
     }
-    MPAR_FREE(d);
+    mpar__free_a(&p->ctx->allocator, d);
     if (r != MPAR_SUCCESS && strncmp(why.message, "checkpoint '", 12) != 0)
         return mpar_error_set(err, r, "checkpoint '%s': %.900s", path, why.message);
     if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", why.message);
@@ -9897,7 +9926,8 @@ static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedu
                                        mpar_error* err) {
     int P = t->stages, VS = mpar__tl_vs_count(t), s, i, k;
     int* handoffs;
-    c->mem = (double*)MPAR_MALLOC(sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
+    c->mem = (double*)mpar__alloc_a(&t->allocator,
+                                    sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
     if (!c->mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_simulate: out of host memory");
     memset(c->mem, 0, sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
     c->f = c->mem, c->b = c->f + VS, c->i = c->b + VS, c->w = c->i + VS, c->link = c->w + VS, c->opt = c->link + VS;
@@ -9951,7 +9981,8 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     if (sim) *sim = NULL;
     r = mpar__tl_check_shape(t, "mpar_timeline_simulate", err);
     if (r != MPAR_SUCCESS) return r;
-    r = mpar_schedule_create(t->schedule, t->stages, t->microbatches, t->virtual_stages, &sc, err);
+    r = mpar_schedule_create_with(&t->allocator, t->schedule, t->stages, t->microbatches, t->virtual_stages, &sc,
+                                  err);
     if (r != MPAR_SUCCESS) return r;
     r = mpar__tl_costs_make(t, sc, &c, err);
     if (r != MPAR_SUCCESS) {
@@ -9959,6 +9990,7 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
         return r;
     }
     memset(&d, 0, sizeof d);
+    d.allocator = t->allocator;
     split = c.count[MPAR_ACTION_BACKWARD_INPUT * mpar__tl_vs_count(t)] > 0;
     d.forward_per_stage = c.f;
     if (split) d.backward_input_per_stage = c.i, d.backward_weight_per_stage = c.w;
@@ -9966,7 +9998,7 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     d.optimizer_step_per_stage = c.opt;
     d.link_delay_per_boundary = c.link;
     r = mpar_simulate(sc, &d, &result, err);
-    MPAR_FREE(c.mem);
+    mpar__free_a(&t->allocator, c.mem);
     if (r == MPAR_SUCCESS && sim) *sim = result;
     else mpar_simulation_destroy(result);
     if (r == MPAR_SUCCESS && schedule) *schedule = sc;
@@ -10014,7 +10046,7 @@ static mpar_result mpar__tl_check_overlap(const mpar_timeline* t, mpar_error* er
     mpar_result r = MPAR_SUCCESS;
     int i;
     if (t->event_count < 2) return MPAR_SUCCESS;
-    ev = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)t->event_count);
+    ev = (mpar_event*)mpar__alloc_a(&t->allocator, sizeof(mpar_event) * (size_t)t->event_count);
     if (!ev) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_check: out of host memory");
     memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
     qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_stage_start);
@@ -10029,7 +10061,7 @@ static mpar_result mpar__tl_check_overlap(const mpar_timeline* t, mpar_error* er
                            "stage %d: %s (%.3f-%.3f ms) overlaps %s (%.3f-%.3f ms)", a->stage, na,
                            mpar__tl_ms(a->start), mpar__tl_ms(a->end), nb, mpar__tl_ms(b->start), mpar__tl_ms(b->end));
     }
-    MPAR_FREE(ev);
+    mpar__free_a(&t->allocator, ev);
     return r;
 }
 
@@ -10158,13 +10190,14 @@ MPARDEF mpar_result mpar_timeline_check(const mpar_timeline* t, double clock_tol
     for (i = 0; i < t->event_count; i++) training |= mpar__tl_is_backward(t->events[i].kind);
     r = mpar__tl_check_overlap(t, err);
     if (r != MPAR_SUCCESS) return r;
-    slots = (mpar__tl_slot*)MPAR_MALLOC(sizeof(mpar__tl_slot) * (size_t)mpar__tl_vs_count(t) * (size_t)t->microbatches);
+    slots = (mpar__tl_slot*)mpar__alloc_a(&t->allocator, sizeof(mpar__tl_slot) * (size_t)mpar__tl_vs_count(t) *
+                                                             (size_t)t->microbatches);
     if (!slots) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_check: out of host memory");
     mpar__tl_fill_slots(t, slots);
     r = mpar__tl_check_counts(t, slots, training, err);
     if (r == MPAR_SUCCESS) r = mpar__tl_check_deps(t, slots, training, clock_tolerance, err);
     if (r == MPAR_SUCCESS) r = mpar__tl_check_links(t, slots, training, clock_tolerance, err);
-    MPAR_FREE(slots);
+    mpar__free_a(&t->allocator, slots);
     return r;
 }
 
@@ -10210,8 +10243,8 @@ static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, cha
 }
 
 /* Axis: a label (ms) every 10 columns where it fits, '|' ticks below. */
-static void mpar__tl_axis(FILE* out, double step, int columns) {
-    char* line = (char*)MPAR_MALLOC((size_t)columns + 16);
+static void mpar__tl_axis(const mpar_timeline* t, FILE* out, double step, int columns) {
+    char* line = (char*)mpar__alloc_a(&t->allocator, (size_t)columns + 16);
     int c, next = 0;
     if (!line) return;
     memset(line, ' ', (size_t)columns + 15);
@@ -10227,7 +10260,7 @@ static void mpar__tl_axis(FILE* out, double step, int columns) {
     fprintf(out, "time ms   %s\n          ", line);
     for (c = 0; c < columns; c++) fputc(c % 10 == 0 ? '|' : ' ', out);
     fputc('\n', out);
-    MPAR_FREE(line);
+    mpar__free_a(&t->allocator, line);
 }
 
 MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns) {
@@ -10239,13 +10272,13 @@ MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int co
     if (columns <= 0) columns = 80;
     if (columns > 4096) columns = 4096;
     step = st.step_time;
-    kinds = (char*)MPAR_MALLOC(2 * (size_t)columns + 2);
+    kinds = (char*)mpar__alloc_a(&t->allocator, 2 * (size_t)columns + 2);
     if (!kinds) return;
     mbs = kinds + columns + 1;
     fprintf(out, "%s: %d stages x %d chunks, %d micro-batches; step %.3f ms, measured bubble %.1f%%; %.4g ms per column\n",
             mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches, mpar__tl_ms(step),
             100.0 * st.bubble_fraction, mpar__tl_ms(step / columns));
-    mpar__tl_axis(out, step, columns);
+    mpar__tl_axis(t, out, step, columns);
     for (s = 0; s < t->stages; s++) {
         for (c = 0; c < columns; c++)
             mpar__tl_cell(t, s, step * c / columns, step * (c + 1) / columns, &kinds[c], &mbs[c]);
@@ -10255,7 +10288,7 @@ MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int co
     }
     fprintf(out, "F forward  B backward  I input grad  W weight grad  O optimizer (odd chunk: lower case)\n"
                  "second line: micro-batch (0-9a-zA-Z)  ~ link copy  - blocked on a link  . idle\n");
-    MPAR_FREE(kinds);
+    mpar__free_a(&t->allocator, kinds);
 }
 
 MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out) {
@@ -10343,7 +10376,7 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
     int s, l, links, P;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
     P = t->stages, links = mpar_timeline_link_count(t);
-    ev = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)(t->event_count + 1));
+    ev = (mpar_event*)mpar__alloc_a(&t->allocator, sizeof(mpar_event) * (size_t)(t->event_count + 1));
     if (!ev) return MPAR_ERROR_OUT_OF_HOST_MEMORY;
     if (t->event_count) memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
     qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_start);
@@ -10368,7 +10401,7 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
         mpar__tl_trace_track(out, t, ev, -1, l, P + l);
     }
     fprintf(out, "\n]}\n");
-    MPAR_FREE(ev);
+    mpar__free_a(&t->allocator, ev);
     return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
 }
 
