@@ -165,7 +165,18 @@ typedef enum mpar_log_level {
 
 typedef void (*mpar_log_fn)(void* user, mpar_log_level level, const char* message);
 
-/* Run-time allocator; all three or none. */
+/* Run-time allocator; all three or none (all NULL: the compile-time
+   MPAR_MALLOC, MPAR_REALLOC and MPAR_FREE). A context takes one in
+   mpar_desc and uses it for everything it and its pipelines allocate,
+   plans, schedules, simulations and timelines it hands out included;
+   objects made without a context take one in their own desc
+   (mpar_model_desc, mpar_plan_desc, mpar_sim_desc) or through a _with
+   constructor (mpar_schedule_create_with, mpar_schedule_from_lists_with,
+   mpar_plan_parse_with, mpar_checkpoint_parse_with). Each object keeps a
+   copy in its `allocator` field and is freed through it, so objects made
+   with different allocators mix freely; `user` must outlive them. The only
+   allocation that never sees one is mpar_list_devices' scratch table (no
+   context exists there): MPAR_MALLOC. */
 typedef struct mpar_allocator {
     void* (*alloc)(void* user, size_t size);
     void* (*realloc)(void* user, void* ptr, size_t size);
@@ -302,7 +313,8 @@ MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context
    from the MPAR_FAULT environment variable by mpar_create. NULL or "" clears. */
 MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec);
 /* Every device on every platform, no selection applied. `count` receives
-   the total even when `capacity` is smaller. */
+   the total even when `capacity` is smaller. Its scratch table comes from
+   MPAR_MALLOC: there is no context, hence no run-time allocator. */
 MPARDEF mpar_result mpar_list_devices(mpar_device_info* out, int capacity, int* count, mpar_error* err);
 MPARDEF const char* mpar_device_type_name(mpar_device_type type);
 
@@ -405,6 +417,7 @@ typedef struct mpar_model_desc {
     int input_features; /* per row (1 for token models) */
     int seq_len;        /* rows per sample (tokens per sequence); 0: 1 */
     uint64_t seed;      /* parameter initialisation and dropout */
+    mpar_allocator allocator; /* the model and its layer table; all NULL: MPAR_MALLOC */
 } mpar_model_desc;
 
 MPARDEF const mpar_layer_type* mpar_layer_linear(void);
@@ -601,6 +614,9 @@ typedef struct mpar_plan_desc {
     const mpar_plan_stage* manual_stages; /* MANUAL: ranges in pipeline order ... */
     int num_manual_stages;
     const int* manual_layer_devices;      /* ... or MANUAL: a device per layer */
+    /* The planner's tables and the plan's arrays (the plan keeps a copy
+       for mpar_plan_free); all NULL: MPAR_MALLOC. */
+    mpar_allocator allocator;
 } mpar_plan_desc;
 
 typedef struct mpar_plan_binding {
@@ -626,6 +642,7 @@ typedef struct mpar_plan {
     mpar_plan_binding binding;
     int exact;                        /* 1: OPTIMAL and every device sequence was searched */
     long orders_evaluated;            /* device sequences the search costed */
+    mpar_allocator allocator;         /* what the arrays came from; mpar_plan_free uses it */
 } mpar_plan;
 
 /* Peak number of micro-batches whose activations stage `stage` (0-based) of
@@ -666,6 +683,10 @@ MPARDEF int mpar_plan_to_string(const mpar_plan* plan, char* buf, size_t size);
    safe. Errors: MPAR_ERROR_INVALID_ARGUMENT (NULL), MPAR_ERROR_INVALID_PLAN
    with the offset of the fault, MPAR_ERROR_OUT_OF_HOST_MEMORY. */
 MPARDEF mpar_result mpar_plan_parse(const char* text, size_t length, mpar_plan* out, mpar_error* err);
+/* mpar_plan_parse with the plan's arrays from `allocator` (NULL or all NULL:
+   MPAR_MALLOC); the plan keeps it for mpar_plan_free. */
+MPARDEF mpar_result mpar_plan_parse_with(const mpar_allocator* allocator, const char* text, size_t length,
+                                         mpar_plan* out, mpar_error* err);
 
 /* A table for people, and JSON for programs. MPAR_ERROR_IO if writing fails. */
 MPARDEF mpar_result mpar_plan_print(const mpar_plan* plan, FILE* f);
@@ -728,6 +749,7 @@ typedef struct mpar_schedule {
     int virtual_stages;      /* V: model chunks per stage (1 unless interleaved) */
     int* action_count;       /* [stages] */
     mpar_action** actions;   /* [stages][action_count[s]] */
+    mpar_allocator allocator; /* what it was made with; destroy and validate use it */
 } mpar_schedule;
 
 /* Builds the action lists of a schedule kind and checks them with
@@ -773,6 +795,17 @@ MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, in
 MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int virtual_stages,
                                              const mpar_action* const* lists, const int* counts,
                                              mpar_schedule** out, mpar_error* err);
+
+/* The two above with the schedule (and mpar_schedule_validate's scratch)
+   allocated from `allocator`, which the schedule keeps for
+   mpar_schedule_destroy; NULL or all NULL: MPAR_MALLOC. A partial
+   allocator is MPAR_ERROR_INVALID_ARGUMENT. */
+MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, mpar_schedule_kind kind, int stages,
+                                              int microbatches, int virtual_stages, mpar_schedule** out,
+                                              mpar_error* err);
+MPARDEF mpar_result mpar_schedule_from_lists_with(const mpar_allocator* allocator, int stages, int microbatches,
+                                                  int virtual_stages, const mpar_action* const* lists,
+                                                  const int* counts, mpar_schedule** out, mpar_error* err);
 
 MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule);
 
@@ -835,6 +868,10 @@ typedef struct mpar_sim_desc {
     /* Uneven micro-batches: micro-batch m's F, B, I, W and link delays are
        multiplied by microbatch_scale[m] (length microbatches, each > 0). */
     const double* microbatch_scale;
+    /* The simulation and the simulator's scratch (the simulation keeps a
+       copy for mpar_simulation_destroy); all NULL: MPAR_MALLOC, whatever
+       the schedule was made with. */
+    mpar_allocator allocator;
 } mpar_sim_desc;
 
 /* Outcome of a simulation. Links are asynchronous copies: their delay
@@ -853,6 +890,7 @@ typedef struct mpar_simulation {
     int* action_count;      /* [stages], as in the schedule */
     double** start;         /* [stages][action_count[s]] start of each action */
     double** end;           /* [stages][action_count[s]] end of each action */
+    mpar_allocator allocator; /* mpar_sim_desc.allocator; destroy uses it */
 } mpar_simulation;
 
 /* Runs the schedule: each stage executes its list strictly in order; an
@@ -1109,6 +1147,11 @@ typedef struct mpar_timeline {
     int event_count;
     mpar_event* events; /* by stage, then start time */
     size_t device_bytes[64]; /* buffers allocated per stage */
+    /* What events came from (the context's allocator), for
+       mpar_timeline_free; the analysis functions (9b) take their scratch and
+       the schedules and simulations they return from it too. All NULL:
+       MPAR_MALLOC, so zero-initialise a timeline built by hand. */
+    mpar_allocator allocator;
 } mpar_timeline;
 
 /* The timeline of the last training step (compute + apply) or inference
@@ -1122,7 +1165,8 @@ MPARDEF void mpar_timeline_free(mpar_timeline* t);
        and three ways to look at it.
 
    Input is an mpar_timeline (mpar_pipeline_get_timeline, or one built by
-   hand: every function here reads only the struct). From it:
+   hand and zero-initialised first: every function here reads only the
+   struct, and allocates from its `allocator`). From it:
    - mpar_timeline_get_stats: per stage busy (compute events: F, B, I, W and
      the optimizer step), transfer (SEND + RECEIVE copies), wait (WAIT: the
      worker blocked on a link) and idle = step - busy - transfer (waits are
@@ -1213,7 +1257,8 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
 
 /* Builds the timeline's schedule (mpar_schedule_create with its kind, P, M,
    V) and simulates it with the measured costs (see above). Either output
-   may be NULL; the caller destroys what it receives. */
+   may be NULL; the caller destroys what it receives (both made with the
+   timeline's allocator). */
 MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
                                            mpar_error* err);
 /* mpar_timeline_simulate, reduced to predicted vs measured step and bubble. */
@@ -1348,6 +1393,7 @@ typedef struct mpar_checkpoint_info {
     int step;
     int layer_count;
     mpar_checkpoint_layer* layers; /* [layer_count]; freed by mpar_checkpoint_info_free */
+    mpar_allocator allocator;      /* what layers came from, for mpar_checkpoint_info_free */
 } mpar_checkpoint_info;
 
 /* Checks a checkpoint held in memory (no device needed) and describes it.
@@ -1358,6 +1404,10 @@ typedef struct mpar_checkpoint_info {
    released with mpar_checkpoint_info_free, on failure it holds nothing. */
 MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_checkpoint_info* info,
                                           mpar_error* err);
+/* mpar_checkpoint_parse with info->layers from `allocator` (NULL or all
+   NULL: MPAR_MALLOC), which info keeps for mpar_checkpoint_info_free. */
+MPARDEF mpar_result mpar_checkpoint_parse_with(const mpar_allocator* allocator, const void* data, size_t size,
+                                               mpar_checkpoint_info* info, mpar_error* err);
 MPARDEF void mpar_checkpoint_info_free(mpar_checkpoint_info* info);
 /* Copies one layer's PARAMS, MOMENT1 or MOMENT2 (param_count floats) out
    of a checkpoint parsed into `info`, converting to the host's byte order. */
@@ -1413,6 +1463,34 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
 #include <assert.h>
 #define MPAR_ASSERT(x) assert(x)
 #endif
+
+/* Allocation through an mpar_allocator; NULL or all NULL: MPAR_MALLOC and
+   friends. Objects keep the allocator they were made with and free
+   through it. */
+static void* mpar__alloc_a(const mpar_allocator* a, size_t size) {
+    if (a && a->alloc) return a->alloc(a->user, size);
+    return MPAR_MALLOC(size);
+}
+static void mpar__free_a(const mpar_allocator* a, void* p) {
+    if (!p) return;
+    if (a && a->free) a->free(a->user, p);
+    else MPAR_FREE(p);
+}
+static void* mpar__realloc_a(const mpar_allocator* a, void* p, size_t size) {
+    if (a && a->realloc) return a->realloc(a->user, p, size);
+    return MPAR_REALLOC(p, size);
+}
+/* All three functions or none (NULL counts as none). */
+static int mpar__allocator_ok(const mpar_allocator* a) {
+    return !a || (a->alloc && a->realloc && a->free) || (!a->alloc && !a->realloc && !a->free);
+}
+/* A copy to keep in an object: all NULL for NULL. */
+static mpar_allocator mpar__allocator_copy(const mpar_allocator* a) {
+    mpar_allocator c;
+    if (a) return *a;
+    memset(&c, 0, sizeof c);
+    return c;
+}
 
 /* Sets err and returns code (see the declaration). */
 MPARDEF mpar_result mpar_error_set(mpar_error* err, mpar_result code, const char* fmt, ...) {
@@ -4245,7 +4323,10 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
         return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
                               "model input_features must be positive (got %d) and seq_len not negative (got %d)",
                               desc->input_features, desc->seq_len);
-    m = (mpar_model*)MPAR_MALLOC(sizeof *m);
+    if (!mpar__allocator_ok(&desc->allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_desc.allocator: give all three functions "
+                              "or none");
+    m = (mpar_model*)mpar__alloc_a(&desc->allocator, sizeof *m);
     if (!m) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(m, 0, sizeof *m);
     m->desc = *desc;
@@ -4255,9 +4336,11 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
 }
 
 MPARDEF void mpar_model_destroy(mpar_model* model) {
+    mpar_allocator a;
     if (!model) return;
-    MPAR_FREE(model->layers);
-    MPAR_FREE(model);
+    a = model->desc.allocator; /* the model's memory holds it */
+    mpar__free_a(&a, model->layers);
+    mpar__free_a(&a, model);
 }
 
 MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar_error* err) {
@@ -4287,7 +4370,8 @@ MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar
                               l.index, d->type->name);
     if (m->count == m->capacity) {
         int cap = m->capacity ? 2 * m->capacity : 16;
-        mpar_layer* grown = (mpar_layer*)MPAR_REALLOC(m->layers, sizeof(mpar_layer) * (size_t)cap);
+        mpar_layer* grown =
+            (mpar_layer*)mpar__realloc_a(&m->desc.allocator, m->layers, sizeof(mpar_layer) * (size_t)cap);
         if (!grown) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         m->layers = grown;
         m->capacity = cap;
@@ -4623,11 +4707,11 @@ static int mpar__planner_alloc(mpar__planner_ctx* c) {
     size_t L1 = (size_t)c->L + 1, P = (size_t)c->P, nm = (size_t)c->nmax;
     size_t nd = P * L1 + 4 * L1 + 3 * P * P + P + 2 * L1 + 2 * nm + nm * L1 + L1;
     size_t ni = L1 + nm * L1 + nm + P + 5 * P + nm;
-    double* dp = (double*)MPAR_MALLOC(nd * sizeof(double));
-    int* ip = (int*)MPAR_MALLOC(ni * sizeof(int));
+    double* dp = (double*)mpar__alloc_a(&c->d.allocator, nd * sizeof(double));
+    int* ip = (int*)mpar__alloc_a(&c->d.allocator, ni * sizeof(int));
     if (!dp || !ip) {
-        MPAR_FREE(dp);
-        MPAR_FREE(ip);
+        mpar__free_a(&c->d.allocator, dp);
+        mpar__free_a(&c->d.allocator, ip);
         return 0;
     }
     c->cost = dp;       dp += P * L1;
@@ -4655,8 +4739,8 @@ static int mpar__planner_alloc(mpar__planner_ctx* c) {
 }
 
 static void mpar__planner_ctx_free(mpar__planner_ctx* c) {
-    MPAR_FREE(c->cost);
-    MPAR_FREE(c->deque);
+    mpar__free_a(&c->d.allocator, c->cost);
+    mpar__free_a(&c->d.allocator, c->deque);
     c->cost = NULL;
     c->deque = NULL;
 }
@@ -5357,10 +5441,11 @@ static void mpar__planner_bind_stage(const mpar__planner_ctx* c, mpar_plan* p) {
     }
 }
 
+/* From p->allocator, which mpar_plan_create set. */
 static int mpar__planner_plan_alloc(mpar_plan* p, int n, int P) {
-    p->stages = (mpar_plan_stage*)MPAR_MALLOC((size_t)n * sizeof(mpar_plan_stage));
-    p->device_memory_bytes = (uint64_t*)MPAR_MALLOC((size_t)P * sizeof(uint64_t));
-    p->device_capacity_bytes = (uint64_t*)MPAR_MALLOC((size_t)P * sizeof(uint64_t));
+    p->stages = (mpar_plan_stage*)mpar__alloc_a(&p->allocator, (size_t)n * sizeof(mpar_plan_stage));
+    p->device_memory_bytes = (uint64_t*)mpar__alloc_a(&p->allocator, (size_t)P * sizeof(uint64_t));
+    p->device_capacity_bytes = (uint64_t*)mpar__alloc_a(&p->allocator, (size_t)P * sizeof(uint64_t));
     if (!p->stages || !p->device_memory_bytes || !p->device_capacity_bytes) {
         mpar_plan_free(p);
         return 0;
@@ -5775,7 +5860,7 @@ static mpar_result mpar__planner_manual(mpar__planner_ctx* c, mpar_plan* p, mpar
     if (!c->d.manual_layer_devices)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "planner: MANUAL needs manual_stages or "
                               "manual_layer_devices");
-    st = (mpar_plan_stage*)MPAR_MALLOC((size_t)c->L * sizeof(mpar_plan_stage));
+    st = (mpar_plan_stage*)mpar__alloc_a(&c->d.allocator, (size_t)c->L * sizeof(mpar_plan_stage));
     if (!st) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "planner: out of memory");
     memset(st, 0, (size_t)c->L * sizeof(mpar_plan_stage));
     r = mpar__planner_runs(c, st, &n, err);
@@ -5783,7 +5868,7 @@ static mpar_result mpar__planner_manual(mpar__planner_ctx* c, mpar_plan* p, mpar
         r = mpar_error_set(err, MPAR_ERROR_INVALID_PLAN, "planner: %d runs of layers, more than %d devices x %d "
                            "virtual stages", n, c->P, c->V);
     if (r == MPAR_SUCCESS) r = mpar__planner_manual_cost(c, st, n, p, err);
-    MPAR_FREE(st);
+    mpar__free_a(&c->d.allocator, st);
     return r;
 }
 
@@ -5795,8 +5880,12 @@ MPARDEF mpar_result mpar_plan_create(const mpar_plan_desc* desc, mpar_plan* out,
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_create: out is NULL");
     memset(out, 0, sizeof *out);
     if (!desc) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_create: desc is NULL");
+    if (!mpar__allocator_ok(&desc->allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_desc.allocator: give all three functions "
+                              "or none");
     r = mpar__planner_validate(desc, err);
     if (r != MPAR_SUCCESS) return r;
+    out->allocator = desc->allocator;
     r = mpar__planner_ctx_init(&c, desc, err);
     if (r == MPAR_SUCCESS) {
         if (c.d.mode == MPAR_PLAN_PROPORTIONAL) r = mpar__planner_proportional(&c, out, err);
@@ -5810,9 +5899,9 @@ MPARDEF mpar_result mpar_plan_create(const mpar_plan_desc* desc, mpar_plan* out,
 
 MPARDEF void mpar_plan_free(mpar_plan* plan) {
     if (!plan) return;
-    MPAR_FREE(plan->stages);
-    MPAR_FREE(plan->device_memory_bytes);
-    MPAR_FREE(plan->device_capacity_bytes);
+    mpar__free_a(&plan->allocator, plan->stages);
+    mpar__free_a(&plan->allocator, plan->device_memory_bytes);
+    mpar__free_a(&plan->allocator, plan->device_capacity_bytes);
     memset(plan, 0, sizeof *plan);
 }
 
@@ -5922,17 +6011,26 @@ static mpar_result mpar__planner_parse_all(mpar__planner_cursor* cur, mpar_plan*
 }
 
 MPARDEF mpar_result mpar_plan_parse(const char* text, size_t length, mpar_plan* out, mpar_error* err) {
+    return mpar_plan_parse_with(NULL, text, length, out, err);
+}
+
+MPARDEF mpar_result mpar_plan_parse_with(const mpar_allocator* allocator, const char* text, size_t length,
+                                         mpar_plan* out, mpar_error* err) {
     mpar__planner_cursor cur;
     size_t i, commas = 0;
     mpar_result r;
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_parse: out is NULL");
     memset(out, 0, sizeof *out);
     if (!text) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_parse: text is NULL");
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_parse: give the allocator all three "
+                              "functions or none");
     for (i = 0; i < length && text[i]; ++i) commas += text[i] == ',';
     cur.text = text;
     cur.len = i;
     cur.at = 0;
-    out->stages = (mpar_plan_stage*)MPAR_MALLOC((commas + 1) * sizeof(mpar_plan_stage));
+    out->allocator = mpar__allocator_copy(allocator);
+    out->stages = (mpar_plan_stage*)mpar__alloc_a(&out->allocator, (commas + 1) * sizeof(mpar_plan_stage));
     if (!out->stages) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_plan_parse: out of memory");
     memset(out->stages, 0, (commas + 1) * sizeof(mpar_plan_stage));
     out->virtual_stages = 1;
@@ -6046,29 +6144,32 @@ MPARDEF mpar_result mpar_plan_write_json(const mpar_plan* plan, FILE* f) {
 static void mpar__sched_free_lists(mpar_schedule* sc) {
     int s;
     if (sc->actions) {
-        for (s = 0; s < sc->stages; ++s) MPAR_FREE(sc->actions[s]);
-        MPAR_FREE(sc->actions);
+        for (s = 0; s < sc->stages; ++s) mpar__free_a(&sc->allocator, sc->actions[s]);
+        mpar__free_a(&sc->allocator, sc->actions);
     }
-    MPAR_FREE(sc->action_count);
+    mpar__free_a(&sc->allocator, sc->action_count);
 }
 
 MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule) {
+    mpar_allocator a;
     if (!schedule) return;
     mpar__sched_free_lists(schedule);
-    MPAR_FREE(schedule);
+    a = schedule->allocator; /* the schedule's memory holds it */
+    mpar__free_a(&a, schedule);
 }
 
 /* A schedule with room for caps[s] actions on stage s, all lists empty. */
-static mpar_schedule* mpar__sched_alloc(int P, int M, int V, const int* caps) {
+static mpar_schedule* mpar__sched_alloc(const mpar_allocator* a, int P, int M, int V, const int* caps) {
     int s;
-    mpar_schedule* sc = (mpar_schedule*)MPAR_MALLOC(sizeof(mpar_schedule));
+    mpar_schedule* sc = (mpar_schedule*)mpar__alloc_a(a, sizeof(mpar_schedule));
     if (!sc) return NULL;
     memset(sc, 0, sizeof *sc);
+    sc->allocator = mpar__allocator_copy(a);
     sc->stages = P;
     sc->microbatches = M;
     sc->virtual_stages = V;
-    sc->action_count = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
-    sc->actions = (mpar_action**)MPAR_MALLOC(sizeof(mpar_action*) * (size_t)P);
+    sc->action_count = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
+    sc->actions = (mpar_action**)mpar__alloc_a(a, sizeof(mpar_action*) * (size_t)P);
     if (!sc->action_count || !sc->actions) {
         mpar_schedule_destroy(sc);
         return NULL;
@@ -6079,7 +6180,7 @@ static mpar_schedule* mpar__sched_alloc(int P, int M, int V, const int* caps) {
     }
     for (s = 0; s < P; ++s) {
         size_t n = (size_t)(caps[s] > 0 ? caps[s] : 1);
-        sc->actions[s] = (mpar_action*)MPAR_MALLOC(sizeof(mpar_action) * n);
+        sc->actions[s] = (mpar_action*)mpar__alloc_a(a, sizeof(mpar_action) * n);
         if (!sc->actions[s]) {
             mpar_schedule_destroy(sc);
             return NULL;
@@ -6185,12 +6286,21 @@ static mpar_result mpar__sched_check_shape(const char* fn, int P, int M, int V, 
 
 MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, int microbatches,
                                          int virtual_stages, mpar_schedule** out, mpar_error* err) {
+    return mpar_schedule_create_with(NULL, kind, stages, microbatches, virtual_stages, out, err);
+}
+
+MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, mpar_schedule_kind kind, int stages,
+                                              int microbatches, int virtual_stages, mpar_schedule** out,
+                                              mpar_error* err) {
     static const char fn[] = "mpar_schedule_create";
     mpar_schedule* sc;
     mpar_result r;
     int s, per_stage, *caps;
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
     *out = NULL;
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: give the allocator all three functions or none",
+                              fn);
     if ((int)kind < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)kind > (int)MPAR_SCHEDULE_ZB_H1)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: unknown schedule kind %d", fn, (int)kind);
     r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
@@ -6203,11 +6313,11 @@ MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, in
     if (kind == MPAR_SCHEDULE_SEQUENTIAL) microbatches = 1; /* the whole batch is one micro-batch */
 
     per_stage = (kind == MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * microbatches * virtual_stages + 1;
-    caps = (int*)MPAR_MALLOC(sizeof(int) * (size_t)stages);
+    caps = (int*)mpar__alloc_a(allocator, sizeof(int) * (size_t)stages);
     if (!caps) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     for (s = 0; s < stages; ++s) caps[s] = per_stage;
-    sc = mpar__sched_alloc(stages, microbatches, virtual_stages, caps);
-    MPAR_FREE(caps);
+    sc = mpar__sched_alloc(allocator, stages, microbatches, virtual_stages, caps);
+    mpar__free_a(allocator, caps);
     if (!sc) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     sc->kind = kind;
     switch (kind) {
@@ -6236,12 +6346,21 @@ MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, in
 MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int virtual_stages,
                                              const mpar_action* const* lists, const int* counts,
                                              mpar_schedule** out, mpar_error* err) {
+    return mpar_schedule_from_lists_with(NULL, stages, microbatches, virtual_stages, lists, counts, out, err);
+}
+
+MPARDEF mpar_result mpar_schedule_from_lists_with(const mpar_allocator* allocator, int stages, int microbatches,
+                                                  int virtual_stages, const mpar_action* const* lists,
+                                                  const int* counts, mpar_schedule** out, mpar_error* err) {
     static const char fn[] = "mpar_schedule_from_lists";
     mpar_schedule* sc;
     mpar_result r;
     int s, i;
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
     *out = NULL;
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: give the allocator all three functions or none",
+                              fn);
     r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
     if (r != MPAR_SUCCESS) return r;
     if (!lists || !counts)
@@ -6258,7 +6377,7 @@ MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int v
                 return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE, "%s: stage %d step %d: unknown action kind %d",
                                       fn, s, i, (int)lists[s][i].kind);
     }
-    sc = mpar__sched_alloc(stages, microbatches, virtual_stages, counts);
+    sc = mpar__sched_alloc(allocator, stages, microbatches, virtual_stages, counts);
     if (!sc) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     sc->custom = 1;
     sc->kind = MPAR_SCHEDULE_SEQUENTIAL;
@@ -6414,11 +6533,11 @@ static mpar_result mpar__sched_check_pairs(const mpar_schedule* sc, const mpar__
     return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__sched_check_static(const mpar_schedule* sc, mpar_error* err) {
+static mpar_result mpar__sched_check_static(const mpar_schedule* sc, const mpar_allocator* a, mpar_error* err) {
     size_t n = (size_t)sc->stages * (size_t)sc->virtual_stages * (size_t)sc->microbatches, k;
     mpar__sched_steps st;
     mpar_result r;
-    int* mem = (int*)MPAR_MALLOC(sizeof(int) * 4 * n);
+    int* mem = (int*)mpar__alloc_a(a, sizeof(int) * 4 * n);
     if (!mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "schedule check: out of host memory");
     for (k = 0; k < 4 * n; ++k) mem[k] = -1;
     st.f = mem;
@@ -6427,7 +6546,7 @@ static mpar_result mpar__sched_check_static(const mpar_schedule* sc, mpar_error*
     st.w = mem + 3 * n;
     r = mpar__sched_scan(sc, &st, err);
     if (r == MPAR_SUCCESS) r = mpar__sched_check_pairs(sc, &st, err);
-    MPAR_FREE(mem);
+    mpar__free_a(a, mem);
     return r;
 }
 
@@ -6600,7 +6719,7 @@ static mpar_result mpar__sched_deadlock(const mpar__sched_run* run, mpar_error* 
    Start times do not depend on the order stages are visited in: an action
    is only placed once everything it waits for has its end time. */
 static mpar_result mpar__sched_walk(const mpar_schedule* sc, const mpar__sched_costs* costs, mpar_simulation* sim,
-                                    mpar_error* err) {
+                                    const mpar_allocator* a, mpar_error* err) {
     mpar__sched_run run;
     size_t n = (size_t)sc->stages * (size_t)sc->virtual_stages * (size_t)sc->microbatches, k;
     size_t P = (size_t)sc->stages;
@@ -6614,7 +6733,7 @@ static mpar_result mpar__sched_walk(const mpar_schedule* sc, const mpar__sched_c
     run.M = sc->microbatches;
     run.V = sc->virtual_stages;
     run.VS = sc->stages * sc->virtual_stages;
-    run.mem = MPAR_MALLOC(sizeof(double) * (2 * n + P) + sizeof(int) * 3 * P);
+    run.mem = mpar__alloc_a(a, sizeof(double) * (2 * n + P) + sizeof(int) * 3 * P);
     if (!run.mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "schedule walk: out of host memory");
     run.f_end = (double*)run.mem;
     run.bi_end = run.f_end + n;
@@ -6647,16 +6766,16 @@ static mpar_result mpar__sched_walk(const mpar_schedule* sc, const mpar__sched_c
             break;
         }
     }
-    MPAR_FREE(run.mem);
+    mpar__free_a(a, run.mem);
     return r;
 }
 
 MPARDEF mpar_result mpar_schedule_validate(const mpar_schedule* schedule, mpar_error* err) {
     mpar_result r;
     if (!schedule) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_schedule_validate: schedule is NULL");
-    r = mpar__sched_check_static(schedule, err);
+    r = mpar__sched_check_static(schedule, &schedule->allocator, err);
     if (r != MPAR_SUCCESS) return r;
-    return mpar__sched_walk(schedule, NULL, NULL, err);
+    return mpar__sched_walk(schedule, NULL, NULL, &schedule->allocator, err);
 }
 
 /* ---- simulation ---- */
@@ -6709,7 +6828,7 @@ static mpar_result mpar__sched_resolve(const mpar_schedule* sc, const mpar_sim_d
                                        mpar_error* err) {
     int P = sc->stages, M = sc->microbatches, VS = sc->stages * sc->virtual_stages, j;
     mpar_result r = MPAR_SUCCESS;
-    c->mem = (double*)MPAR_MALLOC(sizeof(double) * (size_t)(5 * VS + P + M));
+    c->mem = (double*)mpar__alloc_a(&d->allocator, sizeof(double) * (size_t)(5 * VS + P + M));
     if (!c->mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_simulate: out of host memory");
     c->f = c->mem;
     c->b = c->f + VS;
@@ -6732,37 +6851,40 @@ static mpar_result mpar__sched_resolve(const mpar_schedule* sc, const mpar_sim_d
                                "mpar_simulate: microbatch_scale[%d] is %g, must be finite and > 0", j, c->scale[j]);
     }
     if (r != MPAR_SUCCESS) {
-        MPAR_FREE(c->mem);
+        mpar__free_a(&d->allocator, c->mem);
         c->mem = NULL;
     }
     return r;
 }
 
 MPARDEF void mpar_simulation_destroy(mpar_simulation* sim) {
+    mpar_allocator a;
     int s;
     if (!sim) return;
+    a = sim->allocator; /* the simulation's memory holds it */
     if (sim->start)
-        for (s = 0; s < sim->stages; ++s) MPAR_FREE(sim->start[s]);
+        for (s = 0; s < sim->stages; ++s) mpar__free_a(&a, sim->start[s]);
     if (sim->end)
-        for (s = 0; s < sim->stages; ++s) MPAR_FREE(sim->end[s]);
-    MPAR_FREE(sim->start);
-    MPAR_FREE(sim->end);
-    MPAR_FREE(sim->busy);
-    MPAR_FREE(sim->peak_in_flight);
-    MPAR_FREE(sim->action_count);
-    MPAR_FREE(sim);
+        for (s = 0; s < sim->stages; ++s) mpar__free_a(&a, sim->end[s]);
+    mpar__free_a(&a, sim->start);
+    mpar__free_a(&a, sim->end);
+    mpar__free_a(&a, sim->busy);
+    mpar__free_a(&a, sim->peak_in_flight);
+    mpar__free_a(&a, sim->action_count);
+    mpar__free_a(&a, sim);
 }
 
-static mpar_simulation* mpar__sched_sim_alloc(const mpar_schedule* sc) {
+static mpar_simulation* mpar__sched_sim_alloc(const mpar_schedule* sc, const mpar_allocator* a) {
     int s, P = sc->stages;
-    mpar_simulation* sim = (mpar_simulation*)MPAR_MALLOC(sizeof(mpar_simulation));
+    mpar_simulation* sim = (mpar_simulation*)mpar__alloc_a(a, sizeof(mpar_simulation));
     if (!sim) return NULL;
     memset(sim, 0, sizeof *sim);
-    sim->busy = (double*)MPAR_MALLOC(sizeof(double) * (size_t)P);
-    sim->peak_in_flight = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
-    sim->action_count = (int*)MPAR_MALLOC(sizeof(int) * (size_t)P);
-    sim->start = (double**)MPAR_MALLOC(sizeof(double*) * (size_t)P);
-    sim->end = (double**)MPAR_MALLOC(sizeof(double*) * (size_t)P);
+    sim->allocator = *a;
+    sim->busy = (double*)mpar__alloc_a(a, sizeof(double) * (size_t)P);
+    sim->peak_in_flight = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
+    sim->action_count = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
+    sim->start = (double**)mpar__alloc_a(a, sizeof(double*) * (size_t)P);
+    sim->end = (double**)mpar__alloc_a(a, sizeof(double*) * (size_t)P);
     if (!sim->busy || !sim->peak_in_flight || !sim->action_count || !sim->start || !sim->end) {
         mpar_simulation_destroy(sim);
         return NULL;
@@ -6776,8 +6898,8 @@ static mpar_simulation* mpar__sched_sim_alloc(const mpar_schedule* sc) {
     }
     for (s = 0; s < P; ++s) {
         size_t n = (size_t)(sc->action_count[s] > 0 ? sc->action_count[s] : 1);
-        sim->start[s] = (double*)MPAR_MALLOC(sizeof(double) * n);
-        sim->end[s] = (double*)MPAR_MALLOC(sizeof(double) * n);
+        sim->start[s] = (double*)mpar__alloc_a(a, sizeof(double) * n);
+        sim->end[s] = (double*)mpar__alloc_a(a, sizeof(double) * n);
         if (!sim->start[s] || !sim->end[s]) {
             mpar_simulation_destroy(sim);
             return NULL;
@@ -6801,17 +6923,20 @@ MPARDEF mpar_result mpar_simulate(const mpar_schedule* schedule, const mpar_sim_
         memset(&defaults, 0, sizeof defaults);
         desc = &defaults;
     }
-    r = mpar__sched_check_static(schedule, err);
+    if (!mpar__allocator_ok(&desc->allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_sim_desc.allocator: give all three functions "
+                              "or none");
+    r = mpar__sched_check_static(schedule, &desc->allocator, err);
     if (r != MPAR_SUCCESS) return r;
     r = mpar__sched_resolve(schedule, desc, &costs, err);
     if (r != MPAR_SUCCESS) return r;
-    sim = mpar__sched_sim_alloc(schedule);
+    sim = mpar__sched_sim_alloc(schedule, &desc->allocator);
     if (!sim) {
-        MPAR_FREE(costs.mem);
+        mpar__free_a(&desc->allocator, costs.mem);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_simulate: out of host memory");
     }
-    r = mpar__sched_walk(schedule, &costs, sim, err);
-    MPAR_FREE(costs.mem);
+    r = mpar__sched_walk(schedule, &costs, sim, &desc->allocator, err);
+    mpar__free_a(&desc->allocator, costs.mem);
     if (r != MPAR_SUCCESS) {
         mpar_simulation_destroy(sim);
         return r;
@@ -8359,7 +8484,8 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
     if (!p->desc.profile)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
     for (i = 0; i < p->workers_count; i++) n += p->workers[i].event_count;
-    out->events = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)(n ? n : 1));
+    out->allocator = p->ctx->allocator;
+    out->events = (mpar_event*)mpar__alloc_a(&out->allocator, sizeof(mpar_event) * (size_t)(n ? n : 1));
     if (!out->events) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     out->stages = p->workers_count;
     out->virtual_stages = p->desc.virtual_stages;
@@ -8379,7 +8505,7 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
 
 MPARDEF void mpar_timeline_free(mpar_timeline* t) {
     if (!t) return;
-    MPAR_FREE(t->events);
+    mpar__free_a(&t->allocator, t->events);
     t->events = NULL;
     t->event_count = 0;
 }
@@ -8895,15 +9021,18 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
     int slots[4 * MPAR__MAX_WORKERS];
     mpar_simulation* sim = NULL;
+    mpar_sim_desc sd;
     mpar_error err;
     int i, peak = 1, M;
     if (p->desc.stage_count > 4 * MPAR__MAX_WORKERS || mpar_device_count(p->ctx) * p->desc.virtual_stages >
                                                            4 * MPAR__MAX_WORKERS)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "too many stages");
     MPAR__TRY(mpar__resolve_stages(p, stages));
-    if (mpar_schedule_create(p->desc.schedule, p->workers_count, p->desc.microbatches, p->desc.virtual_stages,
-                             &p->schedule, &err) != MPAR_SUCCESS ||
-        mpar_simulate(p->schedule, NULL, &sim, &err) != MPAR_SUCCESS)
+    memset(&sd, 0, sizeof sd);
+    sd.allocator = p->ctx->allocator;
+    if (mpar_schedule_create_with(&p->ctx->allocator, p->desc.schedule, p->workers_count, p->desc.microbatches,
+                                  p->desc.virtual_stages, &p->schedule, &err) != MPAR_SUCCESS ||
+        mpar_simulate(p->schedule, &sd, &sim, &err) != MPAR_SUCCESS)
         return mpar__fail(p->ctx, err.code, "%s", err.message);
     for (i = 0; i < p->workers_count; i++) {
         /* each stage gets what it holds at most; interleaved chunks each get
@@ -9174,6 +9303,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     if (!layers) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     mpar_pipeline_plan_layers(model, &d, layers, NULL); /* arguments checked above */
     memset(&pd, 0, sizeof pd);
+    pd.allocator = ctx->allocator; /* the planner's tables and the plan the caller frees */
     pd.num_layers = model->count, pd.layers = layers;
     pd.num_devices = n, pd.devices = devices, pd.links = links;
     pd.measured_forward = o.measured_forward;
@@ -9536,12 +9666,13 @@ static mpar_result mpar__ckpt_body(const unsigned char* d, size_t size, mpar_che
     /* bounded: layer_count <= size / MPAR__CKPT_LAYER_MIN */
     if ((size_t)in->layer_count > (size_t)-1 / sizeof(mpar_checkpoint_layer))
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer count %d is too large", in->layer_count);
-    in->layers = (mpar_checkpoint_layer*)MPAR_MALLOC(sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
+    in->layers = (mpar_checkpoint_layer*)mpar__alloc_a(&in->allocator,
+                                                       sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
     if (!in->layers) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(in->layers, 0, sizeof(mpar_checkpoint_layer) * (size_t)in->layer_count);
     r = mpar__ckpt_layout(d, size, in, err);
     if (r != MPAR_SUCCESS) {
-        MPAR_FREE(in->layers);
+        mpar__free_a(&in->allocator, in->layers);
         in->layers = NULL;
     }
     return r;
@@ -9549,13 +9680,22 @@ static mpar_result mpar__ckpt_body(const unsigned char* d, size_t size, mpar_che
 
 MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_checkpoint_info* info,
                                           mpar_error* err) {
+    return mpar_checkpoint_parse_with(NULL, data, size, info, err);
+}
+
+MPARDEF mpar_result mpar_checkpoint_parse_with(const mpar_allocator* allocator, const void* data, size_t size,
+                                               mpar_checkpoint_info* info, mpar_error* err) {
     const unsigned char* d = (const unsigned char*)data;
     mpar_checkpoint_info in;
     uint64_t stated;
     mpar_result r;
     if (info) memset(info, 0, sizeof *info);
     if (!data && size) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_parse: data is NULL");
+    if (!mpar__allocator_ok(allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_parse: give the allocator all three "
+                              "functions or none");
     memset(&in, 0, sizeof in);
+    in.allocator = mpar__allocator_copy(allocator);
     if (size < MPAR__CKPT_MIN)
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "truncated: the file ends at offset %lu, a checkpoint has at least %u bytes",
                               (unsigned long)size, MPAR__CKPT_MIN);
@@ -9577,20 +9717,20 @@ MPARDEF mpar_result mpar_checkpoint_parse(const void* data, size_t size, mpar_ch
         mpar_error why;
         why.message[0] = '\0';
         r = mpar__ckpt_body(d, size, &in, &why);
-        if (r == MPAR_SUCCESS) MPAR_FREE(in.layers);
+        if (r == MPAR_SUCCESS) mpar__free_a(&in.allocator, in.layers);
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "checksum of the whole file (at offset %lu) does not match%s%s",
                               (unsigned long)(size - 8), r == MPAR_SUCCESS ? "" : ": ", r == MPAR_SUCCESS ? "" : why.message);
     }
     r = mpar__ckpt_body(d, size, &in, err);
     if (r != MPAR_SUCCESS) return r;
     if (info) *info = in;
-    else MPAR_FREE(in.layers);
+    else mpar__free_a(&in.allocator, in.layers);
     return MPAR_SUCCESS;
 }
 
 MPARDEF void mpar_checkpoint_info_free(mpar_checkpoint_info* info) {
     if (!info) return;
-    MPAR_FREE(info->layers);
+    mpar__free_a(&info->allocator, info->layers);
     info->layers = NULL;
     info->layer_count = 0;
 }
@@ -9726,7 +9866,7 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
         data += 12u * (uint64_t)l->param_count + 8u;
         if (l->param_count > *max_params) *max_params = l->param_count;
     }
-    t = (unsigned char*)MPAR_MALLOC(T + 8);
+    t = (unsigned char*)mpar__alloc_a(&p->ctx->allocator, T + 8);
     if (!t) {
         *code = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         return NULL;
@@ -9775,8 +9915,9 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
 static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, size_t max_params, mpar_error* err) {
     const mpar_model* m = mpar_pipeline_model(p);
     static const mpar_state_kind kinds[3] = {MPAR_STATE_PARAMS, MPAR_STATE_MOMENT1, MPAR_STATE_MOMENT2};
-    float* f = (float*)MPAR_MALLOC(max_params ? max_params * sizeof(float) : 1);
-    unsigned char* b = (unsigned char*)MPAR_MALLOC(max_params ? 12u * max_params : 1);
+    const mpar_allocator* a = &p->ctx->allocator;
+    float* f = (float*)mpar__alloc_a(a, max_params ? max_params * sizeof(float) : 1);
+    unsigned char* b = (unsigned char*)mpar__alloc_a(a, max_params ? 12u * max_params : 1);
     unsigned char sum[8], trailer[MPAR__CKPT_TRAILER];
     mpar_result r = MPAR_SUCCESS;
     int i, k;
@@ -9803,19 +9944,19 @@ static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, si
         mpar__ckpt_wr64(trailer + 8, mpar__ckpt_hash_end(&whole));
         if (r == MPAR_SUCCESS) r = mpar__ckpt_write(o, trailer + 8, 8, err);
     }
-    MPAR_FREE(f);
-    MPAR_FREE(b);
+    mpar__free_a(a, f);
+    mpar__free_a(a, b);
     return r;
 }
 
 /* fsync the folder holding `path`, so that the rename itself is durable. */
-static int mpar__ckpt_sync_dir(const char* path) {
+static int mpar__ckpt_sync_dir(const mpar_allocator* a, const char* path) {
     const char* slash = strrchr(path, '/');
     char* dir;
     size_t n = slash ? (size_t)(slash - path) : 1;
     int fd, rc = 0, e = 0;
     if (slash && n == 0) n = 1; /* "/file" */
-    dir = (char*)MPAR_MALLOC(n + 1);
+    dir = (char*)mpar__alloc_a(a, n + 1);
     if (!dir) return ENOMEM;
     memcpy(dir, slash ? path : ".", n);
     dir[n] = '\0';
@@ -9826,11 +9967,12 @@ static int mpar__ckpt_sync_dir(const char* path) {
         if (rc != 0 && errno != EINVAL && errno != EBADF) e = errno; /* some file systems cannot sync folders */
         close(fd);
     }
-    MPAR_FREE(dir);
+    mpar__free_a(a, dir);
     return e;
 }
 
 static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_error* err) {
+    const mpar_allocator* a;
     mpar__ckpt_out o;
     unsigned char* table;
     size_t table_bytes = 0, max_params = 0, n;
@@ -9842,10 +9984,11 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_save_checkpoint: NULL pipeline or path");
     table = mpar__ckpt_table(p, &table_bytes, &file_size, &max_params, &r, err);
     if (!table) return r;
+    a = &p->ctx->allocator;
     n = strlen(path) + 32;
-    tmp = (char*)MPAR_MALLOC(n);
+    tmp = (char*)mpar__alloc_a(a, n);
     if (!tmp) {
-        MPAR_FREE(table);
+        mpar__free_a(a, table);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
     snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
@@ -9854,11 +9997,11 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
     o.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | MPAR__CKPT_CLOEXEC, 0666);
     if (o.fd < 0) {
         r = mpar__ckpt_io(err, "cannot create the temp file", path, tmp, errno);
-        MPAR_FREE(table), MPAR_FREE(tmp);
+        mpar__free_a(a, table), mpar__free_a(a, tmp);
         return r;
     }
     r = mpar__ckpt_write(&o, table, table_bytes, err);
-    MPAR_FREE(table);
+    mpar__free_a(a, table);
     if (r == MPAR_SUCCESS) r = mpar__ckpt_write_data(p, &o, max_params, err);
     if (r == MPAR_SUCCESS && o.file.length != file_size) /* the model changed under us? */
         r = mpar_error_set(err, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': wrote %llu bytes, planned %llu", path,
@@ -9869,18 +10012,19 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
         r = mpar__ckpt_io(err, "cannot rename the temp file", path, tmp, errno);
     if (r != MPAR_SUCCESS) {
         unlink(tmp); /* the file at `path`, if any, is untouched */
-        MPAR_FREE(tmp);
+        mpar__free_a(a, tmp);
         return r;
     }
-    MPAR_FREE(tmp);
-    e = mpar__ckpt_sync_dir(path);
+    mpar__free_a(a, tmp);
+    e = mpar__ckpt_sync_dir(a, path);
     if (e) return mpar__ckpt_io(err, "saved, but cannot fsync its folder", path, NULL, e);
     return MPAR_SUCCESS;
 }
 
 /* ---- loading ---- */
 
-static mpar_result mpar__ckpt_read_file(const char* path, unsigned char** out, size_t* size, mpar_error* err) {
+static mpar_result mpar__ckpt_read_file(const mpar_allocator* a, const char* path, unsigned char** out, size_t* size,
+                                        mpar_error* err) {
     struct stat st;
     unsigned char* d;
     size_t n, got = 0;
@@ -9901,7 +10045,7 @@ static mpar_result mpar__ckpt_read_file(const char* path, unsigned char** out, s
         return mpar__ckpt_io(err, "too large to read", path, NULL, EFBIG);
     }
     n = (size_t)st.st_size;
-    d = (unsigned char*)MPAR_MALLOC(n ? n : 1);
+    d = (unsigned char*)mpar__alloc_a(a, n ? n : 1);
     if (!d) {
         close(fd);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "checkpoint '%s': out of host memory for %lu bytes",
@@ -9912,7 +10056,7 @@ static mpar_result mpar__ckpt_read_file(const char* path, unsigned char** out, s
         if (k < 0 && errno == EINTR) continue;
         if (k < 0) {
             int e = errno;
-            close(fd), MPAR_FREE(d);
+            close(fd), mpar__free_a(a, d);
             return mpar__ckpt_io(err, "cannot read", path, NULL, e);
         }
         if (k == 0) break; /* shrank while reading: the parser reports the truncation */
@@ -9944,8 +10088,9 @@ static mpar_result mpar__ckpt_state_io(mpar_pipeline* p, float* host, int write)
 static mpar_result mpar__ckpt_apply(mpar_pipeline* p, const unsigned char* d, size_t size,
                                     const mpar_checkpoint_info* info, const char* path, mpar_error* err) {
     size_t total = 3u * mpar_model_param_count(mpar_pipeline_model(p)), at = 0;
-    float* next = (float*)MPAR_MALLOC(total ? total * sizeof(float) : 1);
-    float* backup = (float*)MPAR_MALLOC(total ? total * sizeof(float) : 1);
+    const mpar_allocator* a = &p->ctx->allocator;
+    float* next = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
+    float* backup = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
     int old_step = mpar_pipeline_get_step(p), i;
     mpar_result r = MPAR_SUCCESS;
     if (!next || !backup) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
@@ -9973,8 +10118,8 @@ static mpar_result mpar__ckpt_apply(mpar_pipeline* p, const unsigned char* d, si
                                                                        : "the previous state could not be put back");
         }
     }
-    MPAR_FREE(next);
-    MPAR_FREE(backup);
+    mpar__free_a(a, next);
+    mpar__free_a(a, backup);
     return r;
 }
 
@@ -9986,17 +10131,17 @@ static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_erro
     mpar_result r;
     if (!p || !path)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_load_checkpoint: NULL pipeline or path");
-    r = mpar__ckpt_read_file(path, &d, &size, err);
+    r = mpar__ckpt_read_file(&p->ctx->allocator, path, &d, &size, err);
     if (r != MPAR_SUCCESS) return r;
     why.message[0] = '\0';
-    r = mpar_checkpoint_parse(d, size, &info, &why);
+    r = mpar_checkpoint_parse_with(&p->ctx->allocator, d, size, &info, &why);
     if (r == MPAR_SUCCESS) {
         r = mpar_checkpoint_match(&info, mpar_pipeline_model(p), mpar_pipeline_get_desc(p)->optimizer.kind, &detail);
         if (r == MPAR_SUCCESS) r = mpar__ckpt_apply(p, d, size, &info, path, &why);
         else mpar_error_set(&why, r, "is for another model or optimizer: %.900s", detail.message);
         mpar_checkpoint_info_free(&info);
     }
-    MPAR_FREE(d);
+    mpar__free_a(&p->ctx->allocator, d);
     if (r != MPAR_SUCCESS && strncmp(why.message, "checkpoint '", 12) != 0)
         return mpar_error_set(err, r, "checkpoint '%s': %.900s", path, why.message);
     if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", why.message);
@@ -10256,7 +10401,8 @@ static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedu
                                        mpar_error* err) {
     int P = t->stages, VS = mpar__tl_vs_count(t), s, i, k;
     int* handoffs;
-    c->mem = (double*)MPAR_MALLOC(sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
+    c->mem = (double*)mpar__alloc_a(&t->allocator,
+                                    sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
     if (!c->mem) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_simulate: out of host memory");
     memset(c->mem, 0, sizeof(double) * (size_t)(6 * VS + P) + sizeof(int) * (size_t)(5 * VS));
     c->f = c->mem, c->b = c->f + VS, c->i = c->b + VS, c->w = c->i + VS, c->link = c->w + VS, c->opt = c->link + VS;
@@ -10310,7 +10456,8 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     if (sim) *sim = NULL;
     r = mpar__tl_check_shape(t, "mpar_timeline_simulate", err);
     if (r != MPAR_SUCCESS) return r;
-    r = mpar_schedule_create(t->schedule, t->stages, t->microbatches, t->virtual_stages, &sc, err);
+    r = mpar_schedule_create_with(&t->allocator, t->schedule, t->stages, t->microbatches, t->virtual_stages, &sc,
+                                  err);
     if (r != MPAR_SUCCESS) return r;
     r = mpar__tl_costs_make(t, sc, &c, err);
     if (r != MPAR_SUCCESS) {
@@ -10318,6 +10465,7 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
         return r;
     }
     memset(&d, 0, sizeof d);
+    d.allocator = t->allocator;
     split = c.count[MPAR_ACTION_BACKWARD_INPUT * mpar__tl_vs_count(t)] > 0;
     d.forward_per_stage = c.f;
     if (split) d.backward_input_per_stage = c.i, d.backward_weight_per_stage = c.w;
@@ -10325,7 +10473,7 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     d.optimizer_step_per_stage = c.opt;
     d.link_delay_per_boundary = c.link;
     r = mpar_simulate(sc, &d, &result, err);
-    MPAR_FREE(c.mem);
+    mpar__free_a(&t->allocator, c.mem);
     if (r == MPAR_SUCCESS && sim) *sim = result;
     else mpar_simulation_destroy(result);
     if (r == MPAR_SUCCESS && schedule) *schedule = sc;
@@ -10373,7 +10521,7 @@ static mpar_result mpar__tl_check_overlap(const mpar_timeline* t, mpar_error* er
     mpar_result r = MPAR_SUCCESS;
     int i;
     if (t->event_count < 2) return MPAR_SUCCESS;
-    ev = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)t->event_count);
+    ev = (mpar_event*)mpar__alloc_a(&t->allocator, sizeof(mpar_event) * (size_t)t->event_count);
     if (!ev) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_check: out of host memory");
     memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
     qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_stage_start);
@@ -10388,7 +10536,7 @@ static mpar_result mpar__tl_check_overlap(const mpar_timeline* t, mpar_error* er
                            "stage %d: %s (%.3f-%.3f ms) overlaps %s (%.3f-%.3f ms)", a->stage, na,
                            mpar__tl_ms(a->start), mpar__tl_ms(a->end), nb, mpar__tl_ms(b->start), mpar__tl_ms(b->end));
     }
-    MPAR_FREE(ev);
+    mpar__free_a(&t->allocator, ev);
     return r;
 }
 
@@ -10517,13 +10665,14 @@ MPARDEF mpar_result mpar_timeline_check(const mpar_timeline* t, double clock_tol
     for (i = 0; i < t->event_count; i++) training |= mpar__tl_is_backward(t->events[i].kind);
     r = mpar__tl_check_overlap(t, err);
     if (r != MPAR_SUCCESS) return r;
-    slots = (mpar__tl_slot*)MPAR_MALLOC(sizeof(mpar__tl_slot) * (size_t)mpar__tl_vs_count(t) * (size_t)t->microbatches);
+    slots = (mpar__tl_slot*)mpar__alloc_a(&t->allocator, sizeof(mpar__tl_slot) * (size_t)mpar__tl_vs_count(t) *
+                                                             (size_t)t->microbatches);
     if (!slots) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_check: out of host memory");
     mpar__tl_fill_slots(t, slots);
     r = mpar__tl_check_counts(t, slots, training, err);
     if (r == MPAR_SUCCESS) r = mpar__tl_check_deps(t, slots, training, clock_tolerance, err);
     if (r == MPAR_SUCCESS) r = mpar__tl_check_links(t, slots, training, clock_tolerance, err);
-    MPAR_FREE(slots);
+    mpar__free_a(&t->allocator, slots);
     return r;
 }
 
@@ -10569,8 +10718,8 @@ static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, cha
 }
 
 /* Axis: a label (ms) every 10 columns where it fits, '|' ticks below. */
-static void mpar__tl_axis(FILE* out, double step, int columns) {
-    char* line = (char*)MPAR_MALLOC((size_t)columns + 16);
+static void mpar__tl_axis(const mpar_timeline* t, FILE* out, double step, int columns) {
+    char* line = (char*)mpar__alloc_a(&t->allocator, (size_t)columns + 16);
     int c, next = 0;
     if (!line) return;
     memset(line, ' ', (size_t)columns + 15);
@@ -10586,7 +10735,7 @@ static void mpar__tl_axis(FILE* out, double step, int columns) {
     fprintf(out, "time ms   %s\n          ", line);
     for (c = 0; c < columns; c++) fputc(c % 10 == 0 ? '|' : ' ', out);
     fputc('\n', out);
-    MPAR_FREE(line);
+    mpar__free_a(&t->allocator, line);
 }
 
 MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns) {
@@ -10598,13 +10747,13 @@ MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int co
     if (columns <= 0) columns = 80;
     if (columns > 4096) columns = 4096;
     step = st.step_time;
-    kinds = (char*)MPAR_MALLOC(2 * (size_t)columns + 2);
+    kinds = (char*)mpar__alloc_a(&t->allocator, 2 * (size_t)columns + 2);
     if (!kinds) return;
     mbs = kinds + columns + 1;
     fprintf(out, "%s: %d stages x %d chunks, %d micro-batches; step %.3f ms, measured bubble %.1f%%; %.4g ms per column\n",
             mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches, mpar__tl_ms(step),
             100.0 * st.bubble_fraction, mpar__tl_ms(step / columns));
-    mpar__tl_axis(out, step, columns);
+    mpar__tl_axis(t, out, step, columns);
     for (s = 0; s < t->stages; s++) {
         for (c = 0; c < columns; c++)
             mpar__tl_cell(t, s, step * c / columns, step * (c + 1) / columns, &kinds[c], &mbs[c]);
@@ -10614,7 +10763,7 @@ MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int co
     }
     fprintf(out, "F forward  B backward  I input grad  W weight grad  O optimizer (odd chunk: lower case)\n"
                  "second line: micro-batch (0-9a-zA-Z)  ~ link copy  - blocked on a link  . idle\n");
-    MPAR_FREE(kinds);
+    mpar__free_a(&t->allocator, kinds);
 }
 
 MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out) {
@@ -10702,7 +10851,7 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
     int s, l, links, P;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
     P = t->stages, links = mpar_timeline_link_count(t);
-    ev = (mpar_event*)MPAR_MALLOC(sizeof(mpar_event) * (size_t)(t->event_count + 1));
+    ev = (mpar_event*)mpar__alloc_a(&t->allocator, sizeof(mpar_event) * (size_t)(t->event_count + 1));
     if (!ev) return MPAR_ERROR_OUT_OF_HOST_MEMORY;
     if (t->event_count) memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
     qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_start);
@@ -10727,7 +10876,7 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
         mpar__tl_trace_track(out, t, ev, -1, l, P + l);
     }
     fprintf(out, "\n]}\n");
-    MPAR_FREE(ev);
+    mpar__free_a(&t->allocator, ev);
     return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
 }
 

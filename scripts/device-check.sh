@@ -48,6 +48,9 @@
 #                      when it is neither in /etc/OpenCL/vendors nor a known
 #                      name; repeatable (environment: MPAR_VENDOR_LIBS, with ':')
 #   --cpu              ignore the GPU: run the PoCL-only steps
+#   --assume-gpu       take the GPU branch without a GPU (to test this script:
+#                      with --vendor-lib pointing at another PoCL library and
+#                      --devices p0 --mixed p0,p1)
 #   --no-werror        build without -Werror (the build retries without it
 #                      anyway, and the build step then fails)
 #   --repo DIR         the mpar checkout (default: this script's parent folder)
@@ -74,6 +77,7 @@ MIXED_SEL=""
 TESTS_ARG=""
 VENDOR_ARGS=()
 FORCE_CPU=0
+ASSUME_GPU=0
 NO_WERROR=0
 JOBS=$(nproc 2>/dev/null || echo 2)
 DOWNLOAD=""
@@ -95,6 +99,7 @@ while [ $# -gt 0 ]; do
     --tests) need_arg "$@"; TESTS_ARG=$2; shift ;;
     --vendor-lib) need_arg "$@"; VENDOR_ARGS+=("$2"); shift ;;
     --cpu) FORCE_CPU=1 ;;
+    --assume-gpu) ASSUME_GPU=1 ;;
     --no-werror) NO_WERROR=1 ;;
     --repo) need_arg "$@"; REPO=$(cd "$2" && pwd); shift ;;
     --out) need_arg "$@"; OUT=$2; shift ;;
@@ -447,13 +452,14 @@ resolve_lib() {
   return 1
 }
 
-# The soname-bearing libraries of a system folder list (for pruning ROOT).
+# Whether the system has a library of that file name (for pruning ROOT).
 system_has_lib() {
   local name=$1 d
   for d in "/lib/$MA" "/usr/lib/$MA" /lib64 /usr/lib64 /lib /usr/lib; do
     [ -e "$d/$name" ] && return 0
   done
-  "$LDCONFIG" -p 2>/dev/null | awk -v n="$name" '$1 == n {f=1} END {exit !f}'
+  d=$("$LDCONFIG" -p 2>/dev/null | awk -v n="$name" '$1 == n {print $NF; exit}')
+  [ -n "$d" ] && [ -e "$d" ]
 }
 
 # Drops from ROOT's library folders the shared libraries the system has
@@ -488,7 +494,7 @@ fix_dangling() {
       sys=""
       for cand in "/lib/$MA/$target" "/usr/lib/$MA/$target"; do [ -e "$cand" ] && sys=$cand && break; done
       if [ -z "$sys" ]; then # libz.so: the system's libz.so.1, whatever its full version
-        sys=$(ls -1 "/lib/$MA/$base".[0-9]* "/usr/lib/$MA/$base".[0-9]* 2>/dev/null | awk '{print length, $0}' | sort -n | head -1 | cut -d' ' -f2-)
+        sys=$(ls -1 "/lib/$MA/$base".[0-9]* "/usr/lib/$MA/$base".[0-9]* 2>/dev/null | awk '{print length, $0}' | sort -n | head -1 | cut -d' ' -f2- || true)
       fi
       if [ -n "$sys" ]; then
         ln -sfn "$sys" "$f"
@@ -599,7 +605,8 @@ main() {
   # flags for make and for the lister
   local inc="" ldpre="" blas_dir=$sys_blas_dir blas_inc=$sys_blas_inc
   if [ $ROOT_USED -eq 1 ]; then
-    inc="-I$ROOT/usr/include -I$ROOT/usr/include/$MA"
+    # -isystem, as /usr/include is: -pedantic stays quiet about cmocka.h's macros
+    inc="-isystem $ROOT/usr/include -isystem $ROOT/usr/include/$MA"
     ldpre="-L$ROOT/usr/lib/$MA -Wl,-rpath,$ROOT/usr/lib/$MA"
     [ -e "$ROOT/usr/lib/$MA/blis-serial/libblis.so" ] && blas_dir=$ROOT/usr/lib/$MA/blis-serial
     [ -e "$ROOT/usr/include/$MA/blis-serial/cblas.h" ] && blas_inc=$ROOT/usr/include/$MA/blis-serial
@@ -610,7 +617,8 @@ main() {
     DEPS_FROM="system"
   fi
   MK_CFLAGS="-O2 -g${inc:+ $inc}"
-  MK_BLAS="-DMPAR_USE_CBLAS -I$blas_inc"
+  if [ "$blas_inc" = "$sys_blas_inc" ]; then MK_BLAS="-DMPAR_USE_CBLAS -I$blas_inc"
+  else MK_BLAS="-DMPAR_USE_CBLAS -isystem $blas_inc"; fi
   MK_BLAS_DIR=$blas_dir
   MK_LDLIBS="${ldpre:+$ldpre }-lclblast -lOpenCL -lcmocka -lz -lpthread -lm -L$blas_dir -Wl,-rpath,$blas_dir -lblis"
   echo "CFLAGS=$MK_CFLAGS"
@@ -642,7 +650,7 @@ main() {
     local l r
     l=$(resolve_lib "$1") || { echo "  $1: not found"; return 0; }
     r=$(readlink -f "$l")
-    case $r in *pocl*) return 0 ;; esac
+    case $(basename "$l") in *pocl*) return 0 ;; esac
     case "$seen" in *" $r "*) return 0 ;; esac
     seen="$seen$r "
     vendor_libs+=("$l")
@@ -701,12 +709,16 @@ main() {
   ngpu=${ngpu:-0}
   DEV_LINE=$(grep '^summary:' "$(step_file devices)" | tail -1 | sed 's/^summary: //')
   DEV_LINE=${DEV_LINE:-none listed}
-  if [ "$ngpu" -eq 0 ] && { [ ${#vendor_libs[@]} -gt 0 ] || [ "$smi_gpus" -gt 0 ]; }; then
+  if [ "$ngpu" -eq 0 ] && [ $ASSUME_GPU -eq 0 ] && { [ ${#vendor_libs[@]} -gt 0 ] || [ "$smi_gpus" -gt 0 ]; }; then
     echo "a GPU driver or nvidia-smi is here but OpenCL shows no GPU; the loader's account:"
     local dbg=$STEPS_DIR/icd-debug.txt
     env OCL_ICD_VENDORS="$ICD_MIXED" POCL_DEVICES=basic OCL_ICD_DEBUG=15 timeout 60 "$OUT/bin/cl_list" >"$dbg" 2>&1 || true
     head -40 "$dbg"
     record "gpu visible to OpenCL" FAIL 0
+  fi
+  if [ $ASSUME_GPU -eq 1 ] && [ "$ngpu" -eq 0 ]; then
+    echo "--assume-gpu: taking the GPU branch with no GPU"
+    ngpu=1
   fi
   if [ $FORCE_CPU -eq 1 ] && [ "$ngpu" -gt 0 ]; then
     echo "--cpu: leaving the $ngpu GPU(s) out"
@@ -807,7 +819,11 @@ main() {
   export MAKE_B
   echo "$sig" >"$OUT/build-flags"
   touch -d '-2 seconds' "$OUT/build-flags"
-  [ -z "$MAKE_B" ] || echo "building everything anew (make -B): new flags, or binaries this script did not build"
+  if [ -n "$MAKE_B" ]; then
+    echo "building everything anew (make -B): new flags, or binaries this script did not build; kernel caches emptied"
+    rm -rf "$OUT/cache" "$OUT/pocl-cache"
+    mkdir -p "$OUT/cache" "$OUT/pocl-cache"
+  fi
   if ! run_step build "$build_limit" bash -c 'build "$@"' build "$warn" "${targets[@]}"; then
     rm -f "$OUT/build-flags"
     if [ $NO_WERROR -eq 0 ] && [ "$(left)" -gt 60 ] && grep -q 'Werror\|\[-W' "$(step_file build)"; then
@@ -815,11 +831,12 @@ main() {
       run_step build-no-werror "$build_limit" bash -c 'build "$@"' build "-Wall -Wextra -pedantic" "${targets[@]}" || true
     fi
   fi
-  if [ -x "$REPO/tests/${tests[0]}" ]; then
-    echo "libraries the tests load:"
-    ldd "$REPO/tests/${tests[0]}" | grep -E 'OpenCL|clblast|cmocka|blis|libz\.' | sed 's/^/ /'
-    readelf -d "$REPO/tests/${tests[0]}" 2>/dev/null | grep -E 'RUNPATH|RPATH' | sed 's/^/ /' || true
-  fi
+  for bin in "tests/${tests[0]}" "${benches[0]}"; do
+    [ -x "$REPO/$bin" ] || continue
+    echo "libraries $bin loads:"
+    ldd "$REPO/$bin" | grep -E 'OpenCL|clblast|cmocka|blis|libz\.' | sed 's/^/ /'
+    readelf -d "$REPO/$bin" 2>/dev/null | grep -E 'RUNPATH|RPATH' | sed 's/^/ /' || true
+  done
 
   # ------------------------------------------------------------ 6. tests
   local passed=0 failed=0 where envs
