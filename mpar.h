@@ -434,9 +434,18 @@ MPARDEF size_t mpar_model_param_count(const mpar_model* model);
 MPARDEF mpar_result mpar_model_init_params(const mpar_model* model, int layer, float* out, mpar_error* err);
 
 /* For layer implementations: run a kernel from a .cl file. `args` has one
-   letter per argument: 'b' an mpar_buf (two kernel arguments: buffer and
-   int offset), 'm' a cl_mem, 'i' an int, 'u' an unsigned int, 'f' a float
-   (passed as double). global1 = 0 makes a 1-D range. */
+   letter per argument, and the variadic value each takes:
+     'B' an mpar_buf: two kernel arguments, the buffer and a ulong offset
+         (b.off, in elements; kernel signature `__global T* x, ulong x_off`)
+     'b' an mpar_buf: the buffer and an int offset (`int x_off`), for
+         kernels written that way; an offset above INT_MAX fails with
+         MPAR_ERROR_INVALID_ARGUMENT (use 'B' for buffers that large)
+     'l' a size_t (pass one: cast int values), as a ulong kernel argument:
+         element counts and anything else that can reach 2^31
+     'm' a cl_mem, 'i' an int, 'u' an unsigned int, 'f' a float (passed as
+         double).
+   The built-in kernels take 'B' offsets and 'l' counts, and int only for
+   rows and widths. global1 = 0 makes a 1-D range. */
 MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char* kernel, size_t global0,
                                      size_t global1, const char* args, ...);
 /* Row-major C = alpha·op(A)·op(B) + beta·C through CLBlast. */
@@ -2654,10 +2663,12 @@ static mpar_result mpar__exec_transfer(mpar_exec* ex, mpar_buf b, void* host, si
    checks every one against the OpenCL kernel. */
 
 /* One argument of a host kernel, in the order of mpar_exec_launch's letters:
-   'b' (buffer + offset) and 'm' (buffer) become one pointer p, already moved
-   to the offset (b.off counts 4-byte elements: floats, or int32 for tokens and targets);
-   'i' -> i, 'u' -> u, 'f' -> f. */
-typedef union mpar__harg { void* p; int i; unsigned u; float f; } mpar__harg;
+   'B', 'b' (buffer + offset) and 'm' (buffer) become one pointer p, already
+   moved to the offset (b.off counts 4-byte elements: floats, or int32 for
+   tokens and targets; the one buffer of 8-byte elements, the ulong table of
+   mpar_sumsq_layers_*, is always passed at offset 0); 'l' (a size_t count
+   or offset, ulong in the kernel) -> z, 'i' -> i, 'u' -> u, 'f' -> f. */
+typedef union mpar__harg { void* p; size_t z; int i; unsigned u; float f; } mpar__harg;
 /* g0, g1: the global size given to mpar_exec_launch (g1 == 0: a 1-D range). */
 typedef void (*mpar__host_fn)(const mpar__harg* a, size_t g0, size_t g1);
 
@@ -3514,6 +3525,43 @@ static mpar__host_fn mpar__host_kernel(const char* file, const char* name) {
     return NULL;
 }
 
+/* 'b' passes its offset as an int: one that does not fit fails, on both
+   routes, instead of wrapping. */
+static mpar_result mpar__int_off_fail(mpar_exec* ex, const char* kernel, int arg, size_t off) {
+    return mpar__fail(ex->ctx, MPAR_ERROR_INVALID_ARGUMENT,
+                      "mpar_exec_launch(%s): argument %d ('b') has offset %zu, above INT_MAX; pass it with 'B' "
+                      "(ulong offset)", kernel, arg, off);
+}
+
+/* Decodes mpar_exec_launch's arguments for a host kernel into a[] (at most
+   32): 'b', 'B' (buffer + offset) and 'm' (buffer) -> p, 'i' -> i, 'u' ->
+   u, 'f' -> f, 'l' -> z. *ok = 0 (and MPAR_SUCCESS) when OpenCL must run
+   the launch instead: a buffer that is not host memory, or a letter it does
+   not know (OpenCL's path reports it). */
+static mpar_result mpar__host_args(mpar_exec* ex, const char* kernel, const char* args, va_list ap, mpar__harg* a,
+                                   int* ok) {
+    const char* c;
+    int n = 0;
+    *ok = 0;
+    for (c = args; *c; c++, n++) {
+        if (*c == 'b' || *c == 'B' || *c == 'm') {
+            mpar_buf b;
+            unsigned char* h;
+            if (*c == 'm') b.mem = va_arg(ap, cl_mem), b.off = 0;
+            else b = va_arg(ap, mpar_buf);
+            if (*c == 'b' && b.off > (size_t)INT_MAX) return mpar__int_off_fail(ex, kernel, n, b.off);
+            if (!(h = mpar__exec_host_ptr(ex, b.mem))) return MPAR_SUCCESS;
+            a[n].p = h + 4 * b.off;
+        } else if (*c == 'i') a[n].i = va_arg(ap, int);
+        else if (*c == 'u') a[n].u = va_arg(ap, unsigned int);
+        else if (*c == 'f') a[n].f = (float)va_arg(ap, double);
+        else if (*c == 'l') a[n].z = va_arg(ap, size_t);
+        else return MPAR_SUCCESS;
+    }
+    *ok = 1;
+    return MPAR_SUCCESS;
+}
+
 /* Runs a launch as host code when the stage takes the host route, the
    kernel has a host version and every buffer is host memory; *done tells
    whether it did (otherwise OpenCL runs it). */
@@ -3521,24 +3569,12 @@ static mpar_result mpar__exec_host_launch(mpar_exec* ex, const char* file, const
                                           const char* args, va_list ap, int* done) {
     mpar__harg a[32];
     mpar__host_fn fn;
-    int n = 0;
-    const char* c;
+    int ok;
     double t0;
     *done = 0;
     if (!ex->host_route || !(fn = mpar__host_kernel(file, kernel)) || strlen(args) > 32) return MPAR_SUCCESS;
-    for (c = args; *c; c++, n++) {
-        if (*c == 'b' || *c == 'm') {
-            mpar_buf b;
-            unsigned char* h;
-            if (*c == 'b') b = va_arg(ap, mpar_buf);
-            else b.mem = va_arg(ap, cl_mem), b.off = 0;
-            if (!(h = mpar__exec_host_ptr(ex, b.mem))) return MPAR_SUCCESS;
-            a[n].p = h + 4 * b.off;
-        } else if (*c == 'i') a[n].i = va_arg(ap, int);
-        else if (*c == 'u') a[n].u = va_arg(ap, unsigned int);
-        else if (*c == 'f') a[n].f = (float)va_arg(ap, double);
-        else return MPAR_SUCCESS; /* OpenCL's path reports the bad letter */
-    }
+    MPAR__TRY(mpar__host_args(ex, kernel, args, ap, a, &ok));
+    if (!ok) return MPAR_SUCCESS;
     *done = 1;
     if (g0 == 0) return MPAR_SUCCESS;
     if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
@@ -3606,9 +3642,19 @@ static mpar_result mpar__set_args(mpar_exec* ex, cl_kernel k, const char* kernel
         cl_int st;
         if (*p == 'b') {
             mpar_buf b = va_arg(ap, mpar_buf);
-            int off = (int)b.off;
+            int off;
+            if (b.off > (size_t)INT_MAX) return mpar__int_off_fail(ex, kernel, (int)(p - args), b.off);
+            off = (int)b.off;
             st = clSetKernelArg(k, a++, sizeof(cl_mem), &b.mem);
             if (st == CL_SUCCESS) st = clSetKernelArg(k, a++, sizeof off, &off);
+        } else if (*p == 'B') {
+            mpar_buf b = va_arg(ap, mpar_buf);
+            cl_ulong off = (cl_ulong)b.off;
+            st = clSetKernelArg(k, a++, sizeof(cl_mem), &b.mem);
+            if (st == CL_SUCCESS) st = clSetKernelArg(k, a++, sizeof off, &off);
+        } else if (*p == 'l') {
+            cl_ulong v = (cl_ulong)va_arg(ap, size_t);
+            st = clSetKernelArg(k, a++, sizeof v, &v);
         } else if (*p == 'm') {
             cl_mem m = va_arg(ap, cl_mem);
             st = clSetKernelArg(k, a++, sizeof m, &m);
