@@ -8201,9 +8201,23 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
     return MPAR_SUCCESS;
 }
 
+/* a + b and a * b in size_t; 0 when the result would not fit. */
+static int mpar__size_add(size_t a, size_t b, size_t* out) {
+    if (a > SIZE_MAX - b) return 0;
+    *out = a + b;
+    return 1;
+}
+static int mpar__size_mul(size_t a, size_t b, size_t* out) {
+    if (b != 0 && a > SIZE_MAX / b) return 0;
+    *out = a * b;
+    return 1;
+}
+
 static mpar_result mpar__vstage_layout(mpar_pipeline* p, mpar__vstage* v) {
     int k;
-    size_t n = (size_t)v->n;
+    size_t n = (size_t)v->n, act_row, grad_row, scratch, rows = (size_t)p->mb_rows_max;
+    const mpar_layer* last = mpar_model_layer(p->model, v->last);
+    double widest;
     v->param_off = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
     v->act_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 2));
     v->stash_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
@@ -8214,16 +8228,29 @@ static mpar_result mpar__vstage_layout(mpar_pipeline* p, mpar__vstage* v) {
     v->scratch_per_row = 0;
     for (k = 0; k < v->n; k++) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
-        v->param_off[k + 1] = v->param_off[k] + l->param_count;
-        v->act_cum[k + 1] = v->act_cum[k] + (size_t)l->in_features;
-        v->stash_cum[k + 1] = v->stash_cum[k] + l->stash_per_row;
-        v->gstash_cum[k + 1] = v->gstash_cum[k] + l->gstash_per_row;
+        if (!mpar__size_add(v->param_off[k], l->param_count, &v->param_off[k + 1]) ||
+            !mpar__size_add(v->act_cum[k], (size_t)l->in_features, &v->act_cum[k + 1]) ||
+            !mpar__size_add(v->stash_cum[k], l->stash_per_row, &v->stash_cum[k + 1]) ||
+            !mpar__size_add(v->gstash_cum[k], l->gstash_per_row, &v->gstash_cum[k + 1]))
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL,
+                              "stage %d (layers %d-%d): the parameter count or a per-row size overflows size_t at "
+                              "layer %d (%s, %zu parameters)", v->index, v->first, v->last, v->first + k,
+                              l->type->name, l->param_count);
         if (l->scratch_per_row > v->scratch_per_row) v->scratch_per_row = l->scratch_per_row;
     }
-    v->act_cum[n + 1] = v->act_cum[n] + (size_t)mpar_model_layer(p->model, v->last)->out_features;
-    v->act_floats = (size_t)p->mb_rows_max * (v->act_cum[n + 1] + v->stash_cum[n]);
-    v->grad_floats = (size_t)p->mb_rows_max * (v->act_cum[n + 1] + v->gstash_cum[n]);
-    return MPAR_SUCCESS;
+    /* each buffer is rows x (floats per row); so are the offsets into it */
+    if (mpar__size_add(v->act_cum[n], (size_t)last->out_features, &v->act_cum[n + 1]) &&
+        mpar__size_add(v->act_cum[n + 1], v->stash_cum[n], &act_row) &&
+        mpar__size_add(v->act_cum[n + 1], v->gstash_cum[n], &grad_row) &&
+        mpar__size_mul(rows, act_row, &v->act_floats) && mpar__size_mul(rows, grad_row, &v->grad_floats) &&
+        mpar__size_mul(rows, v->scratch_per_row, &scratch))
+        return MPAR_SUCCESS;
+    widest = (double)v->act_cum[n] + (double)last->out_features +
+             (double)(v->stash_cum[n] > v->gstash_cum[n] ? v->stash_cum[n] : v->gstash_cum[n]);
+    if ((double)v->scratch_per_row > widest) widest = (double)v->scratch_per_row;
+    return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL,
+                      "stage %d (layers %d-%d): %zu rows per micro-batch x %.6g floats per row (activations, "
+                      "gradients or scratch) overflow size_t", v->index, v->first, v->last, rows, widest);
 }
 
 static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int slots) {
@@ -8334,6 +8361,11 @@ static mpar_result mpar__link_init(mpar_pipeline* p, mpar__link* l, const mpar__
     memset(l->pending, 0, sizeof(int) * (size_t)capacity);
 #ifdef MPAR_USE_MPI
     if (!(l->sender_local && l->receiver_local)) {
+        if (floats > INT_MAX) /* MPI_Isend / MPI_Irecv count in int */
+            return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED,
+                              "the link after layer %d carries %zu floats per micro-batch; between processes MPI "
+                              "takes at most INT_MAX: use more micro-batches",
+                              from->last < to->last ? from->last : to->last, floats);
         l->requests = mpar__alloc(p->ctx, sizeof(MPI_Request) * (size_t)capacity);
         if (!l->requests) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
@@ -8544,7 +8576,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         if (!mpar__local(p, v->worker)) continue;
         if ((uint64_t)v->act_floats > biggest) biggest = v->act_floats;
         if ((uint64_t)v->grad_floats > biggest) biggest = v->grad_floats;
-        biggest *= 4;
+        biggest = biggest > UINT64_MAX / 4 ? UINT64_MAX : biggest * 4; /* saturates: fits no device */
         limit = p->ctx->devices[v->device].info.max_alloc_bytes;
         if (limit && biggest > limit)
             return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT,
