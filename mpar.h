@@ -447,9 +447,18 @@ MPARDEF size_t mpar_model_param_count(const mpar_model* model);
 MPARDEF mpar_result mpar_model_init_params(const mpar_model* model, int layer, float* out, mpar_error* err);
 
 /* For layer implementations: run a kernel from a .cl file. `args` has one
-   letter per argument: 'b' an mpar_buf (two kernel arguments: buffer and
-   int offset), 'm' a cl_mem, 'i' an int, 'u' an unsigned int, 'f' a float
-   (passed as double). global1 = 0 makes a 1-D range. */
+   letter per argument, and the variadic value each takes:
+     'B' an mpar_buf: two kernel arguments, the buffer and a ulong offset
+         (b.off, in elements; kernel signature `__global T* x, ulong x_off`)
+     'b' an mpar_buf: the buffer and an int offset (`int x_off`), for
+         kernels written that way; an offset above INT_MAX fails with
+         MPAR_ERROR_INVALID_ARGUMENT (use 'B' for buffers that large)
+     'l' a size_t (pass one: cast int values), as a ulong kernel argument:
+         element counts and anything else that can reach 2^31
+     'm' a cl_mem, 'i' an int, 'u' an unsigned int, 'f' a float (passed as
+         double).
+   The built-in kernels take 'B' offsets and 'l' counts, and int only for
+   rows and widths. global1 = 0 makes a 1-D range. */
 MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char* kernel, size_t global0,
                                      size_t global1, const char* args, ...);
 /* Row-major C = alpha·op(A)·op(B) + beta·C through CLBlast. */
@@ -2807,10 +2816,12 @@ static mpar_result mpar__exec_transfer(mpar_exec* ex, mpar_buf b, void* host, si
    checks every one against the OpenCL kernel. */
 
 /* One argument of a host kernel, in the order of mpar_exec_launch's letters:
-   'b' (buffer + offset) and 'm' (buffer) become one pointer p, already moved
-   to the offset (b.off counts 4-byte elements: floats, or int32 for tokens and targets);
-   'i' -> i, 'u' -> u, 'f' -> f. */
-typedef union mpar__harg { void* p; int i; unsigned u; float f; } mpar__harg;
+   'B', 'b' (buffer + offset) and 'm' (buffer) become one pointer p, already
+   moved to the offset (b.off counts 4-byte elements: floats, or int32 for
+   tokens and targets; the one buffer of 8-byte elements, the ulong table of
+   mpar_sumsq_layers_*, is always passed at offset 0); 'l' (a size_t count
+   or offset, ulong in the kernel) -> z, 'i' -> i, 'u' -> u, 'f' -> f. */
+typedef union mpar__harg { void* p; size_t z; int i; unsigned u; float f; } mpar__harg;
 /* g0, g1: the global size given to mpar_exec_launch (g1 == 0: a 1-D range). */
 typedef void (*mpar__host_fn)(const mpar__harg* a, size_t g0, size_t g1);
 
@@ -2864,16 +2875,12 @@ typedef void (*mpar__host_fn)(const mpar__harg* a, size_t g0, size_t g1);
 
 /* Number of work-items that pass a guard `if (i >= n) return;` when the
    range is [0, g0): a padded range (g0 > n) is cut by the guard, a short one
-   (g0 < n) only covers its first g0 items, as on the device. */
-static size_t mpar__hk_count(size_t g0, int n) {
-    if (n <= 0) return 0;
-    return g0 < (size_t)n ? g0 : (size_t)n;
-}
-
-/* The kernels compute sizes such as rows * cols in int; the host documents
-   every size < 2^31, so this is the same value. Done in unsigned so that a
-   bad size cannot be undefined behaviour here. */
-static int mpar__hk_mul(int x, int y) { return (int)((unsigned)x * (unsigned)y); }
+   (g0 < n) only covers its first g0 items, as on the device. For a ulong
+   count n ('l'); mpar__hk_count for an int one (rows, cols), where the
+   kernels return at once for n <= 0. Products such as rows * cols are
+   formed in size_t, as the kernels form them in ulong. */
+static size_t mpar__hk_countz(size_t g0, size_t n) { return g0 < n ? g0 : n; }
+static size_t mpar__hk_count(size_t g0, int n) { return n <= 0 ? 0 : mpar__hk_countz(g0, (size_t)n); }
 
 /* Column sums (bias_grad, layernorm_bwd_weight, embedding_bwd_*) keep a
    block of per-column accumulators so that rows are read contiguously
@@ -2883,57 +2890,57 @@ static int mpar__hk_mul(int x, int y) { return (int)((unsigned)x * (unsigned)y);
 
 /* ===================== elementwise.cl ===================== */
 
-/* mpar_fill(y, n, value): "bif" */
+/* mpar_fill(y, n, value): "Blf" */
 static void mpar__hk_fill(const mpar__harg* a, size_t g0, size_t g1) {
     float* y = (float*)a[0].p;
-    size_t n = mpar__hk_count(g0, a[1].i), i;
+    size_t n = mpar__hk_countz(g0, a[1].z), i;
     float value = a[2].f;
     (void)g1;
     for (i = 0; i < n; i++) y[i] = value;
 }
 
-/* mpar_scale(y, n, alpha): never launched by mpar.h; letters "bif" from the
-   signature (y, y_off, int n, float alpha). */
+/* mpar_scale(y, n, alpha): never launched by mpar.h; letters "Blf" from the
+   signature (y, ulong y_off, ulong n, float alpha). */
 static void mpar__hk_scale(const mpar__harg* a, size_t g0, size_t g1) {
     float* y = (float*)a[0].p;
-    size_t n = mpar__hk_count(g0, a[1].i), i;
+    size_t n = mpar__hk_countz(g0, a[1].z), i;
     float alpha = a[2].f;
     (void)g1;
     for (i = 0; i < n; i++) y[i] *= alpha;
 }
 
-/* mpar_axpy(x, y, n, alpha): never launched by mpar.h; letters "bbif" from
+/* mpar_axpy(x, y, n, alpha): never launched by mpar.h; letters "BBlf" from
    the signature. */
 static void mpar__hk_axpy(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     float* y = (float*)a[1].p;
-    size_t n = mpar__hk_count(g0, a[2].i), i;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
     float alpha = a[3].f;
     (void)g1;
     for (i = 0; i < n; i++) y[i] = MPAR__HK_MAD(alpha, x[i], y[i]);
 }
 
-/* mpar_copy(x, y, n): "bbi". A plain loop, not memcpy: x and y may be the
+/* mpar_copy(x, y, n): "BBl". A plain loop, not memcpy: x and y may be the
    same memory (in-place), which memcpy does not allow. */
 static void mpar__hk_copy(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     float* y = (float*)a[1].p;
-    size_t n = mpar__hk_count(g0, a[2].i), i;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
     (void)g1;
     for (i = 0; i < n; i++) y[i] = x[i];
 }
 
-/* mpar_add(a, b, out, n): "bbbi" */
+/* mpar_add(a, b, out, n): "BBBl" */
 static void mpar__hk_add(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     const float* y = (const float*)a[1].p;
     float* out = (float*)a[2].p;
-    size_t n = mpar__hk_count(g0, a[3].i), i;
+    size_t n = mpar__hk_countz(g0, a[3].z), i;
     (void)g1;
     for (i = 0; i < n; i++) out[i] = x[i] + y[i];
 }
 
-/* mpar_relu_fwd(x, y, n): "bbi". NaN and -0 give +0, as the kernel's
+/* mpar_relu_fwd(x, y, n): "BBl". NaN and -0 give +0, as the kernel's
    `v > 0.0f ? v : 0.0f` (fmaxf would keep -0 or differ on NaN). */
 /* Same constants and the same left-to-right products as the kernel's
    MPAR_GELU_K0 / MPAR_GELU_K1 expressions. */
@@ -2951,38 +2958,38 @@ static float mpar__hk_gelu(float v) {
 static void mpar__hk_relu_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     float* y = (float*)a[1].p;
-    size_t n = mpar__hk_count(g0, a[2].i), i;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
     (void)g1;
     for (i = 0; i < n; i++) y[i] = mpar__hk_relu(x[i]);
 }
 
-/* mpar_relu_bwd(x, dy, dx, n): "bbbi" */
+/* mpar_relu_bwd(x, dy, dx, n): "BBBl" */
 static void mpar__hk_relu_bwd(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     const float* dy = (const float*)a[1].p;
     float* dx = (float*)a[2].p;
-    size_t n = mpar__hk_count(g0, a[3].i), i;
+    size_t n = mpar__hk_countz(g0, a[3].z), i;
     (void)g1;
     for (i = 0; i < n; i++) dx[i] = x[i] > 0.0f ? dy[i] : 0.0f;
 }
 
 
-/* mpar_gelu_fwd(x, y, n): "bbi". tanhf may differ from the device's tanh in
+/* mpar_gelu_fwd(x, y, n): "BBl". tanhf may differ from the device's tanh in
    the last bits (OpenCL allows a few ulp). */
 static void mpar__hk_gelu_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     float* y = (float*)a[1].p;
-    size_t n = mpar__hk_count(g0, a[2].i), i;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
     (void)g1;
     for (i = 0; i < n; i++) y[i] = mpar__hk_gelu(x[i]);
 }
 
-/* mpar_gelu_bwd(x, dy, dx, n): "bbbi" */
+/* mpar_gelu_bwd(x, dy, dx, n): "BBBl" */
 static void mpar__hk_gelu_bwd(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     const float* dy = (const float*)a[1].p;
     float* dx = (float*)a[2].p;
-    size_t n = mpar__hk_count(g0, a[3].i), i;
+    size_t n = mpar__hk_countz(g0, a[3].z), i;
     (void)g1;
     for (i = 0; i < n; i++) {
         float v = x[i];
@@ -2995,21 +3002,21 @@ static void mpar__hk_gelu_bwd(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
-/* mpar_tanh_fwd(x, y, n): "bbi" */
+/* mpar_tanh_fwd(x, y, n): "BBl" */
 static void mpar__hk_tanh_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
     float* y = (float*)a[1].p;
-    size_t n = mpar__hk_count(g0, a[2].i), i;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
     (void)g1;
     for (i = 0; i < n; i++) y[i] = MPAR__HK_TANHF(x[i]);
 }
 
-/* mpar_tanh_bwd(y, dy, dx, n): "bbbi" (from the saved forward output) */
+/* mpar_tanh_bwd(y, dy, dx, n): "BBBl" (from the saved forward output) */
 static void mpar__hk_tanh_bwd(const mpar__harg* a, size_t g0, size_t g1) {
     const float* y = (const float*)a[0].p;
     const float* dy = (const float*)a[1].p;
     float* dx = (float*)a[2].p;
-    size_t n = mpar__hk_count(g0, a[3].i), i;
+    size_t n = mpar__hk_countz(g0, a[3].z), i;
     (void)g1;
     for (i = 0; i < n; i++) {
         float t = y[i];
@@ -3035,10 +3042,10 @@ static uint32_t mpar__hk_mix32(uint32_t x) {
 static void mpar__hk_dropout(const mpar__harg* a, size_t g0) {
     const float* in = (const float*)a[0].p;
     float* out = (float*)a[1].p;
-    size_t n = mpar__hk_count(g0, a[2].i), i;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
     float p = a[3].f;
     uint32_t key = mpar__hk_mix32(a[4].u ^ mpar__hk_mix32(a[5].u ^ 0x9e3779b9u));
-    uint32_t base = (uint32_t)a[6].i; /* (uint)idx_off: wraps like the kernel */
+    uint32_t base = (uint32_t)a[6].z; /* (uint)idx_off: the low 32 bits, as the kernel */
     int drop_all = p >= 1.0f;
     float scale = drop_all ? 0.0f : 1.0f / (1.0f - p); /* unused when p >= 1 */
     for (i = 0; i < n; i++) {
@@ -3050,23 +3057,22 @@ static void mpar__hk_dropout(const mpar__harg* a, size_t g0) {
     }
 }
 
-/* mpar_dropout_fwd(x, y, n, p, seed_lo, seed_hi, idx_off): "bbifuui" */
+/* mpar_dropout_fwd(x, y, n, p, seed_lo, seed_hi, idx_off): "BBlfuul" */
 static void mpar__hk_dropout_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     (void)g1;
     mpar__hk_dropout(a, g0);
 }
 
-/* mpar_dropout_bwd(dy, dx, n, p, seed_lo, seed_hi, idx_off): "bbifuui" */
+/* mpar_dropout_bwd(dy, dx, n, p, seed_lo, seed_hi, idx_off): "BBlfuul" */
 static void mpar__hk_dropout_bwd(const mpar__harg* a, size_t g0, size_t g1) {
     (void)g1;
     mpar__hk_dropout(a, g0);
 }
 
-/* mpar_bias_add(y, rows, cols, b): "biib". Item i adds b[i % cols]; walked
+/* mpar_bias_add(y, rows, cols, b): "BiiB". Item i adds b[i % cols]; walked
    row by row so the inner loop is contiguous (the last row may be cut short
-   by a global size that is not a multiple of cols). Sizes <= 0 do nothing
-   (the kernel would only do something for two negative sizes, which mpar
-   never passes). */
+   by a global size that is not a multiple of cols). Sizes <= 0 do nothing,
+   as in the kernel. */
 static void mpar__hk_bias_add(const mpar__harg* a, size_t g0, size_t g1) {
     float* y = (float*)a[0].p;
     int rows = a[1].i, cols = a[2].i;
@@ -3074,7 +3080,7 @@ static void mpar__hk_bias_add(const mpar__harg* a, size_t g0, size_t g1) {
     size_t n, base, c;
     (void)g1;
     if (rows <= 0 || cols <= 0) return;
-    n = mpar__hk_count(g0, mpar__hk_mul(rows, cols));
+    n = mpar__hk_countz(g0, (size_t)rows * (size_t)cols);
     for (base = 0; base < n; base += (size_t)cols) {
         float* yr = y + base;
         size_t m = n - base < (size_t)cols ? n - base : (size_t)cols;
@@ -3082,7 +3088,7 @@ static void mpar__hk_bias_add(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
-/* mpar_bias_add_act(y, rows, cols, b, out, act): "biibbi": y += b, then
+/* mpar_bias_add_act(y, rows, cols, b, out, act): "BiiBBi": y += b, then
    out = relu (1), gelu (2) or tanh (3) of it. */
 static void mpar__hk_bias_add_act(const mpar__harg* a, size_t g0, size_t g1) {
     float* y = (float*)a[0].p;
@@ -3092,7 +3098,7 @@ static void mpar__hk_bias_add_act(const mpar__harg* a, size_t g0, size_t g1) {
     size_t n, base, c;
     (void)g1;
     if (rows <= 0 || cols <= 0) return;
-    n = mpar__hk_count(g0, mpar__hk_mul(rows, cols));
+    n = mpar__hk_countz(g0, (size_t)rows * (size_t)cols);
     for (base = 0; base < n; base += (size_t)cols) {
         float *yr = y + base, *o = out + base;
         size_t m = n - base < (size_t)cols ? n - base : (size_t)cols;
@@ -3105,7 +3111,7 @@ static void mpar__hk_bias_add_act(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
-/* mpar_bias_grad(dy, rows, cols, db): "biib". Global size cols; column c
+/* mpar_bias_grad(dy, rows, cols, db): "BiiB". Global size cols; column c
    sums rows 0..rows-1 in order from 0.0f, then db[c] += s. */
 static void mpar__hk_bias_grad(const mpar__harg* a, size_t g0, size_t g1) {
     const float* dy = (const float*)a[0].p;
@@ -3128,7 +3134,7 @@ static void mpar__hk_bias_grad(const mpar__harg* a, size_t g0, size_t g1) {
 
 /* ===================== embedding.cl ===================== */
 
-/* mpar_embedding_fwd(tokens, wte, wpe, out, rows, T, C, V): "bbbbiiii".
+/* mpar_embedding_fwd(tokens, wte, wpe, out, rows, T, C, V): "BBBBiiii".
    Item i = row*C + c; a token outside [0, V) gives just the wpe row. */
 static void mpar__hk_embedding_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     const int32_t* tokens = (const int32_t*)a[0].p;
@@ -3140,7 +3146,7 @@ static void mpar__hk_embedding_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     int row;
     (void)g1;
     if (rows <= 0 || C <= 0 || T <= 0) return;
-    n = mpar__hk_count(g0, mpar__hk_mul(rows, C));
+    n = mpar__hk_countz(g0, (size_t)rows * (size_t)C);
     for (row = 0, base = 0; base < n; row++, base += (size_t)C) {
         size_t m = n - base < (size_t)C ? n - base : (size_t)C;
         int tok = tokens[row];
@@ -3155,7 +3161,7 @@ static void mpar__hk_embedding_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
-/* mpar_embedding_bwd_wte(tokens, dout, dwte, rows, C, V): "bbbiii".
+/* mpar_embedding_bwd_wte(tokens, dout, dwte, rows, C, V): "BBBiii".
    Item (v, c) sums dout[row, c] over rows with tokens[row] == v, ascending,
    and adds only if some row matched (rows of an unused token stay untouched,
    even -0.0f). The host scans the tokens once per (v, column block) instead
@@ -3170,7 +3176,7 @@ static void mpar__hk_embedding_bwd_wte(const mpar__harg* a, size_t g0, size_t g1
     int v, row, hit;
     (void)g1;
     if (C <= 0 || V <= 0) return;
-    n = mpar__hk_count(g0, mpar__hk_mul(V, C));
+    n = mpar__hk_countz(g0, (size_t)V * (size_t)C);
     for (v = 0, base = 0; base < n; v++, base += (size_t)C) {
         size_t mv = n - base < (size_t)C ? n - base : (size_t)C;
         for (c0 = 0; c0 < mv; c0 += MPAR__HK_COLS) {
@@ -3190,7 +3196,7 @@ static void mpar__hk_embedding_bwd_wte(const mpar__harg* a, size_t g0, size_t g1
     }
 }
 
-/* mpar_embedding_bwd_wpe(dout, dwpe, rows, T, C): "bbiii".
+/* mpar_embedding_bwd_wpe(dout, dwpe, rows, T, C): "BBiii".
    Item (t, c): dwpe[t, c] += sum of dout[row, c], row = t, t+T, ... < rows. */
 static void mpar__hk_embedding_bwd_wpe(const mpar__harg* a, size_t g0, size_t g1) {
     const float* dout = (const float*)a[0].p;
@@ -3201,7 +3207,7 @@ static void mpar__hk_embedding_bwd_wpe(const mpar__harg* a, size_t g0, size_t g1
     int t, row;
     (void)g1;
     if (T <= 0 || C <= 0) return;
-    n = mpar__hk_count(g0, mpar__hk_mul(T, C));
+    n = mpar__hk_countz(g0, (size_t)T * (size_t)C);
     for (t = 0, base = 0; base < n; t++, base += (size_t)C) {
         size_t mt = n - base < (size_t)C ? n - base : (size_t)C;
         for (c0 = 0; c0 < mt; c0 += MPAR__HK_COLS) {
@@ -3219,7 +3225,7 @@ static void mpar__hk_embedding_bwd_wpe(const mpar__harg* a, size_t g0, size_t g1
 /* ===================== layernorm.cl ===================== */
 
 /* mpar_layernorm_fwd(x, gamma, beta, y, mean, rstd, rows, cols, eps):
-   "bbbbbbiif". One item per row; the shifted two-pass mean/variance of the
+   "BBBBBBiif". One item per row; the shifted two-pass mean/variance of the
    kernel, same order. sqrtf is correctly rounded; the device's sqrt may be
    too (it is allowed up to 3 ulp). y may alias x: each yr[c] is written
    after its xr[c] is read, as in the kernel. */
@@ -3255,7 +3261,7 @@ static void mpar__hk_layernorm_fwd(const mpar__harg* a, size_t g0, size_t g1) {
 }
 
 /* mpar_layernorm_bwd_input(dy, x, mean, rstd, gamma, dx, rows, cols):
-   "bbbbbbii". One item per row (overwrite). */
+   "BBBBBBii". One item per row (overwrite). */
 static void mpar__hk_layernorm_bwd_input(const mpar__harg* a, size_t g0, size_t g1) {
     const float* dy = (const float*)a[0].p;
     const float* x = (const float*)a[1].p;
@@ -3289,7 +3295,7 @@ static void mpar__hk_layernorm_bwd_input(const mpar__harg* a, size_t g0, size_t 
 }
 
 /* mpar_layernorm_bwd_weight(dy, x, mean, rstd, dgamma, dbeta, rows, cols):
-   "bbbbbbii". Global size cols; column c sums rows in order (accumulate). */
+   "BBBBBBii". Global size cols; column c sums rows in order (accumulate). */
 static void mpar__hk_layernorm_bwd_weight(const mpar__harg* a, size_t g0, size_t g1) {
     const float* dy = (const float*)a[0].p;
     const float* x = (const float*)a[1].p;
@@ -3325,7 +3331,7 @@ static void mpar__hk_layernorm_bwd_weight(const mpar__harg* a, size_t g0, size_t
 
 /* ===================== loss.cl ===================== */
 
-/* mpar_xent_fwd(logits, targets, loss, rows, classes): "bbbii".
+/* mpar_xent_fwd(logits, targets, loss, rows, classes): "BBBii".
    One item per row; a target outside [0, classes) gives loss 0 and reads
    nothing. fmaxf = OpenCL fmax (NaN-ignoring); expf/logf may differ from the
    device's exp/log in the last bits. */
@@ -3352,7 +3358,7 @@ static void mpar__hk_xent_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
-/* mpar_xent_bwd(logits, targets, dlogits, rows, classes, scale): "bbbiif".
+/* mpar_xent_bwd(logits, targets, dlogits, rows, classes, scale): "BBBiif".
    One item per row (overwrite). dlogits may alias logits: the last loop
    reads l[c] before writing d[c], as in the kernel. */
 static void mpar__hk_xent_bwd(const mpar__harg* a, size_t g0, size_t g1) {
@@ -3388,7 +3394,7 @@ static void mpar__hk_xent_bwd(const mpar__harg* a, size_t g0, size_t g1) {
    0 does anything, so any g0 >= 1 gives one sum, and g0 == 0 none. */
 static void mpar__hk_sum1(const mpar__harg* a, size_t g0) {
     const float* x = (const float*)a[0].p;
-    int n = a[1].i, i;
+    size_t n = a[1].z, i;
     float* out = (float*)a[2].p;
     float s = 0.0f;
     if (g0 == 0) return;
@@ -3396,7 +3402,7 @@ static void mpar__hk_sum1(const mpar__harg* a, size_t g0) {
     out[0] = s;
 }
 
-/* mpar_loss_sum(x, n, out): "bib". Global size 1. */
+/* mpar_loss_sum(x, n, out): "BlB". Global size 1. */
 static void mpar__hk_loss_sum(const mpar__harg* a, size_t g0, size_t g1) {
     (void)g1;
     mpar__hk_sum1(a, g0);
@@ -3405,12 +3411,12 @@ static void mpar__hk_loss_sum(const mpar__harg* a, size_t g0, size_t g1) {
 /* ===================== optimizer.cl ===================== */
 
 /* mpar_sgd_step(p, g, v, n, lr, momentum, weight_decay, grad_scale):
-   "bbbiffff" */
+   "BBBlffff" */
 static void mpar__hk_sgd_step(const mpar__harg* a, size_t g0, size_t g1) {
     float* p = (float*)a[0].p;
     const float* g = (const float*)a[1].p;
     float* v = (float*)a[2].p;
-    size_t n = mpar__hk_count(g0, a[3].i), i;
+    size_t n = mpar__hk_countz(g0, a[3].z), i;
     float lr = a[4].f, momentum = a[5].f, wd = a[6].f, gs = a[7].f;
     (void)g1;
     if (wd != 0.0f) {
@@ -3435,14 +3441,14 @@ static void mpar__hk_sgd_step(const mpar__harg* a, size_t g0, size_t g1) {
 }
 
 /* mpar_adamw_step(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, c1,
-   c2, grad_scale): "bbbbiffffffff". 1 - beta1 and 1 - beta2 are float
+   c2, grad_scale): "BBBBlffffffff". 1 - beta1 and 1 - beta2 are float
    expressions of kernel arguments, the same on every item: hoisted. */
 static void mpar__hk_adamw_step(const mpar__harg* a, size_t g0, size_t g1) {
     float* p = (float*)a[0].p;
     const float* g = (const float*)a[1].p;
     float* m = (float*)a[2].p;
     float* v = (float*)a[3].p;
-    size_t n = mpar__hk_count(g0, a[4].i), i;
+    size_t n = mpar__hk_countz(g0, a[4].z), i;
     float lr = a[5].f, beta1 = a[6].f, beta2 = a[7].f, eps = a[8].f, wd = a[9].f;
     float c1 = a[10].f, c2 = a[11].f, gs = a[12].f;
     float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2;
@@ -3462,7 +3468,7 @@ static void mpar__hk_adamw_step(const mpar__harg* a, size_t g0, size_t g1) {
 
 /* ===================== attention.cl ===================== */
 
-/* mpar_attn_fwd(qkv, out, P, B, T, C, H): "bbbiiii". One item per query row,
+/* mpar_attn_fwd(qkv, out, P, B, T, C, H): "BBBiiii". One item per query row,
    gid = (b*H + h)*T + i; the P row is the softmax scratch, as in the kernel
    (scores, then exponentials, then probabilities; masked tail set to 0). */
 static void mpar__hk_attn_fwd(const mpar__harg* a, size_t g0, size_t g1) {
@@ -3470,24 +3476,26 @@ static void mpar__hk_attn_fwd(const mpar__harg* a, size_t g0, size_t g1) {
     float* out = (float*)a[1].p;
     float* P = (float*)a[2].p;
     int B = a[3].i, T = a[4].i, C = a[5].i, H = a[6].i;
-    int D, C3, gid, n;
+    int D;
+    size_t C3, gid, n;
     float sc;
     (void)g1;
     if (B <= 0 || T <= 0 || H <= 0) return;
-    n = (int)mpar__hk_count(g0, mpar__hk_mul(mpar__hk_mul(B, H), T));
+    n = mpar__hk_countz(g0, (size_t)B * (size_t)H * (size_t)T);
     D = C / H;
-    C3 = 3 * C;
+    C3 = 3 * (size_t)C;
     sc = 1.0f / sqrtf((float)D);
     for (gid = 0; gid < n; gid++) {
-        int i = gid % T, h = (gid / T) % H, b = gid / (T * H), j, d;
-        const float* q = qkv + (size_t)(b * T + i) * (size_t)C3 + (size_t)(h * D);
-        const float* kbase = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(C + h * D);
-        const float* vbase = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(2 * C + h * D);
-        float* p = P + (size_t)gid * (size_t)T;
-        float* o = out + (size_t)(b * T + i) * (size_t)C + (size_t)(h * D);
+        int i = (int)(gid % (size_t)T), h = (int)(gid / (size_t)T % (size_t)H), j, d; /* < T, < H */
+        size_t b = gid / ((size_t)T * (size_t)H), hd = (size_t)h * (size_t)D;
+        const float* q = qkv + (b * (size_t)T + (size_t)i) * C3 + hd;
+        const float* kbase = qkv + b * (size_t)T * C3 + (size_t)C + hd;
+        const float* vbase = qkv + b * (size_t)T * C3 + 2 * (size_t)C + hd;
+        float* p = P + gid * (size_t)T;
+        float* o = out + (b * (size_t)T + (size_t)i) * (size_t)C + hd;
         float mx = -INFINITY, sum = 0.0f, inv;
         for (j = 0; j <= i; j++) {
-            const float* k = kbase + (size_t)j * (size_t)C3;
+            const float* k = kbase + (size_t)j * C3;
             float dot = 0.0f;
             for (d = 0; d < D; d++) dot = MPAR__HK_MAD(q[d], k[d], dot);
             dot *= sc;
@@ -3504,13 +3512,13 @@ static void mpar__hk_attn_fwd(const mpar__harg* a, size_t g0, size_t g1) {
         for (j = i + 1; j < T; j++) p[j] = 0.0f;
         for (d = 0; d < D; d++) {
             float acc = 0.0f;
-            for (j = 0; j <= i; j++) acc = MPAR__HK_MAD(p[j], vbase[(size_t)j * (size_t)C3 + (size_t)d], acc);
+            for (j = 0; j <= i; j++) acc = MPAR__HK_MAD(p[j], vbase[(size_t)j * C3 + (size_t)d], acc);
             o[d] = acc;
         }
     }
 }
 
-/* mpar_attn_bwd_ds(dout, qkv, P, dS, B, T, C, H): "bbbbiiii". One item per
+/* mpar_attn_bwd_ds(dout, qkv, P, dS, B, T, C, H): "BBBBiiii". One item per
    row gid = (b*H + h)*T + i; the dS row first holds dP, then dS. */
 static void mpar__hk_attn_bwd_ds(const mpar__harg* a, size_t g0, size_t g1) {
     const float* dout = (const float*)a[0].p;
@@ -3518,21 +3526,23 @@ static void mpar__hk_attn_bwd_ds(const mpar__harg* a, size_t g0, size_t g1) {
     const float* P = (const float*)a[2].p;
     float* dS = (float*)a[3].p;
     int B = a[4].i, T = a[5].i, C = a[6].i, H = a[7].i;
-    int D, C3, gid, n;
+    int D;
+    size_t C3, gid, n;
     (void)g1;
     if (B <= 0 || T <= 0 || H <= 0) return;
-    n = (int)mpar__hk_count(g0, mpar__hk_mul(mpar__hk_mul(B, H), T));
+    n = mpar__hk_countz(g0, (size_t)B * (size_t)H * (size_t)T);
     D = C / H;
-    C3 = 3 * C;
+    C3 = 3 * (size_t)C;
     for (gid = 0; gid < n; gid++) {
-        int i = gid % T, h = (gid / T) % H, b = gid / (T * H), j, d;
-        const float* go = dout + (size_t)(b * T + i) * (size_t)C + (size_t)(h * D);
-        const float* vbase = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(2 * C + h * D);
-        const float* p = P + (size_t)gid * (size_t)T;
-        float* ds = dS + (size_t)gid * (size_t)T;
+        int i = (int)(gid % (size_t)T), h = (int)(gid / (size_t)T % (size_t)H), j, d; /* < T, < H */
+        size_t b = gid / ((size_t)T * (size_t)H), hd = (size_t)h * (size_t)D;
+        const float* go = dout + (b * (size_t)T + (size_t)i) * (size_t)C + hd;
+        const float* vbase = qkv + b * (size_t)T * C3 + 2 * (size_t)C + hd;
+        const float* p = P + gid * (size_t)T;
+        float* ds = dS + gid * (size_t)T;
         float rowdot = 0.0f;
         for (j = 0; j <= i; j++) {
-            const float* v = vbase + (size_t)j * (size_t)C3;
+            const float* v = vbase + (size_t)j * C3;
             float dp = 0.0f;
             for (d = 0; d < D; d++) dp = MPAR__HK_MAD(go[d], v[d], dp);
             ds[j] = dp;
@@ -3543,7 +3553,7 @@ static void mpar__hk_attn_bwd_ds(const mpar__harg* a, size_t g0, size_t g1) {
     }
 }
 
-/* mpar_attn_bwd_qkv(dout, qkv, P, dS, dqkv, B, T, C, H): "bbbbbiiii".
+/* mpar_attn_bwd_qkv(dout, qkv, P, dS, dqkv, B, T, C, H): "BBBBBiiii".
    One item per element of dqkv, gid = (b*T + t)*3C + part*C + h*D + d. */
 static void mpar__hk_attn_bwd_qkv(const mpar__harg* a, size_t g0, size_t g1) {
     const float* dout = (const float*)a[0].p;
@@ -3552,51 +3562,55 @@ static void mpar__hk_attn_bwd_qkv(const mpar__harg* a, size_t g0, size_t g1) {
     const float* dS = (const float*)a[3].p;
     float* dqkv = (float*)a[4].p;
     int B = a[5].i, T = a[6].i, C = a[7].i, H = a[8].i;
-    int C3, D, gid, n;
+    int D;
+    size_t C3, TC3, gid, n;
     float sc;
     (void)g1;
     if (B <= 0 || T <= 0 || C <= 0 || H <= 0) return;
-    C3 = 3 * C;
-    n = (int)mpar__hk_count(g0, mpar__hk_mul(mpar__hk_mul(B, T), C3));
+    C3 = 3 * (size_t)C;
+    TC3 = (size_t)T * C3;
+    n = mpar__hk_countz(g0, (size_t)B * TC3);
     D = C / H;
     sc = 1.0f / sqrtf((float)D);
     for (gid = 0; gid < n; gid++) {
-        int b = gid / (T * C3), rem = gid % (T * C3);
-        int t = rem / C3, col = rem % C3;
+        size_t b = gid / TC3, rem = gid % TC3;
+        int t = (int)(rem / C3), col = (int)(rem % C3); /* < T, < 3C */
         int part = col / C, hc = col % C;
         int h = hc / D, d = hc % D, j;
-        size_t bh = (size_t)(b * H + h) * (size_t)T * (size_t)T;
-        const float* xb = qkv + (size_t)(b * T) * (size_t)C3 + (size_t)(h * D + d);
+        size_t bh = (b * (size_t)H + (size_t)h) * (size_t)T * (size_t)T, hdd = (size_t)h * (size_t)D + (size_t)d;
+        const float* xb = qkv + b * TC3 + hdd;
         float acc = 0.0f;
         if (part == 0) {
             const float* ds = dS + bh + (size_t)t * (size_t)T;
-            for (j = 0; j <= t; j++) acc = MPAR__HK_MAD(ds[j], xb[(size_t)j * (size_t)C3 + (size_t)C], acc);
+            for (j = 0; j <= t; j++) acc = MPAR__HK_MAD(ds[j], xb[(size_t)j * C3 + (size_t)C], acc);
             acc *= sc;
         } else if (part == 1) {
             const float* ds = dS + bh + (size_t)t;
-            for (j = t; j < T; j++) acc = MPAR__HK_MAD(ds[(size_t)j * (size_t)T], xb[(size_t)j * (size_t)C3], acc);
+            for (j = t; j < T; j++) acc = MPAR__HK_MAD(ds[(size_t)j * (size_t)T], xb[(size_t)j * C3], acc);
             acc *= sc;
         } else {
             const float* p = P + bh + (size_t)t;
-            const float* go = dout + (size_t)(b * T) * (size_t)C + (size_t)(h * D + d);
+            const float* go = dout + b * (size_t)T * (size_t)C + hdd;
             for (j = t; j < T; j++) acc = MPAR__HK_MAD(p[(size_t)j * (size_t)T], go[(size_t)j * (size_t)C], acc);
         }
         dqkv[gid] = acc;
     }
 }
 
-/* optimizer.cl: mpar_sumsq_layers_partial ("bbib"): the chunks of every
+/* optimizer.cl: mpar_sumsq_layers_partial ("BBiB"): the chunks of every
    layer of a stage, each summed in element order. */
 static void mpar__hk_sumsq_layers_partial(const mpar__harg* a, size_t g0, size_t g1) {
     const float* g = (const float*)a[0].p;
-    const int* seg = (const int*)a[1].p;
-    int layers = a[2].i, j, k;
-    const int* first = seg + layers + 1;
+    const uint64_t* seg = (const uint64_t*)a[1].p; /* cl_ulong table */
+    int layers = a[2].i, j;
+    const uint64_t* first = seg + layers + 1;
     float* partial = (float*)a[3].p;
+    uint64_t k;
     (void)g1;
     for (j = 0; j < layers; j++)
-        for (k = first[j]; k < first[j + 1] && (size_t)k < g0; k++) {
-            int begin = seg[j] + (k - first[j]) * 4096, end = begin + 4096 < seg[j + 1] ? begin + 4096 : seg[j + 1], i;
+        for (k = first[j]; k < first[j + 1] && k < (uint64_t)g0; k++) {
+            uint64_t begin = seg[j] + (k - first[j]) * 4096, end = begin + 4096 < seg[j + 1] ? begin + 4096 : seg[j + 1];
+            uint64_t i;
             float s = 0.0f;
             for (i = begin; i < end; i++) {
                 float x = g[i];
@@ -3605,12 +3619,13 @@ static void mpar__hk_sumsq_layers_partial(const mpar__harg* a, size_t g0, size_t
             partial[k] = s;
         }
 }
-/* optimizer.cl: mpar_sumsq_layers_final ("bbib"): each layer's chunks in order. */
+/* optimizer.cl: mpar_sumsq_layers_final ("BBiB"): each layer's chunks in order. */
 static void mpar__hk_sumsq_layers_final(const mpar__harg* a, size_t g0, size_t g1) {
     const float* partial = (const float*)a[0].p;
-    const int* first = (const int*)a[1].p + a[2].i + 1;
+    const uint64_t* first = (const uint64_t*)a[1].p + a[2].i + 1; /* cl_ulong table */
     float* out = (float*)a[3].p;
-    int j, k;
+    uint64_t k;
+    int j;
     (void)g1;
     for (j = 0; j < a[2].i && (size_t)j < g0; j++) {
         float s = 0.0f;
@@ -3667,6 +3682,43 @@ static mpar__host_fn mpar__host_kernel(const char* file, const char* name) {
     return NULL;
 }
 
+/* 'b' passes its offset as an int: one that does not fit fails, on both
+   routes, instead of wrapping. */
+static mpar_result mpar__int_off_fail(mpar_exec* ex, const char* kernel, int arg, size_t off) {
+    return mpar__fail(ex->ctx, MPAR_ERROR_INVALID_ARGUMENT,
+                      "mpar_exec_launch(%s): argument %d ('b') has offset %zu, above INT_MAX; pass it with 'B' "
+                      "(ulong offset)", kernel, arg, off);
+}
+
+/* Decodes mpar_exec_launch's arguments for a host kernel into a[] (at most
+   32): 'b', 'B' (buffer + offset) and 'm' (buffer) -> p, 'i' -> i, 'u' ->
+   u, 'f' -> f, 'l' -> z. *ok = 0 (and MPAR_SUCCESS) when OpenCL must run
+   the launch instead: a buffer that is not host memory, or a letter it does
+   not know (OpenCL's path reports it). */
+static mpar_result mpar__host_args(mpar_exec* ex, const char* kernel, const char* args, va_list ap, mpar__harg* a,
+                                   int* ok) {
+    const char* c;
+    int n = 0;
+    *ok = 0;
+    for (c = args; *c; c++, n++) {
+        if (*c == 'b' || *c == 'B' || *c == 'm') {
+            mpar_buf b;
+            unsigned char* h;
+            if (*c == 'm') b.mem = va_arg(ap, cl_mem), b.off = 0;
+            else b = va_arg(ap, mpar_buf);
+            if (*c == 'b' && b.off > (size_t)INT_MAX) return mpar__int_off_fail(ex, kernel, n, b.off);
+            if (!(h = mpar__exec_host_ptr(ex, b.mem))) return MPAR_SUCCESS;
+            a[n].p = h + 4 * b.off;
+        } else if (*c == 'i') a[n].i = va_arg(ap, int);
+        else if (*c == 'u') a[n].u = va_arg(ap, unsigned int);
+        else if (*c == 'f') a[n].f = (float)va_arg(ap, double);
+        else if (*c == 'l') a[n].z = va_arg(ap, size_t);
+        else return MPAR_SUCCESS;
+    }
+    *ok = 1;
+    return MPAR_SUCCESS;
+}
+
 /* Runs a launch as host code when the stage takes the host route, the
    kernel has a host version and every buffer is host memory; *done tells
    whether it did (otherwise OpenCL runs it). */
@@ -3674,24 +3726,12 @@ static mpar_result mpar__exec_host_launch(mpar_exec* ex, const char* file, const
                                           const char* args, va_list ap, int* done) {
     mpar__harg a[32];
     mpar__host_fn fn;
-    int n = 0;
-    const char* c;
+    int ok;
     double t0;
     *done = 0;
     if (!ex->host_route || !(fn = mpar__host_kernel(file, kernel)) || strlen(args) > 32) return MPAR_SUCCESS;
-    for (c = args; *c; c++, n++) {
-        if (*c == 'b' || *c == 'm') {
-            mpar_buf b;
-            unsigned char* h;
-            if (*c == 'b') b = va_arg(ap, mpar_buf);
-            else b.mem = va_arg(ap, cl_mem), b.off = 0;
-            if (!(h = mpar__exec_host_ptr(ex, b.mem))) return MPAR_SUCCESS;
-            a[n].p = h + 4 * b.off;
-        } else if (*c == 'i') a[n].i = va_arg(ap, int);
-        else if (*c == 'u') a[n].u = va_arg(ap, unsigned int);
-        else if (*c == 'f') a[n].f = (float)va_arg(ap, double);
-        else return MPAR_SUCCESS; /* OpenCL's path reports the bad letter */
-    }
+    MPAR__TRY(mpar__host_args(ex, kernel, args, ap, a, &ok));
+    if (!ok) return MPAR_SUCCESS;
     *done = 1;
     if (g0 == 0) return MPAR_SUCCESS;
     if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
@@ -3759,9 +3799,19 @@ static mpar_result mpar__set_args(mpar_exec* ex, cl_kernel k, const char* kernel
         cl_int st;
         if (*p == 'b') {
             mpar_buf b = va_arg(ap, mpar_buf);
-            int off = (int)b.off;
+            int off;
+            if (b.off > (size_t)INT_MAX) return mpar__int_off_fail(ex, kernel, (int)(p - args), b.off);
+            off = (int)b.off;
             st = clSetKernelArg(k, a++, sizeof(cl_mem), &b.mem);
             if (st == CL_SUCCESS) st = clSetKernelArg(k, a++, sizeof off, &off);
+        } else if (*p == 'B') {
+            mpar_buf b = va_arg(ap, mpar_buf);
+            cl_ulong off = (cl_ulong)b.off;
+            st = clSetKernelArg(k, a++, sizeof(cl_mem), &b.mem);
+            if (st == CL_SUCCESS) st = clSetKernelArg(k, a++, sizeof off, &off);
+        } else if (*p == 'l') {
+            cl_ulong v = (cl_ulong)va_arg(ap, size_t);
+            st = clSetKernelArg(k, a++, sizeof v, &v);
         } else if (*p == 'm') {
             cl_mem m = va_arg(ap, cl_mem);
             st = clSetKernelArg(k, a++, sizeof m, &m);
@@ -3932,8 +3982,8 @@ static void mpar__linear_init(const mpar_layer* l, float* p, uint64_t* s) {
 static mpar_result mpar__linear_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
     MPAR__TRY(mpar_exec_gemm(ex, 0, 0, (size_t)io->rows, out, in, 1.0f, io->x, in, io->params, out, 0.0f, io->y, out));
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add", (size_t)io->rows * out, 0, "biib", io->y, io->rows,
-                            (int)out, mpar__at(io->params, in * out));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add", (size_t)io->rows * out, 0, "BiiB", io->y, io->rows,
+                            l->out_features, mpar__at(io->params, in * out));
 }
 /* The forward of a linear layer and the activation after it; act_out is
    the activation's output (see mpar__fused_activation). */
@@ -3941,8 +3991,8 @@ static mpar_result mpar__linear_forward_act(mpar_exec* ex, const mpar_layer* l, 
                                             int act) {
     size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
     MPAR__TRY(mpar_exec_gemm(ex, 0, 0, (size_t)io->rows, out, in, 1.0f, io->x, in, io->params, out, 0.0f, io->y, out));
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add_act", (size_t)io->rows * out, 0, "biibbi", io->y,
-                            io->rows, (int)out, mpar__at(io->params, in * out), act_out, act);
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add_act", (size_t)io->rows * out, 0, "BiiBBi", io->y,
+                            io->rows, l->out_features, mpar__at(io->params, in * out), act_out, act);
 }
 static mpar_result mpar__linear_backward_input(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
@@ -3952,7 +4002,7 @@ static mpar_result mpar__linear_backward_input(mpar_exec* ex, const mpar_layer* 
 static mpar_result mpar__linear_backward_weight(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     size_t in = (size_t)l->in_features, out = (size_t)l->out_features;
     MPAR__TRY(mpar_exec_gemm(ex, 1, 0, in, out, (size_t)io->rows, 1.0f, io->x, in, io->dy, out, 1.0f, io->grads, out));
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_grad", out, 0, "biib", io->dy, io->rows, (int)out,
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_grad", out, 0, "BiiB", io->dy, io->rows, l->out_features,
                             mpar__at(io->grads, in * out));
 }
 
@@ -3967,14 +4017,14 @@ static mpar_result mpar__same_shape_setup(mpar_layer* l, mpar_error* err) {
     return MPAR_SUCCESS;
 }
 static mpar_result mpar__act_forward(mpar_exec* ex, const mpar_io* io, const mpar_layer* l, const char* kernel) {
-    return mpar_exec_launch(ex, "elementwise.cl", kernel, (size_t)io->rows * (size_t)l->in_features, 0, "bbi", io->x,
-                            io->y, io->rows * l->in_features);
+    size_t n = (size_t)io->rows * (size_t)l->in_features;
+    return mpar_exec_launch(ex, "elementwise.cl", kernel, n, 0, "BBl", io->x, io->y, n);
 }
 static mpar_result mpar__act_backward(mpar_exec* ex, const mpar_io* io, const mpar_layer* l, const char* kernel,
                                       mpar_buf saved) {
+    size_t n = (size_t)io->rows * (size_t)l->in_features;
     if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "elementwise.cl", kernel, (size_t)io->rows * (size_t)l->in_features, 0, "bbbi", saved,
-                            io->dy, io->dx, io->rows * l->in_features);
+    return mpar_exec_launch(ex, "elementwise.cl", kernel, n, 0, "BBBl", saved, io->dy, io->dx, n);
 }
 static mpar_result mpar__relu_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     return mpar__act_forward(ex, io, l, "mpar_relu_fwd");
@@ -4005,12 +4055,12 @@ static mpar_result mpar__dropout_setup(mpar_layer* l, mpar_error* err) {
 }
 static mpar_result mpar__dropout_run(mpar_exec* ex, const mpar_layer* l, const mpar_io* io, const char* kernel,
                                      mpar_buf in, mpar_buf out) {
-    int n = io->rows * l->in_features;
+    size_t n = (size_t)io->rows * (size_t)l->in_features;
     if (!io->training || l->desc.rate == 0.0f)
-        return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", in, out, n);
-    return mpar_exec_launch(ex, "elementwise.cl", kernel, (size_t)n, 0, "bbifuui", in, out, n, (double)l->desc.rate,
+        return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", n, 0, "BBl", in, out, n);
+    return mpar_exec_launch(ex, "elementwise.cl", kernel, n, 0, "BBlfuul", in, out, n, (double)l->desc.rate,
                             (unsigned)(io->seed & 0xffffffffu), (unsigned)(io->seed >> 32),
-                            io->row_offset * l->in_features);
+                            (size_t)io->row_offset * (size_t)l->in_features);
 }
 static mpar_result mpar__dropout_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     return mpar__dropout_run(ex, l, io, "mpar_dropout_fwd", io->x, io->y);
@@ -4038,18 +4088,18 @@ static void mpar__layernorm_init(const mpar_layer* l, float* p, uint64_t* s) {
 }
 static mpar_result mpar__ln_fwd(mpar_exec* ex, mpar_buf x, mpar_buf gb, mpar_buf y, mpar_buf stats, int rows, int cols,
                                 float eps) {
-    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_fwd", (size_t)rows, 0, "bbbbbbiif", x, gb,
+    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_fwd", (size_t)rows, 0, "BBBBBBiif", x, gb,
                             mpar__at(gb, (size_t)cols), y, stats, mpar__at(stats, (size_t)rows), rows, cols,
                             (double)eps);
 }
 static mpar_result mpar__ln_bwd_input(mpar_exec* ex, mpar_buf dy, mpar_buf x, mpar_buf stats, mpar_buf gb, mpar_buf dx,
                                       int rows, int cols) {
-    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_bwd_input", (size_t)rows, 0, "bbbbbbii", dy, x, stats,
+    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_bwd_input", (size_t)rows, 0, "BBBBBBii", dy, x, stats,
                             mpar__at(stats, (size_t)rows), gb, dx, rows, cols);
 }
 static mpar_result mpar__ln_bwd_weight(mpar_exec* ex, mpar_buf dy, mpar_buf x, mpar_buf stats, mpar_buf dgb, int rows,
                                        int cols) {
-    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_bwd_weight", (size_t)cols, 0, "bbbbbbii", dy, x, stats,
+    return mpar_exec_launch(ex, "layernorm.cl", "mpar_layernorm_bwd_weight", (size_t)cols, 0, "BBBBBBii", dy, x, stats,
                             mpar__at(stats, (size_t)rows), dgb, mpar__at(dgb, (size_t)cols), rows, cols);
 }
 static mpar_result mpar__layernorm_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
@@ -4086,7 +4136,7 @@ static void mpar__embedding_init(const mpar_layer* l, float* p, uint64_t* s) {
 }
 static mpar_result mpar__embedding_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int c = l->out_features, v = l->desc.vocab;
-    return mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_fwd", (size_t)io->rows * (size_t)c, 0, "bbbbiiii",
+    return mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_fwd", (size_t)io->rows * (size_t)c, 0, "BBBBiiii",
                             io->x, io->params, mpar__at(io->params, (size_t)v * (size_t)c), io->y, io->rows,
                             l->seq_len, c, v);
 }
@@ -4096,9 +4146,9 @@ static mpar_result mpar__embedding_bwd(mpar_exec* ex, const mpar_layer* l, const
 }
 static mpar_result mpar__embedding_bwd_w(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int c = l->out_features, v = l->desc.vocab;
-    MPAR__TRY(mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_bwd_wte", (size_t)v * (size_t)c, 0, "bbbiii", io->x,
+    MPAR__TRY(mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_bwd_wte", (size_t)v * (size_t)c, 0, "BBBiii", io->x,
                                io->dy, io->grads, io->rows, c, v));
-    return mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_bwd_wpe", (size_t)l->seq_len * (size_t)c, 0, "bbiii",
+    return mpar_exec_launch(ex, "embedding.cl", "mpar_embedding_bwd_wpe", (size_t)l->seq_len * (size_t)c, 0, "BBiii",
                             io->dy, mpar__at(io->grads, (size_t)v * (size_t)c), io->rows, l->seq_len, c);
 }
 
@@ -4113,11 +4163,11 @@ static mpar_result mpar__xent_setup(mpar_layer* l, mpar_error* err) {
     return MPAR_SUCCESS;
 }
 static mpar_result mpar__xent_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    return mpar_exec_launch(ex, "loss.cl", "mpar_xent_fwd", (size_t)io->rows, 0, "bbbii", io->x, io->targets, io->y,
+    return mpar_exec_launch(ex, "loss.cl", "mpar_xent_fwd", (size_t)io->rows, 0, "BBBii", io->x, io->targets, io->y,
                             io->rows, l->in_features);
 }
 static mpar_result mpar__xent_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    return mpar_exec_launch(ex, "loss.cl", "mpar_xent_bwd", (size_t)io->rows, 0, "bbbiif", io->x, io->targets, io->dx,
+    return mpar_exec_launch(ex, "loss.cl", "mpar_xent_bwd", (size_t)io->rows, 0, "BBBiif", io->x, io->targets, io->dx,
                             io->rows, l->in_features, (double)io->loss_scale);
 }
 
@@ -4137,6 +4187,9 @@ typedef struct mpar__block_shape {
     size_t g_dh2, g_df, g_dx2, g_dqkv, g_dh1, g_total;
     /* scratch, per row */
     size_t x_dg, x_ds, x_da, x_tmp, x_total;
+    /* the widths as the kernels take them (int; mpar__block_setup checks
+       that 3C and the MLP width fit) */
+    int ci, c3i, hdi, hi, ti;
 } mpar__block_shape;
 
 static mpar__block_shape mpar__block(const mpar_layer* l) {
@@ -4153,6 +4206,9 @@ static mpar__block_shape mpar__block(const mpar_layer* l) {
     s.g_dh2 = 0, s.g_df = s.c, s.g_dx2 = s.g_df + s.hd, s.g_dqkv = s.g_dx2 + s.c, s.g_dh1 = s.g_dqkv + 3 * s.c;
     s.g_total = s.g_dh1 + s.c;
     s.x_dg = 0, s.x_ds = s.hd, s.x_da = s.x_ds + s.h * s.t, s.x_tmp = s.x_da + s.c, s.x_total = s.x_tmp + s.c;
+    s.ci = l->in_features, s.c3i = 3 * l->in_features;
+    s.hdi = l->desc.hidden > 0 ? l->desc.hidden : 4 * l->in_features;
+    s.hi = l->desc.heads > 0 ? l->desc.heads : 1, s.ti = l->seq_len;
     return s;
 }
 
@@ -4167,6 +4223,17 @@ static mpar_result mpar__block_setup(mpar_layer* l, mpar_error* err) {
     if (l->desc.hidden < 0)
         return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (decoder_block): hidden must not be negative",
                               l->index);
+    /* the kernels take widths as int; the parameter count must fit size_t */
+    hd = l->desc.hidden > 0 ? (double)l->desc.hidden : 4.0 * l->in_features;
+    c = (double)l->in_features;
+    if (3.0 * c > INT_MAX || hd > INT_MAX)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
+                              "layer %d (decoder_block): width %d gives inner widths %.0f (QKV) and %.0f (MLP); both "
+                              "must stay below 2^31", l->index, l->in_features, 3.0 * c, hd);
+    if (4.0 * c * c + 2.0 * c * hd + 9.0 * c + hd >= (double)SIZE_MAX)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL,
+                              "layer %d (decoder_block): width %d and MLP width %.0f give %.3g parameters, more than "
+                              "size_t holds", l->index, l->in_features, hd, 4.0 * c * c + 2.0 * c * hd + 9.0 * c + hd);
     s = mpar__block(l);
     l->param_count = s.b2 + s.c;
     l->stash_per_row = s.s_total;
@@ -4190,13 +4257,14 @@ static void mpar__block_init(const mpar_layer* l, float* p, uint64_t* r) {
 }
 
 /* y = x·W + b for a block's inner projection. */
-static mpar_result mpar__proj(mpar_exec* ex, mpar_buf x, mpar_buf w, mpar_buf b, mpar_buf y, size_t rows, size_t in,
-                              size_t out) {
-    MPAR__TRY(mpar_exec_gemm(ex, 0, 0, rows, out, in, 1.0f, x, in, w, out, 0.0f, y, out));
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add", rows * out, 0, "biib", y, (int)rows, (int)out, b);
+static mpar_result mpar__proj(mpar_exec* ex, mpar_buf x, mpar_buf w, mpar_buf b, mpar_buf y, int rows, int in,
+                              int out) {
+    size_t r = (size_t)rows, i = (size_t)in, o = (size_t)out;
+    MPAR__TRY(mpar_exec_gemm(ex, 0, 0, r, o, i, 1.0f, x, i, w, o, 0.0f, y, o));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_add", r * o, 0, "BiiB", y, rows, out, b);
 }
 static mpar_result mpar__add(mpar_exec* ex, mpar_buf a, mpar_buf b, mpar_buf out, size_t n) {
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_add", n, 0, "bbbi", a, b, out, (int)n);
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_add", n, 0, "BBBl", a, b, out, n);
 }
 
 static mpar_result mpar__block_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
@@ -4206,18 +4274,18 @@ static mpar_result mpar__block_fwd(mpar_exec* ex, const mpar_layer* l, const mpa
     mpar_buf h1 = mpar__at(st, rows * s.s_h1), qkv = mpar__at(st, rows * s.s_qkv), pr = mpar__at(st, rows * s.s_p);
     mpar_buf a = mpar__at(st, rows * s.s_a), x2 = mpar__at(st, rows * s.s_x2), h2 = mpar__at(st, rows * s.s_h2);
     mpar_buf f = mpar__at(st, rows * s.s_f), g = mpar__at(st, rows * s.s_g);
-    MPAR__TRY(mpar__ln_fwd(ex, io->x, mpar__at(p, s.ln1), h1, mpar__at(st, rows * s.s_st1), io->rows, (int)s.c,
+    MPAR__TRY(mpar__ln_fwd(ex, io->x, mpar__at(p, s.ln1), h1, mpar__at(st, rows * s.s_st1), io->rows, s.ci,
                            mpar__eps(l)));
-    MPAR__TRY(mpar__proj(ex, h1, mpar__at(p, s.wqkv), mpar__at(p, s.bqkv), qkv, rows, s.c, 3 * s.c));
-    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_fwd", b * s.h * s.t, 0, "bbbiiii", qkv, a, pr, (int)b,
-                               (int)s.t, (int)s.c, (int)s.h));
-    MPAR__TRY(mpar__proj(ex, a, mpar__at(p, s.wo), mpar__at(p, s.bo), io->y, rows, s.c, s.c));
+    MPAR__TRY(mpar__proj(ex, h1, mpar__at(p, s.wqkv), mpar__at(p, s.bqkv), qkv, io->rows, s.ci, s.c3i));
+    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_fwd", b * s.h * s.t, 0, "BBBiiii", qkv, a, pr,
+                               io->rows / s.ti, s.ti, s.ci, s.hi));
+    MPAR__TRY(mpar__proj(ex, a, mpar__at(p, s.wo), mpar__at(p, s.bo), io->y, io->rows, s.ci, s.ci));
     MPAR__TRY(mpar__add(ex, io->x, io->y, x2, rows * s.c));
-    MPAR__TRY(mpar__ln_fwd(ex, x2, mpar__at(p, s.ln2), h2, mpar__at(st, rows * s.s_st2), io->rows, (int)s.c,
+    MPAR__TRY(mpar__ln_fwd(ex, x2, mpar__at(p, s.ln2), h2, mpar__at(st, rows * s.s_st2), io->rows, s.ci,
                            mpar__eps(l)));
-    MPAR__TRY(mpar__proj(ex, h2, mpar__at(p, s.w1), mpar__at(p, s.b1), f, rows, s.c, s.hd));
-    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_gelu_fwd", rows * s.hd, 0, "bbi", f, g, (int)(rows * s.hd)));
-    MPAR__TRY(mpar__proj(ex, g, mpar__at(p, s.w2), mpar__at(p, s.b2), io->y, rows, s.hd, s.c));
+    MPAR__TRY(mpar__proj(ex, h2, mpar__at(p, s.w1), mpar__at(p, s.b1), f, io->rows, s.ci, s.hdi));
+    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_gelu_fwd", rows * s.hd, 0, "BBl", f, g, rows * s.hd));
+    MPAR__TRY(mpar__proj(ex, g, mpar__at(p, s.w2), mpar__at(p, s.b2), io->y, io->rows, s.hdi, s.ci));
     return mpar__add(ex, io->y, x2, io->y, rows * s.c);
 }
 
@@ -4232,30 +4300,30 @@ static mpar_result mpar__block_bwd(mpar_exec* ex, const mpar_layer* l, const mpa
     mpar_buf dg = mpar__at(xs, rows * s.x_dg), ds = mpar__at(xs, rows * s.x_ds), da = mpar__at(xs, rows * s.x_da);
     mpar_buf tmp = mpar__at(xs, rows * s.x_tmp);
     MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.hd, s.c, 1.0f, io->dy, s.c, mpar__at(p, s.w2), s.c, 0.0f, dg, s.hd));
-    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_gelu_bwd", rows * s.hd, 0, "bbbi", f, dg, df,
-                               (int)(rows * s.hd)));
+    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_gelu_bwd", rows * s.hd, 0, "BBBl", f, dg, df, rows * s.hd));
     MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.c, s.hd, 1.0f, df, s.hd, mpar__at(p, s.w1), s.hd, 0.0f, dh2, s.c));
     MPAR__TRY(mpar__ln_bwd_input(ex, dh2, x2, mpar__at(st, rows * s.s_st2), mpar__at(p, s.ln2), tmp, io->rows,
-                                 (int)s.c));
+                                 s.ci));
     MPAR__TRY(mpar__add(ex, tmp, io->dy, dx2, rows * s.c));
     MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.c, s.c, 1.0f, dx2, s.c, mpar__at(p, s.wo), s.c, 0.0f, da, s.c));
-    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_bwd_ds", b * s.h * s.t, 0, "bbbbiiii", da, qkv, pr, ds,
-                               (int)b, (int)s.t, (int)s.c, (int)s.h));
-    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_bwd_qkv", rows * 3 * s.c, 0, "bbbbbiiii", da, qkv, pr,
-                               ds, dqkv, (int)b, (int)s.t, (int)s.c, (int)s.h));
+    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_bwd_ds", b * s.h * s.t, 0, "BBBBiiii", da, qkv, pr, ds,
+                               io->rows / s.ti, s.ti, s.ci, s.hi));
+    MPAR__TRY(mpar_exec_launch(ex, "attention.cl", "mpar_attn_bwd_qkv", rows * 3 * s.c, 0, "BBBBBiiii", da, qkv, pr,
+                               ds, dqkv, io->rows / s.ti, s.ti, s.ci, s.hi));
     MPAR__TRY(mpar_exec_gemm(ex, 0, 1, rows, s.c, 3 * s.c, 1.0f, dqkv, 3 * s.c, mpar__at(p, s.wqkv), 3 * s.c, 0.0f,
                              dh1, s.c));
     if (!io->need_dx) return MPAR_SUCCESS;
     MPAR__TRY(mpar__ln_bwd_input(ex, dh1, io->x, mpar__at(st, rows * s.s_st1), mpar__at(p, s.ln1), tmp, io->rows,
-                                 (int)s.c));
+                                 s.ci));
     return mpar__add(ex, tmp, dx2, io->dx, rows * s.c);
 }
 
 /* Parameter gradient of one inner projection: dW += xᵀ·dy, db += Σ dy. */
-static mpar_result mpar__proj_grad(mpar_exec* ex, mpar_buf x, mpar_buf dy, mpar_buf dw, mpar_buf db, size_t rows,
-                                   size_t in, size_t out) {
-    MPAR__TRY(mpar_exec_gemm(ex, 1, 0, in, out, rows, 1.0f, x, in, dy, out, 1.0f, dw, out));
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_grad", out, 0, "biib", dy, (int)rows, (int)out, db);
+static mpar_result mpar__proj_grad(mpar_exec* ex, mpar_buf x, mpar_buf dy, mpar_buf dw, mpar_buf db, int rows,
+                                   int in, int out) {
+    size_t r = (size_t)rows, i = (size_t)in, o = (size_t)out;
+    MPAR__TRY(mpar_exec_gemm(ex, 1, 0, i, o, r, 1.0f, x, i, dy, o, 1.0f, dw, o));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_bias_grad", o, 0, "BiiB", dy, rows, out, db);
 }
 
 static mpar_result mpar__block_bwd_w(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
@@ -4267,13 +4335,13 @@ static mpar_result mpar__block_bwd_w(mpar_exec* ex, const mpar_layer* l, const m
     mpar_buf dh2 = mpar__at(gs, rows * s.g_dh2), df = mpar__at(gs, rows * s.g_df), dx2 = mpar__at(gs, rows * s.g_dx2);
     mpar_buf dqkv = mpar__at(gs, rows * s.g_dqkv), dh1 = mpar__at(gs, rows * s.g_dh1);
     MPAR__TRY(mpar__ln_bwd_weight(ex, dh1, io->x, mpar__at(st, rows * s.s_st1), mpar__at(gr, s.ln1), io->rows,
-                                  (int)s.c));
-    MPAR__TRY(mpar__proj_grad(ex, h1, dqkv, mpar__at(gr, s.wqkv), mpar__at(gr, s.bqkv), rows, s.c, 3 * s.c));
-    MPAR__TRY(mpar__proj_grad(ex, a, dx2, mpar__at(gr, s.wo), mpar__at(gr, s.bo), rows, s.c, s.c));
+                                  s.ci));
+    MPAR__TRY(mpar__proj_grad(ex, h1, dqkv, mpar__at(gr, s.wqkv), mpar__at(gr, s.bqkv), io->rows, s.ci, s.c3i));
+    MPAR__TRY(mpar__proj_grad(ex, a, dx2, mpar__at(gr, s.wo), mpar__at(gr, s.bo), io->rows, s.ci, s.ci));
     MPAR__TRY(mpar__ln_bwd_weight(ex, dh2, x2, mpar__at(st, rows * s.s_st2), mpar__at(gr, s.ln2), io->rows,
-                                  (int)s.c));
-    MPAR__TRY(mpar__proj_grad(ex, h2, df, mpar__at(gr, s.w1), mpar__at(gr, s.b1), rows, s.c, s.hd));
-    return mpar__proj_grad(ex, g, io->dy, mpar__at(gr, s.w2), mpar__at(gr, s.b2), rows, s.hd, s.c);
+                                  s.ci));
+    MPAR__TRY(mpar__proj_grad(ex, h2, df, mpar__at(gr, s.w1), mpar__at(gr, s.b1), io->rows, s.ci, s.hdi));
+    return mpar__proj_grad(ex, g, io->dy, mpar__at(gr, s.w2), mpar__at(gr, s.b2), io->rows, s.hdi, s.ci);
 }
 
 /* ---- the built-in type tables ---- */
@@ -7117,7 +7185,7 @@ typedef struct mpar__vstage {
     size_t* gstash_cum; /* [n+1] */
     size_t scratch_per_row, act_floats, grad_floats;
     cl_mem params, grads, opt1, opt2, scratch, work, norms, partial, targets, losses;
-    cl_mem norm_table; /* int [2(n+1)]: layer offsets in grads, first chunk of each layer */
+    cl_mem norm_table; /* cl_ulong [2(n+1)]: layer offsets in grads, first chunk of each layer */
     size_t partial_count;
     int slot_count, grad_slot_count;
     cl_mem* act_slots;
@@ -7841,7 +7909,8 @@ static mpar_result mpar__last_stage_outputs(mpar__worker* w, mpar__vstage* v, in
     }
     if (!p->batch->targets || !(last->type->flags & MPAR_LAYER_LOSS)) return MPAR_SUCCESS;
     sum.mem = v->losses, sum.off = 0;
-    MPAR__TRY(mpar_exec_launch(&w->ex, "loss.cl", "mpar_loss_sum", 1, 0, "bib", mpar__act(p, v, slot, v->n), rows, sum));
+    MPAR__TRY(mpar_exec_launch(&w->ex, "loss.cl", "mpar_loss_sum", 1, 0, "BlB", mpar__act(p, v, slot, v->n),
+                               (size_t)rows, sum));
     MPAR__TRY(mpar__exec_transfer(&w->ex, sum, &p->mb_loss[mb], sizeof(float), 0));
     return MPAR_SUCCESS;
 }
@@ -7939,7 +8008,7 @@ static mpar__vstage* mpar__vstage_of(mpar_pipeline* p, int worker, int chunk) {
 
 static mpar_result mpar__zero(mpar__worker* w, cl_mem mem, size_t n) {
     if (n == 0) return MPAR_SUCCESS;
-    return mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_fill", n, 0, "bif", mpar__buf0(mem), (int)n, 0.0);
+    return mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_fill", n, 0, "Blf", mpar__buf0(mem), n, 0.0);
 }
 
 static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
@@ -7948,9 +8017,9 @@ static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
     int k;
     mpar_result r;
     /* two launches for all the stage's layers, however many */
-    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_partial", v->partial_count, 0, "bbib",
+    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_partial", v->partial_count, 0, "BBiB",
                                mpar__buf0(v->grads), mpar__buf0(v->norm_table), v->n, mpar__buf0(v->partial)));
-    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_final", (size_t)v->n, 0, "bbib",
+    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_final", (size_t)v->n, 0, "BBiB",
                                mpar__buf0(v->partial), mpar__buf0(v->norm_table), v->n, mpar__buf0(v->norms)));
     norms = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)v->n);
     if (!norms) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
@@ -8071,14 +8140,14 @@ static mpar_result mpar__job_step(mpar__worker* w) {
         size_t n = v->param_off[v->n];
         if (n == 0) continue;
         if (o->kind == MPAR_OPTIMIZER_SGD) {
-            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sgd_step", n, 0, "bbbiffff", mpar__buf0(v->params),
-                                       mpar__buf0(v->grads), mpar__buf0(v->opt1), (int)n, (double)p->step_lr,
+            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sgd_step", n, 0, "BBBlffff", mpar__buf0(v->params),
+                                       mpar__buf0(v->grads), mpar__buf0(v->opt1), n, (double)p->step_lr,
                                        (double)o->momentum, (double)o->weight_decay, (double)p->step_scale));
         } else {
             double c1 = 1.0 - pow((double)o->beta1, (double)p->step), c2 = 1.0 - pow((double)o->beta2, (double)p->step);
-            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_adamw_step", n, 0, "bbbbiffffffff",
+            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_adamw_step", n, 0, "BBBBlffffffff",
                                        mpar__buf0(v->params), mpar__buf0(v->grads), mpar__buf0(v->opt1),
-                                       mpar__buf0(v->opt2), (int)n, (double)p->step_lr, (double)o->beta1,
+                                       mpar__buf0(v->opt2), n, (double)p->step_lr, (double)o->beta1,
                                        (double)o->beta2, (double)o->eps, (double)o->weight_decay, c1, c2,
                                        (double)p->step_scale));
         }
@@ -8648,9 +8717,23 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
     return MPAR_SUCCESS;
 }
 
+/* a + b and a * b in size_t; 0 when the result would not fit. */
+static int mpar__size_add(size_t a, size_t b, size_t* out) {
+    if (a > SIZE_MAX - b) return 0;
+    *out = a + b;
+    return 1;
+}
+static int mpar__size_mul(size_t a, size_t b, size_t* out) {
+    if (b != 0 && a > SIZE_MAX / b) return 0;
+    *out = a * b;
+    return 1;
+}
+
 static mpar_result mpar__vstage_layout(mpar_pipeline* p, mpar__vstage* v) {
     int k;
-    size_t n = (size_t)v->n;
+    size_t n = (size_t)v->n, act_row, grad_row, scratch, rows = (size_t)p->mb_rows_max;
+    const mpar_layer* last = mpar_model_layer(p->model, v->last);
+    double widest;
     v->param_off = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
     v->act_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 2));
     v->stash_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
@@ -8661,16 +8744,29 @@ static mpar_result mpar__vstage_layout(mpar_pipeline* p, mpar__vstage* v) {
     v->scratch_per_row = 0;
     for (k = 0; k < v->n; k++) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
-        v->param_off[k + 1] = v->param_off[k] + l->param_count;
-        v->act_cum[k + 1] = v->act_cum[k] + (size_t)l->in_features;
-        v->stash_cum[k + 1] = v->stash_cum[k] + l->stash_per_row;
-        v->gstash_cum[k + 1] = v->gstash_cum[k] + l->gstash_per_row;
+        if (!mpar__size_add(v->param_off[k], l->param_count, &v->param_off[k + 1]) ||
+            !mpar__size_add(v->act_cum[k], (size_t)l->in_features, &v->act_cum[k + 1]) ||
+            !mpar__size_add(v->stash_cum[k], l->stash_per_row, &v->stash_cum[k + 1]) ||
+            !mpar__size_add(v->gstash_cum[k], l->gstash_per_row, &v->gstash_cum[k + 1]))
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL,
+                              "stage %d (layers %d-%d): the parameter count or a per-row size overflows size_t at "
+                              "layer %d (%s, %zu parameters)", v->index, v->first, v->last, v->first + k,
+                              l->type->name, l->param_count);
         if (l->scratch_per_row > v->scratch_per_row) v->scratch_per_row = l->scratch_per_row;
     }
-    v->act_cum[n + 1] = v->act_cum[n] + (size_t)mpar_model_layer(p->model, v->last)->out_features;
-    v->act_floats = (size_t)p->mb_rows_max * (v->act_cum[n + 1] + v->stash_cum[n]);
-    v->grad_floats = (size_t)p->mb_rows_max * (v->act_cum[n + 1] + v->gstash_cum[n]);
-    return MPAR_SUCCESS;
+    /* each buffer is rows x (floats per row); so are the offsets into it */
+    if (mpar__size_add(v->act_cum[n], (size_t)last->out_features, &v->act_cum[n + 1]) &&
+        mpar__size_add(v->act_cum[n + 1], v->stash_cum[n], &act_row) &&
+        mpar__size_add(v->act_cum[n + 1], v->gstash_cum[n], &grad_row) &&
+        mpar__size_mul(rows, act_row, &v->act_floats) && mpar__size_mul(rows, grad_row, &v->grad_floats) &&
+        mpar__size_mul(rows, v->scratch_per_row, &scratch))
+        return MPAR_SUCCESS;
+    widest = (double)v->act_cum[n] + (double)last->out_features +
+             (double)(v->stash_cum[n] > v->gstash_cum[n] ? v->stash_cum[n] : v->gstash_cum[n]);
+    if ((double)v->scratch_per_row > widest) widest = (double)v->scratch_per_row;
+    return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL,
+                      "stage %d (layers %d-%d): %zu rows per micro-batch x %.6g floats per row (activations, "
+                      "gradients or scratch) overflow size_t", v->index, v->first, v->last, rows, widest);
 }
 
 static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int slots) {
@@ -8694,9 +8790,6 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int s
     }
     v->partial_count = 0; /* chunks of 4096 gradients, each layer's own */
     for (s = 0; s < v->n; s++) v->partial_count += (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
-    if (v->partial_count > INT_MAX || np > INT_MAX)
-        return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT, "stage %d: %zu parameters exceed the kernels' int range",
-                          v->index, np);
     MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->params));
     MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->grads));
     MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->opt1));
@@ -8707,18 +8800,18 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int s
     MPAR__TRY(mpar__alloc_buffer(p, w, v->partial_count, &v->partial));
     MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
     MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
-    MPAR__TRY(mpar__alloc_buffer(p, w, 2 * (size_t)(v->n + 1), &v->norm_table));
+    MPAR__TRY(mpar__alloc_buffer(p, w, 4 * (size_t)(v->n + 1), &v->norm_table)); /* 2(n+1) cl_ulong */
     {
-        int32_t* table = (int32_t*)mpar__alloc(p->ctx, sizeof(int32_t) * 2 * (size_t)(v->n + 1));
+        cl_ulong* table = (cl_ulong*)mpar__alloc(p->ctx, sizeof(cl_ulong) * 2 * (size_t)(v->n + 1));
         size_t chunks = 0;
         mpar_result r;
         if (!table) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         for (s = 0; s <= v->n; s++) {
-            table[s] = (int32_t)v->param_off[s];
-            table[v->n + 1 + s] = (int32_t)chunks;
+            table[s] = (cl_ulong)v->param_off[s];
+            table[v->n + 1 + s] = (cl_ulong)chunks;
             if (s < v->n) chunks += (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
         }
-        r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norm_table), table, sizeof(int32_t) * 2 * (size_t)(v->n + 1), 1);
+        r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norm_table), table, sizeof(cl_ulong) * 2 * (size_t)(v->n + 1), 1);
         mpar__free(p->ctx, table);
         if (r != MPAR_SUCCESS) return r;
     }
@@ -8825,6 +8918,11 @@ static mpar_result mpar__link_init_buffers(mpar_pipeline* p, mpar__link* l, cons
     memset(l->pending, 0, sizeof(int) * (size_t)capacity);
 #ifdef MPAR_USE_MPI
     if (!(l->sender_local && l->receiver_local)) {
+        if (floats > INT_MAX) /* MPI_Isend / MPI_Irecv count in int */
+            return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED,
+                              "the link after layer %d carries %zu floats per micro-batch; between processes MPI "
+                              "takes at most INT_MAX: use more micro-batches",
+                              from->last < to->last ? from->last : to->last, floats);
         l->requests = mpar__alloc(p->ctx, sizeof(MPI_Request) * (size_t)capacity);
         if (!l->requests) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
@@ -9082,7 +9180,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         if (!mpar__local(p, v->worker)) continue;
         if ((uint64_t)v->act_floats > biggest) biggest = v->act_floats;
         if ((uint64_t)v->grad_floats > biggest) biggest = v->grad_floats;
-        biggest *= 4;
+        biggest = biggest > UINT64_MAX / 4 ? UINT64_MAX : biggest * 4; /* saturates: fits no device */
         limit = p->ctx->devices[v->device].info.max_alloc_bytes;
         if (limit && biggest > limit)
             return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT,

@@ -17,31 +17,35 @@
    The backward is two launches: mpar_attn_bwd_ds (writes the dS scratch),
    then mpar_attn_bwd_qkv (reads P and dS, overwrites all of dqkv).
 
-   Every buffer argument is followed by an int element offset. All sums run
+   Every buffer argument is followed by a ulong element offset; B, T, C and
+   H are int, and every index into memory is computed in size_t / ulong
+   (P alone has B*H*T*T entries). All sums run
    in ascending index order inside one work-item: deterministic for any
    local size. Cost is O(B*H*T*T*D) per kernel; written for clarity and
    bit-reproducibility, not peak speed. */
 
 /* Forward. Global size: B*H*T, one work-item per query row,
    gid = (b*H + h)*T + i. Writes P row (all T entries) and out[b*T+i, h*D..]. */
-__kernel void mpar_attn_fwd(__global const float* qkv, int qkv_off,
-                            __global float* out, int out_off,
-                            __global float* P, int P_off,
+__kernel void mpar_attn_fwd(__global const float* qkv, ulong qkv_off,
+                            __global float* out, ulong out_off,
+                            __global float* P, ulong P_off,
                             int B, int T, int C, int H)
 {
-    int gid = (int)get_global_id(0);
-    if (gid >= B * H * T) return;
-    int i = gid % T, h = (gid / T) % H, b = gid / (T * H);
-    int D = C / H, C3 = 3 * C;
+    size_t gid = get_global_id(0);
+    if (B <= 0 || T <= 0 || H <= 0 || gid >= (ulong)B * (ulong)H * (ulong)T) return;
+    int i = (int)(gid % (ulong)T), h = (int)(gid / (ulong)T % (ulong)H); /* < T, < H */
+    ulong b = gid / ((ulong)T * (ulong)H);
+    int D = C / H;
+    ulong C3 = 3 * (ulong)C;
     float s = 1.0f / sqrt((float)D);
-    __global const float* q = qkv + qkv_off + (b * T + i) * C3 + h * D;
-    __global const float* kbase = qkv + qkv_off + b * T * C3 + C + h * D;
-    __global const float* vbase = qkv + qkv_off + b * T * C3 + 2 * C + h * D;
-    __global float* p = P + P_off + gid * T;
+    __global const float* q = qkv + qkv_off + (b * (ulong)T + (ulong)i) * C3 + (ulong)h * (ulong)D;
+    __global const float* kbase = qkv + qkv_off + b * (ulong)T * C3 + (ulong)C + (ulong)h * (ulong)D;
+    __global const float* vbase = qkv + qkv_off + b * (ulong)T * C3 + 2 * (ulong)C + (ulong)h * (ulong)D;
+    __global float* p = P + P_off + gid * (ulong)T;
 
     float mx = -INFINITY;
     for (int j = 0; j <= i; ++j) {
-        __global const float* k = kbase + j * C3;
+        __global const float* k = kbase + (ulong)j * C3;
         float dot = 0.0f;
         for (int d = 0; d < D; ++d) dot += q[d] * k[d];
         dot *= s;
@@ -58,10 +62,10 @@ __kernel void mpar_attn_fwd(__global const float* qkv, int qkv_off,
     for (int j = 0; j <= i; ++j) p[j] *= inv;
     for (int j = i + 1; j < T; ++j) p[j] = 0.0f;
 
-    __global float* o = out + out_off + (b * T + i) * C + h * D;
+    __global float* o = out + out_off + (b * (ulong)T + (ulong)i) * (ulong)C + (ulong)h * (ulong)D;
     for (int d = 0; d < D; ++d) {
         float acc = 0.0f;
-        for (int j = 0; j <= i; ++j) acc += p[j] * vbase[j * C3 + d];
+        for (int j = 0; j <= i; ++j) acc += p[j] * vbase[(ulong)j * C3 + (ulong)d];
         o[d] = acc;
     }
 }
@@ -69,24 +73,26 @@ __kernel void mpar_attn_fwd(__global const float* qkv, int qkv_off,
 /* Backward step 1: dS (overwrite). Global size: B*H*T, one work-item per
    row, gid = (b*H + h)*T + i. Reads dout, qkv (v part), P; writes the full
    dS row (T entries, masked ones 0). dS must not alias P. */
-__kernel void mpar_attn_bwd_ds(__global const float* dout, int dout_off,
-                               __global const float* qkv, int qkv_off,
-                               __global const float* P, int P_off,
-                               __global float* dS, int dS_off,
+__kernel void mpar_attn_bwd_ds(__global const float* dout, ulong dout_off,
+                               __global const float* qkv, ulong qkv_off,
+                               __global const float* P, ulong P_off,
+                               __global float* dS, ulong dS_off,
                                int B, int T, int C, int H)
 {
-    int gid = (int)get_global_id(0);
-    if (gid >= B * H * T) return;
-    int i = gid % T, h = (gid / T) % H, b = gid / (T * H);
-    int D = C / H, C3 = 3 * C;
-    __global const float* go = dout + dout_off + (b * T + i) * C + h * D;
-    __global const float* vbase = qkv + qkv_off + b * T * C3 + 2 * C + h * D;
-    __global const float* p = P + P_off + gid * T;
-    __global float* ds = dS + dS_off + gid * T;
+    size_t gid = get_global_id(0);
+    if (B <= 0 || T <= 0 || H <= 0 || gid >= (ulong)B * (ulong)H * (ulong)T) return;
+    int i = (int)(gid % (ulong)T), h = (int)(gid / (ulong)T % (ulong)H); /* < T, < H */
+    ulong b = gid / ((ulong)T * (ulong)H);
+    int D = C / H;
+    ulong C3 = 3 * (ulong)C;
+    __global const float* go = dout + dout_off + (b * (ulong)T + (ulong)i) * (ulong)C + (ulong)h * (ulong)D;
+    __global const float* vbase = qkv + qkv_off + b * (ulong)T * C3 + 2 * (ulong)C + (ulong)h * (ulong)D;
+    __global const float* p = P + P_off + gid * (ulong)T;
+    __global float* ds = dS + dS_off + gid * (ulong)T;
 
     float rowdot = 0.0f;
     for (int j = 0; j <= i; ++j) {
-        __global const float* v = vbase + j * C3;
+        __global const float* v = vbase + (ulong)j * C3;
         float dp = 0.0f;
         for (int d = 0; d < D; ++d) dp += go[d] * v[d];
         ds[j] = dp;
@@ -101,36 +107,36 @@ __kernel void mpar_attn_bwd_ds(__global const float* dout, int dout_off,
      part 0: dq[t,d] = s * sum_{j=0..t}   dS[b,h,t,j] * k[b,j,h,d]
      part 1: dk[t,d] = s * sum_{i=t..T-1} dS[b,h,i,t] * q[b,i,h,d]
      part 2: dv[t,d] =     sum_{i=t..T-1} P[b,h,i,t]  * dout[b,i,h,d] */
-__kernel void mpar_attn_bwd_qkv(__global const float* dout, int dout_off,
-                                __global const float* qkv, int qkv_off,
-                                __global const float* P, int P_off,
-                                __global const float* dS, int dS_off,
-                                __global float* dqkv, int dqkv_off,
+__kernel void mpar_attn_bwd_qkv(__global const float* dout, ulong dout_off,
+                                __global const float* qkv, ulong qkv_off,
+                                __global const float* P, ulong P_off,
+                                __global const float* dS, ulong dS_off,
+                                __global float* dqkv, ulong dqkv_off,
                                 int B, int T, int C, int H)
 {
-    int gid = (int)get_global_id(0);
-    int C3 = 3 * C;
-    if (gid >= B * T * C3) return;
-    int b = gid / (T * C3), rem = gid % (T * C3);
-    int t = rem / C3, col = rem % C3;
+    size_t gid = get_global_id(0);
+    ulong C3 = 3 * (ulong)C, TC3 = (ulong)T * C3;
+    if (B <= 0 || T <= 0 || C <= 0 || H <= 0 || gid >= (ulong)B * TC3) return;
+    ulong b = gid / TC3, rem = gid % TC3;
+    int t = (int)(rem / C3), col = (int)(rem % C3); /* < T, < 3C */
     int part = col / C, hc = col % C;
     int D = C / H, h = hc / D, d = hc % D;
     float s = 1.0f / sqrt((float)D);
-    int bh = (b * H + h) * T * T;
-    __global const float* xb = qkv + qkv_off + b * T * C3 + h * D + d;
+    ulong bh = (b * (ulong)H + (ulong)h) * (ulong)T * (ulong)T;
+    __global const float* xb = qkv + qkv_off + b * TC3 + (ulong)h * (ulong)D + (ulong)d;
     float acc = 0.0f;
     if (part == 0) {
-        __global const float* ds = dS + dS_off + bh + t * T;
-        for (int j = 0; j <= t; ++j) acc += ds[j] * xb[j * C3 + C];
+        __global const float* ds = dS + dS_off + bh + (ulong)t * (ulong)T;
+        for (int j = 0; j <= t; ++j) acc += ds[j] * xb[(ulong)j * C3 + (ulong)C];
         acc *= s;
     } else if (part == 1) {
-        __global const float* ds = dS + dS_off + bh + t;
-        for (int i = t; i < T; ++i) acc += ds[i * T] * xb[i * C3];
+        __global const float* ds = dS + dS_off + bh + (ulong)t;
+        for (int i = t; i < T; ++i) acc += ds[(ulong)i * (ulong)T] * xb[(ulong)i * C3];
         acc *= s;
     } else {
-        __global const float* p = P + P_off + bh + t;
-        __global const float* go = dout + dout_off + b * T * C + h * D + d;
-        for (int i = t; i < T; ++i) acc += p[i * T] * go[i * C];
+        __global const float* p = P + P_off + bh + (ulong)t;
+        __global const float* go = dout + dout_off + b * (ulong)T * (ulong)C + (ulong)h * (ulong)D + (ulong)d;
+        for (int i = t; i < T; ++i) acc += p[(ulong)i * (ulong)T] * go[(ulong)i * (ulong)C];
     }
     dqkv[dqkv_off + gid] = acc;
 }

@@ -4,9 +4,12 @@
    OpenCL C 1.2, no extensions. float32, row-major.
 
    Conventions shared by every mpar kernel file:
-   - Every buffer argument is followed by an int element offset, so the host
+   - Every buffer argument is followed by a ulong element offset, so the host
      can address part of a buffer without sub-buffers.
-   - Sizes are int; every index fits in an int (buffers < 2^31 elements).
+   - Element counts (n) are ulong, and every index into memory is computed
+     in size_t / ulong (work-item ids are size_t and never cut to int), so a
+     buffer may hold 2^31 elements or more. Row counts and widths (rows,
+     cols, T, C, ...) are int; their products are formed in ulong.
    - 1-D NDRange; the global size is stated above each kernel and equals the
      number of outputs. Work-items beyond it return at once, so a padded
      global size is harmless. Any local size (including NULL) gives
@@ -22,45 +25,45 @@
    ------------------------------------------------------------------------- */
 
 /* y[i] = value */
-__kernel void mpar_fill(__global float* y, int y_off, int n, float value)
+__kernel void mpar_fill(__global float* y, ulong y_off, ulong n, float value)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     y[y_off + i] = value;
 }
 
 /* y[i] *= alpha */
-__kernel void mpar_scale(__global float* y, int y_off, int n, float alpha)
+__kernel void mpar_scale(__global float* y, ulong y_off, ulong n, float alpha)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     y[y_off + i] *= alpha;
 }
 
 /* y[i] += alpha * x[i] */
-__kernel void mpar_axpy(__global const float* x, int x_off,
-                        __global float* y, int y_off, int n, float alpha)
+__kernel void mpar_axpy(__global const float* x, ulong x_off,
+                        __global float* y, ulong y_off, ulong n, float alpha)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     y[y_off + i] += alpha * x[x_off + i];
 }
 
 /* y[i] = x[i] */
-__kernel void mpar_copy(__global const float* x, int x_off,
-                        __global float* y, int y_off, int n)
+__kernel void mpar_copy(__global const float* x, ulong x_off,
+                        __global float* y, ulong y_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     y[y_off + i] = x[x_off + i];
 }
 
 /* out[i] = a[i] + b[i]   (residual connections) */
-__kernel void mpar_add(__global const float* a, int a_off,
-                       __global const float* b, int b_off,
-                       __global float* out, int out_off, int n)
+__kernel void mpar_add(__global const float* a, ulong a_off,
+                       __global const float* b, ulong b_off,
+                       __global float* out, ulong out_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     out[out_off + i] = a[a_off + i] + b[b_off + i];
 }
@@ -75,20 +78,20 @@ __kernel void mpar_add(__global const float* a, int a_off,
 inline float mpar__relu(float v) { return v > 0.0f ? v : 0.0f; }
 
 /* y = max(x, 0) */
-__kernel void mpar_relu_fwd(__global const float* x, int x_off,
-                            __global float* y, int y_off, int n)
+__kernel void mpar_relu_fwd(__global const float* x, ulong x_off,
+                            __global float* y, ulong y_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     y[y_off + i] = mpar__relu(x[x_off + i]);
 }
 
 /* dx = dy * (x > 0 ? 1 : 0)   (derivative at 0 taken as 0) */
-__kernel void mpar_relu_bwd(__global const float* x, int x_off,
-                            __global const float* dy, int dy_off,
-                            __global float* dx, int dx_off, int n)
+__kernel void mpar_relu_bwd(__global const float* x, ulong x_off,
+                            __global const float* dy, ulong dy_off,
+                            __global float* dx, ulong dx_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     dx[dx_off + i] = x[x_off + i] > 0.0f ? dy[dy_off + i] : 0.0f;
 }
@@ -104,21 +107,21 @@ inline float mpar__gelu(float v)
     return 0.5f * v * (1.0f + t);
 }
 
-__kernel void mpar_gelu_fwd(__global const float* x, int x_off,
-                            __global float* y, int y_off, int n)
+__kernel void mpar_gelu_fwd(__global const float* x, ulong x_off,
+                            __global float* y, ulong y_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     y[y_off + i] = mpar__gelu(x[x_off + i]);
 }
 
 /* dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) k0 (1 + 3 k1 x^2)),
    t = tanh(k0 (x + k1 x^3)) */
-__kernel void mpar_gelu_bwd(__global const float* x, int x_off,
-                            __global const float* dy, int dy_off,
-                            __global float* dx, int dx_off, int n)
+__kernel void mpar_gelu_bwd(__global const float* x, ulong x_off,
+                            __global const float* dy, ulong dy_off,
+                            __global float* dx, ulong dx_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     float v = x[x_off + i];
     float t = tanh(MPAR_GELU_K0 * (v + MPAR_GELU_K1 * v * v * v));
@@ -128,20 +131,20 @@ __kernel void mpar_gelu_bwd(__global const float* x, int x_off,
 }
 
 /* y = tanh(x) */
-__kernel void mpar_tanh_fwd(__global const float* x, int x_off,
-                            __global float* y, int y_off, int n)
+__kernel void mpar_tanh_fwd(__global const float* x, ulong x_off,
+                            __global float* y, ulong y_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     y[y_off + i] = tanh(x[x_off + i]);
 }
 
 /* dx = dy * (1 - y^2), from the saved forward OUTPUT y */
-__kernel void mpar_tanh_bwd(__global const float* y, int y_off,
-                            __global const float* dy, int dy_off,
-                            __global float* dx, int dx_off, int n)
+__kernel void mpar_tanh_bwd(__global const float* y, ulong y_off,
+                            __global const float* dy, ulong dy_off,
+                            __global float* dx, ulong dx_off, ulong n)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     float t = y[y_off + i];
     dx[dx_off + i] = dy[dy_off + i] * (1.0f - t * t);
@@ -150,9 +153,10 @@ __kernel void mpar_tanh_bwd(__global const float* y, int y_off,
 /* ---------------------------------------------------------------------------
    Dropout: counter-based, stateless, reproducible.
 
-   For element i of a launch, the counter is ctr = (uint)idx_off + (uint)i
-   (idx_off lets the host give a micro-batch the same mask it would get as
-   part of the whole batch: pass its first element's index in the batch).
+   For element i of a launch, the counter is ctr = (uint)idx_off + (uint)i,
+   the low 32 bits of idx_off + i (idx_off lets the host give a micro-batch
+   the same mask it would get as part of the whole batch: pass its first
+   element's index in the batch).
 
      mix(x):  x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
               x ^= x >> 16                       (all uint32, wrapping)
@@ -185,21 +189,21 @@ inline float mpar__dropout_mult(uint seed_lo, uint seed_hi, uint ctr, float p)
     return 1.0f / (1.0f - p);
 }
 
-__kernel void mpar_dropout_fwd(__global const float* x, int x_off,
-                               __global float* y, int y_off, int n,
-                               float p, uint seed_lo, uint seed_hi, int idx_off)
+__kernel void mpar_dropout_fwd(__global const float* x, ulong x_off,
+                               __global float* y, ulong y_off, ulong n,
+                               float p, uint seed_lo, uint seed_hi, ulong idx_off)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     float m = mpar__dropout_mult(seed_lo, seed_hi, (uint)idx_off + (uint)i, p);
     y[y_off + i] = x[x_off + i] * m;
 }
 
-__kernel void mpar_dropout_bwd(__global const float* dy, int dy_off,
-                               __global float* dx, int dx_off, int n,
-                               float p, uint seed_lo, uint seed_hi, int idx_off)
+__kernel void mpar_dropout_bwd(__global const float* dy, ulong dy_off,
+                               __global float* dx, ulong dx_off, ulong n,
+                               float p, uint seed_lo, uint seed_hi, ulong idx_off)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     float m = mpar__dropout_mult(seed_lo, seed_hi, (uint)idx_off + (uint)i, p);
     dx[dx_off + i] = dy[dy_off + i] * m;
@@ -209,13 +213,14 @@ __kernel void mpar_dropout_bwd(__global const float* dy, int dy_off,
    Bias over the columns of a rows x cols matrix.
    ------------------------------------------------------------------------- */
 
-/* y[r,c] += b[c].  Global size: rows*cols (one work-item per element). */
-__kernel void mpar_bias_add(__global float* y, int y_off, int rows, int cols,
-                            __global const float* b, int b_off)
+/* y[r,c] += b[c].  Global size: rows*cols (one work-item per element);
+   rows or cols <= 0: nothing. */
+__kernel void mpar_bias_add(__global float* y, ulong y_off, int rows, int cols,
+                            __global const float* b, ulong b_off)
 {
-    int i = (int)get_global_id(0);
-    if (i >= rows * cols) return;
-    y[y_off + i] += b[b_off + i % cols];
+    size_t i = get_global_id(0);
+    if (rows <= 0 || cols <= 0 || i >= (ulong)rows * (ulong)cols) return;
+    y[y_off + i] += b[b_off + i % (ulong)cols];
 }
 
 /* A linear layer's bias and the activation layer after it, in one launch:
@@ -223,25 +228,25 @@ __kernel void mpar_bias_add(__global float* y, int y_off, int rows, int cols,
    tanh (3), computed as mpar_bias_add then that activation's own kernel
    compute them (y is still written: the activation's backward reads it).
    Global size: rows*cols. */
-__kernel void mpar_bias_add_act(__global float* y, int y_off, int rows, int cols,
-                                __global const float* b, int b_off,
-                                __global float* out, int out_off, int act)
+__kernel void mpar_bias_add_act(__global float* y, ulong y_off, int rows, int cols,
+                                __global const float* b, ulong b_off,
+                                __global float* out, ulong out_off, int act)
 {
-    int i = (int)get_global_id(0);
-    if (i >= rows * cols) return;
-    float v = y[y_off + i] + b[b_off + i % cols];
+    size_t i = get_global_id(0);
+    if (rows <= 0 || cols <= 0 || i >= (ulong)rows * (ulong)cols) return;
+    float v = y[y_off + i] + b[b_off + i % (ulong)cols];
     y[y_off + i] = v;
     out[out_off + i] = act == 1 ? mpar__relu(v) : act == 2 ? mpar__gelu(v) : tanh(v);
 }
 
 /* db[c] += sum_r dy[r,c], r = 0, 1, ..., rows-1 in order (accumulate).
    Also the generic column sum. Global size: cols. */
-__kernel void mpar_bias_grad(__global const float* dy, int dy_off, int rows, int cols,
-                             __global float* db, int db_off)
+__kernel void mpar_bias_grad(__global const float* dy, ulong dy_off, int rows, int cols,
+                             __global float* db, ulong db_off)
 {
-    int c = (int)get_global_id(0);
-    if (c >= cols) return;
+    size_t c = get_global_id(0);
+    if (cols <= 0 || c >= (ulong)cols) return;
     float s = 0.0f;
-    for (int r = 0; r < rows; ++r) s += dy[dy_off + r * cols + c];
+    for (int r = 0; r < rows; ++r) s += dy[dy_off + (ulong)r * (ulong)cols + c];
     db[db_off + c] += s;
 }

@@ -3,7 +3,8 @@
 
    tokens (int) has rows = B*T elements, row = b*T + t, position t = row % T.
    wte is V x C, wpe is (at least) T x C, out/dout are rows x C. Every buffer
-   argument is followed by an int element offset. A token outside [0, V) is
+   argument is followed by a ulong element offset; rows, T, C and V are int,
+   and every index into memory is computed in size_t / ulong. A token outside [0, V) is
    skipped: it contributes nothing and nothing out of range is read or
    written (the host validates tokens anyway). Sums run in a fixed order
    inside one work-item (deterministic, no atomics). */
@@ -11,18 +12,18 @@
 /* Forward (overwrite). Global size: rows*C (one work-item per output).
    out[row, c] = wte[tokens[row], c] + wpe[row % T, c]
    (out[row, c] = wpe[row % T, c] when the token is out of range). */
-__kernel void mpar_embedding_fwd(__global const int* tokens, int tokens_off,
-                                 __global const float* wte, int wte_off,
-                                 __global const float* wpe, int wpe_off,
-                                 __global float* out, int out_off,
+__kernel void mpar_embedding_fwd(__global const int* tokens, ulong tokens_off,
+                                 __global const float* wte, ulong wte_off,
+                                 __global const float* wpe, ulong wpe_off,
+                                 __global float* out, ulong out_off,
                                  int rows, int T, int C, int V)
 {
-    int i = (int)get_global_id(0);
-    if (i >= rows * C) return;
-    int row = i / C, c = i % C;
+    size_t i = get_global_id(0);
+    if (rows <= 0 || T <= 0 || C <= 0 || i >= (ulong)rows * (ulong)C) return;
+    ulong row = i / (ulong)C, c = i % (ulong)C;
     int tok = tokens[tokens_off + row];
-    float v = wpe[wpe_off + (row % T) * C + c];
-    if (tok >= 0 && tok < V) v = wte[wte_off + tok * C + c] + v;
+    float v = wpe[wpe_off + (row % (ulong)T) * (ulong)C + c];
+    if (tok >= 0 && tok < V) v = wte[wte_off + (ulong)tok * (ulong)C + c] + v;
     out[out_off + i] = v;
 }
 
@@ -30,19 +31,20 @@ __kernel void mpar_embedding_fwd(__global const int* tokens, int tokens_off,
    (v, c) = (i / C, i % C).
    dwte[v, c] += sum over rows with tokens[row] == v (row ascending) of
    dout[row, c]. Cost O(V*C*rows): meant for small vocabularies. */
-__kernel void mpar_embedding_bwd_wte(__global const int* tokens, int tokens_off,
-                                     __global const float* dout, int dout_off,
-                                     __global float* dwte, int dwte_off,
+__kernel void mpar_embedding_bwd_wte(__global const int* tokens, ulong tokens_off,
+                                     __global const float* dout, ulong dout_off,
+                                     __global float* dwte, ulong dwte_off,
                                      int rows, int C, int V)
 {
-    int i = (int)get_global_id(0);
-    if (i >= V * C) return;
-    int v = i / C, c = i % C;
+    size_t i = get_global_id(0);
+    if (V <= 0 || C <= 0 || i >= (ulong)V * (ulong)C) return;
+    int v = (int)(i / (ulong)C); /* < V */
+    ulong c = i % (ulong)C;
     float s = 0.0f;
     int hit = 0;
     for (int row = 0; row < rows; ++row) {
         if (tokens[tokens_off + row] == v) {
-            s += dout[dout_off + row * C + c];
+            s += dout[dout_off + (ulong)row * (ulong)C + c];
             hit = 1;
         }
     }
@@ -54,14 +56,15 @@ __kernel void mpar_embedding_bwd_wte(__global const int* tokens, int tokens_off,
    (t, c) = (i / C, i % C).
    dwpe[t, c] += sum_b dout[b*T + t, c], b = 0 .. rows/T - 1 in order.
    rows must be a multiple of T. */
-__kernel void mpar_embedding_bwd_wpe(__global const float* dout, int dout_off,
-                                     __global float* dwpe, int dwpe_off,
+__kernel void mpar_embedding_bwd_wpe(__global const float* dout, ulong dout_off,
+                                     __global float* dwpe, ulong dwpe_off,
                                      int rows, int T, int C)
 {
-    int i = (int)get_global_id(0);
-    if (i >= T * C) return;
-    int t = i / C, c = i % C;
+    size_t i = get_global_id(0);
+    if (T <= 0 || C <= 0 || i >= (ulong)T * (ulong)C) return;
+    int t = (int)(i / (ulong)C); /* < T */
+    ulong c = i % (ulong)C;
     float s = 0.0f;
-    for (int row = t; row < rows; row += T) s += dout[dout_off + row * C + c];
+    for (int row = t; row < rows; row += T) s += dout[dout_off + (ulong)row * (ulong)C + c];
     dwpe[dwpe_off + i] += s;
 }

@@ -3,8 +3,10 @@
 
    x, y, dy, dx are rows x cols; gamma, beta, dgamma, dbeta have cols
    elements; mean and rstd have rows elements. Every buffer argument is
-   followed by an int element offset. Reductions run sequentially inside one
-   work-item, so results are bit-identical for any local size.
+   followed by a ulong element offset; rows and cols are int, and every
+   index into memory (r * cols, ...) is computed in size_t / ulong.
+   Reductions run sequentially inside one work-item, so results are
+   bit-identical for any local size.
 
    Maths (per row r):
      mean = (1/cols) sum_c x[c]
@@ -24,18 +26,18 @@
 
 /* Forward. Global size: rows (one work-item per row).
    Writes y (rows x cols), mean[r], rstd[r]. y may alias x. */
-__kernel void mpar_layernorm_fwd(__global const float* x, int x_off,
-                                 __global const float* gamma, int gamma_off,
-                                 __global const float* beta, int beta_off,
-                                 __global float* y, int y_off,
-                                 __global float* mean, int mean_off,
-                                 __global float* rstd, int rstd_off,
+__kernel void mpar_layernorm_fwd(__global const float* x, ulong x_off,
+                                 __global const float* gamma, ulong gamma_off,
+                                 __global const float* beta, ulong beta_off,
+                                 __global float* y, ulong y_off,
+                                 __global float* mean, ulong mean_off,
+                                 __global float* rstd, ulong rstd_off,
                                  int rows, int cols, float eps)
 {
-    int r = (int)get_global_id(0);
-    if (r >= rows) return;
-    __global const float* xr = x + x_off + r * cols;
-    __global float* yr = y + y_off + r * cols;
+    size_t r = get_global_id(0);
+    if (rows <= 0 || r >= (ulong)rows) return;
+    __global const float* xr = x + x_off + r * (ulong)cols;
+    __global float* yr = y + y_off + r * (ulong)cols;
 
     float k = xr[0];
     float s = 0.0f;
@@ -60,19 +62,19 @@ __kernel void mpar_layernorm_fwd(__global const float* x, int x_off,
      g    = dy * gamma
      dx   = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
    mean and rstd are the forward's saved arrays. */
-__kernel void mpar_layernorm_bwd_input(__global const float* dy, int dy_off,
-                                       __global const float* x, int x_off,
-                                       __global const float* mean, int mean_off,
-                                       __global const float* rstd, int rstd_off,
-                                       __global const float* gamma, int gamma_off,
-                                       __global float* dx, int dx_off,
+__kernel void mpar_layernorm_bwd_input(__global const float* dy, ulong dy_off,
+                                       __global const float* x, ulong x_off,
+                                       __global const float* mean, ulong mean_off,
+                                       __global const float* rstd, ulong rstd_off,
+                                       __global const float* gamma, ulong gamma_off,
+                                       __global float* dx, ulong dx_off,
                                        int rows, int cols)
 {
-    int r = (int)get_global_id(0);
-    if (r >= rows) return;
-    __global const float* xr = x + x_off + r * cols;
-    __global const float* dyr = dy + dy_off + r * cols;
-    __global float* dxr = dx + dx_off + r * cols;
+    size_t r = get_global_id(0);
+    if (rows <= 0 || r >= (ulong)rows) return;
+    __global const float* xr = x + x_off + r * (ulong)cols;
+    __global const float* dyr = dy + dy_off + r * (ulong)cols;
+    __global float* dxr = dx + dx_off + r * (ulong)cols;
     float m = mean[mean_off + r];
     float rs = rstd[rstd_off + r];
 
@@ -94,20 +96,21 @@ __kernel void mpar_layernorm_bwd_input(__global const float* dy, int dy_off,
 /* Backward, parameter gradients (accumulate). Global size: cols.
      dgamma[c] += sum_r dy[r,c] * xhat[r,c]
      dbeta[c]  += sum_r dy[r,c]          (r = 0 .. rows-1 in order) */
-__kernel void mpar_layernorm_bwd_weight(__global const float* dy, int dy_off,
-                                        __global const float* x, int x_off,
-                                        __global const float* mean, int mean_off,
-                                        __global const float* rstd, int rstd_off,
-                                        __global float* dgamma, int dgamma_off,
-                                        __global float* dbeta, int dbeta_off,
+__kernel void mpar_layernorm_bwd_weight(__global const float* dy, ulong dy_off,
+                                        __global const float* x, ulong x_off,
+                                        __global const float* mean, ulong mean_off,
+                                        __global const float* rstd, ulong rstd_off,
+                                        __global float* dgamma, ulong dgamma_off,
+                                        __global float* dbeta, ulong dbeta_off,
                                         int rows, int cols)
 {
-    int c = (int)get_global_id(0);
-    if (c >= cols) return;
+    size_t c = get_global_id(0);
+    if (cols <= 0 || c >= (ulong)cols) return;
     float sg = 0.0f, sb = 0.0f;
     for (int r = 0; r < rows; ++r) {
-        float d = dy[dy_off + r * cols + c];
-        float xh = (x[x_off + r * cols + c] - mean[mean_off + r]) * rstd[rstd_off + r];
+        ulong rc = (ulong)r * (ulong)cols + c;
+        float d = dy[dy_off + rc];
+        float xh = (x[x_off + rc] - mean[mean_off + r]) * rstd[rstd_off + r];
         sg += d * xh;
         sb += d;
     }

@@ -4,7 +4,9 @@
    logits and dlogits are rows x classes; targets (int) and loss have rows
    elements. A target outside [0, classes) - by convention -1 - marks a row
    to ignore: its loss and its gradient are exactly 0 and nothing out of
-   range is read. Every buffer argument is followed by an int element offset.
+   range is read. Every buffer argument is followed by a ulong element offset;
+   indices into memory are size_t / ulong (rows and classes are int, their
+   product is formed in ulong).
    Each row is reduced sequentially inside one work-item (deterministic).
 
    Numerics: max subtraction, loss = (max - logit[t]) + log(sum exp(l - max)),
@@ -12,19 +14,19 @@
 
 /* Per-row loss (overwrite). Global size: rows.
    loss[r] = logsumexp(logits[r,:]) - logits[r, targets[r]]  (0 if ignored) */
-__kernel void mpar_xent_fwd(__global const float* logits, int logits_off,
-                            __global const int* targets, int targets_off,
-                            __global float* loss, int loss_off,
+__kernel void mpar_xent_fwd(__global const float* logits, ulong logits_off,
+                            __global const int* targets, ulong targets_off,
+                            __global float* loss, ulong loss_off,
                             int rows, int classes)
 {
-    int r = (int)get_global_id(0);
-    if (r >= rows) return;
+    size_t r = get_global_id(0);
+    if (rows <= 0 || r >= (ulong)rows) return;
     int t = targets[targets_off + r];
     if (t < 0 || t >= classes) {
         loss[loss_off + r] = 0.0f;
         return;
     }
-    __global const float* l = logits + logits_off + r * classes;
+    __global const float* l = logits + logits_off + r * (ulong)classes;
     float mx = l[0];
     for (int c = 1; c < classes; ++c) mx = fmax(mx, l[c]);
     float s = 0.0f;
@@ -37,16 +39,16 @@ __kernel void mpar_xent_fwd(__global const float* logits, int logits_off,
    all zero for an ignored row. The host passes scale = 1 / (number of
    counted rows in the whole batch) so that micro-batches add up to the
    gradient of the whole-batch mean loss. dlogits may alias logits. */
-__kernel void mpar_xent_bwd(__global const float* logits, int logits_off,
-                            __global const int* targets, int targets_off,
-                            __global float* dlogits, int dlogits_off,
+__kernel void mpar_xent_bwd(__global const float* logits, ulong logits_off,
+                            __global const int* targets, ulong targets_off,
+                            __global float* dlogits, ulong dlogits_off,
                             int rows, int classes, float scale)
 {
-    int r = (int)get_global_id(0);
-    if (r >= rows) return;
+    size_t r = get_global_id(0);
+    if (rows <= 0 || r >= (ulong)rows) return;
     int t = targets[targets_off + r];
-    __global const float* l = logits + logits_off + r * classes;
-    __global float* d = dlogits + dlogits_off + r * classes;
+    __global const float* l = logits + logits_off + r * (ulong)classes;
+    __global float* d = dlogits + dlogits_off + r * (ulong)classes;
     if (t < 0 || t >= classes) {
         for (int c = 0; c < classes; ++c) d[c] = 0.0f;
         return;
@@ -64,11 +66,11 @@ __kernel void mpar_xent_bwd(__global const float* logits, int logits_off,
 
 /* out[0] = sum_i x[i], i = 0 .. n-1 in order (overwrite; one float).
    Global size: 1. Used for the per-row losses; works for any vector. */
-__kernel void mpar_loss_sum(__global const float* x, int x_off, int n,
-                            __global float* out, int out_off)
+__kernel void mpar_loss_sum(__global const float* x, ulong x_off, ulong n,
+                            __global float* out, ulong out_off)
 {
     if (get_global_id(0) != 0) return;
     float s = 0.0f;
-    for (int i = 0; i < n; ++i) s += x[x_off + i];
+    for (ulong i = 0; i < n; ++i) s += x[x_off + i];
     out[out_off] = s;
 }

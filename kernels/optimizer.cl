@@ -1,8 +1,9 @@
 /* optimizer.cl - mpar optimizer steps and gradient-norm helpers.
    OpenCL C 1.2, no extensions. float32.
 
-   p (parameters), g (gradients) and the state vectors all have n elements;
-   every buffer argument is followed by an int element offset. Each step
+   p (parameters), g (gradients) and the state vectors all have n elements
+   (ulong: a stage may hold 2^31 parameters or more); every buffer argument
+   is followed by a ulong element offset, and indices are size_t / ulong. Each step
    kernel first forms g' = grad_scale * g: the host folds gradient clipping
    (and any loss scaling) into the step through grad_scale, and g itself is
    left unchanged. Deterministic: one work-item per element, or fixed-order
@@ -16,13 +17,13 @@
      p -= lr * v
    (momentum = 0 gives plain SGD; v then just holds g'.)
    Global size: n. */
-__kernel void mpar_sgd_step(__global float* p, int p_off,
-                            __global const float* g, int g_off,
-                            __global float* v, int v_off,
-                            int n, float lr, float momentum,
+__kernel void mpar_sgd_step(__global float* p, ulong p_off,
+                            __global const float* g, ulong g_off,
+                            __global float* v, ulong v_off,
+                            ulong n, float lr, float momentum,
                             float weight_decay, float grad_scale)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     float w = p[p_off + i];
     float gr = grad_scale * g[g_off + i];
@@ -42,15 +43,15 @@ __kernel void mpar_sgd_step(__global float* p, int p_off,
    (p on the right is the value before the step; equal to PyTorch's
    p *= 1 - lr*wd; p -= lr * mhat / (sqrt(vhat) + eps) up to rounding.)
    Global size: n. */
-__kernel void mpar_adamw_step(__global float* p, int p_off,
-                              __global const float* g, int g_off,
-                              __global float* m, int m_off,
-                              __global float* v, int v_off,
-                              int n, float lr, float beta1, float beta2,
+__kernel void mpar_adamw_step(__global float* p, ulong p_off,
+                              __global const float* g, ulong g_off,
+                              __global float* m, ulong m_off,
+                              __global float* v, ulong v_off,
+                              ulong n, float lr, float beta1, float beta2,
                               float eps, float weight_decay,
                               float c1, float c2, float grad_scale)
 {
-    int i = (int)get_global_id(0);
+    size_t i = get_global_id(0);
     if (i >= n) return;
     float w = p[p_off + i];
     float gr = grad_scale * g[g_off + i];
@@ -70,29 +71,30 @@ __kernel void mpar_adamw_step(__global float* p, int p_off,
    in model order the same way), sets
    grad_scale = min(1, max_norm / (sqrt(sum) + 1e-6)) and passes it to the
    step kernels above.
-   table (int) holds two arrays of layers + 1 entries: seg[j], the first
+   table (ulong) holds two arrays of layers + 1 entries: seg[j], the first
    element of layer j in g (seg[layers] is the end), then first[j], the
-   first chunk of layer j in partial (first[layers] is the chunk count).
+   first chunk of layer j in partial (first[layers] is the chunk count);
+   table_off counts ulongs (mpar passes the table at offset 0).
    Step 1, one work-item per chunk (global size: the chunk count). */
 #define MPAR_SUMSQ_CHUNK 4096
 
-__kernel void mpar_sumsq_layers_partial(__global const float* g, int g_off,
-                                        __global const int* table, int table_off,
-                                        int layers, __global float* partial, int partial_off)
+__kernel void mpar_sumsq_layers_partial(__global const float* g, ulong g_off,
+                                        __global const ulong* table, ulong table_off,
+                                        int layers, __global float* partial, ulong partial_off)
 {
-    int k = (int)get_global_id(0);
-    __global const int* seg = table + table_off;
-    __global const int* first = seg + layers + 1;
+    size_t k = get_global_id(0);
+    __global const ulong* seg = table + table_off;
+    __global const ulong* first = seg + layers + 1;
     if (k >= first[layers]) return;
     int lo = 0, hi = layers - 1;
     while (lo < hi) { /* the last layer whose first chunk is <= k */
         int mid = (lo + hi + 1) / 2;
         if (first[mid] <= k) lo = mid; else hi = mid - 1;
     }
-    int begin = seg[lo] + (k - first[lo]) * MPAR_SUMSQ_CHUNK;
-    int end = min(seg[lo + 1], begin + MPAR_SUMSQ_CHUNK);
+    ulong begin = seg[lo] + (k - first[lo]) * MPAR_SUMSQ_CHUNK;
+    ulong end = min(seg[lo + 1], begin + MPAR_SUMSQ_CHUNK);
     float s = 0.0f;
-    for (int i = begin; i < end; ++i) {
+    for (ulong i = begin; i < end; ++i) {
         float x = g[g_off + i];
         s += x * x;
     }
@@ -101,14 +103,14 @@ __kernel void mpar_sumsq_layers_partial(__global const float* g, int g_off,
 
 /* Step 2, one work-item per layer (global size: layers): out[j] = the sum
    of layer j's chunks in order; 0 for a layer without parameters. */
-__kernel void mpar_sumsq_layers_final(__global const float* partial, int partial_off,
-                                      __global const int* table, int table_off,
-                                      int layers, __global float* out, int out_off)
+__kernel void mpar_sumsq_layers_final(__global const float* partial, ulong partial_off,
+                                      __global const ulong* table, ulong table_off,
+                                      int layers, __global float* out, ulong out_off)
 {
-    int j = (int)get_global_id(0);
-    if (j >= layers) return;
-    __global const int* first = table + table_off + layers + 1;
+    size_t j = get_global_id(0);
+    if (layers <= 0 || j >= (ulong)layers) return;
+    __global const ulong* first = table + table_off + layers + 1;
     float s = 0.0f;
-    for (int k = first[j]; k < first[j + 1]; ++k) s += partial[partial_off + k];
+    for (ulong k = first[j]; k < first[j + 1]; ++k) s += partial[partial_off + k];
     out[out_off + j] = s;
 }

@@ -20,12 +20,12 @@ static mpar_result stall_forward(mpar_exec* ex, const mpar_layer* l, const mpar_
         ts.tv_nsec = (long)((stall_seconds - (double)ts.tv_sec) * 1e9);
         nanosleep(&ts, NULL);
     }
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n);
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", io->x, io->y, (size_t)n);
 }
 static mpar_result stall_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int n = io->rows * l->in_features;
     if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->dy, io->dx, n);
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", io->dy, io->dx, (size_t)n);
 }
 static const mpar_layer_type stall_type = {"stall", 0, stall_setup, NULL, stall_forward, stall_backward, NULL};
 

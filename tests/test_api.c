@@ -1139,15 +1139,15 @@ static mpar_result exec_setup(mpar_layer* l, mpar_error* err) {
     return MPAR_SUCCESS;
 }
 static mpar_result exec_copy(mpar_exec* ex, mpar_buf from, mpar_buf to, int n) {
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", from, to, n);
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", from, to, (size_t)n);
 }
 static mpar_result exec_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int n = io->rows * l->in_features;
     switch (g_exec_mode) {
     case 1: return mpar_exec_launch(ex, "no_such_file.cl", "k", 1, 0, "");
     case 2: return mpar_exec_launch(ex, "elementwise.cl", "no_such_kernel", 1, 0, "");
-    case 3: return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbz", io->x, io->y, n);
-    case 4: return mpar_exec_launch(ex, NULL, "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n);
+    case 3: return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBz", io->x, io->y, (size_t)n);
+    case 4: return mpar_exec_launch(ex, NULL, "mpar_copy", (size_t)n, 0, "BBl", io->x, io->y, (size_t)n);
     case 5: return mpar_exec_gemm(ex, 0, 0, (size_t)io->rows, 4, 0, 1.0f, io->x, 4, io->x, 4, 0.0f, io->y, 4);
     case 6: return mpar_exec_fail(ex, MPAR_ERROR_NUMERICAL, NULL);
     case 7: return mpar_exec_fail(ex, MPAR_ERROR_UNSUPPORTED, "the user layer says no");

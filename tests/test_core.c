@@ -34,7 +34,8 @@ static void fill_and_check(mpar_context* ctx, int device, float value) {
     cl_int st;
     cl_mem buf;
     float host[64];
-    int n = 64, off = 0, i;
+    cl_ulong n = 64, off = 0;
+    int i;
     assert_int_equal(mpar_device_get_cl(ctx, device, NULL, &cc, &q), MPAR_SUCCESS);
     if (mpar_kernel_create(ctx, device, "elementwise.cl", "mpar_fill", &k) != MPAR_SUCCESS)
         fail_msg("kernel: %s", mpar_last_error(ctx));
@@ -49,7 +50,7 @@ static void fill_and_check(mpar_context* ctx, int device, float value) {
         assert_int_equal(clEnqueueNDRangeKernel(q, k, 1, NULL, &global, NULL, 0, NULL, NULL), CL_SUCCESS);
     }
     assert_int_equal(clEnqueueReadBuffer(q, buf, CL_TRUE, 0, sizeof host, host, 0, NULL, NULL), CL_SUCCESS);
-    for (i = 0; i < n; i++) assert_true(host[i] == value);
+    for (i = 0; i < (int)n; i++) assert_true(host[i] == value);
     clReleaseMemObject(buf);
     clReleaseKernel(k);
 }

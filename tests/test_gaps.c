@@ -249,13 +249,13 @@ static mpar_result probe_setup(mpar_layer* l, mpar_error* err) {
 }
 static mpar_result probe_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int n = io->rows * l->in_features;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n);
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", io->x, io->y, (size_t)n);
 }
 static mpar_result probe_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int n = io->rows * l->in_features;
     *(int*)l->desc.user = io->need_dx;
     if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->dy, io->dx, n);
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", io->dy, io->dx, (size_t)n);
 }
 static const mpar_layer_type probe_type = {"probe", 0, probe_setup, NULL, probe_forward, probe_backward, NULL};
 
@@ -628,7 +628,8 @@ static void test_embedding_grad_untouched_rows(void** state) {
     cl_kernel k = NULL;
     cl_mem mt, md, mw;
     cl_int st = CL_SUCCESS;
-    int i, zero = 0, rows = ROWS, c = C, v = V;
+    int i, rows = ROWS, c = C, v = V;
+    cl_ulong zero = 0; /* the buffers' offsets */
     size_t g = V * C;
     (void)state;
     for (i = 0; i < ROWS * C; i++) dout[i] = (float)(i % 7) - 3.0f;

@@ -390,13 +390,14 @@ static struct kernel_result {
 
 /* ---- one case ----
    tc_begin, then the arguments in the order of the kernel's letters
-   (tc_fbuf / tc_ibuf / tc_alias for 'b', tc_int 'i', tc_uint 'u',
-   tc_float 'f'), then tc_run. Buffers hold 4-byte words (float or int32). */
+   (tc_fbuf / tc_ibuf / tc_u64buf / tc_alias for 'B', tc_int 'i', tc_uint
+   'u', tc_float 'f', tc_size 'l'), then tc_run. Buffers hold 4-byte words
+   (float or int32; a tc_u64buf's cl_ulongs are two words each). */
 static struct {
     const char *file, *name, *letters;
     size_t g0;
     int nargs;
-    int is_int[MAX_ARGS], off[MAX_ARGS], total[MAX_ARGS];
+    int is_int[MAX_ARGS], off[MAX_ARGS], total[MAX_ARGS]; /* off, total: in words */
     int alias[MAX_ARGS]; /* -1, or the earlier argument this one shares */
     uint32_t* data[MAX_ARGS];
     mpar__harg val[MAX_ARGS];
@@ -419,7 +420,7 @@ static int tc_next(char want) {
 /* A float buffer of `elems` elements at offset `off`, every word uniform in
    [lo, hi). Returns the element at the offset, for a case to adjust. */
 static float* tc_fbuf(int elems, int off, float lo, float hi) {
-    int k = tc_next('b'), i;
+    int k = tc_next('B'), i;
     tc.off[k] = off;
     tc.total[k] = off + elems + GUARD;
     tc.data[k] = (uint32_t*)xmalloc(sizeof(uint32_t) * (size_t)tc.total[k]);
@@ -432,7 +433,7 @@ static float* tc_fbuf(int elems, int off, float lo, float hi) {
 
 /* An int32 buffer, every word uniform in [lo, hi]. */
 static int32_t* tc_ibuf(int elems, int off, int lo, int hi) {
-    int k = tc_next('b'), i;
+    int k = tc_next('B'), i;
     tc.is_int[k] = 1;
     tc.off[k] = off;
     tc.total[k] = off + elems + GUARD;
@@ -441,9 +442,23 @@ static int32_t* tc_ibuf(int elems, int off, int lo, int hi) {
     return (int32_t*)(void*)(tc.data[k] + off);
 }
 
-/* This 'b' argument is the same buffer and offset as argument `of`. */
-static void tc_alias(int of) { tc.alias[tc_next('b')] = of; }
+/* A cl_ulong buffer (the layer table of mpar_sumsq_layers_*), filled from
+   `values`, at offset 0: the kernel counts its offset in ulongs, the host
+   route in 4-byte words, and mpar passes the table at 0. */
+static void tc_u64buf(const cl_ulong* values, int elems) {
+    int k = tc_next('B');
+    tc.is_int[k] = 1;
+    tc.off[k] = 0;
+    tc.total[k] = 2 * elems + GUARD;
+    tc.data[k] = (uint32_t*)xmalloc(sizeof(uint32_t) * (size_t)tc.total[k]);
+    memset(tc.data[k], 0, sizeof(uint32_t) * (size_t)tc.total[k]);
+    memcpy(tc.data[k], values, sizeof(cl_ulong) * (size_t)elems);
+}
+
+/* This 'B' argument is the same buffer and offset as argument `of`. */
+static void tc_alias(int of) { tc.alias[tc_next('B')] = of; }
 static void tc_int(int v) { tc.val[tc_next('i')].i = v; }
+static void tc_size(size_t v) { tc.val[tc_next('l')].z = v; }
 static void tc_uint(unsigned v) { tc.val[tc_next('u')].u = v; }
 static void tc_float(float v) { tc.val[tc_next('f')].f = v; }
 
@@ -514,7 +529,7 @@ static void tc_run(void) {
     check_cl(st, tc.name);
     for (k = 0; k < tc.nargs; k++) {
         mem[k] = NULL, host[k] = devr[k] = NULL;
-        if (tc.letters[k] == 'b' && tc.alias[k] < 0) {
+        if (tc.letters[k] == 'B' && tc.alias[k] < 0) {
             size_t bytes = sizeof(uint32_t) * (size_t)tc.total[k];
             mem[k] = clCreateBuffer(context, CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR, bytes, tc.data[k], &st);
             check_cl(st, "clCreateBuffer");
@@ -522,14 +537,18 @@ static void tc_run(void) {
             devr[k] = (uint32_t*)xmalloc(bytes);
         }
     }
-    /* device: each 'b' is two kernel arguments, the buffer and an int offset */
+    /* device: each 'B' is two kernel arguments, the buffer and a ulong
+       offset; 'l' one ulong */
     for (k = 0; k < tc.nargs; k++) {
         char l = tc.letters[k];
-        if (l == 'b') {
+        if (l == 'B') {
             int b = tc.alias[k] < 0 ? k : tc.alias[k];
-            int off = tc.off[b];
+            cl_ulong off = (cl_ulong)tc.off[b];
             st = clSetKernelArg(kern, argi++, sizeof(cl_mem), &mem[b]);
             if (st == CL_SUCCESS) st = clSetKernelArg(kern, argi++, sizeof off, &off);
+        } else if (l == 'l') {
+            cl_ulong v = (cl_ulong)tc.val[k].z;
+            st = clSetKernelArg(kern, argi++, sizeof v, &v);
         } else if (l == 'i') {
             st = clSetKernelArg(kern, argi++, sizeof(int), &tc.val[k].i);
         } else if (l == 'u') {
@@ -561,7 +580,7 @@ static void tc_run(void) {
             for (k = 0; k < tc.nargs; k++)
                 if (host[k]) memcpy(host[k], tc.data[k], sizeof(uint32_t) * (size_t)tc.total[k]);
             for (k = 0; k < tc.nargs; k++) {
-                if (tc.letters[k] == 'b') {
+                if (tc.letters[k] == 'B') {
                     int b = tc.alias[k] < 0 ? k : tc.alias[k];
                     a[k].p = host[b] + tc.off[b];
                 } else {
@@ -601,56 +620,57 @@ static void cases_elementwise(void) {
             size_t g = (size_t)(n + pad); /* pad > 0: a rounded-up global size */
             float* x;
 
-            tc_begin("elementwise.cl", "mpar_fill", "bif", g);
-            tc_fbuf(n, 3, -1, 1), tc_int(n), tc_float(rndf(-2, 2)), tc_run();
-            tc_begin("elementwise.cl", "mpar_scale", "bif", g);
-            tc_fbuf(n, 5, -1, 1), tc_int(n), tc_float(rndf(-2, 2)), tc_run();
-            tc_begin("elementwise.cl", "mpar_axpy", "bbif", g);
-            tc_fbuf(n, 2, -1, 1), tc_fbuf(n, 7, -1, 1), tc_int(n), tc_float(rndf(-2, 2)), tc_run();
-            tc_begin("elementwise.cl", "mpar_copy", "bbi", g);
-            tc_fbuf(n, 4, -1, 1), tc_fbuf(n, 1, -1, 1), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_copy", "bbi", g); /* in place */
-            tc_fbuf(n, 4, -1, 1), tc_alias(0), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_add", "bbbi", g);
-            tc_fbuf(n, 1, -1, 1), tc_fbuf(n, 6, -1, 1), tc_fbuf(n, 3, -1, 1), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_add", "bbbi", g); /* out aliases a */
-            tc_fbuf(n, 1, -1, 1), tc_fbuf(n, 6, -1, 1), tc_alias(0), tc_int(n), tc_run();
+            tc_begin("elementwise.cl", "mpar_fill", "Blf", g);
+            tc_fbuf(n, 3, -1, 1), tc_size((size_t)n), tc_float(rndf(-2, 2)), tc_run();
+            tc_begin("elementwise.cl", "mpar_scale", "Blf", g);
+            tc_fbuf(n, 5, -1, 1), tc_size((size_t)n), tc_float(rndf(-2, 2)), tc_run();
+            tc_begin("elementwise.cl", "mpar_axpy", "BBlf", g);
+            tc_fbuf(n, 2, -1, 1), tc_fbuf(n, 7, -1, 1), tc_size((size_t)n), tc_float(rndf(-2, 2)), tc_run();
+            tc_begin("elementwise.cl", "mpar_copy", "BBl", g);
+            tc_fbuf(n, 4, -1, 1), tc_fbuf(n, 1, -1, 1), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_copy", "BBl", g); /* in place */
+            tc_fbuf(n, 4, -1, 1), tc_alias(0), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_add", "BBBl", g);
+            tc_fbuf(n, 1, -1, 1), tc_fbuf(n, 6, -1, 1), tc_fbuf(n, 3, -1, 1), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_add", "BBBl", g); /* out aliases a */
+            tc_fbuf(n, 1, -1, 1), tc_fbuf(n, 6, -1, 1), tc_alias(0), tc_size((size_t)n), tc_run();
 
-            tc_begin("elementwise.cl", "mpar_relu_fwd", "bbi", g);
+            tc_begin("elementwise.cl", "mpar_relu_fwd", "BBl", g);
             x = tc_fbuf(n, 3, -2, 2);
             x[0] = -0.0f; /* the sign of a zero output must match too */
             if (n > 1) x[1] = 0.0f;
-            tc_fbuf(n, 9, -1, 1), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_relu_bwd", "bbbi", g);
+            tc_fbuf(n, 9, -1, 1), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_relu_bwd", "BBBl", g);
             x = tc_fbuf(n, 2, -2, 2);
             x[0] = 0.0f;
-            tc_fbuf(n, 5, -1, 1), tc_fbuf(n, 8, -1, 1), tc_int(n), tc_run();
+            tc_fbuf(n, 5, -1, 1), tc_fbuf(n, 8, -1, 1), tc_size((size_t)n), tc_run();
 
-            tc_begin("elementwise.cl", "mpar_gelu_fwd", "bbi", g);
-            tc_fbuf(n, 3, -6, 6), tc_fbuf(n, 1, -1, 1), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_gelu_fwd", "bbi", g); /* in place */
-            tc_fbuf(n, 3, -6, 6), tc_alias(0), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_gelu_bwd", "bbbi", g);
-            tc_fbuf(n, 3, -6, 6), tc_fbuf(n, 2, -1, 1), tc_fbuf(n, 5, -1, 1), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_tanh_fwd", "bbi", g);
-            tc_fbuf(n, 3, -5, 5), tc_fbuf(n, 4, -1, 1), tc_int(n), tc_run();
-            tc_begin("elementwise.cl", "mpar_tanh_bwd", "bbbi", g);
-            tc_fbuf(n, 3, -1, 1), tc_fbuf(n, 2, -1, 1), tc_fbuf(n, 7, -1, 1), tc_int(n), tc_run();
+            tc_begin("elementwise.cl", "mpar_gelu_fwd", "BBl", g);
+            tc_fbuf(n, 3, -6, 6), tc_fbuf(n, 1, -1, 1), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_gelu_fwd", "BBl", g); /* in place */
+            tc_fbuf(n, 3, -6, 6), tc_alias(0), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_gelu_bwd", "BBBl", g);
+            tc_fbuf(n, 3, -6, 6), tc_fbuf(n, 2, -1, 1), tc_fbuf(n, 5, -1, 1), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_tanh_fwd", "BBl", g);
+            tc_fbuf(n, 3, -5, 5), tc_fbuf(n, 4, -1, 1), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_tanh_bwd", "BBBl", g);
+            tc_fbuf(n, 3, -1, 1), tc_fbuf(n, 2, -1, 1), tc_fbuf(n, 7, -1, 1), tc_size((size_t)n), tc_run();
         }
 }
 
 static void cases_dropout(void) {
     static const float ps[] = {0.0f, 0.1f, 0.5f, 0.9f, 1.0f};
-    static const int idx[] = {0, 12345, -5, 2147483647}; /* idx_off: the counter wraps */
+    /* idx_off: the counter is its low 32 bits plus i, and wraps */
+    static const size_t idx[] = {0, 12345, (size_t)-5, 2147483647, ((size_t)3 << 31) + 5};
     int si, pi, bwd;
     for (bwd = 0; bwd < 2; bwd++)
         for (si = 0; si < NSIZES; si++)
             for (pi = 0; pi < 5; pi++) {
                 int n = sizes[si];
-                tc_begin("elementwise.cl", bwd ? "mpar_dropout_bwd" : "mpar_dropout_fwd", "bbifuui",
+                tc_begin("elementwise.cl", bwd ? "mpar_dropout_bwd" : "mpar_dropout_fwd", "BBlfuul",
                          (size_t)n + (size_t)(pi & 1) * 3);
-                tc_fbuf(n, 3, -2, 2), tc_fbuf(n, 6, -1, 1), tc_int(n), tc_float(ps[pi]);
-                tc_uint(rnd32()), tc_uint(rnd32()), tc_int(idx[(si + pi) % 4]), tc_run();
+                tc_fbuf(n, 3, -2, 2), tc_fbuf(n, 6, -1, 1), tc_size((size_t)n), tc_float(ps[pi]);
+                tc_uint(rnd32()), tc_uint(rnd32()), tc_size(idx[(si + pi + bwd) % 5]), tc_run();
             }
 }
 
@@ -661,14 +681,14 @@ static void cases_bias(void) {
     for (ri = 0; ri < 3; ri++)
         for (ci = 0; ci < 5; ci++) {
             int r = rows_[ri], c = cols_[ci];
-            tc_begin("elementwise.cl", "mpar_bias_add", "biib", (size_t)(r * c) + (size_t)(ci & 1) * 4);
+            tc_begin("elementwise.cl", "mpar_bias_add", "BiiB", (size_t)(r * c) + (size_t)(ci & 1) * 4);
             tc_fbuf(r * c, 5, -1, 1), tc_int(r), tc_int(c), tc_fbuf(c, 3, -1, 1), tc_run();
-            tc_begin("elementwise.cl", "mpar_bias_grad", "biib", (size_t)c + (size_t)(ci & 1) * 2);
+            tc_begin("elementwise.cl", "mpar_bias_grad", "BiiB", (size_t)c + (size_t)(ci & 1) * 2);
             tc_fbuf(r * c, 2, -1, 1), tc_int(r), tc_int(c), tc_fbuf(c, 7, -1, 1), tc_run();
             { /* bias + relu, gelu, tanh: values around gelu's cancellation too */
                 int act;
                 for (act = 1; act <= 3; act++) {
-                    tc_begin("elementwise.cl", "mpar_bias_add_act", "biibbi", (size_t)(r * c) + (size_t)(ci & 1) * 4);
+                    tc_begin("elementwise.cl", "mpar_bias_add_act", "BiiBBi", (size_t)(r * c) + (size_t)(ci & 1) * 4);
                     tc_fbuf(r * c, 5, -6, 4), tc_int(r), tc_int(c), tc_fbuf(c, 3, -1, 1), tc_fbuf(r * c, 2, -1, 1);
                     tc_int(act), tc_run();
                 }
@@ -683,13 +703,13 @@ static void cases_embedding(void) {
         for (ci = 0; ci < 3; ci++) {
             int T = 5, C = Cs[ci], V = 11, rows = B * T;
             /* tokens in [-1, V]: -1 and V are out of range and skipped */
-            tc_begin("embedding.cl", "mpar_embedding_fwd", "bbbbiiii", (size_t)(rows * C) + (size_t)ci);
+            tc_begin("embedding.cl", "mpar_embedding_fwd", "BBBBiiii", (size_t)(rows * C) + (size_t)ci);
             tc_ibuf(rows, 3, -1, V), tc_fbuf(V * C, 2, -1, 1), tc_fbuf(T * C, 5, -1, 1), tc_fbuf(rows * C, 1, -1, 1);
             tc_int(rows), tc_int(T), tc_int(C), tc_int(V), tc_run();
-            tc_begin("embedding.cl", "mpar_embedding_bwd_wte", "bbbiii", (size_t)(V * C) + (size_t)ci);
+            tc_begin("embedding.cl", "mpar_embedding_bwd_wte", "BBBiii", (size_t)(V * C) + (size_t)ci);
             tc_ibuf(rows, 3, -1, V), tc_fbuf(rows * C, 2, -1, 1), tc_fbuf(V * C, 5, -1, 1);
             tc_int(rows), tc_int(C), tc_int(V), tc_run();
-            tc_begin("embedding.cl", "mpar_embedding_bwd_wpe", "bbiii", (size_t)(T * C) + (size_t)ci);
+            tc_begin("embedding.cl", "mpar_embedding_bwd_wpe", "BBiii", (size_t)(T * C) + (size_t)ci);
             tc_fbuf(rows * C, 2, -1, 1), tc_fbuf(T * C, 5, -1, 1), tc_int(rows), tc_int(T), tc_int(C), tc_run();
         }
 }
@@ -702,7 +722,7 @@ static void cases_layernorm(void) {
             for (inplace = 0; inplace < 2; inplace++) {
                 int r = rows_[ri], c = cols_[ci], j;
                 float* x;
-                tc_begin("layernorm.cl", "mpar_layernorm_fwd", "bbbbbbiif", (size_t)r + (size_t)inplace);
+                tc_begin("layernorm.cl", "mpar_layernorm_fwd", "BBBBBBiif", (size_t)r + (size_t)inplace);
                 x = tc_fbuf(r * c, 3, -2, 2);
                 for (j = 0; j < c; j++) x[j] += 1e4f; /* a row with a large common offset */
                 tc_fbuf(c, 1, 0.5f, 1.5f), tc_fbuf(c, 4, -1, 1);
@@ -712,12 +732,12 @@ static void cases_layernorm(void) {
                     tc_fbuf(r * c, 2, -1, 1);
                 tc_fbuf(r, 5, -1, 1), tc_fbuf(r, 6, -1, 1), tc_int(r), tc_int(c), tc_float(1e-5f), tc_run();
 
-                tc_begin("layernorm.cl", "mpar_layernorm_bwd_input", "bbbbbbii", (size_t)r + (size_t)inplace);
+                tc_begin("layernorm.cl", "mpar_layernorm_bwd_input", "BBBBBBii", (size_t)r + (size_t)inplace);
                 tc_fbuf(r * c, 2, -1, 1), tc_fbuf(r * c, 3, -2, 2), tc_fbuf(r, 1, -0.5f, 0.5f);
                 tc_fbuf(r, 4, 0.5f, 2.0f), tc_fbuf(c, 7, 0.5f, 1.5f), tc_fbuf(r * c, 5, -1, 1);
                 tc_int(r), tc_int(c), tc_run();
 
-                tc_begin("layernorm.cl", "mpar_layernorm_bwd_weight", "bbbbbbii", (size_t)c + (size_t)inplace);
+                tc_begin("layernorm.cl", "mpar_layernorm_bwd_weight", "BBBBBBii", (size_t)c + (size_t)inplace);
                 tc_fbuf(r * c, 2, -1, 1), tc_fbuf(r * c, 3, -2, 2), tc_fbuf(r, 1, -0.5f, 0.5f);
                 tc_fbuf(r, 4, 0.5f, 2.0f), tc_fbuf(c, 7, -1, 1), tc_fbuf(c, 5, -1, 1);
                 tc_int(r), tc_int(c), tc_run();
@@ -734,7 +754,7 @@ static void cases_loss(void) {
                 int r = rows_[ri], c = classes[ci], j;
                 int32_t* t;
                 float* l;
-                tc_begin("loss.cl", "mpar_xent_fwd", "bbbii", (size_t)r + (size_t)inplace * 3);
+                tc_begin("loss.cl", "mpar_xent_fwd", "BBBii", (size_t)r + (size_t)inplace * 3);
                 l = tc_fbuf(r * c, 2, -5, 5);
                 for (j = 0; j < c; j++) l[j] += 1e4f; /* exp would overflow without the max */
                 t = tc_ibuf(r, 5, -1, c - 1);
@@ -742,7 +762,7 @@ static void cases_loss(void) {
                 if (r > 2) t[1] = -1, t[2] = c; /* ignored: negative, and past the classes */
                 tc_fbuf(r, 3, -1, 1), tc_int(r), tc_int(c), tc_run();
 
-                tc_begin("loss.cl", "mpar_xent_bwd", "bbbiif", (size_t)r + (size_t)inplace * 3);
+                tc_begin("loss.cl", "mpar_xent_bwd", "BBBiif", (size_t)r + (size_t)inplace * 3);
                 l = tc_fbuf(r * c, 2, -5, 5);
                 for (j = 0; j < c; j++) l[j] += 1e4f;
                 t = tc_ibuf(r, 5, -1, c - 1);
@@ -755,8 +775,8 @@ static void cases_loss(void) {
                 tc_int(r), tc_int(c), tc_float(1.0f / (float)(r + 1)), tc_run();
             }
     for (ni = 0; ni < 3; ni++) {
-        tc_begin("loss.cl", "mpar_loss_sum", "bib", ni == 1 ? 4 : 1); /* 4: items 1..3 do nothing */
-        tc_fbuf(ns[ni], 3, -1, 1), tc_int(ns[ni]), tc_fbuf(1, 2, -1, 1), tc_run();
+        tc_begin("loss.cl", "mpar_loss_sum", "BlB", ni == 1 ? 4 : 1); /* 4: items 1..3 do nothing */
+        tc_fbuf(ns[ni], 3, -1, 1), tc_size((size_t)ns[ni]), tc_fbuf(1, 2, -1, 1), tc_run();
     }
 }
 
@@ -766,13 +786,13 @@ static void cases_optimizer(void) {
         for (v = 0; v < 2; v++) { /* v: with momentum, weight decay, a gradient scale */
             int n = sizes[si];
             size_t g = (size_t)n + (size_t)v * 3;
-            tc_begin("optimizer.cl", "mpar_sgd_step", "bbbiffff", g);
-            tc_fbuf(n, 3, -1, 1), tc_fbuf(n, 5, -1, 1), tc_fbuf(n, 2, -0.1f, 0.1f), tc_int(n);
+            tc_begin("optimizer.cl", "mpar_sgd_step", "BBBlffff", g);
+            tc_fbuf(n, 3, -1, 1), tc_fbuf(n, 5, -1, 1), tc_fbuf(n, 2, -0.1f, 0.1f), tc_size((size_t)n);
             tc_float(0.01f), tc_float(v ? 0.9f : 0.0f), tc_float(v ? 0.01f : 0.0f), tc_float(v ? 0.7f : 1.0f);
             tc_run();
-            tc_begin("optimizer.cl", "mpar_adamw_step", "bbbbiffffffff", g);
+            tc_begin("optimizer.cl", "mpar_adamw_step", "BBBBlffffffff", g);
             tc_fbuf(n, 3, -1, 1), tc_fbuf(n, 5, -1, 1), tc_fbuf(n, 2, -0.1f, 0.1f), tc_fbuf(n, 7, 0, 0.01f);
-            tc_int(n), tc_float(1e-3f), tc_float(0.9f), tc_float(0.999f), tc_float(1e-8f);
+            tc_size((size_t)n), tc_float(1e-3f), tc_float(0.9f), tc_float(0.999f), tc_float(1e-8f);
             tc_float(v ? 0.01f : 0.0f), tc_float(1.0f - 0.9f * 0.9f * 0.9f), tc_float(1.0f - 0.999f * 0.999f * 0.999f);
             tc_float(v ? 0.5f : 1.0f), tc_run();
         }
@@ -783,14 +803,14 @@ static void cases_optimizer(void) {
    end) and first[0..layers] (each layer's first chunk of 4096 in partial,
    then the chunk count). Fills it for the given layer sizes; returns the
    chunk count, and the element count in *elems. */
-static int fill_layer_table(int32_t* table, const int* layer_size, int layers, int* elems) {
+static int fill_layer_table(cl_ulong* table, const int* layer_size, int layers, int* elems) {
     int j, chunks = 0, n = 0;
     for (j = 0; j < layers; j++) {
-        table[j] = n, table[layers + 1 + j] = chunks;
+        table[j] = (cl_ulong)n, table[layers + 1 + j] = (cl_ulong)chunks;
         n += layer_size[j];
         chunks += (layer_size[j] + 4095) / 4096;
     }
-    table[layers] = n, table[2 * layers + 1] = chunks;
+    table[layers] = (cl_ulong)n, table[2 * layers + 1] = (cl_ulong)chunks;
     *elems = n;
     return chunks;
 }
@@ -805,17 +825,17 @@ static void cases_sumsq_layers(void) {
     for (li = 0; li < 3; li++)
         for (pi = 0; pi < 3; pi++) {
             int layers = layer_counts[li], pad = pads[pi], words = 2 * (layers + 1), elems, chunks;
-            int32_t table[2 * 8];
+            cl_ulong table[2 * 8];
             if (pad < 0 && layers == 1) continue; /* nothing would run */
             chunks = fill_layer_table(table, layer_size, layers, &elems);
-            tc_begin("optimizer.cl", "mpar_sumsq_layers_partial", "bbib", (size_t)(chunks + pad));
+            tc_begin("optimizer.cl", "mpar_sumsq_layers_partial", "BBiB", (size_t)(chunks + pad));
             tc_fbuf(elems, 3, -1, 1);
-            memcpy(tc_ibuf(words, 2, 0, 0), table, sizeof(int32_t) * (size_t)words);
+            tc_u64buf(table, words);
             tc_int(layers), tc_fbuf(chunks, 4, -1, 1), tc_run();
 
-            tc_begin("optimizer.cl", "mpar_sumsq_layers_final", "bbib", (size_t)(layers + pad));
+            tc_begin("optimizer.cl", "mpar_sumsq_layers_final", "BBiB", (size_t)(layers + pad));
             tc_fbuf(chunks, 5, 0, 1);
-            memcpy(tc_ibuf(words, 1, 0, 0), table, sizeof(int32_t) * (size_t)words);
+            tc_u64buf(table, words);
             tc_int(layers), tc_fbuf(layers, 1, -1, 1), tc_run();
         }
 }
@@ -827,13 +847,13 @@ static void cases_attention(void) {
         for (pad = 0; pad < 2; pad++) {
             int B = shapes[si][0], T = shapes[si][1], C = shapes[si][2], H = shapes[si][3];
             int rows = B * T, np = B * H * T * T;
-            tc_begin("attention.cl", "mpar_attn_fwd", "bbbiiii", (size_t)(B * H * T) + (size_t)pad * 3);
+            tc_begin("attention.cl", "mpar_attn_fwd", "BBBiiii", (size_t)(B * H * T) + (size_t)pad * 3);
             tc_fbuf(rows * 3 * C, 3, -2, 2), tc_fbuf(rows * C, 5, -1, 1), tc_fbuf(np, 2, -1, 1);
             tc_int(B), tc_int(T), tc_int(C), tc_int(H), tc_run();
-            tc_begin("attention.cl", "mpar_attn_bwd_ds", "bbbbiiii", (size_t)(B * H * T) + (size_t)pad * 3);
+            tc_begin("attention.cl", "mpar_attn_bwd_ds", "BBBBiiii", (size_t)(B * H * T) + (size_t)pad * 3);
             tc_fbuf(rows * C, 3, -1, 1), tc_fbuf(rows * 3 * C, 5, -2, 2), tc_fbuf(np, 2, 0, 1);
             tc_fbuf(np, 7, -1, 1), tc_int(B), tc_int(T), tc_int(C), tc_int(H), tc_run();
-            tc_begin("attention.cl", "mpar_attn_bwd_qkv", "bbbbbiiii", (size_t)(rows * 3 * C) + (size_t)pad * 3);
+            tc_begin("attention.cl", "mpar_attn_bwd_qkv", "BBBBBiiii", (size_t)(rows * 3 * C) + (size_t)pad * 3);
             tc_fbuf(rows * C, 3, -1, 1), tc_fbuf(rows * 3 * C, 5, -2, 2), tc_fbuf(np, 2, 0, 1);
             tc_fbuf(np, 7, -1, 1), tc_fbuf(rows * 3 * C, 1, -1, 1);
             tc_int(B), tc_int(T), tc_int(C), tc_int(H), tc_run();
@@ -845,31 +865,31 @@ static void cases_attention(void) {
    rows and column blocks stop at the right work-item. */
 static void cases_short_range(void) {
     int r = 3, c = 70, T = 5, rows = 10, V = 11;
-    tc_begin("elementwise.cl", "mpar_fill", "bif", 30);
-    tc_fbuf(37, 3, -1, 1), tc_int(37), tc_float(0.5f), tc_run();
-    tc_begin("elementwise.cl", "mpar_bias_add", "biib", (size_t)(r * c - 13));
+    tc_begin("elementwise.cl", "mpar_fill", "Blf", 30);
+    tc_fbuf(37, 3, -1, 1), tc_size(37), tc_float(0.5f), tc_run();
+    tc_begin("elementwise.cl", "mpar_bias_add", "BiiB", (size_t)(r * c - 13));
     tc_fbuf(r * c, 5, -1, 1), tc_int(r), tc_int(c), tc_fbuf(c, 3, -1, 1), tc_run();
-    tc_begin("elementwise.cl", "mpar_bias_grad", "biib", 67);
+    tc_begin("elementwise.cl", "mpar_bias_grad", "BiiB", 67);
     tc_fbuf(r * c, 2, -1, 1), tc_int(r), tc_int(c), tc_fbuf(c, 7, -1, 1), tc_run();
-    tc_begin("embedding.cl", "mpar_embedding_fwd", "bbbbiiii", (size_t)(rows * c - 75));
+    tc_begin("embedding.cl", "mpar_embedding_fwd", "BBBBiiii", (size_t)(rows * c - 75));
     tc_ibuf(rows, 3, -1, V), tc_fbuf(V * c, 2, -1, 1), tc_fbuf(T * c, 5, -1, 1), tc_fbuf(rows * c, 1, -1, 1);
     tc_int(rows), tc_int(T), tc_int(c), tc_int(V), tc_run();
-    tc_begin("embedding.cl", "mpar_embedding_bwd_wte", "bbbiii", (size_t)(V * c - 75));
+    tc_begin("embedding.cl", "mpar_embedding_bwd_wte", "BBBiii", (size_t)(V * c - 75));
     tc_ibuf(rows, 3, -1, V), tc_fbuf(rows * c, 2, -1, 1), tc_fbuf(V * c, 5, -1, 1);
     tc_int(rows), tc_int(c), tc_int(V), tc_run();
-    tc_begin("embedding.cl", "mpar_embedding_bwd_wpe", "bbiii", (size_t)(T * c - 75));
+    tc_begin("embedding.cl", "mpar_embedding_bwd_wpe", "BBiii", (size_t)(T * c - 75));
     tc_fbuf(rows * c, 2, -1, 1), tc_fbuf(T * c, 5, -1, 1), tc_int(rows), tc_int(T), tc_int(c), tc_run();
-    tc_begin("layernorm.cl", "mpar_layernorm_bwd_weight", "bbbbbbii", 66);
+    tc_begin("layernorm.cl", "mpar_layernorm_bwd_weight", "BBBBBBii", 66);
     tc_fbuf(r * c, 2, -1, 1), tc_fbuf(r * c, 3, -2, 2), tc_fbuf(r, 1, -0.5f, 0.5f);
     tc_fbuf(r, 4, 0.5f, 2.0f), tc_fbuf(c, 7, -1, 1), tc_fbuf(c, 5, -1, 1), tc_int(r), tc_int(c), tc_run();
-    tc_begin("layernorm.cl", "mpar_layernorm_fwd", "bbbbbbiif", 2);
+    tc_begin("layernorm.cl", "mpar_layernorm_fwd", "BBBBBBiif", 2);
     tc_fbuf(r * c, 3, -2, 2), tc_fbuf(c, 1, 0.5f, 1.5f), tc_fbuf(c, 4, -1, 1), tc_fbuf(r * c, 2, -1, 1);
     tc_fbuf(r, 5, -1, 1), tc_fbuf(r, 6, -1, 1), tc_int(r), tc_int(c), tc_float(1e-5f), tc_run();
-    tc_begin("attention.cl", "mpar_attn_bwd_qkv", "bbbbbiiii", 2 * 5 * 36 - 40);
+    tc_begin("attention.cl", "mpar_attn_bwd_qkv", "BBBBBiiii", 2 * 5 * 36 - 40);
     tc_fbuf(2 * 5 * 12, 3, -1, 1), tc_fbuf(2 * 5 * 36, 5, -2, 2), tc_fbuf(2 * 3 * 25, 2, 0, 1);
     tc_fbuf(2 * 3 * 25, 7, -1, 1), tc_fbuf(2 * 5 * 36, 1, -1, 1), tc_int(2), tc_int(5), tc_int(12), tc_int(3);
     tc_run();
-    tc_begin("attention.cl", "mpar_attn_fwd", "bbbiiii", 2 * 3 * 5 - 7);
+    tc_begin("attention.cl", "mpar_attn_fwd", "BBBiiii", 2 * 3 * 5 - 7);
     tc_fbuf(2 * 5 * 36, 3, -2, 2), tc_fbuf(2 * 5 * 12, 5, -1, 1), tc_fbuf(2 * 3 * 25, 2, -1, 1);
     tc_int(2), tc_int(5), tc_int(12), tc_int(3), tc_run();
 }

@@ -279,6 +279,24 @@ static dbuf dev_make(const void* host, int n, int is_int)
 static dbuf dev_f(const float* host, int n) { return dev_make(host, n, 0); }
 static dbuf dev_i(const int* host, int n) { return dev_make(host, n, 1); }
 
+/* A cl_ulong buffer (the layer table of mpar_sumsq_layers_*) at an offset:
+   off, n and total count ulongs here, as the kernel counts the offset. */
+static dbuf dev_u64(const cl_ulong* host, int n)
+{
+    dbuf b;
+    cl_ulong* all;
+    cl_int err;
+    b.off = 3, b.n = n, b.total = b.off + n + TAIL, b.is_int = 1;
+    all = (cl_ulong*)calloc((size_t)b.total, sizeof(cl_ulong));
+    assert_non_null(all);
+    memcpy(all + b.off, host, sizeof(cl_ulong) * (size_t)n);
+    b.m = clCreateBuffer(g_ctx, CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR, sizeof(cl_ulong) * (size_t)b.total, all,
+                         &err);
+    free(all);
+    CL_OK(err);
+    return b;
+}
+
 /* Read the data range back; fail if the guard zones changed. */
 static void read_f(const dbuf* b, float* out)
 {
@@ -303,8 +321,9 @@ static void dev_free(dbuf* b)
     b->m = NULL;
 }
 
-/* Launch a kernel and wait. fmt: 'B' = dbuf* (buffer + its offset: two
-   arguments), 'i' = int, 'u' = unsigned, 'f' = double passed as float. */
+/* Launch a kernel and wait. fmt: 'B' = dbuf* (buffer + its offset as a
+   ulong: two arguments), 'l' = size_t passed as ulong, 'i' = int,
+   'u' = unsigned, 'f' = double passed as float. */
 static void run_local(const char* name, size_t global, const size_t* local, const char* fmt, ...)
 {
     cl_kernel k = NULL;
@@ -323,9 +342,12 @@ static void run_local(const char* name, size_t global, const size_t* local, cons
     for (const char* f = fmt; *f; ++f) {
         if (*f == 'B') {
             dbuf* b = va_arg(ap, dbuf*);
-            cl_int off = b->off;
+            cl_ulong off = (cl_ulong)b->off;
             CL_OK(clSetKernelArg(k, a++, sizeof(cl_mem), &b->m));
-            CL_OK(clSetKernelArg(k, a++, sizeof(cl_int), &off));
+            CL_OK(clSetKernelArg(k, a++, sizeof(cl_ulong), &off));
+        } else if (*f == 'l') {
+            cl_ulong v = (cl_ulong)va_arg(ap, size_t);
+            CL_OK(clSetKernelArg(k, a++, sizeof(cl_ulong), &v));
         } else if (*f == 'i') {
             cl_int v = va_arg(ap, int);
             CL_OK(clSetKernelArg(k, a++, sizeof(cl_int), &v));
@@ -407,33 +429,33 @@ static void test_vector_ops(void** state)
     double* want = dalloc(n);
     dbuf bx = dev_f(x, n), by = dev_f(y, n), bo = dev_f(NULL, n);
 
-    run("mpar_fill", n, "Bif", &bo, n, 2.5);
+    run("mpar_fill", n, "Blf", &bo, (size_t)n, 2.5);
     read_f(&bo, out);
     for (int i = 0; i < n; ++i) want[i] = 2.5;
     check_close("fill", out, want, n, 0.0);
 
-    run("mpar_copy", n, "BBi", &bx, &bo, n);
+    run("mpar_copy", n, "BBl", &bx, &bo, (size_t)n);
     read_f(&bo, out);
     for (int i = 0; i < n; ++i) want[i] = x[i];
     check_close("copy", out, want, n, 0.0);
 
-    run("mpar_scale", n, "Bif", &bo, n, -0.75);
+    run("mpar_scale", n, "Blf", &bo, (size_t)n, -0.75);
     read_f(&bo, out);
     for (int i = 0; i < n; ++i) want[i] = -0.75 * x[i];
     check_close("scale", out, want, n, 1e-7);
 
-    run("mpar_axpy", n, "BBif", &by, &bo, n, 0.5);
+    run("mpar_axpy", n, "BBlf", &by, &bo, (size_t)n, 0.5);
     read_f(&bo, out);
     for (int i = 0; i < n; ++i) want[i] = -0.75 * x[i] + 0.5 * y[i];
     check_close("axpy", out, want, n, 1e-6);
 
-    run("mpar_add", n, "BBBi", &bx, &by, &bo, n);
+    run("mpar_add", n, "BBBl", &bx, &by, &bo, (size_t)n);
     read_f(&bo, out);
     for (int i = 0; i < n; ++i) want[i] = (double)x[i] + y[i];
     check_close("add", out, want, n, 1e-7);
 
     /* n smaller than the buffer: the tail must stay untouched */
-    run("mpar_fill", n / 2, "Bif", &bo, n / 2, 0.0);
+    run("mpar_fill", n / 2, "Blf", &bo, (size_t)(n / 2), 0.0);
     read_f(&bo, out);
     for (int i = 0; i < n; ++i) want[i] = i < n / 2 ? 0.0 : (double)x[i] + y[i];
     check_close("fill half", out, want, n, 1e-7);
@@ -476,19 +498,19 @@ static void test_activations(void** state)
         double* dx = dalloc(n);
         dbuf bx = dev_f(x, n), bdy = dev_f(dy, n), by = dev_f(NULL, n), bdx = dev_f(NULL, n);
 
-        run(fwd[kind], n, "BBi", &bx, &by, n);
+        run(fwd[kind], n, "BBl", &bx, &by, (size_t)n);
         read_f(&by, out);
         act_ctx c = { kind, n, xd, dyd, y };
         act_obj(&c);
         check_close(fwd[kind], out, y, n, 1e-5);
 
         if (kind == 2) { /* tanh backward takes the forward output */
-            run(bwd[kind], n, "BBBi", &by, &bdy, &bdx, n);
+            run(bwd[kind], n, "BBBl", &by, &bdy, &bdx, (size_t)n);
             double* yf = f2d(out, n);
             ref_tanh_bwd(yf, dyd, dx, n);
             free(yf);
         } else {
-            run(bwd[kind], n, "BBBi", &bx, &bdy, &bdx, n);
+            run(bwd[kind], n, "BBBl", &bx, &bdy, &bdx, (size_t)n);
             if (kind == 0) ref_relu_bwd(xd, dyd, dx, n);
             else ref_gelu_bwd(xd, dyd, dx, n);
         }
@@ -498,7 +520,7 @@ static void test_activations(void** state)
         fd_check(bwd[kind], act_obj, &c, xd, n, dx, out, 1e-4);
 
         /* in place: y aliases x */
-        run(fwd[kind], n, "BBi", &bx, &bx, n);
+        run(fwd[kind], n, "BBl", &bx, &bx, (size_t)n);
         read_f(&bx, out);
         act_obj(&c);
         check_close("in-place activation", out, y, n, 1e-5);
@@ -538,7 +560,7 @@ static void test_dropout(void** state)
     double* dx = dalloc(n);
     dbuf bx = dev_f(x, n), bdy = dev_f(dy, n), by = dev_f(NULL, n), bdx = dev_f(NULL, n);
 
-    run("mpar_dropout_fwd", n, "BBifuui", &bx, &by, n, (double)p, lo, hi, idx_off);
+    run("mpar_dropout_fwd", n, "BBlfuul", &bx, &by, (size_t)n, (double)p, lo, hi, (size_t)idx_off);
     read_f(&by, out);
     drop_ctx c = { n, idx_off, (double)p, lo, hi, xd, dyd, y };
     drop_obj(&c);
@@ -555,29 +577,29 @@ static void test_dropout(void** state)
         fail();
     }
 
-    run("mpar_dropout_bwd", n, "BBifuui", &bdy, &bdx, n, (double)p, lo, hi, idx_off);
+    run("mpar_dropout_bwd", n, "BBlfuul", &bdy, &bdx, (size_t)n, (double)p, lo, hi, (size_t)idx_off);
     read_f(&bdx, out);
     ref_dropout_bwd(dyd, dx, n, (double)p, lo, hi, idx_off);
     check_close("dropout_bwd", out, dx, n, 1e-6);
     fd_check("dropout_bwd", drop_obj, &c, xd, n, dx, out, 1e-4);
 
     /* Two halves with idx_off shifted = the whole, bit for bit (micro-batches). */
-    run("mpar_dropout_fwd", n, "BBifuui", &bx, &by, n, (double)p, lo, hi, 0);
+    run("mpar_dropout_fwd", n, "BBlfuul", &bx, &by, (size_t)n, (double)p, lo, hi, (size_t)0);
     read_f(&by, out);
     dbuf hx = dev_f(x + n / 2, n - n / 2), hy = dev_f(NULL, n - n / 2);
-    run("mpar_dropout_fwd", n - n / 2, "BBifuui", &hx, &hy, n - n / 2, (double)p, lo, hi, n / 2);
+    run("mpar_dropout_fwd", n - n / 2, "BBlfuul", &hx, &hy, (size_t)(n - n / 2), (double)p, lo, hi, (size_t)(n / 2));
     read_f(&hy, half);
     check_bits("dropout halves", out + n / 2, half, n - n / 2);
 
     /* Another seed gives another mask. */
-    run("mpar_dropout_fwd", n, "BBifuui", &bx, &by, n, (double)p, lo, hi + 1, 0);
+    run("mpar_dropout_fwd", n, "BBlfuul", &bx, &by, (size_t)n, (double)p, lo, hi + 1, (size_t)0);
     read_f(&by, half);
     int same = 0;
     for (int i = 0; i < n; ++i) same += (out[i] != 0.0f) == (half[i] != 0.0f);
     assert_true(same < n * 0.7); /* independent masks agree on ~58% */
 
     /* p = 0 is the identity. */
-    run("mpar_dropout_fwd", n, "BBifuui", &bx, &by, n, 0.0, lo, hi, 0);
+    run("mpar_dropout_fwd", n, "BBlfuul", &bx, &by, (size_t)n, 0.0, lo, hi, (size_t)0);
     read_f(&by, out);
     check_bits("dropout p=0", out, x, n);
 
@@ -803,7 +825,7 @@ static void xent_case(int rows, int classes, double offset, double sd, int fd)
     for (int r = 0; r < rows; ++r)
         if (!(targets[r] >= 0 && targets[r] < classes)) assert_true(out[r] == 0.0f);
 
-    run("mpar_loss_sum", 1, "BiB", &bloss, rows, &bs);
+    run("mpar_loss_sum", 1, "BlB", &bloss, (size_t)rows, &bs);
     read_f(&bs, sum);
     check_close("loss_sum", sum, &total, 1, 1e-5);
 
@@ -1007,7 +1029,7 @@ static void test_sgd(void** state)
             float* g = randf(n, 1.0);
             double* gd = f2d(g, n);
             dbuf bg = dev_f(g, n);
-            run("mpar_sgd_step", n, "BBBiffff", &bp, &bg, &bv, n, lr, mom, wd, gs);
+            run("mpar_sgd_step", n, "BBBlffff", &bp, &bg, &bv, (size_t)n, lr, mom, wd, gs);
             ref_sgd_step(pd, gd, vd, n, (double)(float)lr, (double)(float)mom, (double)(float)wd, (double)(float)gs);
             dev_free(&bg); free(g); free(gd);
         }
@@ -1038,7 +1060,7 @@ static void test_adamw(void** state)
         float* g = randf(n, 1.0);
         double* gd = f2d(g, n);
         dbuf bg = dev_f(g, n);
-        run("mpar_adamw_step", n, "BBBBiffffffff", &bp, &bg, &bm, &bv, n,
+        run("mpar_adamw_step", n, "BBBBlffffffff", &bp, &bg, &bm, &bv, (size_t)n,
             (double)lr, (double)b1, (double)b2, (double)eps, (double)wd, (double)c1, (double)c2, (double)gs);
         ref_adamw_step(pd, gd, md, vd, n, lr, b1, b2, eps, wd, c1, c2, gs);
         dev_free(&bg); free(g); free(gd);
@@ -1071,12 +1093,12 @@ static void test_sumsq(void** state)
     double total = want[0] + want[1] + want[2] + want[3];
     /* one stage's gradients: layer 0 (n1), a layer without parameters,
        layer 2 (n2), in one buffer (dev_f puts it at an offset) */
-    const int table[8] = {0, n1, n1, n1 + n2, 0, k1, k1, k1 + k2};
+    const cl_ulong table[8] = {0, n1, n1, n1 + n2, 0, k1, k1, k1 + k2};
     float* g = falloc(n1 + n2);
     float* norms = falloc(3);
     memcpy(g, g1, sizeof(float) * (size_t)n1);
     memcpy(g + n1, g2, sizeof(float) * (size_t)n2);
-    dbuf bg = dev_f(g, n1 + n2), bt = dev_i(table, 8), bp = dev_f(NULL, k1 + k2), bn = dev_f(NULL, 3);
+    dbuf bg = dev_f(g, n1 + n2), bt = dev_u64(table, 8), bp = dev_f(NULL, k1 + k2), bn = dev_f(NULL, 3);
     run("mpar_sumsq_layers_partial", k1 + k2, "BBiB", &bg, &bt, 3, &bp);
     run("mpar_sumsq_layers_final", 3, "BBiB", &bp, &bt, 3, &bn);
     read_f(&bp, part);
@@ -1102,7 +1124,7 @@ static void test_sumsq(void** state)
 
     /* clip: grad_scale applied through mpar_scale */
     double clip = 0.5 / sqrt(total);
-    run("mpar_scale", n2, "Bif", &bg2, n2, clip);
+    run("mpar_scale", n2, "Blf", &bg2, (size_t)n2, clip);
     float* out = falloc(n2);
     read_f(&bg2, out);
     for (int i = 0; i < n2; ++i) g2d[i] *= (double)(float)clip;

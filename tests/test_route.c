@@ -252,8 +252,8 @@ static mpar_result twice_forward(mpar_exec* ex, const mpar_layer* l, const mpar_
         return MPAR_SUCCESS;
     }
     cl_calls++;
-    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "bbi", io->x, io->y, n));
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_scale", (size_t)n, 0, "bif", io->y, n, 2.0);
+    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", io->x, io->y, (size_t)n));
+    return mpar_exec_launch(ex, "elementwise.cl", "mpar_scale", (size_t)n, 0, "Blf", io->y, (size_t)n, 2.0);
 }
 /* Backward always through its own kernel file, which has no host version:
    on the host route, OpenCL and host code alternate on one stage's memory. */
