@@ -39,8 +39,10 @@
 #                      (keeps every unpacked library: to test the --debs path
 #                      on a machine that has the packages installed)
 #   --time-limit S     the whole run in seconds (default 1800; --quick: 480)
-#   --devices SEL      MPAR_DEVICES for the device tests (default gpu; cpu
-#                      without a GPU)
+#   --devices SEL      MPAR_DEVICES for the device tests (default: gpu with two
+#                      GPUs or more; gpu,cpu with one, since the tests use
+#                      devices 0 and 1; cpu without a GPU). A selection with a
+#                      comma also sets MPAR_TEST_PLATFORMS=2 (no shared context)
 #   --mixed SEL        MPAR_DEVICES for the mixed run (default gpu,cpu; all
 #                      without a GPU, over two PoCL platforms)
 #   --tests "A B"      the tests to run, names under tests/ (test_kernels ...)
@@ -728,9 +730,12 @@ main() {
   pocl_env=(OCL_ICD_VENDORS="$ICD_CPU" POCL_DEVICES="basic basic")
   if [ "$ngpu" -gt 0 ]; then
     MODE="gpu ($ngpu GPU(s) + PoCL)"
-    test_dev=${DEV_SEL:-gpu}
+    # The tests put stages on devices 0 and 1 (some on 2): with one GPU
+    # they get the GPU and one PoCL device, on two platforms.
+    if [ "$ngpu" -ge 2 ]; then test_dev=${DEV_SEL:-gpu}; else test_dev=${DEV_SEL:-gpu,cpu}; fi
     mixed_dev=${MIXED_SEL:-gpu,cpu}
     dev_env=(OCL_ICD_VENDORS="$ICD_MIXED" POCL_DEVICES=basic MPAR_DEVICES="$test_dev")
+    case $test_dev in *,*) dev_env+=(MPAR_TEST_PLATFORMS=2) ;; esac
     mixed_env=(OCL_ICD_VENDORS="$ICD_MIXED" POCL_DEVICES=basic MPAR_DEVICES="$mixed_dev")
   else
     MODE="cpu (no GPU: PoCL only)"
