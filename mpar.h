@@ -491,10 +491,12 @@ MPARDEF mpar_result mpar_exec_fail(mpar_exec* ex, mpar_result code, const char* 
    - A cut after layer l sends layers[l].output_bytes forward (activation)
      and as many back (its gradient). Over the link a->b that costs
         X = lat(a,b) + out/bw(a,b) + lat(b,a) + out/bw(b,a)
-     A copy is charged as blocking on BOTH ends (a host-staged copy keeps the
+     A blocking copy is charged on BOTH ends (a host-staged copy keeps the
      sender's and the receiver's worker busy; nothing overlaps), so X is
      added to the stage before and to the stage after the cut:
         t_s = compute_s + X(cut before s) + X(cut after s)
+     A link that overlaps compute (mpar_plan_link.overlaps: asynchronous
+     copies) adds nothing to t_s; its X still counts in the path.
    - path = sum of compute over stages + every X once: one micro-batch's
      forward and backward through the whole chain (fill + drain).
    - Memory of a stage: sum over its layers of 2 * param_bytes (parameters
@@ -585,6 +587,11 @@ typedef struct mpar_plan_device {
 typedef struct mpar_plan_link {
     double bandwidth; /* bytes per second; 0 = unlimited */
     double latency;   /* seconds per message */
+    /* The transfer overlaps compute (an asynchronous link: copy queue,
+       events): it lengthens the path but neither stage's time. A cut's X
+       is charged to its stages only when the links of both directions
+       block. */
+    int overlaps;
 } mpar_plan_link;
 
 /* One stage of a plan. MANUAL input reads device, first_layer, last_layer. */
@@ -877,14 +884,23 @@ typedef struct mpar_sim_desc {
     /* Uneven micro-batches: micro-batch m's F, B, I, W and link delays are
        multiplied by microbatch_scale[m] (length microbatches, each > 0). */
     const double* microbatch_scale;
+    /* How links behave. 0: asynchronous copies (mpar_link_mode ASYNC, MPI):
+       a message's delay postpones its receiver and keeps nobody busy.
+       Non-zero: blocking copies (HOST_STAGED, DEVICE_COPY): the sender is
+       busy for the delay after the action that produced the message (its
+       copy out) and the receiver for the delay before the action that
+       consumes it (its copy in); the message is there when the sender's
+       copy ends. */
+    int link_blocking;
     /* The simulation and the simulator's scratch (the simulation keeps a
        copy for mpar_simulation_destroy); all NULL: MPAR_MALLOC, whatever
        the schedule was made with. */
     mpar_allocator allocator;
 } mpar_sim_desc;
 
-/* Outcome of a simulation. Links are asynchronous copies: their delay
-   postpones the receiver but does not count as busy time for anyone. */
+/* Outcome of a simulation. With asynchronous links (the default) a link's
+   delay postpones the receiver but counts as busy time for nobody; with
+   link_blocking the copies are part of the actions' times. */
 typedef struct mpar_simulation {
     int stages;
     double step_time;       /* end of the last action (the first starts at 0) */
@@ -4613,7 +4629,9 @@ typedef struct mpar__planner_ctx {
     double* mult_tab; /* P*P: stash multiplier of stage r when k devices: [(k-1)*P + r] */
     double* val[2];   /* DP rows */
     double* key;      /* window keys */
-    double* xb;       /* nmax-1 rows of L+1: transfer over each cut of each boundary */
+    double* xb;       /* nmax-1 rows of L+1: transfer over each cut of each boundary (the path's) */
+    double* xs;       /* the same, charged to the stages: 0 where the link overlaps compute */
+    int* ovl;         /* P*P: links a->b and b->a both overlap compute */
     double* zero;     /* L+1 zeros: no transfer at the chain's ends */
     double scale;     /* size of the largest stage time: slack for rounding */
     int rough;        /* hill climbing: see mpar__planner_consider_rough */
@@ -4773,8 +4791,8 @@ static double mpar__planner_layer_cost(const mpar_plan_desc* d, int l, int dev) 
 
 static int mpar__planner_alloc(mpar__planner_ctx* c) {
     size_t L1 = (size_t)c->L + 1, P = (size_t)c->P, nm = (size_t)c->nmax;
-    size_t nd = P * L1 + 4 * L1 + 3 * P * P + P + 2 * L1 + 2 * nm + nm * L1 + L1;
-    size_t ni = L1 + nm * L1 + nm + P + 5 * P + nm;
+    size_t nd = P * L1 + 4 * L1 + 3 * P * P + P + 2 * L1 + 2 * nm + 2 * nm * L1 + L1;
+    size_t ni = L1 + nm * L1 + nm + P + 5 * P + nm + P * P;
     double* dp = (double*)mpar__alloc_a(&c->d.allocator, nd * sizeof(double));
     int* ip = (int*)mpar__alloc_a(&c->d.allocator, ni * sizeof(int));
     if (!dp || !ip) {
@@ -4796,12 +4814,14 @@ static int mpar__planner_alloc(mpar__planner_ctx* c) {
     c->mult = dp;       dp += nm;
     c->scap = dp;       dp += nm;
     c->zero = dp;       dp += L1;
+    c->xs = dp;         dp += nm * L1;
     c->xb = dp;
-    c->deque = ip;      ip += L1;
+    c->deque = ip;      ip += L1; /* first: mpar__planner_ctx_free frees from here */
     c->parent = ip;     ip += nm * L1;
     c->ends = ip;       ip += nm;
     c->cls = ip;        ip += P;
     c->orders = ip;     ip += 5 * P;
+    c->ovl = ip;        ip += P * P;
     c->dev = ip;
     return 1;
 }
@@ -4842,6 +4862,7 @@ static void mpar__planner_fill_links(mpar__planner_ctx* c) {
             }
             c->lat2[a * P + b] = lat;
             c->inv2[a * P + b] = inv;
+            c->ovl[a * P + b] = ab && a != b && ab->overlaps && ba->overlaps;
         }
 }
 
@@ -4954,20 +4975,28 @@ static void mpar__planner_seq(mpar__planner_ctx* c, const int* order, int k) {
     for (s = 0; s + 1 < c->n; ++s) {
         double* row = c->xb + (size_t)s * L1;
         size_t ab = (size_t)c->dev[s] * (size_t)c->P + (size_t)c->dev[s + 1];
+        double* srow = c->xs + (size_t)s * L1;
         double lat = c->lat2[ab], inv = c->inv2[ab];
         row[0] = row[c->L] = 0.0; /* no cut there */
         for (j = 1; j < c->L; ++j) row[j] = lat + c->out[j - 1] * inv;
+        for (j = 0; j <= c->L; ++j) srow[j] = c->ovl[ab] ? 0.0 : row[j];
     }
 }
 
 /* Transfers charged to stage s: over the cut before it (at layer i) and
-   over the cut after it (at layer j). Zero rows at the chain's ends. */
+   over the cut after it (at layer j). Zero rows at the chain's ends, and
+   where the link overlaps compute. */
 static const double* mpar__planner_xin_row(const mpar__planner_ctx* c, int s) {
-    return s > 0 ? c->xb + (size_t)(s - 1) * ((size_t)c->L + 1) : c->zero;
+    return s > 0 ? c->xs + (size_t)(s - 1) * ((size_t)c->L + 1) : c->zero;
 }
 
 static const double* mpar__planner_xout_row(const mpar__planner_ctx* c, int s) {
-    return s + 1 < c->n ? c->xb + (size_t)s * ((size_t)c->L + 1) : c->zero;
+    return s + 1 < c->n ? c->xs + (size_t)s * ((size_t)c->L + 1) : c->zero;
+}
+
+/* The transfer over the cut before stage s, as the path counts it. */
+static const double* mpar__planner_xpath_row(const mpar__planner_ctx* c, int s) {
+    return s > 0 ? c->xb + (size_t)(s - 1) * ((size_t)c->L + 1) : c->zero;
 }
 
 static double mpar__planner_xin(const mpar__planner_ctx* c, int s, int i) { return mpar__planner_xin_row(c, s)[i]; }
@@ -4994,7 +5023,7 @@ enum { MPAR__PLANNER_FEASIBLE = 0, MPAR__PLANNER_SUM = 1, MPAR__PLANNER_CAPPED =
    limit): out[j] = least path. Parents go to par either way. */
 static int mpar__planner_pass(mpar__planner_ctx* c, int s, const double* in, double* outv, int* par, int sum) {
     const double* C = c->cost + (size_t)c->dev[s] * ((size_t)c->L + 1);
-    const double* xin = mpar__planner_xin_row(c, s);
+    const double* xin = sum ? mpar__planner_xpath_row(c, s) : mpar__planner_xin_row(c, s);
     const double* xout = mpar__planner_xout_row(c, s);
     const double *fixed = c->fixed, *stash = c->stash; /* locals: the compiler cannot */
     double* key = c->key;                               /* assume c's arrays stay put  */
@@ -5029,6 +5058,7 @@ static int mpar__planner_pass_capped(mpar__planner_ctx* c, int s, const double* 
     const double* C = c->cost + (size_t)c->dev[s] * ((size_t)c->L + 1);
     const double* xin = mpar__planner_xin_row(c, s);
     const double* xout = mpar__planner_xout_row(c, s);
+    const double* xp = mpar__planner_xpath_row(c, s);
     double* g = c->key;
     int lo = 0, quick = 0, i, j, any = 0;
     for (i = 0; i <= c->L; ++i) g[i] = xin[i] - C[i];
@@ -5042,8 +5072,8 @@ static int mpar__planner_pass_capped(mpar__planner_ctx* c, int s, const double* 
            room only falls as j grows, so this start only moves right. */
         while (quick < j && -C[quick] > room) ++quick;
         for (i = lo > quick ? lo : quick; i < j; ++i)
-            if (g[i] <= bound && in[i] + g[i] < best) {
-                best = in[i] + g[i];
+            if (g[i] <= bound && in[i] + (xp[i] - C[i]) < best) {
+                best = in[i] + (xp[i] - C[i]);
                 arg = i;
             }
         outv[j] = arg >= 0 ? best + C[j] : MPAR__PLANNER_INF;
@@ -5239,7 +5269,9 @@ static int mpar__planner_same(const mpar__planner_ctx* c, int d, int e) {
     for (x = 0; x < P; ++x)
         for (y = 0; y < P; ++y) {
             int px = x == d ? e : x == e ? d : x, py = y == d ? e : y == e ? d : y;
-            if (c->lat2[px * P + py] != c->lat2[x * P + y] || c->inv2[px * P + py] != c->inv2[x * P + y]) return 0;
+            if (c->lat2[px * P + py] != c->lat2[x * P + y] || c->inv2[px * P + py] != c->inv2[x * P + y] ||
+                c->ovl[px * P + py] != c->ovl[x * P + y])
+                return 0;
         }
     return 1;
 }
@@ -5566,7 +5598,7 @@ static mpar_result mpar__planner_build(mpar__planner_ctx* c, mpar_plan* p, mpar_
         }
         p->device_memory_bytes[st->device] += st->memory_bytes;
         if (p->device_memory_bytes[st->device] < st->memory_bytes) p->device_memory_bytes[st->device] = ~0ULL;
-        p->path_seconds += st->compute_seconds + mpar__planner_xin(c, s, st->first_layer);
+        p->path_seconds += st->compute_seconds + mpar__planner_xpath_row(c, s)[st->first_layer];
         if (st->time_seconds > p->bottleneck_seconds) p->bottleneck_seconds = st->time_seconds;
     }
     p->schedule = c->d.schedule;
@@ -6630,6 +6662,7 @@ typedef struct mpar__sched_costs {
     double* link;  /* [VS]: boundary j between virtual stage j and j+1 */
     double* scale; /* [M] */
     double* mem;
+    int blocking; /* mpar_sim_desc.link_blocking */
 } mpar__sched_costs;
 
 typedef struct mpar__sched_run {
@@ -6649,6 +6682,25 @@ typedef struct mpar__sched_run {
 static double mpar__sched_link(const mpar__sched_run* run, int boundary, int m) {
     if (!run->costs || run->P == 1) return 0.0; /* P == 1: every boundary is on one stage */
     return run->costs->link[boundary] * run->costs->scale[m];
+}
+/* The delay a message adds to its receiver's start: none with blocking
+   links (the receiver pays it as busy time instead). */
+static double mpar__sched_arrival(const mpar__sched_run* run, int boundary, int m) {
+    return run->costs && run->costs->blocking ? 0.0 : mpar__sched_link(run, boundary, m);
+}
+/* Blocking links: the copies an action makes itself, in and out. */
+static double mpar__sched_copies(const mpar__sched_run* run, int s, const mpar_action* a) {
+    int vs = a->chunk * run->P + s, m = a->microbatch, P = run->P;
+    double t = 0.0;
+    if (!run->costs || !run->costs->blocking) return 0.0;
+    if (a->kind == MPAR_ACTION_FORWARD) {
+        if (vs > 0 && (vs - 1) % P != s) t += mpar__sched_link(run, vs - 1, m);
+        if (vs + 1 < run->VS && (vs + 1) % P != s) t += mpar__sched_link(run, vs, m);
+    } else if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_INPUT) {
+        if (vs + 1 < run->VS && (vs + 1) % P != s) t += mpar__sched_link(run, vs, m);
+        if (vs > 0 && (vs - 1) % P != s) t += mpar__sched_link(run, vs - 1, m);
+    }
+    return t;
 }
 
 static double mpar__sched_duration(const mpar__sched_run* run, int s, const mpar_action* a) {
@@ -6685,7 +6737,7 @@ static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_actio
         *need_vs = vs - 1;
         if (run->f_end[(vs - 1) * M + m] < 0.0) return 0;
         t = run->f_end[(vs - 1) * M + m];
-        if ((vs - 1) % run->P != s) t += mpar__sched_link(run, vs - 1, m);
+        if ((vs - 1) % run->P != s) t += mpar__sched_arrival(run, vs - 1, m);
         *ready = t;
         return 1;
     }
@@ -6704,7 +6756,7 @@ static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_actio
         *need = MPAR_ACTION_BACKWARD;
         *need_vs = vs + 1;
         if (g < 0.0) return 0;
-        if ((vs + 1) % run->P != s) g += mpar__sched_link(run, vs, m);
+        if ((vs + 1) % run->P != s) g += mpar__sched_arrival(run, vs, m);
         if (g > t) t = g;
     }
     *ready = t;
@@ -6714,7 +6766,7 @@ static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_actio
 static void mpar__sched_execute(mpar__sched_run* run, int s, const mpar_action* a, double ready) {
     int k = (a->chunk * run->P + s) * run->M + a->microbatch, step = run->pos[s];
     double start = ready > run->free_at[s] ? ready : run->free_at[s];
-    double end = start + mpar__sched_duration(run, s, a);
+    double end = start + mpar__sched_duration(run, s, a) + mpar__sched_copies(run, s, a);
     switch (a->kind) {
     case MPAR_ACTION_FORWARD:
         run->f_end[k] = end;
@@ -6909,6 +6961,7 @@ static mpar_result mpar__sched_resolve(const mpar_schedule* sc, const mpar_sim_d
     for (j = 0; j < VS - 1 && r == MPAR_SUCCESS; ++j)
         r = mpar__sched_cost(&c->link[j], d->link_delay_per_boundary, d->link_delay, j, "link delay of boundary", err);
     c->link[VS - 1] = 0.0;
+    c->blocking = d->link_blocking != 0;
     for (j = 0; j < P && r == MPAR_SUCCESS; ++j)
         r = mpar__sched_cost(&c->opt[j], d->optimizer_step_per_stage, d->optimizer_step, j,
                              "optimizer step cost of stage", err);
@@ -9395,6 +9448,10 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
                          ctx->devices[a].info.type == MPAR_DEVICE_CPU || ctx->devices[b].info.type == MPAR_DEVICE_CPU;
             links[a * n + b].bandwidth = o.link_bandwidth > 0 ? o.link_bandwidth : staged ? 6e9 : 12e9;
             links[a * n + b].latency = o.link_latency > 0 ? o.link_latency : 1e-4;
+            /* the transport mpar__pick_transport will choose */
+            links[a * n + b].overlaps = d.link_mode == MPAR_LINK_ASYNC ||
+                                        (d.link_mode == MPAR_LINK_AUTO && ctx->devices[a].info.type != MPAR_DEVICE_CPU &&
+                                         ctx->devices[b].info.type != MPAR_DEVICE_CPU);
         }
     }
     layers = (mpar_plan_layer*)mpar__alloc(ctx, sizeof(mpar_plan_layer) * (size_t)model->count);

@@ -194,7 +194,7 @@ static stage_memory stage_memory_of(const mpar_model* m, const mpar_pipeline_des
     floats = (uint64_t)r.slots * (pd->recompute ? rows * in_first : act) + (uint64_t)(split ? r.slots : 1) * grad;
     floats += 3 * at_least_one(params) + (adamw ? at_least_one(params) : 1) + at_least_one(rows * scratch);
     floats += pd->recompute ? act : 1;
-    floats += n + at_least_one(partial) + rows * (uint64_t)r.slots + 1 + 2 * (n + 1);
+    floats += n + at_least_one(partial) + rows * (uint64_t)r.slots + 1 + 4 * (n + 1); /* the norm table: 2(n+1) cl_ulong */
     r.allocated = 4 * floats;
     return r;
 }
