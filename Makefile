@@ -86,6 +86,8 @@ check: deps
 	@mkdir -p build
 	$(CC) $(CSTD) $(WARN) -O1 -g -fsanitize=thread $(BLAS) -I. tests/test_pipeline.c -o build/test_pipeline_tsan $(LDLIBS)
 	TSAN_OPTIONS=halt_on_error=1 $(TEST_ENV) build/test_pipeline_tsan
+	$(CC) $(CSTD) $(WARN) -O1 -g -fsanitize=thread $(BLAS) -I. tests/test_concurrency.c -o build/test_concurrency_tsan $(LDLIBS)
+	TSAN_OPTIONS=halt_on_error=1 $(TEST_ENV) build/test_concurrency_tsan
 	@# valgrind where the sanitizers are not: the pure parts (PoCL's LLVM JIT
 	@# is too slow and too noisy under valgrind for the device tests)
 	$(CC) $(CSTD) $(WARN) -O1 -g $(BLAS) -I. tests/test_schedule.c -o build/test_schedule_vg $(LDLIBS)

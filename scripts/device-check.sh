@@ -5,22 +5,25 @@
 # device with its driver version, a one-line kernel run on each), gets the
 # build dependencies (the system's, or Debian 12 .debs unpacked with dpkg -x
 # into a folder of its own: no network, nothing written to /, /etc or /usr),
-# writes its own ICD folders and points OCL_ICD_VENDORS at them, builds the
-# tests, examples and benches with make, runs the tests on the GPU
-# (MPAR_DEVICES=gpu), runs a mixed pipeline on GPU + PoCL CPU
-# (MPAR_DEVICES=gpu,cpu) and prints the benches' `name: value` lines. With
-# no GPU it says so and runs the same steps on PoCL alone: two CPU devices,
-# and two PoCL platforms for the mixed run. Each step runs under `timeout`
-# within the whole run's time limit. Output and logs: build/device-check/
-# (log.txt: everything; summary.txt; bench.txt; steps/*.txt one per step).
-# Exits 0 when every step passed, 1 otherwise.
+# writes its own ICD folders and points OCL_ICD_VENDORS at them (never at
+# /etc), builds the tests, examples and benches with make, runs the tests on
+# the GPU (MPAR_DEVICES=gpu; with a single GPU gpu,cpu, since the tests use
+# devices 0 and 1; the tests written for PoCL alone run on PoCL), runs a
+# mixed pipeline on GPU + PoCL CPU (MPAR_DEVICES=gpu,cpu: the plan with
+# measured layer times, the demo, the benches) and prints the benches'
+# `name: value` lines. With no GPU it says so and runs the same steps on
+# PoCL alone: two CPU devices with every layer as OpenCL kernels, and two
+# PoCL platforms for the mixed run. Each step runs under `timeout` within
+# the whole run's time limit. Output and logs: build/device-check/ (log.txt:
+# everything; summary.txt; bench.txt; steps/*.txt one per step). Exits 0
+# when every step passed, 1 otherwise (2: bad options).
 #
 # Usage:
 #   scripts/device-check.sh [options]                 the check
 #   scripts/device-check.sh --download DIR [--with-data]
 #       on a machine with Debian 12's archive (amd64 packages; any host
 #       architecture): fetch the .debs of scripts/device-check-debs.txt into
-#       DIR with `apt-get download` (about 85 MB; data sets: +33 MB)
+#       DIR with `apt-get download` (74 MB; data sets: +33 MB)
 #   scripts/device-check.sh --debs DIR --pack FILE.tar.xz
 #       one trimmed archive of those .debs (no docs, static libraries, PoCL
 #       kernel libraries only for GENERIC/AVX2/AVX-512 CPUs, ...): about

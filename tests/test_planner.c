@@ -641,6 +641,32 @@ static void test_in_flight_counts(void** state) {
     assert_int_equal(mpar_plan_in_flight((mpar_schedule_kind)99, 4, 8, 1, 0), 0);
 }
 
+/* Asynchronous links overlap compute: their transfer lengthens the path
+   but neither stage's time, so a slow link no longer keeps the plan on one
+   device; one blocking direction makes the cut blocking again. */
+static void test_overlapping_links(void** state) {
+    simple s;
+    mpar_plan p;
+    int i;
+    (void)state;
+    simple_init(&s, 8, 2);
+    for (i = 0; i < 4; ++i) s.links[i].latency = 100.0, s.links[i].overlaps = 1; /* 200 s a cut, overlapped */
+    s.desc.links = s.links;
+    assert_int_equal(mpar_plan_create(&s.desc, &p, NULL), MPAR_SUCCESS);
+    assert_int_equal(p.num_stages, 2);
+    assert_true(near(p.bottleneck_seconds, 12.0));
+    for (i = 0; i < 2; ++i) {
+        assert_true(near(p.stages[i].transfer_seconds, 0.0));
+        assert_true(near(p.stages[i].time_seconds, p.stages[i].compute_seconds));
+    }
+    assert_true(near(p.path_seconds, 24.0 + 200.0));
+    mpar_plan_free(&p);
+    s.links[1].overlaps = 0; /* 0 -> 1 blocks */
+    assert_int_equal(mpar_plan_create(&s.desc, &p, NULL), MPAR_SUCCESS);
+    assert_int_equal(p.num_stages, 1);
+    mpar_plan_free(&p);
+}
+
 static void test_fewer_devices_when_links_slow(void** state) {
     simple s;
     mpar_plan p;
@@ -1023,6 +1049,7 @@ int main(void) {
         cmocka_unit_test(test_memory_small_cap),
         cmocka_unit_test(test_gpipe_vs_1f1b_memory),
         cmocka_unit_test(test_fewer_devices_when_links_slow),
+        cmocka_unit_test(test_overlapping_links),
         cmocka_unit_test(test_text_round_trip),
         cmocka_unit_test(test_parse_garbage),
         cmocka_unit_test(test_invalid_arguments),

@@ -648,6 +648,21 @@ static void test_cost_defaults_links_and_scales(void** state) {
     d = costs(1.0, 2.0, 0.0, 0.0);
     d.link_delay = 0.5; /* one activation and one gradient cross */
     assert_near(step_time(two_gp, &d), 2.0 * 3.0 + 2.0 * 0.5, 1e-12);
+    /* blocking links: each copy is busy time on both ends. s0 F + copy
+       out = 1.5; s1 copy in + F = 3; s1 B + copy out = 5.5; s0 copy in + B
+       = 8 (asynchronous: 7), and each stage is busy 1.5 + 2.5 */
+    d.link_blocking = 1;
+    {
+        mpar_simulation* sim = simulate_ok(two_gp, &d);
+        assert_near(sim->step_time, 8.0, 1e-12);
+        assert_near(sim->end[0][0], 1.5, 1e-12);
+        assert_near(sim->start[1][0], 1.5, 1e-12);
+        assert_near(sim->end[1][1], 5.5, 1e-12);
+        assert_near(sim->busy[0], 4.0, 1e-12);
+        assert_near(sim->busy[1], 4.0, 1e-12);
+        mpar_simulation_destroy(sim);
+    }
+    d.link_blocking = 0;
     d.microbatch_scale = scale; /* uneven micro-batches */
     assert_near(step_time(uneven, &d), (1.0 + 3.0) * 3.0, 1e-12);
     /* the scale applies to link delays too (activations grow with the
