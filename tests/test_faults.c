@@ -190,7 +190,7 @@ static void test_build_faults(void** state) {
    neighbour's wait (a receive when stage 0 hangs, a send finding no room
    when stage 1 hangs) times out, the step returns MPAR_ERROR_TIMEOUT once
    the sleeper is back, and the next step works. */
-static void stall_case(int where) {
+static void stall_case(int where, mpar_link_mode mode) {
     mpar_model* m = NULL;
     mpar_model_desc md;
     mpar_layer_desc ld;
@@ -215,7 +215,7 @@ static void stall_case(int where) {
     assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_GPIPE, pd.microbatches = 6;
-    pd.max_batch = BATCH, pd.link_capacity = 1, pd.timeout_seconds = 0.3;
+    pd.max_batch = BATCH, pd.link_capacity = 1, pd.timeout_seconds = 0.3, pd.link_mode = mode;
     assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_SUCCESS);
     b.inputs = x, b.targets = y, b.samples = BATCH;
     assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_SUCCESS); /* first runs done */
@@ -234,10 +234,21 @@ static void stall_case(int where) {
     mpar_model_destroy(m);
 }
 
+/* Every transport: a hung neighbour ends the step in bounded time. */
 static void test_link_timeouts(void** state) {
+    mpar_device_info a, b;
     (void)state;
-    stall_case(0);
-    stall_case(1);
+    memset(&a, 0, sizeof a), memset(&b, 0, sizeof b);
+    assert_int_equal(mpar_device_get_info(ctx, 0, &a), MPAR_SUCCESS);
+    assert_int_equal(mpar_device_get_info(ctx, 1, &b), MPAR_SUCCESS);
+    stall_case(0, MPAR_LINK_AUTO);
+    stall_case(1, MPAR_LINK_AUTO);
+    stall_case(0, MPAR_LINK_ASYNC);
+    stall_case(1, MPAR_LINK_ASYNC);
+    if (a.group == b.group) { /* a device copy needs one context */
+        stall_case(0, MPAR_LINK_DEVICE_COPY);
+        stall_case(1, MPAR_LINK_DEVICE_COPY);
+    }
 }
 
 /* A fault inside the optimizer step leaves stages out of step with each
