@@ -54,6 +54,16 @@
        0.2.0 (2026-12-01)  host route for CPU devices (MPAR_USE_CBLAS,
                            mpar_cpu_route, mpar_exec_host), launch counts,
                            mpar_device_measure_gemm
+       0.3.0 (2026-12-01)  link transports (mpar_link_mode ASYNC: copy
+                           queues, events, pinned memory), max_run_ahead,
+                           per-worker error detail, no process-wide lock
+                           and no setenv (mpar_desc.pocl_devices and the
+                           pocl_devices argument of mpar_list_devices are
+                           gone), 64-bit launch letters 'B' and 'l' (built-in
+                           kernels take ulong offsets and counts), the
+                           run-time allocator everywhere (_with
+                           constructors), link_blocking / overlaps in the
+                           simulator and planner
 
    License: MIT, see the end of this file.
 */
@@ -61,9 +71,9 @@
 #define MPAR_H
 
 #define MPAR_VERSION_MAJOR 0
-#define MPAR_VERSION_MINOR 2
+#define MPAR_VERSION_MINOR 3
 #define MPAR_VERSION_PATCH 0
-#define MPAR_VERSION_STRING "0.2.0"
+#define MPAR_VERSION_STRING "0.3.0"
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
    when defined, takes its place. */
 #define MPAR__INSTALLED_KERNEL_DIR ""
