@@ -2815,9 +2815,12 @@ static void mpar__exec_host_done(mpar_exec* ex, double t0) {
 }
 
 /* Copies between a stage buffer and host memory: memcpy on the host route,
-   a blocking transfer otherwise. */
-static mpar_result mpar__exec_transfer(mpar_exec* ex, mpar_buf b, void* host, size_t bytes, int to_device) {
+   a transfer otherwise, blocking unless `later`: then the host memory must
+   stay as it is until the queue finishes (the worker drains its queues
+   before a job returns, so memory that outlives the job qualifies). */
+static mpar_result mpar__exec_copy(mpar_exec* ex, mpar_buf b, void* host, size_t bytes, int to_device, int later) {
     unsigned char* h = mpar__exec_host_ptr(ex, b.mem);
+    cl_bool blocking = later ? CL_FALSE : CL_TRUE;
     cl_int st;
     if (h) {
         MPAR__TRY(mpar__exec_sync(ex));
@@ -2825,9 +2828,13 @@ static mpar_result mpar__exec_transfer(mpar_exec* ex, mpar_buf b, void* host, si
         else memcpy(host, h + 4 * b.off, bytes);
         return MPAR_SUCCESS;
     }
-    st = to_device ? clEnqueueWriteBuffer(ex->queue, b.mem, CL_TRUE, b.off * 4, bytes, host, 0, NULL, NULL)
-                   : clEnqueueReadBuffer(ex->queue, b.mem, CL_TRUE, b.off * 4, bytes, host, 0, NULL, NULL);
+    st = to_device ? clEnqueueWriteBuffer(ex->queue, b.mem, blocking, b.off * 4, bytes, host, 0, NULL, NULL)
+                   : clEnqueueReadBuffer(ex->queue, b.mem, blocking, b.off * 4, bytes, host, 0, NULL, NULL);
+    if (later) ex->cl_pending = 1;
     return mpar__cl_check(ex->ctx, st, to_device ? "clEnqueueWriteBuffer" : "clEnqueueReadBuffer", __FILE__, __LINE__);
+}
+static mpar_result mpar__exec_transfer(mpar_exec* ex, mpar_buf b, void* host, size_t bytes, int to_device) {
+    return mpar__exec_copy(ex, b, host, bytes, to_device, 0);
 }
 
 /* Host versions of the built-in kernels (kernels/<file>.cl). Each function
@@ -7916,12 +7923,22 @@ static mpar_buf mpar__buf0(cl_mem m) {
     return b;
 }
 
-static mpar_result mpar__upload(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems) {
+static mpar_result mpar__upload_to(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems,
+                                   int later) {
     mpar_buf b;
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
         return mpar__fail(w->p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "clEnqueueWriteBuffer: injected transfer fault");
     b.mem = mem, b.off = off_elems;
-    return mpar__exec_transfer(&w->ex, b, (void*)(uintptr_t)src, elems * 4, 1);
+    return mpar__exec_copy(&w->ex, b, (void*)(uintptr_t)src, elems * 4, 1, later);
+}
+/* Blocking: `src` may be freed right after. */
+static mpar_result mpar__upload(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems) {
+    return mpar__upload_to(w, mem, off_elems, src, elems, 0);
+}
+/* From the batch, which the caller keeps until the job returns: the
+   worker goes on while the device copies. */
+static mpar_result mpar__upload_batch(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems) {
+    return mpar__upload_to(w, mem, off_elems, src, elems, 1);
 }
 
 static int mpar__slot_of(const mpar__vstage* v, int mb) {
@@ -7967,14 +7984,14 @@ static mpar_result mpar__last_stage_outputs(mpar__worker* w, mpar__vstage* v, in
     if (p->job == MPAR__JOB_INFER && p->infer_out) {
         int k = (last->type->flags & MPAR_LAYER_LOSS) ? v->n - 1 : v->n;
         size_t width = v->act_cum[k + 1] - v->act_cum[k];
-        MPAR__TRY(mpar__exec_transfer(&w->ex, mpar__act(p, v, slot, k), p->infer_out + row0 * width,
-                                      (size_t)rows * width * 4, 0));
+        MPAR__TRY(mpar__exec_copy(&w->ex, mpar__act(p, v, slot, k), p->infer_out + row0 * width,
+                                  (size_t)rows * width * 4, 0, 1)); /* read when the job has drained */
     }
     if (!p->batch->targets || !(last->type->flags & MPAR_LAYER_LOSS)) return MPAR_SUCCESS;
     sum.mem = v->losses, sum.off = 0;
     MPAR__TRY(mpar_exec_launch(&w->ex, "loss.cl", "mpar_loss_sum", 1, 0, "BlB", mpar__act(p, v, slot, v->n),
                                (size_t)rows, sum));
-    MPAR__TRY(mpar__exec_transfer(&w->ex, sum, &p->mb_loss[mb], sizeof(float), 0));
+    MPAR__TRY(mpar__exec_copy(&w->ex, sum, &p->mb_loss[mb], sizeof(float), 0, 1)); /* read when the job has drained */
     return MPAR_SUCCESS;
 }
 
@@ -7992,12 +8009,12 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     MPAR__TRY(mpar__out_guard(w, v->act_slots[slot]));
     MPAR__TRY(mpar__out_guard(w, v->work));
     if (v->index == 0)
-        MPAR__TRY(mpar__upload(w, v->act_slots[slot], 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
-                               (size_t)rows * (size_t)first->in_features));
+        MPAR__TRY(mpar__upload_batch(w, v->act_slots[slot], 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
+                                     (size_t)rows * (size_t)first->in_features));
     else
         MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__act(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
     if (v->index == p->vs_count - 1 && p->batch->targets)
-        MPAR__TRY(mpar__upload(w, v->targets, (size_t)slot * (size_t)p->mb_rows_max, p->batch->targets + row0,
+        MPAR__TRY(mpar__upload_batch(w, v->targets, (size_t)slot * (size_t)p->mb_rows_max, p->batch->targets + row0,
                                (size_t)rows));
     mpar__serial_begin(w);
     r = mpar__layers_forward(w, v, slot, mb);
