@@ -2734,6 +2734,7 @@ struct mpar_exec {
     const int* step;
     int host_route;      /* built-in kernels and GEMMs run as host code */
     int cl_pending;      /* OpenCL commands enqueued and not yet waited for */
+    int gemm_ready;      /* CLBlast's caches hold this executor's device (mpar__clblast_fill_lock) */
     double host_start, host_end; /* profiling: host-route work since the last interval (0: none) */
     uint64_t launches, cl_launches; /* since the job began */
 #ifdef MPAR_TEST_DEFER_COPIES
@@ -3909,6 +3910,20 @@ MPARDEF mpar_result mpar_exec_launch(mpar_exec* ex, const char* file, const char
     return MPAR_SUCCESS;
 }
 
+/* CLBlast keeps process-wide caches (parameter databases, programs) that
+   its first call on a device fills. Before 1.6.1 (Debian 12 ships 1.5.2)
+   two threads filling them at once corrupt them (measured here: ASan
+   heap-use-after-free in clblast::Database, two pipelines' first GEMMs on
+   two contexts; CLBlast issue #486) or make one call fail ("object already
+   in cache"). So the first CLBlast call of every executor holds this lock,
+   the one lock mpar shares across contexts, for that call only; a
+   pipeline's later GEMMs never take it. (It stays allocated for the
+   process: CLBlast's caches do too.) */
+static pthread_mutex_t* mpar__clblast_fill_lock(void) {
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    return &lock;
+}
+
 MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size_t m, size_t n, size_t k, float alpha,
                                    mpar_buf a, size_t lda, mpar_buf b, size_t ldb, float beta, mpar_buf c,
                                    size_t ldc) {
@@ -3939,9 +3954,14 @@ MPARDEF mpar_result mpar_exec_gemm(mpar_exec* ex, int trans_a, int trans_b, size
     ev = mpar__exec_event_slot(ex);
     if (mpar__exec_fault(ex, MPAR__FAULT_ENQUEUE))
         return mpar__fail(ex->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "CLBlastSgemm: injected enqueue fault");
+    if (!ex->gemm_ready) pthread_mutex_lock(mpar__clblast_fill_lock());
     st = CLBlastSgemm(CLBlastLayoutRowMajor, trans_a ? CLBlastTransposeYes : CLBlastTransposeNo,
                       trans_b ? CLBlastTransposeYes : CLBlastTransposeNo, m, n, k, alpha, a.mem, a.off, lda, b.mem,
                       b.off, ldb, beta, c.mem, c.off, ldc, &ex->queue, ev);
+    if (!ex->gemm_ready) {
+        ex->gemm_ready = st == CLBlastSuccess;
+        pthread_mutex_unlock(mpar__clblast_fill_lock());
+    }
     mpar__exec_event_taken(ex, ev, st == CLBlastSuccess);
     ex->cl_pending = 1;
     ex->launches++, ex->cl_launches++;

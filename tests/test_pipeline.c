@@ -95,6 +95,7 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     pd.optimizer.clip_norm = 0.5f;
     pd.recompute = g_recompute;
     pd.link_mode = g_link_mode;
+    pd.max_run_ahead = g_link_mode == MPAR_LINK_ASYNC ? 1 : 0; /* the tightest bound, and the default (4) */
     if (mpar_pipeline_create(ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
     b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
     for (step = 0; step < STEPS; step++) {
@@ -285,6 +286,13 @@ static void test_bad_input(void** state) {
     assert_non_null(strstr(mpar_last_error(g_ctx_sep), "do not share"));
     pd.link_mode = (mpar_link_mode)7;
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    pd.link_mode = MPAR_LINK_AUTO, pd.max_run_ahead = -1;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "max_run_ahead -1"));
+    pd.max_run_ahead = 65;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "max_run_ahead 65"));
+    pd.max_run_ahead = 0;
     pd.link_mode = MPAR_LINK_AUTO, pd.stages = gap, pd.stage_count = 2;
     pd.stages = NULL, pd.stage_count = 0, pd.max_batch = 0;
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
