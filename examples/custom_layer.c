@@ -24,20 +24,20 @@ static mpar_result swish_setup(mpar_layer* l, mpar_error* err) {
     return MPAR_SUCCESS;
 }
 static mpar_result swish_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features, i;
+    size_t n = (size_t)io->rows * (size_t)l->in_features, i;
     float *x = mpar_exec_host(ex, io->x), *y = mpar_exec_host(ex, io->y);
     if (x && y) { /* host route: plain C, no kernel launch */
         for (i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
         return MPAR_SUCCESS;
     }
-    return mpar_exec_launch(ex, "swish.cl", "swish_fwd", (size_t)n, 0, "bbi", io->x, io->y, n);
+    return mpar_exec_launch(ex, "swish.cl", "swish_fwd", n, 0, "BBl", io->x, io->y, n);
 }
 /* OpenCL only: on the host route this kernel runs through OpenCL on the
    stage's memory, between host-code calls. */
 static mpar_result swish_backward_input(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
+    size_t n = (size_t)io->rows * (size_t)l->in_features;
     if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "swish.cl", "swish_bwd", (size_t)n, 0, "bbbi", io->x, io->dy, io->dx, n);
+    return mpar_exec_launch(ex, "swish.cl", "swish_bwd", n, 0, "BBBl", io->x, io->dy, io->dx, n);
 }
 static const mpar_layer_type swish_type = {"swish", 0, swish_setup, NULL, swish_forward, swish_backward_input, NULL};
 

@@ -7,6 +7,8 @@
 set -u
 top=$(cd "$(dirname "$0")/.." && pwd)
 export MPAR_CACHE_DIR="${MPAR_CACHE_DIR:-$top/build/cache}"
+# mpar never sets PoCL's devices; the tests want two one-core ones
+export POCL_DEVICES="${POCL_DEVICES:-basic basic}"
 passed=0 failed=0 failures=()
 run() {
   local label=$1; shift
