@@ -200,11 +200,10 @@ static void check_fault(const char* spec) {
     if (!ctx) { /* the few fields mpar_set_fault and mpar__fail use */
         ctx = (mpar_context*)calloc(1, sizeof *ctx);
         pthread_mutex_init(&ctx->lock, NULL);
-        ctx->error_cap = 512;
-        ctx->error = (char*)malloc(ctx->error_cap);
+        ctx->error = (char*)calloc(1, 1);
     }
     ctx->fault_kind = 77, ctx->fault_stage = 77, ctx->fault_step = 77, ctx->fault_nth = 77;
-    memset(ctx->error, 0x5a, ctx->error_cap);
+    ctx->error[0] = '\0'; /* a refusal must publish a new, non-empty message */
     ok = ref_fault(spec, want);
     r = mpar_set_fault(ctx, spec);
     if (r == MPAR_SUCCESS) {
@@ -212,7 +211,7 @@ static void check_fault(const char* spec) {
                                                              ctx->fault_nth != want[3])))
             __builtin_trap();
     } else {
-        if (ok || r != MPAR_ERROR_INVALID_ARGUMENT || !memchr(ctx->error, '\0', ctx->error_cap) || !ctx->error[0])
+        if (ok || r != MPAR_ERROR_INVALID_ARGUMENT || !ctx->error[0] || strlen(mpar_last_error(ctx)) == 0)
             __builtin_trap();
         if (ctx->fault_kind != 77 || ctx->fault_stage != 77 || ctx->fault_step != 77 || ctx->fault_nth != 77)
             __builtin_trap(); /* a refused spec changes nothing */
