@@ -68,8 +68,13 @@ test: all $(ICD2)
 	else echo "MPI tests skipped: no mpicc (apt-get install openmpi-bin libopenmpi-dev)"; fi
 
 # Stages in separate processes: 2 and 3 ranks on this machine, one PoCL
-# device each. mpirun needs both flags to run as root on two cores.
-MPIRUN = mpirun --allow-run-as-root --oversubscribe
+# device each. mpirun needs the first two flags to run as root on two cores.
+# --bind-to none: with 2 ranks Open MPI pins each to one core, so a rank that
+# drives two devices ran both stage threads on one core (bench_mpi's
+# in-process 2-device step was 1.0x one device). A rank needs a core per
+# device it drives; on a bigger machine `--map-by slot:PE=<devices per rank>`
+# gives it those (on these 2 cores it binds every rank to both, the same).
+MPIRUN = mpirun --allow-run-as-root --oversubscribe --bind-to none
 tests/mpi/test_mpi: tests/mpi/test_mpi.c $(HDR) tests/stall_layer.h | deps
 	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
 bench/mpi/bench_mpi: bench/mpi/bench_mpi.c $(HDR) | deps
