@@ -7058,7 +7058,7 @@ static int mpar__mpi_peer_aborted(mpar_pipeline* p) {
 typedef struct {
     double spin_s, nap_min_s, nap_max_s;
 } mpar__mpi_polling;
-static mpar__mpi_polling mpar__mpi_polling_policy = {0, 100e-6, 100e-6};
+static mpar__mpi_polling mpar__mpi_polling_policy = {50e-6, 5e-6, 250e-6};
 
 static void mpar__mpi_nap(double waited) {
     const mpar__mpi_polling* how = &mpar__mpi_polling_policy;
