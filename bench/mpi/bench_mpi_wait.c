@@ -16,7 +16,9 @@
                                     MPI_Wait's is printed alone)
      mpi_wait_added_latency_us[_<strategy>]: ping-pong round trip minus plain
                                     MPI_Wait's round trip
-   Medians over the trials. */
+   Medians over the trials. With other processes on the cores the wake-up
+   delays are the scheduler's (several ms, spinners the latest), not the
+   policy's: read them on an idle machine. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -32,7 +34,7 @@ typedef struct {
 
 static strategy strategies[] = {
     {"plain", 1, {0, 0, 0}},
-    {"nap100", 0, {0, 100e-6, 100e-6}},           /* mpar until now: a fixed 100 us nap */
+    {"nap100", 0, {0, 100e-6, 100e-6}},           /* mpar until 42f599c: a fixed 100 us nap */
     {"spin", 0, {1e9, 0, 0}},                     /* MPI_Test back to back */
     {"spin50_cap100", 0, {50e-6, 5e-6, 100e-6}},  /* adaptive: spin 50 us, then doubling naps up to... */
     {"spin50_cap250", 0, {50e-6, 5e-6, 250e-6}},
