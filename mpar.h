@@ -7457,6 +7457,29 @@ static int mpar__mpi_peer_aborted(mpar_pipeline* p) {
     return p->peer_failed;
 }
 
+/* How mpar__mpi_wait polls: MPI_Test back to back for the first spin_s of a
+   wait (a message due soon costs no nap), then a nap as long as the time
+   already waited past spin_s (so naps double), from nap_min_s up to
+   nap_max_s (so a long wait burns little CPU and is noticed within about
+   nap_max_s, plus the kernel's timer slack: 50 us by default). Aborts, peer
+   failures and the timeout are checked after every poll. Benchmarks
+   (bench/mpi/bench_mpi_wait.c) set other values; nothing else writes it. */
+typedef struct {
+    double spin_s, nap_min_s, nap_max_s;
+} mpar__mpi_polling;
+static mpar__mpi_polling mpar__mpi_polling_policy = {50e-6, 5e-6, 250e-6};
+
+static void mpar__mpi_nap(double waited) {
+    const mpar__mpi_polling* how = &mpar__mpi_polling_policy;
+    double nap = waited - how->spin_s;
+    struct timespec ts;
+    if (nap < 0) return;
+    nap = nap < how->nap_min_s ? how->nap_min_s : nap > how->nap_max_s ? how->nap_max_s : nap;
+    ts.tv_sec = (time_t)nap;
+    ts.tv_nsec = (long)((nap - (double)ts.tv_sec) * 1e9);
+    nanosleep(&ts, NULL);
+}
+
 /* Waits for a request, polling for local aborts, peer failures and the
    timeout; an abandoned receive is cancelled, a send left to finish. */
 static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* req, int is_send, int mb) {
@@ -7464,7 +7487,6 @@ static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* r
     double t0 = mpar__now();
     for (;;) {
         int done = 0, aborted;
-        struct timespec nap = {0, 100000};
         if (MPI_Test(req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
             return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Test failed on the link to rank %d", l->peer);
         if (done) return MPAR_SUCCESS;
@@ -7486,7 +7508,7 @@ static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* r
             return mpar__fail(p->ctx, MPAR_ERROR_TIMEOUT, "%s micro-batch %d %s rank %d waited over %g s",
                               is_send ? "sending" : "receiving", mb, is_send ? "to" : "from", l->peer, l->timeout);
         }
-        nanosleep(&nap, NULL);
+        mpar__mpi_nap(mpar__now() - t0);
     }
 }
 

@@ -3,11 +3,17 @@
    `mpirun -np 2 bench/mpi/bench_mpi`; prints, on rank 0:
      speedup_mpi_2rank: <1 device in one process / 2 ranks>
      speedup_2dev_1process: <1 device / 2 devices in one process>
-     mpi_over_1process_2dev: <2 ranks / 2 devices in one process>  (what MPI costs) */
+     mpi_over_1process_2dev: <2 ranks / 2 devices in one process>  (what MPI costs)
+     cpus_rank0: <CPUs rank 0 may run on>
+   The 2-device figures need a CPU per device: with Open MPI's default of
+   one core per rank (2 ranks), both devices of rank 0 share one core; run
+   mpirun with --bind-to none (the Makefile does). */
+#define _GNU_SOURCE /* sched_getaffinity */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
 #include <mpi.h>
+#include <sched.h>
 
 enum { WIDTH = 384, BLOCKS = 6, BATCH = 256, M = 8, STEPS = 6 };
 static int rank, size;
@@ -71,6 +77,8 @@ int main(int argc, char** argv) {
     mpar_model_desc md;
     uint64_t s = 3;
     double one = 0, two = 0, ranks = 0;
+    int cpus = 0;
+    cpu_set_t set;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
@@ -96,6 +104,9 @@ int main(int argc, char** argv) {
     mpar_model_add_simple(model, mpar_layer_cross_entropy(), &err);
     for (i = 0; i < BATCH * WIDTH; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
     for (i = 0; i < BATCH; i++) y[i] = (int32_t)(mpar__rng_next(&s) % 10);
+    if (sched_getaffinity(0, sizeof set, &set) == 0) cpus = CPU_COUNT(&set);
+    if (rank == 0 && cpus < 2)
+        fprintf(stderr, "bench_mpi: rank 0 may run on %d CPU: its 2 devices share it (mpirun --bind-to none)\n", cpus);
     for (i = 0; i < 2; i++) { /* alternate, twice, so drift hits all three */
         if (rank == 0) one += run(1, 0, 0), two += run(2, 1, 0);
         quiet_barrier();
@@ -108,6 +119,7 @@ int main(int argc, char** argv) {
         printf("speedup_mpi_2rank: %.3f\n", one / ranks);
         printf("speedup_2dev_1process: %.3f\n", one / two);
         printf("mpi_over_1process_2dev: %.3f\n", ranks / two);
+        printf("cpus_rank0: %d\n", cpus);
     }
     mpar_model_destroy(model);
     mpar_destroy(ctx);
