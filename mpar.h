@@ -7286,6 +7286,13 @@ typedef struct mpar__vstage {
 
 typedef enum { MPAR__JOB_NONE, MPAR__JOB_GRADS, MPAR__JOB_STEP, MPAR__JOB_INFER } mpar__job;
 
+#ifdef MPAR_USE_MPI
+/* How an MPI wait polls (mpar__mpi_nap). */
+typedef struct mpar__mpi_polling {
+    double spin_s, nap_min_s, nap_max_s;
+} mpar__mpi_polling;
+#endif
+
 typedef struct mpar__worker {
     struct mpar_pipeline* p;
     int index, device;
@@ -7348,6 +7355,7 @@ struct mpar_pipeline {
     int stage_rank[MPAR__MAX_WORKERS];
 #ifdef MPAR_USE_MPI
     MPI_Comm comm;
+    mpar__mpi_polling mpi_polling; /* how this pipeline's links wait (mpar__mpi_wait) */
 #endif
     double t0; /* host time the current step began (timeline origin) */
     uint64_t step_seed;  /* dropout seed of the current step (model seed and step) */
@@ -7462,15 +7470,12 @@ static int mpar__mpi_peer_aborted(mpar_pipeline* p) {
    already waited past spin_s (so naps double), from nap_min_s up to
    nap_max_s (so a long wait burns little CPU and is noticed within about
    nap_max_s, plus the kernel's timer slack: 50 us by default). Aborts, peer
-   failures and the timeout are checked after every poll. Benchmarks
-   (bench/mpi/bench_mpi_wait.c) set other values; nothing else writes it. */
-typedef struct {
-    double spin_s, nap_min_s, nap_max_s;
-} mpar__mpi_polling;
-static mpar__mpi_polling mpar__mpi_polling_policy = {50e-6, 5e-6, 250e-6};
+   failures and the timeout are checked after every poll. Each pipeline
+   keeps its own copy (p->mpi_polling, from mpar__mpi_polling_default);
+   bench/mpi/bench_mpi_wait.c tries others on its pipeline. */
+static const mpar__mpi_polling mpar__mpi_polling_default = {50e-6, 5e-6, 250e-6};
 
-static void mpar__mpi_nap(double waited) {
-    const mpar__mpi_polling* how = &mpar__mpi_polling_policy;
+static void mpar__mpi_nap(const mpar__mpi_polling* how, double waited) {
     double nap = waited - how->spin_s;
     struct timespec ts;
     if (nap < 0) return;
@@ -7508,7 +7513,7 @@ static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* r
             return mpar__fail(p->ctx, MPAR_ERROR_TIMEOUT, "%s micro-batch %d %s rank %d waited over %g s",
                               is_send ? "sending" : "receiving", mb, is_send ? "to" : "from", l->peer, l->timeout);
         }
-        mpar__mpi_nap(mpar__now() - t0);
+        mpar__mpi_nap(&p->mpi_polling, mpar__now() - t0);
     }
 }
 
@@ -9200,6 +9205,9 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
 static mpar_result mpar__setup_ranks(mpar_pipeline* p) {
     int i;
     p->rank = 0, p->ranks = 1;
+#ifdef MPAR_USE_MPI
+    p->mpi_polling = mpar__mpi_polling_default;
+#endif
     if (p->desc.mpi_comm) {
 #ifdef MPAR_USE_MPI
         int level = 0;

@@ -8,9 +8,9 @@
        late it saw the message (its return minus rank 0's send time);
      - a ping-pong of an 8-byte message, each receive through the strategy,
        against plain MPI_Wait (which spins) on both sides.
-   Every strategy runs through mpar__mpi_wait, with mpar__mpi_polling_policy
+   Every strategy runs through mpar__mpi_wait, with the pipeline's mpi_polling
    set to it. Prints, on rank 1, per strategy and then for mpar's own
-   (mpar__mpi_polling_policy as compiled):
+   (the pipeline's mpi_polling as compiled):
      mpi_wait_cpu_fraction[_<strategy>]: CPU s per wall s while waiting
      mpi_wait_wake_us[_<strategy>]: message sent to wait returned (plain
                                     MPI_Wait's is printed alone)
@@ -60,7 +60,7 @@ static void wait_with(const strategy* s, MPI_Request* req, int is_send) {
         MPI_Wait(req, MPI_STATUS_IGNORE);
         return;
     }
-    mpar__mpi_polling_policy = s->how;
+    w->p->mpi_polling = s->how; /* this pipeline's links wait this way */
     r = mpar__mpi_wait(w, l, req, is_send, 0);
     if (r != MPAR_SUCCESS) {
         fprintf(stderr, "rank %d: wait failed: %s\n", rank, mpar_last_error(w->p->ctx));
@@ -135,7 +135,7 @@ int main(int argc, char** argv) {
     static float x[4 * 8];
     static int32_t y[4];
     mpar_batch b;
-    strategies[NS - 1].how = mpar__mpi_polling_policy;
+    strategies[NS - 1].how = mpar__mpi_polling_default;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
