@@ -7517,10 +7517,13 @@ static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* r
     }
 }
 
-static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
+/* Transport functions with ring 0: `unused` is -1, the link picks its own
+   host buffer. */
+static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, int unused, mpar_buf src, size_t floats, int mb) {
     mpar_pipeline* p = w->p;
     int slot = l->next % l->capacity;
     MPI_Request* req = (MPI_Request*)l->requests + slot;
+    (void)unused;
     double t_wait = mpar__now(), t_copy;
     if (l->pending[slot]) { /* the buffer's previous message must be out first */
         mpar_result r = mpar__mpi_wait(w, l, req, 1, mb);
@@ -7540,11 +7543,12 @@ static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, mpar_buf src, 
     return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__mpi_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, size_t floats, int mb) {
+static mpar_result mpar__mpi_recv(mpar__worker* w, mpar__link* l, int unused, mpar_buf dst, size_t floats, int mb) {
     mpar_pipeline* p = w->p;
     MPI_Request req;
     double t_wait = mpar__now(), t_copy;
     mpar_result r;
+    (void)unused;
     if (MPI_Irecv(l->host[0], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(l, mb), p->comm, &req) != MPI_SUCCESS)
         return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Irecv of micro-batch %d from rank %d failed", mb, l->peer);
     r = mpar__mpi_wait(w, l, &req, 0, mb);
@@ -7776,16 +7780,6 @@ static mpar_result mpar__link_init_buffers(struct mpar_pipeline* p, mpar__link* 
                                            const struct mpar__vstage* to);
 static void mpar__link_release_buffers(struct mpar_pipeline* p, mpar__link* l);
 
-#ifdef MPAR_USE_MPI
-static mpar_result mpar__mpi_send_t(mpar__worker* w, mpar__link* l, int slot, mpar_buf src, size_t floats, int mb) {
-    (void)slot;
-    return mpar__mpi_send(w, l, src, floats, mb);
-}
-static mpar_result mpar__mpi_recv_t(mpar__worker* w, mpar__link* l, int slot, mpar_buf dst, size_t floats, int mb) {
-    (void)slot;
-    return mpar__mpi_recv(w, l, dst, floats, mb);
-}
-#endif
 static void mpar__no_abort(mpar__link* l) { (void)l; }
 
 static const mpar__transport mpar__transport_device_copy = {
@@ -7799,7 +7793,7 @@ static const mpar__transport mpar__transport_async = {
     mpar__async_abort, mpar__link_release_buffers};
 #ifdef MPAR_USE_MPI
 static const mpar__transport mpar__transport_mpi = {
-    "MPI", MPAR_LINK_HOST_STAGED, 0, 0, mpar__link_init_buffers, mpar__mpi_send_t, mpar__mpi_recv_t,
+    "MPI", MPAR_LINK_HOST_STAGED, 0, 0, mpar__link_init_buffers, mpar__mpi_send, mpar__mpi_recv,
     mpar__no_abort, mpar__link_release_buffers};
 #endif
 
@@ -8985,14 +8979,17 @@ static mpar_result mpar__copy_queue(mpar_pipeline* p, mpar__worker* w) {
    measured PoCL choice: through host memory when either end is a CPU
    device (CPU devices live in host memory, and PoCL serialises a buffer
    shared by two of its devices). */
+static mpar_link_mode mpar__link_mode_for(mpar_link_mode asked, const mpar_device_info* a, const mpar_device_info* b) {
+    if (asked != MPAR_LINK_AUTO) return asked;
+    return a->type != MPAR_DEVICE_CPU && b->type != MPAR_DEVICE_CPU ? MPAR_LINK_ASYNC : MPAR_LINK_HOST_STAGED;
+}
+
 static mpar_result mpar__pick_transport(mpar_pipeline* p, mpar__link* l, const mpar__device* a, const mpar__device* b,
                                         int from_device, int to_device) {
-    mpar_link_mode m = p->desc.link_mode;
+    mpar_link_mode m = mpar__link_mode_for(p->desc.link_mode, &a->info, &b->info);
     if (m == MPAR_LINK_DEVICE_COPY && a->info.group != b->info.group)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "link_mode DEVICE_COPY: devices %d and %d do not "
                           "share a cl_context (use ASYNC or HOST_STAGED)", from_device, to_device);
-    if (m == MPAR_LINK_AUTO)
-        m = (a->info.type != MPAR_DEVICE_CPU && b->info.type != MPAR_DEVICE_CPU) ? MPAR_LINK_ASYNC : MPAR_LINK_HOST_STAGED;
     l->t = m == MPAR_LINK_DEVICE_COPY ? &mpar__transport_device_copy
          : m == MPAR_LINK_ASYNC ? &mpar__transport_async : &mpar__transport_host_staged;
     l->cross = m == MPAR_LINK_ASYNC && a->info.group != b->info.group;
@@ -9525,10 +9522,8 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
                          ctx->devices[a].info.type == MPAR_DEVICE_CPU || ctx->devices[b].info.type == MPAR_DEVICE_CPU;
             links[a * n + b].bandwidth = o.link_bandwidth > 0 ? o.link_bandwidth : staged ? 6e9 : 12e9;
             links[a * n + b].latency = o.link_latency > 0 ? o.link_latency : 1e-4;
-            /* the transport mpar__pick_transport will choose */
-            links[a * n + b].overlaps = d.link_mode == MPAR_LINK_ASYNC ||
-                                        (d.link_mode == MPAR_LINK_AUTO && ctx->devices[a].info.type != MPAR_DEVICE_CPU &&
-                                         ctx->devices[b].info.type != MPAR_DEVICE_CPU);
+            links[a * n + b].overlaps = /* the transport the pipeline will choose */
+                mpar__link_mode_for(d.link_mode, &ctx->devices[a].info, &ctx->devices[b].info) == MPAR_LINK_ASYNC;
         }
     }
     layers = (mpar_plan_layer*)mpar__alloc(ctx, sizeof(mpar_plan_layer) * (size_t)model->count);
