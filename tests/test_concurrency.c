@@ -18,6 +18,8 @@
 #include <cmocka.h>
 #include <time.h>
 
+#include "stall_layer.h"
+
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
 
 enum { IN = 8, BATCH = 8 };
@@ -54,11 +56,6 @@ static int rendezvous(double seconds) {
 /* A copy layer whose first training forward of a step waits for the other
    pipeline's (or, in the failure test, fails). */
 static int g_fail_mode; /* 0: meet and go on; 1: meet, then fail; 2: just copy */
-static mpar_result meet_setup(mpar_layer* l, mpar_error* err) {
-    (void)err;
-    l->out_features = l->in_features;
-    return MPAR_SUCCESS;
-}
 static mpar_result meet_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     size_t n = (size_t)io->rows * (size_t)l->in_features;
     /* failure test: layer 1 (stage 0) at its second micro-batch, layer 3
@@ -76,12 +73,8 @@ static mpar_result meet_forward(mpar_exec* ex, const mpar_layer* l, const mpar_i
     }
     return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", n, 0, "BBl", io->x, io->y, n);
 }
-static mpar_result meet_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    size_t n = (size_t)io->rows * (size_t)l->in_features;
-    if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", n, 0, "BBl", io->dy, io->dx, n);
-}
-static const mpar_layer_type meet_type = {"meet", 0, meet_setup, NULL, meet_forward, meet_backward, NULL};
+/* setup and backward: tests/stall_layer.h's copy layer */
+static const mpar_layer_type meet_type = {"meet", 0, stall_setup, NULL, meet_forward, stall_backward, NULL};
 
 /* linear, meet, linear, meet, linear, cross-entropy */
 static mpar_model* make_model(void) {

@@ -20,6 +20,8 @@
 #include <dirent.h>
 #include <cmocka.h>
 
+#include "stall_layer.h"
+
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
 
@@ -241,23 +243,13 @@ static void test_cache_trailing_bytes(void** state) {
 
 /* ---- 4. model and layers ---- */
 
-/* A user layer that passes its input on and records need_dx (desc.user). */
-static mpar_result probe_setup(mpar_layer* l, mpar_error* err) {
-    (void)err;
-    l->out_features = l->in_features;
-    return MPAR_SUCCESS;
-}
-static mpar_result probe_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", io->x, io->y, (size_t)n);
-}
+/* A user layer that passes its input on (tests/stall_layer.h's copy
+   layer) and records need_dx (desc.user). */
 static mpar_result probe_backward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
-    int n = io->rows * l->in_features;
     *(int*)l->desc.user = io->need_dx;
-    if (!io->need_dx) return MPAR_SUCCESS;
-    return mpar_exec_launch(ex, "elementwise.cl", "mpar_copy", (size_t)n, 0, "BBl", io->dy, io->dx, (size_t)n);
+    return stall_backward(ex, l, io);
 }
-static const mpar_layer_type probe_type = {"probe", 0, probe_setup, NULL, probe_forward, probe_backward, NULL};
+static const mpar_layer_type probe_type = {"probe", 0, stall_setup, NULL, stall_forward, probe_backward, NULL};
 
 /* layer-need-dx-always: the model's first layer is told its input gradient
    is not needed; every other layer is told it is. */
@@ -509,7 +501,7 @@ static mpar_result twice_backward(mpar_exec* ex, const mpar_layer* l, const mpar
     if (!io->need_dx) return MPAR_SUCCESS;
     return mpar_exec_launch(ex, "gaps_twice.cl", "gaps_twice", (size_t)n, 0, "bbi", io->dy, io->dx, n);
 }
-static const mpar_layer_type twice_type = {"twice", 0, probe_setup, NULL, twice_forward, twice_backward, NULL};
+static const mpar_layer_type twice_type = {"twice", 0, stall_setup, NULL, twice_forward, twice_backward, NULL};
 
 /* One stage on device 0; the user kernel comes from g_dir. kinds: 'L'
    linear (width), 'T' twice, 'R' relu, 'X' cross-entropy. */

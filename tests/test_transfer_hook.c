@@ -90,38 +90,30 @@ static float* run_on(mpar_context* ctx, mpar_schedule_kind kind, int stages, mpa
     mpar_pipeline_destroy(p);
     return params;
 }
-static float* run(mpar_schedule_kind kind, int stages, mpar_link_mode mode) { return run_on(ctx, kind, stages, mode); }
-
-static void test_delayed_device_copies(void** state) {
+/* Four schedules: three stages on `on` with link_mode `mode` give the
+   parameters of one stage, bit for bit. */
+static void same_as_one_stage(mpar_context* on, mpar_link_mode mode, const char* what) {
     const mpar_schedule_kind kinds[4] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_ZB_H1,
                                          MPAR_SCHEDULE_SEQUENTIAL};
     size_t n = mpar_model_param_count(model);
     int k;
-    (void)state;
     for (k = 0; k < 4; k++) {
-        float* one = run(kinds[k], 1, MPAR_LINK_AUTO);
-        float* three = run(kinds[k], 3, MPAR_LINK_DEVICE_COPY);
+        float* one = run_on(ctx, kinds[k], 1, MPAR_LINK_AUTO);
+        float* three = run_on(on, kinds[k], 3, mode);
         if (memcmp(one, three, n * sizeof(float)) != 0)
-            fail_msg("%s: three stages with delayed device copies differ from one stage",
-                     mpar_schedule_kind_name(kinds[k]));
+            fail_msg("%s: three stages with %s differ from one stage", mpar_schedule_kind_name(kinds[k]), what);
         free(one), free(three);
     }
 }
 
-static void test_slow_async_links_across_contexts(void** state) {
-    const mpar_schedule_kind kinds[4] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_ZB_H1,
-                                         MPAR_SCHEDULE_SEQUENTIAL};
-    size_t n = mpar_model_param_count(model);
-    int k;
+static void test_delayed_device_copies(void** state) {
     (void)state;
-    for (k = 0; k < 4; k++) {
-        float* one = run(kinds[k], 1, MPAR_LINK_AUTO);
-        float* three = run_on(ctx_sep, kinds[k], 3, MPAR_LINK_ASYNC);
-        if (memcmp(one, three, n * sizeof(float)) != 0)
-            fail_msg("%s: three stages with slow asynchronous links differ from one stage",
-                     mpar_schedule_kind_name(kinds[k]));
-        free(one), free(three);
-    }
+    same_as_one_stage(ctx, MPAR_LINK_DEVICE_COPY, "delayed device copies");
+}
+
+static void test_slow_async_links_across_contexts(void** state) {
+    (void)state;
+    same_as_one_stage(ctx_sep, MPAR_LINK_ASYNC, "slow asynchronous links");
 }
 
 int main(void) {
