@@ -201,7 +201,11 @@ typedef enum mpar_schedule_kind {
     MPAR_SCHEDULE_GPIPE = 1,            /* all forwards, then all backwards */
     MPAR_SCHEDULE_1F1B = 2,             /* PipeDream-Flush */
     MPAR_SCHEDULE_INTERLEAVED_1F1B = 3, /* V model chunks per device */
-    MPAR_SCHEDULE_ZB_H1 = 4             /* zero-bubble: B split into I and W */
+    MPAR_SCHEDULE_ZB_H1 = 4,            /* zero-bubble: B split into I and W */
+    MPAR_SCHEDULE_ZB_H2 = 5,            /* zero-bubble, more warm-up: about 2x 1F1B's stashes */
+    MPAR_SCHEDULE_ZB_V = 6,             /* zero-bubble, two chunks per device in a V */
+    /* Pipelines only: synthesised from measured costs (mpar_schedule_synthesize) */
+    MPAR_SCHEDULE_AUTO = 7
 } mpar_schedule_kind;
 
 
@@ -768,13 +772,26 @@ typedef struct mpar_action {
 
 /* Read-only after creation; use the functions below to make and free one. */
 typedef struct mpar_schedule {
-    mpar_schedule_kind kind; /* meaningless when custom != 0 */
-    int custom;              /* 1 when made by mpar_schedule_from_lists */
+    mpar_schedule_kind kind; /* the generator; meaningless when custom != 0 */
+    int custom;              /* 1 when made from lists (or synthesized) */
     int stages;              /* P: devices, one action list each */
     int microbatches;        /* M (1 for SEQUENTIAL, whatever was asked) */
-    int virtual_stages;      /* V: model chunks per stage (1 unless interleaved) */
+    int virtual_stages;      /* V: model chunks per stage */
     int* action_count;       /* [stages] */
     mpar_action** actions;   /* [stages][action_count[s]] */
+    /* Where the P*V virtual stages (model order) live: placement[vs] is its
+       stage; chunk c of stage s is the c-th virtual stage of s in model
+       order, virtual_stage_of[s*V + c]. Interleaved: vs on vs mod P. V
+       shape (ZB-V): vs and 2P-1-vs on one stage. */
+    int* placement;          /* [stages*virtual_stages] */
+    int* virtual_stage_of;   /* [stages*virtual_stages] */
+    /* What the lists imply, derived once when the schedule is made (list
+       order only, no costs): the one place the executor, planner, profiler
+       and timeline learn it from. */
+    int split_backward;        /* some backward is split into I and W */
+    int forward_only;          /* no backward, no optimizer step: inference */
+    int* peak_in_flight;       /* [stages] most stashes held at once, all chunks of the stage */
+    int* chunk_peak_in_flight; /* [stages*virtual_stages] the same per virtual stage */
     mpar_allocator allocator; /* what it was made with; destroy and validate use it */
 } mpar_schedule;
 
@@ -833,18 +850,47 @@ MPARDEF mpar_result mpar_schedule_from_lists_with(const mpar_allocator* allocato
                                                   int virtual_stages, const mpar_action* const* lists,
                                                   const int* counts, mpar_schedule** out, mpar_error* err);
 
+/* mpar_schedule_from_lists_with with the virtual stages placed by hand:
+   placement[vs] (stages*virtual_stages entries, model order) is the stage
+   that runs virtual stage vs; each stage must get virtual_stages of them.
+   NULL: interleaved (vs on stage vs mod stages). E.g. a V shape on 2
+   stages: {0, 1, 1, 0}. */
+MPARDEF mpar_result mpar_schedule_from_lists_placed(const mpar_allocator* allocator, int stages, int microbatches,
+                                                    int virtual_stages, const int* placement,
+                                                    const mpar_action* const* lists, const int* counts,
+                                                    mpar_schedule** out, mpar_error* err);
+
+/* An inference schedule: forwards only, no optimizer step. Each stage runs
+   its F(m, vs) in order of m + vs (then m), the time each could start in
+   an unbounded pipeline of unit costs; every dependency has a smaller key,
+   so no placement can deadlock it. placement as above (NULL: interleaved). */
+MPARDEF mpar_result mpar_schedule_forward_only(const mpar_allocator* allocator, int stages, int microbatches,
+                                               int virtual_stages, const int* placement, mpar_schedule** out,
+                                               mpar_error* err);
+
+/* A copy of a schedule (lists, placement, derived facts), from `allocator`
+   (NULL: MPAR_MALLOC). */
+MPARDEF mpar_result mpar_schedule_copy(const mpar_allocator* allocator, const mpar_schedule* schedule,
+                                       mpar_schedule** out, mpar_error* err);
+
 MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule);
 
 /* Number of actions of a stage (0 for a bad stage or NULL schedule). */
 MPARDEF int mpar_schedule_action_count(const mpar_schedule* schedule, int stage);
 /* Action `index` of a stage's list, or NULL when out of range. */
 MPARDEF const mpar_action* mpar_schedule_action(const mpar_schedule* schedule, int stage, int index);
-/* Virtual stage (model order) of chunk `chunk` on stage `stage`: chunk*P + stage. */
+/* Virtual stage (model order) of chunk `chunk` on stage `stage` (chunk*P +
+   stage when interleaved), and back: the stage and the chunk of a virtual
+   stage. -1 when out of range. */
 MPARDEF int mpar_schedule_virtual_stage(const mpar_schedule* schedule, int stage, int chunk);
+MPARDEF int mpar_schedule_stage_of(const mpar_schedule* schedule, int virtual_stage);
+MPARDEF int mpar_schedule_chunk_of(const mpar_schedule* schedule, int virtual_stage);
 
 /* Static checks (indices in range; exactly one F and one B or I+W per
    virtual stage and micro-batch; B/I after its own F and W after its own I
-   in the list; one optimizer step, last) and then a dependency walk that
+   in the list; one optimizer step, last; a forward-only schedule, with no
+   backward and no optimizer step anywhere, is an inference schedule and
+   needs only its F's) and then a dependency walk that
    finds deadlocks. Failure: MPAR_ERROR_INVALID_SCHEDULE with a message that
    names the stage, the step (0-based position in its list), the action and,
    for a deadlock, what each blocked stage waits for. Deadlock freedom does
@@ -859,7 +905,8 @@ MPARDEF int mpar_action_format(const mpar_action* action, int show_chunk, char* 
    (position in the list, not time; see mpar_simulation_print for time). */
 MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out);
 
-/* "sequential", "gpipe", "1f1b", "interleaved", "zbh1" ("unknown" otherwise). */
+/* "sequential", "gpipe", "1f1b", "interleaved", "zbh1", "zbh2", "zbv",
+   "auto" ("unknown" otherwise). */
 MPARDEF const char* mpar_schedule_kind_name(mpar_schedule_kind kind);
 /* Inverse of mpar_schedule_kind_name; case, '-', '_' and spaces are ignored,
    and "naive", "pipedream-flush", "interleaved-1f1b", "zb-h1" are accepted. */
@@ -4558,6 +4605,13 @@ MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float
 #ifndef MPAR_PART_PLANNER_IMPL
 #define MPAR_PART_PLANNER_IMPL
 
+/* From section 6: what the planner asks of schedules, by kind. */
+static const char* mpar__sched_kind_upper(mpar_schedule_kind kind);
+static int mpar__sched_kind_known(mpar_schedule_kind kind);
+static int mpar__sched_kind_vstages(mpar_schedule_kind kind, int asked);
+static mpar_result mpar__sched_generate(const mpar_allocator* a, mpar_schedule_kind kind, int stages,
+                                        int microbatches, int virtual_stages, mpar_schedule** out, mpar_error* err);
+
 #include <float.h>
 #include <math.h>
 #include <string.h>
@@ -4590,16 +4644,7 @@ static double mpar__planner_from_bits(uint64_t u) {
     return x;
 }
 
-static const char* mpar__planner_kind_name(mpar_schedule_kind kind) {
-    switch (kind) {
-    case MPAR_SCHEDULE_SEQUENTIAL: return "SEQUENTIAL";
-    case MPAR_SCHEDULE_GPIPE: return "GPIPE";
-    case MPAR_SCHEDULE_1F1B: return "1F1B";
-    case MPAR_SCHEDULE_INTERLEAVED_1F1B: return "INTERLEAVED_1F1B";
-    case MPAR_SCHEDULE_ZB_H1: return "ZB_H1";
-    }
-    return "?";
-}
+static const char* mpar__planner_kind_name(mpar_schedule_kind kind) { return mpar__sched_kind_upper(kind); }
 
 MPARDEF const char* mpar_plan_binding_name(mpar_plan_binding_kind kind) {
     switch (kind) {
@@ -4612,42 +4657,17 @@ MPARDEF const char* mpar_plan_binding_name(mpar_plan_binding_kind kind) {
 
 /* ---- in-flight counts ---- */
 
-/* Real (not padding) item of Megatron's interleaved order, as section 6
-   generates it: groups of P micro-batches, chunk-major inside a group. */
-static int mpar__planner_item_real(int P, int V, int M, long long k) {
-    long long group = k / ((long long)P * V), in_group = k % ((long long)P * V);
-    return group * P + in_group % P < M;
-}
-
-static int mpar__planner_interleaved_peak(int P, int M, int V, int s) {
-    long long total = ((long long)M + P - 1) / P * P * V, warm = 2LL * (P - s - 1) + (long long)(V - 1) * P;
-    long long k, n = 0, peak = 0;
-    if (warm > total) warm = total;
-    for (k = 0; k < warm; ++k) n += mpar__planner_item_real(P, V, M, k);
-    peak = n;
-    for (k = 0; k < total; ++k) {
-        if (warm + k < total) n += mpar__planner_item_real(P, V, M, warm + k);
-        if (n > peak) peak = n;
-        n -= mpar__planner_item_real(P, V, M, k);
-    }
-    return (int)peak;
-}
-
 MPARDEF int mpar_plan_in_flight(mpar_schedule_kind kind, int stages, int microbatches, int virtual_stages,
                                 int stage) {
-    int P = stages, M = microbatches, V = virtual_stages == 0 ? 1 : virtual_stages;
-    if (P < 1 || M < 1 || V < 1 || stage < 0 || stage >= P) return 0;
-    switch (kind) {
-    case MPAR_SCHEDULE_SEQUENTIAL:
-    case MPAR_SCHEDULE_GPIPE: return M;
-    case MPAR_SCHEDULE_1F1B: return M < P - stage ? M : P - stage;
-    case MPAR_SCHEDULE_ZB_H1: return M < P ? M : P;
-    case MPAR_SCHEDULE_INTERLEAVED_1F1B:
-        if (V == 1) return M < P - stage ? M : P - stage;
-        if ((long long)M * V > 100000000LL) return 0; /* the walk below is O(MV) */
-        return mpar__planner_interleaved_peak(P, M, V, stage);
-    }
-    return 0;
+    mpar_schedule* sc = NULL;
+    int n;
+    if (stages < 1 || microbatches < 1 || virtual_stages < 0 || stage < 0 || stage >= stages) return 0;
+    if (mpar__sched_generate(NULL, kind, stages, microbatches, mpar__sched_kind_vstages(kind, virtual_stages), &sc,
+                             NULL) != MPAR_SUCCESS)
+        return 0;
+    n = sc->peak_in_flight[stage] * (microbatches / sc->microbatches);
+    mpar_schedule_destroy(sc);
+    return n;
 }
 
 /* ---- the planning context ---- */
@@ -4664,6 +4684,7 @@ typedef struct mpar__planner_ctx {
     double* inv2;     /* P*P: seconds per byte a->b + b->a */
     double* cap;      /* P usable bytes, INF when unlimited */
     double* mult_tab; /* P*P: stash multiplier of stage r when k devices: [(k-1)*P + r] */
+    int* place_tab;   /* P*nmax: position (0..k-1) of chunk s when k devices: [(k-1)*nmax + s] */
     double* val[2];   /* DP rows */
     double* key;      /* window keys */
     double* xb;       /* nmax-1 rows of L+1: transfer over each cut of each boundary (the path's) */
@@ -4696,7 +4717,7 @@ static void mpar__planner_defaults(const mpar_plan_desc* in, mpar_plan_desc* d) 
     *d = *in;
     if (d->microbatches == 0) d->microbatches = 1;
     if (d->virtual_stages == 0) d->virtual_stages = 1;
-    if (d->schedule != MPAR_SCHEDULE_INTERLEAVED_1F1B) d->virtual_stages = 1;
+    d->virtual_stages = mpar__sched_kind_vstages(d->schedule, d->virtual_stages);
     if (d->order_budget == 0) d->order_budget = MPAR_PLAN_DEFAULT_ORDER_BUDGET;
 }
 
@@ -4710,7 +4731,7 @@ static mpar_result mpar__planner_check_basic(const mpar_plan_desc* d, mpar_error
     if (d->num_devices < 1 || !d->devices)
         return mpar_error_set(err, bad, "planner: need num_devices >= 1 and devices (num_devices is %d%s)",
                               d->num_devices, d->devices ? "" : ", devices is NULL");
-    if ((int)d->schedule < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)d->schedule > (int)MPAR_SCHEDULE_ZB_H1)
+    if (!mpar__sched_kind_known(d->schedule))
         return mpar_error_set(err, bad, "planner: unknown schedule kind %d", (int)d->schedule);
     if (d->microbatches < 0 || d->virtual_stages < 0 || d->order_budget < 0)
         return mpar_error_set(err, bad, "planner: microbatches (%d), virtual_stages (%d) and order_budget (%d) "
@@ -4829,7 +4850,7 @@ static double mpar__planner_layer_cost(const mpar_plan_desc* d, int l, int dev) 
 static int mpar__planner_alloc(mpar__planner_ctx* c) {
     size_t L1 = (size_t)c->L + 1, P = (size_t)c->P, nm = (size_t)c->nmax;
     size_t nd = P * L1 + 4 * L1 + 3 * P * P + P + 2 * L1 + 2 * nm + 2 * nm * L1 + L1;
-    size_t ni = L1 + nm * L1 + nm + P + 5 * P + nm + P * P;
+    size_t ni = L1 + nm * L1 + nm + P + 5 * P + nm + P * P + P * nm;
     double* dp = (double*)mpar__alloc_a(&c->d.allocator, nd * sizeof(double));
     int* ip = (int*)mpar__alloc_a(&c->d.allocator, ni * sizeof(int));
     if (!dp || !ip) {
@@ -4859,6 +4880,7 @@ static int mpar__planner_alloc(mpar__planner_ctx* c) {
     c->cls = ip;        ip += P;
     c->orders = ip;     ip += 5 * P;
     c->ovl = ip;        ip += P * P;
+    c->place_tab = ip;  ip += P * nm;
     c->dev = ip;
     return 1;
 }
@@ -4903,23 +4925,35 @@ static void mpar__planner_fill_links(mpar__planner_ctx* c) {
         }
 }
 
-/* Stash multipliers by (devices used, position): the interleaved walk is
-   O(MV), too slow to repeat for every device sequence the search tries. */
-static void mpar__planner_fill_mult(mpar__planner_ctx* c) {
+/* Stash multipliers and chunk placement by devices used, from the
+   schedule itself (section 6): generated once per k, not for every device
+   sequence the search tries. A device with V chunks gives each chunk
+   ceil(peak / V) of its peak (in chunk units) and 1/V of its memory. */
+static mpar_result mpar__planner_fill_mult(mpar__planner_ctx* c, mpar_error* err) {
     int k, r;
-    for (k = 1; k <= c->P; ++k)
-        for (r = 0; r < k; ++r) {
-            double m;
-            if (c->V > 1 && k > 1) {
-                int chunk_units = mpar_plan_in_flight(c->d.schedule, k, c->M, c->V, r);
-                m = (double)((chunk_units + c->V - 1) / c->V);
-            } else {
-                m = (double)mpar_plan_in_flight(c->d.schedule == MPAR_SCHEDULE_INTERLEAVED_1F1B ? MPAR_SCHEDULE_1F1B
-                                                                                                : c->d.schedule,
-                                                k, c->M, 1, r);
+    for (k = 1; k <= c->P; ++k) {
+        mpar_schedule* sc = NULL;
+        int V = k > 1 ? c->V : 1, whole;
+        mpar_result res = mpar__sched_generate(&c->d.allocator, c->d.schedule, k, c->M, V, &sc, err);
+        if (res != MPAR_SUCCESS) return res;
+        whole = c->M / sc->microbatches; /* SEQUENTIAL: the batch is one micro-batch of M */
+        if (k == 1) { /* a kind that runs the batch as one micro-batch, whatever M, does not pipeline */
+            mpar_schedule* probe = NULL;
+            res = mpar__sched_generate(&c->d.allocator, c->d.schedule, 1, 2, 1, &probe, err);
+            if (res != MPAR_SUCCESS) {
+                mpar_schedule_destroy(sc);
+                return res;
             }
-            c->mult_tab[(k - 1) * c->P + r] = m;
+            c->pipelined = probe->microbatches > 1;
+            mpar_schedule_destroy(probe);
         }
+        for (r = 0; r < k; ++r)
+            c->mult_tab[(k - 1) * c->P + r] = V > 1 ? (double)((sc->peak_in_flight[r] + V - 1) / V)
+                                                    : (double)(sc->peak_in_flight[r] * whole);
+        for (r = 0; r < k * V && r < c->nmax; ++r) c->place_tab[(k - 1) * c->nmax + r] = sc->placement[r];
+        mpar_schedule_destroy(sc);
+    }
+    return MPAR_SUCCESS;
 }
 
 /* Fills prefix sums and link tables; rejects costs that overflow. */
@@ -4965,7 +4999,10 @@ static mpar_result mpar__planner_fill(mpar__planner_ctx* c, mpar_error* err) {
         max_x = x > max_x ? x : max_x;
     }
     c->scale = max_c + 2.0 * max_x;
-    mpar__planner_fill_mult(c);
+    {
+        mpar_result fr = mpar__planner_fill_mult(c, err);
+        if (fr != MPAR_SUCCESS) return fr;
+    }
     mpar__planner_fill_bounds(c);
     return MPAR_SUCCESS;
 }
@@ -4978,7 +5015,6 @@ static mpar_result mpar__planner_ctx_init(mpar__planner_ctx* c, const mpar_plan_
     c->P = c->d.num_devices;
     c->M = c->d.microbatches;
     c->V = c->d.virtual_stages;
-    c->pipelined = c->d.schedule != MPAR_SCHEDULE_SEQUENTIAL;
     c->rng = 0x9E3779B97F4A7C15ULL;
     if (c->V > 1 && (long long)c->M * c->V > 100000000LL)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "planner: microbatches * virtual_stages (%d * %d) "
@@ -5005,9 +5041,10 @@ static void mpar__planner_seq(mpar__planner_ctx* c, const int* order, int k) {
     c->veff = k > 1 ? c->V : 1;
     c->n = k * c->veff;
     for (s = 0; s < c->n; ++s) {
-        c->dev[s] = order[s % k];
+        int at = c->place_tab[(k - 1) * c->nmax + s];
+        c->dev[s] = order[at];
         c->scap[s] = c->cap[c->dev[s]] / c->veff;
-        c->mult[s] = c->mult_tab[(k - 1) * c->P + (c->veff > 1 ? s % k : s)];
+        c->mult[s] = c->mult_tab[(k - 1) * c->P + at];
     }
     for (s = 0; s + 1 < c->n; ++s) {
         double* row = c->xb + (size_t)s * L1;
@@ -5927,11 +5964,13 @@ static mpar_result mpar__planner_check_use(const mpar__planner_ctx* c, const mpa
             return mpar_error_set(err, MPAR_ERROR_INVALID_PLAN, "planner: interleaved 1F1B with %d virtual stages "
                                   "needs (2 or more devices) x %d stages, got %d", c->V, c->V, n);
         k = n / c->V;
-        for (s = k; s < n; ++s)
-            if (st[s].device != st[s % k].device)
+        for (s = k; s < n; ++s) {
+            int at = c->place_tab[(k - 1) * c->nmax + s];
+            if (st[s].device != st[at].device)
                 return mpar_error_set(err, MPAR_ERROR_INVALID_PLAN, "planner: stage %d is on device %d but the "
-                                      "interleaved order puts device %d there (stage s on the device of stage s mod "
-                                      "%d)", s, st[s].device, st[s % k].device, k);
+                                      "%s schedule places it with stage %d, on device %d", s, st[s].device,
+                                      mpar_schedule_kind_name(c->d.schedule), at, st[at].device);
+        }
     }
     for (s = 0; s < k; ++s)
         for (t = 0; t < s; ++t)
@@ -6285,6 +6324,10 @@ static void mpar__sched_free_lists(mpar_schedule* sc) {
         mpar__free_a(&sc->allocator, sc->actions);
     }
     mpar__free_a(&sc->allocator, sc->action_count);
+    mpar__free_a(&sc->allocator, sc->placement);
+    mpar__free_a(&sc->allocator, sc->virtual_stage_of);
+    mpar__free_a(&sc->allocator, sc->peak_in_flight);
+    mpar__free_a(&sc->allocator, sc->chunk_peak_in_flight);
 }
 
 MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule) {
@@ -6293,6 +6336,61 @@ MPARDEF void mpar_schedule_destroy(mpar_schedule* schedule) {
     mpar__sched_free_lists(schedule);
     a = schedule->allocator; /* the schedule's memory holds it */
     mpar__free_a(&a, schedule);
+}
+
+/* virtual_stage_of from placement: chunk c of stage s is the c-th virtual
+   stage of s in model order. The placement must give each stage V. */
+static void mpar__sched_place(mpar_schedule* sc) {
+    int vs, s, P = sc->stages, V = sc->virtual_stages, *seen = sc->peak_in_flight; /* scratch [P] */
+    for (s = 0; s < P; ++s) seen[s] = 0;
+    for (vs = 0; vs < P * V; ++vs) {
+        s = sc->placement[vs];
+        sc->virtual_stage_of[s * V + seen[s]++] = vs;
+    }
+}
+
+/* Virtual stage of chunk c on stage s, and the chunk of a virtual stage. */
+static int mpar__sched_vs(const mpar_schedule* sc, int s, int c) { return sc->virtual_stage_of[s * sc->virtual_stages + c]; }
+static int mpar__sched_chunk(const mpar_schedule* sc, int vs) {
+    int c, s = sc->placement[vs];
+    for (c = 0; c < sc->virtual_stages && sc->virtual_stage_of[s * sc->virtual_stages + c] != vs; ++c) {}
+    return c;
+}
+
+/* The facts the lists imply (see mpar_schedule), counted in list order;
+   actions out of range are skipped (a custom schedule may be broken). */
+static void mpar__sched_derive(mpar_schedule* sc) {
+    int s, i, c, P = sc->stages, V = sc->virtual_stages, backward = 0;
+    sc->split_backward = 0;
+    for (c = 0; c < P * V; ++c) sc->chunk_peak_in_flight[c] = 0;
+    for (s = 0; s < P; ++s) {
+        int held = 0;
+        sc->peak_in_flight[s] = 0;
+        for (c = 0; c < V; ++c) {
+            int vs = sc->virtual_stage_of[s * V + c], now = 0;
+            for (i = 0; i < sc->action_count[s]; ++i) {
+                const mpar_action* a = &sc->actions[s][i];
+                if (a->chunk != c) continue;
+                if (a->kind == MPAR_ACTION_FORWARD) {
+                    if (++now > sc->chunk_peak_in_flight[vs]) sc->chunk_peak_in_flight[vs] = now;
+                } else if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_WEIGHT) {
+                    now--;
+                }
+            }
+        }
+        for (i = 0; i < sc->action_count[s]; ++i) {
+            const mpar_action* a = &sc->actions[s][i];
+            if (a->kind != MPAR_ACTION_FORWARD) backward = 1;
+            if (a->kind == MPAR_ACTION_BACKWARD_INPUT || a->kind == MPAR_ACTION_BACKWARD_WEIGHT) sc->split_backward = 1;
+            if (a->kind == MPAR_ACTION_OPTIMIZER_STEP || a->chunk < 0 || a->chunk >= V) continue;
+            if (a->kind == MPAR_ACTION_FORWARD) {
+                if (++held > sc->peak_in_flight[s]) sc->peak_in_flight[s] = held;
+            } else if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_WEIGHT) {
+                held--;
+            }
+        }
+    }
+    sc->forward_only = !backward;
 }
 
 /* A schedule with room for caps[s] actions on stage s, all lists empty. */
@@ -6307,10 +6405,18 @@ static mpar_schedule* mpar__sched_alloc(const mpar_allocator* a, int P, int M, i
     sc->virtual_stages = V;
     sc->action_count = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
     sc->actions = (mpar_action**)mpar__alloc_a(a, sizeof(mpar_action*) * (size_t)P);
-    if (!sc->action_count || !sc->actions) {
+    sc->placement = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P * (size_t)V);
+    sc->virtual_stage_of = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P * (size_t)V);
+    sc->peak_in_flight = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P);
+    sc->chunk_peak_in_flight = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)P * (size_t)V);
+    if (!sc->action_count || !sc->actions || !sc->placement || !sc->virtual_stage_of || !sc->peak_in_flight ||
+        !sc->chunk_peak_in_flight) {
+        if (sc->actions) memset(sc->actions, 0, sizeof(mpar_action*) * (size_t)P);
         mpar_schedule_destroy(sc);
         return NULL;
     }
+    for (s = 0; s < P * V; ++s) sc->placement[s] = s % P; /* interleaved; mpar__sched_place may change it */
+    mpar__sched_place(sc);
     for (s = 0; s < P; ++s) {
         sc->action_count[s] = 0;
         sc->actions[s] = NULL;
@@ -6421,6 +6527,44 @@ static mpar_result mpar__sched_check_shape(const char* fn, int P, int M, int V, 
     return MPAR_SUCCESS;
 }
 
+/* ---- what other sections ask of a kind (the only place kinds are told apart) ---- */
+
+static const char* mpar__sched_kind_upper(mpar_schedule_kind kind) {
+    switch (kind) {
+    case MPAR_SCHEDULE_SEQUENTIAL: return "SEQUENTIAL";
+    case MPAR_SCHEDULE_GPIPE: return "GPIPE";
+    case MPAR_SCHEDULE_1F1B: return "1F1B";
+    case MPAR_SCHEDULE_INTERLEAVED_1F1B: return "INTERLEAVED_1F1B";
+    case MPAR_SCHEDULE_ZB_H1: return "ZB_H1";
+    case MPAR_SCHEDULE_ZB_H2: return "ZB_H2";
+    case MPAR_SCHEDULE_ZB_V: return "ZB_V";
+    case MPAR_SCHEDULE_AUTO: return "AUTO";
+    }
+    return "?";
+}
+
+static int mpar__sched_kind_known(mpar_schedule_kind kind) {
+    return (int)kind >= (int)MPAR_SCHEDULE_SEQUENTIAL && (int)kind <= (int)MPAR_SCHEDULE_AUTO;
+}
+
+/* Model chunks per device a kind runs with when `asked` (0 = default) was
+   asked for: interleaving takes what it is given, ZB-V two, the rest one. */
+static int mpar__sched_kind_vstages(mpar_schedule_kind kind, int asked) {
+    if (kind == MPAR_SCHEDULE_INTERLEAVED_1F1B) return asked < 1 ? 1 : asked;
+    if (kind == MPAR_SCHEDULE_ZB_V) return 2;
+    return 1;
+}
+
+/* The schedule a kind stands for when planning (before costs are known):
+   AUTO is planned as 1F1B, whose per-device stash counts cap what the
+   synthesizer may use; a V-shaped kind on one chunk per device is ZB-H1. */
+static mpar_result mpar__sched_generate(const mpar_allocator* a, mpar_schedule_kind kind, int stages,
+                                        int microbatches, int virtual_stages, mpar_schedule** out, mpar_error* err) {
+    if (kind == MPAR_SCHEDULE_AUTO) kind = MPAR_SCHEDULE_1F1B;
+    if (kind == MPAR_SCHEDULE_ZB_V && virtual_stages == 1) kind = MPAR_SCHEDULE_ZB_H1;
+    return mpar_schedule_create_with(a, kind, stages, microbatches, virtual_stages, out, err);
+}
+
 MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, int microbatches,
                                          int virtual_stages, mpar_schedule** out, mpar_error* err) {
     return mpar_schedule_create_with(NULL, kind, stages, microbatches, virtual_stages, out, err);
@@ -6468,8 +6612,10 @@ MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, m
             mpar__sched_gen_interleaved(sc);
         break;
     case MPAR_SCHEDULE_ZB_H1: mpar__sched_gen_zbh1(sc); break;
+    default: break; /* refused above */
     }
     for (s = 0; s < stages; ++s) MPAR_ASSERT(sc->action_count[s] <= per_stage);
+    mpar__sched_derive(sc);
 
     r = mpar_schedule_validate(sc, err); /* never hand out a broken schedule */
     if (r != MPAR_SUCCESS) {
@@ -6489,6 +6635,14 @@ MPARDEF mpar_result mpar_schedule_from_lists(int stages, int microbatches, int v
 MPARDEF mpar_result mpar_schedule_from_lists_with(const mpar_allocator* allocator, int stages, int microbatches,
                                                   int virtual_stages, const mpar_action* const* lists,
                                                   const int* counts, mpar_schedule** out, mpar_error* err) {
+    return mpar_schedule_from_lists_placed(allocator, stages, microbatches, virtual_stages, NULL, lists, counts, out,
+                                           err);
+}
+
+MPARDEF mpar_result mpar_schedule_from_lists_placed(const mpar_allocator* allocator, int stages, int microbatches,
+                                                    int virtual_stages, const int* placement,
+                                                    const mpar_action* const* lists, const int* counts,
+                                                    mpar_schedule** out, mpar_error* err) {
     static const char fn[] = "mpar_schedule_from_lists";
     mpar_schedule* sc;
     mpar_result r;
@@ -6514,16 +6668,108 @@ MPARDEF mpar_result mpar_schedule_from_lists_with(const mpar_allocator* allocato
                 return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE, "%s: stage %d step %d: unknown action kind %d",
                                       fn, s, i, (int)lists[s][i].kind);
     }
+    if (placement) {
+        int vs, n, VS = stages * virtual_stages;
+        for (vs = 0; vs < VS; ++vs)
+            if (placement[vs] < 0 || placement[vs] >= stages)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                                      "%s: placement[%d] is %d, not a stage 0..%d", fn, vs, placement[vs], stages - 1);
+        for (s = 0; s < stages; ++s) {
+            for (n = 0, vs = 0; vs < VS; ++vs) n += placement[vs] == s;
+            if (n != virtual_stages)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                                      "%s: placement gives stage %d %d virtual stages; each stage needs %d", fn, s, n,
+                                      virtual_stages);
+        }
+    }
     sc = mpar__sched_alloc(allocator, stages, microbatches, virtual_stages, counts);
     if (!sc) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     sc->custom = 1;
     sc->kind = MPAR_SCHEDULE_SEQUENTIAL;
+    if (placement) {
+        memcpy(sc->placement, placement, sizeof(int) * (size_t)stages * (size_t)virtual_stages);
+        mpar__sched_place(sc);
+    }
     for (s = 0; s < stages; ++s) {
         if (counts[s] > 0) memcpy(sc->actions[s], lists[s], sizeof(mpar_action) * (size_t)counts[s]);
         sc->action_count[s] = counts[s];
     }
+    mpar__sched_derive(sc);
     *out = sc;
     return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_schedule_forward_only(const mpar_allocator* allocator, int stages, int microbatches,
+                                               int virtual_stages, const int* placement, mpar_schedule** out,
+                                               mpar_error* err) {
+    static const char fn[] = "mpar_schedule_forward_only";
+    mpar_schedule* sc;
+    mpar_result r;
+    int s, c, m, k, *caps;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
+    *out = NULL;
+    r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
+    if (r != MPAR_SUCCESS) return r;
+    caps = (int*)mpar__alloc_a(allocator, sizeof(int) * (size_t)stages);
+    if (!caps) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
+    for (s = 0; s < stages; ++s) caps[s] = 0;
+    /* an empty shell of the right shape, placed, then filled */
+    {
+        const mpar_action* none = NULL;
+        const mpar_action** lists = (const mpar_action**)mpar__alloc_a(allocator, sizeof(mpar_action*) * (size_t)stages);
+        if (!lists) {
+            mpar__free_a(allocator, caps);
+            return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
+        }
+        for (s = 0; s < stages; ++s) lists[s] = none;
+        r = mpar_schedule_from_lists_placed(allocator, stages, microbatches, virtual_stages, placement, lists, caps,
+                                            &sc, err);
+        mpar__free_a(allocator, (void*)lists);
+    }
+    mpar__free_a(allocator, caps);
+    if (r != MPAR_SUCCESS) return r;
+    for (s = 0; s < stages; ++s) {
+        mpar_action* a = (mpar_action*)mpar__alloc_a(&sc->allocator, sizeof(mpar_action) * (size_t)microbatches *
+                                                                        (size_t)virtual_stages);
+        if (!a) {
+            mpar_schedule_destroy(sc);
+            return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
+        }
+        mpar__free_a(&sc->allocator, sc->actions[s]);
+        sc->actions[s] = a;
+        /* keys m + vs ascending, ties by m: walk the keys, chunks in model order */
+        for (k = 0; k < microbatches + stages * virtual_stages; ++k)
+            for (c = virtual_stages - 1; c >= 0; --c) { /* larger vs first = smaller m on a tie */
+                m = k - mpar__sched_vs(sc, s, c);
+                if (m >= 0 && m < microbatches) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, m, c);
+            }
+    }
+    sc->custom = 0;
+    mpar__sched_derive(sc);
+    r = mpar_schedule_validate(sc, err);
+    if (r != MPAR_SUCCESS) {
+        mpar_schedule_destroy(sc);
+        return r;
+    }
+    *out = sc;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_schedule_copy(const mpar_allocator* allocator, const mpar_schedule* schedule,
+                                       mpar_schedule** out, mpar_error* err) {
+    mpar_result r;
+    if (!schedule) {
+        if (out) *out = NULL;
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_schedule_copy: schedule is NULL");
+    }
+    r = mpar_schedule_from_lists_placed(allocator, schedule->stages, schedule->microbatches, schedule->virtual_stages,
+                                        schedule->placement, (const mpar_action* const*)schedule->actions,
+                                        schedule->action_count, out, err);
+    if (r == MPAR_SUCCESS) {
+        (*out)->kind = schedule->kind;
+        (*out)->custom = schedule->custom;
+    }
+    return r;
 }
 
 MPARDEF int mpar_schedule_action_count(const mpar_schedule* schedule, int stage) {
@@ -6539,7 +6785,17 @@ MPARDEF const mpar_action* mpar_schedule_action(const mpar_schedule* schedule, i
 
 MPARDEF int mpar_schedule_virtual_stage(const mpar_schedule* schedule, int stage, int chunk) {
     if (!schedule || stage < 0 || stage >= schedule->stages || chunk < 0 || chunk >= schedule->virtual_stages) return -1;
-    return chunk * schedule->stages + stage;
+    return mpar__sched_vs(schedule, stage, chunk);
+}
+
+MPARDEF int mpar_schedule_stage_of(const mpar_schedule* schedule, int virtual_stage) {
+    if (!schedule || virtual_stage < 0 || virtual_stage >= schedule->stages * schedule->virtual_stages) return -1;
+    return schedule->placement[virtual_stage];
+}
+
+MPARDEF int mpar_schedule_chunk_of(const mpar_schedule* schedule, int virtual_stage) {
+    if (!schedule || virtual_stage < 0 || virtual_stage >= schedule->stages * schedule->virtual_stages) return -1;
+    return mpar__sched_chunk(schedule, virtual_stage);
 }
 
 MPARDEF int mpar_action_format(const mpar_action* action, int show_chunk, char* buf, size_t size) {
@@ -6610,7 +6866,7 @@ static mpar_result mpar__sched_scan(const mpar_schedule* sc, mpar__sched_steps* 
                 return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
                                       "invalid schedule: stage %d step %d: chunk %d out of range 0..%d", s, i,
                                       a->chunk, V - 1);
-            idx = (a->chunk * P + s) * M + a->microbatch;
+            idx = mpar__sched_vs(sc, s, a->chunk) * M + a->microbatch;
             switch (a->kind) {
             case MPAR_ACTION_FORWARD: r = mpar__sched_record(sc, &st->f[idx], s, i, a, err); break;
             case MPAR_ACTION_BACKWARD: r = mpar__sched_record(sc, &st->b[idx], s, i, a, err); break;
@@ -6619,7 +6875,7 @@ static mpar_result mpar__sched_scan(const mpar_schedule* sc, mpar__sched_steps* 
             }
         }
         if (r != MPAR_SUCCESS) return r;
-        if (n == 0 || sc->actions[s][n - 1].kind != MPAR_ACTION_OPTIMIZER_STEP)
+        if (!sc->forward_only && (n == 0 || sc->actions[s][n - 1].kind != MPAR_ACTION_OPTIMIZER_STEP))
             return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
                                   "invalid schedule: stage %d: missing optimizer step at the end of its list "
                                   "(step %d)", s, n);
@@ -6629,10 +6885,10 @@ static mpar_result mpar__sched_scan(const mpar_schedule* sc, mpar__sched_steps* 
 
 /* Pass 2: nothing missing, no B mixed with I/W, B/I after F, W after I. */
 static mpar_result mpar__sched_check_pairs(const mpar_schedule* sc, const mpar__sched_steps* st, mpar_error* err) {
-    int vs, m, P = sc->stages, M = sc->microbatches, VS = sc->stages * sc->virtual_stages;
+    int vs, m, M = sc->microbatches, VS = sc->stages * sc->virtual_stages;
     char l1[32], l2[32];
     for (vs = 0; vs < VS; ++vs) {
-        int s = vs % P, c = vs / P;
+        int s = sc->placement[vs], c = mpar__sched_chunk(sc, vs);
         for (m = 0; m < M; ++m) {
             int k = vs * M + m, f = st->f[k], b = st->b[k], in = st->i[k], w = st->w[k];
             int back = b >= 0 ? b : in;
@@ -6640,7 +6896,8 @@ static mpar_result mpar__sched_check_pairs(const mpar_schedule* sc, const mpar__
             if (f < 0)
                 return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
                                       "invalid schedule: stage %d: %s is missing (virtual stage %d)%s", s, fl, vs,
-                                      back >= 0 ? "" : ", and so is its backward");
+                                      back >= 0 || sc->forward_only ? "" : ", and so is its backward");
+            if (sc->forward_only) continue; /* inference: forwards only */
             if (b >= 0 && (in >= 0 || w >= 0))
                 return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
                                       "invalid schedule: stage %d step %d: %s mixes a full backward with a split "
@@ -6727,22 +6984,23 @@ static double mpar__sched_arrival(const mpar__sched_run* run, int boundary, int 
 }
 /* Blocking links: the copies an action makes itself, in and out. */
 static double mpar__sched_copies(const mpar__sched_run* run, int s, const mpar_action* a) {
-    int vs = a->chunk * run->P + s, m = a->microbatch, P = run->P;
+    int vs = mpar__sched_vs(run->sc, s, a->chunk), m = a->microbatch;
+    const int* at = run->sc->placement;
     double t = 0.0;
     if (!run->costs || !run->costs->blocking) return 0.0;
     if (a->kind == MPAR_ACTION_FORWARD) {
-        if (vs > 0 && (vs - 1) % P != s) t += mpar__sched_link(run, vs - 1, m);
-        if (vs + 1 < run->VS && (vs + 1) % P != s) t += mpar__sched_link(run, vs, m);
+        if (vs > 0 && at[vs - 1] != s) t += mpar__sched_link(run, vs - 1, m);
+        if (vs + 1 < run->VS && at[vs + 1] != s) t += mpar__sched_link(run, vs, m);
     } else if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_INPUT) {
-        if (vs + 1 < run->VS && (vs + 1) % P != s) t += mpar__sched_link(run, vs, m);
-        if (vs > 0 && (vs - 1) % P != s) t += mpar__sched_link(run, vs - 1, m);
+        if (vs + 1 < run->VS && at[vs + 1] != s) t += mpar__sched_link(run, vs, m);
+        if (vs > 0 && at[vs - 1] != s) t += mpar__sched_link(run, vs - 1, m);
     }
     return t;
 }
 
 static double mpar__sched_duration(const mpar__sched_run* run, int s, const mpar_action* a) {
     const mpar__sched_costs* c = run->costs;
-    int vs = a->chunk * run->P + s;
+    int vs = mpar__sched_vs(run->sc, s, a->chunk);
     if (!c) return 0.0;
     switch (a->kind) {
     case MPAR_ACTION_FORWARD: return c->f[vs] * c->scale[a->microbatch];
@@ -6757,7 +7015,7 @@ static double mpar__sched_duration(const mpar__sched_run* run, int s, const mpar
    missing action in *need / *need_vs otherwise. */
 static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_action* a, double* ready,
                              mpar_action_kind* need, int* need_vs) {
-    int M = run->M, vs = a->chunk * run->P + s, m = a->microbatch;
+    int M = run->M, vs = mpar__sched_vs(run->sc, s, a->chunk), m = a->microbatch;
     double t = 0.0;
     if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) {
         *need = MPAR_ACTION_BACKWARD;
@@ -6774,7 +7032,7 @@ static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_actio
         *need_vs = vs - 1;
         if (run->f_end[(vs - 1) * M + m] < 0.0) return 0;
         t = run->f_end[(vs - 1) * M + m];
-        if ((vs - 1) % run->P != s) t += mpar__sched_arrival(run, vs - 1, m);
+        if (run->sc->placement[vs - 1] != s) t += mpar__sched_arrival(run, vs - 1, m);
         *ready = t;
         return 1;
     }
@@ -6793,7 +7051,7 @@ static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_actio
         *need = MPAR_ACTION_BACKWARD;
         *need_vs = vs + 1;
         if (g < 0.0) return 0;
-        if ((vs + 1) % run->P != s) g += mpar__sched_arrival(run, vs, m);
+        if (run->sc->placement[vs + 1] != s) g += mpar__sched_arrival(run, vs, m);
         if (g > t) t = g;
     }
     *ready = t;
@@ -6801,7 +7059,7 @@ static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_actio
 }
 
 static void mpar__sched_execute(mpar__sched_run* run, int s, const mpar_action* a, double ready) {
-    int k = (a->chunk * run->P + s) * run->M + a->microbatch, step = run->pos[s];
+    int k = mpar__sched_vs(run->sc, s, a->chunk) * run->M + a->microbatch, step = run->pos[s];
     double start = ready > run->free_at[s] ? ready : run->free_at[s];
     double end = start + mpar__sched_duration(run, s, a) + mpar__sched_copies(run, s, a);
     switch (a->kind) {
@@ -6853,7 +7111,7 @@ static mpar_result mpar__sched_deadlock(const mpar__sched_run* run, mpar_error* 
         } else {
             /* name the upstream gradient as the kind that stage really runs */
             if (need == MPAR_ACTION_BACKWARD) {
-                int d = need_vs % run->P, c = need_vs / run->P, i;
+                int d = run->sc->placement[need_vs], c = mpar__sched_chunk(run->sc, need_vs), i;
                 for (i = 0; i < run->sc->action_count[d]; ++i) {
                     const mpar_action* x = &run->sc->actions[d][i];
                     if (x->microbatch == a->microbatch && x->chunk == c &&
@@ -6861,9 +7119,9 @@ static mpar_result mpar__sched_deadlock(const mpar__sched_run* run, mpar_error* 
                         need = x->kind;
                 }
             }
-            mpar__sched_label(run->sc, need, a->microbatch, need_vs / run->P, l2, sizeof l2);
+            mpar__sched_label(run->sc, need, a->microbatch, mpar__sched_chunk(run->sc, need_vs), l2, sizeof l2);
             n = snprintf(msg + used, sizeof msg - used, "%s stage %d step %d (%s) waits for %s from stage %d",
-                         first ? "" : ";", s, run->pos[s], l1, l2, need_vs % run->P);
+                         first ? "" : ";", s, run->pos[s], l1, l2, run->sc->placement[need_vs]);
         }
         if (n < 0) break;
         used += (size_t)n;
@@ -7118,6 +7376,9 @@ MPARDEF const char* mpar_schedule_kind_name(mpar_schedule_kind kind) {
     case MPAR_SCHEDULE_1F1B: return "1f1b";
     case MPAR_SCHEDULE_INTERLEAVED_1F1B: return "interleaved";
     case MPAR_SCHEDULE_ZB_H1: return "zbh1";
+    case MPAR_SCHEDULE_ZB_H2: return "zbh2";
+    case MPAR_SCHEDULE_ZB_V: return "zbv";
+    case MPAR_SCHEDULE_AUTO: return "auto";
     }
     return "unknown";
 }
@@ -7129,7 +7390,9 @@ MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kin
     } names[] = {{"sequential", MPAR_SCHEDULE_SEQUENTIAL},     {"naive", MPAR_SCHEDULE_SEQUENTIAL},
                  {"gpipe", MPAR_SCHEDULE_GPIPE},               {"1f1b", MPAR_SCHEDULE_1F1B},
                  {"pipedreamflush", MPAR_SCHEDULE_1F1B},       {"interleaved", MPAR_SCHEDULE_INTERLEAVED_1F1B},
-                 {"interleaved1f1b", MPAR_SCHEDULE_INTERLEAVED_1F1B}, {"zbh1", MPAR_SCHEDULE_ZB_H1}};
+                 {"interleaved1f1b", MPAR_SCHEDULE_INTERLEAVED_1F1B}, {"zbh1", MPAR_SCHEDULE_ZB_H1},
+                 {"zbh2", MPAR_SCHEDULE_ZB_H2},               {"zbv", MPAR_SCHEDULE_ZB_V},
+                 {"auto", MPAR_SCHEDULE_AUTO}};
     char norm[32];
     size_t n = 0, k;
     const char* p;
@@ -7145,7 +7408,8 @@ MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kin
                 return MPAR_SUCCESS;
             }
     return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
-                          "unknown schedule '%.64s' (expected sequential, gpipe, 1f1b, interleaved or zbh1)", name);
+                          "unknown schedule '%.64s' (expected sequential, gpipe, 1f1b, interleaved, zbh1, zbh2, zbv "
+                          "or auto)", name);
 }
 
 MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {

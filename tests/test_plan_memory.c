@@ -138,6 +138,7 @@ static int stash_peak(mpar_schedule_kind kind, int P, int M, int V, int s) {
         if (V == 1) return M < P - s ? M : P - s;
         assert_int_equal(M % P, 0); /* the closed form is for P dividing M */
         return M * V < warm ? M * V : warm;
+    default: break;
     }
     fail_msg("unknown schedule %d", (int)kind);
     return 0;

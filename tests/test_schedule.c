@@ -177,8 +177,8 @@ static double uniform_step(mpar_schedule_kind kind, int P, int M, int V) {
     case MPAR_SCHEDULE_INTERLEAVED_1F1B:
         if (V == 1) return 3.0 * (M + P - 1);
         return M % P == 0 ? 3.0 * (V * M + P - 1) : -1.0;
+    default: return -1.0;
     }
-    return -1.0;
 }
 
 static void test_grid_every_schedule_simulates(void** state) {
