@@ -635,7 +635,11 @@ typedef struct mpar_plan_desc {
     const double* measured_backward_weight;
     mpar_schedule_kind schedule;          /* default SEQUENTIAL (0) */
     int microbatches;                     /* M; 0 -> 1 */
-    int virtual_stages;                   /* V; 0 -> 1; only INTERLEAVED_1F1B uses V > 1 */
+    int virtual_stages;                   /* V; 0 -> 1; INTERLEAVED_1F1B takes V, ZB_V runs 2 */
+    /* A schedule object instead of the three fields above: the plan uses
+       exactly its stage count (use_devices), and its stash peaks and chunk
+       placement; M and V are its own. */
+    const struct mpar_schedule* schedule_lists;
     mpar_plan_mode mode;                  /* default OPTIMAL */
     int use_devices;                      /* OPTIMAL: 0 = choose (fewer if faster), n = exactly n */
     mpar_plan_order order;                /* OPTIMAL: default SEARCH */
@@ -1053,7 +1057,14 @@ typedef struct mpar_pipeline_desc {
     const struct mpar_plan_options* plan_options;
     mpar_schedule_kind schedule;   /* zero is SEQUENTIAL, the naive baseline */
     int microbatches;              /* M [1] */
-    int virtual_stages;            /* V for INTERLEAVED_1F1B [1] */
+    int virtual_stages;            /* V for INTERLEAVED_1F1B [1; ZB_V: 2] */
+    /* Any schedule to run instead of generating one from the three fields
+       above: made by mpar_schedule_create, _from_lists, _from_lists_placed
+       or _synthesize, and valid (mpar_schedule_validate). The pipeline
+       keeps its own copy. Its stages are the devices; its microbatches and
+       virtual_stages replace the desc's, and its placement says which of
+       the stages (chunks, in model order) share a device. */
+    const mpar_schedule* schedule_lists;
     int max_batch;                 /* most samples in one step (required) */
     mpar_optimizer_desc optimizer;
     int recompute;          /* keep only stage inputs; recompute in backward */
@@ -1225,6 +1236,11 @@ typedef struct mpar_event {
 typedef struct mpar_timeline {
     int stages, virtual_stages, microbatches;
     mpar_schedule_kind schedule;
+    /* The schedule that ran (a copy, freed by mpar_timeline_free): the
+       analysis takes chunk placement and the lists from it. NULL in a
+       timeline built by hand: made from schedule, stages, microbatches
+       and virtual_stages. */
+    mpar_schedule* schedule_lists;
     double step_time; /* seconds: step start to the last event's end */
     int event_count;
     mpar_event* events; /* by stage, then start time */
@@ -4718,6 +4734,11 @@ static void mpar__planner_defaults(const mpar_plan_desc* in, mpar_plan_desc* d) 
     if (d->microbatches == 0) d->microbatches = 1;
     if (d->virtual_stages == 0) d->virtual_stages = 1;
     d->virtual_stages = mpar__sched_kind_vstages(d->schedule, d->virtual_stages);
+    if (d->schedule_lists) {
+        d->microbatches = d->schedule_lists->microbatches;
+        d->virtual_stages = d->schedule_lists->virtual_stages;
+        d->use_devices = d->schedule_lists->stages;
+    }
     if (d->order_budget == 0) d->order_budget = MPAR_PLAN_DEFAULT_ORDER_BUDGET;
 }
 
@@ -4934,7 +4955,10 @@ static mpar_result mpar__planner_fill_mult(mpar__planner_ctx* c, mpar_error* err
     for (k = 1; k <= c->P; ++k) {
         mpar_schedule* sc = NULL;
         int V = k > 1 ? c->V : 1, whole;
-        mpar_result res = mpar__sched_generate(&c->d.allocator, c->d.schedule, k, c->M, V, &sc, err);
+        const mpar_schedule* given = c->d.schedule_lists;
+        mpar_result res = given && given->stages == k && given->virtual_stages == V
+                              ? mpar_schedule_copy(&c->d.allocator, given, &sc, err)
+                              : mpar__sched_generate(&c->d.allocator, c->d.schedule, k, c->M, V, &sc, err);
         if (res != MPAR_SUCCESS) return res;
         whole = c->M / sc->microbatches; /* SEQUENTIAL: the batch is one micro-batch of M */
         if (k == 1) { /* a kind that runs the batch as one micro-batch, whatever M, does not pipeline */
@@ -6556,11 +6580,12 @@ static int mpar__sched_kind_vstages(mpar_schedule_kind kind, int asked) {
 }
 
 /* The schedule a kind stands for when planning (before costs are known):
-   AUTO is planned as 1F1B, whose per-device stash counts cap what the
-   synthesizer may use; a V-shaped kind on one chunk per device is ZB-H1. */
+   AUTO is planned as ZB-H1 (split backward), whose per-device stash counts
+   cap what the synthesizer may use; a V-shaped kind on one chunk per
+   device is ZB-H1. */
 static mpar_result mpar__sched_generate(const mpar_allocator* a, mpar_schedule_kind kind, int stages,
                                         int microbatches, int virtual_stages, mpar_schedule** out, mpar_error* err) {
-    if (kind == MPAR_SCHEDULE_AUTO) kind = MPAR_SCHEDULE_1F1B;
+    if (kind == MPAR_SCHEDULE_AUTO) kind = MPAR_SCHEDULE_ZB_H1;
     if (kind == MPAR_SCHEDULE_ZB_V && virtual_stages == 1) kind = MPAR_SCHEDULE_ZB_H1;
     return mpar_schedule_create_with(a, kind, stages, microbatches, virtual_stages, out, err);
 }
@@ -7548,7 +7573,10 @@ typedef struct mpar__vstage {
     mpar__link *fwd_in, *fwd_out, *bwd_in, *bwd_out;
 } mpar__vstage;
 
-typedef enum { MPAR__JOB_NONE, MPAR__JOB_GRADS, MPAR__JOB_STEP, MPAR__JOB_INFER } mpar__job;
+/* GRADS: the schedule without its optimizer step; STEP: that step alone
+   (MPI, or apply_gradients); TRAIN: the whole schedule, step included;
+   INFER: the forward-only schedule. */
+typedef enum { MPAR__JOB_NONE, MPAR__JOB_GRADS, MPAR__JOB_STEP, MPAR__JOB_INFER, MPAR__JOB_TRAIN } mpar__job;
 
 #ifdef MPAR_USE_MPI
 /* How an MPI wait polls (mpar__mpi_nap). */
@@ -7589,16 +7617,22 @@ struct mpar_pipeline {
     const mpar_model* model;
     mpar_pipeline_desc desc;
     int workers_count, vs_count, layer_count, seq_len, rows_max, mb_rows_max;
-    mpar_schedule* schedule;
+    mpar_schedule* schedule;       /* what the workers walk in training */
+    mpar_schedule* infer_schedule; /* forward-only, for the last inference's micro-batch count */
     mpar__vstage* vs;
     mpar__link* links; /* [vs_count-1] forward, then [vs_count-1] backward */
     mpar__worker workers[MPAR__MAX_WORKERS];
     /* job hand-off */
     pthread_mutex_t mu;
     pthread_cond_t start_cv, done_cv;
+    pthread_cond_t opt_cv; /* the optimizer step's decision is made (or a stage failed) */
+    /* The optimizer step of a TRAIN job, under mu: stages that posted their
+       norms, the decision (mpar__step_decide) and stages that stepped. */
+    int opt_posted, opt_decided, opt_go, opt_stepped, opt_bad_layer;
+    double opt_norm;
     char why[160]; /* another rank's failure, told to this one */
     int generation, done_count, quit;
-    mpar__job job;
+    mpar__job job, last_job;
     /* the current batch */
     const mpar_batch* batch;
     int mb_count;
@@ -7667,7 +7701,7 @@ static void mpar__record_compute(mpar__worker* w, mpar_event_kind kind, int mb, 
 static void mpar__record_link(mpar__worker* w, const mpar__link* l, int send, int mb, double t_wait, double t_copy,
                               double t_end, size_t floats) {
     int sender = l->gradient ? l->boundary + 1 : l->boundary, receiver = l->gradient ? l->boundary : l->boundary + 1;
-    int chunk = (send ? sender : receiver) / w->p->workers_count;
+    int chunk = mpar_schedule_chunk_of(w->p->schedule, send ? sender : receiver);
     if (!w->ex.profiling) return;
     if (t_copy - t_wait > 1e-6) mpar__record(w, MPAR_EVENT_WAIT, mb, chunk, l->boundary, l->gradient, t_wait, t_copy, 0);
     mpar__record(w, send ? MPAR_EVENT_SEND : MPAR_EVENT_RECEIVE, mb, chunk, l->boundary, l->gradient, t_copy, t_end,
@@ -8387,8 +8421,8 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
     return MPAR_SUCCESS;
 }
 
-static mpar__vstage* mpar__vstage_of(mpar_pipeline* p, int worker, int chunk) {
-    return &p->vs[chunk * p->workers_count + worker];
+static mpar__vstage* mpar__vstage_of(const mpar_pipeline* p, int worker, int chunk) {
+    return &p->vs[mpar_schedule_virtual_stage(p->schedule, worker, chunk)];
 }
 
 static mpar_result mpar__zero(mpar__worker* w, cl_mem mem, size_t n) {
@@ -8481,38 +8515,101 @@ static void mpar__job_start(mpar__worker* w) {
     w->ex.launches = w->ex.cl_launches = 0;
 }
 
-static mpar_result mpar__job_grads(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
+/* The first half of the optimizer step: this stage's squared gradient
+   norms per layer, into p->layer_sumsq (its own layers only). */
+static mpar_result mpar__stage_norms(mpar__worker* w) {
     mpar_pipeline* p = w->p;
-    int i, c, n = mpar_schedule_action_count(p->schedule, w->index);
+    mpar_result r = MPAR_SUCCESS;
+    int c;
+    mpar__serial_begin(w);
+    for (c = 0; r == MPAR_SUCCESS && c < p->schedule->virtual_stages; c++)
+        r = mpar__layer_norms(w, mpar__vstage_of(p, w->index, c));
+    MPAR__TRY(mpar__serial_end(w, r));
+    mpar__record_compute(w, MPAR_EVENT_OPTIMIZER_STEP, -1, 0); /* gradient norms: the step's first half */
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__job_step(mpar__worker* w);
+static void mpar__step_decide(mpar_pipeline* p);
+
+/* The optimizer step as an action (training jobs in one process): the
+   stage posts its norms, once the last one is in the step is decided
+   (NaN check, clipping: mpar__step_decide, from every layer's norm in
+   layer order, so every partition decides alike), and each stage steps as
+   soon as it knows. A stage never steps on another's unfinished gradients:
+   the decision needs all of them. */
+static mpar_result mpar__opt_action(mpar__worker* w) {
+    mpar_pipeline* p = w->p;
+    struct timespec until;
+    double limit = mpar__now() + p->desc.timeout_seconds;
+    int go;
+    MPAR__TRY(mpar__stage_norms(w));
+    MPAR__TRY(mpar__worker_drain(w)); /* the last stage's losses are read */
+    pthread_mutex_lock(&p->mu);
+    if (++p->opt_posted == p->local_workers) {
+        mpar__step_decide(p);
+        pthread_cond_broadcast(&p->opt_cv);
+    }
+    while (!p->opt_decided && p->first_failure < 0 && mpar__now() < limit) {
+        double at;
+        clock_gettime(CLOCK_REALTIME, &until); /* wake every 50 ms to look at the clock */
+        at = (double)until.tv_nsec + 50e6;
+        until.tv_sec += (time_t)(at / 1e9);
+        until.tv_nsec = (long)fmod(at, 1e9);
+        pthread_cond_timedwait(&p->opt_cv, &p->mu, &until);
+    }
+    go = p->opt_decided && p->opt_go && p->first_failure < 0;
+    if (!p->opt_decided) {
+        pthread_mutex_unlock(&p->mu);
+        return p->first_failure >= 0
+                   ? mpar__fail(p->ctx, MPAR_ERROR_ABORTED, "another stage failed before the optimizer step")
+                   : mpar__fail(p->ctx, MPAR_ERROR_TIMEOUT, "waited %.0f s for the other stages' gradients",
+                                p->desc.timeout_seconds);
+    }
+    if (go) p->opt_stepped++; /* from here this stage's parameters change */
+    pthread_mutex_unlock(&p->mu);
+    if (!go) return MPAR_SUCCESS; /* non-finite: nobody steps; the caller reports it */
+    mpar__serial_begin(w);
+    return mpar__serial_end(w, mpar__job_step(w));
+}
+
+/* Walks this worker's list of `sc`: gradients (optimizer step left out),
+   training (with it) or inference (a forward-only schedule). */
+static mpar_result mpar__job_walk(mpar__worker* w, const mpar_schedule* sc, int with_step, const char** failed_action,
+                                  char* name, size_t name_size) {
+    mpar_pipeline* p = w->p;
+    int i, c, n = mpar_schedule_action_count(sc, w->index);
     mpar_result r = MPAR_SUCCESS;
     mpar__job_start(w);
-    mpar__serial_begin(w);
-    for (c = 0; r == MPAR_SUCCESS && c < p->desc.virtual_stages; c++) {
-        mpar__vstage* v = mpar__vstage_of(p, w->index, c);
-        r = mpar__zero(w, v->grads, v->param_off[v->n]);
-    }
-    MPAR__TRY(mpar__serial_end(w, r));
-    if (w->ex.profiling) {
-        double a, b;
-        mpar__exec_interval(&w->ex, &a, &b); /* zeroing belongs to no action */
+    if (!sc->forward_only) {
+        mpar__serial_begin(w);
+        for (c = 0; r == MPAR_SUCCESS && c < sc->virtual_stages; c++) {
+            mpar__vstage* v = mpar__vstage_of(p, w->index, c);
+            r = mpar__zero(w, v->grads, v->param_off[v->n]);
+        }
+        MPAR__TRY(mpar__serial_end(w, r));
+        if (w->ex.profiling) {
+            double a, b;
+            mpar__exec_interval(&w->ex, &a, &b); /* zeroing belongs to no action */
+        }
     }
     for (i = 0; i < n; i++) {
-        const mpar_action* a = mpar_schedule_action(p->schedule, w->index, i);
-        mpar_result r;
-        if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) continue;
-        r = (p->desc.inject_fault && p->desc.fault_stage == w->index && p->desc.fault_action == i)
-                ? mpar__fail(p->ctx, MPAR_ERROR_ABORTED, "fault injected by mpar_pipeline_desc.fault_*")
-                : mpar__run_action(w, a);
+        const mpar_action* a = mpar_schedule_action(sc, w->index, i);
+        int opt = a->kind == MPAR_ACTION_OPTIMIZER_STEP;
+        if (opt && !with_step) {
+            r = mpar__stage_norms(w); /* posted to the host, which decides the step */
+        } else if (!sc->forward_only && p->desc.inject_fault && p->desc.fault_stage == w->index &&
+                   p->desc.fault_action == i) {
+            r = mpar__fail(p->ctx, MPAR_ERROR_ABORTED, "fault injected by mpar_pipeline_desc.fault_*");
+        } else {
+            r = opt ? mpar__opt_action(w) : mpar__run_action(w, a);
+        }
         if (r != MPAR_SUCCESS) {
-            mpar_action_format(a, p->desc.virtual_stages > 1, name, name_size);
+            mpar_action_format(a, sc->virtual_stages > 1, name, name_size);
             *failed_action = name;
             return r;
         }
     }
-    mpar__serial_begin(w);
-    for (c = 0; r == MPAR_SUCCESS && c < p->desc.virtual_stages; c++) r = mpar__layer_norms(w, mpar__vstage_of(p, w->index, c));
-    MPAR__TRY(mpar__serial_end(w, r));
-    mpar__record_compute(w, MPAR_EVENT_OPTIMIZER_STEP, -1, 0); /* gradient norms: the step's first half */
     return MPAR_SUCCESS;
 }
 
@@ -8542,22 +8639,6 @@ static mpar_result mpar__job_step(mpar__worker* w) {
     return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__job_infer(mpar__worker* w, const char** failed_action, char* name, size_t name_size) {
-    mpar_pipeline* p = w->p;
-    int m, c;
-    mpar__job_start(w);
-    for (m = 0; m < p->mb_count; m++)
-        for (c = 0; c < p->desc.virtual_stages; c++) {
-            mpar_result r = mpar__do_forward(w, mpar__vstage_of(p, w->index, c), m);
-            if (r != MPAR_SUCCESS) {
-                snprintf(name, name_size, "F%d.%d", m, c);
-                *failed_action = name;
-                return r;
-            }
-        }
-    return MPAR_SUCCESS;
-}
-
 static void* mpar__worker_main(void* arg) {
     mpar__worker* w = (mpar__worker*)arg;
     mpar_pipeline* p = w->p;
@@ -8578,12 +8659,13 @@ static void* mpar__worker_main(void* arg) {
         job = p->job;
         pthread_mutex_unlock(&p->mu);
         w->error[0] = w->detail[0] = '\0';
-        if (job == MPAR__JOB_GRADS) r = mpar__job_grads(w, &action, name, sizeof name);
+        if (job == MPAR__JOB_GRADS || job == MPAR__JOB_TRAIN)
+            r = mpar__job_walk(w, p->schedule, job == MPAR__JOB_TRAIN, &action, name, sizeof name);
         else if (job == MPAR__JOB_STEP) {
             mpar__serial_begin(w);
             r = mpar__serial_end(w, mpar__job_step(w));
         }
-        else if (job == MPAR__JOB_INFER) r = mpar__job_infer(w, &action, name, sizeof name);
+        else if (job == MPAR__JOB_INFER) r = mpar__job_walk(w, p->infer_schedule, 0, &action, name, sizeof name);
         {
             mpar_result d = mpar__worker_drain(w);
             if (r == MPAR_SUCCESS) r = d;
@@ -8595,6 +8677,7 @@ static void* mpar__worker_main(void* arg) {
             pthread_mutex_lock(&p->mu);
             first = p->first_failure < 0;
             if (first) p->first_failure = w->index;
+            pthread_cond_broadcast(&p->opt_cv); /* stages waiting at the optimizer step stop too */
             pthread_mutex_unlock(&p->mu);
             snprintf(w->error, sizeof w->error, "stage %d (device %d), action %s: %s", w->index, w->device,
                      action ? action : (job == MPAR__JOB_STEP ? "optimizer step" : "start of step"),
@@ -8671,6 +8754,7 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     }
     p->peer_failed = 0;
     pthread_mutex_lock(&p->mu);
+    if (job != MPAR__JOB_STEP) p->last_job = job; /* what the timeline shows */
     p->job = job;
     p->done_count = 0;
     p->first_failure = -1;
@@ -8774,39 +8858,63 @@ static float mpar__lr_at(const mpar_optimizer_desc* o, int step) {
     return (float)lr;
 }
 
-MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info) {
-    double sumsq = 0.0, norm, loss;
+/* The optimizer step's decision from every layer's squared gradient norm
+   (summed in layer order: the same total, bit for bit, for every
+   partition and every stage that computes it) and the loss: whether to
+   step, the norm, the first non-finite layer, and for a step its number,
+   learning rate and clipping scale. Host after compute_gradients, or the
+   last stage to post its norms in a training job (under p->mu). */
+static void mpar__step_decide(mpar_pipeline* p) {
+    double sumsq = 0.0, norm;
     int i, bad = -1;
+    for (i = 0; i < p->layer_count; i++) {
+        if (bad < 0 && !isfinite(p->layer_sumsq[i])) bad = i;
+        sumsq += p->layer_sumsq[i];
+    }
+    if (p->job == MPAR__JOB_TRAIN) { /* the losses are in: every stage drained before posting */
+        double loss = 0.0;
+        int counted = (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
+        for (i = 0; i < p->mb_count; i++) loss += (double)p->mb_loss[i];
+        p->last_loss = counted ? loss / counted : 0.0;
+    }
+    norm = sqrt(sumsq);
+    p->opt_norm = norm;
+    p->opt_bad_layer = bad;
+    p->opt_go = bad < 0 && isfinite(p->last_loss);
+    p->opt_decided = 1;
+    if (!p->opt_go) return;
+    p->step++;
+    p->step_lr = mpar__lr_at(&p->desc.optimizer, p->step);
+    p->step_scale = (p->desc.optimizer.clip_norm > 0.0f && norm > p->desc.optimizer.clip_norm)
+                        ? (float)(p->desc.optimizer.clip_norm / (norm + 1e-6)) : 1.0f;
+}
+
+/* What a decision that did not step means for the caller. */
+static mpar_result mpar__step_refused(mpar_pipeline* p, mpar_step_info* info) {
+    int i, bad = p->opt_bad_layer, stage = 0;
+    for (i = 0; i < p->vs_count; i++)
+        if (bad >= p->vs[i].first && bad <= p->vs[i].last) stage = p->vs[i].worker;
+    if (p->desc.skip_nonfinite) {
+        if (info) info->skipped = 1;
+        return MPAR_SUCCESS;
+    }
+    if (bad >= 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_NUMERICAL, "gradient of layer %d (%s) on stage %d is not finite; "
+                          "parameters left unchanged", bad, mpar_model_layer(p->model, bad)->type->name, stage);
+    return mpar__fail(p->ctx, MPAR_ERROR_NUMERICAL, "loss is not finite; parameters left unchanged");
+}
+
+MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info) {
     mpar_result r;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->damaged) return mpar__damaged(p);
     if (!p->grads_ready)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "apply_gradients needs a successful compute_gradients first");
     p->grads_ready = 0;
-    loss = p->last_loss;
-    for (i = 0; i < p->layer_count; i++) { /* layer order: the same sum for every partition */
-        if (bad < 0 && !isfinite(p->layer_sumsq[i])) bad = i;
-        sumsq += p->layer_sumsq[i];
-    }
-    norm = sqrt(sumsq);
-    if (info) info->grad_norm = norm;
-    if (bad >= 0 || !isfinite(loss)) {
-        int stage = 0;
-        for (i = 0; i < p->vs_count; i++)
-            if (bad >= p->vs[i].first && bad <= p->vs[i].last) stage = p->vs[i].worker;
-        if (p->desc.skip_nonfinite) {
-            if (info) info->skipped = 1;
-            return MPAR_SUCCESS;
-        }
-        if (bad >= 0)
-            return mpar__fail(p->ctx, MPAR_ERROR_NUMERICAL, "gradient of layer %d (%s) on stage %d is not finite; "
-                              "parameters left unchanged", bad, mpar_model_layer(p->model, bad)->type->name, stage);
-        return mpar__fail(p->ctx, MPAR_ERROR_NUMERICAL, "loss is not finite; parameters left unchanged");
-    }
-    p->step++;
-    p->step_lr = mpar__lr_at(&p->desc.optimizer, p->step);
-    p->step_scale = (p->desc.optimizer.clip_norm > 0.0f && norm > p->desc.optimizer.clip_norm)
-                        ? (float)(p->desc.optimizer.clip_norm / (norm + 1e-6)) : 1.0f;
+    p->job = MPAR__JOB_STEP; /* the loss is the host's already */
+    mpar__step_decide(p);
+    if (info) info->grad_norm = p->opt_norm;
+    if (!p->opt_go) return mpar__step_refused(p, info);
     r = mpar__run_job(p, MPAR__JOB_STEP);
     if (r != MPAR_SUCCESS) {
         /* some stages may have stepped and others not */
@@ -8823,9 +8931,37 @@ MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_in
 
 MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_step_info local;
-    mpar_result r = mpar_pipeline_compute_gradients(p, batch, info ? info : &local);
+    mpar_result r;
+    int counted;
+    if (!info) info = &local;
+    if (p && p->ranks > 1) { /* across processes the host decides the step between two jobs */
+        r = mpar_pipeline_compute_gradients(p, batch, info);
+        if (r != MPAR_SUCCESS) return r;
+        return mpar_pipeline_apply_gradients(p, info);
+    }
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->damaged) return mpar__damaged(p);
+    r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
-    return mpar_pipeline_apply_gradients(p, info ? info : &local);
+    counted = (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
+    p->grads_ready = 0;
+    p->opt_posted = p->opt_decided = p->opt_go = p->opt_stepped = 0;
+    r = mpar__run_job(p, MPAR__JOB_TRAIN);
+    if (r != MPAR_SUCCESS) {
+        if (p->opt_decided && p->opt_go) {
+            p->step--;
+            if (p->opt_stepped) p->damaged = 1; /* some stages may have stepped and others not */
+        }
+        return r;
+    }
+    memset(info, 0, sizeof *info);
+    info->loss = p->last_loss;
+    info->counted_rows = counted;
+    info->grad_norm = p->opt_norm;
+    info->step = p->step;
+    if (!p->opt_go) return mpar__step_refused(p, info);
+    info->lr = p->step_lr;
+    return MPAR_SUCCESS;
 }
 
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
@@ -8848,6 +8984,15 @@ MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batc
     }
     r = mpar__set_batch(p, batch, count, 0);
     if (r != MPAR_SUCCESS) return r;
+    if (!p->infer_schedule || p->infer_schedule->microbatches != count) {
+        /* inference is a schedule too: forwards only, on the training schedule's placement */
+        mpar_error err;
+        mpar_schedule_destroy(p->infer_schedule);
+        p->infer_schedule = NULL;
+        if (mpar_schedule_forward_only(&p->ctx->allocator, p->schedule->stages, count, p->schedule->virtual_stages,
+                                       p->schedule->placement, &p->infer_schedule, &err) != MPAR_SUCCESS)
+            return mpar__fail(p->ctx, err.code, "%s", err.message);
+    }
     p->infer_out = outputs;
     r = mpar__run_job(p, MPAR__JOB_INFER);
     p->infer_out = NULL;
@@ -8941,9 +9086,18 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
     out->allocator = p->ctx->allocator;
     out->events = (mpar_event*)mpar__alloc_a(&out->allocator, sizeof(mpar_event) * (size_t)(n ? n : 1));
     if (!out->events) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    {
+        const mpar_schedule* ran = p->last_job == MPAR__JOB_INFER && p->infer_schedule ? p->infer_schedule : p->schedule;
+        mpar_error err;
+        if (mpar_schedule_copy(&out->allocator, ran, &out->schedule_lists, &err) != MPAR_SUCCESS) {
+            mpar__free_a(&out->allocator, out->events);
+            out->events = NULL;
+            return mpar__fail(p->ctx, err.code, "%s", err.message);
+        }
+        out->microbatches = ran->microbatches;
+    }
     out->stages = p->workers_count;
     out->virtual_stages = p->desc.virtual_stages;
-    out->microbatches = p->schedule->microbatches;
     out->schedule = p->desc.schedule;
     for (i = 0; i < p->workers_count; i++) {
         mpar__worker* w = &p->workers[i];
@@ -8960,7 +9114,9 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
 MPARDEF void mpar_timeline_free(mpar_timeline* t) {
     if (!t) return;
     mpar__free_a(&t->allocator, t->events);
+    mpar_schedule_destroy(t->schedule_lists);
     t->events = NULL;
+    t->schedule_lists = NULL;
     t->event_count = 0;
 }
 
@@ -8975,7 +9131,7 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
         out->device_bytes[i] = p->workers[i].bytes;
         out->launches[i] = p->workers[i].ex.launches;
         out->opencl_launches[i] = p->workers[i].ex.cl_launches;
-        for (c = 0; c < p->desc.virtual_stages; c++) out->slots[i] += p->vs[c * p->workers_count + i].slot_count;
+        for (c = 0; c < p->desc.virtual_stages; c++) out->slots[i] += mpar__vstage_of(p, i, c)->slot_count;
     }
     out->boundaries = p->vs_count - 1 < 64 ? p->vs_count - 1 : 64;
     for (i = 0; i < out->boundaries; i++) {
@@ -9090,9 +9246,6 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN,
                               "stage %d covers layers %d-%d; stages must be contiguous, in order, non-empty and start "
                               "at layer %d", j, out[j].first_layer, out[j].last_layer, expect_first);
-        if (out[j].device != out[j % p->workers_count].device)
-            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "chunk %d must run on the device of chunk %d", j,
-                              j % p->workers_count);
     }
     if (out[n - 1].last_layer != p->layer_count - 1)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stages end at layer %d but the model has %d layers",
@@ -9157,7 +9310,7 @@ static mpar_result mpar__vstage_layout(mpar_pipeline* p, mpar__vstage* v) {
 static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int slots) {
     mpar__worker* w = &p->workers[v->worker];
     size_t np = v->param_off[v->n], rows = (size_t)p->mb_rows_max;
-    int s, split = p->desc.schedule == MPAR_SCHEDULE_ZB_H1;
+    int s, split = p->schedule->split_backward;
     size_t slot_floats = p->desc.recompute ? rows * v->act_cum[1] : v->act_floats;
     v->slot_count = slots;
     v->grad_slot_count = split ? slots : 1;
@@ -9422,9 +9575,11 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
         if (p->workers[i].ex.queue) clReleaseCommandQueue(p->workers[i].ex.queue);
     }
     mpar_schedule_destroy(p->schedule);
+    mpar_schedule_destroy(p->infer_schedule);
     mpar__free(p->ctx, p->links), mpar__free(p->ctx, p->vs), mpar__free(p->ctx, p->layer_sumsq);
     mpar__free(p->ctx, p->mb_loss), mpar__free(p->ctx, p->mb_first);
-    pthread_cond_destroy(&p->done_cv), pthread_cond_destroy(&p->start_cv), pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->done_cv), pthread_cond_destroy(&p->start_cv), pthread_cond_destroy(&p->opt_cv);
+    pthread_mutex_destroy(&p->mu);
     mpar__free(p->ctx, p);
 }
 
@@ -9433,8 +9588,17 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     mpar_optimizer_desc* o = &d->optimizer;
     mpar_error err;
     *d = *desc;
+    if (d->schedule_lists) { /* the schedule given is the truth */
+        if (mpar_schedule_validate(d->schedule_lists, &err) != MPAR_SUCCESS)
+            return mpar__fail(p->ctx, err.code, "schedule_lists: %s", err.message);
+        if (d->schedule_lists->forward_only)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "schedule_lists: a forward-only schedule cannot "
+                              "train; the pipeline makes its own for mpar_pipeline_infer");
+        d->microbatches = d->schedule_lists->microbatches;
+        d->virtual_stages = d->schedule_lists->virtual_stages;
+    }
     if (d->microbatches == 0) d->microbatches = 1;
-    if (d->virtual_stages == 0) d->virtual_stages = 1;
+    if (d->virtual_stages <= 1 && d->virtual_stages >= 0) d->virtual_stages = mpar__sched_kind_vstages(d->schedule, 1);
     if (d->timeout_seconds <= 0) d->timeout_seconds = 600;
     if (d->max_run_ahead == 0) d->max_run_ahead = 4;
     if (o->lr == 0.0f) o->lr = 1e-3f;
@@ -9506,30 +9670,60 @@ static mpar_result mpar__setup_ranks(mpar_pipeline* p) {
     return MPAR_SUCCESS;
 }
 
+/* The schedule the workers walk: the desc's, or generated from its kind.
+   Then every chunk must sit on the device of its stage's first chunk. */
+static mpar_result mpar__pipeline_schedule(mpar_pipeline* p, const mpar_stage_desc* stages) {
+    const mpar_pipeline_desc* d = &p->desc;
+    mpar_error err;
+    int j, V;
+    if (d->schedule_lists) {
+        if (d->schedule_lists->stages != p->workers_count)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "schedule_lists has %d stages but the pipeline has %d "
+                              "devices (%d chunks / %d virtual stages)", d->schedule_lists->stages, p->workers_count,
+                              p->vs_count, d->virtual_stages);
+        if (mpar_schedule_copy(&p->ctx->allocator, d->schedule_lists, &p->schedule, &err) != MPAR_SUCCESS)
+            return mpar__fail(p->ctx, err.code, "%s", err.message);
+    } else if (mpar_schedule_create_with(&p->ctx->allocator, d->schedule, p->workers_count, d->microbatches,
+                                         d->virtual_stages, &p->schedule, &err) != MPAR_SUCCESS) {
+        return mpar__fail(p->ctx, err.code, "%s", err.message);
+    }
+    V = p->schedule->virtual_stages;
+    for (j = 0; j < p->vs_count; j++) {
+        int s = p->schedule->placement[j], first = p->schedule->virtual_stage_of[s * V];
+        if (stages[j].device != stages[first].device)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "chunk %d must run on the device of chunk %d (device "
+                              "%d, not %d): the schedule puts both on stage %d", j, first, stages[first].device,
+                              stages[j].device, s);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* Messages a link between two chunks of ONE worker holds at most: the
+   worker walks its list in order, so sends not yet received are counted
+   there. Activations cross at F(a) -> F(b), gradients at B/I(b) -> B/I(a). */
+static int mpar__self_link_need(const mpar_schedule* sc, int s, int ca, int cb) {
+    int i, fwd = 0, bwd = 0, need = 1;
+    for (i = 0; i < sc->action_count[s]; i++) {
+        const mpar_action* a = &sc->actions[s][i];
+        int back = a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_INPUT;
+        if (a->kind == MPAR_ACTION_FORWARD) fwd += a->chunk == ca ? 1 : a->chunk == cb ? -1 : 0;
+        if (back) bwd += a->chunk == cb ? 1 : a->chunk == ca ? -1 : 0;
+        if (fwd > need) need = fwd;
+        if (bwd > need) need = bwd;
+    }
+    return need;
+}
+
 static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
-    int slots[4 * MPAR__MAX_WORKERS];
-    mpar_simulation* sim = NULL;
-    mpar_sim_desc sd;
-    mpar_error err;
     int i, peak = 1, M;
     if (p->desc.stage_count > 4 * MPAR__MAX_WORKERS || mpar_device_count(p->ctx) * p->desc.virtual_stages >
                                                            4 * MPAR__MAX_WORKERS)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "too many stages");
     MPAR__TRY(mpar__resolve_stages(p, stages));
-    memset(&sd, 0, sizeof sd);
-    sd.allocator = p->ctx->allocator;
-    if (mpar_schedule_create_with(&p->ctx->allocator, p->desc.schedule, p->workers_count, p->desc.microbatches,
-                                  p->desc.virtual_stages, &p->schedule, &err) != MPAR_SUCCESS ||
-        mpar_simulate(p->schedule, &sd, &sim, &err) != MPAR_SUCCESS)
-        return mpar__fail(p->ctx, err.code, "%s", err.message);
-    for (i = 0; i < p->workers_count; i++) {
-        /* each stage gets what it holds at most; interleaved chunks each get
-           their device's count (their own peaks are not known separately) */
-        slots[i] = sim->peak_in_flight[i] > 1 ? sim->peak_in_flight[i] : 1;
-        if (sim->peak_in_flight[i] > peak) peak = sim->peak_in_flight[i];
-    }
-    mpar_simulation_destroy(sim);
+    MPAR__TRY(mpar__pipeline_schedule(p, stages));
+    for (i = 0; i < p->workers_count; i++)
+        if (p->schedule->peak_in_flight[i] > peak) peak = p->schedule->peak_in_flight[i];
     M = p->schedule->microbatches;
     p->mb_rows_max = ((p->desc.max_batch + M - 1) / M) * p->seq_len;
     p->mb_capacity = M;
@@ -9560,7 +9754,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     }
     for (i = 0; i < p->vs_count; i++) {
         mpar__vstage* v = &p->vs[i];
-        v->index = i, v->worker = i % p->workers_count, v->chunk = i / p->workers_count;
+        v->index = i, v->worker = mpar_schedule_stage_of(p->schedule, i), v->chunk = mpar_schedule_chunk_of(p->schedule, i);
         v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
         v->n = v->last - v->first + 1;
         MPAR__TRY(mpar__vstage_layout(p, v));
@@ -9582,7 +9776,8 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     for (i = 0; i < p->vs_count; i++) {
         mpar__vstage* v = &p->vs[i];
         if (!mpar__local(p, v->worker)) continue;
-        MPAR__TRY(mpar__vstage_buffers(p, v, slots[v->worker]));
+        int slots = p->schedule->chunk_peak_in_flight[i]; /* what this chunk holds at most */
+        MPAR__TRY(mpar__vstage_buffers(p, v, slots > 1 ? slots : 1));
         MPAR__TRY(mpar__vstage_init(p, v));
     }
     p->links_ready = 0;
@@ -9590,6 +9785,10 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
         size_t floats = (size_t)p->mb_rows_max * b->act_cum[1];
         int cap = p->desc.link_capacity ? p->desc.link_capacity : (peak > 2 ? peak : 2);
+        if (a->worker == b->worker) { /* one thread sends and receives: it must never wait for room */
+            int need = mpar__self_link_need(p->schedule, a->worker, a->chunk, b->chunk);
+            if (need > cap) cap = need;
+        }
         MPAR__TRY(mpar__link_init(p, &p->links[i], a, b, floats, cap));
         p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[p->vs_count - 1 + i], b, a, floats, cap));
@@ -9620,6 +9819,7 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->start_cv, NULL);
     pthread_cond_init(&p->done_cv, NULL);
+    pthread_cond_init(&p->opt_cv, NULL);
     r = mpar__pipeline_defaults(p, desc);
     if (r == MPAR_SUCCESS) r = mpar__pipeline_build(p);
     for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++) {
@@ -9715,8 +9915,26 @@ static mpar_result mpar__plan_flops(mpar_context* ctx, const mpar_plan_options* 
 /* What one micro-batch of each layer costs and holds, as the executor
    allocates it: activations and stash per in-flight micro-batch; the
    backward buffer once per stage (per micro-batch for zero-bubble). */
-static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc* d, int rows, mpar_plan_layer* out) {
-    int i, split = d->schedule == MPAR_SCHEDULE_ZB_H1;
+/* What the desc's schedule implies before the pipeline knows its stage
+   count: whether the backward is split and how many micro-batches a step
+   runs (the batch as one for SEQUENTIAL). Read from the lists. */
+static mpar_result mpar__desc_schedule_facts(const mpar_pipeline_desc* d, int* split, int* M, mpar_error* err) {
+    mpar_schedule* sc = NULL;
+    mpar_result r;
+    if (d->schedule_lists) {
+        *split = d->schedule_lists->split_backward, *M = d->schedule_lists->microbatches;
+        return MPAR_SUCCESS;
+    }
+    r = mpar__sched_generate(NULL, d->schedule, 1, d->microbatches > 0 ? d->microbatches : 1, 1, &sc, err);
+    if (r != MPAR_SUCCESS) return r;
+    *split = sc->split_backward, *M = sc->microbatches;
+    mpar_schedule_destroy(sc);
+    return MPAR_SUCCESS;
+}
+
+static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc* d, int split, int rows,
+                              mpar_plan_layer* out) {
+    int i;
     for (i = 0; i < model->count; i++) {
         const mpar_layer* l = &model->layers[i];
         uint64_t grad_buffer = (uint64_t)rows * ((uint64_t)l->in_features + l->gstash_per_row) * 4u;
@@ -9743,8 +9961,12 @@ MPARDEF mpar_result mpar_pipeline_plan_layers(const mpar_model* model, const mpa
     if (d.microbatches <= 0) d.microbatches = 1;
     if (d.max_batch <= 0 || d.max_batch > (1 << 24) / model->desc.seq_len)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "max_batch must be positive and below 2^24 rows");
-    M = d.schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : d.microbatches;
-    mpar__plan_layers(model, &d, (d.max_batch + M - 1) / M * model->desc.seq_len, out);
+    {
+        int split;
+        mpar_result r = mpar__desc_schedule_facts(&d, &split, &M, err);
+        if (r != MPAR_SUCCESS) return r;
+        mpar__plan_layers(model, &d, split, (d.max_batch + M - 1) / M * model->desc.seq_len, out);
+    }
     return MPAR_SUCCESS;
 }
 
@@ -9770,7 +9992,11 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     if (d.microbatches <= 0) d.microbatches = 1;
     if (d.virtual_stages <= 0) d.virtual_stages = 1;
     if (d.max_batch <= 0) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning needs max_batch > 0");
-    M = d.schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : d.microbatches;
+    {
+        int split;
+        if (mpar__desc_schedule_facts(&d, &split, &M, &err) != MPAR_SUCCESS)
+            return mpar__fail(ctx, err.code, "%s", err.message);
+    }
     if (d.max_batch > (1 << 24) / model->desc.seq_len || d.microbatches > (1 << 20) || d.virtual_stages > 64)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning: max_batch x seq_len above 2^24, or too many "
                           "micro-batches or virtual stages");
@@ -9801,6 +10027,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     pd.measured_backward_input = o.measured_backward_input;
     pd.measured_backward_weight = o.measured_backward_weight;
     pd.schedule = d.schedule, pd.microbatches = M, pd.virtual_stages = d.virtual_stages; /* SEQUENTIAL: one */
+    pd.schedule_lists = d.schedule_lists;
     pd.mode = o.mode, pd.use_devices = o.use_devices, pd.order = o.order, pd.weights = o.weights;
     if (o.mode == MPAR_PLAN_MANUAL) { /* cost the stages the desc gives */
         int j;
@@ -9855,7 +10082,7 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
     for (i = 0; i < L; i++) stages[i].device = device, stages[i].first_layer = stages[i].last_layer = i;
     /* zero-bubble lists keep the input and weight parts apart; every kernel
        runs alone (force_serial), so no layer's time includes another's */
-    d.stages = stages, d.stage_count = L, d.plan = NULL, d.schedule = MPAR_SCHEDULE_ZB_H1;
+    d.stages = stages, d.stage_count = L, d.plan = NULL, d.schedule = MPAR_SCHEDULE_ZB_H1, d.schedule_lists = NULL;
     d.microbatches = 1, d.virtual_stages = 1, d.max_batch = samples, d.profile = 1, d.inject_fault = 0;
     rows = samples * model->desc.seq_len;
     width = model->desc.input_features;
@@ -10681,7 +10908,21 @@ static int mpar__tl_is_backward(mpar_event_kind k) {
     return k == MPAR_EVENT_BACKWARD || k == MPAR_EVENT_BACKWARD_INPUT || k == MPAR_EVENT_BACKWARD_WEIGHT;
 }
 static int mpar__tl_vs_count(const mpar_timeline* t) { return t->stages * t->virtual_stages; }
-static int mpar__tl_vstage(const mpar_timeline* t, const mpar_event* e) { return e->chunk * t->stages + e->stage; }
+static int mpar__tl_vstage(const mpar_timeline* t, const mpar_event* e) {
+    if (t->schedule_lists) return mpar_schedule_virtual_stage(t->schedule_lists, e->stage, e->chunk);
+    return e->chunk * t->stages + e->stage; /* interleaved */
+}
+/* The stage (worker) that runs a virtual stage. */
+static int mpar__tl_stage_of(const mpar_timeline* t, int vs) {
+    if (t->schedule_lists) return mpar_schedule_stage_of(t->schedule_lists, vs);
+    return vs % t->stages;
+}
+/* The timeline's schedule: a copy of the one that ran, else generated. */
+static mpar_result mpar__tl_schedule(const mpar_timeline* t, mpar_schedule** out, mpar_error* err) {
+    if (t->schedule_lists) return mpar_schedule_copy(&t->allocator, t->schedule_lists, out, err);
+    return mpar_schedule_create_with(&t->allocator, t->schedule, t->stages, t->microbatches, t->virtual_stages, out,
+                                     err);
+}
 /* Virtual stage that sends / receives over a link event's boundary. */
 static int mpar__tl_sender(const mpar_event* e) { return e->gradient ? e->boundary + 1 : e->boundary; }
 static int mpar__tl_receiver(const mpar_event* e) { return e->gradient ? e->boundary : e->boundary + 1; }
@@ -10828,8 +11069,8 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
                               "mpar_timeline_get_link_stats: no link at boundary %d, direction %d", boundary, gradient);
     out->boundary = boundary, out->gradient = gradient;
-    out->from_stage = (gradient ? boundary + 1 : boundary) % t->stages;
-    out->to_stage = (gradient ? boundary : boundary + 1) % t->stages;
+    out->from_stage = mpar__tl_stage_of(t, gradient ? boundary + 1 : boundary);
+    out->to_stage = mpar__tl_stage_of(t, gradient ? boundary : boundary + 1);
     for (i = 0; i < t->event_count; i++) {
         const mpar_event* e = &t->events[i];
         double d = e->end - e->start, lat;
@@ -10839,7 +11080,8 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
         } else if (e->kind == MPAR_EVENT_RECEIVE) {
             out->received++, out->receive_time += d;
             if (mpar__tl_handoff(t, e, &lat)) out->handoff_latency += lat, handoffs++;
-        } else if (e->stage == (mpar__tl_sender(e) % t->stages) && e->stage != mpar__tl_receiver(e) % t->stages) {
+        } else if (e->stage == mpar__tl_stage_of(t, mpar__tl_sender(e)) &&
+                   e->stage != mpar__tl_stage_of(t, mpar__tl_receiver(e))) {
             out->send_wait += d;
         } else {
             out->receive_wait += d;
@@ -10947,8 +11189,7 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     if (sim) *sim = NULL;
     r = mpar__tl_check_shape(t, "mpar_timeline_simulate", err);
     if (r != MPAR_SUCCESS) return r;
-    r = mpar_schedule_create_with(&t->allocator, t->schedule, t->stages, t->microbatches, t->virtual_stages, &sc,
-                                  err);
+    r = mpar__tl_schedule(t, &sc, err);
     if (r != MPAR_SUCCESS) return r;
     r = mpar__tl_costs_make(t, sc, &c, err);
     if (r != MPAR_SUCCESS) {
@@ -11069,11 +11310,14 @@ static mpar_result mpar__tl_fail_order(const mpar_timeline* t, const mpar_event*
    or one I and a W (none only if the chunk never records one). */
 static mpar_result mpar__tl_check_counts(const mpar_timeline* t, const mpar__tl_slot* slots, int training,
                                          mpar_error* err) {
-    int vs, m, M = t->microbatches, split = t->schedule == MPAR_SCHEDULE_ZB_H1;
+    int vs, m, M = t->microbatches;
     for (vs = 0; vs < mpar__tl_vs_count(t); vs++)
         for (m = 0; m < M; m++) {
             const mpar__tl_slot *sl = &slots[vs * M + m], *s0 = &slots[vs * M];
             const char* bad = NULL;
+            /* a schedule may split one backward and not another: each as it ran */
+            int split = !sl->b_count && (sl->i_count > 0 || sl->w_count > 0);
+            if (split != (!s0->b_count && (s0->i_count > 0 || s0->w_count > 0))) s0 = sl;
             if (sl->f_count != 1) bad = "forward";
             else if (!training && sl->b_count + sl->i_count + sl->w_count) bad = "backward";
             else if (training && !split && (sl->b_count < 1 || sl->b_count > 2 || sl->b_count != s0->b_count ||
