@@ -8588,10 +8588,10 @@ static mpar_result mpar__job_walk(mpar__worker* w, const mpar_schedule* sc, int 
             r = mpar__zero(w, v->grads, v->param_off[v->n]);
         }
         MPAR__TRY(mpar__serial_end(w, r));
-        if (w->ex.profiling) {
-            double a, b;
-            mpar__exec_interval(&w->ex, &a, &b); /* zeroing belongs to no action */
-        }
+    }
+    if (w->ex.profiling) {
+        double a, b;
+        mpar__exec_interval(&w->ex, &a, &b); /* zeroing, or set-up before the first job, belongs to no action */
     }
     for (i = 0; i < n; i++) {
         const mpar_action* a = mpar_schedule_action(sc, w->index, i);
@@ -8605,7 +8605,8 @@ static mpar_result mpar__job_walk(mpar__worker* w, const mpar_schedule* sc, int 
             r = opt ? mpar__opt_action(w) : mpar__run_action(w, a);
         }
         if (r != MPAR_SUCCESS) {
-            mpar_action_format(a, sc->virtual_stages > 1, name, name_size);
+            if (opt) snprintf(name, name_size, "optimizer step");
+            else mpar_action_format(a, sc->virtual_stages > 1, name, name_size);
             *failed_action = name;
             return r;
         }
@@ -9918,14 +9919,15 @@ static mpar_result mpar__plan_flops(mpar_context* ctx, const mpar_plan_options* 
 /* What the desc's schedule implies before the pipeline knows its stage
    count: whether the backward is split and how many micro-batches a step
    runs (the batch as one for SEQUENTIAL). Read from the lists. */
-static mpar_result mpar__desc_schedule_facts(const mpar_pipeline_desc* d, int* split, int* M, mpar_error* err) {
+static mpar_result mpar__desc_schedule_facts(const mpar_allocator* a, const mpar_pipeline_desc* d, int* split, int* M,
+                                             mpar_error* err) {
     mpar_schedule* sc = NULL;
     mpar_result r;
     if (d->schedule_lists) {
         *split = d->schedule_lists->split_backward, *M = d->schedule_lists->microbatches;
         return MPAR_SUCCESS;
     }
-    r = mpar__sched_generate(NULL, d->schedule, 1, d->microbatches > 0 ? d->microbatches : 1, 1, &sc, err);
+    r = mpar__sched_generate(a, d->schedule, 1, d->microbatches > 0 ? d->microbatches : 1, 1, &sc, err);
     if (r != MPAR_SUCCESS) return r;
     *split = sc->split_backward, *M = sc->microbatches;
     mpar_schedule_destroy(sc);
@@ -9963,7 +9965,7 @@ MPARDEF mpar_result mpar_pipeline_plan_layers(const mpar_model* model, const mpa
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "max_batch must be positive and below 2^24 rows");
     {
         int split;
-        mpar_result r = mpar__desc_schedule_facts(&d, &split, &M, err);
+        mpar_result r = mpar__desc_schedule_facts(&model->desc.allocator, &d, &split, &M, err);
         if (r != MPAR_SUCCESS) return r;
         mpar__plan_layers(model, &d, split, (d.max_batch + M - 1) / M * model->desc.seq_len, out);
     }
@@ -9994,7 +9996,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     if (d.max_batch <= 0) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning needs max_batch > 0");
     {
         int split;
-        if (mpar__desc_schedule_facts(&d, &split, &M, &err) != MPAR_SUCCESS)
+        if (mpar__desc_schedule_facts(&ctx->allocator, &d, &split, &M, &err) != MPAR_SUCCESS)
             return mpar__fail(ctx, err.code, "%s", err.message);
     }
     if (d.max_batch > (1 << 24) / model->desc.seq_len || d.microbatches > (1 << 20) || d.virtual_stages > 64)
@@ -11117,11 +11119,12 @@ static void mpar__tl_add_host_gaps(const mpar_timeline* t, mpar__tl_costs* c) {
             seen = 1;
             covered += e->end - e->start;
         }
-        for (v = s; v < VS; v += P)
-            for (k = 0; k < 4; k++) actions += c->count[k * VS + v];
+        for (v = 0; v < VS; v++)
+            for (k = 0; k < 4 && mpar__tl_stage_of(t, v) == s; k++) actions += c->count[k * VS + v];
         gap = last - first - covered;
         if (!seen || actions == 0 || gap <= 0.0) continue;
-        for (v = s; v < VS; v += P) {
+        for (v = 0; v < VS; v++) {
+            if (mpar__tl_stage_of(t, v) != s) continue;
             c->f[v] += gap / actions;
             c->b[v] += gap / actions;
             c->i[v] += gap / actions;
@@ -11144,7 +11147,8 @@ static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedu
     for (s = 0; s < P; s++)
         for (i = 0; i < sc->action_count[s]; i++) {
             const mpar_action* a = &sc->actions[s][i];
-            if (a->kind != MPAR_ACTION_OPTIMIZER_STEP) c->count[(int)a->kind * VS + a->chunk * P + s]++;
+            if (a->kind != MPAR_ACTION_OPTIMIZER_STEP)
+                c->count[(int)a->kind * VS + mpar_schedule_virtual_stage(sc, s, a->chunk)]++;
         }
     for (i = 0; i < t->event_count; i++) {
         const mpar_event* e = &t->events[i];
@@ -11183,7 +11187,6 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     mpar__tl_costs c;
     mpar_sim_desc d;
     mpar_result r;
-    int split;
     memset(&c, 0, sizeof c);
     if (schedule) *schedule = NULL;
     if (sim) *sim = NULL;
@@ -11198,10 +11201,8 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     }
     memset(&d, 0, sizeof d);
     d.allocator = t->allocator;
-    split = c.count[MPAR_ACTION_BACKWARD_INPUT * mpar__tl_vs_count(t)] > 0;
-    d.forward_per_stage = c.f;
-    if (split) d.backward_input_per_stage = c.i, d.backward_weight_per_stage = c.w;
-    else d.backward_per_stage = c.b;
+    d.forward_per_stage = c.f; /* B, I and W each as measured; a kind not scheduled keeps a placeholder */
+    d.backward_per_stage = c.b, d.backward_input_per_stage = c.i, d.backward_weight_per_stage = c.w;
     d.optimizer_step_per_stage = c.opt;
     d.link_delay_per_boundary = c.link;
     r = mpar_simulate(sc, &d, &result, err);
@@ -11361,7 +11362,7 @@ static mpar_result mpar__tl_check_deps(const mpar_timeline* t, const mpar__tl_sl
    reads it. */
 static mpar_result mpar__tl_check_links(const mpar_timeline* t, const mpar__tl_slot* slots, int training, double tol,
                                         mpar_error* err) {
-    int b, g, m, i, M = t->microbatches, VS = mpar__tl_vs_count(t), P = t->stages;
+    int b, g, m, i, M = t->microbatches, VS = mpar__tl_vs_count(t);
     const mpar_event* ev = t->events;
     for (b = 0; b < VS - 1; b++)
         for (g = 0; g <= training; g++)
@@ -11372,11 +11373,13 @@ static mpar_result mpar__tl_check_links(const mpar_timeline* t, const mpar__tl_s
                     if (ev[i].kind == MPAR_EVENT_SEND) si = i, ns++;
                     if (ev[i].kind == MPAR_EVENT_RECEIVE) ri = i, nr++;
                 }
-                if (ns != 1 || nr != 1 || ev[si].stage != from % P || ev[ri].stage != to % P)
+                if (ns != 1 || nr != 1 || ev[si].stage != mpar__tl_stage_of(t, from) ||
+                    ev[ri].stage != mpar__tl_stage_of(t, to))
                     return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
                                           "link %d (%s), micro-batch %d: %d sends and %d receives, expected one send on "
                                           "stage %d and one receive on stage %d",
-                                          b, g ? "gradients" : "activations", m, ns, nr, from % P, to % P);
+                                          b, g ? "gradients" : "activations", m, ns, nr, mpar__tl_stage_of(t, from),
+                                          mpar__tl_stage_of(t, to));
                 if (ev[ri].start < ev[si].end - 1e-9) return mpar__tl_fail_order(t, &ev[ri], &ev[si], err);
                 made = g ? slots[from * M + m].bi : slots[from * M + m].f;
                 used = g ? slots[to * M + m].bi : slots[to * M + m].f;

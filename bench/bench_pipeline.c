@@ -1,7 +1,13 @@
 /* Pipeline speed and idle time on two devices, one `name: value` per line:
-     speedup_<schedule>_2dev       1-device step time / 2-device step time (M = 8)
-     measured_over_predicted_1f1b  measured step / simulator's prediction from
+     speedup_<schedule>_2dev       1-device step time / 2-device step time (M = 8),
+                                   every schedule on a placement that gives each
+                                   device the same number of blocks (3 of 6)
+     measured_over_predicted_<schedule>
+                                   measured step / simulator's prediction from
                                    the action costs measured in the same step
+     synth_over_best_builtin_measured
+                                   on an unequal model (a wide first layer, a big
+                                   head): AUTO's step / the best built-in's step
      naive_util_<P>dev             measured utilisation of the naive schedule
      <schedule>_bubble_measured_2dev_m8, gpipe_bubble_theory_2dev_m8
    Timings on this kind of machine drift, so 1-device and 2-device steps are
@@ -22,25 +28,38 @@ static void die(const char* what) {
     exit(1);
 }
 
-/* stages × V chunks over `stages` devices; the blocks split evenly, the
-   head and the loss go with the last chunk */
-static mpar_pipeline* make(mpar_schedule_kind kind, int stages, int V, int profile) {
+/* stages × V chunks over `stages` devices, placed as the schedule places
+   them (interleaved, or a V). Chunk j gets BLOCKS/n blocks, the remainder
+   going to the later half: 4 chunks get 1, 1, 2, 2, so each of 2 devices
+   holds 3 blocks under both placements. The head and the loss go with the
+   last chunk. */
+static mpar_pipeline* make_on(mpar_model* mdl, int blocks, mpar_schedule_kind kind, int stages, int V, int profile) {
     mpar_stage_desc st[32];
     mpar_pipeline_desc pd;
     mpar_pipeline* p = NULL;
-    int L = mpar_model_layer_count(model), n = stages * V, j;
+    mpar_schedule* placed = NULL;
+    int L = mpar_model_layer_count(mdl), n = stages * V, j, first = 0;
+    if (mpar_schedule_create(kind == MPAR_SCHEDULE_AUTO ? MPAR_SCHEDULE_1F1B : kind, stages, M, V, &placed, NULL) !=
+        MPAR_SUCCESS)
+        die("schedule");
     for (j = 0; j < n; j++) {
-        st[j].device = (j % stages) % mpar_device_count(ctx);
-        st[j].first_layer = 2 * BLOCKS * j / n;
-        st[j].last_layer = j == n - 1 ? L - 1 : 2 * BLOCKS * (j + 1) / n - 1;
+        int size = blocks / n + (j >= n - blocks % n);
+        st[j].device = mpar_schedule_stage_of(placed, j) % mpar_device_count(ctx);
+        st[j].first_layer = first;
+        st[j].last_layer = j == n - 1 ? L - 1 : first + 2 * size - 1;
+        first += 2 * size;
     }
+    mpar_schedule_destroy(placed);
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = n, pd.schedule = kind, pd.microbatches = M, pd.virtual_stages = V;
     pd.max_batch = BATCH, pd.profile = profile;
     pd.optimizer.kind = MPAR_OPTIMIZER_SGD;
     pd.optimizer.lr = 1e-3f;
-    if (mpar_pipeline_create(ctx, model, &pd, &p) != MPAR_SUCCESS) die("create");
+    if (mpar_pipeline_create(ctx, mdl, &pd, &p) != MPAR_SUCCESS) die("create");
     return p;
+}
+static mpar_pipeline* make(mpar_schedule_kind kind, int stages, int V, int profile) {
+    return make_on(model, BLOCKS, kind, stages, V, profile);
 }
 
 static double steps(mpar_pipeline* p, int n) {
@@ -60,9 +79,9 @@ static int by_value(const void* a, const void* b) {
 }
 
 /* Runs a profiled pipeline and returns its last step's statistics. */
-static void profiled(mpar_schedule_kind kind, int stages, mpar_timeline_stats* st, mpar_timeline_prediction* pr,
+static void profiled(mpar_schedule_kind kind, int stages, int V, mpar_timeline_stats* st, mpar_timeline_prediction* pr,
                      double* wall) {
-    mpar_pipeline* p = make(kind, stages, 1, 1);
+    mpar_pipeline* p = make(kind, stages, V, 1);
     mpar_timeline t;
     mpar_error err;
     steps(p, 2);
@@ -104,20 +123,63 @@ static void setup(void) {
     for (i = 0; i < BATCH; i++) y[i] = (int32_t)(mpar__rng_next(&s) % 10);
 }
 
+/* Median of the alternating ratios t(reference) / t(pipeline i). */
+static void race(mpar_pipeline* ref, mpar_pipeline** two, int n, double* median, double* t_ref) {
+    double ratio[8][ROUNDS];
+    int i, r;
+    steps(ref, 2);
+    for (i = 0; i < n; i++) steps(two[i], 2);
+    for (r = 0; r < ROUNDS; r++) {
+        *t_ref = steps(ref, STEPS);
+        for (i = 0; i < n; i++) ratio[i][r] = *t_ref / steps(two[i], STEPS);
+    }
+    for (i = 0; i < n; i++) {
+        qsort(ratio[i], ROUNDS, sizeof(double), by_value);
+        median[i] = ratio[i][ROUNDS / 2];
+    }
+}
+
+/* The unequal model: a wide first layer (4x), the blocks, and a head of
+   HEAD classes, about 5x a block's work. Cut by block count as a user
+   would cut it (2 stages), so the stages' costs differ. */
+enum { HEAD = 2048 };
+static mpar_model* unequal_model(void) {
+    mpar_model_desc md;
+    mpar_model* m = NULL;
+    mpar_error err;
+    int i;
+    memset(&md, 0, sizeof md);
+    md.input_features = WIDTH, md.seed = 11;
+    mpar_model_create(&md, &m, &err);
+    mpar_model_add_linear(m, 4 * WIDTH, &err);
+    mpar_model_add_simple(m, mpar_layer_relu(), &err);
+    mpar_model_add_linear(m, WIDTH, &err);
+    mpar_model_add_simple(m, mpar_layer_relu(), &err);
+    for (i = 0; i < BLOCKS - 2; i++) {
+        mpar_model_add_linear(m, WIDTH, &err);
+        mpar_model_add_simple(m, mpar_layer_relu(), &err);
+    }
+    mpar_model_add_linear(m, HEAD, &err);
+    if (mpar_model_add_simple(m, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) die("unequal model");
+    return m;
+}
+
 int main(int argc, char** argv) {
-    const mpar_schedule_kind kinds[4] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_INTERLEAVED_1F1B,
-                                         MPAR_SCHEDULE_ZB_H1};
-    const char* names[4] = {"gpipe", "1f1b", "interleaved", "zbh1"};
-    mpar_pipeline *one, *two[4];
-    double ratio[4][ROUNDS], t1 = 0, wall;
+    enum { KINDS = 7, BUILTIN = 6 };
+    const mpar_schedule_kind kinds[KINDS] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_INTERLEAVED_1F1B,
+                                             MPAR_SCHEDULE_ZB_H1, MPAR_SCHEDULE_ZB_H2, MPAR_SCHEDULE_ZB_V,
+                                             MPAR_SCHEDULE_AUTO};
+    const int vstages[KINDS] = {1, 1, 2, 1, 1, 2, 1};
+    mpar_pipeline *one, *two[KINDS];
+    double speedup[KINDS], t1 = 0, wall;
     mpar_timeline_stats st;
     mpar_timeline_prediction pr;
-    int i, r;
+    int i;
 
     if (argc > 1 && !strcmp(argv[1], "--naive4")) { /* child: four devices */
         setup();
         if (mpar_device_count(ctx) < 4) die("needs 4 devices");
-        profiled(MPAR_SCHEDULE_SEQUENTIAL, 4, &st, NULL, &wall);
+        profiled(MPAR_SCHEDULE_SEQUENTIAL, 4, 1, &st, NULL, &wall);
         printf("naive_util_4dev: %.3f\n", st.utilisation);
         return 0;
     }
@@ -125,33 +187,56 @@ int main(int argc, char** argv) {
     if (mpar_device_count(ctx) < 2) die("needs 2 devices");
 
     one = make(MPAR_SCHEDULE_1F1B, 1, 1, 0);
-    for (i = 0; i < 4; i++) two[i] = make(kinds[i], 2, kinds[i] == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1, 0);
-    steps(one, 2);
-    for (i = 0; i < 4; i++) steps(two[i], 2);
-    for (r = 0; r < ROUNDS; r++) {
-        t1 = steps(one, STEPS);
-        for (i = 0; i < 4; i++) ratio[i][r] = t1 / steps(two[i], STEPS);
-    }
-    for (i = 0; i < 4; i++) {
-        qsort(ratio[i], ROUNDS, sizeof(double), by_value);
-        printf("speedup_%s_2dev: %.3f\n", names[i], ratio[i][ROUNDS / 2]);
+    for (i = 0; i < KINDS; i++) two[i] = make(kinds[i], 2, vstages[i], 0);
+    race(one, two, KINDS, speedup, &t1);
+    for (i = 0; i < KINDS; i++) {
+        printf("speedup_%s_2dev: %.3f\n", mpar_schedule_kind_name(kinds[i]), speedup[i]);
         mpar_pipeline_destroy(two[i]);
     }
     printf("step_ms_1dev: %.2f\n", 1e3 * t1);
     mpar_pipeline_destroy(one);
 
-    profiled(MPAR_SCHEDULE_1F1B, 2, &st, &pr, &wall);
-    printf("step_ms_1f1b_2dev_profiled: %.2f\n", 1e3 * wall);
-    printf("predicted_ms_1f1b_2dev: %.2f\n", 1e3 * pr.step_time);
-    printf("measured_over_predicted_1f1b: %.3f\n", wall / pr.step_time);
-    printf("1f1b_bubble_measured_2dev_m8: %.3f\n", st.bubble_fraction);
-    printf("1f1b_bubble_predicted_2dev_m8: %.3f\n", pr.bubble_fraction);
-    profiled(MPAR_SCHEDULE_GPIPE, 2, &st, NULL, &wall);
+    for (i = 0; i < KINDS; i++) { /* every schedule's own step, predicted from its own measured actions */
+        profiled(kinds[i], 2, vstages[i], &st, &pr, &wall);
+        printf("measured_over_predicted_%s: %.3f\n", mpar_schedule_kind_name(kinds[i]), wall / pr.step_time);
+        if (kinds[i] == MPAR_SCHEDULE_1F1B) {
+            printf("step_ms_1f1b_2dev_profiled: %.2f\n", 1e3 * wall);
+            printf("predicted_ms_1f1b_2dev: %.2f\n", 1e3 * pr.step_time);
+            printf("1f1b_bubble_measured_2dev_m8: %.3f\n", st.bubble_fraction);
+            printf("1f1b_bubble_predicted_2dev_m8: %.3f\n", pr.bubble_fraction);
+        }
+    }
+    profiled(MPAR_SCHEDULE_GPIPE, 2, 1, &st, NULL, &wall);
     printf("gpipe_bubble_measured_2dev_m8: %.3f\n", st.bubble_fraction);
     printf("gpipe_bubble_theory_2dev_m8: %.3f\n", 1.0 / (M + 1));
-    profiled(MPAR_SCHEDULE_SEQUENTIAL, 2, &st, NULL, &wall);
+    profiled(MPAR_SCHEDULE_SEQUENTIAL, 2, 1, &st, NULL, &wall);
     printf("naive_util_2dev: %.3f\n", st.utilisation);
     printf("naive_util_theory_2dev: %.3f\n", 0.5);
+
+    { /* the unequal case: the best built-in against AUTO, alternating */
+        mpar_model* u = unequal_model();
+        mpar_pipeline* p[2];
+        double ratio[1], t_best = 0, best_ratio, best_ms = 1e30;
+        int best = 0;
+        for (i = 0; i < BUILTIN; i++) { /* which built-in is best here, one device each (V = 1 ones) */
+            mpar_pipeline* q;
+            double t;
+            if (vstages[i] != 1) continue;
+            q = make_on(u, BLOCKS, kinds[i], 2, 1, 0);
+            steps(q, 2);
+            t = steps(q, STEPS);
+            if (t < best_ms) best_ms = t, best = i;
+            mpar_pipeline_destroy(q);
+        }
+        p[0] = make_on(u, BLOCKS, kinds[best], 2, 1, 0);
+        p[1] = make_on(u, BLOCKS, MPAR_SCHEDULE_AUTO, 2, 1, 0);
+        race(p[0], p + 1, 1, ratio, &t_best);
+        best_ratio = ratio[0];
+        printf("unequal_best_builtin: %s\n", mpar_schedule_kind_name(kinds[best]));
+        printf("synth_over_best_builtin_measured: %.3f\n", 1.0 / best_ratio);
+        mpar_pipeline_destroy(p[0]), mpar_pipeline_destroy(p[1]);
+        mpar_model_destroy(u);
+    }
     mpar_model_destroy(model);
     free(x), free(y);
     mpar_destroy(ctx);

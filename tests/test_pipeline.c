@@ -68,6 +68,8 @@ typedef struct run_result {
    robin, and returns the losses and final parameters. */
 static int g_recompute;           /* run() passes these to the pipeline */
 static mpar_link_mode g_link_mode;
+static const mpar_schedule* g_lists; /* a schedule object to run instead of `kind` */
+static int g_split_apply;            /* compute_gradients + apply_gradients instead of train_step */
 
 static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, int M, run_result* out) {
     mpar_stage_desc st[32];
@@ -77,8 +79,10 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     mpar_pipeline_stats stats;
     int L = mpar_model_layer_count(g_model), n = stages * V, j, step;
     size_t off = 0;
+    mpar_schedule* placed = NULL; /* where the kind's lists put each chunk (ZB-V: a V) */
+    if (!g_lists) assert_int_equal(mpar_schedule_create(kind, stages, M, V, &placed, NULL), MPAR_SUCCESS);
     for (j = 0; j < n; j++) {
-        st[j].device = (j % stages) % mpar_device_count(ctx);
+        st[j].device = mpar_schedule_stage_of(g_lists ? g_lists : placed, j) % mpar_device_count(ctx);
         st[j].first_layer = L * j / n;
         st[j].last_layer = L * (j + 1) / n - 1;
     }
@@ -96,11 +100,19 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     pd.recompute = g_recompute;
     pd.link_mode = g_link_mode;
     pd.max_run_ahead = g_link_mode == MPAR_LINK_ASYNC ? 1 : 0; /* the tightest bound, and the default (4) */
+    pd.schedule_lists = g_lists;
+    mpar_schedule_destroy(placed);
     if (mpar_pipeline_create(ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
     b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
     for (step = 0; step < STEPS; step++) {
         mpar_step_info info;
-        if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) fail_msg("step: %s", mpar_last_error(ctx));
+        if (g_split_apply) {
+            if (mpar_pipeline_compute_gradients(p, &b, &info) != MPAR_SUCCESS ||
+                mpar_pipeline_apply_gradients(p, &info) != MPAR_SUCCESS)
+                fail_msg("step: %s", mpar_last_error(ctx));
+        } else if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) {
+            fail_msg("step: %s", mpar_last_error(ctx));
+        }
         assert_int_equal(info.counted_rows, BATCH - 1);
         out->loss[step] = info.loss;
     }
@@ -375,6 +387,123 @@ static void test_inference(void** state) {
     mpar_pipeline_destroy(p1);
 }
 
+/* A schedule written by hand as lists runs, and equals one device bit for
+   bit: 2 stages, full and split backwards mixed, W's moved late. */
+static void test_hand_written_lists(void** state) {
+    static const mpar_action s0[] = {{MPAR_ACTION_FORWARD, 0, 0}, {MPAR_ACTION_FORWARD, 1, 0},
+                                     {MPAR_ACTION_BACKWARD, 0, 0}, {MPAR_ACTION_FORWARD, 2, 0},
+                                     {MPAR_ACTION_BACKWARD_INPUT, 1, 0}, {MPAR_ACTION_FORWARD, 3, 0},
+                                     {MPAR_ACTION_BACKWARD_WEIGHT, 1, 0}, {MPAR_ACTION_BACKWARD, 2, 0},
+                                     {MPAR_ACTION_BACKWARD_INPUT, 3, 0}, {MPAR_ACTION_BACKWARD_WEIGHT, 3, 0},
+                                     {MPAR_ACTION_OPTIMIZER_STEP, -1, 0}};
+    static const mpar_action s1[] = {{MPAR_ACTION_FORWARD, 0, 0}, {MPAR_ACTION_BACKWARD_INPUT, 0, 0},
+                                     {MPAR_ACTION_FORWARD, 1, 0}, {MPAR_ACTION_BACKWARD, 1, 0},
+                                     {MPAR_ACTION_BACKWARD_WEIGHT, 0, 0}, {MPAR_ACTION_FORWARD, 2, 0},
+                                     {MPAR_ACTION_BACKWARD, 2, 0}, {MPAR_ACTION_FORWARD, 3, 0},
+                                     {MPAR_ACTION_BACKWARD_INPUT, 3, 0}, {MPAR_ACTION_BACKWARD_WEIGHT, 3, 0},
+                                     {MPAR_ACTION_OPTIMIZER_STEP, -1, 0}};
+    const mpar_action* lists[2] = {s0, s1};
+    int counts[2] = {11, 11};
+    mpar_schedule* sc = NULL;
+    run_result base, other;
+    (void)state;
+    assert_int_equal(mpar_schedule_from_lists(2, 4, 1, lists, counts, &sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(sc->split_backward, 1);
+    run(g_ctx, MPAR_SCHEDULE_1F1B, 1, 1, 4, &base);
+    g_lists = sc;
+    run(g_ctx, MPAR_SCHEDULE_SEQUENTIAL /* ignored */, 2, 1, 4, &other);
+    expect_same(&base, &other, "hand-written lists");
+    free(other.params);
+    g_link_mode = MPAR_LINK_ASYNC;
+    run(g_ctx, MPAR_SCHEDULE_SEQUENTIAL, 2, 1, 4, &other);
+    g_link_mode = MPAR_LINK_AUTO;
+    expect_same(&base, &other, "hand-written lists, asynchronous links");
+    free(other.params);
+    g_lists = NULL;
+    mpar_schedule_destroy(sc);
+    free(base.params);
+}
+
+/* Chunks placed in a V by hand (stage 0 runs the first and the last
+   quarter of the model, stage 1 the middle two: a boundary inside one
+   worker), trained and inferred bit for bit against one device. */
+static void test_v_shape_lists(void** state) {
+    static const int placement[4] = {0, 1, 1, 0};
+    mpar_action l0[64], l1[64];
+    const mpar_action* lists[2] = {l0, l1};
+    int counts[2] = {0, 0}, m, c, s;
+    mpar_schedule* sc = NULL;
+    run_result base, other;
+    (void)state;
+    for (s = 0; s < 2; s++) { /* GPipe order per stage: chunk 0 then 1 forward, 1 then 0 backward */
+        mpar_action* l = s ? l1 : l0;
+        for (c = 0; c < 2; c++)
+            for (m = 0; m < 4; m++) l[counts[s]].kind = MPAR_ACTION_FORWARD, l[counts[s]].microbatch = m, l[counts[s]++].chunk = c;
+        for (c = 1; c >= 0; c--)
+            for (m = 0; m < 4; m++) l[counts[s]].kind = MPAR_ACTION_BACKWARD, l[counts[s]].microbatch = m, l[counts[s]++].chunk = c;
+        l[counts[s]].kind = MPAR_ACTION_OPTIMIZER_STEP, l[counts[s]].microbatch = -1, l[counts[s]++].chunk = 0;
+    }
+    assert_int_equal(mpar_schedule_from_lists_placed(NULL, 2, 4, 2, placement, lists, counts, &sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_stage_of(sc, 3), 0);
+    assert_int_equal(mpar_schedule_chunk_of(sc, 2), 1);
+    run(g_ctx, MPAR_SCHEDULE_1F1B, 1, 1, 4, &base);
+    g_lists = sc;
+    run(g_ctx, MPAR_SCHEDULE_SEQUENTIAL, 2, 2, 4, &other);
+    expect_same(&base, &other, "V-shaped lists");
+    free(other.params);
+    g_lists = NULL;
+    free(base.params);
+    { /* inference walks a forward-only schedule on the same V */
+        mpar_stage_desc one[1] = {{0, 0, 13}}, vee[4] = {{0, 0, 3}, {1, 4, 7}, {1, 8, 10}, {0, 11, 13}};
+        mpar_pipeline_desc pd;
+        mpar_pipeline *p1, *p2;
+        mpar_batch b;
+        float out1[BATCH * CLASSES], out2[BATCH * CLASSES];
+        double loss1 = 0, loss2 = 0;
+        mpar_timeline t;
+        memset(&pd, 0, sizeof pd);
+        pd.max_batch = 8, pd.microbatches = 4, pd.schedule = MPAR_SCHEDULE_1F1B, pd.profile = 1;
+        pd.stages = one, pd.stage_count = 1;
+        assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p1), MPAR_SUCCESS);
+        pd.stages = vee, pd.stage_count = 4, pd.schedule_lists = sc;
+        assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p2), MPAR_SUCCESS);
+        b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
+        assert_int_equal(mpar_pipeline_infer(p1, &b, out1, &loss1), MPAR_SUCCESS);
+        assert_int_equal(mpar_pipeline_infer(p2, &b, out2, &loss2), MPAR_SUCCESS);
+        assert_memory_equal(out1, out2, sizeof out1);
+        assert_true(loss1 == loss2 && loss1 > 0.0);
+        assert_int_equal(mpar_pipeline_get_timeline(p2, &t), MPAR_SUCCESS); /* 15 micro-batches, forwards only */
+        assert_int_equal(t.microbatches, 15);
+        {
+            mpar_error err;
+            if (mpar_timeline_check(&t, 1e-3, &err) != MPAR_SUCCESS) fail_msg("timeline: %s", err.message);
+        }
+        mpar_timeline_free(&t);
+        mpar_pipeline_destroy(p2);
+        vee[2].device = 0; /* the schedule puts chunk 2 with chunk 1 */
+        assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p2), MPAR_ERROR_INVALID_PLAN);
+        assert_non_null(strstr(mpar_last_error(g_ctx), "chunk 2 must run on the device of chunk 1"));
+        mpar_pipeline_destroy(p1);
+    }
+    mpar_schedule_destroy(sc);
+}
+
+/* The optimizer step as an action of the training job gives the same bits
+   as computing the gradients and applying them in two calls (where the
+   host decides the step): clipping is on, so the global norm matters. */
+static void test_step_action_equals_two_calls(void** state) {
+    run_result one, two;
+    (void)state;
+    run(g_ctx, MPAR_SCHEDULE_ZB_H1, 3, 1, 6, &one);
+    g_split_apply = 1;
+    run(g_ctx, MPAR_SCHEDULE_ZB_H1, 3, 1, 6, &two);
+    g_split_apply = 0;
+    expect_same(&one, &two, "train_step vs compute + apply");
+    free(one.params), free(two.params);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_equal_sequential), cmocka_unit_test(test_equal_gpipe),
@@ -382,7 +511,8 @@ int main(void) {
         cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_recompute),
         cmocka_unit_test(test_memory_accounting),
         cmocka_unit_test(test_fault_on_last_stage), cmocka_unit_test(test_bad_input),
-        cmocka_unit_test(test_inference),
+        cmocka_unit_test(test_inference),        cmocka_unit_test(test_hand_written_lists),
+        cmocka_unit_test(test_v_shape_lists),    cmocka_unit_test(test_step_action_equals_two_calls),
     };
     return cmocka_run_group_tests_name("pipeline", tests, setup, teardown);
 }

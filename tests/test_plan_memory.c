@@ -144,6 +144,23 @@ static int stash_peak(mpar_schedule_kind kind, int P, int M, int V, int s) {
     return 0;
 }
 
+/* Stashes chunk c of stage s holds at once, counted by walking the
+   generated lists here (F takes one, B or W gives it back). */
+static int chunk_peak(const mpar_pipeline_desc* pd, int P, int s, int c) {
+    mpar_schedule* sc = NULL;
+    int i, now = 0, most = 0, V = pd->virtual_stages > 0 ? pd->virtual_stages : 1;
+    assert_int_equal(mpar_schedule_create(pd->schedule, P, pd->microbatches > 0 ? pd->microbatches : 1, V, &sc, NULL),
+                     MPAR_SUCCESS);
+    for (i = 0; i < mpar_schedule_action_count(sc, s); i++) {
+        const mpar_action* a = mpar_schedule_action(sc, s, i);
+        if (a->chunk != c) continue;
+        if (a->kind == MPAR_ACTION_FORWARD && ++now > most) most = now;
+        if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_WEIGHT) now--;
+    }
+    mpar_schedule_destroy(sc);
+    return most;
+}
+
 typedef struct stage_memory {
     int in_flight;      /* the planner's stash multiplier */
     int slots;          /* activation slots the executor gives the chunk */
@@ -188,8 +205,10 @@ static stage_memory stage_memory_of(const mpar_model* m, const mpar_pipeline_des
        gradient buffer, its output's gradient included, once or per slot for
        ZB-H1; parameters, gradients and two optimizer buffers (SGD's second
        is one float); the widest layer's scratch; the targets of every slot;
-       gradient-norm bookkeeping. Every chunk gets its device's slot count. */
-    r.slots = peak > 1 ? peak : 1;
+       gradient-norm bookkeeping. Each chunk gets the slots its own lists
+       need at most (at least one). */
+    r.slots = chunk_peak(pd, P, j % P, j / P);
+    if (r.slots < 1) r.slots = 1;
     act = rows * (in + out + stash);
     grad = rows * (in + out + gstash);
     floats = (uint64_t)r.slots * (pd->recompute ? rows * in_first : act) + (uint64_t)(split ? r.slots : 1) * grad;
@@ -207,8 +226,8 @@ static stage_memory stage_memory_of(const mpar_model* m, const mpar_pipeline_des
    modelled: cover them with reserve_bytes"). So the plan alone is no bound
    on the allocation: allocated - predicted is each slot's copy of the stage
    output and its gradient, targets, scratch and bookkeeping, less the
-   stashes recompute does not keep, plus, for interleaving, the slots the
-   executor gives every chunk beyond the ceil(peak / V) the planner counts;
+   stashes recompute does not keep, plus, for interleaving, the difference
+   between each chunk's own peak and the ceil(peak / V) the planner counts;
    that difference must stay below the reserve. */
 static int check_memory(const char* name, const mpar_model* m, const mpar_pipeline_desc* pd, const mpar_plan* plan,
                         const mpar_pipeline_stats* stats) {
