@@ -78,11 +78,13 @@ static int uniform_int(int lo, int hi) { /* lo..hi */
 /* One random table: P 2-6, M 1-24, V 1 or 2 (interleaved or V-shaped),
    F, I, W in [0.2, 3], links in [0, 0.5], caps between the least-memory
    built-in's peaks and twice those (V per stage, the least any schedule
-   needs, where no built-in has this placement). */
+   needs, where no built-in has this placement). Every third table has
+   blocking links, every fifth uneven micro-batches (scales in [0.5, 1.5])
+   and an optimizer step per device. */
 typedef struct random_case {
     mpar_synth_desc d;
     int placement[12], cap[6];
-    double f[12], i[12], w[12], link[12];
+    double f[12], i[12], w[12], link[12], scale[24], opt[6];
 } random_case;
 
 static void random_case_make(random_case* c, int index) {
@@ -106,6 +108,13 @@ static void random_case_make(random_case* c, int index) {
     c->d.costs.backward_weight_per_stage = c->w;
     c->d.costs.link_delay_per_boundary = c->link;
     c->d.seed = (uint64_t)index;
+    c->d.costs.link_blocking = index % 3 == 1;
+    if (index % 5 == 2) {
+        for (k = 0; k < c->d.microbatches; ++k) c->scale[k] = uniform(0.5, 1.5);
+        for (s = 0; s < P; ++s) c->opt[s] = uniform(0.0, 1.0);
+        c->d.costs.microbatch_scale = c->scale;
+        c->d.costs.optimizer_step_per_stage = c->opt;
+    }
     for (k = 0; k < SYNTH_BUILTIN_KINDS; ++k) {
         int sum = 0;
         built[k] = synth_builtin(&c->d, k);
