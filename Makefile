@@ -46,6 +46,8 @@ examples/%: examples/%.c $(HDR) examples/data.h examples/common.h | deps
 	$(CC) $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -I. $< -o $@ $(LDLIBS)
 bench/%: bench/%.c $(HDR) | deps
 	$(CC) $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -I. $< -o $@ $(LDLIBS)
+# the realistic case it measures is the one tests/test_synth.c checks
+bench/bench_synth: tests/synth_case.h
 
 # The header alone: as C99 (pedantic), as C++, and with MPAR_STATIC.
 compile-tests: $(HDR) | deps

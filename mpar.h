@@ -994,6 +994,92 @@ MPARDEF void mpar_simulation_destroy(mpar_simulation* sim);
 MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
                                    int columns);
 
+/* ---- synthesis: a schedule made for given costs and memory ----
+
+   mpar_schedule_synthesize searches for the valid schedule with the
+   shortest simulated step (mpar_simulate with `costs`) that keeps every
+   device within its activation-stash cap. The built-in generators assume
+   equal F, I and W on every stage; with unequal costs (an embedding whose
+   weight gradient dominates, a vocabulary head three times a layer, slow
+   links) and unequal memory per device, a schedule made for those numbers
+   can be markedly shorter.
+
+   The search (deterministic: the same desc gives the same lists):
+   1. Seeds: every built-in kind mpar_schedule_create makes for these P, M
+      and V with this placement (GPIPE, 1F1B, INTERLEAVED_1F1B, ZB_H1 and
+      any later zero-bubble kind; not SEQUENTIAL, which changes M) whose
+      stashes fit the caps and whose backward matches `split`; and the
+      least-memory schedule, one micro-batch at a time, which holds exactly
+      V stashes per device.
+   2. List scheduling: a simulated clock builds the lists action by action.
+      Each virtual stage takes its forwards, backwards and weight gradients
+      in micro-batch order; among the actions that could start before the
+      earliest possible completion (Giffler-Thompson), the stage picks by a
+      priority rule: input gradients first when upstream waits, forwards
+      when the downstream will starve, weight gradients in idle time or
+      when the cap blocks a forward. A forward is taken only if the stashes
+      still owed to older micro-batches fit beside it, so the oldest
+      micro-batch can always finish: no rule can deadlock. Several rules
+      (1F1B-like, breadth-first, eager W, randomised) are tried.
+   3. Local search from the best so far: moves on the critical path (run a
+      dependency earlier, let a waiting action pass the one before it),
+      random moves of one action, and B <-> I + W; each candidate is checked
+      against the caps and simulated (a deadlock rejects it), and kept when
+      its step is no longer (ties broken by the sum of the stages' finish
+      times).
+   The result is the best candidate seen, so its step is never longer than
+   that of any seed, in particular of every built-in that fits. */
+
+/* How the synthesised schedule may run backwards. */
+typedef enum mpar_synth_split {
+    MPAR_SYNTH_SPLIT_ANY = 0,   /* per action: B, or I + W (default) */
+    MPAR_SYNTH_SPLIT_NEVER = 1, /* full B only: layers without a separate weight gradient */
+    MPAR_SYNTH_SPLIT_ALWAYS = 2 /* I + W only */
+} mpar_synth_split;
+
+/* What to synthesise for. Zero-initialised fields take the defaults. */
+typedef struct mpar_synth_desc {
+    int stages;         /* P: devices, >= 1 */
+    int microbatches;   /* M, >= 1 */
+    int virtual_stages; /* V: chunks per device; 0 is taken as 1 */
+    /* [stages*virtual_stages] stage of each virtual stage, model order (as
+       mpar_schedule_from_lists_placed); NULL: interleaved (vs mod P). */
+    const int* placement;
+    /* Costs per virtual stage and links, as for mpar_simulate (F, I, W; B
+       = I + W unless given; link delays per boundary, link_blocking, the
+       optimizer step, micro-batch scales). costs.allocator is not used. */
+    mpar_sim_desc costs;
+    /* [stages] most activation stashes device s may hold at once, counted
+       as mpar_schedule.peak_in_flight counts them (one per chunk and
+       micro-batch, from its F to its B or W); NULL or an entry <= 0: no
+       cap. Every schedule holds V on each device (all chunks' forwards of
+       a micro-batch run before its first backward), so a cap below V is
+       MPAR_ERROR_DOES_NOT_FIT. */
+    const int* max_in_flight;
+    /* (Named for its zero default: free choice. A field "allow_split" set
+       to 0 would read as "no split".) */
+    mpar_synth_split split;
+    /* Search budget: how many candidate schedules to simulate (the
+       seeds are always tried, whatever the budget). 0: 2000, about 10 ms
+       for P = 4, M = 16 and 50 ms (V = 1) to 0.15 s (V = 2) for P = 8,
+       M = 32 on one 2020s x86 core. */
+    int effort;
+    uint64_t seed;      /* randomised rules and moves; any value */
+    mpar_allocator allocator; /* the schedule and all scratch; all NULL: MPAR_MALLOC */
+} mpar_synth_desc;
+
+/* Makes a custom schedule (custom = 1, kind = MPAR_SCHEDULE_AUTO, the
+   placement of desc) for desc, as described above. It passes
+   mpar_schedule_validate, its peak_in_flight[s] is within
+   max_in_flight[s], and its step under mpar_simulate with desc->costs is
+   no longer than that of any built-in kind that fits (see 1 above).
+   Errors: MPAR_ERROR_INVALID_ARGUMENT naming the field and its value (NULL
+   desc or out, P/M/V < 1, a bad placement, bad costs, effort < 0, a
+   partial allocator, split out of range); MPAR_ERROR_DOES_NOT_FIT naming
+   the first device whose cap is below V, its cap and what the least-memory
+   schedule needs there; MPAR_ERROR_OUT_OF_HOST_MEMORY. */
+MPARDEF mpar_result mpar_schedule_synthesize(const mpar_synth_desc* desc, mpar_schedule** out, mpar_error* err);
+
 #endif /* MPAR_PART_SCHEDULE_DECL */
 
 
@@ -7491,6 +7577,773 @@ MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedu
         fprintf(out, "| busy %g (%.1f%%), peak in flight %d\n", sim->busy[s],
                 sim->step_time > 0.0 ? 100.0 * sim->busy[s] / sim->step_time : 0.0, sim->peak_in_flight[s]);
     }
+}
+
+
+/* ---- synthesis (mpar_schedule_synthesize) ---- */
+
+#define MPAR__SYNTH_EFFORT 2000
+
+/* Weights of the list scheduler's priority terms; the highest sum wins. */
+typedef struct mpar__synth_rule {
+    double f, b, w; /* base priority of a forward, a backward (B or I), a weight gradient */
+    double wait;    /* minus this per unit of time an action starts after the earliest one */
+    double starve;  /* a forward whose downstream idles, a backward whose upstream idles */
+    double memory;  /* a weight gradient while the cap blocks a forward of its stage */
+    double older;   /* minus this per micro-batch index: older first */
+    double deeper;  /* plus this times vs / VS: later virtual stages first */
+    double noise;   /* random jitter of this size (randomised rules) */
+    int split;      /* B or I (SPLIT_ANY): 0 I when I + W <= B; 1 always I; 2 I when upstream idles; 3 always B */
+} mpar__synth_rule;
+
+/* An action the list scheduler could take next. */
+typedef struct mpar__synth_cand {
+    mpar_action_kind kind;
+    int vs, m;
+    double start, end;
+} mpar__synth_cand;
+
+typedef struct mpar__synth {
+    int P, M, V, VS, split, room; /* room: most actions a list can hold */
+    int* cap;                     /* [P] INT_MAX when uncapped */
+    int* chunk_of;                /* [VS] */
+    double unit;                  /* mean action cost, the priority's time scale */
+    mpar__sched_costs costs;
+    mpar__sched_run run;   /* the walk's state; its arrays double as the list scheduler's */
+    mpar_simulation* sim;  /* start and end of the last evaluation */
+    int* dep_bound;        /* [P*room] the action waited for a dependency, not for its stage */
+    int* loc;              /* [2*VS*M] s*room + step of each F, then of each B / I */
+    int* crit;             /* [P*room] critical path of the current schedule, s*room + step */
+    int* crit_dep;         /* [P*room] what each of those waited for, -1: its stage */
+    int crit_len;
+    int *next_f, *next_b, *next_w; /* [VS] list scheduler: next micro-batch of each */
+    int* kind_b;                   /* [VS*M] the backward it chose */
+    int* blocked;                  /* [P] a forward waits for room under the cap */
+    mpar__synth_cand* cand;        /* [3*VS] */
+    mpar_schedule *best, *cur, *tmp; /* lists with room; placement set */
+    double best_step, best_total, cur_step, cur_total;
+    int evals, budget;
+    uint64_t rng;
+    const mpar_allocator* a;
+} mpar__synth;
+
+static uint64_t mpar__synth_next(uint64_t* x) { /* splitmix64 */
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static double mpar__synth_unit(uint64_t* x) { return (double)(mpar__synth_next(x) >> 11) / 9007199254740992.0; }
+static int mpar__synth_below(uint64_t* x, int n) { return n > 0 ? (int)(mpar__synth_next(x) % (uint64_t)n) : 0; }
+
+static void mpar__synth_copy(mpar_schedule* dst, const mpar_schedule* src) {
+    int s;
+    for (s = 0; s < src->stages; ++s) {
+        dst->action_count[s] = src->action_count[s];
+        memcpy(dst->actions[s], src->actions[s], sizeof(mpar_action) * (size_t)src->action_count[s]);
+    }
+}
+
+/* ---- evaluation: the simulator's walk on scratch the search keeps ---- */
+
+static int mpar__synth_fits(const mpar__synth* y, const mpar_schedule* sc) {
+    int s, i;
+    for (s = 0; s < y->P; ++s) {
+        int held = 0;
+        for (i = 0; i < sc->action_count[s]; ++i) {
+            mpar_action_kind k = sc->actions[s][i].kind;
+            if (k == MPAR_ACTION_FORWARD && ++held > y->cap[s]) return 0;
+            if (k == MPAR_ACTION_BACKWARD || k == MPAR_ACTION_BACKWARD_WEIGHT) held--;
+        }
+    }
+    return 1;
+}
+
+static void mpar__synth_reset(mpar__synth* y, const mpar_schedule* sc) {
+    mpar__sched_run* run = &y->run;
+    int k, n = y->VS * y->M;
+    run->sc = sc;
+    for (k = 0; k < n; ++k) run->f_end[k] = run->bi_end[k] = -1.0;
+    for (k = 0; k < y->P; ++k) {
+        run->free_at[k] = 0.0;
+        run->pos[k] = run->grads[k] = run->in_flight[k] = 0;
+        y->sim->busy[k] = 0.0;
+        y->sim->peak_in_flight[k] = 0;
+    }
+}
+
+/* Runs stage s while its next action is ready; how many it ran. */
+static int mpar__synth_advance(mpar__synth* y, int s) {
+    mpar__sched_run* run = &y->run;
+    const mpar_schedule* sc = run->sc;
+    int ran = 0;
+    while (run->pos[s] < sc->action_count[s]) {
+        const mpar_action* a = &sc->actions[s][run->pos[s]];
+        mpar_action_kind need;
+        int need_vs, at = s * y->room + run->pos[s], k;
+        double ready;
+        if (!mpar__sched_ready(run, s, a, &ready, &need, &need_vs)) break;
+        y->dep_bound[at] = ready > run->free_at[s];
+        if (a->kind != MPAR_ACTION_OPTIMIZER_STEP) {
+            k = mpar__sched_vs(sc, s, a->chunk) * y->M + a->microbatch;
+            if (a->kind == MPAR_ACTION_FORWARD) y->loc[k] = at;
+            if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_INPUT) y->loc[y->VS * y->M + k] = at;
+        }
+        mpar__sched_execute(run, s, a, ready);
+        ++ran;
+    }
+    return ran;
+}
+
+/* Step time of sc as mpar_simulate computes it (the same walk, the same
+   arithmetic), or -1 when it breaks a cap or deadlocks; *total: the sum
+   of the stages' finish times, the tie-breaker. */
+static double mpar__synth_eval(mpar__synth* y, const mpar_schedule* sc, double* total) {
+    int s, left = 0;
+    double step = 0.0;
+    y->evals++;
+    if (!mpar__synth_fits(y, sc)) return -1.0;
+    mpar__synth_reset(y, sc);
+    for (s = 0; s < y->P; ++s) left += sc->action_count[s];
+    while (left > 0) {
+        int ran = 0;
+        for (s = 0; s < y->P; ++s) ran += mpar__synth_advance(y, s);
+        if (!ran) return -1.0;
+        left -= ran;
+    }
+    *total = 0.0;
+    for (s = 0; s < y->P; ++s) {
+        *total += y->run.free_at[s];
+        if (y->run.free_at[s] > step) step = y->run.free_at[s];
+    }
+    return step;
+}
+
+/* Keeps sc as the best when it is shorter, or as short and its stages
+   finish sooner in sum. */
+static void mpar__synth_offer(mpar__synth* y, const mpar_schedule* sc, double step, double total) {
+    if (step < 0.0) return;
+    if (y->best_step < 0.0 || step < y->best_step || (step == y->best_step && total < y->best_total)) {
+        mpar__synth_copy(y->best, sc);
+        y->best_step = step;
+        y->best_total = total;
+    }
+}
+
+/* ---- list scheduling: lists built action by action on a simulated clock ---- */
+
+/* The least-memory schedule: one micro-batch at a time, every chunk's
+   forward in model order, then every backward in reverse. */
+static void mpar__synth_one_at_a_time(mpar__synth* y, mpar_schedule* sc) {
+    int s, m, vs;
+    for (s = 0; s < y->P; ++s) sc->action_count[s] = 0;
+    for (m = 0; m < y->M; ++m) {
+        for (vs = 0; vs < y->VS; ++vs) mpar__sched_push(sc, sc->placement[vs], MPAR_ACTION_FORWARD, m, y->chunk_of[vs]);
+        for (vs = y->VS - 1; vs >= 0; --vs) {
+            s = sc->placement[vs];
+            if (y->split == MPAR_SYNTH_SPLIT_ALWAYS) {
+                mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_INPUT, m, y->chunk_of[vs]);
+                mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_WEIGHT, m, y->chunk_of[vs]);
+            } else {
+                mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD, m, y->chunk_of[vs]);
+            }
+        }
+    }
+    for (s = 0; s < y->P; ++s) mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+}
+
+/* Whether F(vs, m) fits its stage's cap beside the stashes its stage still
+   owes older micro-batches (their forwards not yet run there). With
+   micro-batches admitted in order this keeps the oldest one able to finish,
+   so the list scheduler cannot deadlock when every cap is >= V. */
+static int mpar__synth_room_for(const mpar__synth* y, int vs, int m) {
+    const mpar_schedule* sc = y->run.sc;
+    int s = sc->placement[vs], c, owed = 0;
+    for (c = 0; c < y->V; ++c) {
+        int v = mpar__sched_vs(sc, s, c);
+        if (v != vs && y->next_f[v] < m) owed += m - y->next_f[v];
+    }
+    return y->run.in_flight[s] + 1 + owed <= y->cap[s];
+}
+
+/* Whether the stage that sends to (backward) or receives from (forward)
+   virtual stage vs is idle by `when`. */
+static int mpar__synth_neighbour_idle(const mpar__synth* y, int vs, int backward, double when) {
+    const mpar_schedule* sc = y->run.sc;
+    int other = backward ? vs - 1 : vs + 1;
+    if (other < 0 || other >= y->VS || sc->placement[other] == sc->placement[vs]) return 0;
+    return y->run.free_at[sc->placement[other]] <= when;
+}
+
+/* Adds the action to the candidates when its inputs are scheduled. */
+static void mpar__synth_add(mpar__synth* y, const mpar__synth_rule* rule, mpar_action_kind kind, int vs, int m,
+                            int* n) {
+    mpar__synth_cand* c = &y->cand[*n];
+    mpar_action a;
+    mpar_action_kind need;
+    int need_vs, s = y->run.sc->placement[vs];
+    double ready, free_at = y->run.free_at[s];
+    a.kind = kind;
+    a.microbatch = m;
+    a.chunk = y->chunk_of[vs];
+    if (!mpar__sched_ready(&y->run, s, &a, &ready, &need, &need_vs)) return;
+    c->start = ready > free_at ? ready : free_at;
+    if (kind == MPAR_ACTION_BACKWARD) { /* B or I + W: the rule decides, within desc.split */
+        double i = y->costs.i[vs], w = y->costs.w[vs], b = y->costs.b[vs];
+        int split = y->split == MPAR_SYNTH_SPLIT_ALWAYS ||
+                    (y->split == MPAR_SYNTH_SPLIT_ANY &&
+                     (rule->split == 1 || (rule->split == 0 && i + w <= b) ||
+                      (rule->split == 2 && mpar__synth_neighbour_idle(y, vs, 1, c->start + i))));
+        if (split) a.kind = kind = MPAR_ACTION_BACKWARD_INPUT;
+    }
+    c->kind = kind;
+    c->vs = vs;
+    c->m = m;
+    c->end = c->start + mpar__sched_duration(&y->run, s, &a) + mpar__sched_copies(&y->run, s, &a);
+    ++*n;
+}
+
+/* Every action some stage could take next; blocked[s]: a forward of stage
+   s waits for room under its cap. */
+static int mpar__synth_candidates(mpar__synth* y, const mpar__synth_rule* rule, int* blocked) {
+    int vs, s, n = 0, M = y->M;
+    for (s = 0; s < y->P; ++s) blocked[s] = 0;
+    for (vs = 0; vs < y->VS; ++vs) {
+        int m = y->next_f[vs];
+        if (m < M) {
+            if (mpar__synth_room_for(y, vs, m)) mpar__synth_add(y, rule, MPAR_ACTION_FORWARD, vs, m, &n);
+            else if (vs == 0 || y->run.f_end[(vs - 1) * M + m] >= 0.0) blocked[y->run.sc->placement[vs]] = 1;
+        }
+        if (y->next_b[vs] < M) mpar__synth_add(y, rule, MPAR_ACTION_BACKWARD, vs, y->next_b[vs], &n);
+        while (y->next_w[vs] < y->next_b[vs] && y->kind_b[vs * M + y->next_w[vs]] == MPAR_ACTION_BACKWARD)
+            y->next_w[vs]++;
+        if (y->next_w[vs] < y->next_b[vs]) mpar__synth_add(y, rule, MPAR_ACTION_BACKWARD_WEIGHT, vs, y->next_w[vs], &n);
+    }
+    return n;
+}
+
+static double mpar__synth_priority(mpar__synth* y, const mpar__synth_rule* rule, const mpar__synth_cand* c,
+                                   double earliest, const int* blocked) {
+    double p;
+    int s = y->run.sc->placement[c->vs];
+    switch (c->kind) {
+    case MPAR_ACTION_FORWARD:
+        p = rule->f + (mpar__synth_neighbour_idle(y, c->vs, 0, c->end) ? rule->starve : 0.0);
+        break;
+    case MPAR_ACTION_BACKWARD_WEIGHT: p = rule->w + (blocked[s] ? rule->memory : 0.0); break;
+    default: p = rule->b + (mpar__synth_neighbour_idle(y, c->vs, 1, c->end) ? rule->starve : 0.0); break;
+    }
+    p -= rule->wait * (c->start - earliest) / y->unit;
+    p -= rule->older * c->m;
+    p += rule->deeper * c->vs / y->VS;
+    if (rule->noise > 0.0) p += rule->noise * mpar__synth_unit(&y->rng);
+    return p;
+}
+
+/* Giffler-Thompson: the candidate that would end first fixes the stage;
+   of that stage's candidates that could start before that end, the rule
+   picks one. */
+static int mpar__synth_pick(mpar__synth* y, const mpar__synth_rule* rule, int n, const int* blocked) {
+    int k, first = 0, pick = -1, s;
+    double earliest = 0.0, best = 0.0;
+    for (k = 1; k < n; ++k)
+        if (y->cand[k].end < y->cand[first].end ||
+            (y->cand[k].end == y->cand[first].end && y->cand[k].start < y->cand[first].start))
+            first = k;
+    s = y->run.sc->placement[y->cand[first].vs];
+    earliest = y->cand[first].start;
+    for (k = 0; k < n; ++k)
+        if (y->run.sc->placement[y->cand[k].vs] == s && y->cand[k].start < earliest) earliest = y->cand[k].start;
+    for (k = 0; k < n; ++k) {
+        const mpar__synth_cand* c = &y->cand[k];
+        double p;
+        if (y->run.sc->placement[c->vs] != s || (k != first && !(c->start < y->cand[first].end))) continue;
+        p = mpar__synth_priority(y, rule, c, earliest, blocked);
+        if (pick < 0 || p > best) pick = k, best = p;
+    }
+    return pick;
+}
+
+/* Appends the candidate to its stage's list and runs it on the clock. */
+static void mpar__synth_take(mpar__synth* y, const mpar__synth_cand* c) {
+    mpar_schedule* sc = (mpar_schedule*)y->run.sc; /* the list being built */
+    mpar_action a;
+    mpar_action_kind need;
+    int need_vs, s = sc->placement[c->vs];
+    double ready;
+    mpar__sched_push(sc, s, c->kind, c->m, y->chunk_of[c->vs]);
+    a = sc->actions[s][sc->action_count[s] - 1];
+    mpar__sched_ready(&y->run, s, &a, &ready, &need, &need_vs);
+    mpar__sched_execute(&y->run, s, &a, ready);
+    if (c->kind == MPAR_ACTION_FORWARD) y->next_f[c->vs]++;
+    else if (c->kind == MPAR_ACTION_BACKWARD_WEIGHT) y->next_w[c->vs]++;
+    else y->kind_b[c->vs * y->M + y->next_b[c->vs]++] = c->kind;
+}
+
+static void mpar__synth_list_schedule(mpar__synth* y, const mpar__synth_rule* rule, mpar_schedule* sc) {
+    int s, n, *blocked = y->blocked;
+    for (s = 0; s < y->P; ++s) sc->action_count[s] = 0;
+    mpar__synth_reset(y, sc);
+    for (s = 0; s < y->VS; ++s) y->next_f[s] = y->next_b[s] = y->next_w[s] = 0;
+    while ((n = mpar__synth_candidates(y, rule, blocked)) > 0) mpar__synth_take(y, &y->cand[mpar__synth_pick(y, rule, n, blocked)]);
+    for (s = 0; s < y->P; ++s) mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+}
+
+/* Rule k: a few fixed ones, then randomised ones. */
+static void mpar__synth_rule_make(mpar__synth* y, int k, mpar__synth_rule* r) {
+    static const mpar__synth_rule fixed[] = {
+        /*  f    b    w   wait starve memory older deeper noise split */
+        {2.0, 3.0, 1.0, 1.0, 0.5, 3.0, 0.01, 0.0, 0.0, 0}, /* backward first, W in idle time (1F1B, ZB-H1) */
+        {3.0, 2.0, 1.0, 1.0, 0.5, 3.0, 0.01, 0.0, 0.0, 0}, /* forward first: as deep as the caps allow */
+        {1.0, 3.0, 2.0, 1.0, 0.5, 3.0, 0.01, 0.0, 0.0, 0}, /* eager W: stashes freed early */
+        {2.0, 3.0, 1.0, 0.0, 0.0, 3.0, 0.01, 0.0, 0.0, 0}, /* whatever can start first */
+        {2.0, 3.0, 1.0, 1.0, 0.5, 3.0, 0.01, 1.0, 0.0, 0}, /* later chunks first */
+        {2.0, 3.0, 1.0, 1.0, 0.5, 3.0, 0.01, 0.0, 0.0, 3}, /* full B everywhere */
+        {2.0, 3.0, 1.0, 3.0, 1.0, 3.0, 0.01, 0.0, 0.0, 2}, /* split only for an idle upstream */
+    };
+    const int nfixed = (int)(sizeof fixed / sizeof fixed[0]);
+    if (k < nfixed) {
+        *r = fixed[k];
+        return;
+    }
+    r->f = 3.0 * mpar__synth_unit(&y->rng);
+    r->b = 3.0 * mpar__synth_unit(&y->rng);
+    r->w = 3.0 * mpar__synth_unit(&y->rng);
+    r->wait = 2.0 * mpar__synth_unit(&y->rng);
+    r->starve = 2.0 * mpar__synth_unit(&y->rng);
+    r->memory = 4.0 * mpar__synth_unit(&y->rng);
+    r->older = 0.1 * mpar__synth_unit(&y->rng);
+    r->deeper = 2.0 * mpar__synth_unit(&y->rng) - 1.0;
+    r->noise = 0.5 * mpar__synth_unit(&y->rng);
+    r->split = mpar__synth_below(&y->rng, 4);
+}
+#define MPAR__SYNTH_FIXED_RULES 7
+
+/* ---- local search ---- */
+
+/* A change to one stage's list: SHIFT moves the action at `from` to `to`;
+   SPLIT turns the B at `from` into I and puts its W at `to`; MERGE turns
+   the I at `from` into B and drops its W from `to`. */
+typedef enum { MPAR__SYNTH_SHIFT, MPAR__SYNTH_SPLIT, MPAR__SYNTH_MERGE } mpar__synth_move_kind;
+typedef struct mpar__synth_move {
+    mpar__synth_move_kind kind;
+    int s, from, to;
+} mpar__synth_move;
+
+static void mpar__synth_shift(mpar_schedule* sc, int s, int from, int to) {
+    mpar_action a = sc->actions[s][from];
+    if (from < to) memmove(&sc->actions[s][from], &sc->actions[s][from + 1], sizeof(mpar_action) * (size_t)(to - from));
+    else memmove(&sc->actions[s][to + 1], &sc->actions[s][to], sizeof(mpar_action) * (size_t)(from - to));
+    sc->actions[s][to] = a;
+}
+
+static void mpar__synth_insert(mpar_schedule* sc, int s, int at, mpar_action a) {
+    memmove(&sc->actions[s][at + 1], &sc->actions[s][at], sizeof(mpar_action) * (size_t)(sc->action_count[s] - at));
+    sc->actions[s][at] = a;
+    sc->action_count[s]++;
+}
+
+static void mpar__synth_remove(mpar_schedule* sc, int s, int at) {
+    memmove(&sc->actions[s][at], &sc->actions[s][at + 1], sizeof(mpar_action) * (size_t)(sc->action_count[s] - at - 1));
+    sc->action_count[s]--;
+}
+
+static void mpar__synth_apply(mpar_schedule* sc, const mpar__synth_move* mv, int undo) {
+    mpar_action* a = &sc->actions[mv->s][mv->from];
+    mpar_action w;
+    switch (mv->kind) {
+    case MPAR__SYNTH_SHIFT:
+        if (undo) mpar__synth_shift(sc, mv->s, mv->to, mv->from);
+        else mpar__synth_shift(sc, mv->s, mv->from, mv->to);
+        break;
+    case MPAR__SYNTH_SPLIT:
+    case MPAR__SYNTH_MERGE:
+        w = *a;
+        w.kind = MPAR_ACTION_BACKWARD_WEIGHT;
+        if ((mv->kind == MPAR__SYNTH_SPLIT) != (undo != 0)) {
+            a->kind = MPAR_ACTION_BACKWARD_INPUT;
+            mpar__synth_insert(sc, mv->s, mv->to, w);
+        } else {
+            a->kind = MPAR_ACTION_BACKWARD;
+            mpar__synth_remove(sc, mv->s, mv->to);
+        }
+        break;
+    }
+}
+
+/* Whether the action at `from` may move to `to`: not past an action of its
+   own chunk and micro-batch (F before B / I before W stays), nor to or
+   from the optimizer step at the end. */
+static int mpar__synth_can_shift(const mpar_schedule* sc, int s, int from, int to) {
+    int n = sc->action_count[s], lo, hi, i;
+    const mpar_action* a = &sc->actions[s][from < 0 ? 0 : from];
+    if (from == to || from < 0 || to < 0 || from >= n - 1 || to >= n - 1) return 0;
+    lo = from < to ? from + 1 : to;
+    hi = from < to ? to : from - 1;
+    for (i = lo; i <= hi; ++i)
+        if (sc->actions[s][i].microbatch == a->microbatch && sc->actions[s][i].chunk == a->chunk) return 0;
+    return 1;
+}
+
+/* What the action at (s, i) of the last evaluation waited for: the list
+   position of the dependency that ended last, -1 when none. */
+static int mpar__synth_dependency(const mpar__synth* y, int s, int i) {
+    const mpar_schedule* sc = y->run.sc;
+    const mpar_action* a = &sc->actions[s][i];
+    int M = y->M, n = y->VS * M, vs, k;
+    double g;
+    if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) return -1;
+    vs = mpar__sched_vs(sc, s, a->chunk);
+    k = vs * M + a->microbatch;
+    if (a->kind == MPAR_ACTION_FORWARD) return vs > 0 ? y->loc[k - M] : -1;
+    if (a->kind == MPAR_ACTION_BACKWARD_WEIGHT) return y->loc[n + k];
+    if (vs + 1 == y->VS) return y->loc[k];
+    g = y->run.bi_end[k + M] + (sc->placement[vs + 1] != s ? mpar__sched_arrival(&y->run, vs, a->microbatch) : 0.0);
+    return g >= y->run.f_end[k] ? y->loc[n + k + M] : y->loc[k];
+}
+
+/* The critical path of the last evaluation, from the stage that finishes
+   last back to time 0: crit[] the actions, crit_dep[] what each waited for
+   (-1: the action before it on its stage). */
+static void mpar__synth_critical(mpar__synth* y) {
+    const mpar_schedule* sc = y->run.sc;
+    int s, last = 0, i;
+    for (s = 1; s < y->P; ++s)
+        if (y->run.free_at[s] > y->run.free_at[last]) last = s;
+    y->crit_len = 0;
+    s = last;
+    i = sc->action_count[s] - 1;
+    while (i >= 0 && y->crit_len < y->P * y->room) {
+        int at = s * y->room + i, dep = y->dep_bound[at] ? mpar__synth_dependency(y, s, i) : -1;
+        y->crit[y->crit_len] = at;
+        y->crit_dep[y->crit_len++] = dep;
+        if (dep < 0) {
+            --i;
+        } else {
+            s = dep / y->room;
+            i = dep % y->room;
+        }
+    }
+}
+
+/* A move on y->cur: from the critical path (run what an action waited
+   for earlier; let an action pass the one it waited behind), a random
+   shift, or B <-> I + W. 0 when the drawn move is not allowed. */
+static int mpar__synth_propose(mpar__synth* y, mpar__synth_move* mv) {
+    mpar_schedule* sc = y->cur;
+    double r = mpar__synth_unit(&y->rng);
+    int n, k;
+    mv->kind = MPAR__SYNTH_SHIFT;
+    if (r < 0.5 && y->crit_len > 0) {
+        k = mpar__synth_below(&y->rng, y->crit_len);
+        if (y->crit_dep[k] >= 0) {
+            mv->s = y->crit_dep[k] / y->room;
+            mv->from = y->crit_dep[k] % y->room;
+            mv->to = mv->from - 1 - mpar__synth_below(&y->rng, 4);
+        } else {
+            mv->s = y->crit[k] / y->room;
+            mv->from = y->crit[k] % y->room - 1;
+            mv->to = mv->from + 1 + mpar__synth_below(&y->rng, 3);
+        }
+        return mpar__synth_can_shift(sc, mv->s, mv->from, mv->to);
+    }
+    mv->s = mpar__synth_below(&y->rng, y->P);
+    n = sc->action_count[mv->s];
+    if (n < 3) return 0;
+    mv->from = mpar__synth_below(&y->rng, n - 1);
+    if (r < 0.85 || y->split != MPAR_SYNTH_SPLIT_ANY) {
+        k = 1 + mpar__synth_below(&y->rng, 6);
+        mv->to = mpar__synth_below(&y->rng, 2) ? mv->from + k : mv->from - k;
+        return mpar__synth_can_shift(sc, mv->s, mv->from, mv->to);
+    }
+    if (sc->actions[mv->s][mv->from].kind == MPAR_ACTION_BACKWARD) {
+        mv->kind = MPAR__SYNTH_SPLIT;
+        mv->to = mv->from + 1 + (mpar__synth_below(&y->rng, 2) ? 0 : mpar__synth_below(&y->rng, n - 1 - mv->from));
+        return 1;
+    }
+    if (sc->actions[mv->s][mv->from].kind == MPAR_ACTION_BACKWARD_INPUT) {
+        const mpar_action* a = &sc->actions[mv->s][mv->from];
+        mv->kind = MPAR__SYNTH_MERGE;
+        for (k = mv->from + 1; k < n; ++k)
+            if (sc->actions[mv->s][k].microbatch == a->microbatch && sc->actions[mv->s][k].chunk == a->chunk) break;
+        mv->to = k;
+        return k < n;
+    }
+    return 0;
+}
+
+/* Hill climbing from y->best until the budget is spent: a move is kept
+   when the step is no longer and the stages' finish times sum no higher
+   (sideways moves let the search cross plateaus). */
+static void mpar__synth_search(mpar__synth* y) {
+    mpar__synth_move mv;
+    double step, total = 0.0;
+    mpar__synth_copy(y->cur, y->best);
+    y->cur_step = mpar__synth_eval(y, y->cur, &y->cur_total);
+    mpar__synth_critical(y);
+    while (y->evals < y->budget) {
+        if (!mpar__synth_propose(y, &mv)) {
+            y->evals++; /* a refused draw costs a little, so the loop always ends */
+            continue;
+        }
+        mpar__synth_apply(y->cur, &mv, 0);
+        step = mpar__synth_eval(y, y->cur, &total);
+        if (step >= 0.0 && (step < y->cur_step || (step == y->cur_step && total <= y->cur_total))) {
+            y->cur_step = step;
+            y->cur_total = total;
+            mpar__synth_critical(y);
+            mpar__synth_offer(y, y->cur, step, total);
+        } else {
+            mpar__synth_apply(y->cur, &mv, 1);
+        }
+    }
+}
+
+/* ---- seeds, setup, the entry point ---- */
+
+/* Every built-in kind that makes this P, M, V and placement, fits the caps
+   and runs backwards as desc.split allows (SEQUENTIAL changes M; AUTO is
+   this function). */
+static void mpar__synth_seed_builtins(mpar__synth* y) {
+    static const mpar_schedule_kind kinds[] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B,
+                                               MPAR_SCHEDULE_INTERLEAVED_1F1B, MPAR_SCHEDULE_ZB_H1,
+                                               MPAR_SCHEDULE_ZB_H2, MPAR_SCHEDULE_ZB_V};
+    size_t k;
+    for (k = 0; k < sizeof kinds / sizeof kinds[0]; ++k) {
+        mpar_schedule* sc = NULL;
+        mpar_error ignored;
+        double step, total = 0.0;
+        int s, i, fused = 0, ok;
+        if (mpar_schedule_create_with(y->a, kinds[k], y->P, y->M, y->V, &sc, &ignored) != MPAR_SUCCESS) continue;
+        ok = sc->stages == y->P && sc->microbatches == y->M && sc->virtual_stages == y->V &&
+             memcmp(sc->placement, y->best->placement, sizeof(int) * (size_t)y->VS) == 0;
+        for (s = 0; ok && s < y->P; ++s) {
+            ok = sc->action_count[s] <= y->room;
+            for (i = 0; i < sc->action_count[s]; ++i) fused |= sc->actions[s][i].kind == MPAR_ACTION_BACKWARD;
+        }
+        if (ok && y->split == MPAR_SYNTH_SPLIT_NEVER) ok = !sc->split_backward;
+        if (ok && y->split == MPAR_SYNTH_SPLIT_ALWAYS) ok = !fused;
+        if (ok) {
+            mpar__synth_copy(y->tmp, sc);
+            step = mpar__synth_eval(y, y->tmp, &total);
+            mpar__synth_offer(y, y->tmp, step, total);
+        }
+        mpar_schedule_destroy(sc);
+    }
+}
+
+/* The least-memory schedule, then the list scheduler under the fixed
+   rules and under random ones until a twentieth of the budget is spent
+   (each of those costs several simulations' time; the local search makes
+   better use of the rest). */
+static void mpar__synth_seed_rules(mpar__synth* y) {
+    mpar__synth_rule rule;
+    double step, total = 0.0;
+    int k;
+    mpar__synth_one_at_a_time(y, y->tmp);
+    step = mpar__synth_eval(y, y->tmp, &total);
+    mpar__synth_offer(y, y->tmp, step, total);
+    for (k = 0; k < MPAR__SYNTH_FIXED_RULES || y->evals < y->budget / 20; ++k) {
+        mpar__synth_rule_make(y, k, &rule);
+        mpar__synth_list_schedule(y, &rule, y->tmp);
+        step = mpar__synth_eval(y, y->tmp, &total);
+        mpar__synth_offer(y, y->tmp, step, total);
+    }
+}
+
+static void mpar__synth_free(mpar__synth* y) {
+    mpar_schedule_destroy(y->best);
+    mpar_schedule_destroy(y->cur);
+    mpar_schedule_destroy(y->tmp);
+    mpar_simulation_destroy(y->sim);
+    mpar__free_a(y->a, y->costs.mem);
+    mpar__free_a(y->a, y->run.mem);
+    mpar__free_a(y->a, y->cap);
+    mpar__free_a(y->a, y->cand);
+}
+
+/* The argument checks, each naming its field. */
+static mpar_result mpar__synth_check(const char* fn, const mpar_synth_desc* d, mpar_error* err) {
+    int P = d->stages, M = d->microbatches, V = d->virtual_stages == 0 ? 1 : d->virtual_stages, s, vs, n;
+    if (!mpar__allocator_ok(&d->allocator))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: mpar_synth_desc.allocator: give all three functions or none", fn);
+    if (P < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: mpar_synth_desc.stages is %d, must be >= 1", fn, P);
+    if (M < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: mpar_synth_desc.microbatches is %d, must be >= 1", fn, M);
+    if (V < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: mpar_synth_desc.virtual_stages is %d, must be >= 1 (or 0 for 1)", fn, V);
+    if ((double)P * (double)M * (double)V * 3.0 > (double)MPAR__SCHED_MAX_ITEMS)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: mpar_synth_desc: %d stages x %d micro-batches x %d virtual stages is too large",
+                              fn, P, M, V);
+    if ((int)d->split < (int)MPAR_SYNTH_SPLIT_ANY || (int)d->split > (int)MPAR_SYNTH_SPLIT_ALWAYS)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: mpar_synth_desc.split is %d, must be MPAR_SYNTH_SPLIT_ANY, _NEVER or _ALWAYS", fn,
+                              (int)d->split);
+    if (d->effort < 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: mpar_synth_desc.effort is %d, must be >= 0 (0: default)", fn, d->effort);
+    if (!d->placement) return MPAR_SUCCESS;
+    for (vs = 0; vs < P * V; ++vs)
+        if (d->placement[vs] < 0 || d->placement[vs] >= P)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                                  "%s: mpar_synth_desc.placement[%d] is %d, not a stage 0..%d", fn, vs,
+                                  d->placement[vs], P - 1);
+    for (s = 0; s < P; ++s) {
+        for (n = 0, vs = 0; vs < P * V; ++vs) n += d->placement[vs] == s;
+        if (n != V)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                                  "%s: mpar_synth_desc.placement gives stage %d %d virtual stages; each needs %d", fn,
+                                  s, n, V);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* Every device must hold V stashes at once (all chunks' forwards of a
+   micro-batch run before its first backward). */
+static mpar_result mpar__synth_check_caps(const char* fn, const mpar_synth_desc* d, int V, mpar_error* err) {
+    int s;
+    for (s = 0; d->max_in_flight && s < d->stages; ++s)
+        if (d->max_in_flight[s] > 0 && d->max_in_flight[s] < V)
+            return mpar_error_set(err, MPAR_ERROR_DOES_NOT_FIT,
+                                  "%s: stage %d may hold %d activation stash%s (mpar_synth_desc.max_in_flight[%d]), "
+                                  "but every schedule holds %d there at once; the least-memory schedule (one "
+                                  "micro-batch at a time) needs %d on every stage",
+                                  fn, s, d->max_in_flight[s], d->max_in_flight[s] == 1 ? "" : "es", s, V, V);
+    return MPAR_SUCCESS;
+}
+
+/* Costs resolved as mpar_simulate resolves them; its message, with the
+   field named. */
+static mpar_result mpar__synth_costs(const char* fn, mpar__synth* y, const mpar_synth_desc* d, mpar_error* err) {
+    mpar_sim_desc c = d->costs;
+    mpar_error e;
+    const char* msg = e.message;
+    mpar_result r;
+    int vs;
+    c.allocator = *y->a;
+    r = mpar__sched_resolve(y->best, &c, &y->costs, &e);
+    if (r == MPAR_ERROR_OUT_OF_HOST_MEMORY) return mpar_error_set(err, r, "%s: out of host memory", fn);
+    if (r != MPAR_SUCCESS) {
+        if (strncmp(msg, "mpar_simulate: ", 15) == 0) msg += 15;
+        return mpar_error_set(err, r, "%s: mpar_synth_desc.costs: %s", fn, msg);
+    }
+    y->unit = 0.0;
+    for (vs = 0; vs < y->VS; ++vs) y->unit += (y->costs.f[vs] + y->costs.b[vs]) / (3.0 * y->VS);
+    if (!(y->unit > 0.0)) y->unit = 1.0;
+    return MPAR_SUCCESS;
+}
+
+/* The lists, the walk's state and the list scheduler's, all from one
+   allocator. */
+static int mpar__synth_alloc(mpar__synth* y, const int* placement, const int* max_in_flight) {
+    int s, *room, P = y->P, VS = y->VS, M = y->M, n = VS * M;
+    size_t ints = (size_t)P + (size_t)VS + 3 * (size_t)P * (size_t)y->room + 2 * (size_t)n + 3 * (size_t)VS +
+                  (size_t)n + 2 * (size_t)P;
+    y->cap = (int*)mpar__alloc_a(y->a, sizeof(int) * ints + sizeof(int) * (size_t)P);
+    y->cand = (mpar__synth_cand*)mpar__alloc_a(y->a, sizeof(mpar__synth_cand) * 3 * (size_t)VS);
+    y->run.mem = mpar__alloc_a(y->a, sizeof(double) * (2 * (size_t)n + (size_t)P) + sizeof(int) * 3 * (size_t)P);
+    if (!y->cap || !y->cand || !y->run.mem) return 0;
+    y->chunk_of = y->cap + P;
+    y->dep_bound = y->chunk_of + VS;
+    y->crit = y->dep_bound + (size_t)P * (size_t)y->room;
+    y->crit_dep = y->crit + (size_t)P * (size_t)y->room;
+    y->loc = y->crit_dep + (size_t)P * (size_t)y->room;
+    y->next_f = y->loc + 2 * (size_t)n;
+    y->next_b = y->next_f + VS;
+    y->next_w = y->next_b + VS;
+    y->kind_b = y->next_w + VS;
+    y->blocked = y->kind_b + n;
+    room = y->blocked + P; /* [P] list capacities, then spare */
+    for (s = 0; s < P; ++s) room[s] = y->room;
+    y->best = mpar__sched_alloc(y->a, P, M, y->V, room);
+    y->cur = mpar__sched_alloc(y->a, P, M, y->V, room);
+    y->tmp = mpar__sched_alloc(y->a, P, M, y->V, room);
+    if (!y->best || !y->cur || !y->tmp) return 0;
+    if (placement) {
+        memcpy(y->best->placement, placement, sizeof(int) * (size_t)VS);
+        memcpy(y->cur->placement, placement, sizeof(int) * (size_t)VS);
+        memcpy(y->tmp->placement, placement, sizeof(int) * (size_t)VS);
+        mpar__sched_place(y->best);
+        mpar__sched_place(y->cur);
+        mpar__sched_place(y->tmp);
+    }
+    for (s = 0; s < VS; ++s) y->chunk_of[s] = mpar__sched_chunk(y->best, s);
+    for (s = 0; s < P; ++s) {
+        y->cap[s] = max_in_flight && max_in_flight[s] > 0 ? max_in_flight[s] : INT_MAX;
+        y->tmp->action_count[s] = y->room; /* the simulation's rows get room for any list */
+    }
+    y->sim = mpar__sched_sim_alloc(y->tmp, y->a);
+    for (s = 0; s < P; ++s) y->tmp->action_count[s] = 0;
+    if (!y->sim) return 0;
+    y->run.f_end = (double*)y->run.mem;
+    y->run.bi_end = y->run.f_end + n;
+    y->run.free_at = y->run.bi_end + n;
+    y->run.pos = (int*)(void*)(y->run.free_at + P);
+    y->run.grads = y->run.pos + P;
+    y->run.in_flight = y->run.grads + P;
+    y->run.costs = &y->costs;
+    y->run.sim = y->sim;
+    y->run.P = P;
+    y->run.M = M;
+    y->run.V = y->V;
+    y->run.VS = VS;
+    y->run.sc = y->best;
+    return 1;
+}
+
+MPARDEF mpar_result mpar_schedule_synthesize(const mpar_synth_desc* desc, mpar_schedule** out, mpar_error* err) {
+    static const char fn[] = "mpar_schedule_synthesize";
+    mpar__synth y;
+    mpar_allocator alloc;
+    mpar_result r;
+    if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: out is NULL", fn);
+    *out = NULL;
+    if (!desc) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: desc is NULL", fn);
+    r = mpar__synth_check(fn, desc, err);
+    if (r != MPAR_SUCCESS) return r;
+    memset(&y, 0, sizeof y);
+    y.P = desc->stages;
+    y.M = desc->microbatches;
+    y.V = desc->virtual_stages == 0 ? 1 : desc->virtual_stages;
+    y.VS = y.P * y.V;
+    y.room = 3 * y.M * y.V + 1;
+    y.split = (int)desc->split;
+    y.budget = desc->effort > 0 ? desc->effort : MPAR__SYNTH_EFFORT;
+    y.rng = desc->seed;
+    y.best_step = -1.0;
+    r = mpar__synth_check_caps(fn, desc, y.V, err);
+    if (r != MPAR_SUCCESS) return r;
+    alloc = desc->allocator;
+    y.a = &alloc;
+    if (!mpar__synth_alloc(&y, desc->placement, desc->max_in_flight)) {
+        mpar__synth_free(&y);
+        return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
+    }
+    r = mpar__synth_costs(fn, &y, desc, err);
+    if (r != MPAR_SUCCESS) {
+        mpar__synth_free(&y);
+        return r;
+    }
+    mpar__synth_seed_builtins(&y);
+    mpar__synth_seed_rules(&y);
+    mpar__synth_search(&y);
+    r = mpar_schedule_from_lists_placed(y.a, y.P, y.M, y.V, y.best->placement,
+                                        (const mpar_action* const*)y.best->actions, y.best->action_count, out, err);
+    if (r == MPAR_SUCCESS) {
+        (*out)->kind = MPAR_SCHEDULE_AUTO;
+        r = mpar_schedule_validate(*out, err); /* by construction; never hand out a broken schedule */
+        if (r != MPAR_SUCCESS) {
+            mpar_schedule_destroy(*out);
+            *out = NULL;
+        }
+    }
+    mpar__synth_free(&y);
+    return r;
 }
 
 #endif /* MPAR_PART_SCHEDULE_IMPL */
