@@ -1291,6 +1291,10 @@ MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p);
 MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step);
 MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p);
 MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p);
+/* The schedule the pipeline trains with (generated from the kind, the
+   desc's schedule_lists copied, or AUTO's synthesised one): print it,
+   simulate it, save its lists. Owned by the pipeline. */
+MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p);
 
 /* ==========================================================================
    9. Observability: what each stage did during a step, on one clock.
@@ -6653,6 +6657,9 @@ static const char* mpar__sched_kind_upper(mpar_schedule_kind kind) {
     return "?";
 }
 
+/* A kind made by mpar_schedule_synthesize from measured costs (AUTO). */
+static int mpar__sched_kind_synthesized(mpar_schedule_kind kind) { return kind == MPAR_SCHEDULE_AUTO; }
+
 static int mpar__sched_kind_known(mpar_schedule_kind kind) {
     return (int)kind >= (int)MPAR_SCHEDULE_SEQUENTIAL && (int)kind <= (int)MPAR_SCHEDULE_AUTO;
 }
@@ -7038,6 +7045,47 @@ static mpar_result mpar__sched_check_pairs(const mpar_schedule* sc, const mpar__
     return MPAR_SUCCESS;
 }
 
+/* Pass 3: links are queues. Across every boundary, in each direction, the
+   receiver takes the micro-batches in the order the sender sends them:
+   activations F(j, m) -> F(j+1, m), gradients B/I(j+1, m) -> B/I(j, m).
+   `seq` has room for the longest list. */
+static mpar_result mpar__sched_check_fifo(const mpar_schedule* sc, const mpar__sched_steps* st, int* seq,
+                                          mpar_error* err) {
+    int j, g, m, M = sc->microbatches, VS = sc->stages * sc->virtual_stages;
+    char l1[32], l2[32];
+    for (j = 0; j + 1 < VS; ++j)
+        for (g = 0; g <= !sc->forward_only; ++g) {
+            int from = g ? j + 1 : j, to = g ? j : j + 1, s = sc->placement[from], n = sc->action_count[s], i;
+            int prev = -1, prev_m = -1;
+            for (i = 0; i < n; ++i) seq[i] = -1;
+            for (m = 0; m < M; ++m) {
+                int at = g ? (st->b[from * M + m] >= 0 ? st->b[from * M + m] : st->i[from * M + m]) : st->f[from * M + m];
+                seq[at] = m; /* sending order */
+            }
+            for (i = 0; i < n; ++i) {
+                int at;
+                if (seq[i] < 0) continue;
+                m = seq[i];
+                at = g ? (st->b[to * M + m] >= 0 ? st->b[to * M + m] : st->i[to * M + m]) : st->f[to * M + m];
+                if (at < prev) {
+                    mpar_action_kind kind = g ? (st->b[to * M + m] >= 0 ? MPAR_ACTION_BACKWARD
+                                                                      : MPAR_ACTION_BACKWARD_INPUT)
+                                              : MPAR_ACTION_FORWARD;
+                    return mpar_error_set(err, MPAR_ERROR_INVALID_SCHEDULE,
+                                          "invalid schedule: stage %d step %d: %s comes before %s (step %d), but the "
+                                          "%s of micro-batch %d cross boundary %d after those of micro-batch %d; a "
+                                          "link is a queue (first in, first out)",
+                                          sc->placement[to], at,
+                                          mpar__sched_label(sc, kind, m, mpar__sched_chunk(sc, to), l1, sizeof l1),
+                                          mpar__sched_label(sc, kind, prev_m, mpar__sched_chunk(sc, to), l2, sizeof l2),
+                                          prev, g ? "gradients" : "activations", m, j, prev_m);
+                }
+                prev = at, prev_m = m;
+            }
+        }
+    return MPAR_SUCCESS;
+}
+
 static mpar_result mpar__sched_check_static(const mpar_schedule* sc, const mpar_allocator* a, mpar_error* err) {
     size_t n = (size_t)sc->stages * (size_t)sc->virtual_stages * (size_t)sc->microbatches, k;
     mpar__sched_steps st;
@@ -7051,6 +7099,15 @@ static mpar_result mpar__sched_check_static(const mpar_schedule* sc, const mpar_
     st.w = mem + 3 * n;
     r = mpar__sched_scan(sc, &st, err);
     if (r == MPAR_SUCCESS) r = mpar__sched_check_pairs(sc, &st, err);
+    if (r == MPAR_SUCCESS) {
+        int s, longest = 1, *seq;
+        for (s = 0; s < sc->stages; ++s)
+            if (sc->action_count[s] > longest) longest = sc->action_count[s];
+        seq = (int*)mpar__alloc_a(a, sizeof(int) * (size_t)longest);
+        r = seq ? mpar__sched_check_fifo(sc, &st, seq, err)
+                : mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "schedule check: out of host memory");
+        mpar__free_a(a, seq);
+    }
     mpar__free_a(a, mem);
     return r;
 }
@@ -7646,14 +7703,35 @@ static void mpar__synth_copy(mpar_schedule* dst, const mpar_schedule* src) {
 
 /* ---- evaluation: the simulator's walk on scratch the search keeps ---- */
 
+/* Within the caps, and on each chunk the forwards, the backwards (B or I)
+   and the weight gradients (B or W) each in micro-batch order. The first
+   two keep every link a queue (mpar_schedule_validate's rule, which the
+   search does not re-run per candidate); the third is what makes a
+   pipeline equal one device bit for bit: the executor accumulates weight
+   gradients in place, in list order, and float sums depend on order. */
 static int mpar__synth_fits(const mpar__synth* y, const mpar_schedule* sc) {
-    int s, i;
+    int s, i, c, last_f[64], last_b[64], last_w[64];
     for (s = 0; s < y->P; ++s) {
         int held = 0;
+        for (c = 0; c < sc->virtual_stages && c < 64; ++c) last_f[c] = last_b[c] = last_w[c] = -1;
         for (i = 0; i < sc->action_count[s]; ++i) {
-            mpar_action_kind k = sc->actions[s][i].kind;
-            if (k == MPAR_ACTION_FORWARD && ++held > y->cap[s]) return 0;
-            if (k == MPAR_ACTION_BACKWARD || k == MPAR_ACTION_BACKWARD_WEIGHT) held--;
+            const mpar_action* a = &sc->actions[s][i];
+            mpar_action_kind k = a->kind;
+            int m = a->microbatch, ch = a->chunk < 64 ? a->chunk : 63;
+            if (k == MPAR_ACTION_OPTIMIZER_STEP) continue;
+            if (k == MPAR_ACTION_FORWARD) {
+                if (++held > y->cap[s] || m < last_f[ch]) return 0;
+                last_f[ch] = m;
+            }
+            if (k == MPAR_ACTION_BACKWARD || k == MPAR_ACTION_BACKWARD_INPUT) {
+                if (m < last_b[ch]) return 0;
+                last_b[ch] = m;
+            }
+            if (k == MPAR_ACTION_BACKWARD || k == MPAR_ACTION_BACKWARD_WEIGHT) {
+                held--;
+                if (m < last_w[ch]) return 0;
+                last_w[ch] = m;
+            }
         }
     }
     return 1;
@@ -7794,6 +7872,7 @@ static void mpar__synth_add(mpar__synth* y, const mpar__synth_rule* rule, mpar_a
                     (y->split == MPAR_SYNTH_SPLIT_ANY &&
                      (rule->split == 1 || (rule->split == 0 && i + w <= b) ||
                       (rule->split == 2 && mpar__synth_neighbour_idle(y, vs, 1, c->start + i))));
+        if (y->next_w[vs] < m) split = 1; /* a W is still owed: a full B would add its weights first */
         if (split) a.kind = kind = MPAR_ACTION_BACKWARD_INPUT;
     }
     c->kind = kind;
@@ -7814,9 +7893,9 @@ static int mpar__synth_candidates(mpar__synth* y, const mpar__synth_rule* rule, 
             if (mpar__synth_room_for(y, vs, m)) mpar__synth_add(y, rule, MPAR_ACTION_FORWARD, vs, m, &n);
             else if (vs == 0 || y->run.f_end[(vs - 1) * M + m] >= 0.0) blocked[y->run.sc->placement[vs]] = 1;
         }
-        if (y->next_b[vs] < M) mpar__synth_add(y, rule, MPAR_ACTION_BACKWARD, vs, y->next_b[vs], &n);
         while (y->next_w[vs] < y->next_b[vs] && y->kind_b[vs * M + y->next_w[vs]] == MPAR_ACTION_BACKWARD)
             y->next_w[vs]++;
+        if (y->next_b[vs] < M) mpar__synth_add(y, rule, MPAR_ACTION_BACKWARD, vs, y->next_b[vs], &n);
         if (y->next_w[vs] < y->next_b[vs]) mpar__synth_add(y, rule, MPAR_ACTION_BACKWARD_WEIGHT, vs, y->next_w[vs], &n);
     }
     return n;
@@ -9921,6 +10000,7 @@ MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step) {
 }
 MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) { return p ? p->model : NULL; }
 MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) { return p ? &p->desc : NULL; }
+MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p) { return p ? p->schedule : NULL; }
 
 static int mpar__event_order(const void* a, const void* b) {
     const mpar_event *x = (const mpar_event*)a, *y = (const mpar_event*)b;
@@ -10524,6 +10604,80 @@ static mpar_result mpar__setup_ranks(mpar_pipeline* p) {
     return MPAR_SUCCESS;
 }
 
+/* AUTO: a schedule synthesised for this pipeline's chunks from measured
+   costs. Each device the stages use profiles the model's layers once
+   (mpar_profile_layers, or the desc's plan_options tables when given);
+   a chunk costs the sum of its layers. Links cost what the planner
+   charges them (bytes over 6e9 B/s plus 0.1 ms), blocking unless the
+   transport overlaps. Stashes are capped per device at what ZB-H1 (AUTO's
+   plan) holds there, so the plan's memory stays right. */
+static mpar_result mpar__pipeline_synthesize(mpar_pipeline* p, const mpar_stage_desc* stages) {
+    const mpar_pipeline_desc* d = &p->desc;
+    const mpar_plan_options* o = d->plan_options;
+    int L = p->layer_count, P = p->workers_count, n = p->vs_count, j, l, k, dev;
+    double *f, *bi, *bw, *cf, *ci, *cw, *link;
+    int caps[MPAR__MAX_WORKERS], devs[MPAR__MAX_DEVICES];
+    mpar_schedule* base = NULL;
+    mpar_synth_desc sd;
+    mpar_error err;
+    mpar_result r = MPAR_SUCCESS;
+    int M = d->microbatches, rows = (d->max_batch + M - 1) / M * p->seq_len;
+    if (p->desc.mpi_comm)
+        return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "schedule AUTO measures on this process's devices; across "
+                          "processes give every rank the same schedule_lists");
+    if (mpar__sched_generate(&p->ctx->allocator, d->schedule, P, d->microbatches, d->virtual_stages, &base, &err) !=
+        MPAR_SUCCESS)
+        return mpar__fail(p->ctx, err.code, "%s", err.message);
+    for (j = 0; j < P; j++) caps[j] = base->peak_in_flight[j];
+    mpar_schedule_destroy(base);
+    f = (double*)mpar__alloc(p->ctx, sizeof(double) * (size_t)(3 * L * MPAR__MAX_DEVICES + 4 * n));
+    if (!f) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    bi = f + L * MPAR__MAX_DEVICES, bw = bi + L * MPAR__MAX_DEVICES;
+    cf = bw + L * MPAR__MAX_DEVICES, ci = cf + n, cw = ci + n, link = cw + n;
+    for (k = 0; k < MPAR__MAX_DEVICES; k++) devs[k] = 0;
+    for (j = 0; j < n; j++) devs[stages[j].device] = 1;
+    for (dev = 0; r == MPAR_SUCCESS && dev < mpar_device_count(p->ctx); dev++) {
+        int D = mpar_device_count(p->ctx);
+        if (!devs[dev]) continue;
+        if (o && o->measured_forward && o->measured_backward_input && o->measured_backward_weight) {
+            for (l = 0; l < L; l++) {
+                f[dev * L + l] = o->measured_forward[l * D + dev];
+                bi[dev * L + l] = o->measured_backward_input[l * D + dev];
+                bw[dev * L + l] = o->measured_backward_weight[l * D + dev];
+            }
+        } else {
+            mpar_pipeline_desc pd = *d;
+            pd.schedule_lists = NULL, pd.plan_options = NULL;
+            r = mpar_profile_layers(p->ctx, p->model, &pd, dev, f + dev * L, bi + dev * L, bw + dev * L);
+        }
+    }
+    for (j = 0; r == MPAR_SUCCESS && j < n; j++) {
+        const mpar_layer* last = mpar_model_layer(p->model, stages[j].last_layer);
+        dev = stages[j].device;
+        cf[j] = ci[j] = cw[j] = 1e-9; /* the simulator reads 0 as "not given" */
+        for (l = stages[j].first_layer; l <= stages[j].last_layer; l++)
+            cf[j] += f[dev * L + l], ci[j] += bi[dev * L + l], cw[j] += bw[dev * L + l];
+        link[j] = j + 1 < n && stages[j + 1].device != dev
+                      ? 1e-4 + (double)rows * (double)last->out_features * 4.0 / 6e9 : 0.0;
+    }
+    if (r == MPAR_SUCCESS) {
+        memset(&sd, 0, sizeof sd);
+        sd.stages = P, sd.microbatches = d->microbatches, sd.virtual_stages = d->virtual_stages;
+        sd.costs.forward_per_stage = cf, sd.costs.backward_input_per_stage = ci;
+        sd.costs.backward_weight_per_stage = cw, sd.costs.link_delay_per_boundary = link;
+        sd.costs.link_blocking = mpar__link_mode_for(d->link_mode, &p->ctx->devices[stages[0].device].info,
+                                                     &p->ctx->devices[stages[n > 1 ? 1 : 0].device].info) !=
+                                 MPAR_LINK_ASYNC;
+        sd.costs.allocator = p->ctx->allocator;
+        sd.max_in_flight = caps;
+        sd.allocator = p->ctx->allocator;
+        if (mpar_schedule_synthesize(&sd, &p->schedule, &err) != MPAR_SUCCESS)
+            r = mpar__fail(p->ctx, err.code, "schedule AUTO: %s", err.message);
+    }
+    mpar__free(p->ctx, f);
+    return r;
+}
+
 /* The schedule the workers walk: the desc's, or generated from its kind.
    Then every chunk must sit on the device of its stage's first chunk. */
 static mpar_result mpar__pipeline_schedule(mpar_pipeline* p, const mpar_stage_desc* stages) {
@@ -10537,6 +10691,8 @@ static mpar_result mpar__pipeline_schedule(mpar_pipeline* p, const mpar_stage_de
                               p->vs_count, d->virtual_stages);
         if (mpar_schedule_copy(&p->ctx->allocator, d->schedule_lists, &p->schedule, &err) != MPAR_SUCCESS)
             return mpar__fail(p->ctx, err.code, "%s", err.message);
+    } else if (mpar__sched_kind_synthesized(d->schedule)) {
+        MPAR__TRY(mpar__pipeline_synthesize(p, stages));
     } else if (mpar_schedule_create_with(&p->ctx->allocator, d->schedule, p->workers_count, d->microbatches,
                                          d->virtual_stages, &p->schedule, &err) != MPAR_SUCCESS) {
         return mpar__fail(p->ctx, err.code, "%s", err.message);

@@ -80,7 +80,9 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     int L = mpar_model_layer_count(g_model), n = stages * V, j, step;
     size_t off = 0;
     mpar_schedule* placed = NULL; /* where the kind's lists put each chunk (ZB-V: a V) */
-    if (!g_lists) assert_int_equal(mpar_schedule_create(kind, stages, M, V, &placed, NULL), MPAR_SUCCESS);
+    if (!g_lists) /* AUTO keeps the placement of the kind it is planned as */
+        assert_int_equal(mpar_schedule_create(kind == MPAR_SCHEDULE_AUTO ? MPAR_SCHEDULE_ZB_H1 : kind, stages, M, V,
+                                              &placed, NULL), MPAR_SUCCESS);
     for (j = 0; j < n; j++) {
         st[j].device = mpar_schedule_stage_of(g_lists ? g_lists : placed, j) % mpar_device_count(ctx);
         st[j].first_layer = L * j / n;
@@ -103,6 +105,13 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     pd.schedule_lists = g_lists;
     mpar_schedule_destroy(placed);
     if (mpar_pipeline_create(ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
+    if (kind == MPAR_SCHEDULE_AUTO && !g_lists) { /* synthesised: custom lists that validate */
+        const mpar_schedule* sc = mpar_pipeline_get_schedule(p);
+        assert_non_null(sc);
+        assert_int_equal(sc->custom, 1);
+        assert_int_equal(sc->microbatches, M);
+        assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
+    }
     b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
     for (step = 0; step < STEPS; step++) {
         mpar_step_info info;
@@ -180,6 +189,7 @@ static void test_equal_gpipe(void** s) { (void)s; equality_for(MPAR_SCHEDULE_GPI
 static void test_equal_1f1b(void** s) { (void)s; equality_for(MPAR_SCHEDULE_1F1B, 1); }
 static void test_equal_interleaved(void** s) { (void)s; equality_for(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2); }
 static void test_equal_zbh1(void** s) { (void)s; equality_for(MPAR_SCHEDULE_ZB_H1, 1); }
+static void test_equal_auto(void** s) { (void)s; equality_for(MPAR_SCHEDULE_AUTO, 1); }
 
 /* Recomputing activations in backward changes memory, not results. */
 static void test_recompute(void** state) {
@@ -508,7 +518,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_equal_sequential), cmocka_unit_test(test_equal_gpipe),
         cmocka_unit_test(test_equal_1f1b),       cmocka_unit_test(test_equal_interleaved),
-        cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_recompute),
+        cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_equal_auto),
+        cmocka_unit_test(test_recompute),
         cmocka_unit_test(test_memory_accounting),
         cmocka_unit_test(test_fault_on_last_stage), cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_inference),        cmocka_unit_test(test_hand_written_lists),

@@ -815,6 +815,36 @@ static void test_print_table_and_timeline(void** state) {
     mpar_schedule_destroy(g);
 }
 
+/* Links are queues: a receiver that takes micro-batches in another order
+   than its neighbour sends them is refused by name, although no stage
+   would wait forever in the simulator's model. */
+static void test_links_are_queues(void** state) {
+    static const mpar_action s0[] = {{MPAR_ACTION_FORWARD, 0, 0}, {MPAR_ACTION_FORWARD, 1, 0},
+                                     {MPAR_ACTION_BACKWARD, 0, 0}, {MPAR_ACTION_BACKWARD, 1, 0},
+                                     {MPAR_ACTION_OPTIMIZER_STEP, -1, 0}};
+    static const mpar_action s1[] = {{MPAR_ACTION_FORWARD, 1, 0}, {MPAR_ACTION_FORWARD, 0, 0},
+                                     {MPAR_ACTION_BACKWARD, 0, 0}, {MPAR_ACTION_BACKWARD, 1, 0},
+                                     {MPAR_ACTION_OPTIMIZER_STEP, -1, 0}};
+    static const mpar_action s1b[] = {{MPAR_ACTION_FORWARD, 0, 0}, {MPAR_ACTION_FORWARD, 1, 0},
+                                      {MPAR_ACTION_BACKWARD, 1, 0}, {MPAR_ACTION_BACKWARD, 0, 0},
+                                      {MPAR_ACTION_OPTIMIZER_STEP, -1, 0}};
+    const mpar_action* lists[2] = {s0, s1};
+    int counts[2] = {5, 5};
+    mpar_schedule* sc = NULL;
+    mpar_error err;
+    (void)state;
+    assert_int_equal(mpar_schedule_from_lists(2, 2, 1, lists, counts, &sc, &err), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_validate(sc, &err), MPAR_ERROR_INVALID_SCHEDULE);
+    assert_contains(err.message, "stage 1 step 0: F1 comes before F0 (step 1)");
+    assert_contains(err.message, "first in, first out");
+    mpar_schedule_destroy(sc);
+    lists[1] = s1b; /* gradients sent B1 then B0, received B0 then B1 */
+    assert_int_equal(mpar_schedule_from_lists(2, 2, 1, lists, counts, &sc, &err), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_validate(sc, &err), MPAR_ERROR_INVALID_SCHEDULE);
+    assert_contains(err.message, "gradients of micro-batch");
+    mpar_schedule_destroy(sc);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_grid_every_schedule_simulates),
@@ -837,6 +867,7 @@ int main(void) {
         cmocka_unit_test(test_kind_names_round_trip),
         cmocka_unit_test(test_accessors),
         cmocka_unit_test(test_print_table_and_timeline),
+        cmocka_unit_test(test_links_are_queues),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
