@@ -9751,6 +9751,11 @@ static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb
     return MPAR_SUCCESS;
 }
 
+/* The batch's rows that count in the loss, recovered from loss_scale. */
+static int mpar__counted_rows(const mpar_pipeline* p) {
+    return (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
+}
+
 static mpar_result mpar__damaged(mpar_pipeline* p) {
     return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE,
                       "an optimizer step failed part-way, so some stages may hold updated parameters and others not; "
@@ -9765,7 +9770,7 @@ MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar
     if (p->damaged) return mpar__damaged(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
-    counted = (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
+    counted = mpar__counted_rows(p);
     r = mpar__run_job(p, MPAR__JOB_GRADS);
     p->grads_ready = r == MPAR_SUCCESS;
     if (r != MPAR_SUCCESS) return r;
@@ -9806,7 +9811,7 @@ static void mpar__step_decide(mpar_pipeline* p) {
     }
     if (p->job == MPAR__JOB_TRAIN) { /* the losses are in: every stage drained before posting */
         double loss = 0.0;
-        int counted = (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
+        int counted = mpar__counted_rows(p);
         for (i = 0; i < p->mb_count; i++) loss += (double)p->mb_loss[i];
         p->last_loss = counted ? loss / counted : 0.0;
     }
@@ -9876,7 +9881,7 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     if (p->damaged) return mpar__damaged(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
-    counted = (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
+    counted = mpar__counted_rows(p);
     p->grads_ready = 0;
     p->opt_posted = p->opt_decided = p->opt_go = p->opt_stepped = 0;
     r = mpar__run_job(p, MPAR__JOB_TRAIN);
