@@ -3,7 +3,7 @@
    mpar splits a neural network into contiguous ranges of layers ("stages"),
    one or more per OpenCL device, joins the stages into a chain of queues and
    schedules micro-batches through it (GPipe, 1F1B, interleaved 1F1B,
-   zero-bubble ZB-H1) for training and inference. Kernels are .cl files
+   zero-bubble ZB-H1, ZB-H2 and ZB-V) for training and inference. Kernels are .cl files
    loaded at run time (kernels/); GEMM goes through CLBlast.
 
    Do this:
@@ -736,10 +736,11 @@ MPARDEF const char* mpar_plan_binding_name(mpar_plan_binding_kind kind);
    blocks until the inputs of the next action have arrived; the simulator
    models exactly that, with costs instead of kernels.
 
-   Virtual stages. With V model chunks per device (interleaved 1F1B) the
-   model is cut into P*V virtual stages in model order; chunk c of stage s is
-   virtual stage  vs = c*P + s  (so virtual stage j lives on stage j mod P).
-   With V = 1, vs = s.
+   Virtual stages. With V model chunks per device the model is cut into
+   P*V virtual stages in model order; the schedule's placement says which
+   stage runs each, and chunk c of stage s is the c-th of them in model
+   order. Interleaved 1F1B: vs = c*P + s (virtual stage j on stage j mod
+   P). ZB-V: a V, vs = s and 2P-1-s on stage s. With V = 1, vs = s.
 
    Dependencies (what the executor enforces, what the simulator checks):
      F(vs,m)      needs F(vs-1,m)            (+ link delay if another stage)
@@ -825,9 +826,46 @@ typedef struct mpar_schedule {
      Stashes live until W, so every stage holds up to min(M, P): stage 0
      as in 1F1B, later stages more than 1F1B's P-s, the peak over stages
      (what sizes memory in the paper) equal to 1F1B's.
-   virtual_stages must be 1 for every kind but INTERLEAVED_1F1B.
+   - ZB_H2 (the same paper, H2): ZB-H1 with more warm-up. Stage s runs
+     2(P-s)-1 forwards (at most M) before its first I: all that fit before
+     micro-batch 0's input gradient can come back, so no stage waits for
+     it. Then per micro-batch: I, a deferred W, the next F; the W's lag s
+     behind the I's (2s once M >= 2P-1) and the deferred ones fill the
+     cool-down. Stage s holds 2P-1 stashes (M >= 2P-1; else min(M,
+     2P-1-s)): about twice 1F1B's peak over stages (P).
+   - ZB_V (the same authors' V schedule): two chunks per stage placed in a
+     V: virtual stage vs on stage vs and virtual stage P+j on stage P-1-j,
+     so stage s runs chunk 0 = virtual stage s and chunk 1 = 2P-1-s, and
+     the loss is on stage 0 (placement / virtual_stage_of say so). Stage s:
+     2(P-s)-1 chunk-0 forwards, s pairs F1 F0, P-s triples F1 I1 W1; then
+     F0 I0 W0 F1 I1 W1 until all forwards ran; cool-down: s pairs I0 I1,
+     P-s pairs I0 W0, the deferred W's (chunk 1's first). M < 2P-1 is
+     built as 2P-1 with the padding micro-batches dropped. Each stage
+     holds at most 2*min(M, P) chunk stashes (peak_in_flight counts
+     chunks); with the model cut into 2P equal virtual stages a chunk's
+     stash is half a 1F1B stage's, so that is min(M, P) stage stashes:
+     1F1B's peak (its stage 0), on every stage.
+     Unit costs (F = I = W per chunk), no link delay: step 6M+P-1 once
+     2M >= 3P-1, else 4M+4P-2 (for M <= P what ZB-H1 takes with stage
+     costs of two chunks, below it for larger M).
+   Bubble with F = I = W and no link delay, in the units of the schedule
+   (stages; chunks for ZB_V): ZB_H1 and ZB_H2 (P-1)/(3M+P-1) for M >= P,
+   ZB_V (P-1)/(6M+P-1) for 2M >= 3P-1. These are the floor for one step:
+   the last stage (for ZB_V the device with virtual stage P-1) cannot start
+   before the first forward reaches it, P-1 units, and then has 3M (6M)
+   units of work. The published "zero bubble" of H2 and V also hides that
+   fill: the next step's warm-up overlaps this step's cool-down, with the
+   optimizer's global checks (gradient norm for clipping, NaN/Inf) validated
+   after the update and rolled back when they fail. mpar checks exactly, at
+   the optimizer step, before the update, so every step keeps the fill;
+   what ZB_H2 adds over ZB_H1 is slack for link delays and unequal F, I, W
+   (with F = I = W and no delay the two take the same time).
+   virtual_stages must be 1 for every kind but INTERLEAVED_1F1B (any) and
+   ZB_V (exactly 2). AUTO is refused: it is made from measured costs by
+   mpar_schedule_synthesize.
    Errors: MPAR_ERROR_INVALID_ARGUMENT (NULL out, P/M/V < 1, unknown kind,
-   V > 1 for another kind, sizes too large), MPAR_ERROR_OUT_OF_HOST_MEMORY. */
+   AUTO, V > 1 for another kind, V != 2 for ZB_V, sizes too large),
+   MPAR_ERROR_OUT_OF_HOST_MEMORY. */
 MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, int microbatches,
                                          int virtual_stages, mpar_schedule** out, mpar_error* err);
 
@@ -6481,6 +6519,97 @@ static void mpar__sched_gen_zbh1(mpar_schedule* sc) {
     }
 }
 
+/* ZB-H2: as ZB-H1 but 2(P-s)-1 warm-up forwards, what fits on stage s
+   before its first I can arrive (2P-1-s with unit costs), then I, its
+   lagging W and the next F per micro-batch. The W's lag s behind the I's
+   to fill the cool-down (as in ZB-H1), and 2s once M >= 2P-1: the other s
+   keep cheaper W's and link delays from opening gaps in the steady state
+   (with fewer micro-batches there is no steady state and they only delay
+   W's; both measured). Stage s then holds 2P-1 stashes when M >= 2P-1,
+   else min(M, 2P-1-s). */
+static void mpar__sched_gen_zbh2(mpar_schedule* sc) {
+    int s, m, P = sc->stages, M = sc->microbatches;
+    for (s = 0; s < P; ++s) {
+        int warmup = 2 * (P - s) - 1 < M ? 2 * (P - s) - 1 : M;
+        int lag = M >= 2 * P - 1 ? 2 * s : s, next_f = warmup, next_w = 0;
+        for (m = 0; m < warmup; ++m) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, m, 0);
+        for (m = 0; m < M; ++m) {
+            mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_INPUT, m, 0);
+            if (m >= lag) mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_WEIGHT, next_w++, 0);
+            if (next_f < M) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, next_f++, 0);
+        }
+        while (next_w < M) mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_WEIGHT, next_w++, 0);
+        mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+    }
+}
+
+/* ZB-V: the next micro-batch of `kind` (F, I or W) on `chunk`, counted in
+   next[chunk][kind]; micro-batches from M on are padding, counted but left
+   out of the list. */
+static void mpar__sched_push_zbv(mpar_schedule* sc, int s, int next[2][4], mpar_action_kind kind, int chunk) {
+    int m = next[chunk][kind]++;
+    if (m < sc->microbatches) mpar__sched_push(sc, s, kind, m, chunk);
+}
+
+/* ZB-V on stage s: chunk 0 is virtual stage s, chunk 1 is 2P-1-s. With
+   unit costs micro-batch 0's forward reaches chunk 1 at 2P-1-s and its
+   input gradient comes back to chunk 1 at 2P+s, and each phase below fills
+   the time up to such an arrival:
+     warm-up   2(P-s)-1 chunk-0 F's, then s pairs F1 F0, then P-s triples
+               F1 I1 W1 (chunk 1's first gradients come back 3 apart);
+     steady    F0 I0 W0 F1 I1 W1 (the F0 while any is left) until every
+               F1 has run: each W right after its I, so the stashes stay at
+               2P chunks (P micro-batches of a whole stage);
+     cool-down s pairs I0 I1, then P-s pairs I0 W0 (the input gradients
+               first, as stage 0 waits for them), then the deferred W's of
+               chunk 1, then those of chunk 0.
+   The phases need M >= 2P-1; a smaller M is built as 2P-1 with the padding
+   micro-batches dropped, which removes whole dependency chains, so the
+   lists stay deadlock-free (as for the interleaved schedule). */
+static void mpar__sched_gen_zbv_stage(mpar_schedule* sc, int s, int padded) {
+    int i, P = sc->stages, next[2][4];
+    const mpar_action_kind fw = MPAR_ACTION_FORWARD, ig = MPAR_ACTION_BACKWARD_INPUT, wg = MPAR_ACTION_BACKWARD_WEIGHT;
+    memset(next, 0, sizeof next);
+    for (i = 0; i < 2 * (P - s) - 1; ++i) mpar__sched_push_zbv(sc, s, next, fw, 0);
+    for (i = 0; i < s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, fw, 1);
+        mpar__sched_push_zbv(sc, s, next, fw, 0);
+    }
+    for (i = 0; i < P - s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, fw, 1);
+        mpar__sched_push_zbv(sc, s, next, ig, 1);
+        mpar__sched_push_zbv(sc, s, next, wg, 1);
+    }
+    while (next[1][fw] < padded) {
+        if (next[0][fw] < padded) mpar__sched_push_zbv(sc, s, next, fw, 0);
+        mpar__sched_push_zbv(sc, s, next, ig, 0);
+        mpar__sched_push_zbv(sc, s, next, wg, 0);
+        mpar__sched_push_zbv(sc, s, next, fw, 1);
+        mpar__sched_push_zbv(sc, s, next, ig, 1);
+        mpar__sched_push_zbv(sc, s, next, wg, 1);
+    }
+    for (i = 0; i < s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, ig, 0);
+        mpar__sched_push_zbv(sc, s, next, ig, 1);
+    }
+    for (i = 0; i < P - s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, ig, 0);
+        mpar__sched_push_zbv(sc, s, next, wg, 0);
+    }
+    while (next[1][wg] < padded) mpar__sched_push_zbv(sc, s, next, wg, 1);
+    while (next[0][wg] < padded) mpar__sched_push_zbv(sc, s, next, wg, 0);
+    mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+}
+
+/* ZB-V: the V placement (virtual stage vs on stage vs, and P+j on stage
+   P-1-j), then each stage's list. */
+static void mpar__sched_gen_zbv(mpar_schedule* sc) {
+    int s, vs, P = sc->stages, padded = sc->microbatches > 2 * P - 1 ? sc->microbatches : 2 * P - 1;
+    for (vs = 0; vs < 2 * P; ++vs) sc->placement[vs] = vs < P ? vs : 2 * P - 1 - vs;
+    mpar__sched_place(sc);
+    for (s = 0; s < P; ++s) mpar__sched_gen_zbv_stage(sc, s, padded);
+}
+
 /* k-th forward (or backward) of a stage under interleaving: micro-batches in
    groups of P; within a group all of chunk 0, then chunk 1, ... (reversed
    chunks for backward). */
@@ -6582,18 +6711,25 @@ MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, m
     if (!mpar__allocator_ok(allocator))
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: give the allocator all three functions or none",
                               fn);
-    if ((int)kind < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)kind > (int)MPAR_SCHEDULE_ZB_H1)
+    if (kind == MPAR_SCHEDULE_AUTO)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: schedule 'auto' is built from measured costs: use mpar_schedule_synthesize", fn);
+    if ((int)kind < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)kind > (int)MPAR_SCHEDULE_ZB_V)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: unknown schedule kind %d", fn, (int)kind);
     r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
     if (r != MPAR_SUCCESS) return r;
-    if (virtual_stages > 1 && kind != MPAR_SCHEDULE_INTERLEAVED_1F1B)
+    if (kind == MPAR_SCHEDULE_ZB_V && virtual_stages != 2)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
-                              "%s: virtual_stages is %d but only the interleaved schedule has more than one "
-                              "virtual stage per stage (schedule '%s' needs 1)",
+                              "%s: virtual_stages is %d but schedule 'zbv' runs exactly 2 chunks per stage, in a V "
+                              "(give 2)", fn, virtual_stages);
+    if (virtual_stages > 1 && kind != MPAR_SCHEDULE_INTERLEAVED_1F1B && kind != MPAR_SCHEDULE_ZB_V)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: virtual_stages is %d but only the interleaved schedule (any number) and zbv (2) "
+                              "have more than one virtual stage per stage (schedule '%s' needs 1)",
                               fn, virtual_stages, mpar_schedule_kind_name(kind));
     if (kind == MPAR_SCHEDULE_SEQUENTIAL) microbatches = 1; /* the whole batch is one micro-batch */
 
-    per_stage = (kind == MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * microbatches * virtual_stages + 1;
+    per_stage = (kind >= MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * microbatches * virtual_stages + 1;
     caps = (int*)mpar__alloc_a(allocator, sizeof(int) * (size_t)stages);
     if (!caps) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     for (s = 0; s < stages; ++s) caps[s] = per_stage;
@@ -6612,6 +6748,8 @@ MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, m
             mpar__sched_gen_interleaved(sc);
         break;
     case MPAR_SCHEDULE_ZB_H1: mpar__sched_gen_zbh1(sc); break;
+    case MPAR_SCHEDULE_ZB_H2: mpar__sched_gen_zbh2(sc); break;
+    case MPAR_SCHEDULE_ZB_V: mpar__sched_gen_zbv(sc); break;
     default: break; /* refused above */
     }
     for (s = 0; s < stages; ++s) MPAR_ASSERT(sc->action_count[s] <= per_stage);
