@@ -940,7 +940,10 @@ MPARDEF mpar_result mpar_schedule_validate(const mpar_schedule* schedule, mpar_e
 MPARDEF int mpar_action_format(const mpar_action* action, int show_chunk, char* buf, size_t size);
 
 /* The per-stage action table: one row per stage, one column per step
-   (position in the list, not time; see mpar_simulation_print for time). */
+   (position in the list, not time; see mpar_simulation_print for time).
+   With more than one chunk per stage the labels carry the chunk (F3.1)
+   and a line under the title maps each stage's chunks to virtual stages:
+   "chunks as virtual stages (model order): stage 0: .0=0 .1=7; ...". */
 MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out);
 
 /* "sequential", "gpipe", "1f1b", "interleaved", "zbh1", "zbh2", "zbv",
@@ -1024,7 +1027,11 @@ MPARDEF void mpar_simulation_destroy(mpar_simulation* sim);
 /* A text Gantt chart, one row per stage and `columns` time slices (<= 0:
    80). Each slice shows the action running at its middle: F B I W, O for
    the optimizer step, upper case for even micro-batches and lower case for
-   odd ones so neighbours stand apart, '.' when idle. */
+   odd ones so neighbours stand apart, '.' when idle. With more than one
+   chunk per stage a "chunk" row under each stage's gives the chunk of each
+   slice (0-9, then a-z), and a line above the rows says which virtual
+   stage each chunk of each stage is (ZB-V's V: ".0=0 .1=7" on stage 0 of
+   4). Nothing is printed for a schedule of another shape. */
 MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
                                    int columns);
 
@@ -7550,6 +7557,17 @@ MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kin
                           "or auto)", name);
 }
 
+/* "chunk c = virtual stage": which part of the model each label's .c is. */
+static void mpar__sched_print_placement(const mpar_schedule* sc, FILE* out) {
+    int s, c;
+    fprintf(out, "chunks as virtual stages (model order):");
+    for (s = 0; s < sc->stages; ++s) {
+        fprintf(out, "%s stage %d:", s ? ";" : "", s);
+        for (c = 0; c < sc->virtual_stages; ++c) fprintf(out, " .%d=%d", c, mpar__sched_vs(sc, s, c));
+    }
+    fprintf(out, "\n");
+}
+
 MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {
     const mpar_schedule* sc = schedule;
     int s, i, width = 3, longest = 0;
@@ -7565,6 +7583,7 @@ MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {
     fprintf(out, "schedule %s: %d stages, %d micro-batches, %d virtual stage%s per stage\n",
             sc->custom ? "custom" : mpar_schedule_kind_name(sc->kind), sc->stages, sc->microbatches,
             sc->virtual_stages, sc->virtual_stages == 1 ? "" : "s");
+    if (sc->virtual_stages > 1) mpar__sched_print_placement(sc, out);
     fprintf(out, "step    ");
     for (i = 0; i < longest; ++i) fprintf(out, " %*d", width, i);
     fprintf(out, "\n");
@@ -7578,31 +7597,48 @@ MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {
     }
 }
 
-MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
-                                   int columns) {
-    static const char letters[] = "FBIWO";
-    int s, c;
-    if (!sim || !schedule || !out || schedule->stages != sim->stages) return;
-    if (columns <= 0) columns = 80;
-    fprintf(out, "step time %g, bubble %.4f (%g time units per column)\n", sim->step_time, sim->bubble_fraction,
-            sim->step_time / columns);
-    for (s = 0; s < sim->stages; ++s) {
-        int i = 0, n = sim->action_count[s];
-        if (n != schedule->action_count[s]) return;
-        fprintf(out, "stage %-2d |", s);
-        for (c = 0; c < columns; ++c) {
-            double t = (c + 0.5) * sim->step_time / columns;
-            char ch = '.';
-            while (i < n && sim->end[s][i] <= t) ++i;
-            if (i < n && sim->start[s][i] <= t) {
-                const mpar_action* a = &schedule->actions[s][i];
+/* One Gantt row of stage s: the action kind of each column (`chunks` 0:
+   its chunk instead, as a digit; ' ' where idle or the optimizer runs). */
+static void mpar__sched_print_row(const mpar_simulation* sim, const mpar_schedule* sc, int s, int columns,
+                                  int chunks, FILE* out) {
+    static const char letters[] = "FBIWO", digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+    int i = 0, c, n = sim->action_count[s];
+    for (c = 0; c < columns; ++c) {
+        double t = (c + 0.5) * sim->step_time / columns;
+        char ch = chunks ? ' ' : '.';
+        while (i < n && sim->end[s][i] <= t) ++i;
+        if (i < n && sim->start[s][i] <= t) {
+            const mpar_action* a = &sc->actions[s][i];
+            if (!chunks) {
                 ch = letters[a->kind];
                 if (a->microbatch % 2 != 0) ch = (char)tolower((unsigned char)ch);
+            } else if (a->kind != MPAR_ACTION_OPTIMIZER_STEP) {
+                ch = a->chunk >= 0 && a->chunk < (int)sizeof digits - 1 ? digits[a->chunk] : '+';
             }
-            fputc(ch, out);
         }
+        fputc(ch, out);
+    }
+}
+
+MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
+                                   int columns) {
+    int s;
+    if (!sim || !schedule || !out || schedule->stages != sim->stages) return;
+    if (columns <= 0) columns = 80;
+    for (s = 0; s < sim->stages; ++s)
+        if (sim->action_count[s] != schedule->action_count[s]) return;
+    fprintf(out, "step time %g, bubble %.4f (%g time units per column)\n", sim->step_time, sim->bubble_fraction,
+            sim->step_time / columns);
+    if (schedule->virtual_stages > 1) mpar__sched_print_placement(schedule, out);
+    for (s = 0; s < sim->stages; ++s) {
+        fprintf(out, "stage %-2d |", s);
+        mpar__sched_print_row(sim, schedule, s, columns, 0, out);
         fprintf(out, "| busy %g (%.1f%%), peak in flight %d\n", sim->busy[s],
                 sim->step_time > 0.0 ? 100.0 * sim->busy[s] / sim->step_time : 0.0, sim->peak_in_flight[s]);
+        if (schedule->virtual_stages == 1) continue;
+        fprintf(out, "   chunk |");
+        mpar__sched_print_row(sim, schedule, s, columns, 1, out);
+        fprintf(out, "|\n");
     }
 }
 
