@@ -1399,18 +1399,30 @@ MPARDEF mpar_result mpar_timeline_check(const mpar_timeline* t, double clock_tol
 /* Terminal Gantt chart, `columns` time slices (<= 0: 80). Two lines per
    stage: the first says what the stage did for at least half of the slice
    (F forward, B backward, I input gradient, W weight gradient, O optimizer;
-   lower case for odd chunks when interleaved), else the longest of
+   lower case for odd chunks when there are several), else the longest of
    '~' copying over a link, '-' blocked on a link, '.' idle; the second line
    gives the micro-batch under each compute cell (0-9, a-z, A-Z, then
-   round again). A header with the time axis, a legend and per-stage busy
-   share come with it. */
+   round again). With more than one chunk per stage a third line, "chunk",
+   gives the chunk under each compute cell and ends with the virtual stage
+   each chunk is (" chunk = virtual stage: 0=0, 1=7" for stage 0 of a
+   4-stage ZB-V). A header with the time axis, a legend and per-stage busy
+   share come with it.
+   Where a virtual stage runs is read from the timeline: a link copy is
+   recorded on the stage at its end of the boundary; a virtual stage with
+   no copy next to it (both neighbours on its stage) is placed as the
+   schedule kind places it (ZB-V: a V, otherwise vs mod stages). The stats,
+   the trace and the SVG use the same rule. */
 MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns);
 /* Stage and link tables, measured vs predicted step and bubble. */
 MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out);
 
 /* Chrome trace JSON (Trace Event Format, "X" events in microseconds): one
    track per stage (its compute, copies and waits) and one per link
-   direction (its copies), named by metadata events. A slice that runs into
+   direction (its copies), named by metadata events ("stage 0 (virtual
+   stages 0, 7)" with chunks, "link 3: stage 3 -> 3 activations").
+   Compute slices are named as mpar_action_format names actions (F3.1 =
+   micro-batch 3, chunk 1, with chunks) and carry stage, chunk and
+   virtual_stage in their args. A slice that runs into
    the next one of its track (device times are mapped onto the host clock
    with an error of a few microseconds) is cut where that one starts, so no
    two slices of a track overlap; args keep the recorded times.
@@ -1419,7 +1431,9 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
 /* A self-contained SVG: one lane per stage with boxes coloured by kind and
    labelled with the micro-batch, copies and waits as thin bars under them,
    a time axis in ms, a legend, and the schedule, measured and predicted
-   bubble in the title. */
+   bubble in the title. With chunks the boxes are labelled m.c (chunk c),
+   later chunks drawn lighter, and each lane names its virtual stages
+   ("vs 0, 7"). */
 MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out);
 
 #endif /* MPAR_PART_TIMELINE_DECL */
@@ -10861,6 +10875,46 @@ static int mpar__tl_sender(const mpar_event* e) { return e->gradient ? e->bounda
 static int mpar__tl_receiver(const mpar_event* e) { return e->gradient ? e->boundary : e->boundary + 1; }
 static double mpar__tl_ms(double seconds) { return seconds * 1e3; }
 
+/* Where the stats and the printing put virtual stage vs. A copy is recorded
+   on the stage at its own end of the boundary, so the events say it for
+   every virtual stage next to a link; elsewhere the placement the schedule
+   kind makes: ZB-V's V (vs and 2P-1-vs on one stage), else vs mod P. */
+static int mpar__tl_kind_stage(const mpar_timeline* t, int vs) {
+    int P = t->stages;
+    if (t->schedule == MPAR_SCHEDULE_ZB_V && t->virtual_stages == 2 && vs >= P) return 2 * P - 1 - vs;
+    return vs % P;
+}
+static int mpar__tl_event_vs(const mpar_event* e) {
+    if (e->kind == MPAR_EVENT_SEND) return mpar__tl_sender(e);
+    return e->kind == MPAR_EVENT_RECEIVE ? mpar__tl_receiver(e) : -1;
+}
+static int mpar__tl_stage_of(const mpar_timeline* t, int vs) {
+    int i;
+    for (i = 0; i < t->event_count; i++)
+        if (mpar__tl_event_vs(&t->events[i]) == vs) return t->events[i].stage;
+    return mpar__tl_kind_stage(t, vs);
+}
+/* The same for all virtual stages at once, in one pass over the events:
+   place[vs], then vs_of[s * V + c] (chunk c of stage s is the c-th of its
+   virtual stages in model order; -1 where a stage gets fewer than V).
+   NULL when out of memory; free with the timeline's allocator. */
+static int* mpar__tl_placement(const mpar_timeline* t) {
+    int VS = mpar__tl_vs_count(t), V = t->virtual_stages, vs, i, s, *place, *vs_of, *seen;
+    place = (int*)mpar__alloc_a(&t->allocator, sizeof(int) * (2 * (size_t)VS + (size_t)t->stages));
+    if (!place) return NULL;
+    vs_of = place + VS, seen = vs_of + VS;
+    for (vs = 0; vs < VS; vs++) place[vs] = -1, vs_of[vs] = -1;
+    for (i = t->event_count - 1; i >= 0; i--) /* the first event wins, as in mpar__tl_stage_of */
+        if ((vs = mpar__tl_event_vs(&t->events[i])) >= 0) place[vs] = t->events[i].stage;
+    for (s = 0; s < t->stages; s++) seen[s] = 0;
+    for (vs = 0; vs < VS; vs++) {
+        if (place[vs] < 0) place[vs] = mpar__tl_kind_stage(t, vs);
+        s = place[vs];
+        if (seen[s] < V) vs_of[s * V + seen[s]++] = vs;
+    }
+    return place;
+}
+
 static const char* mpar__tl_kind_name(mpar_event_kind k) {
     static const char* names[] = {"forward", "backward", "backward_input", "backward_weight",
                                   "optimizer",  "send",     "receive",        "wait"};
@@ -11002,8 +11056,8 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
                               "mpar_timeline_get_link_stats: no link at boundary %d, direction %d", boundary, gradient);
     out->boundary = boundary, out->gradient = gradient;
-    out->from_stage = (gradient ? boundary + 1 : boundary) % t->stages;
-    out->to_stage = (gradient ? boundary : boundary + 1) % t->stages;
+    out->from_stage = mpar__tl_stage_of(t, gradient ? boundary + 1 : boundary);
+    out->to_stage = mpar__tl_stage_of(t, gradient ? boundary : boundary + 1);
     for (i = 0; i < t->event_count; i++) {
         const mpar_event* e = &t->events[i];
         double d = e->end - e->start, lat;
@@ -11013,7 +11067,7 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
         } else if (e->kind == MPAR_EVENT_RECEIVE) {
             out->received++, out->receive_time += d;
             if (mpar__tl_handoff(t, e, &lat)) out->handoff_latency += lat, handoffs++;
-        } else if (e->stage == (mpar__tl_sender(e) % t->stages) && e->stage != mpar__tl_receiver(e) % t->stages) {
+        } else if (e->stage == out->from_stage && e->stage != out->to_stage) {
             out->send_wait += d;
         } else {
             out->receive_wait += d;
@@ -11348,8 +11402,8 @@ static char mpar__tl_mb_char(int m) {
     return m < 0 ? ' ' : digits[m % 62];
 }
 
-/* Cell of stage s over [a, b): kind letter and micro-batch character. */
-static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, char* kind, char* mb) {
+/* Cell of stage s over [a, b): kind letter, micro-batch and chunk characters. */
+static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, char* kind, char* mb, char* chunk) {
     static const char letters[] = "FBIWO";
     double compute = 0.0, copy = 0.0, wait = 0.0, best = 0.0, idle;
     int i, best_i = -1;
@@ -11367,12 +11421,13 @@ static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, cha
         }
     }
     idle = (b - a) - compute - copy - wait;
-    *mb = ' ';
+    *mb = *chunk = ' ';
     if (best_i >= 0 && compute >= 0.5 * (b - a)) {
         const mpar_event* e = &t->events[best_i];
         *kind = letters[e->kind];
         if (e->chunk % 2) *kind = (char)(*kind - 'A' + 'a');
         *mb = mpar__tl_mb_char(e->microbatch);
+        if (e->kind != MPAR_EVENT_OPTIMIZER_STEP) *chunk = mpar__tl_mb_char(e->chunk);
     } else if (copy > 0.0 && copy >= wait && copy >= idle) {
         *kind = '~';
     } else if (wait > 0.0 && wait >= idle) {
@@ -11403,32 +11458,52 @@ static void mpar__tl_axis(const mpar_timeline* t, FILE* out, double step, int co
     mpar__free_a(&t->allocator, line);
 }
 
+/* After the chunk line of stage s: which virtual stage each chunk is. */
+static void mpar__tl_print_chunks(const mpar_timeline* t, const int* place, int s, FILE* out) {
+    const int *vs_of = place + mpar__tl_vs_count(t), V = t->virtual_stages;
+    int c;
+    fprintf(out, " chunk = virtual stage:");
+    for (c = 0; c < V && c < 8; c++) fprintf(out, "%s %d=%d", c ? "," : "", c, vs_of[s * V + c]);
+    if (V > 8) fprintf(out, ", ...");
+    fputc('\n', out);
+}
+
 MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns) {
     mpar_timeline_stats st;
-    char *kinds, *mbs;
+    char *kinds, *mbs, *chunks;
     double step;
-    int s, c;
+    int s, c, *place = NULL;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return;
     if (columns <= 0) columns = 80;
     if (columns > 4096) columns = 4096;
     step = st.step_time;
-    kinds = (char*)mpar__alloc_a(&t->allocator, 2 * (size_t)columns + 2);
-    if (!kinds) return;
+    if (t->virtual_stages > 1 && !(place = mpar__tl_placement(t))) return;
+    kinds = (char*)mpar__alloc_a(&t->allocator, 3 * (size_t)columns + 3);
+    if (!kinds) {
+        mpar__free_a(&t->allocator, place);
+        return;
+    }
     mbs = kinds + columns + 1;
+    chunks = mbs + columns + 1;
     fprintf(out, "%s: %d stages x %d chunks, %d micro-batches; step %.3f ms, measured bubble %.1f%%; %.4g ms per column\n",
             mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches, mpar__tl_ms(step),
             100.0 * st.bubble_fraction, mpar__tl_ms(step / columns));
     mpar__tl_axis(t, out, step, columns);
     for (s = 0; s < t->stages; s++) {
         for (c = 0; c < columns; c++)
-            mpar__tl_cell(t, s, step * c / columns, step * (c + 1) / columns, &kinds[c], &mbs[c]);
-        kinds[columns] = mbs[columns] = '\0';
+            mpar__tl_cell(t, s, step * c / columns, step * (c + 1) / columns, &kinds[c], &mbs[c], &chunks[c]);
+        kinds[columns] = mbs[columns] = chunks[columns] = '\0';
         fprintf(out, "stage %-2d |%s| busy %.1f%%\n", s, kinds, step > 0.0 ? 100.0 * st.stage[s].busy / step : 0.0);
         fprintf(out, "         |%s|\n", mbs);
+        if (!place) continue;
+        fprintf(out, "   chunk |%s|", chunks);
+        mpar__tl_print_chunks(t, place, s, out);
     }
     fprintf(out, "F forward  B backward  I input grad  W weight grad  O optimizer (odd chunk: lower case)\n"
-                 "second line: micro-batch (0-9a-zA-Z)  ~ link copy  - blocked on a link  . idle\n");
+                 "second line: micro-batch (0-9a-zA-Z)%s  ~ link copy  - blocked on a link  . idle\n",
+            place ? ", third: chunk" : "");
     mpar__free_a(&t->allocator, kinds);
+    mpar__free_a(&t->allocator, place);
 }
 
 MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out) {
@@ -11470,7 +11545,10 @@ static int mpar__tl_cmp_start(const void* a, const void* b) {
     return x->end < y->end ? -1 : x->end > y->end ? 1 : 0;
 }
 
-static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const mpar_event* e, int tid, double end) {
+/* place: mpar__tl_placement's tables, for the virtual stage of a compute
+   event (chunk c of stage s is not c*P+s in a V). */
+static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const int* place, const mpar_event* e, int tid,
+                                 double end) {
     char name[32];
     double ts = floor(e->start * 1e9 + 0.5) / 1e3, te = floor(end * 1e9 + 0.5) / 1e3; /* us, rounded once */
     mpar__tl_name(t, e, name, sizeof name);
@@ -11478,6 +11556,8 @@ static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const mpar_e
                  "\"args\":{\"stage\":%d,\"microbatch\":%d,\"chunk\":%d,\"start_us\":%.3f,\"end_us\":%.3f",
             name, mpar__tl_kind_name(e->kind), tid, ts, te > ts ? te - ts : 0.0, e->stage, e->microbatch, e->chunk,
             e->start * 1e6, e->end * 1e6);
+    if (mpar__tl_is_compute(e->kind) && e->kind != MPAR_EVENT_OPTIMIZER_STEP)
+        fprintf(out, ",\"virtual_stage\":%d", place[mpar__tl_vs_count(t) + e->stage * t->virtual_stages + e->chunk]);
     if (mpar__tl_is_link(e->kind))
         fprintf(out, ",\"boundary\":%d,\"direction\":\"%s\",\"bytes\":%llu", e->boundary,
                 e->gradient ? "gradients" : "activations", (unsigned long long)e->bytes);
@@ -11489,8 +11569,8 @@ static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const mpar_e
    previous one ends (device times are mapped onto the host clock with an
    error of a few microseconds) the previous slice is cut there. stage < 0:
    the copies of link direction `link`, else every event of `stage`. */
-static void mpar__tl_trace_track(FILE* out, const mpar_timeline* t, const mpar_event* sorted, int stage, int link,
-                                 int tid) {
+static void mpar__tl_trace_track(FILE* out, const mpar_timeline* t, const int* place, const mpar_event* sorted,
+                                 int stage, int link, int tid) {
     const mpar_event* pending = NULL;
     int i;
     for (i = 0; i < t->event_count; i++) {
@@ -11498,10 +11578,11 @@ static void mpar__tl_trace_track(FILE* out, const mpar_timeline* t, const mpar_e
         if (stage >= 0 ? e->stage != stage
                        : !mpar__tl_is_copy(e->kind) || e->boundary != link / 2 || e->gradient != link % 2)
             continue;
-        if (pending) mpar__tl_trace_event(out, t, pending, tid, e->start < pending->end ? e->start : pending->end);
+        if (pending)
+            mpar__tl_trace_event(out, t, place, pending, tid, e->start < pending->end ? e->start : pending->end);
         pending = e;
     }
-    if (pending) mpar__tl_trace_event(out, t, pending, tid, pending->end);
+    if (pending) mpar__tl_trace_event(out, t, place, pending, tid, pending->end);
 }
 
 static void mpar__tl_trace_meta(FILE* out, int tid, const char* name) {
@@ -11510,14 +11591,29 @@ static void mpar__tl_trace_meta(FILE* out, int tid, const char* name) {
             tid, name, tid, tid);
 }
 
+/* "stage 1" and, with chunks, "stage 1 (virtual stages 1, 6)". */
+static void mpar__tl_stage_name(const mpar_timeline* t, const int* place, int s, char* buf, size_t size) {
+    const int* vs_of = place + mpar__tl_vs_count(t);
+    int c, V = t->virtual_stages;
+    size_t n = (size_t)snprintf(buf, size, "stage %d", s);
+    for (c = 0; V > 1 && c < V && n + 24 < size; c++)
+        n += (size_t)snprintf(buf + n, size - n, "%s%d", c ? ", " : " (virtual stages ", vs_of[s * V + c]);
+    if (V > 1 && n < size) snprintf(buf + n, size - n, "%s)", c < V ? ", ..." : "");
+}
+
 MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FILE* out) {
     mpar_timeline_stats st;
     mpar_event* ev;
-    int s, l, links, P;
+    int s, l, links, P, *place;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
     P = t->stages, links = mpar_timeline_link_count(t);
+    place = mpar__tl_placement(t);
     ev = (mpar_event*)mpar__alloc_a(&t->allocator, sizeof(mpar_event) * (size_t)(t->event_count + 1));
-    if (!ev) return MPAR_ERROR_OUT_OF_HOST_MEMORY;
+    if (!ev || !place) {
+        mpar__free_a(&t->allocator, ev);
+        mpar__free_a(&t->allocator, place);
+        return MPAR_ERROR_OUT_OF_HOST_MEMORY;
+    }
     if (t->event_count) memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
     qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_start);
     fprintf(out, "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"schedule\":\"%s\",\"stages\":%d,\"virtual_stages\":%d,"
@@ -11527,21 +11623,22 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
     fprintf(out, "\n{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":0,\"tid\":0,\"args\":{\"name\":\"mpar %s\"}}",
             mpar_schedule_kind_name(t->schedule));
     for (s = 0; s < P; s++) {
-        char name[32];
-        snprintf(name, sizeof name, "stage %d", s);
+        char name[96];
+        mpar__tl_stage_name(t, place, s, name, sizeof name);
         mpar__tl_trace_meta(out, s, name);
-        mpar__tl_trace_track(out, t, ev, s, -1, s);
+        mpar__tl_trace_track(out, t, place, ev, s, -1, s);
     }
     for (l = 0; l < links; l++) {
         char name[64];
         int b = l / 2, g = l % 2;
-        snprintf(name, sizeof name, "link %d: stage %d -> %d %s", b, (g ? b + 1 : b) % P, (g ? b : b + 1) % P,
+        snprintf(name, sizeof name, "link %d: stage %d -> %d %s", b, place[g ? b + 1 : b], place[g ? b : b + 1],
                  g ? "gradients" : "activations");
         mpar__tl_trace_meta(out, P + l, name);
-        mpar__tl_trace_track(out, t, ev, -1, l, P + l);
+        mpar__tl_trace_track(out, t, place, ev, -1, l, P + l);
     }
     fprintf(out, "\n]}\n");
     mpar__free_a(&t->allocator, ev);
+    mpar__free_a(&t->allocator, place);
     return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
 }
 
@@ -11586,11 +11683,17 @@ static void mpar__tl_svg_event(FILE* out, const mpar_timeline* t, const mpar_eve
     int bh = compute ? MPAR__TL_SVG_BOX : e->kind == MPAR_EVENT_WAIT ? 10 : 6;
     if (w < 0.5) w = 0.5;
     mpar__tl_name(t, e, name, sizeof name);
-    fprintf(out, "<rect x=\"%.2f\" y=\"%d\" width=\"%.2f\" height=\"%d\" fill=\"%s\"%s><title>%s, stage %d: "
-                 "%.3f-%.3f ms",
-            x, by, w, bh, mpar__tl_colour(e->kind),
-            compute && e->chunk % 2 ? " fill-opacity=\"0.7\"" : compute ? " stroke=\"#ffffff\" stroke-width=\"0.5\"" : "",
-            name, e->stage, mpar__tl_ms(e->start), mpar__tl_ms(e->end));
+    /* later chunks lighter: chunk c of V at opacity 1 - 0.45 c / (V - 1) */
+    if (compute && t->virtual_stages > 1)
+        fprintf(out, "<rect x=\"%.2f\" y=\"%d\" width=\"%.2f\" height=\"%d\" fill=\"%s\" fill-opacity=\"%.2f\" "
+                     "stroke=\"#ffffff\" stroke-width=\"0.5\"><title>%s, stage %d, chunk %d: %.3f-%.3f ms",
+                x, by, w, bh, mpar__tl_colour(e->kind), 1.0 - 0.45 * e->chunk / (t->virtual_stages - 1), name,
+                e->stage, e->chunk, mpar__tl_ms(e->start), mpar__tl_ms(e->end));
+    else
+        fprintf(out, "<rect x=\"%.2f\" y=\"%d\" width=\"%.2f\" height=\"%d\" fill=\"%s\"%s><title>%s, stage %d: "
+                     "%.3f-%.3f ms",
+                x, by, w, bh, mpar__tl_colour(e->kind), compute ? " stroke=\"#ffffff\" stroke-width=\"0.5\"" : "", name,
+                e->stage, mpar__tl_ms(e->start), mpar__tl_ms(e->end));
     if (e->bytes) fprintf(out, ", %llu bytes", (unsigned long long)e->bytes);
     fprintf(out, "</title></rect>\n");
     if (compute && e->kind != MPAR_EVENT_OPTIMIZER_STEP) {
@@ -11619,12 +11722,26 @@ static void mpar__tl_svg_axis(FILE* out, double step, double scale, int lanes_bo
             MPAR__TL_SVG_LEFT + (MPAR__TL_SVG_W - MPAR__TL_SVG_LEFT - MPAR__TL_SVG_RIGHT) / 2, lanes_bottom + 36);
 }
 
+/* Under the stage's name in its lane: its virtual stages, chunk 0 first
+   ("vs 0, 7"), cut with "..." where the lane label has no room. */
+static void mpar__tl_svg_chunks(FILE* out, const mpar_timeline* t, const int* place, int s) {
+    const int* vs_of = place + mpar__tl_vs_count(t);
+    char text[32];
+    int c, V = t->virtual_stages;
+    size_t n = (size_t)snprintf(text, sizeof text, "vs");
+    for (c = 0; c < V && n < 14; c++) n += (size_t)snprintf(text + n, sizeof text - n, "%s %d", c ? "," : "", vs_of[s * V + c]);
+    if (c < V && n < sizeof text) snprintf(text + n, sizeof text - n, ", ...");
+    fprintf(out, "<text x=\"8\" y=\"%d\" font-size=\"10\" fill=\"#555555\">%s</text>\n",
+            MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 40, text);
+}
+
 MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
     mpar_timeline_stats st;
     mpar_timeline_prediction pr;
     double scale;
-    int s, i, bottom, height;
+    int s, i, bottom, height, *place = NULL, predicted;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (t->virtual_stages > 1 && !(place = mpar__tl_placement(t))) return MPAR_ERROR_OUT_OF_HOST_MEMORY;
     scale = st.step_time > 0.0 ? (MPAR__TL_SVG_W - MPAR__TL_SVG_LEFT - MPAR__TL_SVG_RIGHT) / st.step_time : 0.0;
     bottom = MPAR__TL_SVG_TOP + t->stages * MPAR__TL_SVG_LANE;
     height = bottom + 48;
@@ -11636,10 +11753,13 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
                  "chunks, %d micro-batches, step %.3f ms, measured bubble %.1f%%</text>\n",
             MPAR__TL_SVG_LEFT, mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches,
             mpar__tl_ms(st.step_time), 100.0 * st.bubble_fraction);
-    if (mpar_timeline_predict(t, &pr, NULL) == MPAR_SUCCESS)
-        fprintf(out, "<text x=\"%d\" y=\"40\" font-size=\"12\">simulated from the measured costs: step %.3f ms, "
-                     "bubble %.1f%%; slowest stage %d</text>\n",
-                MPAR__TL_SVG_LEFT, mpar__tl_ms(pr.step_time), 100.0 * pr.bubble_fraction, st.slowest_stage);
+    predicted = mpar_timeline_predict(t, &pr, NULL) == MPAR_SUCCESS;
+    if (predicted || place) fprintf(out, "<text x=\"%d\" y=\"40\" font-size=\"12\">", MPAR__TL_SVG_LEFT);
+    if (predicted)
+        fprintf(out, "simulated from the measured costs: step %.3f ms, bubble %.1f%%; slowest stage %d%s",
+                mpar__tl_ms(pr.step_time), 100.0 * pr.bubble_fraction, st.slowest_stage, place ? "; " : "");
+    if (place) fprintf(out, "boxes m.c: micro-batch m, chunk c (later chunks lighter)");
+    if (predicted || place) fprintf(out, "</text>\n");
     mpar__tl_svg_legend(out);
     mpar__tl_svg_axis(out, st.step_time, scale, bottom);
     for (s = 0; s < t->stages; s++)
@@ -11647,11 +11767,13 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
                      "<text x=\"8\" y=\"%d\" font-size=\"10\" fill=\"#555555\">busy %.0f%%</text>\n",
                 MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 14, s, MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 28,
                 st.step_time > 0.0 ? 100.0 * st.stage[s].busy / st.step_time : 0.0);
+    for (s = 0; place && s < t->stages; s++) mpar__tl_svg_chunks(out, t, place, s);
     for (i = 0; i < t->event_count; i++)
         if (t->events[i].kind == MPAR_EVENT_WAIT) mpar__tl_svg_event(out, t, &t->events[i], scale);
     for (i = 0; i < t->event_count; i++)
         if (t->events[i].kind != MPAR_EVENT_WAIT) mpar__tl_svg_event(out, t, &t->events[i], scale);
     fprintf(out, "</svg>\n");
+    mpar__free_a(&t->allocator, place);
     return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
 }
 
