@@ -722,6 +722,14 @@ static void test_gantt_v_shape(void** state) {
     text = gantt_text(&t, 20);
     assert_contains(text, "| chunk = virtual stage: 0=1, 1=3\n");
     free(text);
+    /* copies outrank the kind: a synthesized (AUTO) step has no fixed
+       placement, its copies still show the V */
+    v_shaped(&t, 1);
+    t.schedule = MPAR_SCHEDULE_AUTO;
+    text = gantt_text(&t, 20);
+    assert_contains(text, "| chunk = virtual stage: 0=1, 1=2\n");
+    assert_contains(text, "| chunk = virtual stage: 0=0, 1=3\n");
+    free(text);
     /* one chunk per stage: no chunk line (the GPipe chart above is exact) */
     synthetic(&t);
     text = gantt_text(&t, 20);
