@@ -203,7 +203,7 @@ typedef enum mpar_schedule_kind {
     MPAR_SCHEDULE_INTERLEAVED_1F1B = 3, /* V model chunks per device */
     MPAR_SCHEDULE_ZB_H1 = 4,            /* zero-bubble: B split into I and W */
     MPAR_SCHEDULE_ZB_H2 = 5,            /* zero-bubble, more warm-up: about 2x 1F1B's stashes */
-    MPAR_SCHEDULE_ZB_V = 6,             /* zero-bubble, two chunks per device in a V */
+    MPAR_SCHEDULE_ZB_V = 6,             /* zero-bubble, two chunks per device in a V (virtual_stages 2) */
     /* Pipelines only: synthesised from measured costs (mpar_schedule_synthesize) */
     MPAR_SCHEDULE_AUTO = 7
 } mpar_schedule_kind;
@@ -950,7 +950,8 @@ MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out);
    "auto" ("unknown" otherwise). */
 MPARDEF const char* mpar_schedule_kind_name(mpar_schedule_kind kind);
 /* Inverse of mpar_schedule_kind_name; case, '-', '_' and spaces are ignored,
-   and "naive", "pipedream-flush", "interleaved-1f1b", "zb-h1" are accepted. */
+   and "naive", "pipedream-flush", "interleaved-1f1b", "zb-h1", "zb-h2",
+   "zb-v" are accepted. */
 MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kind* out, mpar_error* err);
 
 /* Costs for mpar_simulate, in any time unit. All zero (or a NULL desc)

@@ -882,6 +882,10 @@ static void test_kind_names_round_trip(void** state) {
     assert_string_equal(mpar_schedule_kind_name((mpar_schedule_kind)42), "unknown");
     assert_int_equal(mpar_schedule_kind_parse("ZB-H1", &kind, NULL), MPAR_SUCCESS);
     assert_int_equal(kind, MPAR_SCHEDULE_ZB_H1);
+    assert_int_equal(mpar_schedule_kind_parse("ZB-V", &kind, NULL), MPAR_SUCCESS);
+    assert_int_equal(kind, MPAR_SCHEDULE_ZB_V);
+    assert_int_equal(mpar_schedule_kind_parse("zb_h2", &kind, NULL), MPAR_SUCCESS);
+    assert_int_equal(kind, MPAR_SCHEDULE_ZB_H2);
     assert_int_equal(mpar_schedule_kind_parse("Interleaved_1F1B", &kind, NULL), MPAR_SUCCESS);
     assert_int_equal(kind, MPAR_SCHEDULE_INTERLEAVED_1F1B);
     assert_int_equal(mpar_schedule_kind_parse("bogus", &kind, &err), MPAR_ERROR_INVALID_ARGUMENT);
