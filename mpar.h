@@ -3,7 +3,7 @@
    mpar splits a neural network into contiguous ranges of layers ("stages"),
    one or more per OpenCL device, joins the stages into a chain of queues and
    schedules micro-batches through it (GPipe, 1F1B, interleaved 1F1B,
-   zero-bubble ZB-H1) for training and inference. Kernels are .cl files
+   zero-bubble ZB-H1, ZB-H2 and ZB-V) for training and inference. Kernels are .cl files
    loaded at run time (kernels/); GEMM goes through CLBlast.
 
    Do this:
@@ -203,7 +203,7 @@ typedef enum mpar_schedule_kind {
     MPAR_SCHEDULE_INTERLEAVED_1F1B = 3, /* V model chunks per device */
     MPAR_SCHEDULE_ZB_H1 = 4,            /* zero-bubble: B split into I and W */
     MPAR_SCHEDULE_ZB_H2 = 5,            /* zero-bubble, more warm-up: about 2x 1F1B's stashes */
-    MPAR_SCHEDULE_ZB_V = 6,             /* zero-bubble, two chunks per device in a V */
+    MPAR_SCHEDULE_ZB_V = 6,             /* zero-bubble, two chunks per device in a V (virtual_stages 2) */
     /* Pipelines only: synthesised from measured costs (mpar_schedule_synthesize) */
     MPAR_SCHEDULE_AUTO = 7
 } mpar_schedule_kind;
@@ -740,10 +740,11 @@ MPARDEF const char* mpar_plan_binding_name(mpar_plan_binding_kind kind);
    blocks until the inputs of the next action have arrived; the simulator
    models exactly that, with costs instead of kernels.
 
-   Virtual stages. With V model chunks per device (interleaved 1F1B) the
-   model is cut into P*V virtual stages in model order; chunk c of stage s is
-   virtual stage  vs = c*P + s  (so virtual stage j lives on stage j mod P).
-   With V = 1, vs = s.
+   Virtual stages. With V model chunks per device the model is cut into
+   P*V virtual stages in model order; the schedule's placement says which
+   stage runs each, and chunk c of stage s is the c-th of them in model
+   order. Interleaved 1F1B: vs = c*P + s (virtual stage j on stage j mod
+   P). ZB-V: a V, vs = s and 2P-1-s on stage s. With V = 1, vs = s.
 
    Dependencies (what the executor enforces, what the simulator checks):
      F(vs,m)      needs F(vs-1,m)            (+ link delay if another stage)
@@ -829,9 +830,46 @@ typedef struct mpar_schedule {
      Stashes live until W, so every stage holds up to min(M, P): stage 0
      as in 1F1B, later stages more than 1F1B's P-s, the peak over stages
      (what sizes memory in the paper) equal to 1F1B's.
-   virtual_stages must be 1 for every kind but INTERLEAVED_1F1B.
+   - ZB_H2 (the same paper, H2): ZB-H1 with more warm-up. Stage s runs
+     2(P-s)-1 forwards (at most M) before its first I: all that fit before
+     micro-batch 0's input gradient can come back, so no stage waits for
+     it. Then per micro-batch: I, a deferred W, the next F; the W's lag s
+     behind the I's (2s once M >= 2P-1) and the deferred ones fill the
+     cool-down. Stage s holds 2P-1 stashes (M >= 2P-1; else min(M,
+     2P-1-s)): about twice 1F1B's peak over stages (P).
+   - ZB_V (the same authors' V schedule): two chunks per stage placed in a
+     V: virtual stage vs on stage vs and virtual stage P+j on stage P-1-j,
+     so stage s runs chunk 0 = virtual stage s and chunk 1 = 2P-1-s, and
+     the loss is on stage 0 (placement / virtual_stage_of say so). Stage s:
+     2(P-s)-1 chunk-0 forwards, s pairs F1 F0, P-s triples F1 I1 W1; then
+     F0 I0 W0 F1 I1 W1 until all forwards ran; cool-down: s pairs I0 I1,
+     P-s pairs I0 W0, the deferred W's (chunk 1's first). M < 2P-1 is
+     built as 2P-1 with the padding micro-batches dropped. Each stage
+     holds at most 2*min(M, P) chunk stashes (peak_in_flight counts
+     chunks); with the model cut into 2P equal virtual stages a chunk's
+     stash is half a 1F1B stage's, so that is min(M, P) stage stashes:
+     1F1B's peak (its stage 0), on every stage.
+     Unit costs (F = I = W per chunk), no link delay: step 6M+P-1 once
+     2M >= 3P-1, else 4M+4P-2 (for M <= P what ZB-H1 takes with stage
+     costs of two chunks, below it for larger M).
+   Bubble with F = I = W and no link delay, in the units of the schedule
+   (stages; chunks for ZB_V): ZB_H1 and ZB_H2 (P-1)/(3M+P-1) for M >= P,
+   ZB_V (P-1)/(6M+P-1) for 2M >= 3P-1. These are the floor for one step:
+   the last stage (for ZB_V the device with virtual stage P-1) cannot start
+   before the first forward reaches it, P-1 units, and then has 3M (6M)
+   units of work. The published "zero bubble" of H2 and V also hides that
+   fill: the next step's warm-up overlaps this step's cool-down, with the
+   optimizer's global checks (gradient norm for clipping, NaN/Inf) validated
+   after the update and rolled back when they fail. mpar checks exactly, at
+   the optimizer step, before the update, so every step keeps the fill;
+   what ZB_H2 adds over ZB_H1 is slack for link delays and unequal F, I, W
+   (with F = I = W and no delay the two take the same time).
+   virtual_stages must be 1 for every kind but INTERLEAVED_1F1B (any) and
+   ZB_V (exactly 2). AUTO is refused: it is made from measured costs by
+   mpar_schedule_synthesize.
    Errors: MPAR_ERROR_INVALID_ARGUMENT (NULL out, P/M/V < 1, unknown kind,
-   V > 1 for another kind, sizes too large), MPAR_ERROR_OUT_OF_HOST_MEMORY. */
+   AUTO, V > 1 for another kind, V != 2 for ZB_V, sizes too large),
+   MPAR_ERROR_OUT_OF_HOST_MEMORY. */
 MPARDEF mpar_result mpar_schedule_create(mpar_schedule_kind kind, int stages, int microbatches,
                                          int virtual_stages, mpar_schedule** out, mpar_error* err);
 
@@ -906,14 +944,18 @@ MPARDEF mpar_result mpar_schedule_validate(const mpar_schedule* schedule, mpar_e
 MPARDEF int mpar_action_format(const mpar_action* action, int show_chunk, char* buf, size_t size);
 
 /* The per-stage action table: one row per stage, one column per step
-   (position in the list, not time; see mpar_simulation_print for time). */
+   (position in the list, not time; see mpar_simulation_print for time).
+   With more than one chunk per stage the labels carry the chunk (F3.1)
+   and a line under the title maps each stage's chunks to virtual stages:
+   "chunks as virtual stages (model order): stage 0: .0=0 .1=7; ...". */
 MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out);
 
 /* "sequential", "gpipe", "1f1b", "interleaved", "zbh1", "zbh2", "zbv",
    "auto" ("unknown" otherwise). */
 MPARDEF const char* mpar_schedule_kind_name(mpar_schedule_kind kind);
 /* Inverse of mpar_schedule_kind_name; case, '-', '_' and spaces are ignored,
-   and "naive", "pipedream-flush", "interleaved-1f1b", "zb-h1" are accepted. */
+   and "naive", "pipedream-flush", "interleaved-1f1b", "zb-h1", "zb-h2",
+   "zb-v" are accepted. */
 MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kind* out, mpar_error* err);
 
 /* Costs for mpar_simulate, in any time unit. All zero (or a NULL desc)
@@ -990,7 +1032,11 @@ MPARDEF void mpar_simulation_destroy(mpar_simulation* sim);
 /* A text Gantt chart, one row per stage and `columns` time slices (<= 0:
    80). Each slice shows the action running at its middle: F B I W, O for
    the optimizer step, upper case for even micro-batches and lower case for
-   odd ones so neighbours stand apart, '.' when idle. */
+   odd ones so neighbours stand apart, '.' when idle. With more than one
+   chunk per stage a "chunk" row under each stage's gives the chunk of each
+   slice (0-9, then a-z), and a line above the rows says which virtual
+   stage each chunk of each stage is (ZB-V's V: ".0=0 .1=7" on stage 0 of
+   4). Nothing is printed for a schedule of another shape. */
 MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
                                    int columns);
 
@@ -1460,18 +1506,30 @@ MPARDEF mpar_result mpar_timeline_check(const mpar_timeline* t, double clock_tol
 /* Terminal Gantt chart, `columns` time slices (<= 0: 80). Two lines per
    stage: the first says what the stage did for at least half of the slice
    (F forward, B backward, I input gradient, W weight gradient, O optimizer;
-   lower case for odd chunks when interleaved), else the longest of
+   lower case for odd chunks when there are several), else the longest of
    '~' copying over a link, '-' blocked on a link, '.' idle; the second line
    gives the micro-batch under each compute cell (0-9, a-z, A-Z, then
-   round again). A header with the time axis, a legend and per-stage busy
-   share come with it. */
+   round again). With more than one chunk per stage a third line, "chunk",
+   gives the chunk under each compute cell and ends with the virtual stage
+   each chunk is (" chunk = virtual stage: 0=0, 1=7" for stage 0 of a
+   4-stage ZB-V). A header with the time axis, a legend and per-stage busy
+   share come with it.
+   Where a virtual stage runs is read from the timeline: a link copy is
+   recorded on the stage at its end of the boundary; a virtual stage with
+   no copy next to it (both neighbours on its stage) is placed as the
+   schedule kind places it (ZB-V: a V, otherwise vs mod stages). The stats,
+   the trace and the SVG use the same rule. */
 MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns);
 /* Stage and link tables, measured vs predicted step and bubble. */
 MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out);
 
 /* Chrome trace JSON (Trace Event Format, "X" events in microseconds): one
    track per stage (its compute, copies and waits) and one per link
-   direction (its copies), named by metadata events. A slice that runs into
+   direction (its copies), named by metadata events ("stage 0 (virtual
+   stages 0, 7)" with chunks, "link 3: stage 3 -> 3 activations").
+   Compute slices are named as mpar_action_format names actions (F3.1 =
+   micro-batch 3, chunk 1, with chunks) and carry stage, chunk and
+   virtual_stage in their args. A slice that runs into
    the next one of its track (device times are mapped onto the host clock
    with an error of a few microseconds) is cut where that one starts, so no
    two slices of a track overlap; args keep the recorded times.
@@ -1480,7 +1538,9 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
 /* A self-contained SVG: one lane per stage with boxes coloured by kind and
    labelled with the micro-batch, copies and waits as thin bars under them,
    a time axis in ms, a legend, and the schedule, measured and predicted
-   bubble in the title. */
+   bubble in the title. With chunks the boxes are labelled m.c (chunk c),
+   later chunks drawn lighter, and each lane names its virtual stages
+   ("vs 0, 7"). */
 MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out);
 
 #endif /* MPAR_PART_TIMELINE_DECL */
@@ -6595,6 +6655,97 @@ static void mpar__sched_gen_zbh1(mpar_schedule* sc) {
     }
 }
 
+/* ZB-H2: as ZB-H1 but 2(P-s)-1 warm-up forwards, what fits on stage s
+   before its first I can arrive (2P-1-s with unit costs), then I, its
+   lagging W and the next F per micro-batch. The W's lag s behind the I's
+   to fill the cool-down (as in ZB-H1), and 2s once M >= 2P-1: the other s
+   keep cheaper W's and link delays from opening gaps in the steady state
+   (with fewer micro-batches there is no steady state and they only delay
+   W's; both measured). Stage s then holds 2P-1 stashes when M >= 2P-1,
+   else min(M, 2P-1-s). */
+static void mpar__sched_gen_zbh2(mpar_schedule* sc) {
+    int s, m, P = sc->stages, M = sc->microbatches;
+    for (s = 0; s < P; ++s) {
+        int warmup = 2 * (P - s) - 1 < M ? 2 * (P - s) - 1 : M;
+        int lag = M >= 2 * P - 1 ? 2 * s : s, next_f = warmup, next_w = 0;
+        for (m = 0; m < warmup; ++m) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, m, 0);
+        for (m = 0; m < M; ++m) {
+            mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_INPUT, m, 0);
+            if (m >= lag) mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_WEIGHT, next_w++, 0);
+            if (next_f < M) mpar__sched_push(sc, s, MPAR_ACTION_FORWARD, next_f++, 0);
+        }
+        while (next_w < M) mpar__sched_push(sc, s, MPAR_ACTION_BACKWARD_WEIGHT, next_w++, 0);
+        mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+    }
+}
+
+/* ZB-V: the next micro-batch of `kind` (F, I or W) on `chunk`, counted in
+   next[chunk][kind]; micro-batches from M on are padding, counted but left
+   out of the list. */
+static void mpar__sched_push_zbv(mpar_schedule* sc, int s, int next[2][4], mpar_action_kind kind, int chunk) {
+    int m = next[chunk][kind]++;
+    if (m < sc->microbatches) mpar__sched_push(sc, s, kind, m, chunk);
+}
+
+/* ZB-V on stage s: chunk 0 is virtual stage s, chunk 1 is 2P-1-s. With
+   unit costs micro-batch 0's forward reaches chunk 1 at 2P-1-s and its
+   input gradient comes back to chunk 1 at 2P+s, and each phase below fills
+   the time up to such an arrival:
+     warm-up   2(P-s)-1 chunk-0 F's, then s pairs F1 F0, then P-s triples
+               F1 I1 W1 (chunk 1's first gradients come back 3 apart);
+     steady    F0 I0 W0 F1 I1 W1 (the F0 while any is left) until every
+               F1 has run: each W right after its I, so the stashes stay at
+               2P chunks (P micro-batches of a whole stage);
+     cool-down s pairs I0 I1, then P-s pairs I0 W0 (the input gradients
+               first, as stage 0 waits for them), then the deferred W's of
+               chunk 1, then those of chunk 0.
+   The phases need M >= 2P-1; a smaller M is built as 2P-1 with the padding
+   micro-batches dropped, which removes whole dependency chains, so the
+   lists stay deadlock-free (as for the interleaved schedule). */
+static void mpar__sched_gen_zbv_stage(mpar_schedule* sc, int s, int padded) {
+    int i, P = sc->stages, next[2][4];
+    const mpar_action_kind fw = MPAR_ACTION_FORWARD, ig = MPAR_ACTION_BACKWARD_INPUT, wg = MPAR_ACTION_BACKWARD_WEIGHT;
+    memset(next, 0, sizeof next);
+    for (i = 0; i < 2 * (P - s) - 1; ++i) mpar__sched_push_zbv(sc, s, next, fw, 0);
+    for (i = 0; i < s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, fw, 1);
+        mpar__sched_push_zbv(sc, s, next, fw, 0);
+    }
+    for (i = 0; i < P - s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, fw, 1);
+        mpar__sched_push_zbv(sc, s, next, ig, 1);
+        mpar__sched_push_zbv(sc, s, next, wg, 1);
+    }
+    while (next[1][fw] < padded) {
+        if (next[0][fw] < padded) mpar__sched_push_zbv(sc, s, next, fw, 0);
+        mpar__sched_push_zbv(sc, s, next, ig, 0);
+        mpar__sched_push_zbv(sc, s, next, wg, 0);
+        mpar__sched_push_zbv(sc, s, next, fw, 1);
+        mpar__sched_push_zbv(sc, s, next, ig, 1);
+        mpar__sched_push_zbv(sc, s, next, wg, 1);
+    }
+    for (i = 0; i < s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, ig, 0);
+        mpar__sched_push_zbv(sc, s, next, ig, 1);
+    }
+    for (i = 0; i < P - s; ++i) {
+        mpar__sched_push_zbv(sc, s, next, ig, 0);
+        mpar__sched_push_zbv(sc, s, next, wg, 0);
+    }
+    while (next[1][wg] < padded) mpar__sched_push_zbv(sc, s, next, wg, 1);
+    while (next[0][wg] < padded) mpar__sched_push_zbv(sc, s, next, wg, 0);
+    mpar__sched_push(sc, s, MPAR_ACTION_OPTIMIZER_STEP, 0, 0);
+}
+
+/* ZB-V: the V placement (virtual stage vs on stage vs, and P+j on stage
+   P-1-j), then each stage's list. */
+static void mpar__sched_gen_zbv(mpar_schedule* sc) {
+    int s, vs, P = sc->stages, padded = sc->microbatches > 2 * P - 1 ? sc->microbatches : 2 * P - 1;
+    for (vs = 0; vs < 2 * P; ++vs) sc->placement[vs] = vs < P ? vs : 2 * P - 1 - vs;
+    mpar__sched_place(sc);
+    for (s = 0; s < P; ++s) mpar__sched_gen_zbv_stage(sc, s, padded);
+}
+
 /* k-th forward (or backward) of a stage under interleaving: micro-batches in
    groups of P; within a group all of chunk 0, then chunk 1, ... (reversed
    chunks for backward). */
@@ -6657,6 +6808,13 @@ static const char* mpar__sched_kind_upper(mpar_schedule_kind kind) {
     return "?";
 }
 
+/* The stage a kind places virtual stage vs on (P stages, V chunks each):
+   ZB-V's V (vs and 2P-1-vs on one stage), else vs mod P. */
+static int mpar__sched_kind_stage(mpar_schedule_kind kind, int P, int V, int vs) {
+    if (kind == MPAR_SCHEDULE_ZB_V && V == 2 && vs >= P) return 2 * P - 1 - vs;
+    return vs % P;
+}
+
 /* A kind made by mpar_schedule_synthesize from measured costs (AUTO). */
 static int mpar__sched_kind_synthesized(mpar_schedule_kind kind) { return kind == MPAR_SCHEDULE_AUTO; }
 
@@ -6700,18 +6858,25 @@ MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, m
     if (!mpar__allocator_ok(allocator))
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: give the allocator all three functions or none",
                               fn);
-    if ((int)kind < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)kind > (int)MPAR_SCHEDULE_ZB_H1)
+    if (kind == MPAR_SCHEDULE_AUTO)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: schedule 'auto' is built from measured costs: use mpar_schedule_synthesize", fn);
+    if ((int)kind < (int)MPAR_SCHEDULE_SEQUENTIAL || (int)kind > (int)MPAR_SCHEDULE_ZB_V)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: unknown schedule kind %d", fn, (int)kind);
     r = mpar__sched_check_shape(fn, stages, microbatches, virtual_stages, err);
     if (r != MPAR_SUCCESS) return r;
-    if (virtual_stages > 1 && kind != MPAR_SCHEDULE_INTERLEAVED_1F1B)
+    if (kind == MPAR_SCHEDULE_ZB_V && virtual_stages != 2)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
-                              "%s: virtual_stages is %d but only the interleaved schedule has more than one "
-                              "virtual stage per stage (schedule '%s' needs 1)",
+                              "%s: virtual_stages is %d but schedule 'zbv' runs exactly 2 chunks per stage, in a V "
+                              "(give 2)", fn, virtual_stages);
+    if (virtual_stages > 1 && kind != MPAR_SCHEDULE_INTERLEAVED_1F1B && kind != MPAR_SCHEDULE_ZB_V)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
+                              "%s: virtual_stages is %d but only the interleaved schedule (any number) and zbv (2) "
+                              "have more than one virtual stage per stage (schedule '%s' needs 1)",
                               fn, virtual_stages, mpar_schedule_kind_name(kind));
     if (kind == MPAR_SCHEDULE_SEQUENTIAL) microbatches = 1; /* the whole batch is one micro-batch */
 
-    per_stage = (kind == MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * microbatches * virtual_stages + 1;
+    per_stage = (kind >= MPAR_SCHEDULE_ZB_H1 ? 3 : 2) * microbatches * virtual_stages + 1;
     caps = (int*)mpar__alloc_a(allocator, sizeof(int) * (size_t)stages);
     if (!caps) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "%s: out of host memory", fn);
     for (s = 0; s < stages; ++s) caps[s] = per_stage;
@@ -6730,6 +6895,8 @@ MPARDEF mpar_result mpar_schedule_create_with(const mpar_allocator* allocator, m
             mpar__sched_gen_interleaved(sc);
         break;
     case MPAR_SCHEDULE_ZB_H1: mpar__sched_gen_zbh1(sc); break;
+    case MPAR_SCHEDULE_ZB_H2: mpar__sched_gen_zbh2(sc); break;
+    case MPAR_SCHEDULE_ZB_V: mpar__sched_gen_zbv(sc); break;
     default: break; /* refused above */
     }
     for (s = 0; s < stages; ++s) MPAR_ASSERT(sc->action_count[s] <= per_stage);
@@ -7580,6 +7747,17 @@ MPARDEF mpar_result mpar_schedule_kind_parse(const char* name, mpar_schedule_kin
                           "or auto)", name);
 }
 
+/* "chunk c = virtual stage": which part of the model each label's .c is. */
+static void mpar__sched_print_placement(const mpar_schedule* sc, FILE* out) {
+    int s, c;
+    fprintf(out, "chunks as virtual stages (model order):");
+    for (s = 0; s < sc->stages; ++s) {
+        fprintf(out, "%s stage %d:", s ? ";" : "", s);
+        for (c = 0; c < sc->virtual_stages; ++c) fprintf(out, " .%d=%d", c, mpar__sched_vs(sc, s, c));
+    }
+    fprintf(out, "\n");
+}
+
 MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {
     const mpar_schedule* sc = schedule;
     int s, i, width = 3, longest = 0;
@@ -7595,6 +7773,7 @@ MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {
     fprintf(out, "schedule %s: %d stages, %d micro-batches, %d virtual stage%s per stage\n",
             sc->custom ? "custom" : mpar_schedule_kind_name(sc->kind), sc->stages, sc->microbatches,
             sc->virtual_stages, sc->virtual_stages == 1 ? "" : "s");
+    if (sc->virtual_stages > 1) mpar__sched_print_placement(sc, out);
     fprintf(out, "step    ");
     for (i = 0; i < longest; ++i) fprintf(out, " %*d", width, i);
     fprintf(out, "\n");
@@ -7608,31 +7787,48 @@ MPARDEF void mpar_schedule_print(const mpar_schedule* schedule, FILE* out) {
     }
 }
 
-MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
-                                   int columns) {
-    static const char letters[] = "FBIWO";
-    int s, c;
-    if (!sim || !schedule || !out || schedule->stages != sim->stages) return;
-    if (columns <= 0) columns = 80;
-    fprintf(out, "step time %g, bubble %.4f (%g time units per column)\n", sim->step_time, sim->bubble_fraction,
-            sim->step_time / columns);
-    for (s = 0; s < sim->stages; ++s) {
-        int i = 0, n = sim->action_count[s];
-        if (n != schedule->action_count[s]) return;
-        fprintf(out, "stage %-2d |", s);
-        for (c = 0; c < columns; ++c) {
-            double t = (c + 0.5) * sim->step_time / columns;
-            char ch = '.';
-            while (i < n && sim->end[s][i] <= t) ++i;
-            if (i < n && sim->start[s][i] <= t) {
-                const mpar_action* a = &schedule->actions[s][i];
+/* One Gantt row of stage s: the action kind of each column (`chunks` 0:
+   its chunk instead, as a digit; ' ' where idle or the optimizer runs). */
+static void mpar__sched_print_row(const mpar_simulation* sim, const mpar_schedule* sc, int s, int columns,
+                                  int chunks, FILE* out) {
+    static const char letters[] = "FBIWO", digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+    int i = 0, c, n = sim->action_count[s];
+    for (c = 0; c < columns; ++c) {
+        double t = (c + 0.5) * sim->step_time / columns;
+        char ch = chunks ? ' ' : '.';
+        while (i < n && sim->end[s][i] <= t) ++i;
+        if (i < n && sim->start[s][i] <= t) {
+            const mpar_action* a = &sc->actions[s][i];
+            if (!chunks) {
                 ch = letters[a->kind];
                 if (a->microbatch % 2 != 0) ch = (char)tolower((unsigned char)ch);
+            } else if (a->kind != MPAR_ACTION_OPTIMIZER_STEP) {
+                ch = a->chunk >= 0 && a->chunk < (int)sizeof digits - 1 ? digits[a->chunk] : '+';
             }
-            fputc(ch, out);
         }
+        fputc(ch, out);
+    }
+}
+
+MPARDEF void mpar_simulation_print(const mpar_simulation* sim, const mpar_schedule* schedule, FILE* out,
+                                   int columns) {
+    int s;
+    if (!sim || !schedule || !out || schedule->stages != sim->stages) return;
+    if (columns <= 0) columns = 80;
+    for (s = 0; s < sim->stages; ++s)
+        if (sim->action_count[s] != schedule->action_count[s]) return;
+    fprintf(out, "step time %g, bubble %.4f (%g time units per column)\n", sim->step_time, sim->bubble_fraction,
+            sim->step_time / columns);
+    if (schedule->virtual_stages > 1) mpar__sched_print_placement(schedule, out);
+    for (s = 0; s < sim->stages; ++s) {
+        fprintf(out, "stage %-2d |", s);
+        mpar__sched_print_row(sim, schedule, s, columns, 0, out);
         fprintf(out, "| busy %g (%.1f%%), peak in flight %d\n", sim->busy[s],
                 sim->step_time > 0.0 ? 100.0 * sim->busy[s] / sim->step_time : 0.0, sim->peak_in_flight[s]);
+        if (schedule->virtual_stages == 1) continue;
+        fprintf(out, "   chunk |");
+        mpar__sched_print_row(sim, schedule, s, columns, 1, out);
+        fprintf(out, "|\n");
     }
 }
 
@@ -11924,14 +12120,14 @@ static int mpar__tl_is_backward(mpar_event_kind k) {
     return k == MPAR_EVENT_BACKWARD || k == MPAR_EVENT_BACKWARD_INPUT || k == MPAR_EVENT_BACKWARD_WEIGHT;
 }
 static int mpar__tl_vs_count(const mpar_timeline* t) { return t->stages * t->virtual_stages; }
+static int mpar__tl_stage_of(const mpar_timeline* t, int vs);
+/* The virtual stage of a compute event: the chunk-th of its stage's. */
 static int mpar__tl_vstage(const mpar_timeline* t, const mpar_event* e) {
+    int vs, c = 0;
     if (t->schedule_lists) return mpar_schedule_virtual_stage(t->schedule_lists, e->stage, e->chunk);
-    return e->chunk * t->stages + e->stage; /* interleaved */
-}
-/* The stage (worker) that runs a virtual stage. */
-static int mpar__tl_stage_of(const mpar_timeline* t, int vs) {
-    if (t->schedule_lists) return mpar_schedule_stage_of(t->schedule_lists, vs);
-    return vs % t->stages;
+    for (vs = 0; vs < mpar__tl_vs_count(t); vs++)
+        if (mpar__tl_stage_of(t, vs) == e->stage && c++ == e->chunk) return vs;
+    return e->chunk * t->stages + e->stage; /* a stage with fewer chunks than the event names: interleaved */
 }
 /* The timeline's schedule: a copy of the one that ran, else generated. */
 static mpar_result mpar__tl_schedule(const mpar_timeline* t, mpar_schedule** out, mpar_error* err) {
@@ -11943,6 +12139,47 @@ static mpar_result mpar__tl_schedule(const mpar_timeline* t, mpar_schedule** out
 static int mpar__tl_sender(const mpar_event* e) { return e->gradient ? e->boundary + 1 : e->boundary; }
 static int mpar__tl_receiver(const mpar_event* e) { return e->gradient ? e->boundary : e->boundary + 1; }
 static double mpar__tl_ms(double seconds) { return seconds * 1e3; }
+
+/* Where the analysis and the printing put virtual stage vs: the schedule
+   that ran when the timeline keeps it (a pipeline's always does). In a
+   timeline built by hand, a copy is recorded on the stage at its own end
+   of the boundary, so the events say it for every virtual stage next to a
+   link; elsewhere the placement the schedule kind makes (section 6). */
+static int mpar__tl_kind_stage(const mpar_timeline* t, int vs) {
+    return mpar__sched_kind_stage(t->schedule, t->stages, t->virtual_stages, vs);
+}
+static int mpar__tl_event_vs(const mpar_event* e) {
+    if (e->kind == MPAR_EVENT_SEND) return mpar__tl_sender(e);
+    return e->kind == MPAR_EVENT_RECEIVE ? mpar__tl_receiver(e) : -1;
+}
+static int mpar__tl_stage_of(const mpar_timeline* t, int vs) {
+    int i;
+    if (t->schedule_lists) return mpar_schedule_stage_of(t->schedule_lists, vs);
+    for (i = 0; i < t->event_count; i++)
+        if (mpar__tl_event_vs(&t->events[i]) == vs) return t->events[i].stage;
+    return mpar__tl_kind_stage(t, vs);
+}
+/* The same for all virtual stages at once, in one pass over the events:
+   place[vs], then vs_of[s * V + c] (chunk c of stage s is the c-th of its
+   virtual stages in model order; -1 where a stage gets fewer than V).
+   NULL when out of memory; free with the timeline's allocator. */
+static int* mpar__tl_placement(const mpar_timeline* t) {
+    int VS = mpar__tl_vs_count(t), V = t->virtual_stages, vs, i, s, *place, *vs_of, *seen;
+    place = (int*)mpar__alloc_a(&t->allocator, sizeof(int) * (2 * (size_t)VS + (size_t)t->stages));
+    if (!place) return NULL;
+    vs_of = place + VS, seen = vs_of + VS;
+    for (vs = 0; vs < VS; vs++) place[vs] = t->schedule_lists ? mpar_schedule_stage_of(t->schedule_lists, vs) : -1;
+    for (vs = 0; vs < VS; vs++) vs_of[vs] = -1;
+    for (i = t->event_count - 1; !t->schedule_lists && i >= 0; i--) /* the first event wins, as in mpar__tl_stage_of */
+        if ((vs = mpar__tl_event_vs(&t->events[i])) >= 0) place[vs] = t->events[i].stage;
+    for (s = 0; s < t->stages; s++) seen[s] = 0;
+    for (vs = 0; vs < VS; vs++) {
+        if (place[vs] < 0) place[vs] = mpar__tl_kind_stage(t, vs);
+        s = place[vs];
+        if (seen[s] < V) vs_of[s * V + seen[s]++] = vs;
+    }
+    return place;
+}
 
 static const char* mpar__tl_kind_name(mpar_event_kind k) {
     static const char* names[] = {"forward", "backward", "backward_input", "backward_weight",
@@ -12096,8 +12333,7 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
         } else if (e->kind == MPAR_EVENT_RECEIVE) {
             out->received++, out->receive_time += d;
             if (mpar__tl_handoff(t, e, &lat)) out->handoff_latency += lat, handoffs++;
-        } else if (e->stage == mpar__tl_stage_of(t, mpar__tl_sender(e)) &&
-                   e->stage != mpar__tl_stage_of(t, mpar__tl_receiver(e))) {
+        } else if (e->stage == out->from_stage && e->stage != out->to_stage) {
             out->send_wait += d;
         } else {
             out->receive_wait += d;
@@ -12435,8 +12671,8 @@ static char mpar__tl_mb_char(int m) {
     return m < 0 ? ' ' : digits[m % 62];
 }
 
-/* Cell of stage s over [a, b): kind letter and micro-batch character. */
-static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, char* kind, char* mb) {
+/* Cell of stage s over [a, b): kind letter, micro-batch and chunk characters. */
+static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, char* kind, char* mb, char* chunk) {
     static const char letters[] = "FBIWO";
     double compute = 0.0, copy = 0.0, wait = 0.0, best = 0.0, idle;
     int i, best_i = -1;
@@ -12454,12 +12690,13 @@ static void mpar__tl_cell(const mpar_timeline* t, int s, double a, double b, cha
         }
     }
     idle = (b - a) - compute - copy - wait;
-    *mb = ' ';
+    *mb = *chunk = ' ';
     if (best_i >= 0 && compute >= 0.5 * (b - a)) {
         const mpar_event* e = &t->events[best_i];
         *kind = letters[e->kind];
         if (e->chunk % 2) *kind = (char)(*kind - 'A' + 'a');
         *mb = mpar__tl_mb_char(e->microbatch);
+        if (e->kind != MPAR_EVENT_OPTIMIZER_STEP) *chunk = mpar__tl_mb_char(e->chunk);
     } else if (copy > 0.0 && copy >= wait && copy >= idle) {
         *kind = '~';
     } else if (wait > 0.0 && wait >= idle) {
@@ -12490,32 +12727,52 @@ static void mpar__tl_axis(const mpar_timeline* t, FILE* out, double step, int co
     mpar__free_a(&t->allocator, line);
 }
 
+/* After the chunk line of stage s: which virtual stage each chunk is. */
+static void mpar__tl_print_chunks(const mpar_timeline* t, const int* place, int s, FILE* out) {
+    const int *vs_of = place + mpar__tl_vs_count(t), V = t->virtual_stages;
+    int c;
+    fprintf(out, " chunk = virtual stage:");
+    for (c = 0; c < V && c < 8; c++) fprintf(out, "%s %d=%d", c ? "," : "", c, vs_of[s * V + c]);
+    if (V > 8) fprintf(out, ", ...");
+    fputc('\n', out);
+}
+
 MPARDEF void mpar_timeline_print_gantt(const mpar_timeline* t, FILE* out, int columns) {
     mpar_timeline_stats st;
-    char *kinds, *mbs;
+    char *kinds, *mbs, *chunks;
     double step;
-    int s, c;
+    int s, c, *place = NULL;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return;
     if (columns <= 0) columns = 80;
     if (columns > 4096) columns = 4096;
     step = st.step_time;
-    kinds = (char*)mpar__alloc_a(&t->allocator, 2 * (size_t)columns + 2);
-    if (!kinds) return;
+    if (t->virtual_stages > 1 && !(place = mpar__tl_placement(t))) return;
+    kinds = (char*)mpar__alloc_a(&t->allocator, 3 * (size_t)columns + 3);
+    if (!kinds) {
+        mpar__free_a(&t->allocator, place);
+        return;
+    }
     mbs = kinds + columns + 1;
+    chunks = mbs + columns + 1;
     fprintf(out, "%s: %d stages x %d chunks, %d micro-batches; step %.3f ms, measured bubble %.1f%%; %.4g ms per column\n",
             mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches, mpar__tl_ms(step),
             100.0 * st.bubble_fraction, mpar__tl_ms(step / columns));
     mpar__tl_axis(t, out, step, columns);
     for (s = 0; s < t->stages; s++) {
         for (c = 0; c < columns; c++)
-            mpar__tl_cell(t, s, step * c / columns, step * (c + 1) / columns, &kinds[c], &mbs[c]);
-        kinds[columns] = mbs[columns] = '\0';
+            mpar__tl_cell(t, s, step * c / columns, step * (c + 1) / columns, &kinds[c], &mbs[c], &chunks[c]);
+        kinds[columns] = mbs[columns] = chunks[columns] = '\0';
         fprintf(out, "stage %-2d |%s| busy %.1f%%\n", s, kinds, step > 0.0 ? 100.0 * st.stage[s].busy / step : 0.0);
         fprintf(out, "         |%s|\n", mbs);
+        if (!place) continue;
+        fprintf(out, "   chunk |%s|", chunks);
+        mpar__tl_print_chunks(t, place, s, out);
     }
     fprintf(out, "F forward  B backward  I input grad  W weight grad  O optimizer (odd chunk: lower case)\n"
-                 "second line: micro-batch (0-9a-zA-Z)  ~ link copy  - blocked on a link  . idle\n");
+                 "second line: micro-batch (0-9a-zA-Z)%s  ~ link copy  - blocked on a link  . idle\n",
+            place ? ", third: chunk" : "");
     mpar__free_a(&t->allocator, kinds);
+    mpar__free_a(&t->allocator, place);
 }
 
 MPARDEF void mpar_timeline_print_stats(const mpar_timeline* t, FILE* out) {
@@ -12557,7 +12814,10 @@ static int mpar__tl_cmp_start(const void* a, const void* b) {
     return x->end < y->end ? -1 : x->end > y->end ? 1 : 0;
 }
 
-static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const mpar_event* e, int tid, double end) {
+/* place: mpar__tl_placement's tables, for the virtual stage of a compute
+   event (chunk c of stage s is not c*P+s in a V). */
+static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const int* place, const mpar_event* e, int tid,
+                                 double end) {
     char name[32];
     double ts = floor(e->start * 1e9 + 0.5) / 1e3, te = floor(end * 1e9 + 0.5) / 1e3; /* us, rounded once */
     mpar__tl_name(t, e, name, sizeof name);
@@ -12565,6 +12825,8 @@ static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const mpar_e
                  "\"args\":{\"stage\":%d,\"microbatch\":%d,\"chunk\":%d,\"start_us\":%.3f,\"end_us\":%.3f",
             name, mpar__tl_kind_name(e->kind), tid, ts, te > ts ? te - ts : 0.0, e->stage, e->microbatch, e->chunk,
             e->start * 1e6, e->end * 1e6);
+    if (mpar__tl_is_compute(e->kind) && e->kind != MPAR_EVENT_OPTIMIZER_STEP)
+        fprintf(out, ",\"virtual_stage\":%d", place[mpar__tl_vs_count(t) + e->stage * t->virtual_stages + e->chunk]);
     if (mpar__tl_is_link(e->kind))
         fprintf(out, ",\"boundary\":%d,\"direction\":\"%s\",\"bytes\":%llu", e->boundary,
                 e->gradient ? "gradients" : "activations", (unsigned long long)e->bytes);
@@ -12576,8 +12838,8 @@ static void mpar__tl_trace_event(FILE* out, const mpar_timeline* t, const mpar_e
    previous one ends (device times are mapped onto the host clock with an
    error of a few microseconds) the previous slice is cut there. stage < 0:
    the copies of link direction `link`, else every event of `stage`. */
-static void mpar__tl_trace_track(FILE* out, const mpar_timeline* t, const mpar_event* sorted, int stage, int link,
-                                 int tid) {
+static void mpar__tl_trace_track(FILE* out, const mpar_timeline* t, const int* place, const mpar_event* sorted,
+                                 int stage, int link, int tid) {
     const mpar_event* pending = NULL;
     int i;
     for (i = 0; i < t->event_count; i++) {
@@ -12585,10 +12847,11 @@ static void mpar__tl_trace_track(FILE* out, const mpar_timeline* t, const mpar_e
         if (stage >= 0 ? e->stage != stage
                        : !mpar__tl_is_copy(e->kind) || e->boundary != link / 2 || e->gradient != link % 2)
             continue;
-        if (pending) mpar__tl_trace_event(out, t, pending, tid, e->start < pending->end ? e->start : pending->end);
+        if (pending)
+            mpar__tl_trace_event(out, t, place, pending, tid, e->start < pending->end ? e->start : pending->end);
         pending = e;
     }
-    if (pending) mpar__tl_trace_event(out, t, pending, tid, pending->end);
+    if (pending) mpar__tl_trace_event(out, t, place, pending, tid, pending->end);
 }
 
 static void mpar__tl_trace_meta(FILE* out, int tid, const char* name) {
@@ -12597,14 +12860,29 @@ static void mpar__tl_trace_meta(FILE* out, int tid, const char* name) {
             tid, name, tid, tid);
 }
 
+/* "stage 1" and, with chunks, "stage 1 (virtual stages 1, 6)". */
+static void mpar__tl_stage_name(const mpar_timeline* t, const int* place, int s, char* buf, size_t size) {
+    const int* vs_of = place + mpar__tl_vs_count(t);
+    int c, V = t->virtual_stages;
+    size_t n = (size_t)snprintf(buf, size, "stage %d", s);
+    for (c = 0; V > 1 && c < V && n + 24 < size; c++)
+        n += (size_t)snprintf(buf + n, size - n, "%s%d", c ? ", " : " (virtual stages ", vs_of[s * V + c]);
+    if (V > 1 && n < size) snprintf(buf + n, size - n, "%s)", c < V ? ", ..." : "");
+}
+
 MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FILE* out) {
     mpar_timeline_stats st;
     mpar_event* ev;
-    int s, l, links, P;
+    int s, l, links, P, *place;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
     P = t->stages, links = mpar_timeline_link_count(t);
+    place = mpar__tl_placement(t);
     ev = (mpar_event*)mpar__alloc_a(&t->allocator, sizeof(mpar_event) * (size_t)(t->event_count + 1));
-    if (!ev) return MPAR_ERROR_OUT_OF_HOST_MEMORY;
+    if (!ev || !place) {
+        mpar__free_a(&t->allocator, ev);
+        mpar__free_a(&t->allocator, place);
+        return MPAR_ERROR_OUT_OF_HOST_MEMORY;
+    }
     if (t->event_count) memcpy(ev, t->events, sizeof(mpar_event) * (size_t)t->event_count);
     qsort(ev, (size_t)t->event_count, sizeof(mpar_event), mpar__tl_cmp_start);
     fprintf(out, "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"schedule\":\"%s\",\"stages\":%d,\"virtual_stages\":%d,"
@@ -12614,21 +12892,22 @@ MPARDEF mpar_result mpar_timeline_write_chrome_trace(const mpar_timeline* t, FIL
     fprintf(out, "\n{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":0,\"tid\":0,\"args\":{\"name\":\"mpar %s\"}}",
             mpar_schedule_kind_name(t->schedule));
     for (s = 0; s < P; s++) {
-        char name[32];
-        snprintf(name, sizeof name, "stage %d", s);
+        char name[96];
+        mpar__tl_stage_name(t, place, s, name, sizeof name);
         mpar__tl_trace_meta(out, s, name);
-        mpar__tl_trace_track(out, t, ev, s, -1, s);
+        mpar__tl_trace_track(out, t, place, ev, s, -1, s);
     }
     for (l = 0; l < links; l++) {
         char name[64];
         int b = l / 2, g = l % 2;
-        snprintf(name, sizeof name, "link %d: stage %d -> %d %s", b, (g ? b + 1 : b) % P, (g ? b : b + 1) % P,
+        snprintf(name, sizeof name, "link %d: stage %d -> %d %s", b, place[g ? b + 1 : b], place[g ? b : b + 1],
                  g ? "gradients" : "activations");
         mpar__tl_trace_meta(out, P + l, name);
-        mpar__tl_trace_track(out, t, ev, -1, l, P + l);
+        mpar__tl_trace_track(out, t, place, ev, -1, l, P + l);
     }
     fprintf(out, "\n]}\n");
     mpar__free_a(&t->allocator, ev);
+    mpar__free_a(&t->allocator, place);
     return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
 }
 
@@ -12673,11 +12952,17 @@ static void mpar__tl_svg_event(FILE* out, const mpar_timeline* t, const mpar_eve
     int bh = compute ? MPAR__TL_SVG_BOX : e->kind == MPAR_EVENT_WAIT ? 10 : 6;
     if (w < 0.5) w = 0.5;
     mpar__tl_name(t, e, name, sizeof name);
-    fprintf(out, "<rect x=\"%.2f\" y=\"%d\" width=\"%.2f\" height=\"%d\" fill=\"%s\"%s><title>%s, stage %d: "
-                 "%.3f-%.3f ms",
-            x, by, w, bh, mpar__tl_colour(e->kind),
-            compute && e->chunk % 2 ? " fill-opacity=\"0.7\"" : compute ? " stroke=\"#ffffff\" stroke-width=\"0.5\"" : "",
-            name, e->stage, mpar__tl_ms(e->start), mpar__tl_ms(e->end));
+    /* later chunks lighter: chunk c of V at opacity 1 - 0.45 c / (V - 1) */
+    if (compute && t->virtual_stages > 1)
+        fprintf(out, "<rect x=\"%.2f\" y=\"%d\" width=\"%.2f\" height=\"%d\" fill=\"%s\" fill-opacity=\"%.2f\" "
+                     "stroke=\"#ffffff\" stroke-width=\"0.5\"><title>%s, stage %d, chunk %d: %.3f-%.3f ms",
+                x, by, w, bh, mpar__tl_colour(e->kind), 1.0 - 0.45 * e->chunk / (t->virtual_stages - 1), name,
+                e->stage, e->chunk, mpar__tl_ms(e->start), mpar__tl_ms(e->end));
+    else
+        fprintf(out, "<rect x=\"%.2f\" y=\"%d\" width=\"%.2f\" height=\"%d\" fill=\"%s\"%s><title>%s, stage %d: "
+                     "%.3f-%.3f ms",
+                x, by, w, bh, mpar__tl_colour(e->kind), compute ? " stroke=\"#ffffff\" stroke-width=\"0.5\"" : "", name,
+                e->stage, mpar__tl_ms(e->start), mpar__tl_ms(e->end));
     if (e->bytes) fprintf(out, ", %llu bytes", (unsigned long long)e->bytes);
     fprintf(out, "</title></rect>\n");
     if (compute && e->kind != MPAR_EVENT_OPTIMIZER_STEP) {
@@ -12706,12 +12991,26 @@ static void mpar__tl_svg_axis(FILE* out, double step, double scale, int lanes_bo
             MPAR__TL_SVG_LEFT + (MPAR__TL_SVG_W - MPAR__TL_SVG_LEFT - MPAR__TL_SVG_RIGHT) / 2, lanes_bottom + 36);
 }
 
+/* Under the stage's name in its lane: its virtual stages, chunk 0 first
+   ("vs 0, 7"), cut with "..." where the lane label has no room. */
+static void mpar__tl_svg_chunks(FILE* out, const mpar_timeline* t, const int* place, int s) {
+    const int* vs_of = place + mpar__tl_vs_count(t);
+    char text[32];
+    int c, V = t->virtual_stages;
+    size_t n = (size_t)snprintf(text, sizeof text, "vs");
+    for (c = 0; c < V && n < 14; c++) n += (size_t)snprintf(text + n, sizeof text - n, "%s %d", c ? "," : "", vs_of[s * V + c]);
+    if (c < V && n < sizeof text) snprintf(text + n, sizeof text - n, ", ...");
+    fprintf(out, "<text x=\"8\" y=\"%d\" font-size=\"10\" fill=\"#555555\">%s</text>\n",
+            MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 40, text);
+}
+
 MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
     mpar_timeline_stats st;
     mpar_timeline_prediction pr;
     double scale;
-    int s, i, bottom, height;
+    int s, i, bottom, height, *place = NULL, predicted;
     if (!out || mpar_timeline_get_stats(t, &st, NULL) != MPAR_SUCCESS) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (t->virtual_stages > 1 && !(place = mpar__tl_placement(t))) return MPAR_ERROR_OUT_OF_HOST_MEMORY;
     scale = st.step_time > 0.0 ? (MPAR__TL_SVG_W - MPAR__TL_SVG_LEFT - MPAR__TL_SVG_RIGHT) / st.step_time : 0.0;
     bottom = MPAR__TL_SVG_TOP + t->stages * MPAR__TL_SVG_LANE;
     height = bottom + 48;
@@ -12723,10 +13022,13 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
                  "chunks, %d micro-batches, step %.3f ms, measured bubble %.1f%%</text>\n",
             MPAR__TL_SVG_LEFT, mpar_schedule_kind_name(t->schedule), t->stages, t->virtual_stages, t->microbatches,
             mpar__tl_ms(st.step_time), 100.0 * st.bubble_fraction);
-    if (mpar_timeline_predict(t, &pr, NULL) == MPAR_SUCCESS)
-        fprintf(out, "<text x=\"%d\" y=\"40\" font-size=\"12\">simulated from the measured costs: step %.3f ms, "
-                     "bubble %.1f%%; slowest stage %d</text>\n",
-                MPAR__TL_SVG_LEFT, mpar__tl_ms(pr.step_time), 100.0 * pr.bubble_fraction, st.slowest_stage);
+    predicted = mpar_timeline_predict(t, &pr, NULL) == MPAR_SUCCESS;
+    if (predicted || place) fprintf(out, "<text x=\"%d\" y=\"40\" font-size=\"12\">", MPAR__TL_SVG_LEFT);
+    if (predicted)
+        fprintf(out, "simulated from the measured costs: step %.3f ms, bubble %.1f%%; slowest stage %d%s",
+                mpar__tl_ms(pr.step_time), 100.0 * pr.bubble_fraction, st.slowest_stage, place ? "; " : "");
+    if (place) fprintf(out, "boxes m.c: micro-batch m, chunk c (later chunks lighter)");
+    if (predicted || place) fprintf(out, "</text>\n");
     mpar__tl_svg_legend(out);
     mpar__tl_svg_axis(out, st.step_time, scale, bottom);
     for (s = 0; s < t->stages; s++)
@@ -12734,11 +13036,13 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
                      "<text x=\"8\" y=\"%d\" font-size=\"10\" fill=\"#555555\">busy %.0f%%</text>\n",
                 MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 14, s, MPAR__TL_SVG_TOP + s * MPAR__TL_SVG_LANE + 28,
                 st.step_time > 0.0 ? 100.0 * st.stage[s].busy / st.step_time : 0.0);
+    for (s = 0; place && s < t->stages; s++) mpar__tl_svg_chunks(out, t, place, s);
     for (i = 0; i < t->event_count; i++)
         if (t->events[i].kind == MPAR_EVENT_WAIT) mpar__tl_svg_event(out, t, &t->events[i], scale);
     for (i = 0; i < t->event_count; i++)
         if (t->events[i].kind != MPAR_EVENT_WAIT) mpar__tl_svg_event(out, t, &t->events[i], scale);
     fprintf(out, "</svg>\n");
+    mpar__free_a(&t->allocator, place);
     return ferror(out) ? MPAR_ERROR_IO : MPAR_SUCCESS;
 }
 

@@ -175,11 +175,14 @@ if only - seen:
     die("no such mutant: %s" % ", ".join(sorted(only - seen)))
 
 def copy_tree(dest):
-    """What the test suites read: the header, the kernels, the tests and
-    the example headers that tests include. Build outputs stay behind."""
+    """What the test suites read: the header, the kernels, the tests, the
+    example headers that tests include and the scripts tests run
+    (test_timeline renders its SVG with scripts/check-svg.sh). Build
+    outputs stay behind."""
     os.makedirs(dest)
     shutil.copy2(os.path.join(top, "mpar.h"), dest)
     shutil.copytree(os.path.join(top, "kernels"), os.path.join(dest, "kernels"))
+    shutil.copytree(os.path.join(top, "scripts"), os.path.join(dest, "scripts"))
     for sub in ("tests", "tests/mpi", "examples"):
         src = os.path.join(top, sub)
         os.makedirs(os.path.join(dest, sub), exist_ok=True)

@@ -189,6 +189,8 @@ static void test_equal_gpipe(void** s) { (void)s; equality_for(MPAR_SCHEDULE_GPI
 static void test_equal_1f1b(void** s) { (void)s; equality_for(MPAR_SCHEDULE_1F1B, 1); }
 static void test_equal_interleaved(void** s) { (void)s; equality_for(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2); }
 static void test_equal_zbh1(void** s) { (void)s; equality_for(MPAR_SCHEDULE_ZB_H1, 1); }
+static void test_equal_zbh2(void** s) { (void)s; equality_for(MPAR_SCHEDULE_ZB_H2, 1); }
+static void test_equal_zbv(void** s) { (void)s; equality_for(MPAR_SCHEDULE_ZB_V, 2); }
 static void test_equal_auto(void** s) { (void)s; equality_for(MPAR_SCHEDULE_AUTO, 1); }
 
 /* Recomputing activations in backward changes memory, not results. */
@@ -253,15 +255,20 @@ static void test_memory_accounting(void** state) {
        ZB-H1: 1F1B's P - s plus the s deferred W's: min(M, P) on every
        stage. SEQUENTIAL: the batch is one micro-batch. Interleaved V = 2
        (chunk units): 2(P-s-1) + (V-1)P warm-up forwards and one more,
-       P dividing M. */
+       P dividing M. ZB-H2 (M >= 2P-1): 2P-1 on every stage. ZB-V (chunk
+       units, two chunks of half a stage each): 2P on every device, 1F1B's
+       stage-0 activation memory. */
     static const int gpipe[4] = {8, 8, 8, 8}, one_f_one_b[4] = {4, 3, 2, 1}, zbh1[4] = {4, 4, 4, 4},
-                     sequential[4] = {1, 1, 1, 1}, interleaved[4] = {11, 9, 7, 5};
+                     sequential[4] = {1, 1, 1, 1}, interleaved[4] = {11, 9, 7, 5}, zbh2[4] = {7, 7, 7, 7},
+                     zbv[4] = {8, 8, 8, 8};
     (void)state;
     expect_peaks(MPAR_SCHEDULE_GPIPE, 1, gpipe, 0);
     expect_peaks(MPAR_SCHEDULE_1F1B, 1, one_f_one_b, 0);
     expect_peaks(MPAR_SCHEDULE_ZB_H1, 1, zbh1, 0);
     expect_peaks(MPAR_SCHEDULE_SEQUENTIAL, 1, sequential, 0);
     expect_peaks(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, interleaved, 0);
+    expect_peaks(MPAR_SCHEDULE_ZB_H2, 1, zbh2, 0);
+    expect_peaks(MPAR_SCHEDULE_ZB_V, 2, zbv, 0);
     /* recomputing changes what a slot holds, not how many are held */
     expect_peaks(MPAR_SCHEDULE_ZB_H1, 1, zbh1, 1);
 }
@@ -518,7 +525,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_equal_sequential), cmocka_unit_test(test_equal_gpipe),
         cmocka_unit_test(test_equal_1f1b),       cmocka_unit_test(test_equal_interleaved),
-        cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_equal_auto),
+        cmocka_unit_test(test_equal_zbh1),       cmocka_unit_test(test_equal_zbh2),
+        cmocka_unit_test(test_equal_zbv),        cmocka_unit_test(test_equal_auto),
         cmocka_unit_test(test_recompute),
         cmocka_unit_test(test_memory_accounting),
         cmocka_unit_test(test_fault_on_last_stage), cmocka_unit_test(test_bad_input),

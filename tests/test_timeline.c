@@ -629,6 +629,165 @@ static void test_gantt_synthetic(void** state) {
     free(text);
 }
 
+/* ---- a hand-made ZB-V step: chunks placed in a V ---- */
+
+/* P = 2, M = 1, two chunks per stage in a V: stage 0 runs virtual stages 0
+   and 3 (the loss), stage 1 runs 1 and 2, so chunk 1 of stage 1 is virtual
+   stage 2, not 1 * P + 1 = 3. Copies cross boundaries 0 (stages 0 and 1)
+   and 2 (stages 1 and 0); boundary 1 stays on stage 1. */
+static mpar_event v_ev[24];
+
+static mpar_event vc(mpar_event_kind kind, int stage, int chunk, double start, double end) {
+    mpar_event e = ev(kind, stage, kind == MPAR_EVENT_OPTIMIZER_STEP ? -1 : 0, start, end);
+    e.chunk = chunk;
+    return e;
+}
+static mpar_event vl(mpar_event_kind kind, int stage, int chunk, int boundary, int gradient, double start,
+                     double end) {
+    mpar_event e = lk(kind, stage, 0, gradient, start, end, 100);
+    e.chunk = chunk, e.boundary = boundary;
+    return e;
+}
+
+static void v_shaped(mpar_timeline* t, int with_links) {
+    int n = 0;
+    v_ev[n++] = vc(MPAR_EVENT_FORWARD, 0, 0, 0.0, 1.0);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_SEND, 0, 0, 0, 0, 1.0, 1.1);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_RECEIVE, 1, 0, 0, 0, 1.1, 1.2);
+    v_ev[n++] = vc(MPAR_EVENT_FORWARD, 1, 0, 1.2, 2.2);
+    v_ev[n++] = vc(MPAR_EVENT_FORWARD, 1, 1, 2.2, 3.2);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_SEND, 1, 1, 2, 0, 3.2, 3.3);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_RECEIVE, 0, 1, 2, 0, 3.3, 3.4);
+    v_ev[n++] = vc(MPAR_EVENT_FORWARD, 0, 1, 3.4, 4.4);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_INPUT, 0, 1, 4.4, 5.4);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_SEND, 0, 1, 2, 1, 5.4, 5.5);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_WEIGHT, 0, 1, 5.5, 6.5);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_RECEIVE, 1, 1, 2, 1, 5.5, 5.6);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_INPUT, 1, 1, 5.6, 6.6);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_INPUT, 1, 0, 6.6, 7.6);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_SEND, 1, 0, 0, 1, 7.6, 7.7);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_WEIGHT, 1, 1, 7.7, 8.7);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_WEIGHT, 1, 0, 8.7, 9.7);
+    v_ev[n++] = vc(MPAR_EVENT_OPTIMIZER_STEP, 1, 0, 9.7, 10.0);
+    if (with_links) v_ev[n++] = vl(MPAR_EVENT_RECEIVE, 0, 0, 0, 1, 7.7, 7.8);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_INPUT, 0, 0, 7.8, 8.8);
+    v_ev[n++] = vc(MPAR_EVENT_BACKWARD_WEIGHT, 0, 0, 8.8, 9.8);
+    v_ev[n++] = vc(MPAR_EVENT_OPTIMIZER_STEP, 0, 0, 9.8, 10.0);
+    memset(t, 0, sizeof *t);
+    t->stages = 2, t->virtual_stages = 2, t->microbatches = 1;
+    t->schedule = MPAR_SCHEDULE_ZB_V;
+    t->step_time = 10.0;
+    t->event_count = n;
+    t->events = v_ev;
+}
+
+static char* written(const mpar_timeline* t, int svg) {
+    FILE* f = tmpfile();
+    char* buf;
+    long n;
+    assert_non_null(f);
+    assert_int_equal(svg ? mpar_timeline_write_svg(t, f) : mpar_timeline_write_chrome_trace(t, f), MPAR_SUCCESS);
+    n = ftell(f);
+    rewind(f);
+    buf = (char*)calloc((size_t)n + 1, 1);
+    assert_true(fread(buf, 1, (size_t)n, f) == (size_t)n);
+    fclose(f);
+    return buf;
+}
+
+/* The Gantt chart of the V, cell by cell on stage 1 (0.5 s per column; a
+   cell with half a slice of compute shows its longest event), and each
+   stage's chunks as the virtual stages the copies say. */
+static void test_gantt_v_shape(void** state) {
+    mpar_timeline t;
+    char* text;
+    (void)state;
+    v_shaped(&t, 1);
+    text = gantt_text(&t, 20);
+    if (getenv("MPAR_TEST_VERBOSE")) fputs(text, stdout);
+    assert_contains(text, "stage 1  |..FFff.....iiIIwwWWO| busy 63.0%\n"
+                          "         |  0000     00000000 |\n"
+                          "   chunk |  0011     11001100 | chunk = virtual stage: 0=1, 1=2\n");
+    assert_contains(text, "   chunk |");
+    assert_contains(text, "| chunk = virtual stage: 0=0, 1=3\n");
+    assert_contains(text, "third: chunk");
+    free(text);
+    /* no copies to read it from: the kind's placement, a V for ZB-V and
+       vs mod P when interleaved */
+    v_shaped(&t, 0);
+    text = gantt_text(&t, 20);
+    assert_contains(text, "| chunk = virtual stage: 0=1, 1=2\n");
+    free(text);
+    t.schedule = MPAR_SCHEDULE_INTERLEAVED_1F1B;
+    text = gantt_text(&t, 20);
+    assert_contains(text, "| chunk = virtual stage: 0=1, 1=3\n");
+    free(text);
+    /* copies outrank the kind: a synthesized (AUTO) step has no fixed
+       placement, its copies still show the V */
+    v_shaped(&t, 1);
+    t.schedule = MPAR_SCHEDULE_AUTO;
+    text = gantt_text(&t, 20);
+    assert_contains(text, "| chunk = virtual stage: 0=1, 1=2\n");
+    assert_contains(text, "| chunk = virtual stage: 0=0, 1=3\n");
+    free(text);
+    /* one chunk per stage: no chunk line (the GPipe chart above is exact) */
+    synthetic(&t);
+    text = gantt_text(&t, 20);
+    assert_null(strstr(text, "chunk |"));
+    free(text);
+}
+
+/* Link directions name the stages at their ends, stage tracks their virtual
+   stages, compute slices their chunk and virtual stage; the SVG labels
+   boxes m.c, shades chunk 1 and names each lane's virtual stages; the link
+   table of the stats agrees. */
+static void test_trace_svg_stats_v_shape(void** state) {
+    mpar_timeline t;
+    mpar_timeline_link_stats ls;
+    char* text;
+    FILE* f;
+    long n;
+    (void)state;
+    v_shaped(&t, 1);
+    text = written(&t, 0);
+    assert_contains(text, "\"name\":\"stage 0 (virtual stages 0, 3)\"");
+    assert_contains(text, "\"name\":\"stage 1 (virtual stages 1, 2)\"");
+    assert_contains(text, "\"name\":\"link 0: stage 0 -> 1 activations\"");
+    assert_contains(text, "\"name\":\"link 1: stage 1 -> 1 activations\"");
+    assert_contains(text, "\"name\":\"link 2: stage 1 -> 0 activations\"");
+    assert_contains(text, "\"name\":\"link 2: stage 0 -> 1 gradients\"");
+    assert_contains(text, "{\"name\":\"F0.1\",\"cat\":\"forward\",\"ph\":\"X\",\"pid\":0,\"tid\":1,");
+    assert_contains(text, "\"stage\":1,\"microbatch\":0,\"chunk\":1,\"start_us\":2200000.000,\"end_us\":3200000.000,"
+                          "\"virtual_stage\":2}");
+    assert_contains(text, "\"stage\":0,\"microbatch\":0,\"chunk\":1,\"start_us\":3400000.000,\"end_us\":4400000.000,"
+                          "\"virtual_stage\":3}");
+    free(text);
+    text = written(&t, 1);
+    assert_contains(text, ">vs 0, 3</text>");
+    assert_contains(text, ">vs 1, 2</text>");
+    assert_contains(text, "boxes m.c: micro-batch m, chunk c");
+    assert_contains(text, "fill-opacity=\"0.55\" stroke=\"#ffffff\" stroke-width=\"0.5\"><title>F0.1, stage 1, chunk 1:");
+    assert_contains(text, "fill-opacity=\"1.00\" stroke=\"#ffffff\" stroke-width=\"0.5\"><title>F0.0, stage 1, chunk 0:");
+    assert_contains(text, ">0.1</text>");
+    free(text);
+    assert_int_equal(mpar_timeline_get_link_stats(&t, 2, 0, &ls, NULL), MPAR_SUCCESS);
+    assert_true(ls.from_stage == 1 && ls.to_stage == 0 && ls.messages == 1 && ls.received == 1);
+    assert_int_equal(mpar_timeline_get_link_stats(&t, 1, 1, &ls, NULL), MPAR_SUCCESS);
+    assert_true(ls.from_stage == 1 && ls.to_stage == 1 && ls.messages == 0);
+    f = tmpfile();
+    assert_non_null(f);
+    mpar_timeline_print_stats(&t, f);
+    n = ftell(f);
+    rewind(f);
+    text = (char*)calloc((size_t)n + 1, 1);
+    assert_true(fread(text, 1, (size_t)n, f) == (size_t)n);
+    fclose(f);
+    assert_contains(text, "b2 A 1->0");
+    assert_contains(text, "b2 G 0->1");
+    assert_contains(text, "b0 G 1->0");
+    free(text);
+}
+
 /* ---- Chrome trace and SVG ---- */
 
 static int have(const char* cmd) {
@@ -754,6 +913,8 @@ int main(void) {
         cmocka_unit_test(test_synthetic_stats),
         cmocka_unit_test(test_check_catches_corruption),
         cmocka_unit_test(test_gantt_synthetic),
+        cmocka_unit_test(test_gantt_v_shape),
+        cmocka_unit_test(test_trace_svg_stats_v_shape),
         cmocka_unit_test(test_real_timelines_consistent),
         cmocka_unit_test(test_sequential_utilisation_and_gantt),
         cmocka_unit_test(test_trace_and_svg),
