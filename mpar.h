@@ -1189,7 +1189,14 @@ typedef struct mpar_pipeline_desc {
     const struct mpar_plan_options* plan_options;
     mpar_schedule_kind schedule;   /* zero is SEQUENTIAL, the naive baseline */
     int microbatches;              /* M [1] */
-    int virtual_stages;            /* V for INTERLEAVED_1F1B [1; ZB_V: 2] */
+    int virtual_stages;            /* V for INTERLEAVED_1F1B and AUTO [1; ZB_V: 2] */
+    /* Most micro-batch stashes each device stage may hold at once (chunk
+       units, as mpar_schedule.peak_in_flight counts them), e.g. for a
+       device with less memory: [devices of the pipeline, stage order];
+       NULL or an entry <= 0: no limit. AUTO synthesises within it (without
+       it, within what its plan's schedule holds); any other schedule that
+       holds more is refused with MPAR_ERROR_DOES_NOT_FIT. */
+    const int* max_in_flight;
     /* Any schedule to run instead of generating one from the three fields
        above: made by mpar_schedule_create, _from_lists, _from_lists_placed
        or _synthesize, and valid (mpar_schedule_validate). The pipeline
@@ -6825,18 +6832,18 @@ static int mpar__sched_kind_known(mpar_schedule_kind kind) {
 /* Model chunks per device a kind runs with when `asked` (0 = default) was
    asked for: interleaving takes what it is given, ZB-V two, the rest one. */
 static int mpar__sched_kind_vstages(mpar_schedule_kind kind, int asked) {
-    if (kind == MPAR_SCHEDULE_INTERLEAVED_1F1B) return asked < 1 ? 1 : asked;
+    if (kind == MPAR_SCHEDULE_INTERLEAVED_1F1B || kind == MPAR_SCHEDULE_AUTO) return asked < 1 ? 1 : asked;
     if (kind == MPAR_SCHEDULE_ZB_V) return 2;
     return 1;
 }
 
 /* The schedule a kind stands for when planning (before costs are known):
-   AUTO is planned as ZB-H1 (split backward), whose per-device stash counts
-   cap what the synthesizer may use; a V-shaped kind on one chunk per
-   device is ZB-H1. */
+   AUTO is planned as ZB-H1 (split backward), or interleaved 1F1B with
+   chunks, whose per-device stash counts cap what the synthesizer may use;
+   a V-shaped kind on one chunk per device is ZB-H1. */
 static mpar_result mpar__sched_generate(const mpar_allocator* a, mpar_schedule_kind kind, int stages,
                                         int microbatches, int virtual_stages, mpar_schedule** out, mpar_error* err) {
-    if (kind == MPAR_SCHEDULE_AUTO) kind = MPAR_SCHEDULE_ZB_H1;
+    if (kind == MPAR_SCHEDULE_AUTO) kind = virtual_stages > 1 ? MPAR_SCHEDULE_INTERLEAVED_1F1B : MPAR_SCHEDULE_ZB_H1;
     if (kind == MPAR_SCHEDULE_ZB_V && virtual_stages == 1) kind = MPAR_SCHEDULE_ZB_H1;
     return mpar_schedule_create_with(a, kind, stages, microbatches, virtual_stages, out, err);
 }
@@ -8788,6 +8795,10 @@ struct mpar_pipeline {
     int serial;          /* this job runs its kernels one stage at a time */
     int force_serial;    /* every job does (profiling single layers) */
     int damaged;         /* an optimizer step failed part-way: only a checkpoint load continues */
+    int auto_pending;    /* AUTO: the next training job measures, then the schedule is synthesised */
+    mpar_schedule* replaced_schedule; /* AUTO: what the last job ran, until the next one */
+    int auto_measured;   /* AUTO: the last job measured; mpar__auto_finish synthesises from it */
+    int auto_caps[MPAR__MAX_WORKERS]; /* AUTO: stashes each stage may hold */
     int seen_count;      /* (job, micro-batch rows) pairs already run */
     int seen[64];
 };
@@ -9870,13 +9881,21 @@ static mpar_result mpar__mpi_after_job(mpar_pipeline* p, mpar__job job, mpar_res
 
 /* Runs one job on every worker and waits for all of them. */
 static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
-    int i;
+    int i, measure;
     mpar_result r = MPAR_SUCCESS;
     const char* detail = NULL;
     mpar__links_abort(p, 0);
+    if (job != MPAR__JOB_STEP) {
+        mpar_schedule_destroy(p->replaced_schedule); /* the timeline now shows this job */
+        p->replaced_schedule = NULL;
+    }
     if (job != MPAR__JOB_STEP) p->t0 = mpar__now();
     p->step_seed = mpar__fnv1a(p->model->desc.seed ^ 0x5851F42D4C957F2DULL, &p->step, sizeof p->step);
     mpar__decide_serial(p, job);
+    /* AUTO measures a training job that runs its stages at once (a job run
+       one stage at a time to compile kernels times nothing real) */
+    measure = p->auto_pending && !p->serial && (job == MPAR__JOB_GRADS || job == MPAR__JOB_TRAIN);
+    for (i = 0; measure && i < p->workers_count; i++) p->workers[i].ex.profiling = 1;
     if (p->ranks > 1 && job != MPAR__JOB_STEP) { /* what other ranks own stays zero for the sums */
         memset(p->mb_loss, 0, sizeof(float) * (size_t)p->mb_count);
         memset(p->layer_sumsq, 0, sizeof(double) * (size_t)p->layer_count);
@@ -9904,6 +9923,7 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
         mpar__links_abort(p, 0);
         return mpar__fail(p->ctx, r, "%s", detail ? detail : "a stage stopped");
     }
+    p->auto_measured = measure;
     return MPAR_SUCCESS;
 }
 
@@ -9958,6 +9978,7 @@ static mpar_result mpar__damaged(mpar_pipeline* p) {
                       "load a checkpoint (mpar_pipeline_load_checkpoint) to continue training");
 }
 
+static mpar_result mpar__auto_finish(mpar_pipeline* p);
 MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_result r;
     double loss = 0.0;
@@ -9978,7 +9999,7 @@ MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar
         info->step = p->step;
     }
     p->last_loss = counted ? loss / counted : 0.0; /* apply checks it is finite */
-    return MPAR_SUCCESS;
+    return mpar__auto_finish(p);
 }
 
 static float mpar__lr_at(const mpar_optimizer_desc* o, int step) {
@@ -10093,9 +10114,10 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     info->counted_rows = counted;
     info->grad_norm = p->opt_norm;
     info->step = p->step;
-    if (!p->opt_go) return mpar__step_refused(p, info);
-    info->lr = p->step_lr;
-    return MPAR_SUCCESS;
+    info->lr = p->opt_go ? p->step_lr : 0.0f;
+    r = mpar__auto_finish(p); /* AUTO's first step measured: from the next one, its synthesised schedule */
+    if (r != MPAR_SUCCESS) return r;
+    return p->opt_go ? MPAR_SUCCESS : mpar__step_refused(p, info);
 }
 
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
@@ -10210,19 +10232,22 @@ static int mpar__event_order(const void* a, const void* b) {
     return x->end < y->end ? -1 : x->end > y->end ? 1 : 0;
 }
 
-MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out) {
+static mpar_result mpar__tl_sim_desc(const mpar_timeline* t, const mpar_schedule* sc, mpar_sim_desc* d, void** mem,
+                                     mpar_error* err);
+
+/* The workers' events of the last job as a timeline, with the schedule
+   that ran (AUTO's first step ran the one it replaced). */
+static mpar_result mpar__pipeline_timeline(mpar_pipeline* p, mpar_timeline* out) {
     int i, n = 0;
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
-    if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_timeline: out is NULL");
     memset(out, 0, sizeof *out);
-    if (!p->desc.profile)
-        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
     for (i = 0; i < p->workers_count; i++) n += p->workers[i].event_count;
     out->allocator = p->ctx->allocator;
     out->events = (mpar_event*)mpar__alloc_a(&out->allocator, sizeof(mpar_event) * (size_t)(n ? n : 1));
     if (!out->events) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     {
-        const mpar_schedule* ran = p->last_job == MPAR__JOB_INFER && p->infer_schedule ? p->infer_schedule : p->schedule;
+        const mpar_schedule* ran = p->last_job == MPAR__JOB_INFER && p->infer_schedule ? p->infer_schedule
+                                   : p->replaced_schedule                             ? p->replaced_schedule
+                                                                                      : p->schedule;
         mpar_error err;
         if (mpar_schedule_copy(&out->allocator, ran, &out->schedule_lists, &err) != MPAR_SUCCESS) {
             mpar__free_a(&out->allocator, out->events);
@@ -10243,6 +10268,44 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
     qsort(out->events, (size_t)n, sizeof(mpar_event), mpar__event_order);
     for (i = 0; i < n; i++)
         if (out->events[i].end > out->step_time) out->step_time = out->events[i].end;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_timeline: out is NULL");
+    memset(out, 0, sizeof *out);
+    if (!p->desc.profile)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
+    return mpar__pipeline_timeline(p, out);
+}
+
+static mpar_result mpar__pipeline_synthesize(mpar_pipeline* p, const mpar_sim_desc* measured, mpar_schedule** out);
+
+/* AUTO after its first training job: the schedule synthesised from what
+   that job measured replaces the one it ran (kept for the timeline until
+   the next job). */
+static mpar_result mpar__auto_finish(mpar_pipeline* p) {
+    mpar_timeline t;
+    mpar_sim_desc d;
+    mpar_schedule* next = NULL;
+    mpar_error err;
+    void* mem = NULL;
+    mpar_result r;
+    int i;
+    if (!p->auto_measured) return MPAR_SUCCESS;
+    p->auto_pending = p->auto_measured = 0;
+    for (i = 0; i < p->workers_count; i++) p->workers[i].ex.profiling = p->desc.profile;
+    MPAR__TRY(mpar__pipeline_timeline(p, &t));
+    r = mpar__tl_sim_desc(&t, t.schedule_lists, &d, &mem, &err);
+    if (r != MPAR_SUCCESS) r = mpar__fail(p->ctx, r, "schedule AUTO: %s", err.message);
+    if (r == MPAR_SUCCESS) r = mpar__pipeline_synthesize(p, &d, &next);
+    mpar__free_a(&t.allocator, mem);
+    mpar_timeline_free(&t);
+    if (r != MPAR_SUCCESS) return r;
+    mpar_schedule_destroy(p->replaced_schedule);
+    p->replaced_schedule = p->schedule;
+    p->schedule = next;
     return MPAR_SUCCESS;
 }
 
@@ -10711,6 +10774,7 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
     }
     mpar_schedule_destroy(p->schedule);
     mpar_schedule_destroy(p->infer_schedule);
+    mpar_schedule_destroy(p->replaced_schedule);
     mpar__free(p->ctx, p->links), mpar__free(p->ctx, p->vs), mpar__free(p->ctx, p->layer_sumsq);
     mpar__free(p->ctx, p->mb_loss), mpar__free(p->ctx, p->mb_first);
     pthread_cond_destroy(&p->done_cv), pthread_cond_destroy(&p->start_cv), pthread_cond_destroy(&p->opt_cv);
@@ -10805,78 +10869,49 @@ static mpar_result mpar__setup_ranks(mpar_pipeline* p) {
     return MPAR_SUCCESS;
 }
 
-/* AUTO: a schedule synthesised for this pipeline's chunks from measured
-   costs. Each device the stages use profiles the model's layers once
-   (mpar_profile_layers, or the desc's plan_options tables when given);
-   a chunk costs the sum of its layers. Links cost what the planner
-   charges them (bytes over 6e9 B/s plus 0.1 ms), blocking unless the
-   transport overlaps. Stashes are capped per device at what ZB-H1 (AUTO's
-   plan) holds there, so the plan's memory stays right. */
-static mpar_result mpar__pipeline_synthesize(mpar_pipeline* p, const mpar_stage_desc* stages) {
+/* AUTO: a schedule synthesised for this pipeline's chunks. At creation the
+   costs are not known: every action costs 1, links nothing. The first
+   training step that runs all stages at once (on PoCL the first step of a
+   shape runs them one at a time, to compile) then runs with profiling on
+   (whatever desc.profile says)
+   and its timeline gives each chunk's measured F, B, I, W, each stage's
+   optimizer step and each boundary's hand-off (mpar__tl_sim_desc, what
+   mpar_timeline_simulate uses); from the second step on the pipeline runs
+   the schedule synthesised from those (mpar__auto_finish). Stashes are
+   capped per device by desc.max_in_flight, else at what AUTO's plan's
+   schedule (ZB-H1, interleaved with chunks) holds there; every chunk gets
+   slots for its device's cap, so any schedule within the caps runs. */
+static mpar_result mpar__pipeline_synthesize(mpar_pipeline* p, const mpar_sim_desc* measured, mpar_schedule** out) {
     const mpar_pipeline_desc* d = &p->desc;
-    const mpar_plan_options* o = d->plan_options;
-    int L = p->layer_count, P = p->workers_count, n = p->vs_count, j, l, k, dev;
-    double *f, *bi, *bw, *cf, *ci, *cw, *link;
-    int caps[MPAR__MAX_WORKERS], devs[MPAR__MAX_DEVICES];
-    mpar_schedule* base = NULL;
     mpar_synth_desc sd;
     mpar_error err;
-    mpar_result r = MPAR_SUCCESS;
-    int M = d->microbatches, rows = (d->max_batch + M - 1) / M * p->seq_len;
-    if (p->desc.mpi_comm)
+    memset(&sd, 0, sizeof sd);
+    sd.stages = p->workers_count, sd.microbatches = d->microbatches, sd.virtual_stages = d->virtual_stages;
+    if (measured) sd.costs = *measured;
+    sd.costs.allocator = p->ctx->allocator;
+    sd.max_in_flight = p->auto_caps;
+    sd.allocator = p->ctx->allocator;
+    if (mpar_schedule_synthesize(&sd, out, &err) != MPAR_SUCCESS)
+        return mpar__fail(p->ctx, err.code, "schedule AUTO: %s", err.message);
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__auto_start(mpar_pipeline* p) {
+    const mpar_pipeline_desc* d = &p->desc;
+    mpar_schedule* base = NULL;
+    mpar_error err;
+    int j;
+    if (d->mpi_comm)
         return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "schedule AUTO measures on this process's devices; across "
                           "processes give every rank the same schedule_lists");
-    if (mpar__sched_generate(&p->ctx->allocator, d->schedule, P, d->microbatches, d->virtual_stages, &base, &err) !=
-        MPAR_SUCCESS)
+    if (mpar__sched_generate(&p->ctx->allocator, d->schedule, p->workers_count, d->microbatches, d->virtual_stages,
+                             &base, &err) != MPAR_SUCCESS)
         return mpar__fail(p->ctx, err.code, "%s", err.message);
-    for (j = 0; j < P; j++) caps[j] = base->peak_in_flight[j];
+    for (j = 0; j < p->workers_count; j++)
+        p->auto_caps[j] = d->max_in_flight && d->max_in_flight[j] > 0 ? d->max_in_flight[j] : base->peak_in_flight[j];
     mpar_schedule_destroy(base);
-    f = (double*)mpar__alloc(p->ctx, sizeof(double) * (size_t)(3 * L * MPAR__MAX_DEVICES + 4 * n));
-    if (!f) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    bi = f + L * MPAR__MAX_DEVICES, bw = bi + L * MPAR__MAX_DEVICES;
-    cf = bw + L * MPAR__MAX_DEVICES, ci = cf + n, cw = ci + n, link = cw + n;
-    for (k = 0; k < MPAR__MAX_DEVICES; k++) devs[k] = 0;
-    for (j = 0; j < n; j++) devs[stages[j].device] = 1;
-    for (dev = 0; r == MPAR_SUCCESS && dev < mpar_device_count(p->ctx); dev++) {
-        int D = mpar_device_count(p->ctx);
-        if (!devs[dev]) continue;
-        if (o && o->measured_forward && o->measured_backward_input && o->measured_backward_weight) {
-            for (l = 0; l < L; l++) {
-                f[dev * L + l] = o->measured_forward[l * D + dev];
-                bi[dev * L + l] = o->measured_backward_input[l * D + dev];
-                bw[dev * L + l] = o->measured_backward_weight[l * D + dev];
-            }
-        } else {
-            mpar_pipeline_desc pd = *d;
-            pd.schedule_lists = NULL, pd.plan_options = NULL;
-            r = mpar_profile_layers(p->ctx, p->model, &pd, dev, f + dev * L, bi + dev * L, bw + dev * L);
-        }
-    }
-    for (j = 0; r == MPAR_SUCCESS && j < n; j++) {
-        const mpar_layer* last = mpar_model_layer(p->model, stages[j].last_layer);
-        dev = stages[j].device;
-        cf[j] = ci[j] = cw[j] = 1e-9; /* the simulator reads 0 as "not given" */
-        for (l = stages[j].first_layer; l <= stages[j].last_layer; l++)
-            cf[j] += f[dev * L + l], ci[j] += bi[dev * L + l], cw[j] += bw[dev * L + l];
-        link[j] = j + 1 < n && stages[j + 1].device != dev
-                      ? 1e-4 + (double)rows * (double)last->out_features * 4.0 / 6e9 : 0.0;
-    }
-    if (r == MPAR_SUCCESS) {
-        memset(&sd, 0, sizeof sd);
-        sd.stages = P, sd.microbatches = d->microbatches, sd.virtual_stages = d->virtual_stages;
-        sd.costs.forward_per_stage = cf, sd.costs.backward_input_per_stage = ci;
-        sd.costs.backward_weight_per_stage = cw, sd.costs.link_delay_per_boundary = link;
-        sd.costs.link_blocking = mpar__link_mode_for(d->link_mode, &p->ctx->devices[stages[0].device].info,
-                                                     &p->ctx->devices[stages[n > 1 ? 1 : 0].device].info) !=
-                                 MPAR_LINK_ASYNC;
-        sd.costs.allocator = p->ctx->allocator;
-        sd.max_in_flight = caps;
-        sd.allocator = p->ctx->allocator;
-        if (mpar_schedule_synthesize(&sd, &p->schedule, &err) != MPAR_SUCCESS)
-            r = mpar__fail(p->ctx, err.code, "schedule AUTO: %s", err.message);
-    }
-    mpar__free(p->ctx, f);
-    return r;
+    p->auto_pending = 1;
+    return mpar__pipeline_synthesize(p, NULL, &p->schedule);
 }
 
 /* The schedule the workers walk: the desc's, or generated from its kind.
@@ -10893,12 +10928,19 @@ static mpar_result mpar__pipeline_schedule(mpar_pipeline* p, const mpar_stage_de
         if (mpar_schedule_copy(&p->ctx->allocator, d->schedule_lists, &p->schedule, &err) != MPAR_SUCCESS)
             return mpar__fail(p->ctx, err.code, "%s", err.message);
     } else if (mpar__sched_kind_synthesized(d->schedule)) {
-        MPAR__TRY(mpar__pipeline_synthesize(p, stages));
+        MPAR__TRY(mpar__auto_start(p));
     } else if (mpar_schedule_create_with(&p->ctx->allocator, d->schedule, p->workers_count, d->microbatches,
                                          d->virtual_stages, &p->schedule, &err) != MPAR_SUCCESS) {
         return mpar__fail(p->ctx, err.code, "%s", err.message);
     }
     V = p->schedule->virtual_stages;
+    for (j = 0; d->max_in_flight && j < p->workers_count; j++)
+        if (d->max_in_flight[j] > 0 && p->schedule->peak_in_flight[j] > d->max_in_flight[j])
+            return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT, "stage %d holds up to %d micro-batch stashes under "
+                              "schedule %s but max_in_flight[%d] is %d (AUTO synthesises within it)", j,
+                              p->schedule->peak_in_flight[j],
+                              p->schedule->custom ? "custom" : mpar_schedule_kind_name(p->schedule->kind), j,
+                              d->max_in_flight[j]);
     for (j = 0; j < p->vs_count; j++) {
         int s = p->schedule->placement[j], first = p->schedule->virtual_stage_of[s * V];
         if (stages[j].device != stages[first].device)
@@ -10933,8 +10975,10 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "too many stages");
     MPAR__TRY(mpar__resolve_stages(p, stages));
     MPAR__TRY(mpar__pipeline_schedule(p, stages));
-    for (i = 0; i < p->workers_count; i++)
-        if (p->schedule->peak_in_flight[i] > peak) peak = p->schedule->peak_in_flight[i];
+    for (i = 0; i < p->workers_count; i++) {
+        int most = p->auto_pending ? p->auto_caps[i] : p->schedule->peak_in_flight[i];
+        if (most > peak) peak = most;
+    }
     M = p->schedule->microbatches;
     p->mb_rows_max = ((p->desc.max_batch + M - 1) / M) * p->seq_len;
     p->mb_capacity = M;
@@ -10961,7 +11005,8 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         w->ex.queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
                                            p->ctx->devices[w->device].id, CL_QUEUE_PROFILING_ENABLE, &st);
         MPAR__CL(p->ctx, st);
-        if (p->desc.profile) MPAR__TRY(mpar__clock_offset(p, w));
+        if (p->desc.profile || p->auto_pending) MPAR__TRY(mpar__clock_offset(p, w));
+        w->ex.profiling = p->desc.profile; /* AUTO turns it on for its first step only */
     }
     for (i = 0; i < p->vs_count; i++) {
         mpar__vstage* v = &p->vs[i];
@@ -10987,7 +11032,8 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     for (i = 0; i < p->vs_count; i++) {
         mpar__vstage* v = &p->vs[i];
         if (!mpar__local(p, v->worker)) continue;
-        int slots = p->schedule->chunk_peak_in_flight[i]; /* what this chunk holds at most */
+        int slots = p->auto_pending ? p->auto_caps[v->worker] /* whatever AUTO will synthesise */
+                                    : p->schedule->chunk_peak_in_flight[i]; /* what this chunk holds at most */
         MPAR__TRY(mpar__vstage_buffers(p, v, slots > 1 ? slots : 1));
         MPAR__TRY(mpar__vstage_init(p, v));
     }
@@ -12430,33 +12476,56 @@ static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedu
     return MPAR_SUCCESS;
 }
 
+/* A timeline's measured costs as mpar_simulate takes them: F, B, I, W per
+   virtual stage, the optimizer step per stage, the hand-off latency per
+   boundary (copies are in the actions that make them). A kind the schedule
+   never ran is priced from the others: B as I + W, I and W as half a B.
+   *mem holds the arrays, from the timeline's allocator. Used by
+   mpar_timeline_simulate and by AUTO, which synthesises from them. */
+static mpar_result mpar__tl_sim_desc(const mpar_timeline* t, const mpar_schedule* sc, mpar_sim_desc* d, void** mem,
+                                     mpar_error* err) {
+    mpar__tl_costs c;
+    int vs, VS = mpar__tl_vs_count(t);
+    mpar_result r;
+    memset(&c, 0, sizeof c);
+    *mem = NULL;
+    r = mpar__tl_costs_make(t, sc, &c, err);
+    if (r != MPAR_SUCCESS) return r;
+    for (vs = 0; vs < VS; vs++) {
+        int b = c.count[MPAR_ACTION_BACKWARD * VS + vs], i = c.count[MPAR_ACTION_BACKWARD_INPUT * VS + vs];
+        if (!b && i) c.b[vs] = c.i[vs] + c.w[vs];
+        if (b && !i) c.i[vs] = c.w[vs] = c.b[vs] / 2;
+    }
+    memset(d, 0, sizeof *d);
+    d->allocator = t->allocator;
+    d->forward_per_stage = c.f;
+    d->backward_per_stage = c.b, d->backward_input_per_stage = c.i, d->backward_weight_per_stage = c.w;
+    d->optimizer_step_per_stage = c.opt;
+    d->link_delay_per_boundary = c.link;
+    *mem = c.mem;
+    return MPAR_SUCCESS;
+}
+
 MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
                                            mpar_error* err) {
     mpar_schedule* sc = NULL;
     mpar_simulation* result = NULL;
-    mpar__tl_costs c;
+    void* mem = NULL;
     mpar_sim_desc d;
     mpar_result r;
-    memset(&c, 0, sizeof c);
     if (schedule) *schedule = NULL;
     if (sim) *sim = NULL;
     r = mpar__tl_check_shape(t, "mpar_timeline_simulate", err);
     if (r != MPAR_SUCCESS) return r;
     r = mpar__tl_schedule(t, &sc, err);
     if (r != MPAR_SUCCESS) return r;
-    r = mpar__tl_costs_make(t, sc, &c, err);
+    r = mpar__tl_sim_desc(t, sc, &d, &mem, err);
     if (r != MPAR_SUCCESS) {
         mpar_schedule_destroy(sc);
         return r;
     }
-    memset(&d, 0, sizeof d);
-    d.allocator = t->allocator;
-    d.forward_per_stage = c.f; /* B, I and W each as measured; a kind not scheduled keeps a placeholder */
-    d.backward_per_stage = c.b, d.backward_input_per_stage = c.i, d.backward_weight_per_stage = c.w;
-    d.optimizer_step_per_stage = c.opt;
-    d.link_delay_per_boundary = c.link;
     r = mpar_simulate(sc, &d, &result, err);
-    mpar__free_a(&t->allocator, c.mem);
+    mpar__free_a(&t->allocator, mem);
     if (r == MPAR_SUCCESS && sim) *sim = result;
     else mpar_simulation_destroy(result);
     if (r == MPAR_SUCCESS && schedule) *schedule = sc;

@@ -70,6 +70,7 @@ static int g_recompute;           /* run() passes these to the pipeline */
 static mpar_link_mode g_link_mode;
 static const mpar_schedule* g_lists; /* a schedule object to run instead of `kind` */
 static int g_split_apply;            /* compute_gradients + apply_gradients instead of train_step */
+static const int* g_caps;            /* pd.max_in_flight */
 
 static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, int M, run_result* out) {
     mpar_stage_desc st[32];
@@ -103,14 +104,16 @@ static void run(mpar_context* ctx, mpar_schedule_kind kind, int stages, int V, i
     pd.link_mode = g_link_mode;
     pd.max_run_ahead = g_link_mode == MPAR_LINK_ASYNC ? 1 : 0; /* the tightest bound, and the default (4) */
     pd.schedule_lists = g_lists;
+    pd.max_in_flight = g_caps;
     mpar_schedule_destroy(placed);
     if (mpar_pipeline_create(ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
-    if (kind == MPAR_SCHEDULE_AUTO && !g_lists) { /* synthesised: custom lists that validate */
+    if (kind == MPAR_SCHEDULE_AUTO && !g_lists) { /* synthesised: custom lists that validate, within the caps */
         const mpar_schedule* sc = mpar_pipeline_get_schedule(p);
         assert_non_null(sc);
         assert_int_equal(sc->custom, 1);
         assert_int_equal(sc->microbatches, M);
         assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
+        for (j = 0; g_caps && j < stages; j++) assert_true(sc->peak_in_flight[j] <= g_caps[j]);
     }
     b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
     for (step = 0; step < STEPS; step++) {
@@ -481,6 +484,7 @@ static void test_v_shape_lists(void** state) {
         double loss1 = 0, loss2 = 0;
         mpar_timeline t;
         memset(&pd, 0, sizeof pd);
+        memset(&t, 0, sizeof t);
         pd.max_batch = 8, pd.microbatches = 4, pd.schedule = MPAR_SCHEDULE_1F1B, pd.profile = 1;
         pd.stages = one, pd.stage_count = 1;
         assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p1), MPAR_SUCCESS);
@@ -505,6 +509,34 @@ static void test_v_shape_lists(void** state) {
         mpar_pipeline_destroy(p1);
     }
     mpar_schedule_destroy(sc);
+}
+
+/* A device with less memory: max_in_flight caps its stashes. ZB-H1 holds
+   P on every stage and is refused by name; AUTO synthesises within the
+   caps and still equals one device bit for bit. */
+static void test_max_in_flight(void** state) {
+    static const int caps[2] = {2, 1};
+    mpar_stage_desc st[2] = {{0, 0, 6}, {1, 7, 13}};
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    run_result base, other;
+    (void)state;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_ZB_H1, pd.microbatches = 8, pd.max_batch = BATCH;
+    pd.max_in_flight = caps;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_ERROR_DOES_NOT_FIT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "stage 1 holds up to 2 micro-batch stashes under schedule zbh1 but "
+                                                   "max_in_flight[1] is 1"));
+    assert_null(p);
+    pd.schedule = MPAR_SCHEDULE_1F1B; /* 2 and 1: fits */
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &pd, &p), MPAR_SUCCESS);
+    mpar_pipeline_destroy(p);
+    run(g_ctx, MPAR_SCHEDULE_1F1B, 1, 1, 8, &base);
+    g_caps = caps;
+    run(g_ctx, MPAR_SCHEDULE_AUTO, 2, 1, 8, &other);
+    g_caps = NULL;
+    expect_same(&base, &other, "auto within max_in_flight {2, 1}");
+    free(base.params), free(other.params);
 }
 
 /* The optimizer step as an action of the training job gives the same bits
@@ -532,6 +564,7 @@ int main(void) {
         cmocka_unit_test(test_fault_on_last_stage), cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_inference),        cmocka_unit_test(test_hand_written_lists),
         cmocka_unit_test(test_v_shape_lists),    cmocka_unit_test(test_step_action_equals_two_calls),
+        cmocka_unit_test(test_max_in_flight),
     };
     return cmocka_run_group_tests_name("pipeline", tests, setup, teardown);
 }
