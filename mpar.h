@@ -64,6 +64,13 @@
                            run-time allocator everywhere (_with
                            constructors), link_blocking / overlaps in the
                            simulator and planner
+       0.4.0 (2026-12-01)  schedules as data: pipelines run any valid
+                           schedule (pd.schedule_lists), placements
+                           (mpar_schedule_from_lists_placed), ZB-H2, ZB-V,
+                           mpar_schedule_synthesize and MPAR_SCHEDULE_AUTO,
+                           forward-only inference schedules, the optimizer
+                           step as an action, links as queues in validation,
+                           pd.max_in_flight, mpar_pipeline_get_schedule
 
    License: MIT, see the end of this file.
 */
@@ -71,7 +78,7 @@
 #define MPAR_H
 
 #define MPAR_VERSION_MAJOR 0
-#define MPAR_VERSION_MINOR 3
+#define MPAR_VERSION_MINOR 4
 #define MPAR_VERSION_PATCH 0
 #define MPAR_VERSION_STRING "0.3.0"
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
@@ -746,6 +753,14 @@ MPARDEF const char* mpar_plan_binding_name(mpar_plan_binding_kind kind);
    order. Interleaved 1F1B: vs = c*P + s (virtual stage j on stage j mod
    P). ZB-V: a V, vs = s and 2P-1-s on stage s. With V = 1, vs = s.
 
+   A schedule is all the executor needs: what it implies (split backward or
+   not, forward-only, each stage's and each chunk's peak of stashes, the
+   micro-batch count, the placement) is derived from the lists once, when
+   the schedule is made, and read from mpar_schedule by the executor,
+   planner, profiler and timeline alike. The kinds are generators;
+   mpar_schedule_synthesize makes one for given costs; inference runs a
+   forward-only schedule (mpar_schedule_forward_only).
+
    Dependencies (what the executor enforces, what the simulator checks):
      F(vs,m)      needs F(vs-1,m)            (+ link delay if another stage)
      B/I(vs,m)    needs F(vs,m), and B/I(vs+1,m) unless vs is the last one
@@ -753,8 +768,15 @@ MPARDEF const char* mpar_plan_binding_name(mpar_plan_binding_kind kind);
      W(vs,m)      needs I(vs,m)              (same stage)
      OPTIMIZER    needs every B / W of its stage; it is the last action.
    Every (vs,m) has exactly one F, and either one B or one I and one W.
-   Sends never block: a link is modelled as able to hold every message in
-   flight, so a bounded link queue needs room for the peak in-flight count.
+   Links are queues: across each boundary the receiver must take the
+   micro-batches in the order the sender sends them (validation refuses
+   other lists). Sends never block: a link is modelled as able to hold
+   every message in flight, so a bounded link queue needs room for the peak
+   in-flight count. The executor accumulates a chunk's weight gradients in
+   list order, so a schedule equals one device bit for bit when each
+   chunk's B's and W's run in micro-batch order (every generator's and the
+   synthesizer's do); other valid orders give the same values within float
+   rounding.
    ========================================================================== */
 #ifndef MPAR_PART_SCHEDULE_DECL
 #define MPAR_PART_SCHEDULE_DECL
@@ -1316,10 +1338,18 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* pipeline);
 MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info);
 /* Clipping, then one optimizer step on every stage. */
 MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info);
-/* compute_gradients + apply_gradients. */
+/* compute_gradients + apply_gradients, with the same result bit for bit.
+   In one process the optimizer step is the last action of each stage's
+   list: a stage posts its layers' squared gradient norms, and once every
+   stage's are in (and the loss) the step is decided from all of them,
+   summed in layer order, so the NaN check and clipping see the same
+   global norm on every stage and for every partition; each stage then
+   steps at once, without a second job. Across processes the host decides
+   between a gradient job and a step job. */
 MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info);
 /* Forward only, streamed through the stages in micro-batches of at most
-   max_batch / microbatches samples. outputs (optional) receives the input
+   max_batch / microbatches samples, by a forward-only schedule on the
+   training schedule's placement (mpar_schedule_forward_only). outputs (optional) receives the input
    of the loss layer, [rows × its width]; loss (optional) the mean loss when
    targets are given. */
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss);

@@ -96,7 +96,7 @@ static inline const char* ex_pipeline_options(int argc, char** argv, int microba
     const char* stage_text = ex_option(argc, argv, "--stages");
     pd->schedule = MPAR_SCHEDULE_1F1B;
     if (sched && mpar_schedule_kind_parse(sched, &pd->schedule, NULL) != MPAR_SUCCESS)
-        return "--schedule: expected sequential, gpipe, 1f1b, interleaved or zbh1";
+        return "--schedule: expected sequential, gpipe, 1f1b, interleaved, zbh1, zbh2, zbv or auto";
     pd->microbatches = ex_int(argc, argv, "--microbatches", microbatches);
     pd->virtual_stages = pd->schedule == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1;
     pd->profile = ex_option(argc, argv, "--trace") != NULL;

@@ -177,7 +177,8 @@ static void print_layers(const mpar_model* model, const mpar_plan_layer* pl, con
 static void compare_schedules(const setup* s, const mpar_pipeline_desc* base, const mpar_plan_options* opt,
                               mpar_schedule_kind chosen) {
     static const mpar_schedule_kind kinds[] = {MPAR_SCHEDULE_SEQUENTIAL, MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B,
-                                               MPAR_SCHEDULE_INTERLEAVED_1F1B, MPAR_SCHEDULE_ZB_H1};
+                                               MPAR_SCHEDULE_INTERLEAVED_1F1B, MPAR_SCHEDULE_ZB_H1, MPAR_SCHEDULE_ZB_H2,
+                                               MPAR_SCHEDULE_ZB_V};
     mpar_plan_layer pl[MAX_LAYERS];
     static double scaled[3][MAX_LAYERS * MAX_DEV];
     double best = 1e30;
@@ -185,7 +186,7 @@ static void compare_schedules(const setup* s, const mpar_pipeline_desc* base, co
     printf("\nevery schedule kind, same model, devices and options (M=%d):\n", base->microbatches);
     printf("  %-12s %-26s %6s %13s %13s %9s %11s  %s\n", "schedule", "stages", "in_fl", "plan_step_ms",
            "sim_step_ms", "sim_bubble", "peak_MiB", "binding");
-    for (k = 0; k < 5; k++) {
+    for (k = 0; k < (int)(sizeof kinds / sizeof kinds[0]); k++) {
         mpar_pipeline_desc d = *base;
         mpar_plan_options o = *opt;
         mpar_plan plan;
@@ -195,7 +196,7 @@ static void compare_schedules(const setup* s, const mpar_pipeline_desc* base, co
         char text[256];
         int j, in_flight = 0;
         d.schedule = kinds[k];
-        d.virtual_stages = kinds[k] == MPAR_SCHEDULE_INTERLEAVED_1F1B ? 2 : 1;
+        d.virtual_stages = kinds[k] == MPAR_SCHEDULE_INTERLEAVED_1F1B || kinds[k] == MPAR_SCHEDULE_ZB_V ? 2 : 1;
         if (kinds[k] == MPAR_SCHEDULE_SEQUENTIAL && s->mf) {
             /* The profile is per micro-batch of B/M samples; SEQUENTIAL runs
                the whole batch as one, so its costs are scaled by M. */
