@@ -6739,6 +6739,13 @@ static void mpar__sched_push_zbv(mpar_schedule* sc, int s, int next[2][4], mpar_
    The phases need M >= 2P-1; a smaller M is built as 2P-1 with the padding
    micro-batches dropped, which removes whole dependency chains, so the
    lists stay deadlock-free (as for the interleaved schedule). */
+/* F, I, W of the next micro-batch of one chunk, back to back. */
+static void mpar__sched_push_zbv_fiw(mpar_schedule* sc, int s, int next[2][4], int with_f, int chunk) {
+    if (with_f) mpar__sched_push_zbv(sc, s, next, MPAR_ACTION_FORWARD, chunk);
+    mpar__sched_push_zbv(sc, s, next, MPAR_ACTION_BACKWARD_INPUT, chunk);
+    mpar__sched_push_zbv(sc, s, next, MPAR_ACTION_BACKWARD_WEIGHT, chunk);
+}
+
 static void mpar__sched_gen_zbv_stage(mpar_schedule* sc, int s, int padded) {
     int i, P = sc->stages, next[2][4];
     const mpar_action_kind fw = MPAR_ACTION_FORWARD, ig = MPAR_ACTION_BACKWARD_INPUT, wg = MPAR_ACTION_BACKWARD_WEIGHT;
@@ -6748,18 +6755,10 @@ static void mpar__sched_gen_zbv_stage(mpar_schedule* sc, int s, int padded) {
         mpar__sched_push_zbv(sc, s, next, fw, 1);
         mpar__sched_push_zbv(sc, s, next, fw, 0);
     }
-    for (i = 0; i < P - s; ++i) {
-        mpar__sched_push_zbv(sc, s, next, fw, 1);
-        mpar__sched_push_zbv(sc, s, next, ig, 1);
-        mpar__sched_push_zbv(sc, s, next, wg, 1);
-    }
+    for (i = 0; i < P - s; ++i) mpar__sched_push_zbv_fiw(sc, s, next, 1, 1);
     while (next[1][fw] < padded) {
-        if (next[0][fw] < padded) mpar__sched_push_zbv(sc, s, next, fw, 0);
-        mpar__sched_push_zbv(sc, s, next, ig, 0);
-        mpar__sched_push_zbv(sc, s, next, wg, 0);
-        mpar__sched_push_zbv(sc, s, next, fw, 1);
-        mpar__sched_push_zbv(sc, s, next, ig, 1);
-        mpar__sched_push_zbv(sc, s, next, wg, 1);
+        mpar__sched_push_zbv_fiw(sc, s, next, next[0][fw] < padded, 0);
+        mpar__sched_push_zbv_fiw(sc, s, next, 1, 1);
     }
     for (i = 0; i < s; ++i) {
         mpar__sched_push_zbv(sc, s, next, ig, 0);
@@ -10302,9 +10301,9 @@ static mpar_result mpar__pipeline_timeline(mpar_pipeline* p, mpar_timeline* out)
 }
 
 MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out) {
+    if (out) memset(out, 0, sizeof *out); /* safe to free whatever happens */
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_timeline: out is NULL");
-    memset(out, 0, sizeof *out);
     if (!p->desc.profile)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
     return mpar__pipeline_timeline(p, out);
