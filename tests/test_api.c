@@ -711,8 +711,12 @@ static void test_schedule_bad_input(void** state) {
     char buf[16];
     (void)state;
     ERR_FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_schedule_create(MPAR_SCHEDULE_1F1B, 2, 4, 1, NULL, &e));
-    ERR_FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_schedule_create((mpar_schedule_kind)5, 2, 4, 1, &sc, &e));
+    ERR_FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_schedule_create((mpar_schedule_kind)8, 2, 4, 1, &sc, &e));
     assert_null(sc);
+    sc = (mpar_schedule*)&sc; /* AUTO needs costs: pipelines only */
+    ERR_FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_schedule_create(MPAR_SCHEDULE_AUTO, 2, 4, 1, &sc, &e));
+    assert_null(sc);
+    assert_non_null(strstr(e.message, "mpar_schedule_synthesize"));
     ERR_FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_schedule_create((mpar_schedule_kind)-1, 2, 4, 1, &sc, &e));
     ERR_FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_schedule_create(MPAR_SCHEDULE_1F1B, 0, 4, 1, &sc, &e));
     ERR_FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_schedule_create(MPAR_SCHEDULE_1F1B, 2, 0, 1, &sc, &e));
