@@ -80,7 +80,7 @@
 #define MPAR_VERSION_MAJOR 0
 #define MPAR_VERSION_MINOR 4
 #define MPAR_VERSION_PATCH 0
-#define MPAR_VERSION_STRING "0.3.0"
+#define MPAR_VERSION_STRING "0.4.0"
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
    when defined, takes its place. */
 #define MPAR__INSTALLED_KERNEL_DIR ""
