@@ -380,6 +380,14 @@ static void test_failed_step_not_counted(void** state) {
     assert_int_equal(mpar_pipeline_get_step(p), 1);
     assert_int_equal(mpar_set_fault(g_ctx, NULL), MPAR_SUCCESS);
     mpar_pipeline_destroy(p);
+    /* the same inside train_step, where the step is an action of the job */
+    p = make_pipeline(g_ctx, m, MPAR_SCHEDULE_1F1B, 2, 2);
+    assert_int_equal(mpar_pipeline_train_step(p, &b, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_set_fault(g_ctx, "enqueue:0:2"), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_train_step(p, &b, NULL), (mpar_result)CL_OUT_OF_RESOURCES);
+    assert_int_equal(mpar_pipeline_get_step(p), 1);
+    assert_int_equal(mpar_set_fault(g_ctx, NULL), MPAR_SUCCESS);
+    mpar_pipeline_destroy(p);
     mpar_model_destroy(m);
 }
 

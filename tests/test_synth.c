@@ -61,6 +61,25 @@ static void check_schedule(const mpar_schedule* sc, const mpar_synth_desc* d) {
             print_error("stage %d holds %d stashes, cap %d\n", s, sc->peak_in_flight[s], d->max_in_flight[s]);
             fail();
         }
+    /* each chunk adds its weight gradients (B or W) in micro-batch order:
+       what keeps a pipeline bit for bit with one device */
+    for (s = 0; s < d->stages; ++s) {
+        int c, i;
+        for (c = 0; c < V; ++c) {
+            int last = -1;
+            for (i = 0; i < mpar_schedule_action_count(sc, s); ++i) {
+                const mpar_action* a = mpar_schedule_action(sc, s, i);
+                if (a->chunk != c || (a->kind != MPAR_ACTION_BACKWARD && a->kind != MPAR_ACTION_BACKWARD_WEIGHT))
+                    continue;
+                if (a->microbatch < last) {
+                    print_error("stage %d chunk %d: weight gradient of micro-batch %d after %d\n", s, c, a->microbatch,
+                                last);
+                    fail();
+                }
+                last = a->microbatch;
+            }
+        }
+    }
 }
 
 static uint64_t rng_state = 0x5eed;
