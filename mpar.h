@@ -6562,6 +6562,11 @@ static void mpar__sched_place(mpar_schedule* sc) {
 
 /* Virtual stage of chunk c on stage s, and the chunk of a virtual stage. */
 static int mpar__sched_vs(const mpar_schedule* sc, int s, int c) { return sc->virtual_stage_of[s * sc->virtual_stages + c]; }
+/* The virtual stage an action works on; 0 for the optimizer step, whose
+   chunk field is ignored (and so never checked). */
+static int mpar__sched_action_vs(const mpar_schedule* sc, int s, const mpar_action* a) {
+    return a->kind == MPAR_ACTION_OPTIMIZER_STEP ? 0 : mpar__sched_vs(sc, s, a->chunk);
+}
 static int mpar__sched_chunk(const mpar_schedule* sc, int vs) {
     int c, s = sc->placement[vs];
     for (c = 0; c < sc->virtual_stages && sc->virtual_stage_of[s * sc->virtual_stages + c] != vs; ++c) {}
@@ -7355,7 +7360,7 @@ static double mpar__sched_arrival(const mpar__sched_run* run, int boundary, int 
 }
 /* Blocking links: the copies an action makes itself, in and out. */
 static double mpar__sched_copies(const mpar__sched_run* run, int s, const mpar_action* a) {
-    int vs = mpar__sched_vs(run->sc, s, a->chunk), m = a->microbatch;
+    int vs = mpar__sched_action_vs(run->sc, s, a), m = a->microbatch;
     const int* at = run->sc->placement;
     double t = 0.0;
     if (!run->costs || !run->costs->blocking) return 0.0;
@@ -7371,7 +7376,7 @@ static double mpar__sched_copies(const mpar__sched_run* run, int s, const mpar_a
 
 static double mpar__sched_duration(const mpar__sched_run* run, int s, const mpar_action* a) {
     const mpar__sched_costs* c = run->costs;
-    int vs = mpar__sched_vs(run->sc, s, a->chunk);
+    int vs = mpar__sched_action_vs(run->sc, s, a);
     if (!c) return 0.0;
     switch (a->kind) {
     case MPAR_ACTION_FORWARD: return c->f[vs] * c->scale[a->microbatch];
@@ -7386,7 +7391,7 @@ static double mpar__sched_duration(const mpar__sched_run* run, int s, const mpar
    missing action in *need / *need_vs otherwise. */
 static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_action* a, double* ready,
                              mpar_action_kind* need, int* need_vs) {
-    int M = run->M, vs = mpar__sched_vs(run->sc, s, a->chunk), m = a->microbatch;
+    int M = run->M, vs = mpar__sched_action_vs(run->sc, s, a), m = a->microbatch;
     double t = 0.0;
     if (a->kind == MPAR_ACTION_OPTIMIZER_STEP) {
         *need = MPAR_ACTION_BACKWARD;
@@ -7430,7 +7435,7 @@ static int mpar__sched_ready(const mpar__sched_run* run, int s, const mpar_actio
 }
 
 static void mpar__sched_execute(mpar__sched_run* run, int s, const mpar_action* a, double ready) {
-    int k = mpar__sched_vs(run->sc, s, a->chunk) * run->M + a->microbatch, step = run->pos[s];
+    int k = mpar__sched_action_vs(run->sc, s, a) * run->M + a->microbatch, step = run->pos[s];
     double start = ready > run->free_at[s] ? ready : run->free_at[s];
     double end = start + mpar__sched_duration(run, s, a) + mpar__sched_copies(run, s, a);
     switch (a->kind) {

@@ -987,6 +987,27 @@ static void test_print_table_and_timeline(void** state) {
     mpar_schedule_destroy(g);
 }
 
+/* The optimizer step's chunk field is ignored, whatever it holds: found by
+   tests/fuzz/fuzz_schedule.c, where the walk read the placement table at
+   an OPT's unchecked chunk (run under ASan by make check). */
+static void test_optimizer_chunk_ignored(void** state) {
+    static const mpar_action s0[] = {{MPAR_ACTION_FORWARD, 0, 0}, {MPAR_ACTION_BACKWARD, 0, 0},
+                                     {MPAR_ACTION_OPTIMIZER_STEP, -1, 1000000}};
+    static const mpar_action s1[] = {{MPAR_ACTION_FORWARD, 0, 0}, {MPAR_ACTION_BACKWARD, 0, 0},
+                                     {MPAR_ACTION_OPTIMIZER_STEP, -1, -7}};
+    const mpar_action* lists[2] = {s0, s1};
+    int counts[2] = {3, 3};
+    mpar_schedule* sc = NULL;
+    mpar_simulation* sim = NULL;
+    (void)state;
+    assert_int_equal(mpar_schedule_from_lists(2, 1, 1, lists, counts, &sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_schedule_validate(sc, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_simulate(sc, NULL, &sim, NULL), MPAR_SUCCESS);
+    assert_int_equal(sc->peak_in_flight[0], 1);
+    mpar_simulation_destroy(sim);
+    mpar_schedule_destroy(sc);
+}
+
 /* Links are queues: a receiver that takes micro-batches in another order
    than its neighbour sends them is refused by name, although no stage
    would wait forever in the simulator's model. */
@@ -1079,6 +1100,7 @@ int main(void) {
         cmocka_unit_test(test_accessors),
         cmocka_unit_test(test_print_table_and_timeline),
         cmocka_unit_test(test_links_are_queues),
+        cmocka_unit_test(test_optimizer_chunk_ignored),
         cmocka_unit_test(test_print_v_shape),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
