@@ -9922,8 +9922,8 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     if (job != MPAR__JOB_STEP) {
         mpar_schedule_destroy(p->replaced_schedule); /* the timeline now shows this job */
         p->replaced_schedule = NULL;
+        p->t0 = mpar__now();
     }
-    if (job != MPAR__JOB_STEP) p->t0 = mpar__now();
     p->step_seed = mpar__fnv1a(p->model->desc.seed ^ 0x5851F42D4C957F2DULL, &p->step, sizeof p->step);
     mpar__decide_serial(p, job);
     /* AUTO measures a training job that runs its stages at once (a job run
@@ -10006,6 +10006,15 @@ static int mpar__counted_rows(const mpar_pipeline* p) {
     return (int)(p->loss_scale > 0.0f ? (1.0f / p->loss_scale + 0.5f) : 0.0f);
 }
 
+/* The batch's mean loss over its counted rows, from the micro-batches'
+   sums in micro-batch order (0 when no row counts). */
+static double mpar__batch_loss(const mpar_pipeline* p) {
+    double loss = 0.0;
+    int m, counted = mpar__counted_rows(p);
+    for (m = 0; m < p->mb_count; m++) loss += (double)p->mb_loss[m];
+    return counted ? loss / counted : 0.0;
+}
+
 static mpar_result mpar__damaged(mpar_pipeline* p) {
     return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE,
                       "an optimizer step failed part-way, so some stages may hold updated parameters and others not; "
@@ -10015,24 +10024,20 @@ static mpar_result mpar__damaged(mpar_pipeline* p) {
 static mpar_result mpar__auto_finish(mpar_pipeline* p);
 MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_result r;
-    double loss = 0.0;
-    int m, counted;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->damaged) return mpar__damaged(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
-    counted = mpar__counted_rows(p);
     r = mpar__run_job(p, MPAR__JOB_GRADS);
     p->grads_ready = r == MPAR_SUCCESS;
     if (r != MPAR_SUCCESS) return r;
-    for (m = 0; m < p->mb_count; m++) loss += (double)p->mb_loss[m];
+    p->last_loss = mpar__batch_loss(p); /* apply checks it is finite */
     if (info) {
         memset(info, 0, sizeof *info);
-        info->loss = counted ? loss / counted : 0.0;
-        info->counted_rows = counted;
+        info->loss = p->last_loss;
+        info->counted_rows = mpar__counted_rows(p);
         info->step = p->step;
     }
-    p->last_loss = counted ? loss / counted : 0.0; /* apply checks it is finite */
     return mpar__auto_finish(p);
 }
 
@@ -10060,12 +10065,7 @@ static void mpar__step_decide(mpar_pipeline* p) {
         if (bad < 0 && !isfinite(p->layer_sumsq[i])) bad = i;
         sumsq += p->layer_sumsq[i];
     }
-    if (p->job == MPAR__JOB_TRAIN) { /* the losses are in: every stage drained before posting */
-        double loss = 0.0;
-        int counted = mpar__counted_rows(p);
-        for (i = 0; i < p->mb_count; i++) loss += (double)p->mb_loss[i];
-        p->last_loss = counted ? loss / counted : 0.0;
-    }
+    if (p->job == MPAR__JOB_TRAIN) p->last_loss = mpar__batch_loss(p); /* every stage drained before posting */
     norm = sqrt(sumsq);
     p->opt_norm = norm;
     p->opt_bad_layer = bad;
@@ -10121,7 +10121,6 @@ MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_in
 MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_step_info local;
     mpar_result r;
-    int counted;
     if (!info) info = &local;
     if (p && p->ranks > 1) { /* across processes the host decides the step between two jobs */
         r = mpar_pipeline_compute_gradients(p, batch, info);
@@ -10132,7 +10131,6 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     if (p->damaged) return mpar__damaged(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
-    counted = mpar__counted_rows(p);
     p->grads_ready = 0;
     p->opt_posted = p->opt_decided = p->opt_go = p->opt_stepped = 0;
     r = mpar__run_job(p, MPAR__JOB_TRAIN);
@@ -10145,7 +10143,7 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     }
     memset(info, 0, sizeof *info);
     info->loss = p->last_loss;
-    info->counted_rows = counted;
+    info->counted_rows = mpar__counted_rows(p);
     info->grad_norm = p->opt_norm;
     info->step = p->step;
     info->lr = p->opt_go ? p->step_lr : 0.0f;
@@ -10831,7 +10829,7 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
         d->virtual_stages = d->schedule_lists->virtual_stages;
     }
     if (d->microbatches == 0) d->microbatches = 1;
-    if (d->virtual_stages <= 1 && d->virtual_stages >= 0) d->virtual_stages = mpar__sched_kind_vstages(d->schedule, 1);
+    if (d->virtual_stages == 0 || d->virtual_stages == 1) d->virtual_stages = mpar__sched_kind_vstages(d->schedule, 1);
     if (d->timeout_seconds <= 0) d->timeout_seconds = 600;
     if (d->max_run_ahead == 0) d->max_run_ahead = 4;
     if (o->lr == 0.0f) o->lr = 1e-3f;
