@@ -122,10 +122,11 @@ static void fuzz_plan_text(const uint8_t* data, size_t size) {
 
 static int ref_kind(const char* name) {
     static const char* names[] = {"sequential", "naive", "gpipe", "1f1b", "pipedreamflush",
-                                  "interleaved", "interleaved1f1b", "zbh1"};
+                                  "interleaved", "interleaved1f1b", "zbh1", "zbh2", "zbv", "auto"};
     static const int kinds[] = {MPAR_SCHEDULE_SEQUENTIAL, MPAR_SCHEDULE_SEQUENTIAL, MPAR_SCHEDULE_GPIPE,
                                 MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_INTERLEAVED_1F1B,
-                                MPAR_SCHEDULE_INTERLEAVED_1F1B, MPAR_SCHEDULE_ZB_H1};
+                                MPAR_SCHEDULE_INTERLEAVED_1F1B, MPAR_SCHEDULE_ZB_H1, MPAR_SCHEDULE_ZB_H2,
+                                MPAR_SCHEDULE_ZB_V, MPAR_SCHEDULE_AUTO};
     char norm[40];
     size_t n = 0, k;
     for (; *name; name++) {
