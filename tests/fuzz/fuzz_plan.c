@@ -217,7 +217,7 @@ static void write_plan_seeds(const char* dir, int* k) {
 int LLVMFuzzerInitialize(int* argc, char*** argv) {
     static const char* texts[] = {"0:0-5,1:6-11", "1:0-3, 0:4-7", " 2 : 0 - 9 ,\t0:10\n", "0:0",
                                   "0:0-0,1:1-1,2:2-2,3:3-3", "123456789:0-999999999", "1f1b", "ZB-H1",
-                                  "interleaved_1f1b", "Pipedream Flush", "naive", "gpipe"};
+                                  "interleaved_1f1b", "Pipedream Flush", "naive", "gpipe", "zb_h2", "ZBV", "Auto"};
     const char* dir = getenv("MPAR_FUZZ_SEEDS");
     int k = 0;
     size_t i;
