@@ -655,6 +655,10 @@ typedef struct mpar_plan_desc {
     const mpar_plan_stage* manual_stages; /* MANUAL: ranges in pipeline order ... */
     int num_manual_stages;
     const int* manual_layer_devices;      /* ... or MANUAL: a device per layer */
+    /* Inference only: no gradients (a layer holds param_bytes +
+       optimizer_bytes, which should be 0) and one micro-batch's activations
+       per stage (stages[].in_flight is 1). */
+    int inference_only;
     /* The planner's tables and the plan's arrays (the plan keeps a copy
        for mpar_plan_free); all NULL: MPAR_MALLOC. */
     mpar_allocator allocator;
@@ -1237,6 +1241,23 @@ typedef struct mpar_pipeline_desc {
        ahead; host-route ones compute in the worker thread. */
     int max_run_ahead;
     int profile;            /* record a timeline of every step (mpar_pipeline_get_timeline) */
+    /* Memory. A chunk's per-layer state (parameters, gradients, optimizer
+       moments) and each of its activation and gradient slots are cut,
+       between layers, into buffers of at most max_buffer_bytes [each
+       device's CL_DEVICE_MAX_MEM_ALLOC_SIZE], so a stage is limited by its
+       device's total memory, not by its largest allocation. A single layer
+       larger than that is refused with MPAR_ERROR_DOES_NOT_FIT. */
+    uint64_t max_buffer_bytes;
+    /* Bytes mpar may allocate on each device [its CL_DEVICE_GLOBAL_MEM_SIZE].
+       A pipeline that needs more on some device (mpar_pipeline_memory) is
+       refused with MPAR_ERROR_DOES_NOT_FIT before anything is allocated,
+       naming the device and the shortfall; the planner plans within it. */
+    uint64_t memory_limit_bytes;
+    /* Inference only: no gradients, optimizer state or gradient slots, and
+       one activation slot per chunk, so a device holds its parameters and
+       the activations in flight. Training calls and gradient or moment
+       reads return MPAR_ERROR_INVALID_STATE. */
+    int inference_only;
     /* Stages in separate processes (compiled with MPAR_USE_MPI): the
        address of an MPI_Comm whose ranks share this pipeline, each calling
        every pipeline function with the same arguments (MPI must be
@@ -1291,6 +1312,24 @@ typedef struct mpar_pipeline mpar_pipeline;
 
 MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                          mpar_pipeline** out);
+
+/* What a pipeline made from `desc` would allocate, without allocating
+   anything: per device stage and per chunk, the bytes of its buffers by
+   the executor's own accounting (what mpar_pipeline_get_stats reports as
+   device_bytes once it is created), link buffers included. Makes the
+   checks mpar_pipeline_create makes before it allocates, so it returns
+   MPAR_ERROR_DOES_NOT_FIT, naming the device and the shortfall, exactly
+   when creating would (the counts are filled in then too). */
+typedef struct mpar_pipeline_memory_info {
+    int stages;                  /* device stages */
+    int chunks;                  /* chunks: stages x virtual stages */
+    int device[64];              /* device of each stage */
+    uint64_t device_bytes[64];   /* per device stage */
+    uint64_t chunk_bytes[256];   /* per chunk, with the link buffers it receives into */
+    int chunk_buffers[256];      /* buffers each chunk's state is cut into (max_buffer_bytes) */
+} mpar_pipeline_memory_info;
+MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                         mpar_pipeline_memory_info* out);
 
 /* Planning a pipeline for a model on the context's devices: the planner's
    inputs come from the model (FLOPs, parameter, optimizer and activation
@@ -5105,7 +5144,8 @@ static void mpar__planner_fill_memory(mpar__planner_ctx* c) {
     c->fixed[0] = c->stash[0] = 0.0;
     for (l = 0; l < c->L; ++l) {
         const mpar_plan_layer* y = &c->d.layers[l];
-        c->fixed[l + 1] = c->fixed[l] + 2.0 * (double)y->param_bytes + (double)y->optimizer_bytes;
+        c->fixed[l + 1] = c->fixed[l] + (c->d.inference_only ? 1.0 : 2.0) * (double)y->param_bytes +
+                          (double)y->optimizer_bytes;
         c->stash[l + 1] = c->stash[l] + (double)y->activation_bytes;
         c->out[l] = (double)y->output_bytes;
     }
@@ -5255,7 +5295,7 @@ static void mpar__planner_seq(mpar__planner_ctx* c, const int* order, int k) {
         int at = c->place_tab[(k - 1) * c->nmax + s];
         c->dev[s] = order[at];
         c->scap[s] = c->cap[c->dev[s]] / c->veff;
-        c->mult[s] = c->mult_tab[(k - 1) * c->P + at];
+        c->mult[s] = c->d.inference_only ? 1.0 : c->mult_tab[(k - 1) * c->P + at];
     }
     for (s = 0; s + 1 < c->n; ++s) {
         double* row = c->xb + (size_t)s * L1;
@@ -8731,13 +8771,26 @@ typedef struct mpar__vstage {
     size_t* act_cum;    /* [n+2] cumulative widths of region 0..n (per row) */
     size_t* stash_cum;  /* [n+1] */
     size_t* gstash_cum; /* [n+1] */
-    size_t scratch_per_row, act_floats, grad_floats;
-    cl_mem params, grads, opt1, opt2, scratch, work, norms, partial, targets, losses;
-    cl_mem norm_table; /* cl_ulong [2(n+1)]: layer offsets in grads, first chunk of each layer */
+    size_t scratch_per_row;
+    /* The chunk's layers cut into `blocks` runs, each run's state and slot
+       parts in buffers of their own (max_buffer_bytes): block b holds layers
+       block_first[b] .. block_first[b+1]-1; block_of[k] is layer k's block
+       (block_of[n], the output, is the last). */
+    int blocks;
+    int* block_first; /* [blocks+1] */
+    int* block_of;    /* [n+1] */
+    cl_mem *params, *grads, *opt1, *opt2; /* [blocks]; opt2 one float for SGD */
+    cl_mem* work;                         /* [blocks]: recompute's working activations */
+    cl_mem scratch, norms, partial, targets, losses;
+    /* [blocks] of cl_ulong [2(n_b+1)]: the block's layer offsets in its
+       grads buffer, then the first gradient-norm chunk of each layer (a
+       buffer each: the host kernels take an 8-byte table at offset 0) */
+    cl_mem* norm_tables;
+    size_t* part_first; /* [blocks+1]: block b's first gradient-norm chunk */
     size_t partial_count;
     int slot_count, grad_slot_count;
-    cl_mem* act_slots;
-    cl_mem* grad_slots;
+    cl_mem* act_slots;  /* [slot * blocks + b]; with recompute [slot]: the stage input */
+    cl_mem* grad_slots; /* [slot * blocks + b] */
     int* slot_mb;
     mpar__link *fwd_in, *fwd_out, *bwd_in, *bwd_out;
 } mpar__vstage;
@@ -8790,6 +8843,11 @@ struct mpar_pipeline {
     mpar_schedule* infer_schedule; /* forward-only, for the last inference's micro-batch count */
     mpar__vstage* vs;
     mpar__link* links; /* [vs_count-1] forward, then [vs_count-1] backward */
+    /* Bytes each device and each chunk allocate (mpar__pipeline_need); a
+       dry run (mpar_pipeline_memory) stops there. */
+    uint64_t need[MPAR__MAX_WORKERS];
+    uint64_t need_vs[4 * MPAR__MAX_WORKERS];
+    int dry_run;
     mpar__worker workers[MPAR__MAX_WORKERS];
     /* job hand-off */
     pthread_mutex_t mu;
@@ -9172,6 +9230,12 @@ static mpar_result mpar__out_guard(mpar__worker* w, cl_mem mem) {
     return MPAR_SUCCESS;
 }
 
+static mpar_result mpar__out_guard_all(mpar__worker* w, cl_mem* mems, int count) {
+    int i;
+    for (i = 0; mems && i < count; i++) MPAR__TRY(mpar__out_guard(w, mems[i]));
+    return MPAR_SUCCESS;
+}
+
 static mpar_result mpar__async_send(mpar__worker* w, mpar__link* l, int slot, mpar_buf src, size_t floats, int mb) {
     mpar_context* ctx = w->p->ctx;
     cl_event wait[2], marker = NULL;
@@ -9350,30 +9414,54 @@ static void mpar__links_abort(mpar_pipeline* p, int value) {
 
 static int mpar__mb_samples(const mpar_pipeline* p, int mb) { return p->mb_first[mb + 1] - p->mb_first[mb]; }
 
-/* Region k of a slot: the input of layer first+k (k = n: the output). With
-   recompute only region 0 lives in the slot; the rest in the work buffer. */
+/* Where region k of a slot lies (the input of layer first+k; k = n: the
+   output): block b = block_of[k], and within its part of the slot, the
+   inputs of the block's layers (and, in the last block, the output), then
+   their stashes. One block is the layout of one buffer per slot. With
+   recompute only region 0 lives in the slot (alone); the rest lives in the
+   work buffers, laid out as a slot. */
+static size_t mpar__act_end(const mpar__vstage* v, int b) {
+    return b == v->blocks - 1 ? (size_t)v->n + 1 : (size_t)v->block_first[b + 1];
+}
 static mpar_buf mpar__act(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
     mpar_buf b;
-    int in_slot = !p->desc.recompute || k == 0;
-    b.mem = in_slot ? v->act_slots[slot] : v->work;
-    b.off = (size_t)p->mb_rows_max * v->act_cum[k];
+    int blk = v->block_of[k];
+    if (p->desc.recompute && k == 0) {
+        b.mem = v->act_slots[slot], b.off = 0;
+        return b;
+    }
+    b.mem = p->desc.recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
+    b.off = (size_t)p->mb_rows_max * (v->act_cum[k] - v->act_cum[v->block_first[blk]]);
     return b;
 }
 static mpar_buf mpar__stash(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
     mpar_buf b;
-    b.mem = p->desc.recompute ? v->work : v->act_slots[slot];
-    b.off = (size_t)p->mb_rows_max * (v->act_cum[v->n + 1] + v->stash_cum[k]);
+    int blk = v->block_of[k], f = v->block_first[blk];
+    b.mem = p->desc.recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
+    b.off = (size_t)p->mb_rows_max * (v->act_cum[mpar__act_end(v, blk)] - v->act_cum[f] + v->stash_cum[k] -
+                                      v->stash_cum[f]);
     return b;
 }
 static mpar_buf mpar__grad(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
     mpar_buf b;
-    b.mem = v->grad_slots[v->grad_slot_count > 1 ? slot : 0];
-    b.off = (size_t)p->mb_rows_max * v->act_cum[k];
+    int blk = v->block_of[k];
+    b.mem = v->grad_slots[(v->grad_slot_count > 1 ? slot : 0) * v->blocks + blk];
+    b.off = (size_t)p->mb_rows_max * (v->act_cum[k] - v->act_cum[v->block_first[blk]]);
     return b;
 }
 static mpar_buf mpar__gstash(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
-    mpar_buf b = mpar__grad(p, v, slot, 0);
-    b.off = (size_t)p->mb_rows_max * (v->act_cum[v->n + 1] + v->gstash_cum[k]);
+    mpar_buf b;
+    int blk = v->block_of[k], f = v->block_first[blk];
+    b.mem = v->grad_slots[(v->grad_slot_count > 1 ? slot : 0) * v->blocks + blk];
+    b.off = (size_t)p->mb_rows_max * (v->act_cum[mpar__act_end(v, blk)] - v->act_cum[f] + v->gstash_cum[k] -
+                                      v->gstash_cum[f]);
+    return b;
+}
+/* Layer k's parameters (or gradients, moments) in its block's buffer. */
+static mpar_buf mpar__state(const mpar__vstage* v, cl_mem* mems, int k) {
+    mpar_buf b;
+    int blk = v->block_of[k];
+    b.mem = mems[blk], b.off = v->param_off[k] - v->param_off[v->block_first[blk]];
     return b;
 }
 
@@ -9387,8 +9475,8 @@ static void mpar__io(const mpar_pipeline* p, const mpar__vstage* v, int slot, in
     io->dx = mpar__grad(p, v, slot, k);
     io->dy = mpar__grad(p, v, slot, k + 1);
     io->need_dx = v->first + k > 0;
-    io->params.mem = v->params, io->params.off = v->param_off[k];
-    io->grads.mem = v->grads, io->grads.off = v->param_off[k];
+    io->params = mpar__state(v, v->params, k);
+    if (v->grads) io->grads = mpar__state(v, v->grads, k);
     io->stash = mpar__stash(p, v, slot, k);
     io->gstash = mpar__gstash(p, v, slot, k);
     io->scratch.mem = v->scratch;
@@ -9518,10 +9606,11 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
                           mb, v->slot_count);
     v->slot_mb[slot] = mb;
     if (++w->in_flight > w->peak_in_flight) w->peak_in_flight = w->in_flight;
-    MPAR__TRY(mpar__out_guard(w, v->act_slots[slot]));
-    MPAR__TRY(mpar__out_guard(w, v->work));
+    MPAR__TRY(mpar__out_guard_all(w, v->act_slots + (p->desc.recompute ? slot : slot * v->blocks),
+                                  p->desc.recompute ? 1 : v->blocks));
+    MPAR__TRY(mpar__out_guard_all(w, v->work, v->blocks));
     if (v->index == 0)
-        MPAR__TRY(mpar__upload_batch(w, v->act_slots[slot], 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
+        MPAR__TRY(mpar__upload_batch(w, mpar__act(p, v, slot, 0).mem, 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
                                      (size_t)rows * (size_t)first->in_features));
     else
         MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__act(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
@@ -9550,7 +9639,7 @@ static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "backward of micro-batch %d before its forward", mb);
     MPAR__TRY(mpar__out_guard(w, mpar__grad(p, v, slot, 0).mem));
-    MPAR__TRY(mpar__out_guard(w, v->work));
+    MPAR__TRY(mpar__out_guard_all(w, v->work, v->blocks));
     if (v->index < p->vs_count - 1) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
         MPAR__TRY(mpar__link_recv(w, v->bwd_in, mpar__grad(p, v, slot, v->n), (size_t)rows * width, mb));
@@ -9578,7 +9667,7 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
     if (slot < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_SCHEDULE, "weight gradient of micro-batch %d before its forward",
                           mb);
-    MPAR__TRY(mpar__out_guard(w, v->work));
+    MPAR__TRY(mpar__out_guard_all(w, v->work, v->blocks));
     mpar__serial_begin(w);
     r = p->desc.recompute && !recomputed ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
     for (k = 0; r == MPAR_SUCCESS && k < v->n; k++) {
@@ -9606,19 +9695,32 @@ static mpar_result mpar__zero(mpar__worker* w, cl_mem mem, size_t n) {
 static mpar_result mpar__layer_norms(mpar__worker* w, mpar__vstage* v) {
     mpar_pipeline* p = w->p;
     float* norms;
-    int k;
+    int k, b;
     mpar_result r;
-    /* two launches for all the stage's layers, however many */
-    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_partial", v->partial_count, 0, "BBiB",
-                               mpar__buf0(v->grads), mpar__buf0(v->norm_table), v->n, mpar__buf0(v->partial)));
-    MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_final", (size_t)v->n, 0, "BBiB",
-                               mpar__buf0(v->partial), mpar__buf0(v->norm_table), v->n, mpar__buf0(v->norms)));
+    /* two launches per block for all its layers, however many */
+    for (b = 0; b < v->blocks; b++) {
+        mpar_buf table = mpar__buf0(v->norm_tables[b]), part, out;
+        int nb = v->block_first[b + 1] - v->block_first[b];
+        part.mem = v->partial, part.off = v->part_first[b];
+        out.mem = v->norms, out.off = (size_t)v->block_first[b];
+        if (v->part_first[b + 1] > v->part_first[b])
+            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_partial",
+                                       v->part_first[b + 1] - v->part_first[b], 0, "BBiB", mpar__buf0(v->grads[b]),
+                                       table, nb, part));
+        MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sumsq_layers_final", (size_t)nb, 0, "BBiB", part, table,
+                                   nb, out));
+    }
     norms = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)v->n);
     if (!norms) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norms), norms, sizeof(float) * (size_t)v->n, 0);
     for (k = 0; r == MPAR_SUCCESS && k < v->n; k++) p->layer_sumsq[v->first + k] = (double)norms[k];
     mpar__free(p->ctx, norms);
     return r;
+}
+
+/* Floats of layer state in block b. */
+static size_t mpar__block_params(const mpar__vstage* v, int b) {
+    return v->param_off[v->block_first[b + 1]] - v->param_off[v->block_first[b]];
 }
 
 /* Bounds how far the worker runs ahead of its device: a marker after each
@@ -9758,7 +9860,8 @@ static mpar_result mpar__job_walk(mpar__worker* w, const mpar_schedule* sc, int 
         mpar__serial_begin(w);
         for (c = 0; r == MPAR_SUCCESS && c < sc->virtual_stages; c++) {
             mpar__vstage* v = mpar__vstage_of(p, w->index, c);
-            r = mpar__zero(w, v->grads, v->param_off[v->n]);
+            int b;
+            for (b = 0; r == MPAR_SUCCESS && b < v->blocks; b++) r = mpar__zero(w, v->grads[b], mpar__block_params(v, b));
         }
         MPAR__TRY(mpar__serial_end(w, r));
     }
@@ -9793,19 +9896,24 @@ static mpar_result mpar__job_step(mpar__worker* w) {
     int c;
     for (c = 0; c < p->desc.virtual_stages; c++) {
         mpar__vstage* v = mpar__vstage_of(p, w->index, c);
-        size_t n = v->param_off[v->n];
-        if (n == 0) continue;
-        if (o->kind == MPAR_OPTIMIZER_SGD) {
-            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sgd_step", n, 0, "BBBlffff", mpar__buf0(v->params),
-                                       mpar__buf0(v->grads), mpar__buf0(v->opt1), n, (double)p->step_lr,
-                                       (double)o->momentum, (double)o->weight_decay, (double)p->step_scale));
-        } else {
-            double c1 = 1.0 - pow((double)o->beta1, (double)p->step), c2 = 1.0 - pow((double)o->beta2, (double)p->step);
-            MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_adamw_step", n, 0, "BBBBlffffffff",
-                                       mpar__buf0(v->params), mpar__buf0(v->grads), mpar__buf0(v->opt1),
-                                       mpar__buf0(v->opt2), n, (double)p->step_lr, (double)o->beta1,
-                                       (double)o->beta2, (double)o->eps, (double)o->weight_decay, c1, c2,
-                                       (double)p->step_scale));
+        int b;
+        for (b = 0; b < v->blocks; b++) {
+            size_t n = mpar__block_params(v, b);
+            if (n == 0) continue;
+            if (o->kind == MPAR_OPTIMIZER_SGD) {
+                MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_sgd_step", n, 0, "BBBlffff",
+                                           mpar__buf0(v->params[b]), mpar__buf0(v->grads[b]), mpar__buf0(v->opt1[b]), n,
+                                           (double)p->step_lr, (double)o->momentum, (double)o->weight_decay,
+                                           (double)p->step_scale));
+            } else {
+                double c1 = 1.0 - pow((double)o->beta1, (double)p->step);
+                double c2 = 1.0 - pow((double)o->beta2, (double)p->step);
+                MPAR__TRY(mpar_exec_launch(&w->ex, "optimizer.cl", "mpar_adamw_step", n, 0, "BBBBlffffffff",
+                                           mpar__buf0(v->params[b]), mpar__buf0(v->grads[b]), mpar__buf0(v->opt1[b]),
+                                           mpar__buf0(v->opt2[b]), n, (double)p->step_lr, (double)o->beta1,
+                                           (double)o->beta2, (double)o->eps, (double)o->weight_decay, c1, c2,
+                                           (double)p->step_scale));
+            }
         }
     }
     mpar__record_compute(w, MPAR_EVENT_OPTIMIZER_STEP, -1, 0);
@@ -10021,10 +10129,17 @@ static mpar_result mpar__damaged(mpar_pipeline* p) {
                       "load a checkpoint (mpar_pipeline_load_checkpoint) to continue training");
 }
 
+static mpar_result mpar__no_training(mpar_pipeline* p, const char* call) {
+    return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE,
+                      "%s: the pipeline was created with inference_only, so it holds no gradients or optimizer state",
+                      call);
+}
+
 static mpar_result mpar__auto_finish(mpar_pipeline* p);
 MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_result r;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_compute_gradients");
     if (p->damaged) return mpar__damaged(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
@@ -10096,6 +10211,7 @@ static mpar_result mpar__step_refused(mpar_pipeline* p, mpar_step_info* info) {
 MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info) {
     mpar_result r;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_apply_gradients");
     if (p->damaged) return mpar__damaged(p);
     if (!p->grads_ready)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "apply_gradients needs a successful compute_gradients first");
@@ -10122,6 +10238,7 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     mpar_step_info local;
     mpar_result r;
     if (!info) info = &local;
+    if (p && p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_train_step");
     if (p && p->ranks > 1) { /* across processes the host decides the step between two jobs */
         r = mpar_pipeline_compute_gradients(p, batch, info);
         if (r != MPAR_SUCCESS) return r;
@@ -10205,7 +10322,8 @@ static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int w
     int k;
     mpar__vstage* v;
     size_t n;
-    cl_mem mem;
+    cl_mem* mems;
+    mpar_buf at;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (which < 0 || which > (int)MPAR_STATE_MOMENT2)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown state kind %d", which);
@@ -10217,18 +10335,22 @@ static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int w
     n = v->param_off[k + 1] - v->param_off[k];
     if (n == 0) return MPAR_SUCCESS;
     if (!host) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "layer %d: the host array is NULL", layer);
-    mem = which == MPAR_STATE_PARAMS ? v->params : which == MPAR_STATE_GRADS ? v->grads
-        : which == MPAR_STATE_MOMENT1 ? v->opt1 : v->opt2;
+    if (which != MPAR_STATE_PARAMS && p->desc.inference_only)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "layer %d: an inference-only pipeline holds no %s", layer,
+                          which == MPAR_STATE_GRADS ? "gradients" : "optimizer moments");
+    mems = which == MPAR_STATE_PARAMS ? v->params : which == MPAR_STATE_GRADS ? v->grads
+         : which == MPAR_STATE_MOMENT1 ? v->opt1 : v->opt2;
     if (which == MPAR_STATE_MOMENT2 && p->desc.optimizer.kind != MPAR_OPTIMIZER_ADAMW) {
         if (!write) memset(host, 0, n * sizeof(float));
         return MPAR_SUCCESS;
     }
+    at = mpar__state(v, mems, k);
     if (write)
-        MPAR__CL(p->ctx, clEnqueueWriteBuffer(p->workers[v->worker].ex.queue, mem, CL_TRUE, v->param_off[k] * 4, n * 4,
-                                              host, 0, NULL, NULL));
+        MPAR__CL(p->ctx, clEnqueueWriteBuffer(p->workers[v->worker].ex.queue, at.mem, CL_TRUE, at.off * 4, n * 4, host, 0,
+                                              NULL, NULL));
     else
-        MPAR__CL(p->ctx, clEnqueueReadBuffer(p->workers[v->worker].ex.queue, mem, CL_TRUE, v->param_off[k] * 4, n * 4,
-                                             host, 0, NULL, NULL));
+        MPAR__CL(p->ctx, clEnqueueReadBuffer(p->workers[v->worker].ex.queue, at.mem, CL_TRUE, at.off * 4, n * 4, host, 0,
+                                             NULL, NULL));
     return MPAR_SUCCESS;
 }
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out) {
@@ -10485,115 +10607,240 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
     return MPAR_SUCCESS;
 }
 
-/* a + b and a * b in size_t; 0 when the result would not fit. */
+/* a + b in size_t; 0 when the result would not fit. */
 static int mpar__size_add(size_t a, size_t b, size_t* out) {
     if (a > SIZE_MAX - b) return 0;
     *out = a + b;
     return 1;
 }
-static int mpar__size_mul(size_t a, size_t b, size_t* out) {
-    if (b != 0 && a > SIZE_MAX / b) return 0;
-    *out = a * b;
-    return 1;
+
+/* What a chunk's buffers depend on besides its layers. */
+typedef struct mpar__mem_opts {
+    size_t rows;   /* rows of the largest micro-batch */
+    int recompute; /* slots keep the stage input; work buffers the rest */
+    int split;     /* a gradient slot per activation slot (split backward) */
+    int adamw;     /* two optimizer moments (SGD: one) */
+    int infer;     /* inference only: no gradients, optimizer state or gradient slots */
+} mpar__mem_opts;
+
+static void mpar__mem_opts_of(const mpar_pipeline_desc* d, size_t rows, int split, mpar__mem_opts* o) {
+    o->rows = rows, o->recompute = d->recompute != 0, o->split = split;
+    o->adamw = d->optimizer.kind == MPAR_OPTIMIZER_ADAMW, o->infer = d->inference_only != 0;
 }
 
-static mpar_result mpar__vstage_layout(mpar_pipeline* p, mpar__vstage* v) {
-    int k;
-    size_t n = (size_t)v->n, act_row, grad_row, scratch, rows = (size_t)p->mb_rows_max;
-    const mpar_layer* last = mpar_model_layer(p->model, v->last);
+/* Per row, block b's part of an activation slot (inputs, the output in
+   the last block, stashes) and of a gradient slot (gstash instead). */
+static size_t mpar__block_act_row(const mpar__vstage* v, int b) {
+    int f = v->block_first[b], e = v->block_first[b + 1];
+    return v->act_cum[mpar__act_end(v, b)] - v->act_cum[f] + v->stash_cum[e] - v->stash_cum[f];
+}
+static size_t mpar__block_grad_row(const mpar__vstage* v, int b) {
+    int f = v->block_first[b], e = v->block_first[b + 1];
+    return v->act_cum[mpar__act_end(v, b)] - v->act_cum[f] + v->gstash_cum[e] - v->gstash_cum[f];
+}
+
+static void mpar__vstage_layout_free(mpar_context* ctx, mpar__vstage* v) {
+    mpar__free(ctx, v->gstash_cum), mpar__free(ctx, v->stash_cum), mpar__free(ctx, v->act_cum);
+    mpar__free(ctx, v->param_off), mpar__free(ctx, v->block_first), mpar__free(ctx, v->block_of);
+    mpar__free(ctx, v->part_first);
+    v->gstash_cum = v->stash_cum = v->act_cum = v->param_off = v->part_first = NULL;
+    v->block_first = v->block_of = NULL;
+}
+
+/* The layout of chunk v (first, last, n, index, device set): cumulative
+   per-layer sizes, and its layers cut into blocks whose every buffer
+   (parameters, a slot's part, a gradient slot's part) stays within
+   `limit` bytes (0: no limit), greedily in layer order. Checks every size
+   for overflow. Used alike by the executor and by mpar_pipeline_memory. */
+static mpar_result mpar__vstage_layout(mpar_context* ctx, const mpar_model* model, const mpar__mem_opts* o,
+                                       uint64_t limit, mpar__vstage* v) {
+    int k, b, first;
+    size_t n = (size_t)v->n, rows = o->rows, chunks = 0;
+    const mpar_layer* last = mpar_model_layer(model, v->last);
     double widest;
-    v->param_off = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
-    v->act_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 2));
-    v->stash_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
-    v->gstash_cum = (size_t*)mpar__alloc(p->ctx, sizeof(size_t) * (n + 1));
-    if (!v->param_off || !v->act_cum || !v->stash_cum || !v->gstash_cum)
-        return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    v->param_off = (size_t*)mpar__alloc(ctx, sizeof(size_t) * (n + 1));
+    v->act_cum = (size_t*)mpar__alloc(ctx, sizeof(size_t) * (n + 2));
+    v->stash_cum = (size_t*)mpar__alloc(ctx, sizeof(size_t) * (n + 1));
+    v->gstash_cum = (size_t*)mpar__alloc(ctx, sizeof(size_t) * (n + 1));
+    v->block_first = (int*)mpar__alloc(ctx, sizeof(int) * (n + 1));
+    v->block_of = (int*)mpar__alloc(ctx, sizeof(int) * (n + 1));
+    v->part_first = (size_t*)mpar__alloc(ctx, sizeof(size_t) * (n + 1));
+    if (!v->param_off || !v->act_cum || !v->stash_cum || !v->gstash_cum || !v->block_first || !v->block_of ||
+        !v->part_first)
+        return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     v->param_off[0] = v->act_cum[0] = v->stash_cum[0] = v->gstash_cum[0] = 0;
     v->scratch_per_row = 0;
     for (k = 0; k < v->n; k++) {
-        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        const mpar_layer* l = mpar_model_layer(model, v->first + k);
         if (!mpar__size_add(v->param_off[k], l->param_count, &v->param_off[k + 1]) ||
             !mpar__size_add(v->act_cum[k], (size_t)l->in_features, &v->act_cum[k + 1]) ||
             !mpar__size_add(v->stash_cum[k], l->stash_per_row, &v->stash_cum[k + 1]) ||
             !mpar__size_add(v->gstash_cum[k], l->gstash_per_row, &v->gstash_cum[k + 1]))
-            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL,
+            return mpar__fail(ctx, MPAR_ERROR_INVALID_MODEL,
                               "stage %d (layers %d-%d): the parameter count or a per-row size overflows size_t at "
                               "layer %d (%s, %zu parameters)", v->index, v->first, v->last, v->first + k,
                               l->type->name, l->param_count);
         if (l->scratch_per_row > v->scratch_per_row) v->scratch_per_row = l->scratch_per_row;
     }
-    /* each buffer is rows x (floats per row); so are the offsets into it */
-    if (mpar__size_add(v->act_cum[n], (size_t)last->out_features, &v->act_cum[n + 1]) &&
-        mpar__size_add(v->act_cum[n + 1], v->stash_cum[n], &act_row) &&
-        mpar__size_add(v->act_cum[n + 1], v->gstash_cum[n], &grad_row) &&
-        mpar__size_mul(rows, act_row, &v->act_floats) && mpar__size_mul(rows, grad_row, &v->grad_floats) &&
-        mpar__size_mul(rows, v->scratch_per_row, &scratch))
-        return MPAR_SUCCESS;
+    /* every buffer is rows x (floats per row); so are the offsets into it */
     widest = (double)v->act_cum[n] + (double)last->out_features +
              (double)(v->stash_cum[n] > v->gstash_cum[n] ? v->stash_cum[n] : v->gstash_cum[n]);
     if ((double)v->scratch_per_row > widest) widest = (double)v->scratch_per_row;
-    return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL,
-                      "stage %d (layers %d-%d): %zu rows per micro-batch x %.6g floats per row (activations, "
-                      "gradients or scratch) overflow size_t", v->index, v->first, v->last, rows, widest);
+    if (!mpar__size_add(v->act_cum[n], (size_t)last->out_features, &v->act_cum[n + 1]) ||
+        (double)rows * widest * 4.0 >= (double)SIZE_MAX || (double)v->param_off[n] * 4.0 >= (double)SIZE_MAX)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_MODEL,
+                          "stage %d (layers %d-%d): %zu rows per micro-batch x %.6g floats per row (activations, "
+                          "gradients or scratch) overflow size_t", v->index, v->first, v->last, rows, widest);
+    /* blocks, greedily: a layer joins the open block while all its buffers fit */
+    v->blocks = 0, first = 0;
+    for (k = 0; k < v->n; k++) {
+        int tries;
+        for (tries = 0; tries < 2; tries++) {
+            double par, act, grad, most;
+            v->block_first[v->blocks] = first, v->block_first[v->blocks + 1] = k + 1;
+            b = v->blocks; /* measured as if it were the last block when k is the last layer */
+            v->blocks += k + 1 == v->n; /* mpar__act_end: the output belongs to the last block */
+            par = (double)(v->param_off[k + 1] - v->param_off[first]);
+            act = (double)rows * (double)mpar__block_act_row(v, b);
+            grad = o->infer ? 0.0 : (double)rows * (double)mpar__block_grad_row(v, b);
+            v->blocks -= k + 1 == v->n;
+            most = 4.0 * (par > act ? (par > grad ? par : grad) : (act > grad ? act : grad));
+            if (!limit || most <= (double)limit) break;
+            if (first == k) {
+                const mpar_layer* l = mpar_model_layer(model, v->first + k);
+                return mpar__fail(ctx, MPAR_ERROR_DOES_NOT_FIT,
+                                  "stage %d: layer %d (%s) alone needs a buffer of %.0f bytes (%s) but device %d allows "
+                                  "at most %llu in one buffer", v->index, v->first + k, l->type->name, most,
+                                  most == 4.0 * par ? "its parameters" : most == 4.0 * act ? "its activations and stash"
+                                                                                          : "its gradients",
+                                  v->device, (unsigned long long)limit);
+            }
+            v->blocks++, first = k; /* close the block before layer k */
+        }
+    }
+    v->blocks++;
+    v->block_first[v->blocks] = v->n;
+    for (b = 0; b < v->blocks; b++) {
+        v->part_first[b] = chunks;
+        for (k = v->block_first[b]; k < v->block_first[b + 1]; k++) {
+            v->block_of[k] = b;
+            chunks += (v->param_off[k + 1] - v->param_off[k] + 4095) / 4096;
+        }
+    }
+    v->part_first[v->blocks] = v->partial_count = chunks;
+    v->block_of[v->n] = v->blocks - 1;
+    return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, int slots) {
+/* The buffers of one chunk, in bytes: what mpar__vstage_buffers allocates
+   (a buffer of no floats takes one). */
+static uint64_t mpar__at_least_one(uint64_t floats) { return floats ? floats : 1u; }
+static uint64_t mpar__vstage_bytes(const mpar__vstage* v, const mpar__mem_opts* o, int slots) {
+    uint64_t f = 0, rows = o->rows, gslots = o->split ? (uint64_t)slots : 1;
+    int b;
+    if (o->recompute) f += (uint64_t)slots * mpar__at_least_one(rows * v->act_cum[1]);
+    for (b = 0; b < v->blocks; b++) {
+        uint64_t pb = mpar__block_params(v, b), act = mpar__at_least_one(rows * mpar__block_act_row(v, b));
+        f += o->recompute ? act : (uint64_t)slots * act;
+        f += mpar__at_least_one(pb);
+        if (!o->infer)
+            f += gslots * mpar__at_least_one(rows * mpar__block_grad_row(v, b)) + 2 * mpar__at_least_one(pb) + (o->adamw ? mpar__at_least_one(pb) : 1);
+    }
+    f += mpar__at_least_one(rows * v->scratch_per_row) + mpar__at_least_one(rows * (uint64_t)slots) + 1; /* scratch, targets, losses */
+    if (!o->infer) f += (uint64_t)v->n + mpar__at_least_one(v->partial_count) + 4 * ((uint64_t)v->n + (uint64_t)v->blocks);
+    return 4 * f;
+}
+
+static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const mpar__mem_opts* o, int slots) {
     mpar__worker* w = &p->workers[v->worker];
-    size_t np = v->param_off[v->n], rows = (size_t)p->mb_rows_max;
-    int s, split = p->schedule->split_backward;
-    size_t slot_floats = p->desc.recompute ? rows * v->act_cum[1] : v->act_floats;
+    size_t rows = o->rows;
+    int s, b, B = v->blocks;
     v->slot_count = slots;
-    v->grad_slot_count = split ? slots : 1;
-    v->act_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)slots);
-    v->grad_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)slots);
+    v->grad_slot_count = o->infer ? 0 : o->split ? slots : 1;
+    v->act_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)slots * (size_t)B);
+    v->grad_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
     v->slot_mb = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)slots);
-    if (!v->act_slots || !v->grad_slots || !v->slot_mb)
+    v->params = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+    if (!v->act_slots || !v->grad_slots || !v->slot_mb || !v->params)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(v->act_slots, 0, sizeof(cl_mem) * (size_t)slots);
-    memset(v->grad_slots, 0, sizeof(cl_mem) * (size_t)slots);
+    memset(v->act_slots, 0, sizeof(cl_mem) * (size_t)slots * (size_t)B);
+    memset(v->grad_slots, 0, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
+    memset(v->params, 0, sizeof(cl_mem) * (size_t)B);
     for (s = 0; s < slots; s++) {
         v->slot_mb[s] = -1;
-        MPAR__TRY(mpar__alloc_buffer(p, w, slot_floats, &v->act_slots[s]));
-        if (s < v->grad_slot_count) MPAR__TRY(mpar__alloc_buffer(p, w, v->grad_floats, &v->grad_slots[s]));
-    }
-    v->partial_count = 0; /* chunks of 4096 gradients, each layer's own */
-    for (s = 0; s < v->n; s++) v->partial_count += (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
-    MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->params));
-    MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->grads));
-    MPAR__TRY(mpar__alloc_buffer(p, w, np, &v->opt1));
-    MPAR__TRY(mpar__alloc_buffer(p, w, p->desc.optimizer.kind == MPAR_OPTIMIZER_ADAMW ? np : 1, &v->opt2));
-    MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->scratch_per_row, &v->scratch));
-    MPAR__TRY(mpar__alloc_buffer(p, w, p->desc.recompute ? v->act_floats : 1, &v->work));
-    MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)v->n, &v->norms));
-    MPAR__TRY(mpar__alloc_buffer(p, w, v->partial_count, &v->partial));
-    MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
-    MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
-    MPAR__TRY(mpar__alloc_buffer(p, w, 4 * (size_t)(v->n + 1), &v->norm_table)); /* 2(n+1) cl_ulong */
-    {
-        cl_ulong* table = (cl_ulong*)mpar__alloc(p->ctx, sizeof(cl_ulong) * 2 * (size_t)(v->n + 1));
-        size_t chunks = 0;
-        mpar_result r;
-        if (!table) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        for (s = 0; s <= v->n; s++) {
-            table[s] = (cl_ulong)v->param_off[s];
-            table[v->n + 1 + s] = (cl_ulong)chunks;
-            if (s < v->n) chunks += (v->param_off[s + 1] - v->param_off[s] + 4095) / 4096;
+        if (o->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->act_cum[1], &v->act_slots[s]));
+        for (b = 0; b < B; b++) {
+            if (!o->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_act_row(v, b), &v->act_slots[s * B + b]));
+            if (s < v->grad_slot_count)
+                MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_grad_row(v, b), &v->grad_slots[s * B + b]));
         }
-        r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norm_table), table, sizeof(cl_ulong) * 2 * (size_t)(v->n + 1), 1);
-        mpar__free(p->ctx, table);
+    }
+    if (o->recompute) {
+        v->work = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        if (!v->work) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        memset(v->work, 0, sizeof(cl_mem) * (size_t)B);
+        for (b = 0; b < B; b++) MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_act_row(v, b), &v->work[b]));
+    }
+    for (b = 0; b < B; b++) MPAR__TRY(mpar__alloc_buffer(p, w, mpar__block_params(v, b), &v->params[b]));
+    if (!o->infer) {
+        cl_ulong* seg;
+        mpar_result r = MPAR_SUCCESS;
+        v->grads = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->opt1 = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->opt2 = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        if (!v->grads || !v->opt1 || !v->opt2) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        memset(v->grads, 0, sizeof(cl_mem) * (size_t)B);
+        memset(v->opt1, 0, sizeof(cl_mem) * (size_t)B);
+        memset(v->opt2, 0, sizeof(cl_mem) * (size_t)B);
+        for (b = 0; b < B; b++) {
+            size_t pb = mpar__block_params(v, b);
+            MPAR__TRY(mpar__alloc_buffer(p, w, pb, &v->grads[b]));
+            MPAR__TRY(mpar__alloc_buffer(p, w, pb, &v->opt1[b]));
+            MPAR__TRY(mpar__alloc_buffer(p, w, o->adamw ? pb : 1, &v->opt2[b]));
+        }
+        MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)v->n, &v->norms));
+        MPAR__TRY(mpar__alloc_buffer(p, w, v->partial_count, &v->partial));
+        v->norm_tables = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        if (!v->norm_tables) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        memset(v->norm_tables, 0, sizeof(cl_mem) * (size_t)B);
+        /* per block: its layers' offsets in its grads buffer, then the first
+           gradient-norm chunk of each, counted from the block's first */
+        seg = (cl_ulong*)mpar__alloc(p->ctx, sizeof(cl_ulong) * 2 * ((size_t)v->n + 1));
+        if (!seg) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        for (b = 0; r == MPAR_SUCCESS && b < B; b++) {
+            int f = v->block_first[b], nb = v->block_first[b + 1] - f, j;
+            size_t chunks = 0;
+            for (j = 0; j <= nb; j++) {
+                seg[j] = (cl_ulong)(v->param_off[f + j] - v->param_off[f]);
+                seg[nb + 1 + j] = (cl_ulong)chunks;
+                if (j < nb) chunks += (v->param_off[f + j + 1] - v->param_off[f + j] + 4095) / 4096;
+            }
+            r = mpar__alloc_buffer(p, w, 4 * ((size_t)nb + 1), &v->norm_tables[b]); /* 2(n_b+1) cl_ulong */
+            if (r == MPAR_SUCCESS)
+                r = mpar__exec_transfer(&w->ex, mpar__buf0(v->norm_tables[b]), seg,
+                                        sizeof(cl_ulong) * 2 * ((size_t)nb + 1), 1);
+        }
+        mpar__free(p->ctx, seg);
         if (r != MPAR_SUCCESS) return r;
     }
+    MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->scratch_per_row, &v->scratch));
+    MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
+    MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
     return MPAR_SUCCESS;
 }
 
 /* Initial parameters and zeroed optimizer state, on the device. */
 static mpar_result mpar__vstage_init(mpar_pipeline* p, mpar__vstage* v) {
     mpar__worker* w = &p->workers[v->worker];
-    int k;
-    MPAR__TRY(mpar__zero(w, v->opt1, v->param_off[v->n]));
-    if (p->desc.optimizer.kind == MPAR_OPTIMIZER_ADAMW) MPAR__TRY(mpar__zero(w, v->opt2, v->param_off[v->n]));
-    MPAR__TRY(mpar__zero(w, v->grads, v->param_off[v->n]));
+    int k, b;
+    for (b = 0; !p->desc.inference_only && b < v->blocks; b++) {
+        size_t n = mpar__block_params(v, b);
+        MPAR__TRY(mpar__zero(w, v->opt1[b], n));
+        if (p->desc.optimizer.kind == MPAR_OPTIMIZER_ADAMW) MPAR__TRY(mpar__zero(w, v->opt2[b], n));
+        MPAR__TRY(mpar__zero(w, v->grads[b], n));
+    }
     for (k = 0; k < v->n; k++) {
+        mpar_buf at = mpar__state(v, v->params, k);
         size_t n = v->param_off[k + 1] - v->param_off[k];
         float* host;
         mpar_error err;
@@ -10601,7 +10848,7 @@ static mpar_result mpar__vstage_init(mpar_pipeline* p, mpar__vstage* v) {
         host = (float*)mpar__alloc(p->ctx, n * sizeof(float));
         if (!host) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         if (mpar_model_init_params(p->model, v->first + k, host, &err) != MPAR_SUCCESS ||
-            mpar__upload(w, v->params, v->param_off[k], host, n) != MPAR_SUCCESS) {
+            mpar__upload(w, at.mem, at.off, host, n) != MPAR_SUCCESS) {
             mpar__free(p->ctx, host);
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL, "cannot initialise layer %d", v->first + k);
         }
@@ -10762,20 +11009,26 @@ static void mpar__link_release(mpar_pipeline* p, mpar__link* l) {
     pthread_mutex_destroy(&l->mu);
 }
 
-static void mpar__vstage_release(mpar_pipeline* p, mpar__vstage* v) {
-    cl_mem* one[] = {&v->norm_table, &v->losses, &v->targets, &v->partial, &v->norms, &v->work,
-                     &v->scratch,    &v->opt2,   &v->opt1,    &v->grads,   &v->params};
-    int s;
+static void mpar__release_mems(mpar_pipeline* p, cl_mem** mems, size_t count) {
     size_t i;
+    for (i = count; *mems && i > 0; i--)
+        if ((*mems)[i - 1]) clReleaseMemObject((*mems)[i - 1]);
+    mpar__free(p->ctx, *mems);
+    *mems = NULL;
+}
+
+static void mpar__vstage_release(mpar_pipeline* p, mpar__vstage* v) {
+    cl_mem* one[] = {&v->losses, &v->targets, &v->partial, &v->norms, &v->scratch};
+    size_t i, B = (size_t)v->blocks;
     for (i = 0; i < sizeof one / sizeof one[0]; i++)
         if (*one[i]) clReleaseMemObject(*one[i]);
-    for (s = v->slot_count - 1; s >= 0; s--) {
-        if (v->grad_slots && v->grad_slots[s]) clReleaseMemObject(v->grad_slots[s]);
-        if (v->act_slots && v->act_slots[s]) clReleaseMemObject(v->act_slots[s]);
-    }
-    mpar__free(p->ctx, v->slot_mb), mpar__free(p->ctx, v->grad_slots), mpar__free(p->ctx, v->act_slots);
-    mpar__free(p->ctx, v->gstash_cum), mpar__free(p->ctx, v->stash_cum), mpar__free(p->ctx, v->act_cum);
-    mpar__free(p->ctx, v->param_off);
+    mpar__release_mems(p, &v->norm_tables, B);
+    mpar__release_mems(p, &v->opt2, B), mpar__release_mems(p, &v->opt1, B), mpar__release_mems(p, &v->grads, B);
+    mpar__release_mems(p, &v->params, B), mpar__release_mems(p, &v->work, B);
+    mpar__release_mems(p, &v->grad_slots, (size_t)v->grad_slot_count * B);
+    mpar__release_mems(p, &v->act_slots, (size_t)v->slot_count * (p->desc.recompute ? 1 : B));
+    mpar__free(p->ctx, v->slot_mb);
+    mpar__vstage_layout_free(p->ctx, v);
 }
 
 MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
@@ -10999,8 +11252,77 @@ static int mpar__self_link_need(const mpar_schedule* sc, int s, int ca, int cb) 
     return need;
 }
 
+/* Messages the links between chunks a and b hold. */
+static int mpar__link_cap(const mpar_pipeline* p, const mpar__vstage* a, const mpar__vstage* b, int peak) {
+    int cap = p->desc.link_capacity ? p->desc.link_capacity : (peak > 2 ? peak : 2);
+    if (a->worker == b->worker) { /* one thread sends and receives: it must never wait for room */
+        int need = mpar__self_link_need(p->schedule, a->worker, a->chunk, b->chunk);
+        if (need > cap) cap = need;
+    }
+    return cap;
+}
+
+/* Device bytes a link holds on its receiving device: DEVICE_COPY, and
+   ASYNC within one context, keep `capacity` buffers there; the other
+   transports (host-staged, pinned across contexts, MPI) hold host memory. */
+static uint64_t mpar__link_device_bytes(mpar_link_mode asked, const mpar_device_info* from, const mpar_device_info* to,
+                                        size_t floats, int capacity) {
+    mpar_link_mode m = mpar__link_mode_for(asked, from, to);
+    if (m == MPAR_LINK_DEVICE_COPY || (m == MPAR_LINK_ASYNC && from->group == to->group))
+        return (uint64_t)capacity * 4u * (floats ? (uint64_t)floats : 1u);
+    return 0;
+}
+
+static int mpar__vstage_slots(const mpar_pipeline* p, int i);
+
+/* What the pipeline will allocate, by chunk (its buffers and the link
+   buffers it receives into: p->need_vs) and by device (p->need), from the
+   chunks' layouts; MPAR_ERROR_DOES_NOT_FIT when a device needs more than
+   it has (memory_limit_bytes, else its global memory). Local stages only. */
+static mpar_result mpar__pipeline_need(mpar_pipeline* p, const mpar__mem_opts* mo, int peak) {
+    int i;
+    memset(p->need, 0, sizeof p->need);
+    for (i = 0; i < p->vs_count; i++) {
+        mpar__vstage* v = &p->vs[i];
+        p->need_vs[i] = mpar__local(p, v->worker) ? mpar__vstage_bytes(v, mo, mpar__vstage_slots(p, i)) : 0;
+    }
+    for (i = 0; i + 1 < p->vs_count; i++) { /* a boundary's two links, on their receiving devices */
+        mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
+        size_t floats = (size_t)p->mb_rows_max * b->act_cum[1];
+        int cap = mpar__link_cap(p, a, b, peak);
+        if (!mpar__local(p, a->worker) || !mpar__local(p, b->worker)) continue;
+        p->need_vs[i + 1] += mpar__link_device_bytes(p->desc.link_mode, &p->ctx->devices[a->device].info,
+                                                     &p->ctx->devices[b->device].info, floats, cap);
+        p->need_vs[i] += mpar__link_device_bytes(p->desc.link_mode, &p->ctx->devices[b->device].info,
+                                                 &p->ctx->devices[a->device].info, floats, cap);
+    }
+    for (i = 0; i < p->vs_count; i++) p->need[p->vs[i].worker] += p->need_vs[i];
+    for (i = 0; i < p->workers_count; i++) {
+        int d = p->workers[i].device;
+        uint64_t cap;
+        if (!mpar__local(p, i)) continue;
+        cap = p->desc.memory_limit_bytes ? p->desc.memory_limit_bytes : p->ctx->devices[d].info.global_mem_bytes;
+        if (cap && p->need[i] > cap)
+            return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT,
+                              "device %d (stage %d) needs %llu bytes (%.1f MiB) for its buffers but has %llu "
+                              "(%.1f MiB): %.1f MiB short", d, i, (unsigned long long)p->need[i],
+                              (double)p->need[i] / 1048576.0, (unsigned long long)cap, (double)cap / 1048576.0,
+                              (double)(p->need[i] - cap) / 1048576.0);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* Activation slots chunk i gets: what its lists hold at most (whatever
+   AUTO will synthesise: its device's cap); one for inference only. */
+static int mpar__vstage_slots(const mpar_pipeline* p, int i) {
+    int slots = p->desc.inference_only ? 1
+              : p->auto_pending ? p->auto_caps[p->vs[i].worker] : p->schedule->chunk_peak_in_flight[i];
+    return slots > 1 ? slots : 1;
+}
+
 static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
+    mpar__mem_opts mo;
     int i, peak = 1, M;
     if (p->desc.stage_count > 4 * MPAR__MAX_WORKERS || mpar_device_count(p->ctx) * p->desc.virtual_stages >
                                                            4 * MPAR__MAX_WORKERS)
@@ -11029,6 +11351,23 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         w->ex.ctx = p->ctx, w->ex.device = w->device, w->ex.stage = i, w->ex.step = &p->step;
     }
     MPAR__TRY(mpar__setup_ranks(p));
+    for (i = 0; i < p->vs_count; i++) {
+        mpar__vstage* v = &p->vs[i];
+        v->index = i, v->worker = mpar_schedule_stage_of(p->schedule, i), v->chunk = mpar_schedule_chunk_of(p->schedule, i);
+        v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
+        v->n = v->last - v->first + 1;
+    }
+    mpar__mem_opts_of(&p->desc, (size_t)p->mb_rows_max, p->schedule->split_backward, &mo);
+    for (i = 0; i < p->vs_count; i++) {
+        mpar__vstage* v = &p->vs[i];
+        uint64_t limit = 0;
+        if (mpar__local(p, v->worker))
+            limit = p->desc.max_buffer_bytes ? p->desc.max_buffer_bytes : p->ctx->devices[v->device].info.max_alloc_bytes;
+        MPAR__TRY(mpar__vstage_layout(p->ctx, p->model, &mo, limit, v));
+    }
+    /* refuse before allocating anything: each device's buffers against its memory */
+    MPAR__TRY(mpar__pipeline_need(p, &mo, peak));
+    if (p->dry_run) return MPAR_SUCCESS;
     for (i = 0; i < p->workers_count; i++) {
         mpar__worker* w = &p->workers[i];
         cl_int st = CL_SUCCESS;
@@ -11042,42 +11381,15 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     }
     for (i = 0; i < p->vs_count; i++) {
         mpar__vstage* v = &p->vs[i];
-        v->index = i, v->worker = mpar_schedule_stage_of(p->schedule, i), v->chunk = mpar_schedule_chunk_of(p->schedule, i);
-        v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
-        v->n = v->last - v->first + 1;
-        MPAR__TRY(mpar__vstage_layout(p, v));
-    }
-    for (i = 0; i < p->vs_count; i++) { /* refuse before allocating anything */
-        mpar__vstage* v = &p->vs[i];
-        uint64_t biggest = (uint64_t)v->param_off[v->n], limit;
         if (!mpar__local(p, v->worker)) continue;
-        if ((uint64_t)v->act_floats > biggest) biggest = v->act_floats;
-        if ((uint64_t)v->grad_floats > biggest) biggest = v->grad_floats;
-        biggest = biggest > UINT64_MAX / 4 ? UINT64_MAX : biggest * 4; /* saturates: fits no device */
-        limit = p->ctx->devices[v->device].info.max_alloc_bytes;
-        if (limit && biggest > limit)
-            return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT,
-                              "stage %d (layers %d-%d) needs a buffer of %llu bytes but device %d allows at most %llu in "
-                              "one buffer: split the stage", i, v->first, v->last, (unsigned long long)biggest, v->device,
-                              (unsigned long long)limit);
-    }
-    for (i = 0; i < p->vs_count; i++) {
-        mpar__vstage* v = &p->vs[i];
-        if (!mpar__local(p, v->worker)) continue;
-        int slots = p->auto_pending ? p->auto_caps[v->worker] /* whatever AUTO will synthesise */
-                                    : p->schedule->chunk_peak_in_flight[i]; /* what this chunk holds at most */
-        MPAR__TRY(mpar__vstage_buffers(p, v, slots > 1 ? slots : 1));
+        MPAR__TRY(mpar__vstage_buffers(p, v, &mo, mpar__vstage_slots(p, i)));
         MPAR__TRY(mpar__vstage_init(p, v));
     }
     p->links_ready = 0;
     for (i = 0; i + 1 < p->vs_count; i++) {
         mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
         size_t floats = (size_t)p->mb_rows_max * b->act_cum[1];
-        int cap = p->desc.link_capacity ? p->desc.link_capacity : (peak > 2 ? peak : 2);
-        if (a->worker == b->worker) { /* one thread sends and receives: it must never wait for room */
-            int need = mpar__self_link_need(p->schedule, a->worker, a->chunk, b->chunk);
-            if (need > cap) cap = need;
-        }
+        int cap = mpar__link_cap(p, a, b, peak);
         MPAR__TRY(mpar__link_init(p, &p->links[i], a, b, floats, cap));
         p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[p->vs_count - 1 + i], b, a, floats, cap));
@@ -11126,6 +11438,35 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
     return MPAR_SUCCESS;
 }
 
+
+MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                         mpar_pipeline_memory_info* out) {
+    mpar_pipeline* p;
+    mpar_result r;
+    int i;
+    if (!ctx || !model || !desc || !out)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_memory: NULL argument");
+    memset(out, 0, sizeof *out);
+    p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
+    if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(p, 0, sizeof *p);
+    p->ctx = ctx, p->model = model, p->dry_run = 1;
+    p->layer_count = mpar_model_layer_count(model);
+    p->seq_len = model->desc.seq_len;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->start_cv, NULL);
+    pthread_cond_init(&p->done_cv, NULL);
+    pthread_cond_init(&p->opt_cv, NULL);
+    r = mpar__pipeline_defaults(p, desc);
+    if (r == MPAR_SUCCESS) r = mpar__pipeline_build(p);
+    if (p->vs && (r == MPAR_SUCCESS || r == MPAR_ERROR_DOES_NOT_FIT)) { /* counted either way */
+        out->stages = p->workers_count, out->chunks = p->vs_count;
+        for (i = 0; i < p->workers_count; i++) out->device[i] = p->workers[i].device, out->device_bytes[i] = p->need[i];
+        for (i = 0; i < p->vs_count; i++) out->chunk_bytes[i] = p->need_vs[i], out->chunk_buffers[i] = p->vs[i].blocks;
+    }
+    mpar_pipeline_destroy(p);
+    return r;
+}
 
 /* --------------------------------------------------------------------------
    Planning a pipeline: the planner's tables from a model and a context
@@ -11228,12 +11569,13 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
     for (i = 0; i < model->count; i++) {
         const mpar_layer* l = &model->layers[i];
         uint64_t grad_buffer = (uint64_t)rows * ((uint64_t)l->in_features + l->gstash_per_row) * 4u;
-        uint64_t moments = d->optimizer.kind == MPAR_OPTIMIZER_ADAMW ? 2u : 1u;
+        uint64_t moments = d->inference_only ? 0u : d->optimizer.kind == MPAR_OPTIMIZER_ADAMW ? 2u : 1u;
         memset(&out[i], 0, sizeof out[i]);
         out[i].flops_forward = l->flops_forward * rows;
-        out[i].flops_backward_input = l->flops_backward_input * rows;
-        out[i].flops_backward_weight = l->flops_backward_weight * rows;
+        out[i].flops_backward_input = d->inference_only ? 0.0 : l->flops_backward_input * rows; /* forward alone */
+        out[i].flops_backward_weight = d->inference_only ? 0.0 : l->flops_backward_weight * rows;
         out[i].param_bytes = (uint64_t)l->param_count * 4u;
+        if (d->inference_only) grad_buffer = 0;
         out[i].optimizer_bytes = (uint64_t)l->param_count * 4u * moments + (split ? 0u : grad_buffer);
         out[i].activation_bytes =
             (uint64_t)rows * ((uint64_t)l->in_features + l->stash_per_row) * 4u + (split ? grad_buffer : 0u);
@@ -11260,6 +11602,41 @@ MPARDEF mpar_result mpar_pipeline_plan_layers(const mpar_model* model, const mpa
     return MPAR_SUCCESS;
 }
 
+/* A plan's memory by the executor's accounting: each stage's (chunk's)
+   memory_bytes and each device's total replaced by what a pipeline with
+   those stages allocates. */
+static mpar_result mpar__plan_exact(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* d,
+                                    mpar_plan* plan, mpar_error* err) {
+    mpar_stage_desc st[4 * MPAR__MAX_WORKERS];
+    mpar_pipeline_desc e = *d;
+    mpar_pipeline_memory_info* info;
+    mpar_result r;
+    int j;
+    if (plan->num_stages > 4 * MPAR__MAX_WORKERS)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_PLAN, "the plan has %d stages", plan->num_stages);
+    for (j = 0; j < plan->num_stages; j++) {
+        st[j].device = plan->stages[j].device;
+        st[j].first_layer = plan->stages[j].first_layer, st[j].last_layer = plan->stages[j].last_layer;
+    }
+    e.stages = st, e.stage_count = plan->num_stages, e.plan = NULL, e.plan_options = NULL;
+    e.virtual_stages = plan->virtual_stages > 0 ? plan->virtual_stages : 1;
+    info = (mpar_pipeline_memory_info*)mpar__alloc(ctx, sizeof *info);
+    if (!info) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    r = mpar_pipeline_memory(ctx, model, &e, info);
+    if (r == MPAR_SUCCESS || (r == MPAR_ERROR_DOES_NOT_FIT && info->chunks == plan->num_stages)) {
+        r = MPAR_SUCCESS; /* the caller weighs the totals against the capacities */
+        memset(plan->device_memory_bytes, 0, sizeof(uint64_t) * (size_t)plan->num_devices);
+        for (j = 0; j < plan->num_stages; j++) {
+            plan->stages[j].memory_bytes = info->chunk_bytes[j];
+            plan->device_memory_bytes[plan->stages[j].device] += info->chunk_bytes[j];
+        }
+    } else {
+        mpar_error_set(err, r, "%s", mpar_last_error(ctx));
+    }
+    mpar__free(ctx, info);
+    return r;
+}
+
 MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                        const mpar_plan_options* options, mpar_plan* out) {
     mpar_plan_options o;
@@ -11270,11 +11647,13 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     mpar_plan_device devices[MPAR__MAX_DEVICES];
     mpar_plan_link links[MPAR__MAX_DEVICES * MPAR__MAX_DEVICES];
     double flops[MPAR__MAX_DEVICES];
+    uint64_t capacity[MPAR__MAX_DEVICES];
     mpar_error err;
     mpar_result r;
-    int n, a, b, M;
+    int n, a, b, M, round;
     if (!ctx || !model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan: NULL argument");
+    memset(capacity, 0, sizeof capacity);
     if (mpar_model_validate(model, &err) != MPAR_SUCCESS) return mpar__fail(ctx, err.code, "%s", err.message);
     memset(&o, 0, sizeof o);
     if (options) o = *options;
@@ -11295,7 +11674,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     for (a = 0; a < n; a++) {
         devices[a].name = ctx->devices[a].info.name;
         devices[a].flops_per_second = flops[a];
-        devices[a].memory_bytes = ctx->devices[a].info.global_mem_bytes;
+        devices[a].memory_bytes = d.memory_limit_bytes ? d.memory_limit_bytes : ctx->devices[a].info.global_mem_bytes;
         devices[a].reserve_bytes = o.reserve_bytes ? o.reserve_bytes : (uint64_t)64 << 20;
         for (b = 0; b < n; b++) {
             int staged = ctx->devices[a].info.group != ctx->devices[b].info.group ||
@@ -11319,6 +11698,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     pd.schedule = d.schedule, pd.microbatches = M, pd.virtual_stages = d.virtual_stages; /* SEQUENTIAL: one */
     pd.schedule_lists = d.schedule_lists;
     pd.mode = o.mode, pd.use_devices = o.use_devices, pd.order = o.order, pd.weights = o.weights;
+    pd.inference_only = d.inference_only;
     if (o.mode == MPAR_PLAN_MANUAL) { /* cost the stages the desc gives */
         int j;
         if (!d.stages || d.stage_count <= 0 || d.stage_count > 4 * MPAR__MAX_WORKERS) {
@@ -11338,7 +11718,46 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
         }
         pd.manual_stages = manual, pd.num_manual_stages = d.stage_count;
     }
-    r = mpar_plan_create(&pd, out, &err);
+    /* The planner's per-layer model chooses; the executor's own accounting
+       (mpar_pipeline_memory) then gives each chunk's and device's bytes. A
+       device the plan overfills has its capacity lowered by the excess
+       (twice that the next round, ...) and the plan is made again. */
+    for (round = 0;; round++) {
+        int over = -1;
+        uint64_t worst = 0;
+        r = mpar_plan_create(&pd, out, &err);
+        if (r != MPAR_SUCCESS || d.mpi_comm) break; /* across processes the devices are the ranks' own */
+        r = mpar__plan_exact(ctx, model, &d, out, &err);
+        if (r != MPAR_SUCCESS) break;
+        for (a = 0; a < n; a++) {
+            if (!capacity[a]) capacity[a] = out->device_capacity_bytes[a]; /* the first round's: the real one */
+            if (devices[a].memory_bytes && out->device_memory_bytes[a] > capacity[a] &&
+                out->device_memory_bytes[a] - capacity[a] > worst)
+                worst = out->device_memory_bytes[a] - capacity[a], over = a;
+        }
+        if (over < 0) break;
+        if (round == 8 || o.mode == MPAR_PLAN_MANUAL) {
+            r = mpar_error_set(&err, MPAR_ERROR_DOES_NOT_FIT,
+                               "device %d needs %llu bytes (%.1f MiB) under this plan but has %llu (%.1f MiB) after "
+                               "the %llu bytes reserved: %.1f MiB short", over,
+                               (unsigned long long)out->device_memory_bytes[over],
+                               (double)out->device_memory_bytes[over] / 1048576.0,
+                               (unsigned long long)capacity[over], (double)capacity[over] / 1048576.0,
+                               (unsigned long long)devices[over].reserve_bytes, (double)worst / 1048576.0);
+            mpar_plan_free(out);
+            break;
+        }
+        for (a = 0; a < n; a++) { /* every overfilled device, more each round */
+            uint64_t cut;
+            if (!devices[a].memory_bytes || out->device_memory_bytes[a] <= capacity[a]) continue;
+            cut = (out->device_memory_bytes[a] - capacity[a]) * (uint64_t)(round + 1);
+            devices[a].memory_bytes = devices[a].memory_bytes > cut ? devices[a].memory_bytes - cut : 1;
+        }
+        mpar_plan_free(out);
+    }
+    if (r == MPAR_SUCCESS && out->device_capacity_bytes)
+        for (a = 0; a < n && a < out->num_devices; a++) /* what the devices really offer, not the lowered figures */
+            if (capacity[a]) out->device_capacity_bytes[a] = capacity[a];
     mpar__free(ctx, layers);
     mpar__free(ctx, manual);
     if (r != MPAR_SUCCESS) return mpar__fail(ctx, r, "%s", err.message);
@@ -12085,7 +12504,9 @@ static mpar_result mpar__ckpt_state_io(mpar_pipeline* p, float* host, int write)
         size_t n = mpar_model_layer(m, i)->param_count;
         for (k = 0; k < 3 && n; k++) {
             mpar_state_kind kind = k == 0 ? MPAR_STATE_PARAMS : k == 1 ? MPAR_STATE_MOMENT1 : MPAR_STATE_MOMENT2;
-            mpar_result r = write ? mpar_pipeline_write_state(p, i, kind, host) : mpar_pipeline_read_state(p, i, kind, host);
+            mpar_result r = MPAR_SUCCESS;
+            if (k == 0 || !p->desc.inference_only) /* inference only: the parameters alone */
+                r = write ? mpar_pipeline_write_state(p, i, kind, host) : mpar_pipeline_read_state(p, i, kind, host);
             if (r != MPAR_SUCCESS) return r;
             host += n;
         }
@@ -12163,7 +12584,10 @@ static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_erro
    gradients computed for the state it replaces. */
 MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
     mpar_error local;
-    mpar_result r = mpar__ckpt_save(p, path, &local);
+    mpar_result r = p && p->desc.inference_only /* a checkpoint without moments would resume training wrongly */
+                        ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': the pipeline was created "
+                                         "with inference_only and holds no optimizer state to save", path ? path : "")
+                        : mpar__ckpt_save(p, path, &local);
     if (r != MPAR_SUCCESS) {
         if (p) mpar__fail(p->ctx, r, "%s", local.message);
         if (err) *err = local;

@@ -140,8 +140,18 @@ static int stash_peak(mpar_schedule_kind kind, int P, int M, int V, int s) {
         return M * V < warm ? M * V : warm;
     default: break;
     }
-    fail_msg("unknown schedule %d", (int)kind);
-    return 0;
+    { /* ZB-H2, ZB-V: counted from the generated lists (F takes one, B or W gives it back) */
+        mpar_schedule* sc = NULL;
+        int i, now = 0, most = 0;
+        assert_int_equal(mpar_schedule_create(kind, P, M, V, &sc, NULL), MPAR_SUCCESS);
+        for (i = 0; i < mpar_schedule_action_count(sc, s); i++) {
+            const mpar_action* a = mpar_schedule_action(sc, s, i);
+            if (a->kind == MPAR_ACTION_FORWARD && ++now > most) most = now;
+            if (a->kind == MPAR_ACTION_BACKWARD || a->kind == MPAR_ACTION_BACKWARD_WEIGHT) now--;
+        }
+        mpar_schedule_destroy(sc);
+        return most;
+    }
 }
 
 /* Stashes chunk c of stage s holds at once, counted by walking the
@@ -164,97 +174,155 @@ static int chunk_peak(const mpar_pipeline_desc* pd, int P, int s, int c) {
 typedef struct stage_memory {
     int in_flight;      /* the planner's stash multiplier */
     int slots;          /* activation slots the executor gives the chunk */
-    uint64_t predicted; /* bytes, the planner's model */
-    uint64_t allocated; /* bytes, the executor's buffers */
+    int blocks;         /* buffers the chunk's layers are cut into */
+    uint64_t allocated; /* bytes, the executor's buffers (the plan must predict exactly these) */
 } stage_memory;
 
 static uint64_t at_least_one(uint64_t floats) { return floats ? floats : 1; } /* no buffer of 0 floats */
 
-/* Chunk `j` of a plan, layers first..last, on device stage j % P. */
+/* Per row, layers a..e-1's inputs and stashes (gstash: gradient stashes),
+   with the chunk's output when e is past its last layer. */
+static uint64_t part_row(const mpar_model* m, int a, int e, int last, int gstash) {
+    uint64_t f = 0;
+    int l;
+    for (l = a; l < e; l++) {
+        const mpar_layer* y = mpar_model_layer(m, l);
+        f += (uint64_t)y->in_features + (gstash ? y->gstash_per_row : y->stash_per_row);
+    }
+    if (e > last) f += (uint64_t)mpar_model_layer(m, last)->out_features;
+    return f;
+}
+static uint64_t params_of(const mpar_model* m, int a, int e) {
+    uint64_t f = 0;
+    for (; a < e; a++) f += mpar_model_layer(m, a)->param_count;
+    return f;
+}
+
+/* The device stage and chunk of chunk j (model order) in the lists the
+   desc generates: j % P and j / P, except in ZB-V's V. */
+static void place_of(const mpar_pipeline_desc* pd, int P, int j, int* stage, int* chunk) {
+    mpar_schedule* sc = NULL;
+    int V = pd->schedule == MPAR_SCHEDULE_ZB_V ? 2 : pd->virtual_stages > 0 ? pd->virtual_stages : 1;
+    int M = pd->schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : pd->microbatches;
+    assert_int_equal(mpar_schedule_create(pd->schedule, P, M, V, &sc, NULL), MPAR_SUCCESS);
+    *stage = mpar_schedule_stage_of(sc, j), *chunk = mpar_schedule_chunk_of(sc, j);
+    mpar_schedule_destroy(sc);
+}
+
+/* Chunk `j` of a plan, layers first..last, on its device stage, as the
+   executor lays it out (mpar_pipeline_desc.max_buffer_bytes): its layers
+   cut greedily, in order, into blocks whose parameters, slot part and
+   gradient-slot part each stay within `limit` bytes (the device's largest
+   allocation); per block, its share of every slot and its own parameter,
+   gradient and moment buffers. */
 static stage_memory stage_memory_of(const mpar_model* m, const mpar_pipeline_desc* pd, int P, int j, int first,
-                                    int last) {
+                                    int last, uint64_t limit) {
     int V = pd->virtual_stages > 0 ? pd->virtual_stages : 1;
     int M = pd->schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : pd->microbatches;
-    int split = pd->schedule == MPAR_SCHEDULE_ZB_H1, adamw = pd->optimizer.kind == MPAR_OPTIMIZER_ADAMW;
-    int peak = stash_peak(pd->schedule, P, M, V, j % P), l;
+    int split = pd->schedule == MPAR_SCHEDULE_ZB_H1 || pd->schedule == MPAR_SCHEDULE_ZB_H2 ||
+                pd->schedule == MPAR_SCHEDULE_ZB_V;
+    int adamw = pd->optimizer.kind == MPAR_OPTIMIZER_ADAMW, infer = pd->inference_only;
+    int stage, chunk, peak, l, a, b, starts[64], B = 0;
     uint64_t rows = (uint64_t)((pd->max_batch + M - 1) / M) * (uint64_t)mpar_model_get_desc(m)->seq_len;
-    uint64_t params = 0, in = 0, stash = 0, gstash = 0, scratch = 0, partial = 0, n = (uint64_t)(last - first + 1);
-    uint64_t out = (uint64_t)mpar_model_layer(m, last)->out_features;
-    uint64_t in_first = (uint64_t)mpar_model_layer(m, first)->in_features, act, grad, floats;
+    uint64_t scratch = 0, partial = 0, n = (uint64_t)(last - first + 1), floats = 0, gslots;
     stage_memory r;
+    place_of(pd, P, j, &stage, &chunk);
+    peak = stash_peak(pd->schedule, P, M, V, stage);
     for (l = first; l <= last; l++) {
         const mpar_layer* y = mpar_model_layer(m, l);
-        params += y->param_count;
-        in += (uint64_t)y->in_features;
-        stash += y->stash_per_row, gstash += y->gstash_per_row;
         if (y->scratch_per_row > scratch) scratch = y->scratch_per_row;
         partial += (y->param_count + 4095) / 4096; /* gradient-norm chunks */
     }
-    /* The planner (section 5): 2 * param_bytes (parameters and gradients)
-       + optimizer_bytes (AdamW's two moments or SGD's one, and the backward
-       buffer, each layer's input gradient and gstash, once per stage) +
-       in_flight * activation_bytes (each layer's input and stash; ZB-H1's
-       backward buffer too: its W reads it after the I). With V chunks a
-       chunk is given ceil(peak / V) of its device's peak. */
-    r.in_flight = V > 1 ? (peak + V - 1) / V : peak;
-    r.predicted = 4 * (2 * params + (adamw ? 2 : 1) * params + (split ? 0 : rows * (in + gstash)) +
-                       (uint64_t)r.in_flight * rows * (in + stash + (split ? in + gstash : 0)));
-    /* The executor (mpar__vstage_buffers): every slot holds the layers'
-       inputs and the stage's own output, and the stashes (with recompute,
-       the stage input alone, and one working copy of all of it); the
-       gradient buffer, its output's gradient included, once or per slot for
-       ZB-H1; parameters, gradients and two optimizer buffers (SGD's second
-       is one float); the widest layer's scratch; the targets of every slot;
-       gradient-norm bookkeeping. Each chunk gets the slots its own lists
-       need at most (at least one). */
-    r.slots = chunk_peak(pd, P, j % P, j / P);
+    /* blocks: a layer joins the open block while every part stays in the limit */
+    a = first;
+    for (l = first; l <= last; l++) {
+        uint64_t most = params_of(m, a, l + 1), act = rows * part_row(m, a, l + 1, last, 0);
+        uint64_t grad = infer ? 0 : rows * part_row(m, a, l + 1, last, 1);
+        if (act > most) most = act;
+        if (grad > most) most = grad;
+        if (4 * most > limit) {
+            assert_true(a < l); /* a single layer always fits here */
+            starts[B++] = a, a = l;
+        }
+    }
+    starts[B++] = a, starts[B] = last + 1;
+    r.in_flight = infer ? 1 : V > 1 ? (peak + V - 1) / V : peak;
+    r.slots = infer ? 1 : chunk_peak(pd, P, stage, chunk); /* inference: one slot, freed after each forward */
     if (r.slots < 1) r.slots = 1;
-    act = rows * (in + out + stash);
-    grad = rows * (in + out + gstash);
-    floats = (uint64_t)r.slots * (pd->recompute ? rows * in_first : act) + (uint64_t)(split ? r.slots : 1) * grad;
-    floats += 3 * at_least_one(params) + (adamw ? at_least_one(params) : 1) + at_least_one(rows * scratch);
-    floats += pd->recompute ? act : 1;
-    floats += n + at_least_one(partial) + rows * (uint64_t)r.slots + 1 + 4 * (n + 1); /* the norm table: 2(n+1) cl_ulong */
+    r.blocks = B;
+    gslots = split ? (uint64_t)r.slots : 1;
+    if (pd->recompute) floats += (uint64_t)r.slots * at_least_one(rows * mpar_model_layer(m, first)->in_features);
+    for (b = 0; b < B; b++) {
+        uint64_t pb = params_of(m, starts[b], starts[b + 1]);
+        uint64_t act = at_least_one(rows * part_row(m, starts[b], starts[b + 1], last, 0));
+        floats += pd->recompute ? act : (uint64_t)r.slots * act; /* slots, or recompute's work buffers */
+        floats += at_least_one(pb); /* parameters */
+        if (!infer) {
+            floats += gslots * at_least_one(rows * part_row(m, starts[b], starts[b + 1], last, 1));
+            floats += 2 * at_least_one(pb) + (adamw ? at_least_one(pb) : 1); /* gradients, moments */
+        }
+    }
+    floats += at_least_one(rows * scratch) + rows * (uint64_t)r.slots + 1; /* scratch, targets, losses */
+    if (!infer) floats += n + at_least_one(partial) + 4 * (n + (uint64_t)B); /* norms, partials, 2(n+B) cl_ulong */
     r.allocated = 4 * floats;
     return r;
 }
 
 /* Checks a plan and the pipeline built from it against stage_memory_of,
-   per device stage; prints each and returns how many disagree. The planner
-   claims its per-layer bytes are "as the executor allocates it", and leaves
-   the rest to reserve_bytes ("Link buffers and kernel workspace are not
-   modelled: cover them with reserve_bytes"). So the plan alone is no bound
-   on the allocation: allocated - predicted is each slot's copy of the stage
-   output and its gradient, targets, scratch and bookkeeping, less the
-   stashes recompute does not keep, plus, for interleaving, the difference
-   between each chunk's own peak and the ceil(peak / V) the planner counts;
-   that difference must stay below the reserve. */
+   per chunk and per device stage; prints each and returns how many
+   disagree. The plan predicts each chunk's and device's bytes by the
+   executor's own accounting, so all three agree to the byte: the plan,
+   the pipeline's allocation (mpar_pipeline_get_stats), and the layout
+   written out above. (Links between these CPU devices go through host
+   memory and hold no device bytes.) The total stays within the plan's
+   capacity, the device's memory less the reserve. */
 static int check_memory(const char* name, const mpar_model* m, const mpar_pipeline_desc* pd, const mpar_plan* plan,
                         const mpar_pipeline_stats* stats) {
     int V = plan->virtual_stages > 0 ? plan->virtual_stages : 1, P = plan->num_stages / V, j, s, bad = 0;
-    uint64_t pred[64] = {0}, alloc[64] = {0};
+    uint64_t alloc[64] = {0};
     int slots[64] = {0};
     char ranges[128];
+    mpar_device_info info;
     assert_int_equal(stats->stages, P);
     mpar_plan_to_string(plan, ranges, sizeof ranges);
     for (j = 0; j < plan->num_stages; j++) {
-        stage_memory e = stage_memory_of(m, pd, P, j, plan->stages[j].first_layer, plan->stages[j].last_layer);
-        if (plan->stages[j].in_flight != e.in_flight || plan->stages[j].memory_bytes != e.predicted) {
-            printf("# %s %s chunk %d: the plan has %d in flight, %llu bytes; the model %d, %llu  <-- MISMATCH\n", name,
-                   ranges, j, plan->stages[j].in_flight, (unsigned long long)plan->stages[j].memory_bytes,
-                   e.in_flight, (unsigned long long)e.predicted);
+        stage_memory e;
+        memset(&info, 0, sizeof info);
+        assert_int_equal(mpar_device_get_info(g_ctx, plan->stages[j].device, &info), MPAR_SUCCESS);
+        e = stage_memory_of(m, pd, P, j, plan->stages[j].first_layer, plan->stages[j].last_layer,
+                            pd->max_buffer_bytes ? pd->max_buffer_bytes : info.max_alloc_bytes);
+        if (pd->link_mode == MPAR_LINK_DEVICE_COPY) { /* link_capacity buffers per link, on the receiving device */
+            int M = pd->schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : pd->microbatches;
+            uint64_t rows = (uint64_t)((pd->max_batch + M - 1) / M) * (uint64_t)mpar_model_get_desc(m)->seq_len;
+            assert_true(pd->link_capacity > 0);
+            if (j > 0) /* the forward link into this chunk carries its input */
+                e.allocated += 4 * (uint64_t)pd->link_capacity * rows *
+                               (uint64_t)mpar_model_layer(m, plan->stages[j].first_layer)->in_features;
+            if (j + 1 < plan->num_stages) /* the backward link into it, the next chunk's input gradient */
+                e.allocated += 4 * (uint64_t)pd->link_capacity * rows *
+                               (uint64_t)mpar_model_layer(m, plan->stages[j + 1].first_layer)->in_features;
+        }
+        if (plan->stages[j].in_flight != e.in_flight || plan->stages[j].memory_bytes != e.allocated) {
+            printf("# %s %s chunk %d: the plan has %d in flight, %llu bytes; the model %d, %llu (%d buffers each) "
+                   " <-- MISMATCH\n", name, ranges, j, plan->stages[j].in_flight,
+                   (unsigned long long)plan->stages[j].memory_bytes, e.in_flight, (unsigned long long)e.allocated,
+                   e.blocks);
             bad++;
         }
-        pred[j % P] += e.predicted, alloc[j % P] += e.allocated, slots[j % P] += e.slots;
+        {
+            int stage, chunk;
+            place_of(pd, P, j, &stage, &chunk);
+            alloc[stage] += e.allocated, slots[stage] += e.slots;
+        }
     }
     for (s = 0; s < P; s++) {
         int d = plan->stages[s].device;
         double p = (double)plan->device_memory_bytes[d], a = (double)stats->device_bytes[s];
-        int ok = plan->device_memory_bytes[d] == pred[s] && (uint64_t)stats->device_bytes[s] == alloc[s] &&
-                 stats->slots[s] == slots[s] && a <= p + (double)RESERVE;
-        printf("# %-18s %-22s device %d: predicted %8.2f MiB (model %8.2f), allocated %8.2f MiB (model %8.2f, "
-               "%d slots, model %d): %+7.2f MiB beyond the plan%s\n", name, ranges, d, p / MIB, (double)pred[s] / MIB,
-               a / MIB, (double)alloc[s] / MIB, stats->slots[s], slots[s], (a - p) / MIB, ok ? "" : "  <-- MISMATCH");
+        int ok = plan->device_memory_bytes[d] == alloc[s] && (uint64_t)stats->device_bytes[s] == alloc[s] &&
+                 stats->slots[s] == slots[s] && plan->device_memory_bytes[d] <= plan->device_capacity_bytes[d];
+        printf("# %-24s %-22s device %d: predicted %8.2f MiB, allocated %8.2f MiB (model %8.2f, %d slots, model %d), "
+               "predicted / allocated %.4f%s\n", name, ranges, d, p / MIB, a / MIB, (double)alloc[s] / MIB,
+               stats->slots[s], slots[s], p / a, ok ? "" : "  <-- MISMATCH");
         bad += !ok;
     }
     return bad;
@@ -344,41 +412,49 @@ static void test_front_heavy_plan_fits_and_trains(void** state) {
 }
 
 /* The even split by layer count (explicit stages) cannot be created: its
-   device 0 would hold 92 M parameters (1.37 GiB of state). On PoCL 3.1 the
-   failure comes from the per-buffer limit (its 352 MiB parameter buffer >
-   CL_DEVICE_MAX_MEM_ALLOC_SIZE = 256 MiB), since PoCL does not enforce the
-   1 GiB total. */
+   device 0 would hold 92 M parameters (1.37 GiB of state), more than the
+   device's 1 GiB. The pipeline counts every buffer before it allocates one
+   (PoCL 3.1 itself would only police each buffer against its 256 MiB
+   limit, and mpar cuts the stage's state into buffers under that). */
 static void test_front_heavy_even_split_fails(void** state) {
     mpar_model* m = make_mlp(FRONT_IN, FRONT_W, FRONT_N);
     int L = mpar_model_layer_count(m);
     mpar_stage_desc even[2] = {{0, 0, 0}, {1, 0, 0}};
     mpar_pipeline_desc pd;
     mpar_pipeline* p = NULL;
+    mpar_pipeline_memory_info mem = {0};
+    mpar_device_info info;
     mpar_result r;
     double t0 = mpar__now(), rss0 = rss_mib();
+    stage_memory e;
     (void)state;
+    memset(&info, 0, sizeof info);
+    assert_int_equal(mpar_device_get_info(g_ctx, 0, &info), MPAR_SUCCESS);
     even[0].last_layer = L / 2 - 1, even[1].first_layer = L / 2, even[1].last_layer = L - 1;
     front_desc(&pd);
     pd.stages = even, pd.stage_count = 2;
     r = mpar_pipeline_create(g_ctx, m, &pd, &p);
     printf("# (a) even split 0:0-%d,1:%d-%d: %s (%s) in %.2f s, RSS %+.0f MiB\n", L / 2 - 1, L / 2, L - 1,
            mpar_result_string(r), mpar_last_error(g_ctx), mpar__now() - t0, rss_mib() - rss0);
-    /* refused by the per-buffer check before anything is allocated (not by
-       a failed clCreateBuffer), naming the parameter buffer: the largest */
+    /* refused before anything is allocated, naming the device, what it
+       needs by the layout written out above, what it has, the shortfall */
     assert_int_equal(r, MPAR_ERROR_DOES_NOT_FIT);
     assert_null(p);
+    e = stage_memory_of(m, &pd, 2, 0, 0, L / 2 - 1, info.max_alloc_bytes);
+    assert_true(e.blocks >= 2); /* 352 MiB of parameters: not one buffer */
     {
-        char expect[160];
-        size_t params = 0;
-        mpar_device_info info;
-        int l;
-        memset(&info, 0, sizeof info);
-        assert_int_equal(mpar_device_get_info(g_ctx, 0, &info), MPAR_SUCCESS);
-        for (l = 0; l < L / 2; l++) params += mpar_model_layer(m, l)->param_count;
-        snprintf(expect, sizeof expect, "needs a buffer of %llu bytes but device 0 allows at most %llu in one buffer",
-                 (unsigned long long)params * 4, (unsigned long long)info.max_alloc_bytes);
+        char expect[200];
+        snprintf(expect, sizeof expect, "device 0 (stage 0) needs %llu bytes (%.1f MiB) for its buffers but has %llu",
+                 (unsigned long long)e.allocated, (double)e.allocated / MIB, (unsigned long long)info.global_mem_bytes);
+        if (!strstr(mpar_last_error(g_ctx), expect)) fail_msg("expected \"%s\" in \"%s\"", expect, mpar_last_error(g_ctx));
+        snprintf(expect, sizeof expect, "%.1f MiB short", (double)(e.allocated - info.global_mem_bytes) / MIB);
         if (!strstr(mpar_last_error(g_ctx), expect)) fail_msg("expected \"%s\" in \"%s\"", expect, mpar_last_error(g_ctx));
     }
+    /* mpar_pipeline_memory says the same, with the counts */
+    assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &mem), MPAR_ERROR_DOES_NOT_FIT);
+    assert_int_equal(mem.stages, 2);
+    assert_int_equal(mem.chunk_buffers[0], e.blocks);
+    assert_int_equal(mem.device_bytes[0], e.allocated);
     mpar_model_destroy(m);
 }
 
@@ -466,6 +542,9 @@ typedef struct mem_case {
     int model; /* 0: MLP 1024-1024-1024-1024-10 (batch 4096); 1: char GPT (64 tokens, width 128, 4 blocks) */
     mpar_schedule_kind kind;
     int V, recompute;
+    int device_copy;           /* links by device copy (buffers on the devices), link_capacity 3 */
+    int infer;                 /* inference_only */
+    uint64_t max_buffer_bytes; /* cut chunks into many buffers */
 } mem_case;
 
 /* One case: plan on both devices, build from the plan, compare per device.
@@ -483,15 +562,25 @@ static int compare_case(const mem_case* c) {
     int bad;
     memset(&pd, 0, sizeof pd);
     pd.schedule = c->kind, pd.microbatches = 8, pd.virtual_stages = c->V, pd.recompute = c->recompute;
+    pd.inference_only = c->infer, pd.max_buffer_bytes = c->max_buffer_bytes;
+    if (c->device_copy) pd.link_mode = MPAR_LINK_DEVICE_COPY, pd.link_capacity = 3;
     pd.max_batch = c->model ? 64 : 4096; /* 512 rows per micro-batch either way */
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     memset(&o, 0, sizeof o);
     o.device_flops = flops, o.use_devices = 2, o.order = MPAR_PLAN_ORDER_FIXED;
     if (mpar_pipeline_plan(g_ctx, m, &pd, &o, &plan) != MPAR_SUCCESS) fail_msg("plan: %s", mpar_last_error(g_ctx));
-    assert_int_equal(plan.num_stages, 2 * c->V);
+    assert_int_equal(plan.num_stages, 2 * (c->kind == MPAR_SCHEDULE_ZB_V ? 2 : c->V));
     pd.plan = &plan;
     if (mpar_pipeline_create(g_ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
     assert_int_equal(mpar_pipeline_get_stats(p, &stats), MPAR_SUCCESS);
+    if (c->max_buffer_bytes) { /* the case is there to cut chunks into several buffers */
+        mpar_pipeline_memory_info mem = {0};
+        int j, most = 0;
+        assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &mem), MPAR_SUCCESS);
+        for (j = 0; j < mem.chunks; j++) most = mem.chunk_buffers[j] > most ? mem.chunk_buffers[j] : most;
+        printf("# (c) %s: up to %d buffers per chunk\n", c->name, most);
+        assert_true(most >= 2);
+    }
     snprintf(name, sizeof name, "(c) %s %s", c->name, c->model ? "gpt" : "mlp");
     bad = check_memory(name, m, &pd, &plan, &stats);
     mpar_pipeline_destroy(p);
@@ -500,16 +589,22 @@ static int compare_case(const mem_case* c) {
     return bad;
 }
 
-static void compare_kind(const char* name, mpar_schedule_kind kind, int V, int recompute) {
+static void compare_options(const char* name, mpar_schedule_kind kind, int V, int recompute, int device_copy,
+                            int infer, uint64_t max_buffer_bytes) {
     int model, bad = 0;
     for (model = 0; model < 2; model++) {
         mem_case c;
         c.name = name, c.model = model, c.kind = kind, c.V = V, c.recompute = recompute;
+        c.device_copy = device_copy, c.infer = infer, c.max_buffer_bytes = max_buffer_bytes;
         bad += compare_case(&c);
     }
     fflush(stdout);
     if (bad) fail_msg("%s: the plan or the allocation disagrees with the memory model on %d device(s) or chunk(s); "
                       "see the lines marked MISMATCH", name, bad);
+}
+
+static void compare_kind(const char* name, mpar_schedule_kind kind, int V, int recompute) {
+    compare_options(name, kind, V, recompute, 0, 0, 0);
 }
 
 static void test_predicted_vs_allocated_gpipe(void** s) { (void)s; compare_kind("gpipe", MPAR_SCHEDULE_GPIPE, 1, 0); }
@@ -528,57 +623,119 @@ static void test_predicted_vs_allocated_recompute(void** s) {
     compare_kind("1f1b+recompute", MPAR_SCHEDULE_1F1B, 1, 1);
 }
 
-/* ---- a plan must respect the per-buffer limit too ---- */
+static void test_predicted_vs_allocated_zbh2(void** s) { (void)s; compare_kind("zbh2", MPAR_SCHEDULE_ZB_H2, 1, 0); }
+static void test_predicted_vs_allocated_zbv(void** s) { (void)s; compare_kind("zbv", MPAR_SCHEDULE_ZB_V, 2, 0); }
+static void test_predicted_vs_allocated_device_copy(void** s) {
+    (void)s;
+    compare_options("1f1b+device-copy links", MPAR_SCHEDULE_1F1B, 1, 0, 1, 0, 0);
+    compare_options("interleaved+device-copy", MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, 0, 1, 0, 0);
+}
+static void test_predicted_vs_allocated_inference(void** s) {
+    (void)s;
+    compare_options("1f1b inference-only", MPAR_SCHEDULE_1F1B, 1, 0, 0, 1, 0);
+    compare_options("gpipe inference+recompute", MPAR_SCHEDULE_GPIPE, 1, 1, 0, 1, 0);
+}
+/* 6 MiB buffers: a decoder block's activations for 512 rows take 4.5 MiB,
+   so the GPT's chunks take two or more buffers each */
+static void test_predicted_vs_allocated_small_buffers(void** s) {
+    mem_case c;
+    int bad = 0;
+    (void)s;
+    c.name = "zbh1 in 6 MiB buffers", c.model = 1, c.kind = MPAR_SCHEDULE_ZB_H1, c.V = 1, c.recompute = 0;
+    c.device_copy = 0, c.infer = 0, c.max_buffer_bytes = 6 << 20;
+    bad += compare_case(&c);
+    c.name = "1f1b+recompute, 6 MiB", c.kind = MPAR_SCHEDULE_1F1B, c.recompute = 1;
+    bad += compare_case(&c);
+    if (bad) fail_msg("small buffers: %d disagreements; see the lines marked MISMATCH", bad);
+}
+
+/* ---- a stage larger than the largest single allocation ---- */
 
 /* Four 4096x4096 linears with SGD on one device: 67 M parameters, 768 MiB
-   of state (fits 960 MiB), but the stage's parameter buffer is 256.03 MiB,
-   above CL_DEVICE_MAX_MEM_ALLOC_SIZE (256 MiB). A plan the planner accepts
-   must be one the executor can allocate. */
-static void test_plan_respects_max_alloc(void** state) {
+   of state (fits 960 MiB), but the stage's parameters are 256.03 MiB,
+   above CL_DEVICE_MAX_MEM_ALLOC_SIZE (256 MiB). The executor cuts them into
+   buffers under the limit: the plan predicts the allocation to the byte,
+   the pipeline is made and trains a step. */
+static void test_stage_above_max_alloc(void** state) {
     static const int W[] = {4096, 4096, 4096, 4096};
     mpar_model* m = make_mlp(4096, W, 4);
     mpar_pipeline_desc pd;
     mpar_plan_options o;
     mpar_plan plan;
     mpar_pipeline* p = NULL;
+    mpar_pipeline_stats stats;
+    mpar_pipeline_memory_info mem = {0};
     mpar_device_info info;
+    mpar_batch b;
+    mpar_step_info si;
     double flops[2] = {15e9, 15e9};
+    float* x = (float*)calloc(4 * 4096, sizeof(float));
+    int32_t y[4] = {0, 1, 2, 3};
+    stage_memory e;
     mpar_result r;
     (void)state;
+    assert_non_null(x);
     memset(&info, 0, sizeof info);
     assert_int_equal(mpar_device_get_info(g_ctx, 0, &info), MPAR_SUCCESS);
+    assert_int_equal(info.max_alloc_bytes, (uint64_t)1 << 28); /* global / 4 */
     memset(&pd, 0, sizeof pd);
     pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 4;
     pd.optimizer.kind = MPAR_OPTIMIZER_SGD;
     memset(&o, 0, sizeof o);
     o.device_flops = flops, o.use_devices = 1, o.order = MPAR_PLAN_ORDER_FIXED;
-    /* mpar_plan_device has no per-buffer limit: the planner accepts the
-       768 MiB, and predicts them as modelled */
     r = mpar_pipeline_plan(g_ctx, m, &pd, &o, &plan);
     if (r != MPAR_SUCCESS) fail_msg("plan: %s (%s)", mpar_result_string(r), mpar_last_error(g_ctx));
     assert_int_equal(plan.num_stages, 1);
-    assert_int_equal(plan.device_memory_bytes[0],
-                     stage_memory_of(m, &pd, 1, 0, 0, mpar_model_layer_count(m) - 1).predicted);
+    assert_true((double)mpar_model_param_count(m) * 4.0 > (double)info.max_alloc_bytes);
+    e = stage_memory_of(m, &pd, 1, 0, 0, mpar_model_layer_count(m) - 1, info.max_alloc_bytes);
+    assert_int_equal(e.blocks, 2);
+    assert_int_equal(plan.device_memory_bytes[0], e.allocated);
     pd.plan = &plan;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &mem), MPAR_SUCCESS);
+    assert_int_equal(mem.chunk_buffers[0], 2);
+    assert_int_equal(mem.device_bytes[0], e.allocated);
     r = mpar_pipeline_create(g_ctx, m, &pd, &p);
-    printf("# max alloc: plan %s predicts %.2f MiB of %.0f usable; parameter buffer %.2f MiB, max alloc %.0f MiB; "
-           "create: %s (%s)\n", plan.num_stages == 1 ? "0:0-8" : "(several stages)",
-           (double)plan.device_memory_bytes[0] / MIB, (double)plan.device_capacity_bytes[0] / MIB,
-           (double)mpar_model_param_count(m) * 4.0 / MIB, (double)info.max_alloc_bytes / MIB, mpar_result_string(r),
-           r == MPAR_SUCCESS ? "" : mpar_last_error(g_ctx));
+    printf("# max alloc: plan predicts %.2f MiB of %.0f usable; parameters %.2f MiB in %d buffers, max alloc %.0f MiB; "
+           "create: %s %s\n", (double)plan.device_memory_bytes[0] / MIB, (double)plan.device_capacity_bytes[0] / MIB,
+           (double)mpar_model_param_count(m) * 4.0 / MIB, mem.chunk_buffers[0], (double)info.max_alloc_bytes / MIB,
+           mpar_result_string(r), r == MPAR_SUCCESS ? "" : mpar_last_error(g_ctx));
     fflush(stdout);
-    /* so the pipeline must refuse it, before allocating, naming the
-       parameter buffer (the largest) and the limit */
-    assert_int_equal(r, MPAR_ERROR_DOES_NOT_FIT);
-    assert_null(p);
-    assert_int_equal(info.max_alloc_bytes, (uint64_t)1 << 28); /* global / 4 */
-    {
-        char expect[160];
-        snprintf(expect, sizeof expect, "needs a buffer of %llu bytes but device 0 allows at most %llu in one buffer",
-                 (unsigned long long)mpar_model_param_count(m) * 4, (unsigned long long)info.max_alloc_bytes);
-        if (!strstr(mpar_last_error(g_ctx), expect)) fail_msg("expected \"%s\" in \"%s\"", expect, mpar_last_error(g_ctx));
-    }
+    assert_int_equal(r, MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_get_stats(p, &stats), MPAR_SUCCESS);
+    assert_int_equal(stats.device_bytes[0], e.allocated);
+    b.inputs = x, b.targets = y, b.samples = 4;
+    if (mpar_pipeline_train_step(p, &b, &si) != MPAR_SUCCESS) fail_msg("step: %s", mpar_last_error(g_ctx));
+    assert_true(si.loss > 0.0 && si.loss < 20.0);
+    mpar_pipeline_destroy(p);
     mpar_plan_free(&plan);
+    mpar_model_destroy(m);
+    free(x);
+}
+
+/* One layer larger than the largest single allocation cannot be cut:
+   refused before anything is allocated, naming the stage, the layer and
+   the limit. */
+static void test_layer_above_max_alloc(void** state) {
+    static const int W[] = {8200, 10};
+    mpar_model* m = make_mlp(8200, W, 2); /* 67.2 M parameters in the first linear: 269 MB */
+    mpar_stage_desc one[1] = {{0, 0, 0}};
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_device_info info;
+    char expect[160];
+    (void)state;
+    memset(&info, 0, sizeof info);
+    assert_int_equal(mpar_device_get_info(g_ctx, 0, &info), MPAR_SUCCESS);
+    memset(&pd, 0, sizeof pd);
+    one[0].last_layer = mpar_model_layer_count(m) - 1;
+    pd.stages = one, pd.stage_count = 1, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 4;
+    pd.optimizer.kind = MPAR_OPTIMIZER_SGD;
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_DOES_NOT_FIT);
+    assert_null(p);
+    snprintf(expect, sizeof expect, "stage 0: layer 0 (linear) alone needs a buffer of %llu bytes (its parameters) but "
+             "device 0 allows at most %llu in one buffer", (unsigned long long)mpar_model_layer(m, 0)->param_count * 4,
+             (unsigned long long)info.max_alloc_bytes);
+    if (!strstr(mpar_last_error(g_ctx), expect)) fail_msg("expected \"%s\" in \"%s\"", expect, mpar_last_error(g_ctx));
     mpar_model_destroy(m);
 }
 
@@ -594,7 +751,13 @@ int main(int argc, char** argv) {
         cmocka_unit_test(test_predicted_vs_allocated_interleaved),
         cmocka_unit_test(test_predicted_vs_allocated_sequential),
         cmocka_unit_test(test_predicted_vs_allocated_recompute),
-        cmocka_unit_test(test_plan_respects_max_alloc),
+        cmocka_unit_test(test_predicted_vs_allocated_zbh2),
+        cmocka_unit_test(test_predicted_vs_allocated_zbv),
+        cmocka_unit_test(test_predicted_vs_allocated_device_copy),
+        cmocka_unit_test(test_predicted_vs_allocated_inference),
+        cmocka_unit_test(test_predicted_vs_allocated_small_buffers),
+        cmocka_unit_test(test_stage_above_max_alloc),
+        cmocka_unit_test(test_layer_above_max_alloc),
     };
     (void)argc, (void)argv;
     /* PoCL reads the limit when OpenCL starts, which is in setup (the first

@@ -1,0 +1,312 @@
+/* Memory: chunks cut into buffers under a size limit, inference-only
+   pipelines, and the memory limit a pipeline is checked against.
+   (a) A character GPT whose every stage holds more parameters than one
+       buffer may (max_buffer_bytes, the descriptor's override of the
+       device's largest allocation) trains on 2 devices under 1F1B, ZB-H1,
+       interleaving and recomputation, and equals one device without the
+       limit bit for bit: losses and every parameter after three AdamW steps.
+   (b) An inference-only pipeline holds its parameters and one slot per
+       chunk: its bytes are those of mpar_pipeline_memory, below a training
+       pipeline's; it infers the same outputs bit for bit, loads a training
+       checkpoint, and refuses training, gradient reads and saving.
+   (c) memory_limit_bytes: a pipeline over it is refused before anything is
+       allocated, naming the device and the shortfall; the planner plans
+       within it. */
+#define MPAR_IMPLEMENTATION
+#include "mpar.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+const char* __lsan_default_suppressions(void);
+const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
+
+enum { SEQ = 16, WIDTH = 64, HEADS = 4, BLOCKS = 4, VOCAB = 32, BATCH = 8, M = 4, STEPS = 3 };
+
+static mpar_context* g_ctx;
+static mpar_model* g_gpt;
+static int32_t g_tokens[BATCH * SEQ], g_targets[BATCH * SEQ];
+
+static int setup(void** state) {
+    mpar_desc d;
+    mpar_error err;
+    mpar_model_desc md;
+    mpar_layer_desc ld;
+    uint64_t s = 99;
+    int i;
+    (void)state;
+    memset(&d, 0, sizeof d);
+    d.error = &err;
+    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS || mpar_device_count(g_ctx) < 2) {
+        fprintf(stderr, "needs two devices (POCL_DEVICES=\"basic basic\")\n");
+        return -1;
+    }
+    memset(&md, 0, sizeof md);
+    md.input_features = 1, md.seq_len = SEQ, md.seed = 5;
+    if (mpar_model_create(&md, &g_gpt, &err) != MPAR_SUCCESS) return -1;
+    memset(&ld, 0, sizeof ld);
+    ld.type = mpar_layer_embedding(), ld.units = WIDTH, ld.vocab = VOCAB;
+    if (mpar_model_add(g_gpt, &ld, &err) != MPAR_SUCCESS) return -1;
+    for (i = 0; i < BLOCKS; i++) {
+        memset(&ld, 0, sizeof ld);
+        ld.type = mpar_layer_decoder_block(), ld.heads = HEADS;
+        if (mpar_model_add(g_gpt, &ld, &err) != MPAR_SUCCESS) return -1;
+    }
+    if (mpar_model_add_simple(g_gpt, mpar_layer_layernorm(), &err) != MPAR_SUCCESS ||
+        mpar_model_add_linear(g_gpt, VOCAB, &err) != MPAR_SUCCESS ||
+        mpar_model_add_simple(g_gpt, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS)
+        return -1;
+    for (i = 0; i < BATCH * SEQ; i++) {
+        g_tokens[i] = (int32_t)(mpar__rng_next(&s) % VOCAB);
+        g_targets[i] = (int32_t)(mpar__rng_next(&s) % VOCAB);
+    }
+    return 0;
+}
+
+static int teardown(void** state) {
+    (void)state;
+    mpar_model_destroy(g_gpt);
+    mpar_destroy(g_ctx);
+    return 0;
+}
+
+/* 8 layers: embedding, 4 decoder blocks, layer norm, head, loss */
+static const mpar_stage_desc ONE[1] = {{0, 0, 7}};
+static const mpar_stage_desc TWO[2] = {{0, 0, 2}, {1, 3, 7}};
+static const mpar_stage_desc FOUR[4] = {{0, 0, 1}, {1, 2, 3}, {0, 4, 5}, {1, 6, 7}}; /* V = 2 */
+
+typedef struct trained {
+    double loss[STEPS];
+    float* params;
+} trained;
+
+static void train(const mpar_stage_desc* st, int n, mpar_schedule_kind kind, int V, int recompute,
+                  uint64_t max_buffer, trained* out, mpar_pipeline_memory_info* mem) {
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_pipeline_stats stats;
+    mpar_batch b;
+    int i, l;
+    size_t off = 0;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = n, pd.schedule = kind, pd.microbatches = M, pd.virtual_stages = V;
+    pd.max_batch = BATCH, pd.recompute = recompute, pd.max_buffer_bytes = max_buffer;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 1e-2f;
+    if (mpar_pipeline_memory(g_ctx, g_gpt, &pd, mem) != MPAR_SUCCESS) fail_msg("memory: %s", mpar_last_error(g_ctx));
+    if (mpar_pipeline_create(g_ctx, g_gpt, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+    assert_int_equal(mpar_pipeline_get_stats(p, &stats), MPAR_SUCCESS);
+    for (i = 0; i < stats.stages; i++) assert_int_equal(stats.device_bytes[i], mem->device_bytes[i]);
+    b.inputs = g_tokens, b.targets = g_targets, b.samples = BATCH;
+    for (i = 0; i < STEPS; i++) {
+        mpar_step_info info;
+        if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS)
+            fail_msg("step %d of %d stages (buffers of %llu bytes): %s", i, n, (unsigned long long)max_buffer,
+                     mpar_last_error(g_ctx));
+        out->loss[i] = info.loss;
+    }
+    out->params = (float*)malloc(sizeof(float) * mpar_model_param_count(g_gpt));
+    assert_non_null(out->params);
+    for (l = 0; l < mpar_model_layer_count(g_gpt); l++) {
+        assert_int_equal(mpar_pipeline_get_params(p, l, out->params + off), MPAR_SUCCESS);
+        off += mpar_model_layer(g_gpt, l)->param_count;
+    }
+    mpar_pipeline_destroy(p);
+}
+
+/* ---- (a) buffers under a limit ---- */
+
+static void blocks_equal(mpar_schedule_kind kind, int V, int recompute) {
+    const mpar_stage_desc* st = V > 1 ? FOUR : TWO;
+    int n = V > 1 ? 4 : 2, j, l;
+    uint64_t limit = 160 << 10; /* 160 KiB; a decoder block's parameters alone take 196 KiB... */
+    trained base, cut;
+    mpar_pipeline_memory_info mem0, mem;
+    size_t biggest = 0;
+    for (l = 0; l < mpar_model_layer_count(g_gpt); l++)
+        if (mpar_model_layer(g_gpt, l)->param_count > biggest) biggest = mpar_model_layer(g_gpt, l)->param_count;
+    limit = (uint64_t)biggest * 4 + 1024; /* ... so the limit is the largest layer's parameters and a bit */
+    train(ONE, 1, kind, 1, recompute, 0, &base, &mem0);
+    train(st, n, kind, V, recompute, limit, &cut, &mem);
+    assert_int_equal(mem0.chunk_buffers[0], 1);
+    for (j = 0; j < n; j++) {
+        size_t params = 0;
+        for (l = st[j].first_layer; l <= st[j].last_layer; l++) params += mpar_model_layer(g_gpt, l)->param_count;
+        printf("# %s%s V=%d chunk %d: layers %d-%d, %zu parameter bytes in %d buffers of at most %llu bytes\n",
+               mpar_schedule_kind_name(kind), recompute ? "+recompute" : "", V, j, st[j].first_layer,
+               st[j].last_layer, params * 4, mem.chunk_buffers[j], (unsigned long long)limit);
+        if ((uint64_t)params * 4 > limit) assert_true(mem.chunk_buffers[j] >= 2);
+    }
+    for (j = 0; j < STEPS; j++) {
+        printf("# step %d: loss %.9f (one device, one buffer) %.9f (cut)\n", j, base.loss[j], cut.loss[j]);
+        assert_true(base.loss[j] == cut.loss[j]);
+    }
+    assert_memory_equal(base.params, cut.params, sizeof(float) * mpar_model_param_count(g_gpt));
+    free(base.params), free(cut.params);
+}
+
+static void test_blocks_1f1b(void** s) { (void)s; blocks_equal(MPAR_SCHEDULE_1F1B, 1, 0); }
+static void test_blocks_zbh1(void** s) { (void)s; blocks_equal(MPAR_SCHEDULE_ZB_H1, 1, 0); }
+static void test_blocks_interleaved(void** s) { (void)s; blocks_equal(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, 0); }
+static void test_blocks_recompute(void** s) { (void)s; blocks_equal(MPAR_SCHEDULE_1F1B, 1, 1); }
+
+/* A limit below one layer's parameters: refused before allocating, naming
+   the stage, the layer and the limit. */
+static void test_blocks_layer_too_big(void** state) {
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    char expect[200];
+    (void)state;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = TWO, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = M, pd.max_batch = BATCH;
+    pd.max_buffer_bytes = 64 << 10;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_ERROR_DOES_NOT_FIT);
+    assert_null(p);
+    snprintf(expect, sizeof expect, "stage 0: layer 1 (decoder_block) alone needs a buffer of %llu bytes",
+             (unsigned long long)mpar_model_layer(g_gpt, 1)->param_count * 4);
+    if (!strstr(mpar_last_error(g_ctx), expect)) fail_msg("expected \"%s\" in \"%s\"", expect, mpar_last_error(g_ctx));
+    assert_non_null(strstr(mpar_last_error(g_ctx), "allows at most 65536 in one buffer"));
+}
+
+/* ---- (b) inference only ---- */
+
+static void test_inference_only(void** state) {
+    mpar_pipeline_desc pd;
+    mpar_pipeline *train_p = NULL, *infer_p = NULL;
+    mpar_pipeline_stats st_train, st_infer;
+    mpar_pipeline_memory_info mem;
+    mpar_batch b;
+    mpar_step_info info;
+    float *out1 = (float*)malloc(sizeof(float) * BATCH * SEQ * VOCAB), *out2 = (float*)malloc(sizeof(float) * BATCH * SEQ * VOCAB);
+    float* g = (float*)malloc(sizeof(float) * mpar_model_layer(g_gpt, 1)->param_count);
+    double l1 = 0, l2 = 0;
+    char path[] = "/tmp/mpar_test_memory_XXXXXX";
+    int fd, i;
+    uint64_t params = 0;
+    mpar_error err;
+    (void)state;
+    assert_non_null(out1), assert_non_null(out2), assert_non_null(g);
+    fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    unlink(path); /* the name only: the checkpoint writes it */
+    memset(&pd, 0, sizeof pd);
+    pd.stages = TWO, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = M, pd.max_batch = BATCH;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 1e-2f;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &train_p), MPAR_SUCCESS);
+    b.inputs = g_tokens, b.targets = g_targets, b.samples = BATCH;
+    assert_int_equal(mpar_pipeline_train_step(train_p, &b, &info), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_save_checkpoint(train_p, path, &err), MPAR_SUCCESS);
+    pd.inference_only = 1;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, g_gpt, &pd, &mem), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &infer_p), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_get_stats(train_p, &st_train), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_get_stats(infer_p, &st_infer), MPAR_SUCCESS);
+    for (i = 0; i < 2; i++) {
+        int l;
+        uint64_t stage_params = 0;
+        for (l = TWO[i].first_layer; l <= TWO[i].last_layer; l++) stage_params += mpar_model_layer(g_gpt, l)->param_count;
+        params += stage_params;
+        printf("# device stage %d: training %.2f MiB (%d slots), inference only %.2f MiB (%d slot), parameters "
+               "%.2f MiB\n", i, (double)st_train.device_bytes[i] / 1048576.0, st_train.slots[i],
+               (double)st_infer.device_bytes[i] / 1048576.0, st_infer.slots[i], (double)stage_params * 4 / 1048576.0);
+        assert_int_equal(st_infer.device_bytes[i], mem.device_bytes[i]);
+        assert_int_equal(st_infer.slots[i], 1);
+        assert_true(st_infer.device_bytes[i] >= stage_params * 4);
+        /* no gradients and no moments: at most the parameters and one micro-batch's activations more */
+        assert_true(st_infer.device_bytes[i] * 2 < st_train.device_bytes[i]);
+    }
+    /* the trained parameters, loaded from the training pipeline's checkpoint */
+    assert_int_equal(mpar_pipeline_load_checkpoint(infer_p, path, &err), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_get_step(infer_p), 1);
+    assert_int_equal(mpar_pipeline_infer(train_p, &b, out1, &l1), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_infer(infer_p, &b, out2, &l2), MPAR_SUCCESS);
+    assert_memory_equal(out1, out2, sizeof(float) * BATCH * SEQ * VOCAB);
+    assert_true(l1 == l2 && l1 > 0.0);
+    /* no training, no gradients, no moments, no checkpoint without them */
+    assert_int_equal(mpar_pipeline_train_step(infer_p, &b, &info), MPAR_ERROR_INVALID_STATE);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "inference_only"));
+    assert_int_equal(mpar_pipeline_compute_gradients(infer_p, &b, &info), MPAR_ERROR_INVALID_STATE);
+    assert_int_equal(mpar_pipeline_apply_gradients(infer_p, &info), MPAR_ERROR_INVALID_STATE);
+    assert_int_equal(mpar_pipeline_get_grads(infer_p, 1, g), MPAR_ERROR_INVALID_STATE);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "layer 1: an inference-only pipeline holds no gradients"));
+    assert_int_equal(mpar_pipeline_read_state(infer_p, 1, MPAR_STATE_MOMENT1, g), MPAR_ERROR_INVALID_STATE);
+    unlink(path);
+    assert_int_equal(mpar_pipeline_save_checkpoint(infer_p, path, &err), MPAR_ERROR_INVALID_STATE);
+    assert_non_null(strstr(err.message, "inference_only"));
+    assert_int_equal(access(path, F_OK), -1); /* nothing written */
+    /* and it still infers */
+    assert_int_equal(mpar_pipeline_infer(infer_p, &b, out2, &l2), MPAR_SUCCESS);
+    assert_memory_equal(out1, out2, sizeof(float) * BATCH * SEQ * VOCAB);
+    mpar_pipeline_destroy(infer_p);
+    mpar_pipeline_destroy(train_p);
+    free(out1), free(out2), free(g);
+    (void)params;
+}
+
+/* ---- (c) the memory limit ---- */
+
+static void test_memory_limit(void** state) {
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_pipeline_memory_info mem, again;
+    mpar_plan plan;
+    mpar_plan_options o;
+    double flops[2] = {1e9, 1e9};
+    char expect[200];
+    uint64_t limit;
+    int d;
+    (void)state;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = TWO, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_GPIPE, pd.microbatches = M, pd.max_batch = BATCH;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, g_gpt, &pd, &mem), MPAR_SUCCESS);
+    assert_int_equal(mem.stages, 2);
+    /* one byte less than device 1 needs */
+    limit = mem.device_bytes[1] - 1;
+    assert_true(mem.device_bytes[0] <= limit); /* device 0 (3 layers) needs less */
+    pd.memory_limit_bytes = limit;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_ERROR_DOES_NOT_FIT);
+    assert_null(p);
+    snprintf(expect, sizeof expect, "device 1 (stage 1) needs %llu bytes", (unsigned long long)mem.device_bytes[1]);
+    if (!strstr(mpar_last_error(g_ctx), expect)) fail_msg("expected \"%s\" in \"%s\"", expect, mpar_last_error(g_ctx));
+    assert_non_null(strstr(mpar_last_error(g_ctx), "0.0 MiB short"));
+    assert_int_equal(mpar_pipeline_memory(g_ctx, g_gpt, &pd, &again), MPAR_ERROR_DOES_NOT_FIT);
+    assert_int_equal(again.device_bytes[1], mem.device_bytes[1]);
+    pd.memory_limit_bytes = mem.device_bytes[1];
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_SUCCESS);
+    mpar_pipeline_destroy(p);
+    /* the planner plans within the limit (less its reserve), by the executor's count */
+    pd.stages = NULL, pd.stage_count = 0;
+    pd.memory_limit_bytes = mem.device_bytes[1] + ((uint64_t)1 << 20);
+    memset(&o, 0, sizeof o);
+    o.device_flops = flops, o.reserve_bytes = (uint64_t)1 << 20;
+    if (mpar_pipeline_plan(g_ctx, g_gpt, &pd, &o, &plan) != MPAR_SUCCESS) fail_msg("plan: %s", mpar_last_error(g_ctx));
+    for (d = 0; d < plan.num_devices; d++) {
+        printf("# planned within %llu bytes: device %d %llu bytes (capacity %llu)\n",
+               (unsigned long long)pd.memory_limit_bytes, d, (unsigned long long)plan.device_memory_bytes[d],
+               (unsigned long long)plan.device_capacity_bytes[d]);
+        assert_int_equal(plan.device_capacity_bytes[d], mem.device_bytes[1]);
+        assert_true(plan.device_memory_bytes[d] <= plan.device_capacity_bytes[d]);
+    }
+    pd.plan = &plan;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_SUCCESS);
+    mpar_pipeline_destroy(p);
+    mpar_plan_free(&plan);
+    /* a limit nothing fits in: the planner says DOES_NOT_FIT */
+    pd.plan = NULL, pd.memory_limit_bytes = (uint64_t)256 << 10; /* 0.8 MiB of parameters alone */
+    o.reserve_bytes = 1;
+    assert_int_equal(mpar_pipeline_plan(g_ctx, g_gpt, &pd, &o, &plan), MPAR_ERROR_DOES_NOT_FIT);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_blocks_1f1b),         cmocka_unit_test(test_blocks_zbh1),
+        cmocka_unit_test(test_blocks_interleaved),  cmocka_unit_test(test_blocks_recompute),
+        cmocka_unit_test(test_blocks_layer_too_big), cmocka_unit_test(test_inference_only),
+        cmocka_unit_test(test_memory_limit),
+    };
+    return cmocka_run_group_tests_name("memory", tests, setup, teardown);
+}
