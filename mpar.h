@@ -621,6 +621,10 @@ typedef struct mpar_plan_stage {
     int first_layer;         /* inclusive, 0-based */
     int last_layer;          /* inclusive */
     int in_flight;           /* stash multiplier used for memory */
+    /* The stage keeps only its input per micro-batch and recomputes its
+       forward in the backward: chosen by mpar_pipeline_plan where memory
+       binds (printed as "0:0-5r"); MANUAL input may set it. */
+    int recompute;
     double compute_seconds;  /* F + B + W per micro-batch */
     double transfer_seconds; /* X before + X after, per micro-batch */
     double time_seconds;     /* compute + transfer */
@@ -717,7 +721,7 @@ MPARDEF mpar_result mpar_plan_create(const mpar_plan_desc* desc, mpar_plan* out,
 
 MPARDEF void mpar_plan_free(mpar_plan* plan);
 
-/* "device:first-last,..." e.g. "0:0-5,1:6-11". snprintf-like: writes at
+/* "device:first-last,..." e.g. "0:0-5,1:6-11"; "0:0-5r" recomputes. snprintf-like: writes at
    most size bytes (NUL-terminated if size > 0) and returns the length the
    whole text needs, or -1 for a NULL plan. */
 MPARDEF int mpar_plan_to_string(const mpar_plan* plan, char* buf, size_t size);
@@ -1233,6 +1237,12 @@ typedef struct mpar_pipeline_desc {
     int max_batch;                 /* most samples in one step (required) */
     mpar_optimizer_desc optimizer;
     int recompute;          /* keep only stage inputs; recompute in backward */
+    /* Recomputation stage by stage: recompute_stages[j] != 0 makes stage
+       (chunk) j keep only its input and recompute its forward in the
+       backward; [stage_count entries, with explicit stages]. With a plan,
+       the plan's stages[].recompute (mpar_pipeline_plan chooses them where
+       memory binds). `recompute` above turns it on for every stage. */
+    const int* recompute_stages;
     int skip_nonfinite;     /* skip a step whose loss/gradients are NaN/Inf */
     int link_capacity;      /* messages a link holds [most micro-batches a stage holds, at least 2] */
     mpar_link_mode link_mode; /* how activations cross a stage boundary [AUTO] */
@@ -6268,7 +6278,9 @@ static mpar_result mpar__planner_manual_cost(mpar__planner_ctx* c, const mpar_pl
     for (s = 0; s < k; ++s) order[s] = st[s].device;
     mpar__planner_seq(c, order, k);
     for (s = 0; s < n; ++s) c->ends[s] = st[s].last_layer + 1;
-    return mpar__planner_build(c, p, err);
+    r = mpar__planner_build(c, p, err);
+    for (s = 0; r == MPAR_SUCCESS && s < n && s < p->num_stages; ++s) p->stages[s].recompute = st[s].recompute;
+    return r;
 }
 
 static mpar_result mpar__planner_manual(mpar__planner_ctx* c, mpar_plan* p, mpar_error* err) {
@@ -6342,7 +6354,8 @@ MPARDEF int mpar_plan_to_string(const mpar_plan* plan, char* buf, size_t size) {
     for (s = 0; s < plan->num_stages; ++s) {
         char item[48];
         const mpar_plan_stage* st = &plan->stages[s];
-        int len = snprintf(item, sizeof item, "%s%d:%d-%d", s ? "," : "", st->device, st->first_layer, st->last_layer);
+        int len = snprintf(item, sizeof item, "%s%d:%d-%d%s", s ? "," : "", st->device, st->first_layer, st->last_layer,
+                           st->recompute ? "r" : "");
         if (len < 0) return -1;
         if (buf && used + (size_t)len < size) memcpy(buf + used, item, (size_t)len + 1);
         else if (buf && used < size) { /* truncate, keep the NUL */
@@ -6419,6 +6432,11 @@ static mpar_result mpar__planner_parse_stage(mpar__planner_cursor* cur, mpar_pla
     if (st->first_layer > st->last_layer)
         return mpar_error_set(err, MPAR_ERROR_INVALID_PLAN, "plan text: stage %d: first layer %d is after last layer "
                               "%d", s, st->first_layer, st->last_layer);
+    mpar__planner_blanks(cur);
+    if (mpar__planner_peek(cur) == 'r') { /* recomputes */
+        cur->at++;
+        st->recompute = 1;
+    }
     return MPAR_SUCCESS;
 }
 
@@ -6480,7 +6498,7 @@ MPARDEF mpar_result mpar_plan_print(const mpar_plan* plan, FILE* f) {
     for (s = 0; s < plan->num_stages; ++s) {
         const mpar_plan_stage* st = &plan->stages[s];
         char range[32];
-        snprintf(range, sizeof range, "%d-%d", st->first_layer, st->last_layer);
+        snprintf(range, sizeof range, "%d-%d%s", st->first_layer, st->last_layer, st->recompute ? "r" : "");
         fprintf(f, "%5d %6d %13s %12.4f %12.4f %12.4f %9d %14.2f\n", s, st->device, range, 1e3 * st->compute_seconds,
                 1e3 * st->transfer_seconds, 1e3 * st->time_seconds, st->in_flight,
                 (double)st->memory_bytes / 1048576.0);
@@ -6516,8 +6534,8 @@ static void mpar__planner_json_number(FILE* f, const char* name, double v) {
 }
 
 static void mpar__planner_json_stage(FILE* f, const mpar_plan_stage* st) {
-    fprintf(f, "{\"device\":%d,\"first_layer\":%d,\"last_layer\":%d,\"in_flight\":%d,", st->device, st->first_layer,
-            st->last_layer, st->in_flight);
+    fprintf(f, "{\"device\":%d,\"first_layer\":%d,\"last_layer\":%d,\"in_flight\":%d,\"recompute\":%d,", st->device,
+            st->first_layer, st->last_layer, st->in_flight, st->recompute);
     mpar__planner_json_number(f, "compute_seconds", st->compute_seconds);
     fputc(',', f);
     mpar__planner_json_number(f, "transfer_seconds", st->transfer_seconds);
@@ -8767,6 +8785,7 @@ struct mpar__link {
 
 typedef struct mpar__vstage {
     int index, worker, chunk, device, first, last, n; /* n = layer count */
+    int recompute; /* slots keep the chunk's input; its forward runs again in the backward */
     size_t* param_off;  /* [n+1] */
     size_t* act_cum;    /* [n+2] cumulative widths of region 0..n (per row) */
     size_t* stash_cum;  /* [n+1] */
@@ -8848,6 +8867,7 @@ struct mpar_pipeline {
     uint64_t need[MPAR__MAX_WORKERS];
     uint64_t need_vs[4 * MPAR__MAX_WORKERS];
     int dry_run;
+    unsigned char stage_recompute[4 * MPAR__MAX_WORKERS]; /* recompute_stages, or the plan's */
     mpar__worker workers[MPAR__MAX_WORKERS];
     /* job hand-off */
     pthread_mutex_t mu;
@@ -9426,18 +9446,18 @@ static size_t mpar__act_end(const mpar__vstage* v, int b) {
 static mpar_buf mpar__act(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
     mpar_buf b;
     int blk = v->block_of[k];
-    if (p->desc.recompute && k == 0) {
+    if (v->recompute && k == 0) {
         b.mem = v->act_slots[slot], b.off = 0;
         return b;
     }
-    b.mem = p->desc.recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
+    b.mem = v->recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
     b.off = (size_t)p->mb_rows_max * (v->act_cum[k] - v->act_cum[v->block_first[blk]]);
     return b;
 }
 static mpar_buf mpar__stash(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
     mpar_buf b;
     int blk = v->block_of[k], f = v->block_first[blk];
-    b.mem = p->desc.recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
+    b.mem = v->recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
     b.off = (size_t)p->mb_rows_max * (v->act_cum[mpar__act_end(v, blk)] - v->act_cum[f] + v->stash_cum[k] -
                                       v->stash_cum[f]);
     return b;
@@ -9606,8 +9626,7 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
                           mb, v->slot_count);
     v->slot_mb[slot] = mb;
     if (++w->in_flight > w->peak_in_flight) w->peak_in_flight = w->in_flight;
-    MPAR__TRY(mpar__out_guard_all(w, v->act_slots + (p->desc.recompute ? slot : slot * v->blocks),
-                                  p->desc.recompute ? 1 : v->blocks));
+    MPAR__TRY(mpar__out_guard_all(w, v->act_slots + (v->recompute ? slot : slot * v->blocks), v->recompute ? 1 : v->blocks));
     MPAR__TRY(mpar__out_guard_all(w, v->work, v->blocks));
     if (v->index == 0)
         MPAR__TRY(mpar__upload_batch(w, mpar__act(p, v, slot, 0).mem, 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
@@ -9645,7 +9664,7 @@ static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int
         MPAR__TRY(mpar__link_recv(w, v->bwd_in, mpar__grad(p, v, slot, v->n), (size_t)rows * width, mb));
     }
     mpar__serial_begin(w);
-    r = p->desc.recompute ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
+    r = v->recompute ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
     for (k = v->n - 1; r == MPAR_SUCCESS && k >= 0; k--) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
         mpar_io io;
@@ -9669,7 +9688,7 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
                           mb);
     MPAR__TRY(mpar__out_guard_all(w, v->work, v->blocks));
     mpar__serial_begin(w);
-    r = p->desc.recompute && !recomputed ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
+    r = v->recompute && !recomputed ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
     for (k = 0; r == MPAR_SUCCESS && k < v->n; k++) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
         mpar_io io;
@@ -10569,6 +10588,7 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage_count %d is not a positive multiple of "
                               "virtual_stages %d", n, V);
         memcpy(out, d->stages, sizeof(mpar_stage_desc) * (size_t)n);
+        for (j = 0; d->recompute_stages && j < n; j++) p->stage_recompute[j] = d->recompute_stages[j] != 0;
     } else {
         mpar_plan local;
         const mpar_plan* plan = d->plan;
@@ -10585,6 +10605,7 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
             out[j].device = plan->stages[j].device;
             out[j].first_layer = plan->stages[j].first_layer;
             out[j].last_layer = plan->stages[j].last_layer;
+            p->stage_recompute[j] = plan->stages[j].recompute != 0;
         }
         if (plan == &local) mpar_plan_free(&local);
     }
@@ -10617,14 +10638,13 @@ static int mpar__size_add(size_t a, size_t b, size_t* out) {
 /* What a chunk's buffers depend on besides its layers. */
 typedef struct mpar__mem_opts {
     size_t rows;   /* rows of the largest micro-batch */
-    int recompute; /* slots keep the stage input; work buffers the rest */
     int split;     /* a gradient slot per activation slot (split backward) */
     int adamw;     /* two optimizer moments (SGD: one) */
     int infer;     /* inference only: no gradients, optimizer state or gradient slots */
 } mpar__mem_opts;
 
 static void mpar__mem_opts_of(const mpar_pipeline_desc* d, size_t rows, int split, mpar__mem_opts* o) {
-    o->rows = rows, o->recompute = d->recompute != 0, o->split = split;
+    o->rows = rows, o->split = split;
     o->adamw = d->optimizer.kind == MPAR_OPTIMIZER_ADAMW, o->infer = d->inference_only != 0;
 }
 
@@ -10738,10 +10758,10 @@ static uint64_t mpar__at_least_one(uint64_t floats) { return floats ? floats : 1
 static uint64_t mpar__vstage_bytes(const mpar__vstage* v, const mpar__mem_opts* o, int slots) {
     uint64_t f = 0, rows = o->rows, gslots = o->split ? (uint64_t)slots : 1;
     int b;
-    if (o->recompute) f += (uint64_t)slots * mpar__at_least_one(rows * v->act_cum[1]);
+    if (v->recompute) f += (uint64_t)slots * mpar__at_least_one(rows * v->act_cum[1]);
     for (b = 0; b < v->blocks; b++) {
         uint64_t pb = mpar__block_params(v, b), act = mpar__at_least_one(rows * mpar__block_act_row(v, b));
-        f += o->recompute ? act : (uint64_t)slots * act;
+        f += v->recompute ? act : (uint64_t)slots * act;
         f += mpar__at_least_one(pb);
         if (!o->infer)
             f += gslots * mpar__at_least_one(rows * mpar__block_grad_row(v, b)) + 2 * mpar__at_least_one(pb) + (o->adamw ? mpar__at_least_one(pb) : 1);
@@ -10768,14 +10788,15 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
     memset(v->params, 0, sizeof(cl_mem) * (size_t)B);
     for (s = 0; s < slots; s++) {
         v->slot_mb[s] = -1;
-        if (o->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->act_cum[1], &v->act_slots[s]));
+        if (v->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->act_cum[1], &v->act_slots[s]));
         for (b = 0; b < B; b++) {
-            if (!o->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_act_row(v, b), &v->act_slots[s * B + b]));
+            if (!v->recompute)
+                MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_act_row(v, b), &v->act_slots[s * B + b]));
             if (s < v->grad_slot_count)
                 MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_grad_row(v, b), &v->grad_slots[s * B + b]));
         }
     }
-    if (o->recompute) {
+    if (v->recompute) {
         v->work = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->work) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         memset(v->work, 0, sizeof(cl_mem) * (size_t)B);
@@ -11026,7 +11047,7 @@ static void mpar__vstage_release(mpar_pipeline* p, mpar__vstage* v) {
     mpar__release_mems(p, &v->opt2, B), mpar__release_mems(p, &v->opt1, B), mpar__release_mems(p, &v->grads, B);
     mpar__release_mems(p, &v->params, B), mpar__release_mems(p, &v->work, B);
     mpar__release_mems(p, &v->grad_slots, (size_t)v->grad_slot_count * B);
-    mpar__release_mems(p, &v->act_slots, (size_t)v->slot_count * (p->desc.recompute ? 1 : B));
+    mpar__release_mems(p, &v->act_slots, (size_t)v->slot_count * (v->recompute ? 1 : B));
     mpar__free(p->ctx, v->slot_mb);
     mpar__vstage_layout_free(p->ctx, v);
 }
@@ -11356,6 +11377,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         v->index = i, v->worker = mpar_schedule_stage_of(p->schedule, i), v->chunk = mpar_schedule_chunk_of(p->schedule, i);
         v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
         v->n = v->last - v->first + 1;
+        v->recompute = p->desc.recompute || p->stage_recompute[i];
     }
     mpar__mem_opts_of(&p->desc, (size_t)p->mb_rows_max, p->schedule->split_backward, &mo);
     for (i = 0; i < p->vs_count; i++) {
@@ -11542,9 +11564,6 @@ static mpar_result mpar__plan_flops(mpar_context* ctx, const mpar_plan_options* 
     return MPAR_SUCCESS;
 }
 
-/* What one micro-batch of each layer costs and holds, as the executor
-   allocates it: activations and stash per in-flight micro-batch; the
-   backward buffer once per stage (per micro-batch for zero-bubble). */
 /* What the desc's schedule implies before the pipeline knows its stage
    count: whether the backward is split and how many micro-batches a step
    runs (the batch as one for SEQUENTIAL). Read from the lists. */
@@ -11563,6 +11582,13 @@ static mpar_result mpar__desc_schedule_facts(const mpar_allocator* a, const mpar
     return MPAR_SUCCESS;
 }
 
+/* What one micro-batch of each layer costs and holds, as the executor
+   allocates it: activations and stash per in-flight micro-batch (with
+   recompute, one working copy per stage instead); the backward buffer once
+   per stage (per micro-batch for zero-bubble); for inference only, the
+   parameters and the forward. What this per-layer form cannot say (each
+   slot's copy of the stage output, recompute's stage inputs, the buffers'
+   rounding) mpar_pipeline_plan settles with mpar_pipeline_memory. */
 static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc* d, int split, int rows,
                               mpar_plan_layer* out) {
     int i;
@@ -11570,6 +11596,7 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
         const mpar_layer* l = &model->layers[i];
         uint64_t grad_buffer = (uint64_t)rows * ((uint64_t)l->in_features + l->gstash_per_row) * 4u;
         uint64_t moments = d->inference_only ? 0u : d->optimizer.kind == MPAR_OPTIMIZER_ADAMW ? 2u : 1u;
+        uint64_t acts = (uint64_t)rows * ((uint64_t)l->in_features + l->stash_per_row) * 4u;
         memset(&out[i], 0, sizeof out[i]);
         out[i].flops_forward = l->flops_forward * rows;
         out[i].flops_backward_input = d->inference_only ? 0.0 : l->flops_backward_input * rows; /* forward alone */
@@ -11577,8 +11604,8 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
         out[i].param_bytes = (uint64_t)l->param_count * 4u;
         if (d->inference_only) grad_buffer = 0;
         out[i].optimizer_bytes = (uint64_t)l->param_count * 4u * moments + (split ? 0u : grad_buffer);
-        out[i].activation_bytes =
-            (uint64_t)rows * ((uint64_t)l->in_features + l->stash_per_row) * 4u + (split ? grad_buffer : 0u);
+        out[i].activation_bytes = (d->recompute ? 0u : acts) + (split ? grad_buffer : 0u);
+        if (d->recompute) out[i].optimizer_bytes += acts; /* one working copy; the slots keep the stage input */
         out[i].output_bytes = (uint64_t)rows * (uint64_t)l->out_features * 4u;
     }
 }
@@ -11602,12 +11629,81 @@ MPARDEF mpar_result mpar_pipeline_plan_layers(const mpar_model* model, const mpa
     return MPAR_SUCCESS;
 }
 
+/* The device a plan overfills most (its bytes beyond device_capacity_bytes),
+   or -1; with `capacity` given, against that instead. */
+static int mpar__plan_overfills(const mpar_plan* plan, int dummy) {
+    int a, over = -1;
+    uint64_t worst = 0;
+    (void)dummy;
+    for (a = 0; a < plan->num_devices; a++)
+        if (plan->device_capacity_bytes[a] && plan->device_memory_bytes[a] > plan->device_capacity_bytes[a] &&
+            plan->device_memory_bytes[a] - plan->device_capacity_bytes[a] > worst)
+            worst = plan->device_memory_bytes[a] - plan->device_capacity_bytes[a], over = a;
+    return over;
+}
+
+static mpar_result mpar__plan_exact(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* d,
+                                    mpar_plan* plan, mpar_error* err);
+
+/* Plans, then weighs the plan by the executor's own accounting
+   (mpar_pipeline_memory): a device the plan overfills has its capacity
+   lowered by the excess (twice that the next round, ...) and the plan is
+   made again. recompute_all: every stage of the plan recomputes. The
+   devices' memory is put back and the plan reports their real capacity. */
+static mpar_result mpar__plan_rounds(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* d,
+                                     const mpar_plan_desc* pd, mpar_plan_device* devices, int n, int manual,
+                                     int recompute_all, mpar_plan* out, mpar_error* err) {
+    uint64_t capacity[MPAR__MAX_DEVICES], memory[MPAR__MAX_DEVICES];
+    mpar_result r;
+    int round, a, j;
+    for (a = 0; a < n; a++) capacity[a] = 0, memory[a] = devices[a].memory_bytes;
+    for (round = 0;; round++) {
+        int over;
+        r = mpar_plan_create(pd, out, err);
+        if (r != MPAR_SUCCESS || d->mpi_comm) break; /* across processes the devices are the ranks' own */
+        for (j = 0; recompute_all && j < out->num_stages; j++) out->stages[j].recompute = 1;
+        r = mpar__plan_exact(ctx, model, d, out, err);
+        if (r != MPAR_SUCCESS) {
+            mpar_plan_free(out);
+            break;
+        }
+        for (a = 0; a < n; a++) {
+            if (!capacity[a]) capacity[a] = out->device_capacity_bytes[a]; /* the first round's: the real one */
+            out->device_capacity_bytes[a] = capacity[a];
+        }
+        over = mpar__plan_overfills(out, 0);
+        if (over < 0) break;
+        if (round == 8 || manual) {
+            r = mpar_error_set(err, MPAR_ERROR_DOES_NOT_FIT,
+                               "device %d needs %llu bytes (%.1f MiB) under this plan but has %llu (%.1f MiB) after "
+                               "the %llu bytes reserved: %.1f MiB short", over,
+                               (unsigned long long)out->device_memory_bytes[over],
+                               (double)out->device_memory_bytes[over] / 1048576.0,
+                               (unsigned long long)capacity[over], (double)capacity[over] / 1048576.0,
+                               (unsigned long long)devices[over].reserve_bytes,
+                               (double)(out->device_memory_bytes[over] - capacity[over]) / 1048576.0);
+            mpar_plan_free(out);
+            break;
+        }
+        for (a = 0; a < n; a++) { /* every overfilled device, more each round */
+            uint64_t cut;
+            if (!devices[a].memory_bytes || out->device_memory_bytes[a] <= capacity[a]) continue;
+            cut = (out->device_memory_bytes[a] - capacity[a]) * (uint64_t)(round + 1);
+            devices[a].memory_bytes = devices[a].memory_bytes > cut ? devices[a].memory_bytes - cut : 1;
+        }
+        mpar_plan_free(out);
+    }
+    for (a = 0; a < n; a++) devices[a].memory_bytes = memory[a];
+    return r;
+}
+
 /* A plan's memory by the executor's accounting: each stage's (chunk's)
    memory_bytes and each device's total replaced by what a pipeline with
    those stages allocates. */
 static mpar_result mpar__plan_exact(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* d,
                                     mpar_plan* plan, mpar_error* err) {
     mpar_stage_desc st[4 * MPAR__MAX_WORKERS];
+    int rec[4 * MPAR__MAX_WORKERS];
     mpar_pipeline_desc e = *d;
     mpar_pipeline_memory_info* info;
     mpar_result r;
@@ -11617,8 +11713,9 @@ static mpar_result mpar__plan_exact(mpar_context* ctx, const mpar_model* model, 
     for (j = 0; j < plan->num_stages; j++) {
         st[j].device = plan->stages[j].device;
         st[j].first_layer = plan->stages[j].first_layer, st[j].last_layer = plan->stages[j].last_layer;
+        rec[j] = plan->stages[j].recompute;
     }
-    e.stages = st, e.stage_count = plan->num_stages, e.plan = NULL, e.plan_options = NULL;
+    e.stages = st, e.stage_count = plan->num_stages, e.plan = NULL, e.plan_options = NULL, e.recompute_stages = rec;
     e.virtual_stages = plan->virtual_stages > 0 ? plan->virtual_stages : 1;
     info = (mpar_pipeline_memory_info*)mpar__alloc(ctx, sizeof *info);
     if (!info) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
@@ -11647,13 +11744,11 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     mpar_plan_device devices[MPAR__MAX_DEVICES];
     mpar_plan_link links[MPAR__MAX_DEVICES * MPAR__MAX_DEVICES];
     double flops[MPAR__MAX_DEVICES];
-    uint64_t capacity[MPAR__MAX_DEVICES];
     mpar_error err;
     mpar_result r;
-    int n, a, b, M, round;
+    int n, a, b, M;
     if (!ctx || !model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan: NULL argument");
-    memset(capacity, 0, sizeof capacity);
     if (mpar_model_validate(model, &err) != MPAR_SUCCESS) return mpar__fail(ctx, err.code, "%s", err.message);
     memset(&o, 0, sizeof o);
     if (options) o = *options;
@@ -11715,49 +11810,31 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
             manual[j].device = d.stages[j].device;
             manual[j].first_layer = d.stages[j].first_layer;
             manual[j].last_layer = d.stages[j].last_layer;
+            manual[j].recompute = d.recompute_stages ? d.recompute_stages[j] != 0 : 0;
         }
         pd.manual_stages = manual, pd.num_manual_stages = d.stage_count;
     }
-    /* The planner's per-layer model chooses; the executor's own accounting
-       (mpar_pipeline_memory) then gives each chunk's and device's bytes. A
-       device the plan overfills has its capacity lowered by the excess
-       (twice that the next round, ...) and the plan is made again. */
-    for (round = 0;; round++) {
-        int over = -1;
-        uint64_t worst = 0;
-        r = mpar_plan_create(&pd, out, &err);
-        if (r != MPAR_SUCCESS || d.mpi_comm) break; /* across processes the devices are the ranks' own */
-        r = mpar__plan_exact(ctx, model, &d, out, &err);
-        if (r != MPAR_SUCCESS) break;
-        for (a = 0; a < n; a++) {
-            if (!capacity[a]) capacity[a] = out->device_capacity_bytes[a]; /* the first round's: the real one */
-            if (devices[a].memory_bytes && out->device_memory_bytes[a] > capacity[a] &&
-                out->device_memory_bytes[a] - capacity[a] > worst)
-                worst = out->device_memory_bytes[a] - capacity[a], over = a;
+    r = mpar__plan_rounds(ctx, model, &d, &pd, devices, n, o.mode == MPAR_PLAN_MANUAL, 0, out, &err);
+    /* Memory binds: every stage recomputes (the layers modelled so), then
+       each stage in turn stops recomputing where its device still fits. */
+    if (r == MPAR_ERROR_DOES_NOT_FIT && !d.recompute && o.mode != MPAR_PLAN_MANUAL && !d.mpi_comm) {
+        mpar_pipeline_desc dr = d;
+        mpar_error first = err;
+        int j;
+        dr.recompute = 1;
+        mpar_pipeline_plan_layers(model, &dr, layers, NULL);
+        r = mpar__plan_rounds(ctx, model, &d, &pd, devices, n, 0, 1, out, &err);
+        for (j = 0; r == MPAR_SUCCESS && j < out->num_stages; j++) {
+            out->stages[j].recompute = 0;
+            r = mpar__plan_exact(ctx, model, &d, out, &err);
+            if (r == MPAR_SUCCESS && mpar__plan_overfills(out, -1) >= 0) out->stages[j].recompute = 1;
         }
-        if (over < 0) break;
-        if (round == 8 || o.mode == MPAR_PLAN_MANUAL) {
-            r = mpar_error_set(&err, MPAR_ERROR_DOES_NOT_FIT,
-                               "device %d needs %llu bytes (%.1f MiB) under this plan but has %llu (%.1f MiB) after "
-                               "the %llu bytes reserved: %.1f MiB short", over,
-                               (unsigned long long)out->device_memory_bytes[over],
-                               (double)out->device_memory_bytes[over] / 1048576.0,
-                               (unsigned long long)capacity[over], (double)capacity[over] / 1048576.0,
-                               (unsigned long long)devices[over].reserve_bytes, (double)worst / 1048576.0);
-            mpar_plan_free(out);
-            break;
+        if (r == MPAR_SUCCESS) r = mpar__plan_exact(ctx, model, &d, out, &err);
+        if (r != MPAR_SUCCESS) {
+            if (out->stages) mpar_plan_free(out);
+            if (r == MPAR_ERROR_DOES_NOT_FIT) err = first; /* the plan without recomputation says more */
         }
-        for (a = 0; a < n; a++) { /* every overfilled device, more each round */
-            uint64_t cut;
-            if (!devices[a].memory_bytes || out->device_memory_bytes[a] <= capacity[a]) continue;
-            cut = (out->device_memory_bytes[a] - capacity[a]) * (uint64_t)(round + 1);
-            devices[a].memory_bytes = devices[a].memory_bytes > cut ? devices[a].memory_bytes - cut : 1;
-        }
-        mpar_plan_free(out);
     }
-    if (r == MPAR_SUCCESS && out->device_capacity_bytes)
-        for (a = 0; a < n && a < out->num_devices; a++) /* what the devices really offer, not the lowered figures */
-            if (capacity[a]) out->device_capacity_bytes[a] = capacity[a];
     mpar__free(ctx, layers);
     mpar__free(ctx, manual);
     if (r != MPAR_SUCCESS) return mpar__fail(ctx, r, "%s", err.message);

@@ -11,7 +11,8 @@
        checkpoint, and refuses training, gradient reads and saving.
    (c) memory_limit_bytes: a pipeline over it is refused before anything is
        allocated, naming the device and the shortfall; the planner plans
-       within it. */
+       within it.
+   (d) Where memory binds, the planner recomputes stage by stage. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -79,6 +80,8 @@ static const mpar_stage_desc ONE[1] = {{0, 0, 7}};
 static const mpar_stage_desc TWO[2] = {{0, 0, 2}, {1, 3, 7}};
 static const mpar_stage_desc FOUR[4] = {{0, 0, 1}, {1, 2, 3}, {0, 4, 5}, {1, 6, 7}}; /* V = 2 */
 
+static const int* g_recompute_stages; /* train(): recompute_stages */
+
 typedef struct trained {
     double loss[STEPS];
     float* params;
@@ -95,6 +98,7 @@ static void train(const mpar_stage_desc* st, int n, mpar_schedule_kind kind, int
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = n, pd.schedule = kind, pd.microbatches = M, pd.virtual_stages = V;
     pd.max_batch = BATCH, pd.recompute = recompute, pd.max_buffer_bytes = max_buffer;
+    pd.recompute_stages = g_recompute_stages;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 1e-2f;
     if (mpar_pipeline_memory(g_ctx, g_gpt, &pd, mem) != MPAR_SUCCESS) fail_msg("memory: %s", mpar_last_error(g_ctx));
     if (mpar_pipeline_create(g_ctx, g_gpt, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
@@ -301,12 +305,92 @@ static void test_memory_limit(void** state) {
     assert_int_equal(mpar_pipeline_plan(g_ctx, g_gpt, &pd, &o, &plan), MPAR_ERROR_DOES_NOT_FIT);
 }
 
+/* ---- (d) recomputation where memory binds ---- */
+
+/* A limit that the first stage meets as it is and the second only by
+   recomputing: the planner recomputes on that stage alone, the plan fits
+   by the executor's count, round-trips as text, and trains as one device
+   without recomputation does, bit for bit. The same stages without
+   recomputation do not fit. */
+static void test_selective_recompute(void** state) {
+    mpar_pipeline_desc pd;
+    mpar_plan_options o;
+    mpar_plan plan, parsed;
+    mpar_pipeline_memory_info plain, all;
+    mpar_pipeline* p = NULL;
+    mpar_stage_desc st[2];
+    int rec[2] = {1, 1}, j, chosen = 0;
+    double flops[2] = {1e9, 1e9};
+    uint64_t need_plain = 0, need_all = 0;
+    char text[128], again[128];
+    trained base, got;
+    mpar_pipeline_memory_info mem;
+    (void)state;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = TWO, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_GPIPE, pd.microbatches = M, pd.max_batch = BATCH;
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 1e-2f;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, g_gpt, &pd, &plain), MPAR_SUCCESS);
+    pd.recompute_stages = rec;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, g_gpt, &pd, &all), MPAR_SUCCESS);
+    for (j = 0; j < 2; j++) {
+        need_plain = plain.device_bytes[j] > need_plain ? plain.device_bytes[j] : need_plain;
+        need_all = all.device_bytes[j] > need_all ? all.device_bytes[j] : need_all;
+    }
+    printf("# GPipe, stages 0:0-2,1:3-7: %llu and %llu bytes, %llu and %llu recomputing everywhere\n",
+           (unsigned long long)plain.device_bytes[0], (unsigned long long)plain.device_bytes[1],
+           (unsigned long long)all.device_bytes[0], (unsigned long long)all.device_bytes[1]);
+    assert_true(need_all < need_plain);
+    /* the planner, free to move the cut, within a limit halfway between */
+    pd.stages = NULL, pd.stage_count = 0, pd.recompute_stages = NULL;
+    pd.memory_limit_bytes = plain.device_bytes[0] + 1; /* stage 0 fits as it is, stage 1 does not */
+    memset(&o, 0, sizeof o);
+    o.device_flops = flops, o.reserve_bytes = 1, o.use_devices = 2, o.order = MPAR_PLAN_ORDER_FIXED;
+    if (mpar_pipeline_plan(g_ctx, g_gpt, &pd, &o, &plan) != MPAR_SUCCESS) fail_msg("plan: %s", mpar_last_error(g_ctx));
+    mpar_plan_to_string(&plan, text, sizeof text);
+    for (j = 0; j < plan.num_stages; j++) chosen += plan.stages[j].recompute;
+    printf("# within %llu bytes: plan %s\n", (unsigned long long)pd.memory_limit_bytes, text);
+    mpar_plan_print(&plan, stdout);
+    assert_true(chosen >= 1 && chosen < plan.num_stages); /* where it binds, not everywhere */
+    for (j = 0; j < plan.num_devices; j++) assert_true(plan.device_memory_bytes[j] <= plan.device_capacity_bytes[j]);
+    /* the text form keeps the choice */
+    assert_non_null(strchr(text, 'r'));
+    assert_int_equal(mpar_plan_parse(text, strlen(text), &parsed, NULL), MPAR_SUCCESS);
+    for (j = 0; j < plan.num_stages; j++) assert_int_equal(parsed.stages[j].recompute, plan.stages[j].recompute);
+    mpar_plan_to_string(&parsed, again, sizeof again);
+    assert_string_equal(text, again);
+    mpar_plan_free(&parsed);
+    /* the pipeline follows it, allocating what the plan predicts */
+    pd.plan = &plan;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, g_gpt, &pd, &mem), MPAR_SUCCESS);
+    for (j = 0; j < mem.stages; j++) assert_int_equal(mem.device_bytes[j], plan.device_memory_bytes[mem.device[j]]);
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_SUCCESS);
+    mpar_pipeline_destroy(p);
+    /* the same stages without recomputation do not fit */
+    for (j = 0; j < 2; j++) {
+        st[j].device = plan.stages[j].device;
+        st[j].first_layer = plan.stages[j].first_layer, st[j].last_layer = plan.stages[j].last_layer;
+    }
+    pd.plan = NULL, pd.stages = st, pd.stage_count = 2;
+    assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_ERROR_DOES_NOT_FIT);
+    /* and with the plan's choice they train as one device without it */
+    for (j = 0; j < 2; j++) rec[j] = plan.stages[j].recompute;
+    pd.memory_limit_bytes = 0, pd.recompute_stages = NULL;
+    train(ONE, 1, MPAR_SCHEDULE_GPIPE, 1, 0, 0, &base, &mem);
+    g_recompute_stages = rec;
+    train(st, 2, MPAR_SCHEDULE_GPIPE, 1, 0, 0, &got, &mem);
+    g_recompute_stages = NULL;
+    for (j = 0; j < STEPS; j++) assert_true(base.loss[j] == got.loss[j]);
+    assert_memory_equal(base.params, got.params, sizeof(float) * mpar_model_param_count(g_gpt));
+    free(base.params), free(got.params);
+    mpar_plan_free(&plan);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_blocks_1f1b),         cmocka_unit_test(test_blocks_zbh1),
         cmocka_unit_test(test_blocks_interleaved),  cmocka_unit_test(test_blocks_recompute),
         cmocka_unit_test(test_blocks_layer_too_big), cmocka_unit_test(test_inference_only),
-        cmocka_unit_test(test_memory_limit),
+        cmocka_unit_test(test_memory_limit),        cmocka_unit_test(test_selective_recompute),
     };
     return cmocka_run_group_tests_name("memory", tests, setup, teardown);
 }
