@@ -8775,11 +8775,17 @@ struct mpar__link {
     int* pending;     /* MPI: a send still in flight from that buffer */
 #ifdef MPAR_TEST_DEFER_COPIES
     struct mpar__late {
-        cl_command_queue queue;
         cl_mem src;
         size_t off, bytes;
         int pending;
     } * late; /* per slot: a read into pinned memory not started yet */
+    /* The late reads' own queue on the sender's device, empty between
+       reads: a late read enqueued behind other commands of the sender's
+       copy queue could hang PoCL 3.1's `basic` driver (its scheduler ran
+       the read's predecessor, whose completion notified the read while
+       the enqueuing thread still held the read's lock). The data is
+       computed before the read is deferred, so the read needs no order. */
+    cl_command_queue late_queue;
 #endif
 };
 
@@ -9187,8 +9193,8 @@ static cl_int mpar__late_start(mpar__link* l, int slot) {
     pthread_mutex_lock(&l->mu);
     if (l->late && l->late[slot].pending) {
         struct mpar__late* d = &l->late[slot];
-        st = clEnqueueReadBuffer(d->queue, d->src, CL_FALSE, d->off, d->bytes, l->host[slot], 0, NULL, &l->ready[slot]);
-        if (st == CL_SUCCESS) st = clFlush(d->queue);
+        st = clEnqueueReadBuffer(l->late_queue, d->src, CL_TRUE, d->off, d->bytes, l->host[slot], 0, NULL,
+                                 &l->ready[slot]);
         d->pending = 0;
     }
     pthread_mutex_unlock(&l->mu);
@@ -9208,10 +9214,8 @@ static cl_int mpar__async_wait_ready(mpar__link* l, int slot) {
 /* Outgoing copy i of the worker has finished reading its buffer. */
 static cl_int mpar__out_wait(mpar__worker* w, int i, int on_host) {
     cl_int st;
-    if (!w->outs[i].ev) { /* the test hook's late copy */
-        st = mpar__late_start(w->outs[i].link, w->outs[i].slot);
-        return st == CL_SUCCESS ? clFinish(w->copy_queue) : st;
-    }
+    if (!w->outs[i].ev) /* the test hook's late copy, done when started */
+        return mpar__late_start(w->outs[i].link, w->outs[i].slot);
     st = on_host ? clWaitForEvents(1, &w->outs[i].ev) : clEnqueueBarrierWithWaitList(w->ex.queue, 1, &w->outs[i].ev, NULL);
     clReleaseEvent(w->outs[i].ev);
     return st;
@@ -9280,7 +9284,7 @@ static mpar_result mpar__async_send(mpar__worker* w, mpar__link* l, int slot, mp
         if (n == 2) clReleaseEvent(l->freed[slot]), l->freed[slot] = NULL;
         MPAR__CL(ctx, st);
         pthread_mutex_lock(&l->mu);
-        l->late[slot].queue = w->copy_queue, l->late[slot].src = src.mem;
+        l->late[slot].src = src.mem;
         l->late[slot].off = src.off * 4, l->late[slot].bytes = floats * 4, l->late[slot].pending = 1;
         pthread_mutex_unlock(&l->mu);
         return mpar__out_track(w, src.mem, NULL, l, slot);
@@ -10972,6 +10976,13 @@ static mpar_result mpar__link_init_buffers(mpar_pipeline* p, mpar__link* l, cons
         l->late = (struct mpar__late*)mpar__alloc(p->ctx, sizeof *l->late * (size_t)capacity);
         if (!l->late) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         memset(l->late, 0, sizeof *l->late * (size_t)capacity);
+        {
+            mpar__worker* w = &p->workers[from->worker];
+            cl_int st = CL_SUCCESS;
+            l->late_queue = clCreateCommandQueue(p->ctx->groups[p->ctx->devices[w->device].info.group],
+                                                 p->ctx->devices[w->device].id, 0, &st);
+            MPAR__CL(p->ctx, st);
+        }
     }
 #endif
     for (s = 0; s < capacity; s++) {
@@ -11021,6 +11032,7 @@ static void mpar__link_release_buffers(mpar_pipeline* p, mpar__link* l) {
     mpar__free(p->ctx, l->pending);
 #ifdef MPAR_TEST_DEFER_COPIES
     mpar__free(p->ctx, l->late);
+    if (l->late_queue) clReleaseCommandQueue(l->late_queue);
 #endif
 }
 
