@@ -1210,6 +1210,20 @@ typedef enum mpar_link_mode {
     MPAR_LINK_ASYNC = 3        /* copy queue, events, pinned memory across contexts */
 } mpar_link_mode;
 
+/* How a micro-batch's activations are kept between its forward and its
+   backward. BF16: every layer's output is rounded to bfloat16 as it is
+   computed (loss values excepted), and the activation slots hold them in
+   16 bits: half the bytes, plus one fp32 working copy per chunk that the
+   layers compute in. Parameters, gradients and optimizer moments stay
+   fp32 (an update smaller than a bf16 parameter's spacing would be lost;
+   moments need fp32 range and precision), as do layer stashes, the links
+   and the input of the first stage. Pipelines with the same setting give
+   the same numbers bit for bit, whatever the partition. */
+typedef enum mpar_activation_type {
+    MPAR_ACTIVATIONS_FP32 = 0,
+    MPAR_ACTIVATIONS_BF16 = 1
+} mpar_activation_type;
+
 typedef struct mpar_pipeline_desc {
     const mpar_stage_desc* stages; /* explicit stages; NULL: from `plan` */
     int stage_count;               /* entries in `stages` */
@@ -1268,6 +1282,7 @@ typedef struct mpar_pipeline_desc {
        the activations in flight. Training calls and gradient or moment
        reads return MPAR_ERROR_INVALID_STATE. */
     int inference_only;
+    mpar_activation_type activation_type; /* [FP32]; see mpar_activation_type */
     /* Stages in separate processes (compiled with MPAR_USE_MPI): the
        address of an MPI_Comm whose ranks share this pipeline, each calling
        every pipeline function with the same arguments (MPI must be
@@ -3263,6 +3278,43 @@ static void mpar__hk_copy(const mpar__harg* a, size_t g0, size_t g1) {
     for (i = 0; i < n; i++) y[i] = x[i];
 }
 
+/* bfloat16: the kernels' mpar__bf16_bits, on the host */
+static uint32_t mpar__bf16_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+static float mpar__bf16_float(uint32_t bits) {
+    float v;
+    bits <<= 16;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+/* mpar_round_bf16(y, n): "Bl" */
+static void mpar__hk_round_bf16(const mpar__harg* a, size_t g0, size_t g1) {
+    float* y = (float*)a[0].p;
+    size_t n = mpar__hk_countz(g0, a[1].z), i;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] = mpar__bf16_float(mpar__bf16_bits(y[i]));
+}
+/* mpar_pack_bf16(x, y, n): "BBl"; y holds n ushorts */
+static void mpar__hk_pack_bf16(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    uint16_t* y = (uint16_t*)a[1].p;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] = (uint16_t)mpar__bf16_bits(x[i]);
+}
+/* mpar_unpack_bf16(x, y, n): "BBl"; x holds n ushorts */
+static void mpar__hk_unpack_bf16(const mpar__harg* a, size_t g0, size_t g1) {
+    const uint16_t* x = (const uint16_t*)a[0].p;
+    float* y = (float*)a[1].p;
+    size_t n = mpar__hk_countz(g0, a[2].z), i;
+    (void)g1;
+    for (i = 0; i < n; i++) y[i] = mpar__bf16_float(x[i]);
+}
+
 /* mpar_add(a, b, out, n): "BBBl" */
 static void mpar__hk_add(const mpar__harg* a, size_t g0, size_t g1) {
     const float* x = (const float*)a[0].p;
@@ -3978,6 +4030,9 @@ static const struct mpar__host_kernel {
     {"elementwise.cl", "mpar_axpy", mpar__hk_axpy},
     {"elementwise.cl", "mpar_copy", mpar__hk_copy},
     {"elementwise.cl", "mpar_add", mpar__hk_add},
+    {"elementwise.cl", "mpar_round_bf16", mpar__hk_round_bf16},
+    {"elementwise.cl", "mpar_pack_bf16", mpar__hk_pack_bf16},
+    {"elementwise.cl", "mpar_unpack_bf16", mpar__hk_unpack_bf16},
     {"elementwise.cl", "mpar_relu_fwd", mpar__hk_relu_fwd},
     {"elementwise.cl", "mpar_relu_bwd", mpar__hk_relu_bwd},
     {"elementwise.cl", "mpar_gelu_fwd", mpar__hk_gelu_fwd},
@@ -8792,6 +8847,7 @@ struct mpar__link {
 typedef struct mpar__vstage {
     int index, worker, chunk, device, first, last, n; /* n = layer count */
     int recompute; /* slots keep the chunk's input; its forward runs again in the backward */
+    int act16;     /* slots keep bf16 activations (fp32 stashes); the layers run in the work buffers */
     size_t* param_off;  /* [n+1] */
     size_t* act_cum;    /* [n+2] cumulative widths of region 0..n (per row) */
     size_t* stash_cum;  /* [n+1] */
@@ -9443,7 +9499,10 @@ static int mpar__mb_samples(const mpar_pipeline* p, int mb) { return p->mb_first
    inputs of the block's layers (and, in the last block, the output), then
    their stashes. One block is the layout of one buffer per slot. With
    recompute only region 0 lives in the slot (alone); the rest lives in the
-   work buffers, laid out as a slot. */
+   work buffers, laid out as a slot. With bf16 activations (act16) the
+   layers also use the work buffers; a slot's block holds the block's
+   activations packed (ceil(rows_max x width / 2) floats), then its stashes
+   as floats (mpar__pack_slot). */
 static size_t mpar__act_end(const mpar__vstage* v, int b) {
     return b == v->blocks - 1 ? (size_t)v->n + 1 : (size_t)v->block_first[b + 1];
 }
@@ -9454,14 +9513,14 @@ static mpar_buf mpar__act(const mpar_pipeline* p, const mpar__vstage* v, int slo
         b.mem = v->act_slots[slot], b.off = 0;
         return b;
     }
-    b.mem = v->recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
+    b.mem = v->recompute || v->act16 ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
     b.off = (size_t)p->mb_rows_max * (v->act_cum[k] - v->act_cum[v->block_first[blk]]);
     return b;
 }
 static mpar_buf mpar__stash(const mpar_pipeline* p, const mpar__vstage* v, int slot, int k) {
     mpar_buf b;
     int blk = v->block_of[k], f = v->block_first[blk];
-    b.mem = v->recompute ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
+    b.mem = v->recompute || v->act16 ? v->work[blk] : v->act_slots[slot * v->blocks + blk];
     b.off = (size_t)p->mb_rows_max * (v->act_cum[mpar__act_end(v, blk)] - v->act_cum[f] + v->stash_cum[k] -
                                       v->stash_cum[f]);
     return b;
@@ -9520,12 +9579,16 @@ static int mpar__fused_activation(const mpar_layer* l, const mpar_layer* next) {
          : next->type == mpar_layer_tanh() ? 3 : 0;
 }
 
+/* bf16 activations: each layer's output is rounded as it is made (so a
+   chunk boundary, where the fused linear + activation cannot fuse, gives
+   the bits of one device: fusion is off), loss values excepted. */
 static mpar_result mpar__layers_forward(mpar__worker* w, mpar__vstage* v, int slot, int mb) {
     mpar_pipeline* p = w->p;
-    int k;
+    int k, round16 = p->desc.activation_type == MPAR_ACTIVATIONS_BF16;
+    size_t rows = (size_t)mpar__mb_samples(p, mb) * (size_t)p->seq_len;
     for (k = 0; k < v->n; k++) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
-        int act = k + 1 < v->n ? mpar__fused_activation(l, mpar_model_layer(p->model, v->first + k + 1)) : 0;
+        int act = k + 1 < v->n && !round16 ? mpar__fused_activation(l, mpar_model_layer(p->model, v->first + k + 1)) : 0;
         mpar_io io;
         mpar_result r;
         if (p->job == MPAR__JOB_INFER && (l->type->flags & MPAR_LAYER_LOSS) && !p->batch->targets) break;
@@ -9536,7 +9599,45 @@ static mpar_result mpar__layers_forward(mpar__worker* w, mpar__vstage* v, int sl
         } else {
             r = l->type->forward(&w->ex, l, &io);
         }
+        if (r == MPAR_SUCCESS && round16 && !(l->type->flags & MPAR_LAYER_LOSS)) {
+            size_t n = rows * (v->act_cum[k + 2] - v->act_cum[k + 1]);
+            if (n) r = mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_round_bf16", n, 0, "Bl", mpar__act(p, v, slot, k + 1), n);
+        }
         if (r != MPAR_SUCCESS) return r;
+    }
+    return MPAR_SUCCESS;
+}
+
+/* bf16 activations: the work buffers into a slot (packed activations, then
+   the stashes as they are), or back (unpack). The first chunk's input is
+   the batch's, which may be token ids: unpacking uploads it again from the
+   batch, which the caller keeps until the job returns. */
+static mpar_result mpar__upload_batch(mpar__worker* w, cl_mem mem, size_t off_elems, const void* src, size_t elems);
+static size_t mpar__block_act_row(const mpar__vstage* v, int b);
+static size_t mpar__block_acts_row(const mpar__vstage* v, int b);
+static mpar_result mpar__pack_slot(mpar__worker* w, mpar__vstage* v, int slot, int mb, int unpack) {
+    mpar_pipeline* p = w->p;
+    size_t rows = (size_t)p->mb_rows_max;
+    int b;
+    for (b = 0; b < v->blocks; b++) {
+        size_t acts = rows * mpar__block_acts_row(v, b), stash = rows * mpar__block_act_row(v, b) - acts;
+        mpar_buf work, packed;
+        work.mem = v->work[b], work.off = 0;
+        packed.mem = v->act_slots[slot * v->blocks + b], packed.off = 0;
+        if (acts)
+            MPAR__TRY(mpar_exec_launch(&w->ex, "elementwise.cl", unpack ? "mpar_unpack_bf16" : "mpar_pack_bf16", acts, 0,
+                                       "BBl", unpack ? packed : work, unpack ? work : packed, acts));
+        work.off = acts, packed.off = (acts + 1) / 2;
+        if (stash)
+            MPAR__TRY(mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_copy", stash, 0, "BBl", unpack ? packed : work,
+                                       unpack ? work : packed, stash));
+    }
+    if (unpack && v->index == 0) {
+        const mpar_layer* first = mpar_model_layer(p->model, v->first);
+        size_t n = (size_t)mpar__mb_samples(p, mb) * (size_t)p->seq_len, row0 = (size_t)p->mb_first[mb] * (size_t)p->seq_len;
+        mpar_buf in = mpar__act(p, v, slot, 0);
+        MPAR__TRY(mpar__upload_batch(w, in.mem, in.off, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
+                                     n * (size_t)first->in_features));
     }
     return MPAR_SUCCESS;
 }
@@ -9643,6 +9744,7 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     mpar__serial_begin(w);
     r = mpar__layers_forward(w, v, slot, mb);
     if (r == MPAR_SUCCESS && v->index == p->vs_count - 1) r = mpar__last_stage_outputs(w, v, slot, mb, rows, row0);
+    if (r == MPAR_SUCCESS && v->act16 && p->job != MPAR__JOB_INFER) r = mpar__pack_slot(w, v, slot, mb, 0);
     MPAR__TRY(mpar__serial_end(w, r));
     mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
     if (v->index < p->vs_count - 1) {
@@ -9668,7 +9770,7 @@ static mpar_result mpar__do_backward_input(mpar__worker* w, mpar__vstage* v, int
         MPAR__TRY(mpar__link_recv(w, v->bwd_in, mpar__grad(p, v, slot, v->n), (size_t)rows * width, mb));
     }
     mpar__serial_begin(w);
-    r = v->recompute ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
+    r = v->recompute ? mpar__layers_forward(w, v, slot, mb) : v->act16 ? mpar__pack_slot(w, v, slot, mb, 1) : MPAR_SUCCESS;
     for (k = v->n - 1; r == MPAR_SUCCESS && k >= 0; k--) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
         mpar_io io;
@@ -9692,7 +9794,8 @@ static mpar_result mpar__do_backward_weight(mpar__worker* w, mpar__vstage* v, in
                           mb);
     MPAR__TRY(mpar__out_guard_all(w, v->work, v->blocks));
     mpar__serial_begin(w);
-    r = v->recompute && !recomputed ? mpar__layers_forward(w, v, slot, mb) : MPAR_SUCCESS;
+    r = recomputed ? MPAR_SUCCESS : v->recompute ? mpar__layers_forward(w, v, slot, mb)
+      : v->act16 ? mpar__pack_slot(w, v, slot, mb, 1) : MPAR_SUCCESS; /* work holds another micro-batch by now */
     for (k = 0; r == MPAR_SUCCESS && k < v->n; k++) {
         const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
         mpar_io io;
@@ -10658,6 +10761,16 @@ static size_t mpar__block_act_row(const mpar__vstage* v, int b) {
     int f = v->block_first[b], e = v->block_first[b + 1];
     return v->act_cum[mpar__act_end(v, b)] - v->act_cum[f] + v->stash_cum[e] - v->stash_cum[f];
 }
+static size_t mpar__block_acts_row(const mpar__vstage* v, int b) { /* the activations alone */
+    return v->act_cum[mpar__act_end(v, b)] - v->act_cum[v->block_first[b]];
+}
+/* Floats of block b of one activation slot (bf16: activations packed two
+   to a float, then the stashes). */
+static size_t mpar__slot_block_floats(const mpar__vstage* v, int b, size_t rows) {
+    size_t acts = rows * mpar__block_acts_row(v, b);
+    if (!v->act16) return rows * mpar__block_act_row(v, b);
+    return (acts + 1) / 2 + (rows * mpar__block_act_row(v, b) - acts);
+}
 static size_t mpar__block_grad_row(const mpar__vstage* v, int b) {
     int f = v->block_first[b], e = v->block_first[b + 1];
     return v->act_cum[mpar__act_end(v, b)] - v->act_cum[f] + v->gstash_cum[e] - v->gstash_cum[f];
@@ -10765,7 +10878,8 @@ static uint64_t mpar__vstage_bytes(const mpar__vstage* v, const mpar__mem_opts* 
     if (v->recompute) f += (uint64_t)slots * mpar__at_least_one(rows * v->act_cum[1]);
     for (b = 0; b < v->blocks; b++) {
         uint64_t pb = mpar__block_params(v, b), act = mpar__at_least_one(rows * mpar__block_act_row(v, b));
-        f += v->recompute ? act : (uint64_t)slots * act;
+        uint64_t slot = mpar__at_least_one(mpar__slot_block_floats(v, b, (size_t)rows));
+        f += v->recompute ? act : v->act16 ? (uint64_t)slots * slot + act : (uint64_t)slots * act;
         f += mpar__at_least_one(pb);
         if (!o->infer)
             f += gslots * mpar__at_least_one(rows * mpar__block_grad_row(v, b)) + 2 * mpar__at_least_one(pb) + (o->adamw ? mpar__at_least_one(pb) : 1);
@@ -10795,12 +10909,12 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
         if (v->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->act_cum[1], &v->act_slots[s]));
         for (b = 0; b < B; b++) {
             if (!v->recompute)
-                MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_act_row(v, b), &v->act_slots[s * B + b]));
+                MPAR__TRY(mpar__alloc_buffer(p, w, mpar__slot_block_floats(v, b, rows), &v->act_slots[s * B + b]));
             if (s < v->grad_slot_count)
                 MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_grad_row(v, b), &v->grad_slots[s * B + b]));
         }
     }
-    if (v->recompute) {
+    if (v->recompute || v->act16) {
         v->work = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->work) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         memset(v->work, 0, sizeof(cl_mem) * (size_t)B);
@@ -11137,6 +11251,10 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
                           d->max_run_ahead);
     if ((int)d->link_mode < 0 || d->link_mode > MPAR_LINK_ASYNC)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown link_mode %d", (int)d->link_mode);
+    if ((int)d->activation_type < 0 || d->activation_type > MPAR_ACTIVATIONS_BF16)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT,
+                          "activation_type %d: give MPAR_ACTIVATIONS_FP32 (0) or MPAR_ACTIVATIONS_BF16 (1)",
+                          (int)d->activation_type);
     if ((int)o->kind < 0 || o->kind > MPAR_OPTIMIZER_SGD || o->lr < 0 || o->weight_decay < 0 || o->clip_norm < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer: unknown kind or negative setting");
     return MPAR_SUCCESS;
@@ -11390,6 +11508,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
         v->n = v->last - v->first + 1;
         v->recompute = p->desc.recompute || p->stage_recompute[i];
+        v->act16 = p->desc.activation_type == MPAR_ACTIVATIONS_BF16 && !v->recompute && !p->desc.inference_only;
     }
     mpar__mem_opts_of(&p->desc, (size_t)p->mb_rows_max, p->schedule->split_backward, &mo);
     for (i = 0; i < p->vs_count; i++) {
@@ -11609,6 +11728,7 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
         uint64_t grad_buffer = (uint64_t)rows * ((uint64_t)l->in_features + l->gstash_per_row) * 4u;
         uint64_t moments = d->inference_only ? 0u : d->optimizer.kind == MPAR_OPTIMIZER_ADAMW ? 2u : 1u;
         uint64_t acts = (uint64_t)rows * ((uint64_t)l->in_features + l->stash_per_row) * 4u;
+        int act16 = d->activation_type == MPAR_ACTIVATIONS_BF16 && !d->recompute && !d->inference_only;
         memset(&out[i], 0, sizeof out[i]);
         out[i].flops_forward = l->flops_forward * rows;
         out[i].flops_backward_input = d->inference_only ? 0.0 : l->flops_backward_input * rows; /* forward alone */
@@ -11618,6 +11738,10 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
         out[i].optimizer_bytes = (uint64_t)l->param_count * 4u * moments + (split ? 0u : grad_buffer);
         out[i].activation_bytes = (d->recompute ? 0u : acts) + (split ? grad_buffer : 0u);
         if (d->recompute) out[i].optimizer_bytes += acts; /* one working copy; the slots keep the stage input */
+        if (act16) { /* one working copy; the slots keep the activations in 16 bits, the stashes in 32 */
+            out[i].optimizer_bytes += acts;
+            out[i].activation_bytes -= (uint64_t)rows * (uint64_t)l->in_features * 2u;
+        }
         out[i].output_bytes = (uint64_t)rows * (uint64_t)l->out_features * 4u;
     }
 }

@@ -69,6 +69,46 @@ __kernel void mpar_add(__global const float* a, ulong a_off,
 }
 
 /* ---------------------------------------------------------------------------
+   bfloat16 activations: the upper 16 bits of a float, rounded to nearest
+   even (a NaN stays a NaN). Bit operations only, no cl_khr_fp16. The
+   packed array is ushort, starting at float element y_off (x_off) of its
+   buffer: n values take ceil(n / 2) floats. Global size: n.
+   ------------------------------------------------------------------------- */
+
+inline uint mpar__bf16_bits(float v)
+{
+    uint u = as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+/* y[i] = bf16(y[i]), kept as a float (in place) */
+__kernel void mpar_round_bf16(__global float* y, ulong y_off, ulong n)
+{
+    size_t i = get_global_id(0);
+    if (i >= n) return;
+    y[y_off + i] = as_float(mpar__bf16_bits(y[y_off + i]) << 16);
+}
+
+/* packed y[i] = bf16(x[i]) */
+__kernel void mpar_pack_bf16(__global const float* x, ulong x_off,
+                             __global float* y, ulong y_off, ulong n)
+{
+    size_t i = get_global_id(0);
+    if (i >= n) return;
+    ((__global ushort*)(y + y_off))[i] = (ushort)mpar__bf16_bits(x[x_off + i]);
+}
+
+/* y[i] = packed x[i], as a float */
+__kernel void mpar_unpack_bf16(__global const float* x, ulong x_off,
+                               __global float* y, ulong y_off, ulong n)
+{
+    size_t i = get_global_id(0);
+    if (i >= n) return;
+    y[y_off + i] = as_float((uint)((__global const ushort*)(x + x_off))[i] << 16);
+}
+
+/* ---------------------------------------------------------------------------
    Activations. Forward y = f(x); backward dx = dy * f'(.) (overwrite).
    Global size: n.
    ------------------------------------------------------------------------- */

@@ -613,6 +613,7 @@ static const int sizes[] = {1, 37, 1000};
 #define NSIZES 3
 
 static void cases_elementwise(void) {
+    const uint32_t nan_bits = 0x7f800001u; /* rounds up to infinity unless kept a NaN */
     int si, pad;
     for (si = 0; si < NSIZES; si++)
         for (pad = 0; pad <= 5; pad += 5) {
@@ -634,6 +635,18 @@ static void cases_elementwise(void) {
             tc_fbuf(n, 1, -1, 1), tc_fbuf(n, 6, -1, 1), tc_fbuf(n, 3, -1, 1), tc_size((size_t)n), tc_run();
             tc_begin("elementwise.cl", "mpar_add", "BBBl", g); /* out aliases a */
             tc_fbuf(n, 1, -1, 1), tc_fbuf(n, 6, -1, 1), tc_alias(0), tc_size((size_t)n), tc_run();
+
+            tc_begin("elementwise.cl", "mpar_round_bf16", "Bl", g);
+            x = tc_fbuf(n, 3, -3, 3);
+            if (n > 4) x[0] = 1.0f + 1.0f / 256, x[1] = 1.0f + 3.0f / 256, x[2] = 3.4e38f, x[3] = -0.0f; /* ties, overflow */
+            if (n > 5) memcpy(&x[4], &nan_bits, 4), x[5] = 1e-40f; /* a NaN with low bits only, a subnormal */
+            tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_pack_bf16", "BBl", g);
+            x = tc_fbuf(n, 2, -3, 3);
+            if (n > 4) x[0] = 1.0f + 1.0f / 256, x[1] = 1.0f + 3.0f / 256, x[2] = 3.4e38f, x[3] = -0.0f;
+            tc_fbuf((n + 1) / 2, 5, -1, 1), tc_size((size_t)n), tc_run();
+            tc_begin("elementwise.cl", "mpar_unpack_bf16", "BBl", g);
+            tc_fbuf((n + 1) / 2, 4, -3, 3), tc_fbuf(n, 1, -1, 1), tc_size((size_t)n), tc_run();
 
             tc_begin("elementwise.cl", "mpar_relu_fwd", "BBl", g);
             x = tc_fbuf(n, 3, -2, 2);

@@ -192,6 +192,13 @@ static uint64_t part_row(const mpar_model* m, int a, int e, int last, int gstash
     if (e > last) f += (uint64_t)mpar_model_layer(m, last)->out_features;
     return f;
 }
+static uint64_t acts_row(const mpar_model* m, int a, int e, int last) { /* part_row without the stashes */
+    uint64_t f = 0;
+    for (; a < e; a++) f += (uint64_t)mpar_model_layer(m, a)->in_features;
+    if (e > last) f += (uint64_t)mpar_model_layer(m, last)->out_features;
+    return f;
+}
+static int g_bf16; /* compare_case: activation_type BF16 */
 static uint64_t params_of(const mpar_model* m, int a, int e) {
     uint64_t f = 0;
     for (; a < e; a++) f += mpar_model_layer(m, a)->param_count;
@@ -255,7 +262,14 @@ static stage_memory stage_memory_of(const mpar_model* m, const mpar_pipeline_des
     for (b = 0; b < B; b++) {
         uint64_t pb = params_of(m, starts[b], starts[b + 1]);
         uint64_t act = at_least_one(rows * part_row(m, starts[b], starts[b + 1], last, 0));
-        floats += pd->recompute ? act : (uint64_t)r.slots * act; /* slots, or recompute's work buffers */
+        if (pd->activation_type == MPAR_ACTIVATIONS_BF16 && !pd->recompute && !infer) {
+            /* slots: activations two to a float, stashes; and a work buffer */
+            uint64_t acts = rows * acts_row(m, starts[b], starts[b + 1], last);
+            floats += (uint64_t)r.slots * at_least_one((acts + 1) / 2 + (rows * part_row(m, starts[b], starts[b + 1], last, 0) - acts));
+            floats += act;
+        } else {
+            floats += pd->recompute ? act : (uint64_t)r.slots * act; /* slots, or recompute's work buffers */
+        }
         floats += at_least_one(pb); /* parameters */
         if (!infer) {
             floats += gslots * at_least_one(rows * part_row(m, starts[b], starts[b + 1], last, 1));
@@ -563,6 +577,7 @@ static int compare_case(const mem_case* c) {
     memset(&pd, 0, sizeof pd);
     pd.schedule = c->kind, pd.microbatches = 8, pd.virtual_stages = c->V, pd.recompute = c->recompute;
     pd.inference_only = c->infer, pd.max_buffer_bytes = c->max_buffer_bytes;
+    pd.activation_type = g_bf16 ? MPAR_ACTIVATIONS_BF16 : MPAR_ACTIVATIONS_FP32;
     if (c->device_copy) pd.link_mode = MPAR_LINK_DEVICE_COPY, pd.link_capacity = 3;
     pd.max_batch = c->model ? 64 : 4096; /* 512 rows per micro-batch either way */
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
@@ -633,6 +648,17 @@ static void test_predicted_vs_allocated_device_copy(void** s) {
     }
     compare_options("1f1b+device-copy links", MPAR_SCHEDULE_1F1B, 1, 0, 1, 0, 0);
     compare_options("interleaved+device-copy", MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, 0, 1, 0, 0);
+}
+static void test_predicted_vs_allocated_bf16(void** s) {
+    (void)s;
+    g_bf16 = 1;
+    compare_options("1f1b bf16", MPAR_SCHEDULE_1F1B, 1, 0, 0, 0, 0);
+    compare_options("zbh1 bf16", MPAR_SCHEDULE_ZB_H1, 1, 0, 0, 0, 0);
+    compare_options("interleaved bf16", MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, 0, 0, 0, 0);
+    compare_options("gpipe bf16+recompute", MPAR_SCHEDULE_GPIPE, 1, 1, 0, 0, 0);
+    compare_options("1f1b bf16 6 MiB buffers", MPAR_SCHEDULE_1F1B, 1, 0, 0, 0, 6 << 20);
+    compare_options("gpipe bf16 inference", MPAR_SCHEDULE_GPIPE, 1, 0, 0, 1, 0);
+    g_bf16 = 0;
 }
 static void test_predicted_vs_allocated_inference(void** s) {
     (void)s;
@@ -759,6 +785,7 @@ int main(int argc, char** argv) {
         cmocka_unit_test(test_predicted_vs_allocated_zbv),
         cmocka_unit_test(test_predicted_vs_allocated_device_copy),
         cmocka_unit_test(test_predicted_vs_allocated_inference),
+        cmocka_unit_test(test_predicted_vs_allocated_bf16),
         cmocka_unit_test(test_predicted_vs_allocated_small_buffers),
         cmocka_unit_test(test_stage_above_max_alloc),
         cmocka_unit_test(test_layer_above_max_alloc),
