@@ -14,6 +14,13 @@
      capacity_fill_1dev              the bytes the largest 1-device pipeline
                                      allocates (mpar_pipeline_get_stats) over
                                      the device memory (768 MiB)
+     capacity_16bit_over_fp32        the same search for an activation-heavy
+                                     family (width 256, batch 2048, GPipe
+                                     with 8 micro-batches, one device: all
+                                     activations in flight; one stage, so
+                                     neither recomputes) with bf16
+                                     activations over fp32: parameters of
+                                     the largest model, each trained a step
      memory_predicted_over_allocated the plan's bytes per device over the bytes
                                      the pipeline built from it allocates, on 2
                                      devices, for every schedule x recompute x
@@ -36,7 +43,15 @@
 
 #define MIB ((uint64_t)1 << 20)
 
-enum { CAP_WIDTH = 1024, CAP_CLASSES = 10, CAP_BATCH = 64, CAP_M = 4, CAP_MAX_N = 4096 };
+enum { CAP_CLASSES = 10, CAP_MAX_N = 4096 };
+/* The capacity family and how it trains: width, batch, micro-batches,
+   schedule, activations (capacity16 changes them). */
+static struct {
+    int width, batch, M;
+    mpar_schedule_kind schedule;
+    mpar_activation_type act;
+    int whole; /* one stage of every layer (MANUAL): no recomputation chosen where memory binds */
+} cap = {1024, 64, 4, MPAR_SCHEDULE_1F1B, MPAR_ACTIVATIONS_FP32, 0};
 static const uint64_t CAP_LIMIT = 768 * MIB;
 
 static mpar_context* ctx;
@@ -70,7 +85,7 @@ static mpar_model* make_mlp(int in, const int* widths, int n) {
     return m;
 }
 
-/* The capacity family: N hidden linears of CAP_WIDTH, then CAP_CLASSES. */
+/* The capacity family: N hidden linears of cap.width, then CAP_CLASSES. */
 static mpar_model* make_family(int N) {
     int* w = (int*)malloc(sizeof(int) * (size_t)(N + 1));
     mpar_model* m;
@@ -79,9 +94,9 @@ static mpar_model* make_family(int N) {
         fprintf(stderr, "bench_memory: out of host memory\n");
         exit(1);
     }
-    for (i = 0; i < N; i++) w[i] = CAP_WIDTH;
+    for (i = 0; i < N; i++) w[i] = cap.width;
     w[N] = CAP_CLASSES;
-    m = make_mlp(CAP_WIDTH, w, N + 1);
+    m = make_mlp(cap.width, w, N + 1);
     free(w);
     return m;
 }
@@ -121,7 +136,8 @@ static void fill_batch(float* x, int32_t* y, int samples, int width, int classes
 
 static void capacity_desc(mpar_pipeline_desc* pd) {
     memset(pd, 0, sizeof *pd);
-    pd->schedule = MPAR_SCHEDULE_1F1B, pd->microbatches = CAP_M, pd->max_batch = CAP_BATCH;
+    pd->schedule = cap.schedule, pd->microbatches = cap.M, pd->max_batch = cap.batch;
+    pd->activation_type = cap.act;
     pd->optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     pd->memory_limit_bytes = CAP_LIMIT;
 }
@@ -133,10 +149,15 @@ static int fits(int N, int devices, mpar_plan* plan, int keep) {
     mpar_pipeline_desc pd;
     mpar_plan_options o;
     mpar_plan local;
+    mpar_stage_desc whole;
     mpar_result r;
     capacity_desc(&pd);
     memset(&o, 0, sizeof o);
     o.device_flops = flops, o.use_devices = devices;
+    if (cap.whole) {
+        whole.device = 0, whole.first_layer = 0, whole.last_layer = mpar_model_layer_count(m) - 1;
+        pd.stages = &whole, pd.stage_count = 1, o.mode = MPAR_PLAN_MANUAL;
+    }
     r = mpar_pipeline_plan(ctx, m, &pd, &o, keep ? plan : &local);
     mpar_model_destroy(m);
     if (r == MPAR_ERROR_DOES_NOT_FIT) return 0;
@@ -169,8 +190,8 @@ static size_t confirm(int N, int devices, uint64_t* allocated) {
     mpar_pipeline_stats stats;
     mpar_batch b;
     mpar_step_info info;
-    float* x = (float*)malloc(sizeof(float) * CAP_BATCH * CAP_WIDTH);
-    int32_t* y = (int32_t*)malloc(sizeof(int32_t) * CAP_BATCH);
+    float* x = (float*)malloc(sizeof(float) * cap.batch * cap.width);
+    int32_t* y = (int32_t*)malloc(sizeof(int32_t) * cap.batch);
     char ranges[256];
     double t0;
     size_t params = mpar_model_param_count(m);
@@ -180,7 +201,7 @@ static size_t confirm(int N, int devices, uint64_t* allocated) {
         fprintf(stderr, "bench_memory: out of host memory\n");
         exit(1);
     }
-    fill_batch(x, y, CAP_BATCH, CAP_WIDTH, CAP_CLASSES);
+    fill_batch(x, y, cap.batch, cap.width, CAP_CLASSES);
     if (!fits(N, devices, &plan, 1)) {
         fprintf(stderr, "bench_memory: N = %d no longer fits %d device(s)\n", N, devices);
         exit(1);
@@ -193,14 +214,14 @@ static size_t confirm(int N, int devices, uint64_t* allocated) {
     if (mpar_pipeline_create(ctx, m, &pd, &p) != MPAR_SUCCESS) die("capacity create");
     if (mpar_pipeline_get_stats(p, &stats) != MPAR_SUCCESS) die("capacity stats");
     for (s = 0; s < stats.stages; s++) total += stats.device_bytes[s];
-    b.inputs = x, b.targets = y, b.samples = CAP_BATCH;
+    b.inputs = x, b.targets = y, b.samples = cap.batch;
     if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) die("capacity train step");
     if (!(info.loss > 0.0 && info.loss < 50.0)) {
         fprintf(stderr, "bench_memory: %d device(s), N = %d: loss %g\n", devices, N, info.loss);
         exit(1);
     }
-    printf("# capacity %d dev: N = %d hidden layers, %zu parameters (%.1f MiB); plan %s; predicted %.1f MiB, "
-           "allocated %.1f MiB", devices, N, params, (double)params * 4.0 / (double)MIB, ranges,
+    printf("# capacity %d dev%s: N = %d hidden layers, %zu parameters (%.1f MiB); plan %s; predicted %.1f MiB, "
+           "allocated %.1f MiB", devices, cap.act == MPAR_ACTIVATIONS_BF16 ? " bf16" : "", N, params, (double)params * 4.0 / (double)MIB, ranges,
            (double)predicted / (double)MIB, (double)total / (double)MIB);
     for (s = 0; s < stats.stages; s++) printf(" [dev %d: %.1f]", plan.stages[s].device,
                                                (double)stats.device_bytes[s] / (double)MIB);
@@ -223,7 +244,7 @@ static void capacity(void) {
     n2 = largest(2, &calls);
     printf("# capacity search: %d plan calls, %.2f s; 1 dev N = %d, 2 dev N = %d (%d + 1 linears of width %d, "
            "AdamW, batch %d, 1F1B M = %d, %llu MiB per device, 64 MiB reserve)\n", calls, mpar__now() - t0, n1, n2,
-           CAP_WIDTH, CAP_WIDTH, CAP_BATCH, CAP_M, (unsigned long long)(CAP_LIMIT / MIB));
+           cap.width, cap.width, cap.batch, cap.M, (unsigned long long)(CAP_LIMIT / MIB));
     if (n1 < 1 || n2 < 1 || n2 >= CAP_MAX_N) {
         fprintf(stderr, "bench_memory: capacity search out of range (N = %d, %d)\n", n1, n2);
         exit(1);
@@ -233,6 +254,38 @@ static void capacity(void) {
     printf("capacity_2dev_over_1dev: %.4f\n", (double)p2 / (double)p1);
     printf("capacity_fill_1dev: %.4f\n", (double)bytes1 / (double)CAP_LIMIT);
     fflush(stdout);
+}
+
+/* ---- 16-bit activations ---- */
+
+/* An activation-heavy family (width 256, batch 2048 in 8 micro-batches
+   under GPipe, one device: every micro-batch's activations are held at
+   once), one stage of all layers with fp32 and with bf16 activations
+   (MANUAL, so that neither falls back to recomputation, which would hide
+   what 16 bits buy); each largest model trains one step. */
+static void capacity16(void) {
+    int calls = 0, n32, n16;
+    size_t p32, p16;
+    uint64_t b32 = 0, b16 = 0;
+    cap.width = 256, cap.batch = 2048, cap.M = 8, cap.schedule = MPAR_SCHEDULE_GPIPE, cap.whole = 1;
+    cap.act = MPAR_ACTIVATIONS_FP32;
+    n32 = largest(1, &calls);
+    cap.act = MPAR_ACTIVATIONS_BF16;
+    n16 = largest(1, &calls);
+    printf("# capacity 16-bit: 1 dev, %d + 1 linears of width %d, AdamW, batch %d, GPipe M = %d: N = %d (fp32), "
+           "N = %d (bf16)\n", cap.width, cap.width, cap.batch, cap.M, n32, n16);
+    if (n32 < 1 || n16 < 1 || n16 >= CAP_MAX_N) {
+        fprintf(stderr, "bench_memory: 16-bit capacity search out of range (N = %d, %d)\n", n32, n16);
+        exit(1);
+    }
+    cap.act = MPAR_ACTIVATIONS_FP32;
+    p32 = confirm(n32, 1, &b32);
+    cap.act = MPAR_ACTIVATIONS_BF16;
+    p16 = confirm(n16, 1, &b16);
+    printf("capacity_16bit_over_fp32: %.4f\n", (double)p16 / (double)p32);
+    fflush(stdout);
+    cap.width = 1024, cap.batch = 64, cap.M = 4, cap.schedule = MPAR_SCHEDULE_1F1B, cap.act = MPAR_ACTIVATIONS_FP32;
+    cap.whole = 0;
 }
 
 /* ---- predicted vs allocated ---- */
@@ -369,6 +422,7 @@ int main(void) {
         return 1;
     }
     capacity();
+    capacity16();
     predicted();
     inference();
     mpar_destroy(ctx);
