@@ -616,6 +616,26 @@ typedef struct mpar_plan_link {
 } mpar_plan_link;
 
 /* One stage of a plan. MANUAL input reads device, first_layer, last_layer. */
+/* How a micro-batch's activations are kept between its forward and its
+   backward (mpar_pipeline_desc.activation_type). BF16: every layer's
+   output is rounded to bfloat16 as it is computed (loss values excepted),
+   and the activation slots hold them in 16 bits: half the bytes, plus one
+   fp32 working copy per chunk that the layers compute in. Parameters,
+   gradients and optimizer moments stay fp32 (an update smaller than a bf16
+   parameter's spacing would be lost; moments need fp32 range and
+   precision), as do layer stashes, the links and the input of the first
+   stage. Pipelines with the same setting give the same numbers bit for
+   bit, whatever the partition. AUTO: FP32 when the pipeline fits its
+   devices, else BF16; mpar_pipeline_plan tries FP32, then BF16, before it
+   turns to recomputation (mpar_plan.activation_type says which), and
+   mpar_pipeline_create makes the same choice (mpar_pipeline_stats says
+   which). One process only. */
+typedef enum mpar_activation_type {
+    MPAR_ACTIVATIONS_FP32 = 0,
+    MPAR_ACTIVATIONS_BF16 = 1,
+    MPAR_ACTIVATIONS_AUTO = 2
+} mpar_activation_type;
+
 typedef struct mpar_plan_stage {
     int device;              /* index into desc.devices */
     int first_layer;         /* inclusive, 0-based */
@@ -692,6 +712,9 @@ typedef struct mpar_plan {
     int exact;                        /* 1: OPTIMAL and every device sequence was searched */
     long orders_evaluated;            /* device sequences the search costed */
     mpar_allocator allocator;         /* what the arrays came from; mpar_plan_free uses it */
+    /* mpar_pipeline_plan: the activations the bytes are for (FP32 or BF16;
+       AUTO resolved). Not part of the text or JSON forms. */
+    mpar_activation_type activation_type;
 } mpar_plan;
 
 /* Peak number of micro-batches whose activations stage `stage` (0-based) of
@@ -1210,20 +1233,6 @@ typedef enum mpar_link_mode {
     MPAR_LINK_ASYNC = 3        /* copy queue, events, pinned memory across contexts */
 } mpar_link_mode;
 
-/* How a micro-batch's activations are kept between its forward and its
-   backward. BF16: every layer's output is rounded to bfloat16 as it is
-   computed (loss values excepted), and the activation slots hold them in
-   16 bits: half the bytes, plus one fp32 working copy per chunk that the
-   layers compute in. Parameters, gradients and optimizer moments stay
-   fp32 (an update smaller than a bf16 parameter's spacing would be lost;
-   moments need fp32 range and precision), as do layer stashes, the links
-   and the input of the first stage. Pipelines with the same setting give
-   the same numbers bit for bit, whatever the partition. */
-typedef enum mpar_activation_type {
-    MPAR_ACTIVATIONS_FP32 = 0,
-    MPAR_ACTIVATIONS_BF16 = 1
-} mpar_activation_type;
-
 typedef struct mpar_pipeline_desc {
     const mpar_stage_desc* stages; /* explicit stages; NULL: from `plan` */
     int stage_count;               /* entries in `stages` */
@@ -1331,6 +1340,7 @@ typedef struct mpar_pipeline_stats {
     int boundaries;
     mpar_link_mode link_modes[64];
     int link_overlaps[64];
+    mpar_activation_type activation_type; /* FP32 or BF16 (AUTO resolved) */
 } mpar_pipeline_stats;
 
 typedef struct mpar_pipeline mpar_pipeline;
@@ -6545,9 +6555,10 @@ MPARDEF mpar_result mpar_plan_parse_with(const mpar_allocator* allocator, const 
 MPARDEF mpar_result mpar_plan_print(const mpar_plan* plan, FILE* f) {
     int s, d;
     if (!plan || !f || (plan->num_stages > 0 && !plan->stages)) return MPAR_ERROR_INVALID_ARGUMENT;
-    fprintf(f, "plan: %d stages, %s, %d micro-batches, %d virtual stages%s\n", plan->num_stages,
+    fprintf(f, "plan: %d stages, %s, %d micro-batches, %d virtual stages%s%s\n", plan->num_stages,
             mpar__planner_kind_name(plan->schedule), plan->microbatches, plan->virtual_stages,
-            plan->exact ? ", optimal (exact)" : "");
+            plan->exact ? ", optimal (exact)" : "",
+            plan->activation_type == MPAR_ACTIVATIONS_BF16 ? ", bf16 activations" : "");
     fprintf(f, "%5s %6s %13s %12s %12s %12s %9s %14s\n", "stage", "device", "layers", "compute_ms", "transfer_ms",
             "time_ms", "in_flight", "memory_MiB");
     for (s = 0; s < plan->num_stages; ++s) {
@@ -10616,6 +10627,7 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
         out->link_modes[i] = p->links[i].t->mode;
         out->link_overlaps[i] = p->links[i].t->overlaps;
     }
+    out->activation_type = p->desc.activation_type;
     return MPAR_SUCCESS;
 }
 
@@ -11251,10 +11263,13 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
                           d->max_run_ahead);
     if ((int)d->link_mode < 0 || d->link_mode > MPAR_LINK_ASYNC)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown link_mode %d", (int)d->link_mode);
-    if ((int)d->activation_type < 0 || d->activation_type > MPAR_ACTIVATIONS_BF16)
+    if ((int)d->activation_type < 0 || d->activation_type > MPAR_ACTIVATIONS_AUTO)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT,
-                          "activation_type %d: give MPAR_ACTIVATIONS_FP32 (0) or MPAR_ACTIVATIONS_BF16 (1)",
+                          "activation_type %d: give MPAR_ACTIVATIONS_FP32 (0), BF16 (1) or AUTO (2)",
                           (int)d->activation_type);
+    if (d->activation_type == MPAR_ACTIVATIONS_AUTO && d->mpi_comm)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "activation_type AUTO: each rank would choose by "
+                          "its own devices; across processes give FP32 or BF16");
     if ((int)o->kind < 0 || o->kind > MPAR_OPTIMIZER_SGD || o->lr < 0 || o->weight_decay < 0 || o->clip_norm < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer: unknown kind or negative setting");
     return MPAR_SUCCESS;
@@ -11471,10 +11486,19 @@ static int mpar__vstage_slots(const mpar_pipeline* p, int i) {
     return slots > 1 ? slots : 1;
 }
 
+/* Which chunks keep bf16 slots: with bf16 activations, those that do not
+   recompute, unless the pipeline only infers. */
+static void mpar__set_act16(mpar_pipeline* p) {
+    int i;
+    for (i = 0; i < p->vs_count; i++)
+        p->vs[i].act16 = p->desc.activation_type == MPAR_ACTIVATIONS_BF16 && !p->vs[i].recompute &&
+                         !p->desc.inference_only;
+}
+
 static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
     mpar__mem_opts mo;
-    int i, peak = 1, M;
+    int i, peak = 1, M, act_auto = 0;
     if (p->desc.stage_count > 4 * MPAR__MAX_WORKERS || mpar_device_count(p->ctx) * p->desc.virtual_stages >
                                                            4 * MPAR__MAX_WORKERS)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "too many stages");
@@ -11508,8 +11532,9 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
         v->n = v->last - v->first + 1;
         v->recompute = p->desc.recompute || p->stage_recompute[i];
-        v->act16 = p->desc.activation_type == MPAR_ACTIVATIONS_BF16 && !v->recompute && !p->desc.inference_only;
     }
+    if (p->desc.activation_type == MPAR_ACTIVATIONS_AUTO) p->desc.activation_type = MPAR_ACTIVATIONS_FP32, act_auto = 1;
+    mpar__set_act16(p);
     mpar__mem_opts_of(&p->desc, (size_t)p->mb_rows_max, p->schedule->split_backward, &mo);
     for (i = 0; i < p->vs_count; i++) {
         mpar__vstage* v = &p->vs[i];
@@ -11518,7 +11543,12 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
             limit = p->desc.max_buffer_bytes ? p->desc.max_buffer_bytes : p->ctx->devices[v->device].info.max_alloc_bytes;
         MPAR__TRY(mpar__vstage_layout(p->ctx, p->model, &mo, limit, v));
     }
-    /* refuse before allocating anything: each device's buffers against its memory */
+    /* refuse before allocating anything: each device's buffers against its
+       memory (AUTO: fp32 if that fits, else bf16) */
+    if (act_auto && mpar__pipeline_need(p, &mo, peak) == MPAR_ERROR_DOES_NOT_FIT) {
+        p->desc.activation_type = MPAR_ACTIVATIONS_BF16;
+        mpar__set_act16(p);
+    }
     MPAR__TRY(mpar__pipeline_need(p, &mo, peak));
     if (p->dry_run) return MPAR_SUCCESS;
     for (i = 0; i < p->workers_count; i++) {
@@ -11882,13 +11912,18 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     double flops[MPAR__MAX_DEVICES];
     mpar_error err;
     mpar_result r;
-    int n, a, b, M;
+    int n, a, b, M, act_auto;
     if (!ctx || !model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan: NULL argument");
     if (mpar_model_validate(model, &err) != MPAR_SUCCESS) return mpar__fail(ctx, err.code, "%s", err.message);
     memset(&o, 0, sizeof o);
     if (options) o = *options;
     d = *desc;
+    if ((int)d.activation_type < 0 || d.activation_type > MPAR_ACTIVATIONS_AUTO)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "activation_type %d: give MPAR_ACTIVATIONS_FP32 (0), "
+                          "BF16 (1) or AUTO (2)", (int)d.activation_type);
+    act_auto = d.activation_type == MPAR_ACTIVATIONS_AUTO && !d.mpi_comm;
+    if (d.activation_type == MPAR_ACTIVATIONS_AUTO) d.activation_type = MPAR_ACTIVATIONS_FP32;
     if (d.microbatches <= 0) d.microbatches = 1;
     if (d.virtual_stages <= 0) d.virtual_stages = 1;
     if (d.max_batch <= 0) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning needs max_batch > 0");
@@ -11951,6 +11986,14 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
         pd.manual_stages = manual, pd.num_manual_stages = d.stage_count;
     }
     r = mpar__plan_rounds(ctx, model, &d, &pd, devices, n, o.mode == MPAR_PLAN_MANUAL, 0, out, &err);
+    /* AUTO activations: bf16 when fp32 does not fit */
+    if (r == MPAR_ERROR_DOES_NOT_FIT && act_auto) {
+        mpar_error first = err;
+        d.activation_type = MPAR_ACTIVATIONS_BF16;
+        mpar_pipeline_plan_layers(model, &d, layers, NULL);
+        r = mpar__plan_rounds(ctx, model, &d, &pd, devices, n, o.mode == MPAR_PLAN_MANUAL, 0, out, &err);
+        if (r == MPAR_ERROR_DOES_NOT_FIT) err = first;
+    }
     /* Memory binds: every stage recomputes (the layers modelled so), then
        each stage in turn stops recomputing where its device still fits. */
     if (r == MPAR_ERROR_DOES_NOT_FIT && !d.recompute && o.mode != MPAR_PLAN_MANUAL && !d.mpi_comm) {
@@ -11971,6 +12014,17 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
             if (r == MPAR_ERROR_DOES_NOT_FIT) err = first; /* the plan without recomputation says more */
         }
     }
+    /* AUTO: the plan's stages with fp32 when they fit so (recomputation may
+       have made room), as mpar_pipeline_create will choose */
+    if (r == MPAR_SUCCESS && act_auto && d.activation_type == MPAR_ACTIVATIONS_BF16) {
+        mpar_pipeline_desc d32 = d;
+        d32.activation_type = MPAR_ACTIVATIONS_FP32;
+        r = mpar__plan_exact(ctx, model, &d32, out, &err);
+        if (r == MPAR_SUCCESS && mpar__plan_overfills(out, -1) < 0) d = d32;
+        else if (r == MPAR_SUCCESS) r = mpar__plan_exact(ctx, model, &d, out, &err);
+        if (r != MPAR_SUCCESS && out->stages) mpar_plan_free(out);
+    }
+    if (r == MPAR_SUCCESS) out->activation_type = d.activation_type;
     mpar__free(ctx, layers);
     mpar__free(ctx, manual);
     if (r != MPAR_SUCCESS) return mpar__fail(ctx, r, "%s", err.message);

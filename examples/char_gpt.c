@@ -4,7 +4,7 @@
    validation loss against the text's unigram entropy, then writes a sample.
 
      examples/char_gpt [--devices SEL] [--schedule 1f1b|gpipe|zbh1|zbh2|zbv|interleaved|auto|sequential]
-                       [--microbatches M] [--stages D:A-B,...] [--steps N] [--batch B]
+                       [--microbatches M] [--stages D:A-B,...] [--activations fp32|bf16] [--steps N] [--batch B]
                        [--seq T] [--width C] [--layers L] [--heads H] [--lr X]
                        [--prompt TEXT] [--sample N] [--seed S] [--plan optimal|proportional --weights W,W]
                        [--checkpoint PATH [--resume]] [--trace PATH]

@@ -87,14 +87,17 @@ static inline int ex_plan_options(int argc, char** argv, mpar_plan_options* o, d
 }
 
 /* The options every example shares, into a pipeline descriptor: --schedule,
-   --microbatches (default given), --stages or --plan/--weights, and --trace
-   (profiling). stages, o and weights are the caller's storage (64 each).
+   --microbatches (default given), --stages or --plan/--weights, --activations
+   fp32|bf16 and --trace (profiling). stages, o and weights are the caller's storage (64 each).
    Returns NULL, or what was wrong. */
 static inline const char* ex_pipeline_options(int argc, char** argv, int microbatches, mpar_pipeline_desc* pd,
                                               mpar_stage_desc* stages, mpar_plan_options* o, double* weights) {
     const char* sched = ex_option(argc, argv, "--schedule");
     const char* stage_text = ex_option(argc, argv, "--stages");
+    const char* acts = ex_option(argc, argv, "--activations");
     pd->schedule = MPAR_SCHEDULE_1F1B;
+    if (acts && strcmp(acts, "fp32") != 0 && strcmp(acts, "bf16") != 0) return "--activations: expected fp32 or bf16";
+    pd->activation_type = acts && strcmp(acts, "bf16") == 0 ? MPAR_ACTIVATIONS_BF16 : MPAR_ACTIVATIONS_FP32;
     if (sched && mpar_schedule_kind_parse(sched, &pd->schedule, NULL) != MPAR_SUCCESS)
         return "--schedule: expected sequential, gpipe, 1f1b, interleaved, zbh1, zbh2, zbv or auto";
     pd->microbatches = ex_int(argc, argv, "--microbatches", microbatches);

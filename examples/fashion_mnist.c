@@ -2,7 +2,7 @@
    micro-batch schedule, then evaluated on the 10,000 test images.
 
      examples/fashion_mnist [--devices SEL] [--schedule 1f1b|gpipe|zbh1|zbh2|zbv|interleaved|auto|sequential]
-                            [--microbatches M] [--stages D:A-B,...] [--epochs N] [--batch B]
+                            [--microbatches M] [--stages D:A-B,...] [--activations fp32|bf16] [--epochs N] [--batch B]
                             [--lr X] [--hidden H] [--seed S] [--plan optimal|proportional --weights W,W]
                             [--checkpoint PATH [--resume]] [--trace PATH]
 

@@ -17,7 +17,8 @@
        after other forwards, from the slot again), interleaving, cut
        buffers and a recomputing stage equal one device with bf16 bit for
        bit; bf16 is not fp32 (the rounding happens) but stays close; a bad
-       activation_type is refused. */
+       activation_type is refused. AUTO is fp32 where that fits and bf16
+       where only bf16 fits, in mpar_pipeline_create and in the planner. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -253,6 +254,108 @@ static void test_bf16_activations(void** state) {
     same_trained("1F1B, stage 0 recomputing", &one, &cut), free(cut.params);
     free(one.params);
     g_act = MPAR_ACTIVATIONS_FP32;
+}
+
+/* An activation-heavy MLP: 32 inputs, 4 x (linear 256 + relu), 10 classes. */
+static mpar_model* make_wide_mlp(void) {
+    mpar_model* m = NULL;
+    mpar_model_desc md;
+    int i;
+    memset(&md, 0, sizeof md);
+    md.input_features = 32, md.seed = 3;
+    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
+    for (i = 0; i < 4; i++) {
+        assert_int_equal(mpar_model_add_linear(m, 256, NULL), MPAR_SUCCESS);
+        assert_int_equal(mpar_model_add_simple(m, mpar_layer_relu(), NULL), MPAR_SUCCESS);
+    }
+    assert_int_equal(mpar_model_add_linear(m, 10, NULL), MPAR_SUCCESS);
+    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
+    return m;
+}
+
+enum { WIDE_BATCH = 512 };
+
+/* Trains two steps; returns the parameters and the stats. */
+static float* wide_train(mpar_model* m, mpar_pipeline_desc* pd, mpar_pipeline_stats* stats) {
+    static float x[WIDE_BATCH * 32];
+    static int32_t y[WIDE_BATCH];
+    mpar_pipeline* p = NULL;
+    mpar_batch b;
+    mpar_step_info info;
+    float* params = (float*)malloc(sizeof(float) * mpar_model_param_count(m));
+    size_t off = 0;
+    uint64_t seed = 8;
+    int i, l;
+    assert_non_null(params);
+    for (i = 0; i < WIDE_BATCH * 32; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&seed) - 1.0);
+    for (i = 0; i < WIDE_BATCH; i++) y[i] = i % 10;
+    if (mpar_pipeline_create(g_ctx, m, pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+    b.inputs = x, b.targets = y, b.samples = WIDE_BATCH;
+    for (i = 0; i < 2; i++)
+        if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) fail_msg("step: %s", mpar_last_error(g_ctx));
+    assert_int_equal(mpar_pipeline_get_stats(p, stats), MPAR_SUCCESS);
+    for (l = 0; l < mpar_model_layer_count(m); l++) {
+        assert_int_equal(mpar_pipeline_get_params(p, l, params + off), MPAR_SUCCESS);
+        off += mpar_model_layer(m, l)->param_count;
+    }
+    mpar_pipeline_destroy(p);
+    return params;
+}
+
+static void test_bf16_auto(void** state) {
+    mpar_model* m = make_wide_mlp();
+    mpar_stage_desc one = {0, 0, 0};
+    mpar_pipeline_desc pd;
+    mpar_pipeline_memory_info m32, m16;
+    mpar_pipeline_stats st;
+    mpar_plan_options o;
+    mpar_plan plan;
+    double flops[2] = {15e9, 15e9};
+    uint64_t limit;
+    float *p16, *pauto;
+    size_t n = mpar_model_param_count(m);
+    (void)state;
+    one.last_layer = mpar_model_layer_count(m) - 1;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = &one, pd.stage_count = 1, pd.schedule = MPAR_SCHEDULE_GPIPE, pd.microbatches = 8;
+    pd.max_batch = WIDE_BATCH, pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &m32), MPAR_SUCCESS);
+    pd.activation_type = MPAR_ACTIVATIONS_BF16;
+    assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &m16), MPAR_SUCCESS);
+    limit = (m16.device_bytes[0] + m32.device_bytes[0]) / 2;
+    printf("# wide MLP, GPipe M=8 on one device: %llu bytes (fp32), %llu (bf16); limit %llu\n",
+           (unsigned long long)m32.device_bytes[0], (unsigned long long)m16.device_bytes[0],
+           (unsigned long long)limit);
+    assert_true(m16.device_bytes[0] < m32.device_bytes[0]);
+    p16 = wide_train(m, &pd, &st);
+    /* AUTO with room: fp32 */
+    pd.activation_type = MPAR_ACTIVATIONS_AUTO;
+    pauto = wide_train(m, &pd, &st);
+    assert_int_equal(st.activation_type, MPAR_ACTIVATIONS_FP32);
+    assert_int_equal(st.device_bytes[0], m32.device_bytes[0]);
+    free(pauto);
+    /* AUTO where only bf16 fits: bf16, the bits of an explicit bf16 run */
+    pd.memory_limit_bytes = limit;
+    pauto = wide_train(m, &pd, &st);
+    assert_int_equal(st.activation_type, MPAR_ACTIVATIONS_BF16);
+    assert_int_equal(st.device_bytes[0], m16.device_bytes[0]);
+    assert_memory_equal(p16, pauto, sizeof(float) * n);
+    free(pauto), free(p16);
+    /* the planner: bf16 where fp32 does not fit, before recomputation */
+    pd.stages = NULL, pd.stage_count = 0;
+    memset(&o, 0, sizeof o);
+    o.device_flops = flops, o.use_devices = 1, o.reserve_bytes = 1;
+    assert_int_equal(mpar_pipeline_plan(g_ctx, m, &pd, &o, &plan), MPAR_SUCCESS);
+    mpar_plan_print(&plan, stdout);
+    assert_int_equal(plan.activation_type, MPAR_ACTIVATIONS_BF16);
+    assert_int_equal(plan.stages[0].recompute, 0);
+    assert_true(plan.device_memory_bytes[plan.stages[0].device] == m16.device_bytes[0]);
+    mpar_plan_free(&plan);
+    pd.memory_limit_bytes = 0;
+    assert_int_equal(mpar_pipeline_plan(g_ctx, m, &pd, &o, &plan), MPAR_SUCCESS);
+    assert_int_equal(plan.activation_type, MPAR_ACTIVATIONS_FP32);
+    mpar_plan_free(&plan);
+    mpar_model_destroy(m);
 }
 
 static void test_bf16_bad_type(void** state) {
@@ -508,7 +611,7 @@ int main(void) {
         cmocka_unit_test(test_blocks_layer_too_big), cmocka_unit_test(test_inference_only),
         cmocka_unit_test(test_memory_limit),        cmocka_unit_test(test_selective_recompute),
         cmocka_unit_test(test_bf16_activations),    cmocka_unit_test(test_bf16_gradients),
-        cmocka_unit_test(test_bf16_bad_type),
+        cmocka_unit_test(test_bf16_auto),           cmocka_unit_test(test_bf16_bad_type),
     };
     return cmocka_run_group_tests_name("memory", tests, setup, teardown);
 }
