@@ -8874,6 +8874,11 @@ typedef struct mpar__vstage {
     cl_mem *params, *grads, *opt1, *opt2; /* [blocks]; opt2 one float for SGD */
     cl_mem* work;                         /* [blocks]: recompute's working activations */
     cl_mem scratch, norms, partial, targets, losses;
+    /* bf16 activations: the forward links carry bfloat16, packed here
+       before a send (link16_out) and received here before unpacking into
+       the chunk's input (link16_in) */
+    int link16_in, link16_out;
+    cl_mem out16, in16;
     /* [blocks] of cl_ulong [2(n_b+1)]: the block's layer offsets in its
        grads buffer, then the first gradient-norm chunk of each layer (a
        buffer each: the host kernels take an 8-byte table at offset 0) */
@@ -9747,20 +9752,37 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     if (v->index == 0)
         MPAR__TRY(mpar__upload_batch(w, mpar__act(p, v, slot, 0).mem, 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
                                      (size_t)rows * (size_t)first->in_features));
+    else if (v->link16_in)
+        MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__buf0(v->in16), ((size_t)rows * v->act_cum[1] + 1) / 2, mb));
     else
         MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__act(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
     if (v->index == p->vs_count - 1 && p->batch->targets)
         MPAR__TRY(mpar__upload_batch(w, v->targets, (size_t)slot * (size_t)p->mb_rows_max, p->batch->targets + row0,
                                (size_t)rows));
+    if (v->link16_out) MPAR__TRY(mpar__out_guard(w, v->out16)); /* the last send from it has been read */
     mpar__serial_begin(w);
-    r = mpar__layers_forward(w, v, slot, mb);
+    r = MPAR_SUCCESS;
+    if (v->index > 0 && v->link16_in) {
+        size_t n = (size_t)rows * v->act_cum[1];
+        r = mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_unpack_bf16", n, 0, "BBl", mpar__buf0(v->in16),
+                             mpar__act(p, v, slot, 0), n);
+    }
+    if (r == MPAR_SUCCESS) r = mpar__layers_forward(w, v, slot, mb);
     if (r == MPAR_SUCCESS && v->index == p->vs_count - 1) r = mpar__last_stage_outputs(w, v, slot, mb, rows, row0);
     if (r == MPAR_SUCCESS && v->act16 && p->job != MPAR__JOB_INFER) r = mpar__pack_slot(w, v, slot, mb, 0);
+    if (r == MPAR_SUCCESS && v->link16_out) {
+        size_t n = (size_t)rows * (v->act_cum[v->n + 1] - v->act_cum[v->n]);
+        r = mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_pack_bf16", n, 0, "BBl", mpar__act(p, v, slot, v->n),
+                             mpar__buf0(v->out16), n);
+    }
     MPAR__TRY(mpar__serial_end(w, r));
     mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
     if (v->index < p->vs_count - 1) {
         size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
-        MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__act(p, v, slot, v->n), (size_t)rows * width, mb));
+        if (v->link16_out)
+            MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__buf0(v->out16), ((size_t)rows * width + 1) / 2, mb));
+        else
+            MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__act(p, v, slot, v->n), (size_t)rows * width, mb));
     }
     /* no clFinish: the in-order queue orders whatever comes next, links and
        uploads synchronise themselves */
@@ -10897,6 +10919,8 @@ static uint64_t mpar__vstage_bytes(const mpar__vstage* v, const mpar__mem_opts* 
             f += gslots * mpar__at_least_one(rows * mpar__block_grad_row(v, b)) + 2 * mpar__at_least_one(pb) + (o->adamw ? mpar__at_least_one(pb) : 1);
     }
     f += mpar__at_least_one(rows * v->scratch_per_row) + mpar__at_least_one(rows * (uint64_t)slots) + 1; /* scratch, targets, losses */
+    if (v->link16_in) f += mpar__at_least_one((rows * v->act_cum[1] + 1) / 2);
+    if (v->link16_out) f += mpar__at_least_one((rows * (v->act_cum[v->n + 1] - v->act_cum[v->n]) + 1) / 2);
     if (!o->infer) f += (uint64_t)v->n + mpar__at_least_one(v->partial_count) + 4 * ((uint64_t)v->n + (uint64_t)v->blocks);
     return 4 * f;
 }
@@ -10977,6 +11001,9 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
     MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->scratch_per_row, &v->scratch));
     MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
     MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
+    if (v->link16_in) MPAR__TRY(mpar__alloc_buffer(p, w, (rows * v->act_cum[1] + 1) / 2, &v->in16));
+    if (v->link16_out)
+        MPAR__TRY(mpar__alloc_buffer(p, w, (rows * (v->act_cum[v->n + 1] - v->act_cum[v->n]) + 1) / 2, &v->out16));
     return MPAR_SUCCESS;
 }
 
@@ -11177,7 +11204,7 @@ static void mpar__release_mems(mpar_pipeline* p, cl_mem** mems, size_t count) {
 }
 
 static void mpar__vstage_release(mpar_pipeline* p, mpar__vstage* v) {
-    cl_mem* one[] = {&v->losses, &v->targets, &v->partial, &v->norms, &v->scratch};
+    cl_mem* one[] = {&v->losses, &v->targets, &v->partial, &v->norms, &v->scratch, &v->in16, &v->out16};
     size_t i, B = (size_t)v->blocks;
     for (i = 0; i < sizeof one / sizeof one[0]; i++)
         if (*one[i]) clReleaseMemObject(*one[i]);
@@ -11428,6 +11455,11 @@ static int mpar__link_cap(const mpar_pipeline* p, const mpar__vstage* a, const m
     return cap;
 }
 
+/* Floats a forward link carries for `elems` activations. */
+static size_t mpar__fwd_floats(const mpar_pipeline* p, size_t elems) {
+    return p->desc.activation_type == MPAR_ACTIVATIONS_BF16 ? (elems + 1) / 2 : elems;
+}
+
 /* Device bytes a link holds on its receiving device: DEVICE_COPY, and
    ASYNC within one context, keep `capacity` buffers there; the other
    transports (host-staged, pinned across contexts, MPI) hold host memory. */
@@ -11458,7 +11490,7 @@ static mpar_result mpar__pipeline_need(mpar_pipeline* p, const mpar__mem_opts* m
         int cap = mpar__link_cap(p, a, b, peak);
         if (!mpar__local(p, a->worker) || !mpar__local(p, b->worker)) continue;
         p->need_vs[i + 1] += mpar__link_device_bytes(p->desc.link_mode, &p->ctx->devices[a->device].info,
-                                                     &p->ctx->devices[b->device].info, floats, cap);
+                                                     &p->ctx->devices[b->device].info, mpar__fwd_floats(p, floats), cap);
         p->need_vs[i] += mpar__link_device_bytes(p->desc.link_mode, &p->ctx->devices[b->device].info,
                                                  &p->ctx->devices[a->device].info, floats, cap);
     }
@@ -11489,11 +11521,13 @@ static int mpar__vstage_slots(const mpar_pipeline* p, int i) {
 /* Which chunks keep bf16 slots: with bf16 activations, those that do not
    recompute, unless the pipeline only infers. */
 static void mpar__set_act16(mpar_pipeline* p) {
-    int i;
-    for (i = 0; i < p->vs_count; i++)
-        p->vs[i].act16 = p->desc.activation_type == MPAR_ACTIVATIONS_BF16 && !p->vs[i].recompute &&
-                         !p->desc.inference_only;
+    int i, bf16 = p->desc.activation_type == MPAR_ACTIVATIONS_BF16;
+    for (i = 0; i < p->vs_count; i++) {
+        p->vs[i].act16 = bf16 && !p->vs[i].recompute && !p->desc.inference_only;
+        p->vs[i].link16_in = bf16 && i > 0, p->vs[i].link16_out = bf16 && i + 1 < p->vs_count;
+    }
 }
+
 
 static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS];
@@ -11573,7 +11607,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
         size_t floats = (size_t)p->mb_rows_max * b->act_cum[1];
         int cap = mpar__link_cap(p, a, b, peak);
-        MPAR__TRY(mpar__link_init(p, &p->links[i], a, b, floats, cap));
+        MPAR__TRY(mpar__link_init(p, &p->links[i], a, b, mpar__fwd_floats(p, floats), cap));
         p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[p->vs_count - 1 + i], b, a, floats, cap));
         p->links_ready++;
@@ -11772,7 +11806,7 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
             out[i].optimizer_bytes += acts;
             out[i].activation_bytes -= (uint64_t)rows * (uint64_t)l->in_features * 2u;
         }
-        out[i].output_bytes = (uint64_t)rows * (uint64_t)l->out_features * 4u;
+        out[i].output_bytes = (uint64_t)rows * (uint64_t)l->out_features * (d->activation_type == MPAR_ACTIVATIONS_BF16 ? 2u : 4u);
     }
 }
 

@@ -88,6 +88,7 @@ static const mpar_stage_desc FOUR[4] = {{0, 0, 1}, {1, 2, 3}, {0, 4, 5}, {1, 6, 
 
 static const int* g_recompute_stages; /* train(): recompute_stages */
 static mpar_activation_type g_act;    /* train(): activation_type */
+static mpar_link_mode g_link;         /* train(): link_mode */
 
 typedef struct trained {
     double loss[STEPS];
@@ -105,7 +106,7 @@ static void train(const mpar_stage_desc* st, int n, mpar_schedule_kind kind, int
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = n, pd.schedule = kind, pd.microbatches = M, pd.virtual_stages = V;
     pd.max_batch = BATCH, pd.recompute = recompute, pd.max_buffer_bytes = max_buffer;
-    pd.recompute_stages = g_recompute_stages, pd.activation_type = g_act;
+    pd.recompute_stages = g_recompute_stages, pd.activation_type = g_act, pd.link_mode = g_link;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 1e-2f;
     if (mpar_pipeline_memory(g_ctx, g_gpt, &pd, mem) != MPAR_SUCCESS) fail_msg("memory: %s", mpar_last_error(g_ctx));
     if (mpar_pipeline_create(g_ctx, g_gpt, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
@@ -252,6 +253,10 @@ static void test_bf16_activations(void** state) {
     train(TWO, 2, MPAR_SCHEDULE_1F1B, 1, 0, 0, &cut, &m16);
     g_recompute_stages = NULL;
     same_trained("1F1B, stage 0 recomputing", &one, &cut), free(cut.params);
+    g_link = MPAR_LINK_ASYNC; /* packed copies through a copy queue (pinned memory across contexts) */
+    train(TWO, 2, MPAR_SCHEDULE_1F1B, 1, 0, 0, &cut, &m16);
+    g_link = MPAR_LINK_AUTO;
+    same_trained("1F1B, asynchronous links", &one, &cut), free(cut.params);
     free(one.params);
     g_act = MPAR_ACTIVATIONS_FP32;
 }
@@ -356,6 +361,38 @@ static void test_bf16_auto(void** state) {
     assert_int_equal(plan.activation_type, MPAR_ACTIVATIONS_FP32);
     mpar_plan_free(&plan);
     mpar_model_destroy(m);
+}
+
+/* Inference with bf16 activations: the same outputs on one device, on two
+   stages, and on an inference-only pipeline (no slots packed, links still
+   16 bits). */
+static void test_bf16_inference(void** state) {
+    const mpar_stage_desc* st[3] = {ONE, TWO, TWO};
+    float* out[3];
+    double loss[3];
+    int k;
+    (void)state;
+    for (k = 0; k < 3; k++) {
+        mpar_pipeline_desc pd;
+        mpar_pipeline* p = NULL;
+        mpar_batch b;
+        memset(&pd, 0, sizeof pd);
+        pd.stages = st[k], pd.stage_count = k ? 2 : 1, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = M;
+        pd.max_batch = BATCH, pd.activation_type = MPAR_ACTIVATIONS_BF16, pd.inference_only = k == 2;
+        out[k] = (float*)malloc(sizeof(float) * BATCH * SEQ * VOCAB);
+        assert_non_null(out[k]);
+        if (mpar_pipeline_create(g_ctx, g_gpt, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+        b.inputs = g_tokens, b.targets = g_targets, b.samples = BATCH;
+        if (mpar_pipeline_infer(p, &b, out[k], &loss[k]) != MPAR_SUCCESS) fail_msg("infer: %s", mpar_last_error(g_ctx));
+        mpar_pipeline_destroy(p);
+    }
+    printf("# bf16 inference loss: %.9f (one device) %.9f (two stages) %.9f (inference only)\n", loss[0], loss[1],
+           loss[2]);
+    for (k = 1; k < 3; k++) {
+        assert_true(loss[k] == loss[0]);
+        assert_memory_equal(out[0], out[k], sizeof(float) * BATCH * SEQ * VOCAB);
+    }
+    for (k = 0; k < 3; k++) free(out[k]);
 }
 
 static void test_bf16_bad_type(void** state) {
@@ -611,7 +648,8 @@ int main(void) {
         cmocka_unit_test(test_blocks_layer_too_big), cmocka_unit_test(test_inference_only),
         cmocka_unit_test(test_memory_limit),        cmocka_unit_test(test_selective_recompute),
         cmocka_unit_test(test_bf16_activations),    cmocka_unit_test(test_bf16_gradients),
-        cmocka_unit_test(test_bf16_auto),           cmocka_unit_test(test_bf16_bad_type),
+        cmocka_unit_test(test_bf16_auto),           cmocka_unit_test(test_bf16_inference),
+        cmocka_unit_test(test_bf16_bad_type),
     };
     return cmocka_run_group_tests_name("memory", tests, setup, teardown);
 }

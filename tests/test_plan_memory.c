@@ -277,6 +277,10 @@ static stage_memory stage_memory_of(const mpar_model* m, const mpar_pipeline_des
         }
     }
     floats += at_least_one(rows * scratch) + rows * (uint64_t)r.slots + 1; /* scratch, targets, losses */
+    if (pd->activation_type == MPAR_ACTIVATIONS_BF16) { /* bf16 forward links: a packed copy at each end */
+        if (j > 0) floats += at_least_one((rows * mpar_model_layer(m, first)->in_features + 1) / 2);
+        if (j + 1 < P * (pd->schedule == MPAR_SCHEDULE_ZB_V ? 2 : V)) floats += at_least_one((rows * mpar_model_layer(m, last)->out_features + 1) / 2);
+    }
     if (!infer) floats += n + at_least_one(partial) + 4 * (n + (uint64_t)B); /* norms, partials, 2(n+B) cl_ulong */
     r.allocated = 4 * floats;
     return r;
@@ -309,9 +313,10 @@ static int check_memory(const char* name, const mpar_model* m, const mpar_pipeli
             int M = pd->schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : pd->microbatches;
             uint64_t rows = (uint64_t)((pd->max_batch + M - 1) / M) * (uint64_t)mpar_model_get_desc(m)->seq_len;
             assert_true(pd->link_capacity > 0);
+            uint64_t in = rows * (uint64_t)mpar_model_layer(m, plan->stages[j].first_layer)->in_features;
+            if (pd->activation_type == MPAR_ACTIVATIONS_BF16) in = (in + 1) / 2; /* bf16 on forward links */
             if (j > 0) /* the forward link into this chunk carries its input */
-                e.allocated += 4 * (uint64_t)pd->link_capacity * rows *
-                               (uint64_t)mpar_model_layer(m, plan->stages[j].first_layer)->in_features;
+                e.allocated += 4 * (uint64_t)pd->link_capacity * in;
             if (j + 1 < plan->num_stages) /* the backward link into it, the next chunk's input gradient */
                 e.allocated += 4 * (uint64_t)pd->link_capacity * rows *
                                (uint64_t)mpar_model_layer(m, plan->stages[j + 1].first_layer)->in_features;
@@ -658,6 +663,8 @@ static void test_predicted_vs_allocated_bf16(void** s) {
     compare_options("gpipe bf16+recompute", MPAR_SCHEDULE_GPIPE, 1, 1, 0, 0, 0);
     compare_options("1f1b bf16 6 MiB buffers", MPAR_SCHEDULE_1F1B, 1, 0, 0, 0, 6 << 20);
     compare_options("gpipe bf16 inference", MPAR_SCHEDULE_GPIPE, 1, 0, 0, 1, 0);
+    if (!getenv("MPAR_TEST_PLATFORMS")) /* DEVICE_COPY needs one context */
+        compare_options("1f1b bf16 device-copy links", MPAR_SCHEDULE_1F1B, 1, 0, 1, 0, 0);
     g_bf16 = 0;
 }
 static void test_predicted_vs_allocated_inference(void** s) {
