@@ -257,6 +257,12 @@ static void test_bf16_activations(void** state) {
     train(TWO, 2, MPAR_SCHEDULE_1F1B, 1, 0, 0, &cut, &m16);
     g_link = MPAR_LINK_AUTO;
     same_trained("1F1B, asynchronous links", &one, &cut), free(cut.params);
+    if (!getenv("MPAR_TEST_PLATFORMS")) { /* device copies need one context */
+        g_link = MPAR_LINK_DEVICE_COPY;
+        train(TWO, 2, MPAR_SCHEDULE_ZB_H1, 1, 0, 0, &cut, &m16);
+        g_link = MPAR_LINK_AUTO;
+        same_trained("ZB-H1, device-copy links", &one, &cut), free(cut.params);
+    }
     free(one.params);
     g_act = MPAR_ACTIVATIONS_FP32;
 }
