@@ -2,7 +2,8 @@
      mpirun -np 2 tests/mpi/test_mpi    and    mpirun -np 3 tests/mpi/test_mpi
    Each rank drives one PoCL device. For several schedules the loss and the
    parameters after a few steps equal those of the same stages run in one
-   process, bit for bit; inference outputs too; a fault injected on the last
+   process, bit for bit (bf16 activations too, whose messages carry 16
+   bits); inference outputs too; a fault injected on the last
    rank makes every rank return an error within a bounded time, and the
    pipeline works again afterwards. Rank 0 prints "N passed, N failed". */
 #define MPAR_IMPLEMENTATION
@@ -30,6 +31,8 @@ static int32_t y[BATCH];
         }                                                                    \
     } while (0)
 
+static mpar_activation_type g_act; /* make(): activation_type */
+
 static mpar_pipeline* make(mpar_schedule_kind kind, int mpi, mpar_stage_desc* st) {
     mpar_pipeline_desc pd;
     mpar_pipeline* p = NULL;
@@ -43,7 +46,7 @@ static mpar_pipeline* make(mpar_schedule_kind kind, int mpi, mpar_stage_desc* st
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = size, pd.schedule = kind, pd.microbatches = M, pd.max_batch = BATCH;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 0.01f, pd.optimizer.clip_norm = CLIP;
-    pd.timeout_seconds = 30;
+    pd.timeout_seconds = 30, pd.activation_type = g_act;
     pd.mpi_comm = mpi ? &comm : NULL; /* mpar duplicates it during create */
     if (mpar_pipeline_create(ctx, model, &pd, &p) != MPAR_SUCCESS) {
         fprintf(stderr, "rank %d: create: %s\n", rank, mpar_last_error(ctx));
@@ -261,6 +264,10 @@ int main(int argc, char** argv) {
     equality(MPAR_SCHEDULE_GPIPE);
     equality(MPAR_SCHEDULE_ZB_H1);
     equality(MPAR_SCHEDULE_SEQUENTIAL);
+    g_act = MPAR_ACTIVATIONS_BF16; /* bf16 slots, and bf16 messages between ranks */
+    equality(MPAR_SCHEDULE_1F1B);
+    equality(MPAR_SCHEDULE_ZB_H1);
+    g_act = MPAR_ACTIVATIONS_FP32;
     fault();
     timeout();
 
