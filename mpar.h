@@ -11619,19 +11619,16 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     return MPAR_SUCCESS;
 }
 
-MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
-                                         mpar_pipeline** out) {
-    mpar_pipeline* p;
+/* A pipeline object, checked and built (dry_run: counted, nothing
+   allocated on the devices); *out is NULL only when it could not be made. */
+static mpar_result mpar__pipeline_new(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                      int dry_run, mpar_pipeline** out) {
+    mpar_pipeline* p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
     mpar_result r;
-    int i;
-    if (!ctx || !model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
-                                                           "NULL argument");
-    *out = NULL;
-    p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
+    *out = p;
     if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(p, 0, sizeof *p);
-    p->ctx = ctx;
-    p->model = model;
+    p->ctx = ctx, p->model = model, p->dry_run = dry_run;
     p->layer_count = mpar_model_layer_count(model);
     p->seq_len = model->desc.seq_len;
     pthread_mutex_init(&p->mu, NULL);
@@ -11640,6 +11637,19 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
     pthread_cond_init(&p->opt_cv, NULL);
     r = mpar__pipeline_defaults(p, desc);
     if (r == MPAR_SUCCESS) r = mpar__pipeline_build(p);
+    return r;
+}
+
+MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                         mpar_pipeline** out) {
+    mpar_pipeline* p;
+    mpar_result r;
+    int i;
+    if (!ctx || !model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
+                                                           "NULL argument");
+    *out = NULL;
+    r = mpar__pipeline_new(ctx, model, desc, 0, &p);
+    if (!p) return r;
     for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++) {
         if (!mpar__local(p, i)) continue;
         if (pthread_create(&p->workers[i].thread, NULL, mpar__worker_main, &p->workers[i]) != 0)
@@ -11664,18 +11674,8 @@ MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* mo
     if (!ctx || !model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_memory: NULL argument");
     memset(out, 0, sizeof *out);
-    p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
-    if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(p, 0, sizeof *p);
-    p->ctx = ctx, p->model = model, p->dry_run = 1;
-    p->layer_count = mpar_model_layer_count(model);
-    p->seq_len = model->desc.seq_len;
-    pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->start_cv, NULL);
-    pthread_cond_init(&p->done_cv, NULL);
-    pthread_cond_init(&p->opt_cv, NULL);
-    r = mpar__pipeline_defaults(p, desc);
-    if (r == MPAR_SUCCESS) r = mpar__pipeline_build(p);
+    r = mpar__pipeline_new(ctx, model, desc, 1, &p);
+    if (!p) return r;
     if (p->vs && (r == MPAR_SUCCESS || r == MPAR_ERROR_DOES_NOT_FIT)) { /* counted either way */
         out->stages = p->workers_count, out->chunks = p->vs_count;
         for (i = 0; i < p->workers_count; i++) out->device[i] = p->workers[i].device, out->device_bytes[i] = p->need[i];
