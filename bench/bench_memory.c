@@ -21,6 +21,10 @@
                                      neither recomputes) with bf16
                                      activations over fp32: parameters of
                                      the largest model, each trained a step
+     bf16_step_over_fp32             what bf16 activations cost in time: the
+                                     demo's MLP on 2 devices (1F1B, M = 8),
+                                     step time with bf16 over fp32, the
+                                     median of 5 alternated rounds
      memory_predicted_over_allocated the plan's bytes per device over the bytes
                                      the pipeline built from it allocates, on 2
                                      devices, for every schedule x recompute x
@@ -363,6 +367,59 @@ static void predicted(void) {
     fflush(stdout);
 }
 
+/* ---- what bf16 costs in time ---- */
+
+static int cmp_double(const void* a, const void* b) {
+    double x = *(const double*)a, y = *(const double*)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The demo's MLP (784-512-512-512-10, batch 128, 1F1B, M = 8) on 2 devices
+   with fp32 and with bf16 activations, 10 steps each, alternated for 5
+   rounds: the median of the rounds' step-time ratios. */
+static void bf16_time(void) {
+    static const int W[] = {512, 512, 512, 10};
+    enum { BATCH = 128, IN = 784, ROUNDS = 5, STEPS = 10 };
+    mpar_model* m = make_mlp(IN, W, 4);
+    mpar_pipeline* p[2] = {NULL, NULL};
+    float* x = (float*)malloc(sizeof(float) * BATCH * IN);
+    int32_t y[BATCH];
+    double ratio[ROUNDS], t[2] = {0, 0};
+    int k, r, s;
+    if (!x) {
+        fprintf(stderr, "bench_memory: out of host memory\n");
+        exit(1);
+    }
+    fill_batch(x, y, BATCH, IN, 10);
+    for (k = 0; k < 2; k++) {
+        mpar_pipeline_desc pd;
+        memset(&pd, 0, sizeof pd);
+        pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 8, pd.max_batch = BATCH;
+        pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
+        pd.activation_type = k ? MPAR_ACTIVATIONS_BF16 : MPAR_ACTIVATIONS_FP32;
+        if (mpar_pipeline_create(ctx, m, &pd, &p[k]) != MPAR_SUCCESS) die("bf16 time create");
+    }
+    for (r = -1; r < ROUNDS; r++) /* round -1 warms both up */
+        for (k = 0; k < 2; k++) {
+            mpar_batch b;
+            mpar_step_info info;
+            double t0 = mpar__now();
+            b.inputs = x, b.targets = y, b.samples = BATCH;
+            for (s = 0; s < STEPS; s++)
+                if (mpar_pipeline_train_step(p[k], &b, &info) != MPAR_SUCCESS) die("bf16 time step");
+            t[k] = (mpar__now() - t0) / STEPS;
+            if (r >= 0 && k == 1) ratio[r] = t[1] / t[0];
+        }
+    qsort(ratio, ROUNDS, sizeof ratio[0], cmp_double);
+    printf("# bf16 time: 784-512-512-512-10 MLP, batch 128, 1F1B M = 8 on 2 devices; last round %.2f ms (fp32), "
+           "%.2f ms (bf16) per step\n", t[0] * 1e3, t[1] * 1e3);
+    printf("bf16_step_over_fp32: %.4f\n", ratio[ROUNDS / 2]);
+    fflush(stdout);
+    for (k = 0; k < 2; k++) mpar_pipeline_destroy(p[k]);
+    mpar_model_destroy(m);
+    free(x);
+}
+
 /* ---- inference memory ---- */
 
 static void inference(void) {
@@ -423,6 +480,7 @@ int main(void) {
     }
     capacity();
     capacity16();
+    bf16_time();
     predicted();
     inference();
     mpar_destroy(ctx);
