@@ -71,6 +71,13 @@
                            forward-only inference schedules, the optimizer
                            step as an action, links as queues in validation,
                            pd.max_in_flight, mpar_pipeline_get_schedule
+       0.5.0 (2026-12-01)  memory: per-layer-block buffers (max_buffer_bytes),
+                           memory_limit_bytes, mpar_pipeline_memory (the
+                           planner's bytes are its count), inference_only,
+                           recompute_stages and plans that recompute stage
+                           by stage, bf16 activations (activation_type,
+                           AUTO), mpar_plan / mpar_pipeline_stats
+                           activation_type
 
    License: MIT, see the end of this file.
 */
@@ -78,9 +85,9 @@
 #define MPAR_H
 
 #define MPAR_VERSION_MAJOR 0
-#define MPAR_VERSION_MINOR 4
+#define MPAR_VERSION_MINOR 5
 #define MPAR_VERSION_PATCH 0
-#define MPAR_VERSION_STRING "0.4.0"
+#define MPAR_VERSION_STRING "0.5.0"
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
    when defined, takes its place. */
 #define MPAR__INSTALLED_KERNEL_DIR ""
