@@ -309,7 +309,9 @@ static int check_memory(const char* name, const mpar_model* m, const mpar_pipeli
         assert_int_equal(mpar_device_get_info(g_ctx, plan->stages[j].device, &info), MPAR_SUCCESS);
         e = stage_memory_of(m, pd, P, j, plan->stages[j].first_layer, plan->stages[j].last_layer,
                             pd->max_buffer_bytes ? pd->max_buffer_bytes : info.max_alloc_bytes);
-        if (pd->link_mode == MPAR_LINK_DEVICE_COPY) { /* link_capacity buffers per link, on the receiving device */
+        if (pd->link_mode == MPAR_LINK_DEVICE_COPY || (pd->link_mode == MPAR_LINK_ASYNC && !getenv("MPAR_TEST_PLATFORMS"))) {
+            /* link_capacity buffers per link, on the receiving device (asynchronous links: in one context; across
+               two they are pinned host memory) */
             int M = pd->schedule == MPAR_SCHEDULE_SEQUENTIAL ? 1 : pd->microbatches;
             uint64_t rows = (uint64_t)((pd->max_batch + M - 1) / M) * (uint64_t)mpar_model_get_desc(m)->seq_len;
             assert_true(pd->link_capacity > 0);
@@ -561,7 +563,7 @@ typedef struct mem_case {
     int model; /* 0: MLP 1024-1024-1024-1024-10 (batch 4096); 1: char GPT (64 tokens, width 128, 4 blocks) */
     mpar_schedule_kind kind;
     int V, recompute;
-    int device_copy;           /* links by device copy (buffers on the devices), link_capacity 3 */
+    int device_copy;           /* 1: links by device copy (buffers on the devices), 2: asynchronous; link_capacity 3 */
     int infer;                 /* inference_only */
     uint64_t max_buffer_bytes; /* cut chunks into many buffers */
 } mem_case;
@@ -583,7 +585,7 @@ static int compare_case(const mem_case* c) {
     pd.schedule = c->kind, pd.microbatches = 8, pd.virtual_stages = c->V, pd.recompute = c->recompute;
     pd.inference_only = c->infer, pd.max_buffer_bytes = c->max_buffer_bytes;
     pd.activation_type = g_bf16 ? MPAR_ACTIVATIONS_BF16 : MPAR_ACTIVATIONS_FP32;
-    if (c->device_copy) pd.link_mode = MPAR_LINK_DEVICE_COPY, pd.link_capacity = 3;
+    if (c->device_copy) pd.link_mode = c->device_copy == 2 ? MPAR_LINK_ASYNC : MPAR_LINK_DEVICE_COPY, pd.link_capacity = 3;
     pd.max_batch = c->model ? 64 : 4096; /* 512 rows per micro-batch either way */
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     memset(&o, 0, sizeof o);
@@ -665,6 +667,13 @@ static void test_predicted_vs_allocated_bf16(void** s) {
     compare_options("gpipe bf16 inference", MPAR_SCHEDULE_GPIPE, 1, 0, 0, 1, 0);
     if (!getenv("MPAR_TEST_PLATFORMS")) /* DEVICE_COPY needs one context */
         compare_options("1f1b bf16 device-copy links", MPAR_SCHEDULE_1F1B, 1, 0, 1, 0, 0);
+    g_bf16 = 0;
+}
+static void test_predicted_vs_allocated_async(void** s) {
+    (void)s; /* device buffers in one context, pinned host memory across two */
+    compare_options("1f1b+async links", MPAR_SCHEDULE_1F1B, 1, 0, 2, 0, 0);
+    g_bf16 = 1;
+    compare_options("zbh1 bf16+async links", MPAR_SCHEDULE_ZB_H1, 1, 0, 2, 0, 0);
     g_bf16 = 0;
 }
 static void test_predicted_vs_allocated_inference(void** s) {
@@ -791,6 +800,7 @@ int main(int argc, char** argv) {
         cmocka_unit_test(test_predicted_vs_allocated_zbh2),
         cmocka_unit_test(test_predicted_vs_allocated_zbv),
         cmocka_unit_test(test_predicted_vs_allocated_device_copy),
+        cmocka_unit_test(test_predicted_vs_allocated_async),
         cmocka_unit_test(test_predicted_vs_allocated_inference),
         cmocka_unit_test(test_predicted_vs_allocated_bf16),
         cmocka_unit_test(test_predicted_vs_allocated_small_buffers),
