@@ -3308,6 +3308,9 @@ static float mpar__bf16_float(uint32_t bits) {
     memcpy(&v, &bits, 4);
     return v;
 }
+/* Floats that hold `values` bf16 values, packed two to a float. */
+static size_t mpar__bf16_floats(size_t values) { return values / 2 + values % 2; }
+
 /* mpar_round_bf16(y, n): "Bl" */
 static void mpar__hk_round_bf16(const mpar__harg* a, size_t g0, size_t g1) {
     float* y = (float*)a[0].p;
@@ -9526,6 +9529,7 @@ static int mpar__mb_samples(const mpar_pipeline* p, int mb) { return p->mb_first
    layers also use the work buffers; a slot's block holds the block's
    activations packed (ceil(rows_max x width / 2) floats), then its stashes
    as floats (mpar__pack_slot). */
+static size_t mpar__out_width(const mpar__vstage* v) { return v->act_cum[v->n + 1] - v->act_cum[v->n]; }
 static size_t mpar__act_end(const mpar__vstage* v, int b) {
     return b == v->blocks - 1 ? (size_t)v->n + 1 : (size_t)v->block_first[b + 1];
 }
@@ -9650,7 +9654,7 @@ static mpar_result mpar__pack_slot(mpar__worker* w, mpar__vstage* v, int slot, i
         if (acts)
             MPAR__TRY(mpar_exec_launch(&w->ex, "elementwise.cl", unpack ? "mpar_unpack_bf16" : "mpar_pack_bf16", acts, 0,
                                        "BBl", unpack ? packed : work, unpack ? work : packed, acts));
-        work.off = acts, packed.off = (acts + 1) / 2;
+        work.off = acts, packed.off = mpar__bf16_floats(acts);
         if (stash)
             MPAR__TRY(mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_copy", stash, 0, "BBl", unpack ? packed : work,
                                        unpack ? work : packed, stash));
@@ -9760,7 +9764,7 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
         MPAR__TRY(mpar__upload_batch(w, mpar__act(p, v, slot, 0).mem, 0, (const float*)p->batch->inputs + row0 * (size_t)first->in_features,
                                      (size_t)rows * (size_t)first->in_features));
     else if (v->link16_in)
-        MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__buf0(v->in16), ((size_t)rows * v->act_cum[1] + 1) / 2, mb));
+        MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__buf0(v->in16), mpar__bf16_floats((size_t)rows * v->act_cum[1]), mb));
     else
         MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__act(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
     if (v->index == p->vs_count - 1 && p->batch->targets)
@@ -9769,7 +9773,7 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     if (v->link16_out) MPAR__TRY(mpar__out_guard(w, v->out16)); /* the last send from it has been read */
     mpar__serial_begin(w);
     r = MPAR_SUCCESS;
-    if (v->index > 0 && v->link16_in) {
+    if (v->link16_in) {
         size_t n = (size_t)rows * v->act_cum[1];
         r = mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_unpack_bf16", n, 0, "BBl", mpar__buf0(v->in16),
                              mpar__act(p, v, slot, 0), n);
@@ -9778,16 +9782,16 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
     if (r == MPAR_SUCCESS && v->index == p->vs_count - 1) r = mpar__last_stage_outputs(w, v, slot, mb, rows, row0);
     if (r == MPAR_SUCCESS && v->act16 && p->job != MPAR__JOB_INFER) r = mpar__pack_slot(w, v, slot, mb, 0);
     if (r == MPAR_SUCCESS && v->link16_out) {
-        size_t n = (size_t)rows * (v->act_cum[v->n + 1] - v->act_cum[v->n]);
+        size_t n = (size_t)rows * mpar__out_width(v);
         r = mpar_exec_launch(&w->ex, "elementwise.cl", "mpar_pack_bf16", n, 0, "BBl", mpar__act(p, v, slot, v->n),
                              mpar__buf0(v->out16), n);
     }
     MPAR__TRY(mpar__serial_end(w, r));
     mpar__record_compute(w, MPAR_EVENT_FORWARD, mb, v->chunk);
     if (v->index < p->vs_count - 1) {
-        size_t width = v->act_cum[v->n + 1] - v->act_cum[v->n];
+        size_t width = mpar__out_width(v);
         if (v->link16_out)
-            MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__buf0(v->out16), ((size_t)rows * width + 1) / 2, mb));
+            MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__buf0(v->out16), mpar__bf16_floats((size_t)rows * width), mb));
         else
             MPAR__TRY(mpar__link_send(w, v->fwd_out, mpar__act(p, v, slot, v->n), (size_t)rows * width, mb));
     }
@@ -10810,7 +10814,7 @@ static size_t mpar__block_acts_row(const mpar__vstage* v, int b) { /* the activa
 static size_t mpar__slot_block_floats(const mpar__vstage* v, int b, size_t rows) {
     size_t acts = rows * mpar__block_acts_row(v, b);
     if (!v->act16) return rows * mpar__block_act_row(v, b);
-    return (acts + 1) / 2 + (rows * mpar__block_act_row(v, b) - acts);
+    return mpar__bf16_floats(acts) + (rows * mpar__block_act_row(v, b) - acts);
 }
 static size_t mpar__block_grad_row(const mpar__vstage* v, int b) {
     int f = v->block_first[b], e = v->block_first[b + 1];
@@ -10926,8 +10930,8 @@ static uint64_t mpar__vstage_bytes(const mpar__vstage* v, const mpar__mem_opts* 
             f += gslots * mpar__at_least_one(rows * mpar__block_grad_row(v, b)) + 2 * mpar__at_least_one(pb) + (o->adamw ? mpar__at_least_one(pb) : 1);
     }
     f += mpar__at_least_one(rows * v->scratch_per_row) + mpar__at_least_one(rows * (uint64_t)slots) + 1; /* scratch, targets, losses */
-    if (v->link16_in) f += mpar__at_least_one((rows * v->act_cum[1] + 1) / 2);
-    if (v->link16_out) f += mpar__at_least_one((rows * (v->act_cum[v->n + 1] - v->act_cum[v->n]) + 1) / 2);
+    if (v->link16_in) f += mpar__at_least_one(mpar__bf16_floats((size_t)rows * v->act_cum[1]));
+    if (v->link16_out) f += mpar__at_least_one(mpar__bf16_floats((size_t)rows * mpar__out_width(v)));
     if (!o->infer) f += (uint64_t)v->n + mpar__at_least_one(v->partial_count) + 4 * ((uint64_t)v->n + (uint64_t)v->blocks);
     return 4 * f;
 }
@@ -11008,9 +11012,8 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
     MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->scratch_per_row, &v->scratch));
     MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
     MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
-    if (v->link16_in) MPAR__TRY(mpar__alloc_buffer(p, w, (rows * v->act_cum[1] + 1) / 2, &v->in16));
-    if (v->link16_out)
-        MPAR__TRY(mpar__alloc_buffer(p, w, (rows * (v->act_cum[v->n + 1] - v->act_cum[v->n]) + 1) / 2, &v->out16));
+    if (v->link16_in) MPAR__TRY(mpar__alloc_buffer(p, w, mpar__bf16_floats(rows * v->act_cum[1]), &v->in16));
+    if (v->link16_out) MPAR__TRY(mpar__alloc_buffer(p, w, mpar__bf16_floats(rows * mpar__out_width(v)), &v->out16));
     return MPAR_SUCCESS;
 }
 
@@ -11260,6 +11263,16 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
     mpar__free(p->ctx, p);
 }
 
+/* The descriptor's activation_type is one of the enum's (create and the
+   planner). */
+static mpar_result mpar__check_activation_type(mpar_context* ctx, const mpar_pipeline_desc* d) {
+    if ((int)d->activation_type < 0 || d->activation_type > MPAR_ACTIVATIONS_AUTO)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT,
+                          "activation_type %d: give MPAR_ACTIVATIONS_FP32 (0), BF16 (1) or AUTO (2)",
+                          (int)d->activation_type);
+    return MPAR_SUCCESS;
+}
+
 static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline_desc* desc) {
     mpar_pipeline_desc* d = &p->desc;
     mpar_optimizer_desc* o = &d->optimizer;
@@ -11297,10 +11310,7 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
                           d->max_run_ahead);
     if ((int)d->link_mode < 0 || d->link_mode > MPAR_LINK_ASYNC)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown link_mode %d", (int)d->link_mode);
-    if ((int)d->activation_type < 0 || d->activation_type > MPAR_ACTIVATIONS_AUTO)
-        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT,
-                          "activation_type %d: give MPAR_ACTIVATIONS_FP32 (0), BF16 (1) or AUTO (2)",
-                          (int)d->activation_type);
+    MPAR__TRY(mpar__check_activation_type(p->ctx, d));
     if (d->activation_type == MPAR_ACTIVATIONS_AUTO && d->mpi_comm)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "activation_type AUTO: each rank would choose by "
                           "its own devices; across processes give FP32 or BF16");
@@ -11464,7 +11474,7 @@ static int mpar__link_cap(const mpar_pipeline* p, const mpar__vstage* a, const m
 
 /* Floats a forward link carries for `elems` activations. */
 static size_t mpar__fwd_floats(const mpar_pipeline* p, size_t elems) {
-    return p->desc.activation_type == MPAR_ACTIVATIONS_BF16 ? (elems + 1) / 2 : elems;
+    return p->desc.activation_type == MPAR_ACTIVATIONS_BF16 ? mpar__bf16_floats(elems) : elems;
 }
 
 /* Device bytes a link holds on its receiving device: DEVICE_COPY, and
@@ -11586,11 +11596,15 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     }
     /* refuse before allocating anything: each device's buffers against its
        memory (AUTO: fp32 if that fits, else bf16) */
-    if (act_auto && mpar__pipeline_need(p, &mo, peak) == MPAR_ERROR_DOES_NOT_FIT) {
-        p->desc.activation_type = MPAR_ACTIVATIONS_BF16;
-        mpar__set_act16(p);
+    {
+        mpar_result fit = mpar__pipeline_need(p, &mo, peak);
+        if (act_auto && fit == MPAR_ERROR_DOES_NOT_FIT) {
+            p->desc.activation_type = MPAR_ACTIVATIONS_BF16;
+            mpar__set_act16(p);
+            fit = mpar__pipeline_need(p, &mo, peak);
+        }
+        MPAR__TRY(fit);
     }
-    MPAR__TRY(mpar__pipeline_need(p, &mo, peak));
     if (p->dry_run) return MPAR_SUCCESS;
     for (i = 0; i < p->workers_count; i++) {
         mpar__worker* w = &p->workers[i];
@@ -11960,9 +11974,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     memset(&o, 0, sizeof o);
     if (options) o = *options;
     d = *desc;
-    if ((int)d.activation_type < 0 || d.activation_type > MPAR_ACTIVATIONS_AUTO)
-        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "activation_type %d: give MPAR_ACTIVATIONS_FP32 (0), "
-                          "BF16 (1) or AUTO (2)", (int)d.activation_type);
+    MPAR__TRY(mpar__check_activation_type(ctx, &d));
     act_auto = d.activation_type == MPAR_ACTIVATIONS_AUTO && !d.mpi_comm;
     if (d.activation_type == MPAR_ACTIVATIONS_AUTO) d.activation_type = MPAR_ACTIVATIONS_FP32;
     if (d.microbatches <= 0) d.microbatches = 1;
