@@ -253,6 +253,7 @@ typedef struct mpar_device_info {
     /* Layers on this device run as host code on the buffers' memory (see
        mpar_cpu_route); 0: as OpenCL kernels. */
     int host_route;
+    double slowdown; /* mpar_desc.slow_devices: compute takes this many times longer [1] */
 } mpar_device_info;
 
 /* How layers run on CPU devices. OpenCL on a CPU (PoCL) reaches a fraction
@@ -304,6 +305,17 @@ typedef struct mpar_desc {
     /* How CPU devices run layers [AUTO]; the MPAR_CPU_ROUTE environment
        variable (auto, opencl or host), when set, replaces it. */
     mpar_cpu_route cpu_route;
+    /* Heterogeneity on demand, to study mismatched devices with alike ones
+       (tests, benchmarks): "DEVICE:FACTOR[,DEVICE:FACTOR...]", e.g. "1:2",
+       makes each named device's compute FACTOR times slower (1 <= FACTOR
+       <= 100). After every compute section (a micro-batch's forward or
+       backward part, an optimizer step, a measuring GEMM) the stage's worker
+       waits for its device to finish, then sleeps FACTOR - 1 times as long
+       as the section took, inside the section: timelines, profiles, GEMM
+       measurements and so the planner all see a slower device, while the
+       results stay the same bits. The MPAR_SLOW_DEVICES environment
+       variable, when set, replaces it. NULL: every device at its speed. */
+    const char* slow_devices;
     /* Receives the reason when mpar_create fails (there is no context then
        to ask). Optional. */
     mpar_error* error;
@@ -314,6 +326,13 @@ typedef struct mpar_context_stats {
     int programs_from_cache;  /* loaded from the binary cache */
     int cache_rejected;       /* cache files found but not trusted */
     int cache_written;
+    /* The profile cache of measured layer costs (mpar_plan_options.costs):
+       devices measured, devices found in the cache, files not trusted and
+       files written. */
+    int profiles_measured;
+    int profile_cache_hits;
+    int profile_cache_rejected;
+    int profile_cache_written;
 } mpar_context_stats;
 
 MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out);
@@ -1373,10 +1392,27 @@ typedef struct mpar_pipeline_memory_info {
 MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                          mpar_pipeline_memory_info* out);
 
+/* Where the planner's compute costs come from when the options give
+   neither measured tables nor device_flops. */
+typedef enum mpar_cost_source {
+    /* Each layer timed on each kind of device (a device's name, driver,
+       route and slowdown), kept in the profile cache beside the kernel
+       binaries (<cache dir>/profile-*.txt; in memory only with the cache
+       off): what is missing is measured once, in bounded time (the model's
+       layers as single-layer stages on one device: a warm-up job and three
+       training steps of one micro-batch; on a PoCL core about a second for
+       the demo's MLP), and logged at MPAR_LOG_INFO. A device that cannot
+       hold the whole model for that (or a model of more than 64 layers)
+       falls back to the FLOP model, logged at MPAR_LOG_WARN. */
+    MPAR_COSTS_MEASURED = 0,
+    MPAR_COSTS_FLOPS = 1 /* the FLOP model with a GEMM-measured throughput per device */
+} mpar_cost_source;
+
 /* Planning a pipeline for a model on the context's devices: the planner's
    inputs come from the model (FLOPs, parameter, optimizer and activation
    bytes for a micro-batch of the desc's size) and the devices (memory, and
-   throughput: given, or measured). Zero fields take the defaults in brackets. */
+   per-layer times: given, measured or from the FLOP model). Zero fields
+   take the defaults in brackets. */
 typedef struct mpar_plan_options {
     mpar_plan_mode mode;        /* [OPTIMAL]; PROPORTIONAL uses weights; MANUAL is desc.stages */
     const double* weights;      /* PROPORTIONAL: one per device */
@@ -1389,6 +1425,9 @@ typedef struct mpar_plan_options {
     uint64_t reserve_bytes;     /* left free on every device [64 MiB] */
     double link_bandwidth;      /* bytes/s between devices [12e9 same context, 6e9 staged] */
     double link_latency;        /* seconds per transfer [1e-4] */
+    /* Without measured tables or device_flops: [MEASURED] or FLOPS (see
+       mpar_cost_source). Pipelines over MPI use the FLOP model. */
+    mpar_cost_source costs;
 } mpar_plan_options;
 
 MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
@@ -2439,6 +2478,47 @@ static mpar_result mpar__decide_routes(mpar_context* ctx, mpar_cpu_route route, 
     return MPAR_SUCCESS;
 }
 
+/* mpar_desc.slow_devices (or MPAR_SLOW_DEVICES): "DEVICE:FACTOR,...". */
+static mpar_result mpar__parse_slow_devices(mpar_context* ctx, const char* spec, const char* what, mpar_error* err) {
+    const char* s = spec;
+    int i;
+    for (i = 0; i < ctx->device_count; i++) ctx->devices[i].info.slowdown = 1.0;
+    if (!s || !s[0]) return MPAR_SUCCESS;
+    for (;;) {
+        char* end;
+        long dev = strtol(s, &end, 10);
+        double f;
+        if (end == s || *end != ':')
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s '%s': expected DEVICE:FACTOR[,DEVICE:FACTOR...] "
+                                  "at '%s'", what, spec, s);
+        if (dev < 0 || dev >= ctx->device_count)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s '%s': device %ld does not exist (%d device(s))",
+                                  what, spec, dev, ctx->device_count);
+        s = end + 1;
+        f = strtod(s, &end);
+        if (end == s || !(f >= 1.0 && f <= 100.0))
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s '%s': device %ld's factor must be a number "
+                                  "from 1 to 100", what, spec, dev);
+        ctx->devices[dev].info.slowdown = f;
+        s = end;
+        if (*s == '\0') return MPAR_SUCCESS;
+        if (*s != ',')
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s '%s': unexpected '%s'", what, spec, s);
+        s++;
+    }
+}
+
+/* A slowed device's compute section took `elapsed` seconds: sleep the rest. */
+static void mpar__slow_sleep(double factor, double elapsed) {
+    struct timespec ts;
+    double t = (factor - 1.0) * elapsed;
+    if (!(factor > 1.0) || !(t > 0.0)) return;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
 static char* mpar__default_cache_dir(const mpar_context* ctx) {
     const char* env = getenv("MPAR_CACHE_DIR");
     const char* base;
@@ -2476,6 +2556,12 @@ static mpar_result mpar__create_setup(mpar_context* ctx, const mpar_desc* d, mpa
                                                             : mpar__default_cache_dir(ctx);
     if (!ctx->build_options || (d->kernel_path && !ctx->kernel_path))
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    {
+        const char* slow = getenv("MPAR_SLOW_DEVICES");
+        r = slow ? mpar__parse_slow_devices(ctx, slow, "MPAR_SLOW_DEVICES", err)
+                 : mpar__parse_slow_devices(ctx, d->slow_devices, "mpar_desc.slow_devices", err);
+        if (r != MPAR_SUCCESS) return r;
+    }
     r = mpar__create_contexts(ctx, d->context_per_device);
     if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", ctx->error);
     return mpar__decide_routes(ctx, d->cpu_route, err);
@@ -8921,6 +9007,7 @@ typedef struct mpar__worker {
     pthread_t thread;
     int started, generation, in_flight, peak_in_flight;
     int serial_held;   /* holds the context's first-run lock */
+    double slow_t0;    /* a slowed device's section started (mpar_desc.slow_devices); 0: none */
     cl_command_queue copy_queue; /* asynchronous links: this worker's outgoing copies */
     /* Outgoing asynchronous copies still reading a buffer of this stage:
        the stage's next write to that buffer waits for them. */
@@ -9712,8 +9799,23 @@ static void mpar__serial_begin(mpar__worker* w) {
     mpar_pipeline* p = w->p;
     w->serial_held = p->serial && (p->force_serial || p->ctx->devices[w->device].pocl);
     if (w->serial_held) pthread_mutex_lock(&p->ctx->first_run_lock);
+    if (p->ctx->devices[w->device].info.slowdown > 1.0) { /* the section alone is timed */
+        clFinish(w->ex.queue);
+        w->slow_t0 = mpar__now();
+    }
 }
 static mpar_result mpar__serial_end(mpar__worker* w, mpar_result r) {
+    if (w->slow_t0 > 0.0) { /* mpar_desc.slow_devices: stretch the section */
+        double now;
+        if (r == MPAR_SUCCESS) r = mpar__cl_check(w->p->ctx, clFinish(w->ex.queue), "clFinish", __FILE__, __LINE__);
+        mpar__slow_sleep(w->p->ctx->devices[w->device].info.slowdown, mpar__now() - w->slow_t0);
+        now = mpar__now();
+        if (w->ex.profiling) { /* the timeline's interval covers the sleep */
+            if (w->ex.host_end == 0.0 || w->slow_t0 < w->ex.host_start) w->ex.host_start = w->slow_t0;
+            w->ex.host_end = now;
+        }
+        w->slow_t0 = 0.0;
+    }
     if (!w->serial_held) return r;
     if (r == MPAR_SUCCESS) r = mpar__cl_check(w->p->ctx, clFinish(w->ex.queue), "clFinish", __FILE__, __LINE__);
     w->serial_held = 0;
@@ -11746,6 +11848,8 @@ MPARDEF mpar_result mpar_device_measure_gemm(mpar_context* ctx, int device, size
         if (reps == 1) t0 = mpar__now();
         r = mpar_exec_gemm(&ex, 0, 0, m, n, k, 1.0f, a, k, b, n, 0.0f, c, n);
         if (r == MPAR_SUCCESS) r = mpar__exec_sync(&ex);
+        if (r == MPAR_SUCCESS) r = mpar__cl_check(ctx, clFinish(ex.queue), "clFinish", __FILE__, __LINE__);
+        if (r == MPAR_SUCCESS && reps > 0) mpar__slow_sleep(ctx->devices[device].info.slowdown, mpar__now() - t);
         t = mpar__now();
         reps++;
     }
@@ -11955,6 +12059,9 @@ static mpar_result mpar__plan_exact(mpar_context* ctx, const mpar_model* model, 
     return r;
 }
 
+static mpar_result mpar__plan_measured(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                       int M, double* tab, int* measured);
+
 MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                        const mpar_plan_options* options, mpar_plan* out) {
     mpar_plan_options o;
@@ -11962,6 +12069,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     mpar_plan_desc pd;
     mpar_plan_layer* layers = NULL;
     mpar_plan_stage* manual = NULL;
+    double* measured_tab = NULL;
     mpar_plan_device devices[MPAR__MAX_DEVICES];
     mpar_plan_link links[MPAR__MAX_DEVICES * MPAR__MAX_DEVICES];
     double flops[MPAR__MAX_DEVICES];
@@ -11989,7 +12097,30 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "planning: max_batch x seq_len above 2^24, or too many "
                           "micro-batches or virtual stages");
     n = mpar_device_count(ctx);
-    MPAR__TRY(mpar__plan_flops(ctx, &o, flops));
+    if (o.costs != MPAR_COSTS_MEASURED && o.costs != MPAR_COSTS_FLOPS)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_plan_options.costs: unknown value %d", (int)o.costs);
+    if (o.costs == MPAR_COSTS_MEASURED && !o.device_flops && !o.measured_forward && !o.measured_backward_input &&
+        !o.measured_backward_weight && !d.mpi_comm && o.mode != MPAR_PLAN_MANUAL) {
+        int measured = 0;
+        size_t per = (size_t)model->count * (size_t)n;
+        measured_tab = (double*)mpar__alloc(ctx, sizeof(double) * 3 * per);
+        if (!measured_tab) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        r = mpar__plan_measured(ctx, model, &d, M, measured_tab, &measured);
+        if (r != MPAR_SUCCESS || !measured) {
+            mpar__free(ctx, measured_tab);
+            measured_tab = NULL;
+            if (r != MPAR_SUCCESS) return r;
+        } else {
+            o.measured_forward = measured_tab;
+            o.measured_backward_input = measured_tab + per;
+            o.measured_backward_weight = measured_tab + 2 * per;
+        }
+    }
+    r = mpar__plan_flops(ctx, &o, flops);
+    if (r != MPAR_SUCCESS) {
+        mpar__free(ctx, measured_tab);
+        return r;
+    }
     for (a = 0; a < n; a++) {
         devices[a].name = ctx->devices[a].info.name;
         devices[a].flops_per_second = flops[a];
@@ -12005,7 +12136,10 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
         }
     }
     layers = (mpar_plan_layer*)mpar__alloc(ctx, sizeof(mpar_plan_layer) * (size_t)model->count);
-    if (!layers) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    if (!layers) {
+        mpar__free(ctx, measured_tab);
+        return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
     mpar_pipeline_plan_layers(model, &d, layers, NULL); /* arguments checked above */
     memset(&pd, 0, sizeof pd);
     pd.allocator = ctx->allocator; /* the planner's tables and the plan the caller frees */
@@ -12022,11 +12156,13 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
         int j;
         if (!d.stages || d.stage_count <= 0 || d.stage_count > 4 * MPAR__MAX_WORKERS) {
             mpar__free(ctx, layers);
+            mpar__free(ctx, measured_tab);
             return mpar__fail(ctx, MPAR_ERROR_INVALID_PLAN, "MANUAL planning needs desc.stages");
         }
         manual = (mpar_plan_stage*)mpar__alloc(ctx, sizeof(mpar_plan_stage) * (size_t)d.stage_count);
         if (!manual) {
             mpar__free(ctx, layers);
+            mpar__free(ctx, measured_tab);
             return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         }
         memset(manual, 0, sizeof(mpar_plan_stage) * (size_t)d.stage_count);
@@ -12080,24 +12216,213 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     if (r == MPAR_SUCCESS) out->activation_type = d.activation_type;
     mpar__free(ctx, layers);
     mpar__free(ctx, manual);
+    mpar__free(ctx, measured_tab);
     if (r != MPAR_SUCCESS) return mpar__fail(ctx, r, "%s", err.message);
     return MPAR_SUCCESS;
 }
 
-MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
-                                        int device, double* forward, double* backward_input,
-                                        double* backward_weight) {
+/* --------------------------------------------------------------------------
+   Measured layer costs and the profile cache
+
+   A device's measured costs live in <cache_dir>/profile-<device key>.txt,
+   one line per layer shape:
+     mpar-profile 1 <device key>
+     <layer key> <forward> <backward input> <backward weight> <optimizer>
+     ...
+     end <checksum of every byte before this line>
+   (seconds: the first three per micro-batch, the last per optimizer step,
+   "%a" hexadecimal floats so they read back exactly). The device key hashes
+   the device's name, driver, version, route and slowdown with mpar's
+   version; a layer key the layer's type, shape, options, position (first
+   or last), rows per micro-batch, activation type and optimizer. A file
+   that is damaged, foreign (another device's key) or not a regular file is
+   ignored, logged and replaced by the next write. Writes go to a fresh
+   temporary file (mkstemp: never an existing file or link) renamed into
+   place, so a reader sees the old file or the new one, never half of one.
+   -------------------------------------------------------------------------- */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MPAR__PROFILE_MAGIC "mpar-profile 1"
+#ifdef O_CLOEXEC
+#define MPAR__PROFILE_CLOEXEC O_CLOEXEC
+#else
+#define MPAR__PROFILE_CLOEXEC 0
+#endif
+
+typedef struct mpar__cost_entry {
+    uint64_t key;
+    double cost[4]; /* forward, backward input, backward weight, optimizer */
+} mpar__cost_entry;
+
+static uint64_t mpar__profile_device_key(const mpar_context* ctx, int device) {
+    const mpar_device_info* d = &ctx->devices[device].info;
+    uint64_t h = mpar__fnv1a(MPAR__FNV_SEED, MPAR_VERSION_STRING, sizeof MPAR_VERSION_STRING);
+    h = mpar__fnv1a(h, d->name, strlen(d->name) + 1);
+    h = mpar__fnv1a(h, d->driver, strlen(d->driver) + 1);
+    h = mpar__fnv1a(h, d->version, strlen(d->version) + 1);
+    h = mpar__fnv1a(h, d->platform, strlen(d->platform) + 1);
+    h = mpar__fnv1a(h, &d->host_route, sizeof d->host_route);
+    h = mpar__fnv1a(h, &d->slowdown, sizeof d->slowdown);
+    return h;
+}
+
+static uint64_t mpar__profile_layer_key(const mpar_model* model, int i, const mpar_pipeline_desc* d, int rows) {
+    const mpar_layer* l = mpar_model_layer(model, i);
+    int facts[10];
+    double f[4];
+    uint64_t h = mpar__fnv1a(MPAR__FNV_SEED, l->type->name, strlen(l->type->name) + 1);
+    facts[0] = l->desc.units, facts[1] = l->desc.vocab, facts[2] = l->desc.heads, facts[3] = l->desc.hidden;
+    facts[4] = l->in_features, facts[5] = l->out_features, facts[6] = l->seq_len;
+    facts[7] = (i == 0) | (i == model->count - 1) << 1, facts[8] = rows;
+    facts[9] = (int)d->activation_type | (int)d->optimizer.kind << 4;
+    f[0] = l->desc.rate, f[1] = l->desc.eps, f[2] = (double)l->param_count, f[3] = l->flops_forward;
+    h = mpar__fnv1a(h, facts, sizeof facts);
+    return mpar__fnv1a(h, f, sizeof f);
+}
+
+static void mpar__profile_path(const mpar_context* ctx, uint64_t dev_key, char* out, size_t size) {
+    snprintf(out, size, "%s/profile-%016llx.txt", ctx->cache_dir, (unsigned long long)dev_key);
+}
+
+static void mpar__profile_stat(mpar_context* ctx, int* field) {
+    pthread_mutex_lock(&ctx->lock);
+    (*field)++;
+    pthread_mutex_unlock(&ctx->lock);
+}
+
+/* Reads a device's cache file into *out (mpar__alloc'd, *count entries).
+   Missing: 0 entries. Damaged or foreign: 0 entries, logged and counted. */
+static void mpar__profile_load(mpar_context* ctx, uint64_t dev_key, mpar__cost_entry** out, int* count) {
+    char path[4400], head[64];
+    struct stat st;
+    char *buf = NULL, *line, *end;
+    int fd, n = 0, cap, ok = 0;
+    ssize_t got = 0;
+    uint64_t sum;
+    *out = NULL, *count = 0;
+    if (!ctx->cache_dir) return;
+    mpar__profile_path(ctx, dev_key, path, sizeof path);
+    /* O_NONBLOCK: a FIFO in the file's place must not block the open */
+    fd = open(path, O_RDONLY | O_NONBLOCK | MPAR__PROFILE_CLOEXEC);
+    if (fd < 0) return;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 && st.st_size < (1 << 24) &&
+        (buf = (char*)mpar__alloc(ctx, (size_t)st.st_size + 1)) != NULL) {
+        while (got < (ssize_t)st.st_size) {
+            ssize_t k = read(fd, buf + got, (size_t)st.st_size - (size_t)got);
+            if (k <= 0) break;
+            got += k;
+        }
+    }
+    close(fd);
+    if (!buf || got != (ssize_t)st.st_size) goto reject;
+    buf[got] = '\0';
+    snprintf(head, sizeof head, "%s %016llx\n", MPAR__PROFILE_MAGIC, (unsigned long long)dev_key);
+    if (strncmp(buf, head, strlen(head)) != 0) goto reject;
+    end = strstr(buf, "\nend ");
+    if (!end) goto reject;
+    sum = (uint64_t)strtoull(end + 5, &line, 16);
+    if (line != end + 21 || *line != '\n' || line + 1 != buf + got ||
+        mpar__fnv1a(MPAR__FNV_SEED, buf, (size_t)(end + 1 - buf)) != sum)
+        goto reject;
+    cap = 0;
+    for (line = buf + strlen(head); line < end + 1; line = strchr(line, '\n') + 1) cap++;
+    *out = (mpar__cost_entry*)mpar__alloc(ctx, sizeof(mpar__cost_entry) * (size_t)(cap ? cap : 1));
+    if (!*out) goto reject;
+    for (line = buf + strlen(head); line < end + 1; line = strchr(line, '\n') + 1) {
+        mpar__cost_entry* e = &(*out)[n];
+        char* p = line;
+        int k;
+        e->key = (uint64_t)strtoull(p, &p, 16);
+        for (k = 0; k < 4; k++) {
+            char* q;
+            e->cost[k] = strtod(p, &q);
+            if (q == p || !(e->cost[k] >= 0.0 && e->cost[k] < 1e6)) goto reject;
+            p = q;
+        }
+        if (*p != '\n') goto reject;
+        n++;
+    }
+    ok = 1;
+reject:
+    mpar__free(ctx, buf);
+    if (ok) {
+        *count = n;
+        return;
+    }
+    mpar__free(ctx, *out);
+    *out = NULL;
+    mpar__profile_stat(ctx, &ctx->stats.profile_cache_rejected);
+    mpar__log(ctx, MPAR_LOG_WARN, "ignoring unusable profile cache file %s: it will be measured and rewritten", path);
+}
+
+/* Writes entries (old ones first, then the new ones, a new one replacing
+   an old one of the same key) to the device's cache file, atomically.
+   Failure only costs a future measurement. */
+static void mpar__profile_store(mpar_context* ctx, uint64_t dev_key, const mpar__cost_entry* old, int n_old,
+                                const mpar__cost_entry* fresh, int n_fresh) {
+    char path[4400], tmp[4500], *text, *at;
+    size_t cap = 128 + (size_t)(n_old + n_fresh) * 160, len;
+    uint64_t sum;
+    int i, j, fd, ok;
+    if (!ctx->cache_dir || mpar__mkdirs(ctx->cache_dir) != 0) return;
+    mpar__profile_path(ctx, dev_key, path, sizeof path);
+    text = (char*)mpar__alloc(ctx, cap);
+    if (!text) return;
+    at = text;
+    at += snprintf(at, cap, "%s %016llx\n", MPAR__PROFILE_MAGIC, (unsigned long long)dev_key);
+    for (i = 0; i < n_old + n_fresh; i++) {
+        const mpar__cost_entry* e = i < n_old ? &old[i] : &fresh[i - n_old];
+        for (j = 0; i < n_old && j < n_fresh && fresh[j].key != e->key; j++) {
+        }
+        if (i < n_old && j < n_fresh) continue; /* measured again */
+        for (j = 0; i >= n_old && j < i - n_old && fresh[j].key != e->key; j++) {
+        }
+        if (i >= n_old && j < i - n_old) continue; /* a layer of the same kind: one entry */
+        at += snprintf(at, cap - (size_t)(at - text), "%016llx %a %a %a %a\n", (unsigned long long)e->key, e->cost[0],
+                       e->cost[1], e->cost[2], e->cost[3]);
+    }
+    sum = mpar__fnv1a(MPAR__FNV_SEED, text, (size_t)(at - text));
+    at += snprintf(at, cap - (size_t)(at - text), "end %016llx\n", (unsigned long long)sum);
+    len = (size_t)(at - text);
+    snprintf(tmp, sizeof tmp, "%s.tmp.XXXXXX", path);
+    fd = mkstemp(tmp);
+    ok = fd >= 0;
+    if (ok) {
+        size_t put = 0;
+        while (ok && put < len) {
+            ssize_t k = write(fd, text + put, len - put);
+            ok = k > 0;
+            if (ok) put += (size_t)k;
+        }
+        ok = fsync(fd) == 0 && ok;
+        ok = close(fd) == 0 && ok;
+        if (ok && chmod(tmp, 0644) == 0 && rename(tmp, path) == 0) mpar__profile_stat(ctx, &ctx->stats.profile_cache_written);
+        else remove(tmp);
+    }
+    mpar__free(ctx, text);
+}
+
+/* Each layer's costs on one device: seconds per micro-batch of its forward,
+   input-gradient and weight-gradient work, and seconds per optimizer step
+   (opt may be NULL: gradients only). Every layer runs as its own stage on
+   that device, one kernel at a time; one warm-up job, then the least of
+   three measured ones, so a moment's interference does not count. */
+static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                       int device, double* forward, double* backward_input, double* backward_weight,
+                                       double* opt) {
     mpar_stage_desc stages[MPAR__MAX_WORKERS];
     mpar_pipeline_desc d;
     mpar_pipeline* p = NULL;
-    mpar_timeline t;
     mpar_batch batch;
+    double* tab[4];
     int L, i, k, samples, rows, width;
     void* inputs;
     int32_t* targets;
     mpar_result r;
-    if (!ctx || !model || !desc || !forward || !backward_input || !backward_weight)
-        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: NULL argument");
     L = model->count;
     if (desc->max_batch <= 0 || desc->microbatches < 0)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: max_batch must be positive (got %d)",
@@ -12111,8 +12436,10 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
     for (i = 0; i < L; i++) stages[i].device = device, stages[i].first_layer = stages[i].last_layer = i;
     /* zero-bubble lists keep the input and weight parts apart; every kernel
        runs alone (force_serial), so no layer's time includes another's */
-    d.stages = stages, d.stage_count = L, d.plan = NULL, d.schedule = MPAR_SCHEDULE_ZB_H1, d.schedule_lists = NULL;
-    d.microbatches = 1, d.virtual_stages = 1, d.max_batch = samples, d.profile = 1, d.inject_fault = 0;
+    d.stages = stages, d.stage_count = L, d.plan = NULL, d.plan_options = NULL, d.schedule = MPAR_SCHEDULE_ZB_H1;
+    d.schedule_lists = NULL, d.microbatches = 1, d.virtual_stages = 1, d.max_batch = samples, d.profile = 1;
+    d.inject_fault = 0, d.recompute = 0, d.recompute_stages = NULL, d.inference_only = 0, d.max_in_flight = NULL;
+    d.mpi_comm = NULL, d.stage_rank = NULL, d.skip_nonfinite = 1;
     rows = samples * model->desc.seq_len;
     width = model->desc.input_features;
     inputs = mpar__alloc(ctx, (size_t)rows * (size_t)width * 4);
@@ -12124,23 +12451,134 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
     memset(inputs, 0, (size_t)rows * (size_t)width * 4); /* zeros are valid tokens and inputs alike */
     memset(targets, 0, (size_t)rows * 4);
     batch.inputs = inputs, batch.targets = targets, batch.samples = samples;
+    tab[0] = forward, tab[1] = backward_input, tab[2] = backward_weight, tab[3] = opt;
+    for (i = 0; i < L; i++)
+        for (k = 0; k < 4; k++)
+            if (tab[k]) tab[k][i] = 1e30;
     r = mpar_pipeline_create(ctx, model, &d, &p);
     if (r == MPAR_SUCCESS) p->force_serial = 1;
-    for (k = 0; r == MPAR_SUCCESS && k < 3; k++) r = mpar_pipeline_compute_gradients(p, &batch, NULL);
-    if (r == MPAR_SUCCESS) r = mpar_pipeline_get_timeline(p, &t);
-    if (r == MPAR_SUCCESS) {
-        for (i = 0; i < L; i++) forward[i] = backward_input[i] = backward_weight[i] = 0.0;
-        for (k = 0; k < t.event_count; k++) {
-            const mpar_event* e = &t.events[k];
-            double dt = e->end - e->start;
-            if (e->kind == MPAR_EVENT_FORWARD) forward[e->stage] += dt;
-            else if (e->kind == MPAR_EVENT_BACKWARD_INPUT) backward_input[e->stage] += dt;
-            else if (e->kind == MPAR_EVENT_BACKWARD_WEIGHT) backward_weight[e->stage] += dt;
+    if (r == MPAR_SUCCESS) r = mpar_pipeline_compute_gradients(p, &batch, NULL); /* compiles, warms up */
+    for (k = 0; r == MPAR_SUCCESS && k < 3; k++) {
+        mpar_timeline t;
+        double sum[4][MPAR__MAX_WORKERS];
+        int e, part;
+        r = opt ? mpar_pipeline_train_step(p, &batch, NULL) : mpar_pipeline_compute_gradients(p, &batch, NULL);
+        if (r == MPAR_SUCCESS) r = mpar_pipeline_get_timeline(p, &t);
+        if (r != MPAR_SUCCESS) break;
+        memset(sum, 0, sizeof sum);
+        for (e = 0; e < t.event_count; e++) {
+            const mpar_event* ev = &t.events[e];
+            part = ev->kind == MPAR_EVENT_FORWARD ? 0 : ev->kind == MPAR_EVENT_BACKWARD_INPUT ? 1
+                 : ev->kind == MPAR_EVENT_BACKWARD_WEIGHT ? 2 : ev->kind == MPAR_EVENT_OPTIMIZER_STEP ? 3 : -1;
+            if (part >= 0 && ev->stage >= 0 && ev->stage < L) sum[part][ev->stage] += ev->end - ev->start;
         }
         mpar_timeline_free(&t);
+        for (i = 0; i < L; i++)
+            for (part = 0; part < 4; part++)
+                if (tab[part] && sum[part][i] < tab[part][i]) tab[part][i] = sum[part][i];
     }
     mpar_pipeline_destroy(p);
     mpar__free(ctx, inputs), mpar__free(ctx, targets);
+    return r;
+}
+
+MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                        int device, double* forward, double* backward_input,
+                                        double* backward_weight) {
+    if (!ctx || !model || !desc || !forward || !backward_input || !backward_weight)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: NULL argument");
+    return mpar__profile_costs(ctx, model, desc, device, forward, backward_input, backward_weight, NULL);
+}
+
+/* The planner's measured tables ([layer * devices + device]) for a desc
+   whose step runs M micro-batches: from the profile cache, measuring what
+   is missing on one device of each kind (same device key). The optimizer
+   step's time is spread over the step's micro-batches in the weight part,
+   so a stage's M micro-batches cost its whole step. *measured = 0 (and
+   the FLOP model plans) when a device cannot be measured, e.g. the model
+   does not fit on it alone: logged. */
+static mpar_result mpar__plan_measured(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                       int M, double* tab, int* measured) {
+    int n = mpar_device_count(ctx), L = model->count, dev, i, k;
+    size_t per = (size_t)L * (size_t)n;
+    uint64_t keys[MPAR__MAX_DEVICES];
+    mpar__cost_entry* fresh = (mpar__cost_entry*)mpar__alloc(ctx, sizeof(mpar__cost_entry) * (size_t)L);
+    double* part = (double*)mpar__alloc(ctx, sizeof(double) * 4 * (size_t)L);
+    mpar_pipeline_desc d = *desc;
+    mpar_result r = MPAR_SUCCESS;
+    int rows;
+    *measured = 0;
+    if (!fresh || !part) {
+        mpar__free(ctx, fresh), mpar__free(ctx, part);
+        return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
+    d.microbatches = M;
+    rows = (d.max_batch + M - 1) / M * model->desc.seq_len;
+    for (dev = 0; dev < n && r == MPAR_SUCCESS; dev++) {
+        mpar__cost_entry* old = NULL;
+        int n_old = 0, missing = 0, same = -1;
+        keys[dev] = mpar__profile_device_key(ctx, dev);
+        for (k = 0; k < dev && same < 0; k++)
+            if (keys[k] == keys[dev]) same = k;
+        if (same >= 0) { /* a device of the same kind: its costs */
+            for (i = 0; i < L; i++)
+                for (k = 0; k < 3; k++) tab[k * per + (size_t)i * n + dev] = tab[k * per + (size_t)i * n + same];
+            continue;
+        }
+        mpar__profile_load(ctx, keys[dev], &old, &n_old);
+        for (i = 0; i < L; i++) {
+            uint64_t key = mpar__profile_layer_key(model, i, &d, rows);
+            for (k = 0; k < n_old && old[k].key != key; k++) {
+            }
+            if (k == n_old) {
+                missing++;
+                continue;
+            }
+            fresh[i] = old[k];
+        }
+        if (missing) {
+            double t0 = mpar__now();
+            r = mpar__profile_costs(ctx, model, &d, dev, part, part + L, part + 2 * L, part + 3 * L);
+            if (r != MPAR_SUCCESS) {
+                mpar__log(ctx, MPAR_LOG_WARN, "planning from the FLOP model: device %d's layer costs could not be "
+                          "measured: %s", dev, mpar_last_error(ctx));
+                mpar__free(ctx, old);
+                mpar__free(ctx, fresh), mpar__free(ctx, part);
+                return MPAR_SUCCESS;
+            }
+            for (i = 0; i < L; i++) fresh[i].key = mpar__profile_layer_key(model, i, &d, rows);
+            for (i = 0; i < L; i++) { /* layers of one kind (one key) share the mean of their times */
+                int j, same = 0;
+                double sum[4] = {0.0, 0.0, 0.0, 0.0};
+                for (j = 0; j < i && fresh[j].key != fresh[i].key; j++) {
+                }
+                if (j < i) continue;
+                for (j = i; j < L; j++)
+                    if (fresh[j].key == fresh[i].key) {
+                        same++;
+                        for (k = 0; k < 4; k++) sum[k] += part[k * L + j];
+                    }
+                for (j = i; j < L; j++)
+                    if (fresh[j].key == fresh[i].key)
+                        for (k = 0; k < 4; k++) fresh[j].cost[k] = sum[k] / same;
+            }
+            mpar__profile_stat(ctx, &ctx->stats.profiles_measured);
+            mpar__log(ctx, MPAR_LOG_INFO, "measured %d layer(s) on device %d (%s) in %.2f s, %d rows per micro-batch%s",
+                      L, dev, ctx->devices[dev].info.name, mpar__now() - t0, rows,
+                      ctx->cache_dir ? "; saved in the profile cache" : "");
+            mpar__profile_store(ctx, keys[dev], old, n_old, fresh, L);
+        } else {
+            mpar__profile_stat(ctx, &ctx->stats.profile_cache_hits);
+        }
+        mpar__free(ctx, old);
+        for (i = 0; i < L; i++) {
+            tab[0 * per + (size_t)i * n + dev] = fresh[i].cost[0];
+            tab[1 * per + (size_t)i * n + dev] = fresh[i].cost[1];
+            tab[2 * per + (size_t)i * n + dev] = fresh[i].cost[2] + fresh[i].cost[3] / M;
+        }
+    }
+    mpar__free(ctx, fresh), mpar__free(ctx, part);
+    if (r == MPAR_SUCCESS) *measured = 1;
     return r;
 }
 

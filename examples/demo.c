@@ -41,6 +41,8 @@ static int build_model(mpar_model** m, mpar_error* err) {
     r |= mpar_model_add_simple(*m, mpar_layer_relu(), err);
     r |= mpar_model_add_linear(*m, 512, err);
     r |= mpar_model_add_simple(*m, mpar_layer_relu(), err);
+    r |= mpar_model_add_linear(*m, 512, err);
+    r |= mpar_model_add_simple(*m, mpar_layer_relu(), err);
     r |= mpar_model_add_linear(*m, 10, err);
     r |= mpar_model_add_simple(*m, mpar_layer_cross_entropy(), err);
     return r;
@@ -68,7 +70,7 @@ int main(void) {
     mpar_model* model = NULL;
     mpar_pipeline *pipe = NULL, *single = NULL;
     mpar_pipeline_desc pd;
-    mpar_stage_desc one = {0, 0, 7};
+    mpar_stage_desc one = {0, 0, 9};
     data_mnist train, test;
     char msg[512];
     int i, n, batch = 128, steps = 120, correct = 0;
@@ -98,7 +100,7 @@ int main(void) {
         fprintf(stderr, "demo: model: %s\n", err.message);
         return 1;
     }
-    printf("model: 784-512-512-512-10 MLP, %zu parameters, %d layers\n", mpar_model_param_count(model),
+    printf("model: 784-512-512-512-512-10 MLP, %zu parameters, %d layers\n", mpar_model_param_count(model),
            mpar_model_layer_count(model));
 
     memset(&pd, 0, sizeof pd);
