@@ -45,7 +45,7 @@
    6 schedules and simulator, 7-8 stage chain and executor.
 
    Environment: MPAR_DEVICES, MPAR_KERNEL_PATH, MPAR_BUILD_OPTIONS,
-   MPAR_CACHE_DIR, MPAR_CPU_ROUTE (see README.md). mpar reads the
+   MPAR_CACHE_DIR, MPAR_CPU_ROUTE, MPAR_SLOW_DEVICES (see README.md). mpar reads the
    environment and never changes it.
 
    Revision history:
@@ -1263,7 +1263,8 @@ typedef struct mpar_pipeline_desc {
     const mpar_stage_desc* stages; /* explicit stages; NULL: from `plan` */
     int stage_count;               /* entries in `stages` */
     /* With no stages: the plan to follow (mpar_pipeline_plan); NULL: mpar
-       plans itself with plan_options (NULL: optimal, FLOP model). */
+       plans itself with plan_options (NULL: optimal, from measured layer
+       costs: see mpar_cost_source). */
     const struct mpar_plan* plan;
     const struct mpar_plan_options* plan_options;
     mpar_schedule_kind schedule;   /* zero is SEQUENTIAL, the naive baseline */
