@@ -449,6 +449,7 @@ int main(void) {
     char cmd[300];
     snprintf(g_dir, sizeof g_dir, "/tmp/mpar_profile_XXXXXX");
     if (!mkdtemp(g_dir)) return 1;
+    alarm(120); /* a FIFO that blocks an open must fail the test, not hang it */
     if (getenv("MPAR_SLOW_DEVICES")) {
         fprintf(stderr, "unset MPAR_SLOW_DEVICES: it replaces what these tests set\n");
         return 1;
