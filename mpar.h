@@ -12548,20 +12548,19 @@ static mpar_result mpar__plan_measured(mpar_context* ctx, const mpar_model* mode
                 return MPAR_SUCCESS;
             }
             for (i = 0; i < L; i++) fresh[i].key = mpar__profile_layer_key(model, i, &d, rows);
-            for (i = 0; i < L; i++) { /* layers of one kind (one key) share the mean of their times */
-                int j, same = 0;
-                double sum[4] = {0.0, 0.0, 0.0, 0.0};
+            for (i = 0; i < L; i++) { /* layers of one kind (one key) share the least of their times: */
+                int j;                  /* the same work, so more is interference */
+                double least[4];
                 for (j = 0; j < i && fresh[j].key != fresh[i].key; j++) {
                 }
                 if (j < i) continue;
-                for (j = i; j < L; j++)
-                    if (fresh[j].key == fresh[i].key) {
-                        same++;
-                        for (k = 0; k < 4; k++) sum[k] += part[k * L + j];
-                    }
+                for (k = 0; k < 4; k++) least[k] = part[k * L + i];
+                for (j = i + 1; j < L; j++)
+                    if (fresh[j].key == fresh[i].key)
+                        for (k = 0; k < 4; k++) least[k] = part[k * L + j] < least[k] ? part[k * L + j] : least[k];
                 for (j = i; j < L; j++)
                     if (fresh[j].key == fresh[i].key)
-                        for (k = 0; k < 4; k++) fresh[j].cost[k] = sum[k] / same;
+                        for (k = 0; k < 4; k++) fresh[j].cost[k] = least[k];
             }
             mpar__profile_stat(ctx, &ctx->stats.profiles_measured);
             mpar__log(ctx, MPAR_LOG_INFO, "measured %d layer(s) on device %d (%s) in %.2f s, %d rows per micro-batch%s",
