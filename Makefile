@@ -66,6 +66,7 @@ $(ICD2):
 
 test: all $(ICD2)
 	@scripts/run-tests.sh $(TESTS)
+	@scripts/check-examples.sh
 	@if command -v mpicc >/dev/null; then $(MAKE) --no-print-directory test-mpi; \
 	else echo "MPI tests skipped: no mpicc (apt-get install openmpi-bin libopenmpi-dev)"; fi
 

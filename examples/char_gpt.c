@@ -87,7 +87,24 @@ static int generate(mpar_pipeline* p, const data_charset* cs, const char* prompt
     return 0;
 }
 
+static const char usage[] =
+    "usage: examples/char_gpt [options]\n"
+    "  trains a character-level GPT on the King James Bible across the devices\n"
+    "  --devices SEL          which OpenCL devices (see README: Devices)\n"
+    "  --schedule S           1f1b (default), gpipe, zbh1, zbh2, zbv, interleaved, auto or sequential\n"
+    "  --microbatches M       micro-batches per step [4]\n"
+    "  --stages D:A-B,...     explicit stages (device:first-last layer); default: planned\n"
+    "  --plan optimal|proportional [--weights W,W]   how to plan without --stages\n"
+    "  --activations fp32|bf16\n"
+    "  --steps N [600]  --batch B [16]  --seq T [64]  --width C [96]  --layers L [3]  --heads H [4]\n"
+    "  --lr X [3e-3]  --seed S\n"
+    "  --prompt TEXT  --sample N      the sample written at the end\n"
+    "  --checkpoint PATH [--resume]   save every 100 steps and at the end; continue from it\n"
+    "  --trace PATH           write the last step's timeline (Chrome trace and SVG)\n"
+    "  --help\n";
+
 int main(int argc, char** argv) {
+    ex_args(argc, argv, usage, "--devices= --schedule= --microbatches= --stages= --plan= --weights= --activations= --steps= --batch= --seq= --width= --layers= --heads= --lr= --seed= --prompt= --sample= --checkpoint= --resume --trace=");
     mpar_desc desc;
     mpar_error err;
     mpar_context* ctx = NULL;

@@ -23,6 +23,47 @@ static inline double ex_seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
+/* The command line against what an example knows: `known` lists its
+   options, space-separated, "--name=" for one that takes a value. --help
+   (or -h) prints the usage on stdout and exits 0; an unknown or misspelt
+   option, a value missing, or a stray argument prints what is wrong and the
+   usage on stderr and exits 2. Call it first. */
+static inline void ex_args(int argc, char** argv, const char* usage, const char* known) {
+    int i;
+    for (i = 1; i < argc; i++) {
+        const char* a = argv[i];
+        const char* k = known;
+        size_t n = strcspn(a, "=");
+        int takes = -1;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(usage, stdout);
+            exit(0);
+        }
+        while (a[0] == '-' && a[1] == '-' && *k) { /* find a's name among the known ones */
+            size_t len = strcspn(k, " ");
+            size_t name = len > 0 && k[len - 1] == '=' ? len - 1 : len;
+            if (name == n && !strncmp(k, a, n)) {
+                takes = name < len;
+                break;
+            }
+            k += len;
+            while (*k == ' ') k++;
+        }
+        if (takes < 0) {
+            fprintf(stderr, "%s: unknown %s '%s'\n\n%s", argv[0], a[0] == '-' ? "option" : "argument", a, usage);
+            exit(2);
+        }
+        if (!takes && a[n] == '=') {
+            fprintf(stderr, "%s: %.*s takes no value\n\n%s", argv[0], (int)n, a, usage);
+            exit(2);
+        }
+        if (takes && a[n] != '=' && ++i >= argc) {
+            fprintf(stderr, "%s: %s needs a value\n\n%s", argv[0], a, usage);
+            exit(2);
+        }
+    }
+}
+
 /* "--name value" or "--name=value"; returns the value or NULL. */
 static inline const char* ex_option(int argc, char** argv, const char* name) {
     int i;
@@ -40,13 +81,30 @@ static inline int ex_flag(int argc, char** argv, const char* name) {
         if (!strcmp(argv[i], name)) return 1;
     return 0;
 }
+/* A number option; a value that is not a number exits 2 naming it. */
 static inline int ex_int(int argc, char** argv, const char* name, int fallback) {
     const char* v = ex_option(argc, argv, name);
-    return v ? atoi(v) : fallback;
+    char* end;
+    long x;
+    if (!v) return fallback;
+    x = strtol(v, &end, 10);
+    if (end == v || *end || x < -2147483647L || x > 2147483647L) {
+        fprintf(stderr, "%s: %s '%s' is not a whole number\n", argv[0], name, v);
+        exit(2);
+    }
+    return (int)x;
 }
 static inline double ex_double(int argc, char** argv, const char* name, double fallback) {
     const char* v = ex_option(argc, argv, name);
-    return v ? atof(v) : fallback;
+    char* end;
+    double x;
+    if (!v) return fallback;
+    x = strtod(v, &end);
+    if (end == v || *end || x != x) {
+        fprintf(stderr, "%s: %s '%s' is not a number\n", argv[0], name, v);
+        exit(2);
+    }
+    return x;
 }
 
 /* Parses "D:A-B,D:A-B,..." (device : first-last layer) into stages. */

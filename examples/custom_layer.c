@@ -41,7 +41,13 @@ static mpar_result swish_backward_input(mpar_exec* ex, const mpar_layer* l, cons
 }
 static const mpar_layer_type swish_type = {"swish", 0, swish_setup, NULL, swish_forward, swish_backward_input, NULL};
 
-int main(void) {
+static const char usage[] =
+    "usage: examples/custom_layer\n"
+    "  a layer type of your own (Swish, examples/kernels/swish.cl) in a split model; no options\n"
+    "  --help\n";
+
+int main(int argc, char** argv) {
+    ex_args(argc, argv, usage, "");
     mpar_context* ctx = NULL;
     mpar_desc desc;
     mpar_error err;

@@ -63,7 +63,14 @@ static double time_steps(mpar_pipeline* p, const data_mnist* d, int batch, int s
     return (seconds() - t0) / steps;
 }
 
-int main(void) {
+static const char usage[] =
+    "usage: examples/demo      (from the repository root: make demo)\n"
+    "  splits an MLP across the OpenCL devices, trains it on Fashion-MNIST with 1F1B,\n"
+    "  and shows the speed-up, how busy each device was and a timeline; no options\n"
+    "  --help\n";
+
+int main(int argc, char** argv) {
+    ex_args(argc, argv, usage, "");
     mpar_context* ctx = NULL;
     mpar_error err;
     mpar_desc desc;

@@ -35,7 +35,22 @@ static double accuracy(mpar_pipeline* p, const data_mnist* d, float* logits, dou
     return (double)correct / d->count;
 }
 
+static const char usage[] =
+    "usage: examples/fashion_mnist [options]\n"
+    "  trains an MLP on Fashion-MNIST across the devices, then tests it\n"
+    "  --devices SEL          which OpenCL devices (see README: Devices)\n"
+    "  --schedule S           1f1b (default), gpipe, zbh1, zbh2, zbv, interleaved, auto or sequential\n"
+    "  --microbatches M       micro-batches per step [4]\n"
+    "  --stages D:A-B,...     explicit stages (device:first-last layer); default: planned\n"
+    "  --plan optimal|proportional [--weights W,W]   how to plan without --stages\n"
+    "  --activations fp32|bf16\n"
+    "  --epochs N [6]  --batch B [128]  --lr X  --hidden H [512]  --seed S\n"
+    "  --checkpoint PATH [--resume]   save after every epoch; continue from it\n"
+    "  --trace PATH           write the last step's timeline (Chrome trace and SVG)\n"
+    "  --help\n";
+
 int main(int argc, char** argv) {
+    ex_args(argc, argv, usage, "--devices= --schedule= --microbatches= --stages= --plan= --weights= --activations= --epochs= --batch= --lr= --hidden= --seed= --checkpoint= --resume --trace=");
     mpar_desc desc;
     mpar_error err;
     mpar_context* ctx = NULL;

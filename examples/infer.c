@@ -125,7 +125,15 @@ static double accuracy(const float* logits, const data_mnist* test, int classes)
     return (double)correct / test->count;
 }
 
+static const char usage[] =
+    "usage: examples/infer --checkpoint PATH [options]\n"
+    "  loads a fashion_mnist checkpoint and infers the test images, on the devices and on one\n"
+    "  --checkpoint PATH      written by examples/fashion_mnist --checkpoint PATH\n"
+    "  --devices SEL  --microbatches M [8]  --batch B [1000]  --samples N [10000]  --repeats R [2]\n"
+    "  --help\n";
+
 int main(int argc, char** argv) {
+    ex_args(argc, argv, usage, "--checkpoint= --devices= --microbatches= --batch= --samples= --repeats=");
     const char* path = ex_option(argc, argv, "--checkpoint");
     int microbatches = ex_int(argc, argv, "--microbatches", 8), batch = ex_int(argc, argv, "--batch", 1000);
     int samples = ex_int(argc, argv, "--samples", 10000), repeats = ex_int(argc, argv, "--repeats", 2);

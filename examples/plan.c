@@ -13,8 +13,8 @@
    --measure profiles every layer on every device (mpar_profile_layers) and
    plans with those times instead of the FLOP model. --memory-limit-mib
    leaves N MiB usable on every device (through plan_options.reserve_bytes),
-   to show what happens when a model does not fit. --json adds the plan as
-   JSON (mpar_plan_write_json) on the last line.
+   to show what happens when a model does not fit. --json writes the plan as
+   JSON (mpar_plan_write_json) on stdout, and everything else on stderr.
 
    Exit code 0 when the chosen schedule has a plan, 1 otherwise (a model
    that does not fit prints mpar's reason). */
@@ -229,7 +229,19 @@ static void compare_schedules(const setup* s, const mpar_pipeline_desc* base, co
                "bound; the simulator splits B into I and W.)\n", mpar_schedule_kind_name(kinds[best_k]));
 }
 
+static const char usage[] =
+    "usage: examples/plan [options]\n"
+    "  what mpar would do with a model on these devices, and why (trains nothing)\n"
+    "  --model mlp|gpt        fashion_mnist's MLP (default) or char_gpt's decoder\n"
+    "  --schedule S  --microbatches M [4]  --batch B  --optimizer adamw|sgd\n"
+    "  --measure              plan from measured layer times instead of the FLOP model\n"
+    "  --json                 the plan as JSON on stdout; everything else goes to stderr\n"
+    "  --devices SEL  --plan optimal|proportional [--weights W,W]  --memory-limit-mib N\n"
+    "  mlp: --hidden H        gpt: --seq T --width C --layers L --heads H --vocab V\n"
+    "  --help\n";
+
 int main(int argc, char** argv) {
+    ex_args(argc, argv, usage, "--model= --schedule= --microbatches= --batch= --optimizer= --measure --json --devices= --plan= --weights= --memory-limit-mib= --hidden= --seq= --width= --layers= --heads= --vocab=");
     const char* model_name = ex_option(argc, argv, "--model");
     const char* sched = ex_option(argc, argv, "--schedule");
     const char* optim = ex_option(argc, argv, "--optimizer");
@@ -250,7 +262,13 @@ int main(int argc, char** argv) {
     int d, i, L, status = 0;
     mpar_result r;
 
+    FILE* json_out = NULL;
     if (model_name && strcmp(model_name, "mlp") != 0 && !gpt) return die("--model", "expected mlp or gpt");
+    if (json) { /* stdout carries the JSON alone: everything printed for people goes to stderr */
+        int fd = dup(1);
+        fflush(stdout);
+        if (fd < 0 || dup2(2, 1) < 0 || !(json_out = fdopen(fd, "w"))) return die("--json", "cannot set up stdout");
+    }
     memset(&desc, 0, sizeof desc);
     desc.devices = ex_option(argc, argv, "--devices");
     desc.error = &err;
@@ -352,7 +370,8 @@ int main(int argc, char** argv) {
     } else
         mpar_plan_print(&plan, stdout);
     compare_schedules(&s, &pd, &opt, pd.schedule);
-    if (status == 0 && json) mpar_plan_write_json(&plan, stdout); /* last line: `| tail -n 1` gives the JSON */
+    if (status == 0 && json) mpar_plan_write_json(&plan, json_out);
+    if (json_out) fclose(json_out);
     if (status == 0) mpar_plan_free(&plan);
 
     mpar_model_destroy(model);
