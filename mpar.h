@@ -97,14 +97,22 @@
 #endif
 
 #if defined(MPAR_IMPLEMENTATION) && !defined(_POSIX_C_SOURCE) && !defined(_WIN32)
-/* setenv, readlink, fsync, pthreads: include mpar.h first in the file that
-   defines MPAR_IMPLEMENTATION, or define _POSIX_C_SOURCE yourself. */
+/* readlink, fsync, mkstemp, pthreads: include mpar.h first in the file
+   that defines MPAR_IMPLEMENTATION, or define _POSIX_C_SOURCE yourself. */
 #define _POSIX_C_SOURCE 200809L
 #endif
 
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h> /* FILE, for the print functions */
+
+/* A system header included before mpar.h in the implementation's file has
+   already fixed glibc's feature set, and the POSIX functions mpar calls
+   (clock_gettime, nanosleep, fsync, mkstemp, pthreads) would be
+   undeclared: say so here, not with a wall of implicit declarations. */
+#if defined(MPAR_IMPLEMENTATION) && defined(__GLIBC__) && !defined(__USE_POSIX199309)
+#error "mpar.h: in the file that defines MPAR_IMPLEMENTATION, include mpar.h before any system header, or define _POSIX_C_SOURCE 200809L (or _GNU_SOURCE) before them"
+#endif
 
 #ifndef CL_TARGET_OPENCL_VERSION
 #define CL_TARGET_OPENCL_VERSION 120
