@@ -10489,11 +10489,18 @@ static mpar_result mpar__step_refused(mpar_pipeline* p, mpar_step_info* info) {
     return mpar__fail(p->ctx, MPAR_ERROR_NUMERICAL, "loss is not finite; parameters left unchanged");
 }
 
+/* The step counter (an int, saved in checkpoints) cannot count another step. */
+static mpar_result mpar__step_limit(mpar_pipeline* p) {
+    return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "the step counter is at its limit (%d): no further optimizer "
+                      "step can be counted; mpar_pipeline_set_step can lower it", INT_MAX);
+}
+
 MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info) {
     mpar_result r;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_apply_gradients");
     if (p->damaged) return mpar__damaged(p);
+    if (p->step == INT_MAX) return mpar__step_limit(p);
     if (!p->grads_ready)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "apply_gradients needs a successful compute_gradients first");
     p->grads_ready = 0;
@@ -10527,6 +10534,7 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     }
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->damaged) return mpar__damaged(p);
+    if (p->step == INT_MAX) return mpar__step_limit(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
     if (r != MPAR_SUCCESS) return r;
     p->grads_ready = 0;
@@ -11384,6 +11392,35 @@ static mpar_result mpar__check_activation_type(mpar_context* ctx, const mpar_pip
     return MPAR_SUCCESS;
 }
 
+/* Every optimizer setting in its range (defaults already applied): a NaN
+   or an infinity would turn every parameter into NaN on the first step. */
+static mpar_result mpar__check_optimizer(mpar_context* ctx, const mpar_optimizer_desc* o) {
+    static const char* names[7] = {"lr", "momentum", "beta1", "beta2", "eps", "weight_decay", "clip_norm"};
+    static const char* ranges[7] = {"a finite value > 0 (0: 1e-3)", "from 0 to below 1", "from 0 to below 1 (0: 0.9)",
+                                    "from 0 to below 1 (0: 0.999)", "a finite value > 0 (0: 1e-8)",
+                                    "a finite value >= 0", "a finite value >= 0 (0: off)"};
+    float v[7];
+    int ok[7], i;
+    if ((int)o->kind < 0 || o->kind > MPAR_OPTIMIZER_SGD)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer.kind: unknown value %d", (int)o->kind);
+    v[0] = o->lr, v[1] = o->momentum, v[2] = o->beta1, v[3] = o->beta2, v[4] = o->eps, v[5] = o->weight_decay;
+    v[6] = o->clip_norm;
+    ok[0] = v[0] > 0.0f && v[0] <= 1e30f, ok[1] = v[1] >= 0.0f && v[1] < 1.0f, ok[2] = v[2] >= 0.0f && v[2] < 1.0f;
+    ok[3] = v[3] >= 0.0f && v[3] < 1.0f, ok[4] = v[4] > 0.0f && v[4] <= 1e30f, ok[5] = v[5] >= 0.0f && v[5] <= 1e30f;
+    ok[6] = v[6] >= 0.0f && v[6] <= 1e30f;
+    for (i = 0; i < 7; i++)
+        if (!ok[i])
+            return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer.%s is %g; give %s", names[i], (double)v[i],
+                              ranges[i]);
+    if (!(o->min_lr >= 0.0f && o->min_lr <= o->lr))
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer.min_lr is %g; give a value from 0 to lr (%g)",
+                          (double)o->min_lr, (double)o->lr);
+    if (o->warmup_steps < 0 || o->decay_steps < 0)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer.warmup_steps (%d) and decay_steps (%d) must not "
+                          "be negative", o->warmup_steps, o->decay_steps);
+    return MPAR_SUCCESS;
+}
+
 static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline_desc* desc) {
     mpar_pipeline_desc* d = &p->desc;
     mpar_optimizer_desc* o = &d->optimizer;
@@ -11400,7 +11437,10 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     }
     if (d->microbatches == 0) d->microbatches = 1;
     if (d->virtual_stages == 0 || d->virtual_stages == 1) d->virtual_stages = mpar__sched_kind_vstages(d->schedule, 1);
-    if (d->timeout_seconds <= 0) d->timeout_seconds = 600;
+    if (d->timeout_seconds == 0) d->timeout_seconds = 600;
+    if (!(d->timeout_seconds > 0 && d->timeout_seconds <= 1e7)) /* NaN or infinity: a wait without end */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "timeout_seconds is %g; give seconds from above 0 to "
+                          "1e7 (0: 600)", d->timeout_seconds);
     if (d->max_run_ahead == 0) d->max_run_ahead = 4;
     if (o->lr == 0.0f) o->lr = 1e-3f;
     if (o->beta1 == 0.0f) o->beta1 = 0.9f;
@@ -11425,9 +11465,7 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     if (d->activation_type == MPAR_ACTIVATIONS_AUTO && d->mpi_comm)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "activation_type AUTO: each rank would choose by "
                           "its own devices; across processes give FP32 or BF16");
-    if ((int)o->kind < 0 || o->kind > MPAR_OPTIMIZER_SGD || o->lr < 0 || o->weight_decay < 0 || o->clip_norm < 0)
-        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer: unknown kind or negative setting");
-    return MPAR_SUCCESS;
+    return mpar__check_optimizer(p->ctx, o);
 }
 
 /* Which process runs which stage; one process unless an MPI communicator

@@ -863,6 +863,33 @@ static void test_pipeline_create_bad_input(void** state) {
     BAD(MPAR_ERROR_INVALID_ARGUMENT, pd.optimizer.kind = (mpar_optimizer_kind)7);
     BAD(MPAR_ERROR_INVALID_ARGUMENT, pd.optimizer.lr = -1.0f);
     BAD(MPAR_ERROR_INVALID_ARGUMENT, pd.optimizer.clip_norm = -1.0f);
+    /* settings that would poison every parameter on step 1, or disable the
+       timeout: refused, the field and its value named */
+#define BAD_NAMED(change, field)                                                                                 \
+    do {                                                                                                         \
+        BAD(MPAR_ERROR_INVALID_ARGUMENT, change);                                                                \
+        if (!strstr(mpar_last_error(g_ctx), field)) fail_msg("%s: message does not name %s: %s", #change, field, \
+                                                             mpar_last_error(g_ctx));                            \
+    } while (0)
+    BAD_NAMED(pd.optimizer.lr = NAN, "optimizer.lr is nan");
+    BAD_NAMED(pd.optimizer.lr = INFINITY, "optimizer.lr is inf");
+    BAD_NAMED(pd.optimizer.lr = -1.0f, "optimizer.lr is -1");
+    BAD_NAMED(pd.optimizer.weight_decay = NAN, "optimizer.weight_decay is nan");
+    BAD_NAMED(pd.optimizer.weight_decay = -0.5f, "optimizer.weight_decay is -0.5");
+    BAD_NAMED(pd.optimizer.beta1 = 1.5f, "optimizer.beta1 is 1.5");
+    BAD_NAMED(pd.optimizer.beta1 = 1.0f, "optimizer.beta1 is 1");
+    BAD_NAMED(pd.optimizer.beta2 = NAN, "optimizer.beta2 is nan");
+    BAD_NAMED(pd.optimizer.eps = -1e-8f, "optimizer.eps");
+    BAD_NAMED(pd.optimizer.momentum = INFINITY, "optimizer.momentum is inf");
+    BAD_NAMED(pd.optimizer.clip_norm = NAN, "optimizer.clip_norm is nan");
+    BAD_NAMED(pd.optimizer.min_lr = NAN, "optimizer.min_lr is nan");
+    BAD_NAMED(pd.optimizer.min_lr = 1.0f, "optimizer.min_lr is 1"); /* above lr */
+    BAD_NAMED(pd.optimizer.warmup_steps = -3, "optimizer.warmup_steps");
+    BAD_NAMED(pd.optimizer.kind = (mpar_optimizer_kind)7, "optimizer.kind");
+    BAD_NAMED(pd.timeout_seconds = NAN, "timeout_seconds is nan");
+    BAD_NAMED(pd.timeout_seconds = INFINITY, "timeout_seconds is inf");
+    BAD_NAMED(pd.timeout_seconds = -1.0, "timeout_seconds is -1");
+#undef BAD_NAMED
     BAD(MPAR_ERROR_INVALID_ARGUMENT, pd.schedule = (mpar_schedule_kind)17);
     BAD(MPAR_ERROR_INVALID_PLAN, st[1].device = 2);            /* no device 2 */
     BAD(MPAR_ERROR_INVALID_PLAN, st[1].device = -1);
@@ -1050,6 +1077,22 @@ static void test_pipeline_calls_bad_input(void** state) {
     CTX_FAILS(g_ctx, MPAR_ERROR_INVALID_ARGUMENT, mpar_pipeline_set_step(g_pipe, INT_MIN));
     assert_int_equal(mpar_pipeline_get_step(NULL), 0);
     assert_int_equal(mpar_pipeline_get_step(g_pipe), 1);
+    /* a counter that cannot count another step: refused before any work,
+       parameters unchanged, and the counter usable again once lowered */
+    assert_int_equal(mpar_pipeline_set_step(g_pipe, INT_MAX), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_get_params(g_pipe, 0, params), MPAR_SUCCESS);
+    b.inputs = g_x, b.targets = g_y, b.samples = 8;
+    CTX_FAILS(g_ctx, MPAR_ERROR_INVALID_STATE, mpar_pipeline_train_step(g_pipe, &b, &info));
+    assert_non_null(strstr(mpar_last_error(g_ctx), "step counter is at its limit"));
+    assert_int_equal(mpar_pipeline_compute_gradients(g_pipe, &b, &info), MPAR_SUCCESS);
+    CTX_FAILS(g_ctx, MPAR_ERROR_INVALID_STATE, mpar_pipeline_apply_gradients(g_pipe, &info));
+    assert_int_equal(mpar_pipeline_get_step(g_pipe), INT_MAX);
+    {
+        float after[64];
+        assert_int_equal(mpar_pipeline_get_params(g_pipe, 0, after), MPAR_SUCCESS);
+        assert_memory_equal(params, after, sizeof(float) * mpar_model_layer(g_model, 0)->param_count);
+    }
+    assert_int_equal(mpar_pipeline_set_step(g_pipe, 1), MPAR_SUCCESS);
     assert_null(mpar_pipeline_model(NULL));
     assert_null(mpar_pipeline_get_desc(NULL));
     FAILS(MPAR_ERROR_INVALID_ARGUMENT, mpar_pipeline_get_stats(NULL, &ps));
