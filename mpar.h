@@ -1768,9 +1768,12 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out);
    x ^= x >> 32. Every step is a bijection of h, so any change confined to
    one 8-byte word (every single-byte error) always changes the checksum.
 
-   Saving writes `path.tmp.<pid>`, fsyncs it, renames it over `path` and
-   fsyncs the folder: a crash at any moment leaves the old file or the new
-   one at `path`, never a mix (a crash may leave the temp file behind).
+   Saving writes a fresh temporary file beside `path` (".mpar-<pid>-XXXXXX",
+   made by mkstemp, so it never opens an existing file or follows a link),
+   fsyncs it, renames it over `path` and fsyncs the folder: a crash at any
+   moment leaves the old file or the new one at `path`, never a mix. A
+   temporary file left by a crash is removed by the next save in that
+   folder once its process is gone.
    Loading reads the whole file, checks everything (the trailer checksum
    first, then the layout, the section checksums, then that the model and
    optimizer match the pipeline's) and only then writes the state; the
@@ -1920,15 +1923,107 @@ MPARDEF mpar_result mpar_error_set(mpar_error* err, mpar_result code, const char
 
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 /* --------------------------------------------------------------------------
    1. Basics
    -------------------------------------------------------------------------- */
+
+#ifdef O_CLOEXEC
+#define MPAR__O_CLOEXEC O_CLOEXEC
+#else
+#define MPAR__O_CLOEXEC 0
+#endif
+#ifdef O_NOFOLLOW
+#define MPAR__O_NOFOLLOW O_NOFOLLOW
+#else
+#define MPAR__O_NOFOLLOW 0
+#endif
+
+/* The folder part of path ("." when it has none) into out. */
+static void mpar__dir_of(const char* path, char* out, size_t size) {
+    const char* slash = strrchr(path, '/');
+    size_t n = slash ? (size_t)(slash - path) : 1;
+    if (slash && n == 0) n = 1; /* "/file" */
+    if (n >= size) n = size - 1;
+    memcpy(out, slash ? path : ".", n);
+    out[n] = '\0';
+}
+
+/* Every file mpar writes (checkpoints, the kernel cache, the profile
+   cache) is written to a fresh temporary file beside its target and
+   renamed over it when complete, so a reader sees the old file or the new
+   one. The temporary file is "<folder>/.mpar-<pid>-XXXXXX", made by
+   mkstemp: created exclusively, so neither an existing file nor a planted
+   link is ever opened or followed, and short, so a target whose name is
+   NAME_MAX long still works. Temporary files of processes that no longer
+   exist (a crash, a kill) are removed first: only names of exactly that
+   form, regular files owned by this user. Returns the descriptor (mode
+   0644), or -1 with errno set; tmp (size >= strlen(path) + 40) receives
+   the name. */
+static int mpar__tmp_create(const char* path, char* tmp, size_t size) {
+    char dir[4096];
+    DIR* d;
+    struct dirent* e;
+    int fd;
+    mpar__dir_of(path, dir, sizeof dir);
+    if (strlen(dir) + 40 > size || strlen(dir) + 40 > sizeof dir) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    if ((d = opendir(dir)) != NULL) { /* leftovers of dead processes */
+        while ((e = readdir(d)) != NULL) {
+            const char* n = e->d_name;
+            char* end;
+            long pid;
+            char old[4096 + 300];
+            struct stat st;
+            if (strncmp(n, ".mpar-", 6) != 0) continue;
+            pid = strtol(n + 6, &end, 10);
+            if (end == n + 6 || pid <= 0 || *end != '-' || strlen(end + 1) != 6) continue;
+            if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive, or not ours to judge */
+            snprintf(old, sizeof old, "%s/%s", dir, n);
+            if (lstat(old, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()) unlink(old);
+        }
+        closedir(d);
+    }
+    snprintf(tmp, size, "%s/.mpar-%ld-XXXXXX", dir, (long)getpid());
+    fd = mkstemp(tmp);
+    if (fd < 0) return -1;
+    if (fchmod(fd, 0644) != 0) {
+        int err = errno;
+        close(fd);
+        unlink(tmp);
+        errno = err;
+        return -1;
+    }
+#if defined(FD_CLOEXEC)
+    fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+#endif
+    return fd;
+}
+
+/* Opens a file to read, refusing anything but a regular file without
+   blocking on it (a FIFO in a file's place would block open). -1 with
+   errno set (EINVAL: not a regular file). */
+static int mpar__open_regular(const char* path, struct stat* st) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | MPAR__O_CLOEXEC);
+    if (fd < 0) return -1;
+    if (fstat(fd, st) != 0 || !S_ISREG(st->st_mode)) {
+        int err = S_ISREG(st->st_mode) ? errno : EINVAL;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    return fd;
+}
 
 static const char* mpar__cl_error_name(int code) {
     switch (code) {
@@ -2826,24 +2921,39 @@ MPARDEF mpar_result mpar_kernel_find(mpar_context* ctx, const char* file, char* 
 }
 
 /* Reads a whole file; *size receives its length. NULL on failure. */
-static char* mpar__read_file(const mpar_context* ctx, const char* path, size_t* size) {
-    FILE* f = fopen(path, "rb");
+/* A whole regular file (NUL-terminated), or NULL. trusted_only: NULL also
+   for a file another user owns or that group or others may write (a
+   shared cache folder must not be a way to inject code). */
+static char* mpar__read_file_as(const mpar_context* ctx, const char* path, size_t* size, int trusted_only) {
+    struct stat st;
     char* buf = NULL;
-    long n;
-    if (!f) return NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && n < (1L << 30) && fseek(f, 0, SEEK_SET) == 0) {
-        buf = (char*)mpar__alloc(ctx, (size_t)n + 1);
-        if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+    size_t n, got = 0;
+    int fd = mpar__open_regular(path, &st);
+    if (fd < 0) return NULL;
+    if (trusted_only && (st.st_uid != geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH)))) {
+        close(fd);
+        return NULL;
+    }
+    n = (size_t)st.st_size;
+    if ((uint64_t)st.st_size < ((uint64_t)1 << 30) && (buf = (char*)mpar__alloc(ctx, n + 1)) != NULL) {
+        while (got < n) {
+            ssize_t k = read(fd, buf + got, n - got);
+            if (k <= 0) break;
+            got += (size_t)k;
+        }
+        if (got != n) {
             mpar__free(ctx, buf);
             buf = NULL;
-        }
-        if (buf) {
+        } else {
             buf[n] = '\0';
-            *size = (size_t)n;
+            *size = n;
         }
     }
-    fclose(f);
+    close(fd);
     return buf;
+}
+static char* mpar__read_file(const mpar_context* ctx, const char* path, size_t* size) {
+    return mpar__read_file_as(ctx, path, size, 0);
 }
 
 typedef struct mpar__build {
@@ -2907,8 +3017,12 @@ static cl_program mpar__cache_load(mpar_context* ctx, const mpar__build* b) {
     uint32_t fmt, ndev;
     cl_uint i;
     mpar__cache_file(ctx, b, file, sizeof file);
-    data = (unsigned char*)mpar__read_file(ctx, file, &size);
-    if (!data) return NULL;
+    {
+        struct stat st;
+        if (stat(file, &st) != 0) return NULL; /* no file: nothing to reject */
+    }
+    data = (unsigned char*)mpar__read_file_as(ctx, file, &size, 1); /* ours, writable by us alone */
+    if (!data) goto reject;
     off = 8 + 4 + 4 + 16;
     if (size < off || memcmp(data, MPAR__CACHE_MAGIC, 8) != 0) goto reject;
     memcpy(&fmt, data + 8, 4);
@@ -2965,8 +3079,8 @@ static void mpar__cache_store(mpar_context* ctx, const mpar__build* b, cl_progra
     char file[4400], tmp[4500];
     uint32_t fmt = MPAR__CACHE_FORMAT, ndev = b->n;
     cl_uint i;
-    int ok = 1;
-    FILE* f;
+    int ok = 1, fd;
+    FILE* f = NULL;
     memset(bins, 0, sizeof bins);
     if (clGetProgramInfo(prog, CL_PROGRAM_BINARY_SIZES, sizeof(size_t) * b->n, sizes, NULL) != CL_SUCCESS) return;
     for (i = 0; i < b->n; i++) {
@@ -2975,8 +3089,8 @@ static void mpar__cache_store(mpar_context* ctx, const mpar__build* b, cl_progra
     if (ok && clGetProgramInfo(prog, CL_PROGRAM_BINARIES, sizeof(unsigned char*) * b->n, bins, NULL) != CL_SUCCESS)
         ok = 0;
     mpar__cache_file(ctx, b, file, sizeof file);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", file, (long)getpid());
-    if (ok && mpar__mkdirs(ctx->cache_dir) == 0 && (f = fopen(tmp, "wb")) != NULL) {
+    if (ok && mpar__mkdirs(ctx->cache_dir) == 0 && (fd = mpar__tmp_create(file, tmp, sizeof tmp)) >= 0 &&
+        ((f = fdopen(fd, "wb")) != NULL || (close(fd), remove(tmp), 0))) {
         ok = fwrite(MPAR__CACHE_MAGIC, 1, 8, f) == 8 && fwrite(&fmt, 4, 1, f) == 1 && fwrite(&ndev, 4, 1, f) == 1 &&
              fwrite(b->key, 8, 2, f) == 2;
         for (i = 0; ok && i < b->n; i++) {
@@ -12288,17 +12402,7 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
    place, so a reader sees the old file or the new one, never half of one.
    -------------------------------------------------------------------------- */
 
-#include <errno.h>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #define MPAR__PROFILE_MAGIC "mpar-profile 1"
-#ifdef O_CLOEXEC
-#define MPAR__PROFILE_CLOEXEC O_CLOEXEC
-#else
-#define MPAR__PROFILE_CLOEXEC 0
-#endif
 
 typedef struct mpar__cost_entry {
     uint64_t key;
@@ -12353,11 +12457,10 @@ static void mpar__profile_load(mpar_context* ctx, uint64_t dev_key, mpar__cost_e
     *out = NULL, *count = 0;
     if (!ctx->cache_dir) return;
     mpar__profile_path(ctx, dev_key, path, sizeof path);
-    /* O_NONBLOCK: a FIFO in the file's place must not block the open */
-    fd = open(path, O_RDONLY | O_NONBLOCK | MPAR__PROFILE_CLOEXEC);
-    if (fd < 0) return;
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 && st.st_size < (1 << 24) &&
-        (buf = (char*)mpar__alloc(ctx, (size_t)st.st_size + 1)) != NULL) {
+    if (lstat(path, &st) != 0) return; /* none yet */
+    fd = mpar__open_regular(path, &st); /* a FIFO in its place must not block */
+    if (fd < 0) goto reject;
+    if (st.st_size > 0 && st.st_size < (1 << 24) && (buf = (char*)mpar__alloc(ctx, (size_t)st.st_size + 1)) != NULL) {
         while (got < (ssize_t)st.st_size) {
             ssize_t k = read(fd, buf + got, (size_t)st.st_size - (size_t)got);
             if (k <= 0) break;
@@ -12435,8 +12538,7 @@ static void mpar__profile_store(mpar_context* ctx, uint64_t dev_key, const mpar_
     sum = mpar__fnv1a(MPAR__FNV_SEED, text, (size_t)(at - text));
     at += snprintf(at, cap - (size_t)(at - text), "end %016llx\n", (unsigned long long)sum);
     len = (size_t)(at - text);
-    snprintf(tmp, sizeof tmp, "%s.tmp.XXXXXX", path);
-    fd = mkstemp(tmp);
+    fd = mpar__tmp_create(path, tmp, sizeof tmp);
     ok = fd >= 0;
     if (ok) {
         size_t put = 0;
@@ -12447,7 +12549,7 @@ static void mpar__profile_store(mpar_context* ctx, uint64_t dev_key, const mpar_
         }
         ok = fsync(fd) == 0 && ok;
         ok = close(fd) == 0 && ok;
-        if (ok && chmod(tmp, 0644) == 0 && rename(tmp, path) == 0) mpar__profile_stat(ctx, &ctx->stats.profile_cache_written);
+        if (ok && rename(tmp, path) == 0) mpar__profile_stat(ctx, &ctx->stats.profile_cache_written);
         else remove(tmp);
     }
     mpar__free(ctx, text);
@@ -13216,16 +13318,15 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
     table = mpar__ckpt_table(p, &table_bytes, &file_size, &max_params, &r, err);
     if (!table) return r;
     a = &p->ctx->allocator;
-    n = strlen(path) + 32;
+    n = strlen(path) + 64;
     tmp = (char*)mpar__alloc_a(a, n);
     if (!tmp) {
         mpar__free_a(a, table);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
-    snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
     o.path = path, o.tmp = tmp;
     mpar__ckpt_hash_init(&o.file);
-    o.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | MPAR__CKPT_CLOEXEC, 0666);
+    o.fd = mpar__tmp_create(path, tmp, n); /* never an existing file or a link */
     if (o.fd < 0) {
         r = mpar__ckpt_io(err, "cannot create the temp file", path, tmp, errno);
         mpar__free_a(a, table), mpar__free_a(a, tmp);
@@ -13259,18 +13360,10 @@ static mpar_result mpar__ckpt_read_file(const mpar_allocator* a, const char* pat
     struct stat st;
     unsigned char* d;
     size_t n, got = 0;
-    int fd = open(path, O_RDONLY | MPAR__CKPT_CLOEXEC);
+    int fd = mpar__open_regular(path, &st); /* a FIFO in the file's place must not block */
     *out = NULL, *size = 0;
+    if (fd < 0 && errno == EINVAL) return mpar__ckpt_io(err, "not a regular file", path, NULL, EINVAL);
     if (fd < 0) return mpar__ckpt_io(err, "cannot open", path, NULL, errno);
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return mpar__ckpt_io(err, "cannot stat", path, NULL, e);
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return mpar__ckpt_io(err, "not a regular file", path, NULL, EINVAL);
-    }
     if ((uint64_t)st.st_size > (uint64_t)((size_t)-1 / 2)) {
         close(fd);
         return mpar__ckpt_io(err, "too large to read", path, NULL, EFBIG);

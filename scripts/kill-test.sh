@@ -62,8 +62,8 @@ for ((i = 1; i <= rounds; i++)); do
     echo "round $i: killed after step $last was saved; the file loads, step $step"
     prev=$step
   fi
-  n=$(ls "$work" | grep -c '\.tmp\.') ; leftovers=$((leftovers + n))
-  rm -f "$ck".tmp.* "$ck".unsafe "$ck".unsafe.tmp.*
+  n=$(ls -A "$work" | grep -c '^\.mpar-') ; leftovers=$((leftovers + n))
+  rm -f "$work"/.mpar-* "$ck".unsafe
 done
 echo "kill-test: $rounds kills ($killed_in_save_loop during the save loop), $((rounds - bad)) passed, $bad failed," \
   "final step $prev, $leftovers temp files left by killed runs, $(( $(date +%s) - start )) s"

@@ -551,7 +551,7 @@ static int count_temp_files(void) {
     DIR* dir = opendir(g_dir);
     struct dirent* e;
     int n = 0;
-    while (dir && (e = readdir(dir)) != NULL) n += strstr(e->d_name, ".tmp.") != NULL;
+    while (dir && (e = readdir(dir)) != NULL) n += strncmp(e->d_name, ".mpar-", 6) == 0;
     if (dir) closedir(dir);
     return n;
 }
