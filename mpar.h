@@ -10677,6 +10677,7 @@ MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batc
     mpar_result r;
     double sum = 0.0;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->damaged) return mpar__damaged(p); /* mixed parameters would give answers of no model */
     if (!batch) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch is NULL");
     per_mb = p->mb_rows_max / p->seq_len;
     count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
@@ -13484,6 +13485,10 @@ MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* 
     mpar_result r = p && p->desc.inference_only /* a checkpoint without moments would resume training wrongly */
                         ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': the pipeline was created "
                                          "with inference_only and holds no optimizer state to save", path ? path : "")
+                    : p && p->damaged /* mixed parameters saved as a valid step would clear the guard on load */
+                        ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s' not written: an optimizer "
+                                         "step failed part-way, so the stages' parameters are of different steps; load "
+                                         "a checkpoint to continue", path ? path : "")
                         : mpar__ckpt_save(p, path, &local);
     if (r != MPAR_SUCCESS) {
         if (p) mpar__fail(p->ctx, r, "%s", local.message);

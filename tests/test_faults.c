@@ -275,6 +275,20 @@ static void test_fault_in_optimizer_step(void** state) {
     expect_failure(step(p), (mpar_result)CL_OUT_OF_RESOURCES, "optimizer step", t0);
     assert_int_equal(step(p), MPAR_ERROR_INVALID_STATE);
     assert_non_null(strstr(mpar_last_error(ctx), "load a checkpoint"));
+    /* the guard cannot be bypassed: no inference on mixed parameters, and
+       no checkpoint of them (which would load as a valid step) */
+    {
+        mpar_batch b;
+        char other[160];
+        mpar_error err;
+        b.inputs = x, b.targets = y, b.samples = BATCH;
+        assert_int_equal(mpar_pipeline_infer(p, &b, NULL, NULL), MPAR_ERROR_INVALID_STATE);
+        snprintf(other, sizeof other, "%s/mixed.ckpt", dir);
+        assert_int_equal(mpar_pipeline_save_checkpoint(p, other, &err), MPAR_ERROR_INVALID_STATE);
+        assert_non_null(strstr(err.message, "not written"));
+        assert_int_equal(access(other, F_OK), -1);
+        assert_int_equal(mpar_pipeline_save_checkpoint(p, path, &err), MPAR_ERROR_INVALID_STATE); /* ok.ckpt kept */
+    }
     assert_int_equal(mpar_pipeline_load_checkpoint(p, path, NULL), MPAR_SUCCESS);
     now = params(p);
     assert_memory_equal(saved, now, sizeof(float) * mpar_model_param_count(model));
