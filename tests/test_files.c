@@ -286,6 +286,6 @@ int main(void) {
         cmocka_unit_test(test_longest_name), cmocka_unit_test(test_leftovers),
         cmocka_unit_test(test_two_savers),   cmocka_unit_test(test_untrusted_kernel_cache),
     };
-    alarm(300); /* a blocking open must fail the suite, not hang it */
+    alarm(120); /* a blocking open must fail the suite, not hang it (it runs in seconds) */
     return cmocka_run_group_tests(tests, setup, teardown);
 }
