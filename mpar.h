@@ -11951,7 +11951,8 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
         int act16 = d->activation_type == MPAR_ACTIVATIONS_BF16 && !d->recompute && !d->inference_only;
         memset(&out[i], 0, sizeof out[i]);
         out[i].flops_forward = l->flops_forward * rows;
-        out[i].flops_backward_input = d->inference_only ? 0.0 : l->flops_backward_input * rows; /* forward alone */
+        /* forward alone; and the first layer's input gradient reaches nobody: the executor skips it */
+        out[i].flops_backward_input = d->inference_only || i == 0 ? 0.0 : l->flops_backward_input * rows;
         out[i].flops_backward_weight = d->inference_only ? 0.0 : l->flops_backward_weight * rows;
         out[i].param_bytes = (uint64_t)l->param_count * 4u;
         if (d->inference_only) grad_buffer = 0;
