@@ -1319,10 +1319,12 @@ typedef struct mpar_pipeline_desc {
        training steps; refused the same way), nor with a device that runs
        two stages (its speed is shared; refused). */
     int rebalance;
-    /* Measured steps before a re-plan [3]; steps run one stage at a time
-       (a new pipeline's first, kernels compiling) are not counted. After a
-       re-plan that does not move, the next waits twice as many steps (at
-       most 64 times as many); after a move, rebalance_warmup again. */
+    /* Measured steps before the first re-plan [3]; steps run one stage at
+       a time (a new pipeline's first, kernels compiling; the first after a
+       move) are not counted. Each later re-plan waits twice as many
+       measured steps as the one before, up to 64 times rebalance_warmup,
+       so measurement noise that moves layers back and forth costs fewer
+       and fewer rebuilds while a lasting change is still followed. */
     int rebalance_warmup;
     /* Move only when the new plan's predicted step time is below the
        current stages' (both costed by the planner with the same speeds) by
@@ -12292,6 +12294,9 @@ struct mpar__rebalance {
     int caps[MPAR__MAX_WORKERS];                   /* desc.max_in_flight, when one was given */
     mpar_schedule* lists;                          /* desc.schedule_lists, when one was given */
     double busy[MPAR__MAX_WORKERS];                /* compute seconds per stage: the least of `measured` steps */
+    /* per context device, over the re-plans so far, each older one
+       weighing half as much: planner FLOPs and measured seconds */
+    double work[MPAR__MAX_DEVICES], seconds[MPAR__MAX_DEVICES];
     int measured, window;                          /* steps measured; steps before the next automatic re-plan */
     int stopped;                                   /* a failure stopped automatic re-planning */
     int moves, checks, failures;
@@ -12467,8 +12472,12 @@ static void mpar__rebalance_measure(mpar_pipeline* p, mpar__job job) {
    planner FLOPs (its layers' F + B + W per micro-batch, times the
    micro-batches) over its measured seconds per step (the least of the
    steps measured: other work on the machine only adds time), so that the
-   planner's model predicts what was measured. Devices the pipeline does
-   not use get a thousandth of the slowest: the planner leaves them out. */
+   planner's model predicts what was measured. A device's speed does not
+   depend on the stages it runs, so both sums carry over re-plans and
+   moves, each older window weighing half as much: one noisy window (a
+   core taken by another process) cannot swing the plan alone. Devices
+   the pipeline does not use get a thousandth of the slowest: the planner
+   leaves them out. */
 static mpar_result mpar__rebalance_speeds(mpar_pipeline* p, const double* given, double* flops) {
     int n = mpar_device_count(p->ctx), used[MPAR__MAX_DEVICES], i, j, k;
     double slowest = DBL_MAX;
@@ -12505,8 +12514,10 @@ static mpar_result mpar__rebalance_speeds(mpar_pipeline* p, const double* given,
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "mpar_pipeline_rebalance: stage %d measured %g s for "
                               "%g FLOPs, which gives no speed; give device_flops", i, t, work);
         }
-        flops[p->workers[i].device] = work / t, used[p->workers[i].device] = 1;
-        if (work / t < slowest) slowest = work / t;
+        k = p->workers[i].device;
+        p->rb->work[k] = 0.5 * p->rb->work[k] + work, p->rb->seconds[k] = 0.5 * p->rb->seconds[k] + t;
+        flops[k] = p->rb->work[k] / p->rb->seconds[k], used[k] = 1;
+        if (flops[k] < slowest) slowest = flops[k];
     }
     for (i = 0; i < n; i++)
         if (!used[i]) flops[i] = slowest * 1e-3;
@@ -12682,7 +12693,7 @@ static mpar_result mpar__rebalance_after_step(mpar_pipeline* p) {
     r = mpar__rebalance_now(p, NULL, &moved);
     if (r == MPAR_SUCCESS) {
         most = 64 * p->desc.rebalance_warmup;
-        rb->window = moved ? p->desc.rebalance_warmup : rb->window > most / 2 ? most : 2 * rb->window;
+        rb->window = rb->window > most / 2 ? most : 2 * rb->window;
         return MPAR_SUCCESS;
     }
     if (p->damaged == 2) return r;
@@ -12702,7 +12713,6 @@ MPARDEF mpar_result mpar_pipeline_rebalance(mpar_pipeline* p, const double* devi
                           "without desc.rebalance (MPAR_REBALANCE_AUTO or MPAR_REBALANCE_MANUAL)");
     r = mpar__rebalance_now(p, device_flops, &local);
     if (moved) *moved = local;
-    if (r == MPAR_SUCCESS && local) p->rb->window = p->desc.rebalance_warmup;
     return r;
 }
 

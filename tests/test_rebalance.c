@@ -2,8 +2,8 @@
    stages, a given plan and a self-planned pipeline; a pipeline started on
    a 1:7 split of 8 equal layers moves to the balanced split, with its
    parameters, gradients, optimizer moments and step intact, and then
-   trains bit for bit like one device (1F1B, zero-bubble ZB-H1 and
-   interleaved); automatic re-balancing from its own measurements; a move
+   trains bit for bit like one device (1F1B, zero-bubble ZB-H1,
+   interleaved and AUTO's synthesised lists); automatic re-balancing from its own measurements; a move
    that fails is undone; bad settings. Decisions that the tests assert are
    made from given device speeds (mpar_pipeline_rebalance), so nothing here
    depends on timing; the automatic test asserts only what any timing
@@ -281,6 +281,14 @@ static void test_rebalance_interleaved(void** state) {
     moved_equals_one_device(MPAR_SCHEDULE_INTERLEAVED_1F1B, 2, st, 4);
 }
 
+/* AUTO schedules synthesise their lists from a measured step: after a
+   move the rebuilt pipeline measures and synthesises again. */
+static void test_rebalance_auto_schedule(void** state) {
+    mpar_stage_desc st[2] = {{0, 0, 0}, {1, 1, LAYERS - 1}};
+    (void)state;
+    moved_equals_one_device(MPAR_SCHEDULE_AUTO, 1, st, 2);
+}
+
 /* Automatic: after warm-up the pipeline measures, re-plans and moves by
    itself. The 1:7 start is 3.5 times slower than balanced on equal
    devices, so at least one move is certain; where it lands depends on the
@@ -416,7 +424,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_get_plan_explicit),     cmocka_unit_test(test_get_plan_given_and_planned),
         cmocka_unit_test(test_rebalance_1f1b),        cmocka_unit_test(test_rebalance_zero_bubble),
-        cmocka_unit_test(test_rebalance_interleaved), cmocka_unit_test(test_rebalance_automatic),
+        cmocka_unit_test(test_rebalance_interleaved), cmocka_unit_test(test_rebalance_auto_schedule),
+        cmocka_unit_test(test_rebalance_automatic),
         cmocka_unit_test(test_rebalance_failure_undone), cmocka_unit_test(test_rebalance_bad_input),
     };
     return cmocka_run_group_tests_name("rebalance", tests, setup, teardown);
