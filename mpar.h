@@ -1313,11 +1313,11 @@ typedef struct mpar_pipeline_desc {
        one stage at a time, as a new pipeline's does), and because it
        replaces the stages or plan the caller chose: mpar_pipeline_get_desc
        then shows the pipeline's own copies (stages, recompute_stages,
-       max_in_flight, schedule_lists; plan and plan_options NULL). Not with
-       mpi_comm (a stage's state would have to cross processes; refused
-       with MPAR_ERROR_UNSUPPORTED), nor inference_only (it measures
-       training steps; refused the same way), nor with a device that runs
-       two stages (its speed is shared; refused). */
+       max_in_flight, schedule_lists, plan_options without its arrays;
+       plan NULL). Not with mpi_comm (a stage's state would have to cross
+       processes; refused with MPAR_ERROR_UNSUPPORTED), nor inference_only
+       (it measures training steps; refused the same way), nor with a
+       device that runs two stages (its speed is shared; refused). */
     int rebalance;
     /* Measured steps before the first re-plan [3]; steps run one stage at
        a time (a new pipeline's first, kernels compiling; the first after a
@@ -1379,8 +1379,9 @@ typedef struct mpar_pipeline_stats {
     mpar_link_mode link_modes[64];
     int link_overlaps[64];
     mpar_activation_type activation_type; /* FP32 or BF16 (AUTO resolved) */
-    /* desc.rebalance: moves made, re-plans made (moved or not), and moves
-       that failed and were undone (the pipeline went on with its stages) */
+    /* desc.rebalance: moves made, re-plans made (moved or not), and
+       re-plans or moves that failed (a failed move is undone: the pipeline
+       went on with its stages; automatic re-planning stops after one) */
     int rebalances, rebalance_checks, rebalance_failures;
 } mpar_pipeline_stats;
 
@@ -1510,10 +1511,12 @@ MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p);
 MPARDEF mpar_result mpar_pipeline_get_plan(mpar_pipeline* p, mpar_plan* out);
 /* Re-plans now (a pipeline created with desc.rebalance): mpar_pipeline_plan
    on the pipeline's devices, in their order, with device_flops (FLOP/s per
-   context device; NULL: the speeds measured since the last re-plan, each
-   stage's planner FLOPs over its measured compute time), and moves the
-   layers when the new plan's predicted step beats the current stages' by
-   more than desc.rebalance_threshold. *moved (optional) says whether it
+   context device; NULL: the speeds measured, each stage's planner FLOPs
+   over its least compute time per step since the last re-plan, blended
+   with the earlier re-plans' at half weight each), and the link and
+   reserve settings of the desc's plan_options; it moves the layers when
+   the new plan's predicted step beats the current stages' by more than
+   desc.rebalance_threshold. *moved (optional) says whether it
    moved. A move that fails is undone: the pipeline goes on with its old
    stages and state, and the error says why; should rebuilding the old
    stages fail too, the pipeline refuses every call but destroy with
@@ -12292,6 +12295,7 @@ struct mpar__rebalance {
     mpar_stage_desc stages[4 * MPAR__MAX_WORKERS]; /* the stages in use: desc.stages points here */
     int recompute[4 * MPAR__MAX_WORKERS];          /* desc.recompute_stages points here */
     int caps[MPAR__MAX_WORKERS];                   /* desc.max_in_flight, when one was given */
+    mpar_plan_options options;                     /* desc.plan_options' settings (no arrays), for re-plans */
     mpar_schedule* lists;                          /* desc.schedule_lists, when one was given */
     double busy[MPAR__MAX_WORKERS];                /* compute seconds per stage: the least of `measured` steps */
     /* per context device, over the re-plans so far, each older one
@@ -12431,8 +12435,14 @@ static mpar_result mpar__rebalance_setup(mpar_pipeline* p) {
             return mpar__fail(p->ctx, err.code, "%s", err.message);
         d->schedule_lists = rb->lists;
     }
+    if (d->plan_options) { /* its scalars; the arrays it points to are the caller's */
+        rb->options = *d->plan_options;
+        rb->options.weights = rb->options.device_flops = NULL;
+        rb->options.measured_forward = rb->options.measured_backward_input = NULL;
+        rb->options.measured_backward_weight = NULL;
+    }
     d->stages = rb->stages, d->stage_count = p->vs_count, d->recompute_stages = rb->recompute;
-    d->plan = NULL, d->plan_options = NULL;
+    d->plan = NULL, d->plan_options = &rb->options;
     rb->window = d->rebalance_warmup;
     return MPAR_SUCCESS;
 }
@@ -12634,6 +12644,8 @@ static mpar_result mpar__rebalance_now(mpar_pipeline* p, const double* given, in
     rb->checks++;
     memset(rb->busy, 0, sizeof rb->busy), rb->measured = 0; /* the next re-plan measures afresh */
     memset(&o, 0, sizeof o);
+    o.reserve_bytes = rb->options.reserve_bytes;
+    o.link_bandwidth = rb->options.link_bandwidth, o.link_latency = rb->options.link_latency;
     o.mode = MPAR_PLAN_MANUAL, o.device_flops = flops;
     r = mpar_pipeline_plan(p->ctx, p->model, &d, &o, &cur);
     if (r != MPAR_SUCCESS) {
