@@ -12254,6 +12254,7 @@ MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* mod
        runs alone (force_serial), so no layer's time includes another's */
     d.stages = stages, d.stage_count = L, d.plan = NULL, d.schedule = MPAR_SCHEDULE_ZB_H1, d.schedule_lists = NULL;
     d.microbatches = 1, d.virtual_stages = 1, d.max_batch = samples, d.profile = 1, d.inject_fault = 0;
+    d.rebalance = 0; /* every layer on one device: nothing to balance (and a shared device is refused) */
     rows = samples * model->desc.seq_len;
     width = model->desc.input_features;
     inputs = mpar__alloc(ctx, (size_t)rows * (size_t)width * 4);

@@ -418,6 +418,12 @@ static void test_rebalance_bad_input(void** state) {
     train(p, g_small, 2, NULL);
     assert_int_equal(mpar_pipeline_rebalance(p, NULL, &moved), MPAR_SUCCESS);
     mpar_pipeline_destroy(p);
+    /* profiling puts every layer on one device: the desc's rebalance does not get in the way */
+    {
+        double f[LAYERS], bi[LAYERS], bw[LAYERS];
+        pd.rebalance = MPAR_REBALANCE_AUTO;
+        assert_int_equal(mpar_profile_layers(g_ctx, g_small, &pd, 0, f, bi, bw), MPAR_SUCCESS);
+    }
 }
 
 int main(void) {
