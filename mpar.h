@@ -1327,6 +1327,37 @@ typedef struct mpar_pipeline_desc {
        reads return MPAR_ERROR_INVALID_STATE. */
     int inference_only;
     mpar_activation_type activation_type; /* [FP32]; see mpar_activation_type */
+    /* Live re-balancing. 0 [off]; MPAR_REBALANCE_AUTO: every training step
+       times each stage's compute (the host clock around its actions, link
+       waits left out; no kernel profiling), and after rebalance_warmup
+       measured steps the pipeline re-plans (mpar_pipeline_rebalance with
+       the measured speeds); MPAR_REBALANCE_MANUAL: only when the caller
+       calls mpar_pipeline_rebalance. A move keeps the devices and their
+       order, moves the cuts between layers, and carries parameters,
+       gradients, optimizer moments and the step through host memory into
+       a rebuilt executor: training continues bit for bit as if the new
+       stages had been used from the start. Opt-in because a move rebuilds
+       the stages' buffers, links and threads (the first step after it runs
+       one stage at a time, as a new pipeline's does), and because it
+       replaces the stages or plan the caller chose: mpar_pipeline_get_desc
+       then shows the pipeline's own copies (stages, recompute_stages,
+       max_in_flight, schedule_lists, plan_options without its arrays;
+       plan NULL). Not with mpi_comm (a stage's state would have to cross
+       processes; refused with MPAR_ERROR_UNSUPPORTED), nor inference_only
+       (it measures training steps; refused the same way), nor with a
+       device that runs two stages (its speed is shared; refused). */
+    int rebalance;
+    /* Measured steps before the first re-plan [3]; steps run one stage at
+       a time (a new pipeline's first, kernels compiling; the first after a
+       move) are not counted. Each later re-plan waits twice as many
+       measured steps as the one before, up to 64 times rebalance_warmup,
+       so measurement noise that moves layers back and forth costs fewer
+       and fewer rebuilds while a lasting change is still followed. */
+    int rebalance_warmup;
+    /* Move only when the new plan's predicted step time is below the
+       current stages' (both costed by the planner with the same speeds) by
+       more than this fraction, in [0, 1) [0.05] */
+    double rebalance_threshold;
     /* Stages in separate processes (compiled with MPAR_USE_MPI): the
        address of an MPI_Comm whose ranks share this pipeline, each calling
        every pipeline function with the same arguments (MPI must be
@@ -1376,6 +1407,10 @@ typedef struct mpar_pipeline_stats {
     mpar_link_mode link_modes[64];
     int link_overlaps[64];
     mpar_activation_type activation_type; /* FP32 or BF16 (AUTO resolved) */
+    /* desc.rebalance: moves made, re-plans made (moved or not), and
+       re-plans or moves that failed (a failed move is undone: the pipeline
+       went on with its stages; automatic re-planning stops after one) */
+    int rebalances, rebalance_checks, rebalance_failures;
 } mpar_pipeline_stats;
 
 typedef struct mpar_pipeline mpar_pipeline;
@@ -1507,6 +1542,36 @@ MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p)
    desc's schedule_lists copied, or AUTO's synthesised one): print it,
    simulate it, save its lists. Owned by the pipeline. */
 MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p);
+
+#define MPAR_REBALANCE_AUTO 1   /* mpar_pipeline_desc.rebalance */
+#define MPAR_REBALANCE_MANUAL 2
+
+/* The plan the pipeline runs, as a plan the caller frees with
+   mpar_plan_free: its stages (device, first and last layer, recompute),
+   schedule, micro-batches and virtual stages, with the planner's costs.
+   A pipeline that planned itself, or was given a plan, reports that plan
+   (a parsed plan without costs stays without them); one given explicit
+   stages has them costed by mpar_pipeline_plan (MANUAL) on the first call,
+   which measures the devices' FLOP rate (one GEMM per kind of device);
+   across processes, or where the planner cannot cost them, the ranges
+   alone. After a re-balancing move, the plan it moved to, costed with the
+   speeds it measured (or was given). */
+MPARDEF mpar_result mpar_pipeline_get_plan(mpar_pipeline* p, mpar_plan* out);
+/* Re-plans now (a pipeline created with desc.rebalance): mpar_pipeline_plan
+   on the pipeline's devices, in their order, with device_flops (FLOP/s per
+   context device; NULL: the speeds measured, each stage's planner FLOPs
+   over its least compute time per step since the last re-plan, blended
+   with the earlier re-plans' at half weight each), and the link and
+   reserve settings of the desc's plan_options; it moves the layers when
+   the new plan's predicted step beats the current stages' by more than
+   desc.rebalance_threshold. *moved (optional) says whether it
+   moved. A move that fails is undone: the pipeline goes on with its old
+   stages and state, and the error says why; should rebuilding the old
+   stages fail too, the pipeline refuses every call but destroy with
+   MPAR_ERROR_INVALID_STATE. Errors: MPAR_ERROR_INVALID_STATE (created
+   without rebalance, nothing measured yet, or damaged),
+   MPAR_ERROR_INVALID_ARGUMENT (a speed not positive and finite). */
+MPARDEF mpar_result mpar_pipeline_rebalance(mpar_pipeline* p, const double* device_flops, int* moved);
 
 /* ==========================================================================
    9. Observability: what each stage did during a step, on one clock.
@@ -9149,7 +9214,12 @@ typedef struct mpar__worker {
     size_t bytes;
     mpar_event* events; /* the timeline of the current step (profiling) */
     int event_count, event_cap;
+    /* desc.rebalance: host seconds of this job's actions (optimizer step
+       left out) and of the link waits inside them */
+    double busy_s, wait_s;
 } mpar__worker;
+
+typedef struct mpar__rebalance mpar__rebalance;
 
 struct mpar_pipeline {
     mpar_context* ctx;
@@ -9211,6 +9281,8 @@ struct mpar_pipeline {
     int auto_caps[MPAR__MAX_WORKERS]; /* AUTO: stashes each stage may hold */
     int seen_count;      /* (job, micro-batch rows) pairs already run */
     int seen[64];
+    mpar__rebalance* rb; /* desc.rebalance: the stages in use and what was measured; kept across rebuilds */
+    mpar_plan* plan;     /* the plan in use (mpar_pipeline_get_plan), NULL until known; kept across rebuilds */
 };
 
 /* Whether this process runs a stage (always, without MPI). */
@@ -9666,6 +9738,7 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
         return mpar__fail(w->p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "%s link send of micro-batch %d: injected "
                           "transfer fault", l->t->name, mb);
+    w->wait_s += t_copy - t0;
     MPAR__TRY(l->t->send(w, l, slot, src, floats, mb));
     mpar__record_link(w, l, 1, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
@@ -9697,6 +9770,7 @@ static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst,
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
         return mpar__fail(w->p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "%s link receive of micro-batch %d: injected "
                           "transfer fault", l->t->name, mb);
+    w->wait_s += t_copy - t0;
     MPAR__TRY(l->t->recv(w, l, slot, dst, floats, mb));
     mpar__record_link(w, l, 0, mb, t0, t_copy, mpar__now(), floats);
     pthread_mutex_lock(&l->mu);
@@ -10183,6 +10257,7 @@ static void mpar__job_start(mpar__worker* w) {
     w->in_flight = 0;
     w->event_count = 0;
     w->ex.launches = w->ex.cl_launches = 0;
+    w->busy_s = w->wait_s = 0.0;
 }
 
 /* The first half of the optimizer step: this stage's squared gradient
@@ -10273,7 +10348,9 @@ static mpar_result mpar__job_walk(mpar__worker* w, const mpar_schedule* sc, int 
                    p->desc.fault_action == i) {
             r = mpar__fail(p->ctx, MPAR_ERROR_ABORTED, "fault injected by mpar_pipeline_desc.fault_*");
         } else {
+            double t = p->rb ? mpar__now() : 0.0;
             r = opt ? mpar__opt_action(w) : mpar__run_action(w, a);
+            if (p->rb && !opt) w->busy_s += mpar__now() - t; /* the step waits for every stage's norms */
         }
         if (r != MPAR_SUCCESS) {
             if (opt) snprintf(name, name_size, "optimizer step");
@@ -10416,6 +10493,10 @@ static mpar_result mpar__mpi_after_job(mpar_pipeline* p, mpar__job job, mpar_res
 }
 #endif
 
+static void mpar__rebalance_measure(mpar_pipeline* p, mpar__job job);
+static mpar_result mpar__rebalance_after_step(mpar_pipeline* p);
+static void mpar__rebalance_stats(const mpar_pipeline* p, mpar_pipeline_stats* out);
+
 /* Runs one job on every worker and waits for all of them. */
 static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     int i, measure;
@@ -10461,6 +10542,7 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
         return mpar__fail(p->ctx, r, "%s", detail ? detail : "a stage stopped");
     }
     p->auto_measured = measure;
+    mpar__rebalance_measure(p, job);
     return MPAR_SUCCESS;
 }
 
@@ -10519,6 +10601,9 @@ static double mpar__batch_loss(const mpar_pipeline* p) {
 }
 
 static mpar_result mpar__damaged(mpar_pipeline* p) {
+    if (p->damaged == 2)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "a re-balancing move failed and the old stages could not be "
+                          "rebuilt either, so the pipeline holds no stages or state: destroy it");
     return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE,
                       "an optimizer step failed part-way, so some stages may hold updated parameters and others not; "
                       "load a checkpoint (mpar_pipeline_load_checkpoint) to continue training");
@@ -10633,7 +10718,7 @@ MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_in
         info->lr = p->step_lr;
         info->step = p->step;
     }
-    return r;
+    return mpar__rebalance_after_step(p);
 }
 
 MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
@@ -10669,7 +10754,7 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     info->lr = p->opt_go ? p->step_lr : 0.0f;
     r = mpar__auto_finish(p); /* AUTO's first step measured: from the next one, its synthesised schedule */
     if (r != MPAR_SUCCESS) return r;
-    return p->opt_go ? MPAR_SUCCESS : mpar__step_refused(p, info);
+    return p->opt_go ? mpar__rebalance_after_step(p) : mpar__step_refused(p, info);
 }
 
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
@@ -10729,6 +10814,7 @@ static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int w
     cl_mem* mems;
     mpar_buf at;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->damaged == 2) return mpar__damaged(p);
     if (which < 0 || which > (int)MPAR_STATE_MOMENT2)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "unknown state kind %d", which);
     v = mpar__vs_of_layer(p, layer, &k);
@@ -10833,6 +10919,7 @@ MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* 
     if (out) memset(out, 0, sizeof *out); /* safe to free whatever happens */
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_timeline: out is NULL");
+    if (p->damaged == 2) return mpar__damaged(p);
     if (!p->desc.profile)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "no timeline: create the pipeline with desc.profile = 1");
     return mpar__pipeline_timeline(p, out);
@@ -10881,6 +10968,8 @@ MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipelin
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_stats: out is NULL");
     memset(out, 0, sizeof *out);
+    if (p->damaged == 2) return mpar__damaged((mpar_pipeline*)p);
+    mpar__rebalance_stats(p, out);
     out->stages = p->workers_count;
     for (i = 0; i < p->workers_count; i++) {
         out->peak_in_flight[i] = p->workers[i].peak_in_flight;
@@ -10964,6 +11053,8 @@ static mpar_result mpar__clock_offset(mpar_pipeline* p, mpar__worker* w) {
     return MPAR_SUCCESS;
 }
 
+static void mpar__keep_plan(mpar_pipeline* p, const mpar_plan* plan, int take);
+
 /* The stages: given, from a given plan, or planned now. */
 static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) {
     const mpar_pipeline_desc* d = &p->desc;
@@ -10993,7 +11084,8 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
             out[j].last_layer = plan->stages[j].last_layer;
             p->stage_recompute[j] = plan->stages[j].recompute != 0;
         }
-        if (plan == &local) mpar_plan_free(&local);
+        if (!p->dry_run) mpar__keep_plan(p, plan, plan == &local); /* for mpar_pipeline_get_plan */
+        else if (plan == &local) mpar_plan_free(&local);
     }
     p->vs_count = n;
     p->workers_count = n / V;
@@ -11461,9 +11553,10 @@ static void mpar__vstage_release(mpar_pipeline* p, mpar__vstage* v) {
     mpar__vstage_layout_free(p->ctx, v);
 }
 
-MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
+/* Everything a pipeline holds but the object itself, its plan and its
+   re-balancing state: what a re-balancing move rebuilds. */
+static void mpar__pipeline_release(mpar_pipeline* p) {
     int i;
-    if (!p) return;
     pthread_mutex_lock(&p->mu);
     p->quit = 1;
     pthread_cond_broadcast(&p->start_cv);
@@ -11494,6 +11587,14 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
     mpar__free(p->ctx, p->mb_loss), mpar__free(p->ctx, p->mb_first);
     pthread_cond_destroy(&p->done_cv), pthread_cond_destroy(&p->start_cv), pthread_cond_destroy(&p->opt_cv);
     pthread_mutex_destroy(&p->mu);
+}
+
+static void mpar__rebalance_free(mpar_pipeline* p);
+
+MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
+    if (!p) return;
+    mpar__pipeline_release(p);
+    mpar__rebalance_free(p);
     mpar__free(p->ctx, p);
 }
 
@@ -11533,6 +11634,28 @@ static mpar_result mpar__check_optimizer(mpar_context* ctx, const mpar_optimizer
     if (o->warmup_steps < 0 || o->decay_steps < 0)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "optimizer.warmup_steps (%d) and decay_steps (%d) must not "
                           "be negative", o->warmup_steps, o->decay_steps);
+    return MPAR_SUCCESS;
+}
+
+/* desc.rebalance and its knobs: checked, defaults filled. */
+static mpar_result mpar__rebalance_defaults(mpar_context* ctx, mpar_pipeline_desc* d) {
+    if (d->rebalance < 0 || d->rebalance > MPAR_REBALANCE_MANUAL)
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "rebalance %d: give 0 (off), MPAR_REBALANCE_AUTO (1) or "
+                          "MPAR_REBALANCE_MANUAL (2)", d->rebalance);
+    if (!(d->rebalance_threshold >= 0.0 && d->rebalance_threshold < 1.0)) /* NaN too */
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "rebalance_threshold %g: give the fraction of the "
+                          "predicted step time a move must save, in [0, 1) (0: 0.05)", d->rebalance_threshold);
+    if (d->rebalance_warmup < 0 || d->rebalance_warmup > (1 << 20))
+        return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "rebalance_warmup %d: give 0 to 2^20 steps (0: 3)",
+                          d->rebalance_warmup);
+    if (d->rebalance && d->mpi_comm)
+        return mpar__fail(ctx, MPAR_ERROR_UNSUPPORTED, "rebalance with mpi_comm: a move would carry stages' state "
+                          "between processes, which mpar does not do; re-plan and restart from a checkpoint instead");
+    if (d->rebalance && d->inference_only)
+        return mpar__fail(ctx, MPAR_ERROR_UNSUPPORTED, "rebalance with inference_only: re-balancing measures "
+                          "training steps; plan an inference pipeline with mpar_pipeline_plan");
+    if (d->rebalance_warmup == 0) d->rebalance_warmup = 3;
+    if (d->rebalance_threshold == 0.0) d->rebalance_threshold = 0.05;
     return MPAR_SUCCESS;
 }
 
@@ -11580,7 +11703,8 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     if (d->activation_type == MPAR_ACTIVATIONS_AUTO && d->mpi_comm)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "activation_type AUTO: each rank would choose by "
                           "its own devices; across processes give FP32 or BF16");
-    return mpar__check_optimizer(p->ctx, o);
+    MPAR__TRY(mpar__check_optimizer(p->ctx, o));
+    return mpar__rebalance_defaults(p->ctx, d);
 }
 
 /* Which process runs which stage; one process unless an MPI communicator
@@ -11904,14 +12028,12 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     return MPAR_SUCCESS;
 }
 
-/* A pipeline object, checked and built (dry_run: counted, nothing
-   allocated on the devices); *out is NULL only when it could not be made. */
-static mpar_result mpar__pipeline_new(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
-                                      int dry_run, mpar_pipeline** out) {
-    mpar_pipeline* p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
+/* Fills a pipeline object from a descriptor, checked and built (dry_run:
+   counted, nothing allocated on the devices); whatever happens,
+   mpar__pipeline_release undoes it. */
+static mpar_result mpar__pipeline_init(mpar_pipeline* p, mpar_context* ctx, const mpar_model* model,
+                                       const mpar_pipeline_desc* desc, int dry_run) {
     mpar_result r;
-    *out = p;
-    if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     memset(p, 0, sizeof *p);
     p->ctx = ctx, p->model = model, p->dry_run = dry_run;
     p->layer_count = mpar_model_layer_count(model);
@@ -11925,23 +12047,41 @@ static mpar_result mpar__pipeline_new(mpar_context* ctx, const mpar_model* model
     return r;
 }
 
+/* A pipeline object, checked and built; *out is NULL only when it could
+   not be made. */
+static mpar_result mpar__pipeline_new(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
+                                      int dry_run, mpar_pipeline** out) {
+    mpar_pipeline* p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
+    *out = p;
+    if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    return mpar__pipeline_init(p, ctx, model, desc, dry_run);
+}
+
+/* Starts the worker threads of a built pipeline. */
+static mpar_result mpar__pipeline_start(mpar_pipeline* p) {
+    int i;
+    for (i = 0; i < p->workers_count; i++) {
+        if (!mpar__local(p, i)) continue;
+        if (pthread_create(&p->workers[i].thread, NULL, mpar__worker_main, &p->workers[i]) != 0)
+            return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "cannot start worker thread %d", i);
+        p->workers[i].started = 1;
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__rebalance_setup(mpar_pipeline* p);
+
 MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                          mpar_pipeline** out) {
     mpar_pipeline* p;
     mpar_result r;
-    int i;
     if (!ctx || !model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
                                                            "NULL argument");
     *out = NULL;
     r = mpar__pipeline_new(ctx, model, desc, 0, &p);
     if (!p) return r;
-    for (i = 0; r == MPAR_SUCCESS && i < p->workers_count; i++) {
-        if (!mpar__local(p, i)) continue;
-        if (pthread_create(&p->workers[i].thread, NULL, mpar__worker_main, &p->workers[i]) != 0)
-            r = mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "cannot start worker thread %d", i);
-        else
-            p->workers[i].started = 1;
-    }
+    if (r == MPAR_SUCCESS) r = mpar__pipeline_start(p);
+    if (r == MPAR_SUCCESS) r = mpar__rebalance_setup(p);
     if (r != MPAR_SUCCESS) {
         mpar_pipeline_destroy(p);
         return r;
@@ -12082,7 +12222,8 @@ static void mpar__plan_layers(const mpar_model* model, const mpar_pipeline_desc*
         int act16 = d->activation_type == MPAR_ACTIVATIONS_BF16 && !d->recompute && !d->inference_only;
         memset(&out[i], 0, sizeof out[i]);
         out[i].flops_forward = l->flops_forward * rows;
-        out[i].flops_backward_input = d->inference_only ? 0.0 : l->flops_backward_input * rows; /* forward alone */
+        /* forward alone; and the first layer's input gradient reaches nobody: the executor skips it */
+        out[i].flops_backward_input = d->inference_only || i == 0 ? 0.0 : l->flops_backward_input * rows;
         out[i].flops_backward_weight = d->inference_only ? 0.0 : l->flops_backward_weight * rows;
         out[i].param_bytes = (uint64_t)l->param_count * 4u;
         if (d->inference_only) grad_buffer = 0;
@@ -12590,6 +12731,7 @@ static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* mode
     d.schedule_lists = NULL, d.microbatches = 1, d.virtual_stages = 1, d.max_batch = samples, d.profile = 1;
     d.inject_fault = 0, d.recompute = 0, d.recompute_stages = NULL, d.inference_only = 0, d.max_in_flight = NULL;
     d.mpi_comm = NULL, d.stage_rank = NULL, d.skip_nonfinite = 1;
+    d.rebalance = 0; /* every layer on one device: nothing to balance (and a shared device is refused) */
     rows = samples * model->desc.seq_len;
     width = model->desc.input_features;
     inputs = mpar__alloc(ctx, (size_t)rows * (size_t)width * 4);
@@ -12728,6 +12870,449 @@ static mpar_result mpar__plan_measured(mpar_context* ctx, const mpar_model* mode
     }
     mpar__free(ctx, fresh), mpar__free(ctx, part);
     if (r == MPAR_SUCCESS) *measured = 1;
+    return r;
+}
+
+/* --------------------------------------------------------------------------
+   The plan in use (mpar_pipeline_get_plan) and live re-balancing
+   (desc.rebalance): measured stage times -> device speeds -> the planner ->
+   a move of layers between devices through host memory.
+   -------------------------------------------------------------------------- */
+
+struct mpar__rebalance {
+    mpar_stage_desc stages[4 * MPAR__MAX_WORKERS]; /* the stages in use: desc.stages points here */
+    int recompute[4 * MPAR__MAX_WORKERS];          /* desc.recompute_stages points here */
+    int caps[MPAR__MAX_WORKERS];                   /* desc.max_in_flight, when one was given */
+    mpar_plan_options options;                     /* desc.plan_options' settings (no arrays), for re-plans */
+    mpar_schedule* lists;                          /* desc.schedule_lists, when one was given */
+    double busy[MPAR__MAX_WORKERS];                /* compute seconds per stage: the least of `measured` steps */
+    /* per context device, over the re-plans so far, each older one
+       weighing half as much: planner FLOPs and measured seconds */
+    double work[MPAR__MAX_DEVICES], seconds[MPAR__MAX_DEVICES];
+    int measured, window;                          /* steps measured; steps before the next automatic re-plan */
+    int stopped;                                   /* a failure stopped automatic re-planning */
+    int moves, checks, failures;
+};
+
+/* A deep copy of a plan, its arrays from the context's allocator. */
+static mpar_result mpar__plan_dup(mpar_context* ctx, const mpar_plan* src, mpar_plan* out) {
+    size_t ns = src->stages && src->num_stages > 0 ? (size_t)src->num_stages : 0;
+    size_t nd = src->device_memory_bytes && src->device_capacity_bytes && src->num_devices > 0
+                    ? (size_t)src->num_devices : 0;
+    *out = *src;
+    out->allocator = ctx->allocator;
+    out->stages = ns ? (mpar_plan_stage*)mpar__alloc(ctx, sizeof(mpar_plan_stage) * ns) : NULL;
+    out->device_memory_bytes = nd ? (uint64_t*)mpar__alloc(ctx, sizeof(uint64_t) * nd) : NULL;
+    out->device_capacity_bytes = nd ? (uint64_t*)mpar__alloc(ctx, sizeof(uint64_t) * nd) : NULL;
+    if ((ns && !out->stages) || (nd && (!out->device_memory_bytes || !out->device_capacity_bytes))) {
+        mpar_plan_free(out);
+        return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
+    out->num_stages = (int)ns, out->num_devices = (int)nd;
+    if (ns) memcpy(out->stages, src->stages, sizeof(mpar_plan_stage) * ns);
+    if (nd) {
+        memcpy(out->device_memory_bytes, src->device_memory_bytes, sizeof(uint64_t) * nd);
+        memcpy(out->device_capacity_bytes, src->device_capacity_bytes, sizeof(uint64_t) * nd);
+    }
+    return MPAR_SUCCESS;
+}
+
+static void mpar__set_plan(mpar_pipeline* p, mpar_plan* plan) {
+    if (p->plan) {
+        mpar_plan_free(p->plan);
+        mpar__free(p->ctx, p->plan);
+    }
+    p->plan = plan;
+}
+
+/* Makes `plan` the plan in use: taken over (take), else copied. Out of
+   memory it is simply not kept (mpar_pipeline_get_plan costs the stages
+   again). */
+static void mpar__keep_plan(mpar_pipeline* p, const mpar_plan* plan, int take) {
+    mpar_plan* kept = (mpar_plan*)mpar__alloc(p->ctx, sizeof *kept);
+    if (kept && take) {
+        *kept = *plan;
+    } else if (kept && mpar__plan_dup(p->ctx, plan, kept) != MPAR_SUCCESS) {
+        mpar__free(p->ctx, kept);
+        kept = NULL;
+    }
+    if (!kept && take) mpar_plan_free((mpar_plan*)plan);
+    mpar__set_plan(p, kept);
+}
+
+/* The pipeline's stages as mpar_pipeline_plan costs them (MANUAL), with
+   `flops` (NULL: measured by the planner). The desc's pointers are
+   replaced by the pipeline's own copies: the caller's may be gone. */
+static mpar_result mpar__cost_current(mpar_pipeline* p, const double* flops, mpar_plan* out) {
+    mpar_stage_desc st[4 * MPAR__MAX_WORKERS];
+    int rec[4 * MPAR__MAX_WORKERS], j;
+    mpar_pipeline_desc d = p->desc;
+    mpar_plan_options o;
+    for (j = 0; j < p->vs_count; j++) {
+        st[j].device = p->vs[j].device, st[j].first_layer = p->vs[j].first, st[j].last_layer = p->vs[j].last;
+        rec[j] = p->stage_recompute[j];
+    }
+    d.stages = st, d.stage_count = p->vs_count, d.recompute_stages = rec, d.plan = NULL, d.plan_options = NULL;
+    if (d.schedule_lists) d.schedule_lists = p->schedule; /* the same lists, the pipeline's copy */
+    d.max_in_flight = p->rb ? d.max_in_flight : mpar__sched_kind_synthesized(d.schedule) ? p->auto_caps : NULL;
+    memset(&o, 0, sizeof o);
+    o.mode = MPAR_PLAN_MANUAL, o.device_flops = flops;
+    return mpar_pipeline_plan(p->ctx, p->model, &d, &o, out);
+}
+
+MPARDEF mpar_result mpar_pipeline_get_plan(mpar_pipeline* p, mpar_plan* out) {
+    mpar_plan costed;
+    int j;
+    if (out) memset(out, 0, sizeof *out); /* safe to free whatever happens */
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_plan: out is NULL");
+    if (p->damaged == 2) return mpar__damaged(p);
+    if (!p->plan && p->ranks == 1 && mpar__cost_current(p, NULL, &costed) == MPAR_SUCCESS)
+        mpar__keep_plan(p, &costed, 1);
+    if (p->plan) {
+        MPAR__TRY(mpar__plan_dup(p->ctx, p->plan, out));
+    } else { /* across processes, or the planner could not cost them: the ranges alone */
+        out->allocator = p->ctx->allocator;
+        out->stages = (mpar_plan_stage*)mpar__alloc(p->ctx, sizeof(mpar_plan_stage) * (size_t)p->vs_count);
+        if (!out->stages) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        memset(out->stages, 0, sizeof(mpar_plan_stage) * (size_t)p->vs_count);
+        out->num_stages = p->vs_count;
+    }
+    /* what runs, whatever the plan said */
+    out->schedule = p->desc.schedule;
+    out->microbatches = p->schedule->microbatches;
+    out->virtual_stages = p->schedule->virtual_stages;
+    out->activation_type = p->desc.activation_type;
+    for (j = 0; j < out->num_stages && j < p->vs_count; j++) {
+        out->stages[j].device = p->vs[j].device;
+        out->stages[j].first_layer = p->vs[j].first, out->stages[j].last_layer = p->vs[j].last;
+        out->stages[j].recompute = p->vs[j].recompute;
+    }
+    return MPAR_SUCCESS;
+}
+
+/* desc.rebalance at creation: the pipeline keeps its own stages and copies
+   of what a rebuild reads again (the caller's arrays may be gone by then). */
+static mpar_result mpar__rebalance_setup(mpar_pipeline* p) {
+    mpar_pipeline_desc* d = &p->desc;
+    mpar__rebalance* rb;
+    mpar_error err;
+    int i, j;
+    if (!d->rebalance) return MPAR_SUCCESS;
+    for (i = 0; i < p->workers_count; i++)
+        for (j = 0; j < i; j++)
+            if (p->workers[i].device == p->workers[j].device)
+                return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "rebalance: stages %d and %d share device %d, so "
+                                  "neither one's speed can be measured; give each stage a device of its own", j, i,
+                                  p->workers[i].device);
+    rb = (mpar__rebalance*)mpar__alloc(p->ctx, sizeof *rb);
+    if (!rb) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(rb, 0, sizeof *rb);
+    p->rb = rb;
+    for (j = 0; j < p->vs_count; j++) {
+        rb->stages[j].device = p->vs[j].device;
+        rb->stages[j].first_layer = p->vs[j].first, rb->stages[j].last_layer = p->vs[j].last;
+        rb->recompute[j] = p->stage_recompute[j];
+    }
+    if (d->max_in_flight) {
+        memcpy(rb->caps, d->max_in_flight, sizeof(int) * (size_t)p->workers_count);
+        d->max_in_flight = rb->caps;
+    }
+    if (d->schedule_lists) {
+        if (mpar_schedule_copy(&p->ctx->allocator, d->schedule_lists, &rb->lists, &err) != MPAR_SUCCESS)
+            return mpar__fail(p->ctx, err.code, "%s", err.message);
+        d->schedule_lists = rb->lists;
+    }
+    if (d->plan_options) { /* its scalars; the arrays it points to are the caller's */
+        rb->options = *d->plan_options;
+        rb->options.weights = rb->options.device_flops = NULL;
+        rb->options.measured_forward = rb->options.measured_backward_input = NULL;
+        rb->options.measured_backward_weight = NULL;
+    }
+    d->stages = rb->stages, d->stage_count = p->vs_count, d->recompute_stages = rb->recompute;
+    d->plan = NULL, d->plan_options = &rb->options;
+    rb->window = d->rebalance_warmup;
+    return MPAR_SUCCESS;
+}
+
+static void mpar__rebalance_free(mpar_pipeline* p) {
+    if (p->rb) {
+        mpar_schedule_destroy(p->rb->lists);
+        mpar__free(p->ctx, p->rb);
+        p->rb = NULL;
+    }
+    mpar__set_plan(p, NULL);
+}
+
+static void mpar__rebalance_stats(const mpar_pipeline* p, mpar_pipeline_stats* out) {
+    if (!p->rb) return;
+    out->rebalances = p->rb->moves, out->rebalance_checks = p->rb->checks;
+    out->rebalance_failures = p->rb->failures;
+}
+
+/* After a training or gradient job that ran its stages at once (a job run
+   one stage at a time, compiling, times nothing real): each stage's action
+   time without the link waits inside it; a stage's least over the steps
+   measured is what re-planning uses. */
+static void mpar__rebalance_measure(mpar_pipeline* p, mpar__job job) {
+    mpar__rebalance* rb = p->rb;
+    int i;
+    if (!rb || p->serial || (job != MPAR__JOB_GRADS && job != MPAR__JOB_TRAIN)) return;
+    for (i = 0; i < p->workers_count; i++) { /* the least: other work on the machine only adds time */
+        double t = p->workers[i].busy_s - p->workers[i].wait_s;
+        if (t < 0.0) t = 0.0;
+        if (!rb->measured || t < rb->busy[i]) rb->busy[i] = t;
+    }
+    rb->measured++;
+}
+
+/* FLOP/s per context device for the planner: given, or each stage's
+   planner FLOPs (its layers' F + B + W per micro-batch, times the
+   micro-batches) over its measured seconds per step (the least of the
+   steps measured: other work on the machine only adds time), so that the
+   planner's model predicts what was measured. A device's speed does not
+   depend on the stages it runs, so both sums carry over re-plans and
+   moves, each older window weighing half as much: one noisy window (a
+   core taken by another process) cannot swing the plan alone. Devices
+   the pipeline does not use get a thousandth of the slowest: the planner
+   leaves them out. */
+static mpar_result mpar__rebalance_speeds(mpar_pipeline* p, const double* given, double* flops) {
+    int n = mpar_device_count(p->ctx), used[MPAR__MAX_DEVICES], i, j, k;
+    double slowest = DBL_MAX;
+    mpar_plan_layer* layers;
+    mpar_error err;
+    if (given) {
+        for (i = 0; i < n; i++) {
+            if (!(given[i] > 0.0 && given[i] <= DBL_MAX))
+                return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_rebalance: device_flops[%d] is "
+                                  "%g; give every device's FLOP/s, positive and finite", i, given[i]);
+            flops[i] = given[i];
+        }
+        return MPAR_SUCCESS;
+    }
+    if (!p->rb->measured)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "mpar_pipeline_rebalance: no training step measured since "
+                          "the pipeline was built or last re-planned (a shape's first step runs one stage at a time "
+                          "and is not measured); train first, or give device_flops");
+    layers = (mpar_plan_layer*)mpar__alloc(p->ctx, sizeof(mpar_plan_layer) * (size_t)p->layer_count);
+    if (!layers) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    if (mpar_pipeline_plan_layers(p->model, &p->desc, layers, &err) != MPAR_SUCCESS) {
+        mpar__free(p->ctx, layers);
+        return mpar__fail(p->ctx, err.code, "%s", err.message);
+    }
+    memset(used, 0, sizeof used);
+    for (i = 0; i < p->workers_count; i++) {
+        double work = 0.0, t = p->rb->busy[i];
+        for (j = 0; j < p->vs_count; j++)
+            for (k = p->vs[j].first; p->vs[j].worker == i && k <= p->vs[j].last; k++)
+                work += layers[k].flops_forward + layers[k].flops_backward_input + layers[k].flops_backward_weight;
+        work *= p->schedule->microbatches;
+        if (!(t > 0.0) || !(work > 0.0)) {
+            mpar__free(p->ctx, layers);
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "mpar_pipeline_rebalance: stage %d measured %g s for "
+                              "%g FLOPs, which gives no speed; give device_flops", i, t, work);
+        }
+        k = p->workers[i].device;
+        p->rb->work[k] = 0.5 * p->rb->work[k] + work, p->rb->seconds[k] = 0.5 * p->rb->seconds[k] + t;
+        flops[k] = p->rb->work[k] / p->rb->seconds[k], used[k] = 1;
+        if (flops[k] < slowest) slowest = flops[k];
+    }
+    for (i = 0; i < n; i++)
+        if (!used[i]) flops[i] = slowest * 1e-3;
+    mpar__free(p->ctx, layers);
+    return MPAR_SUCCESS;
+}
+
+/* What a rebuild keeps besides the devices' state. */
+typedef struct mpar__kept {
+    int step, grads_ready, force_serial;
+    float step_lr, step_scale;
+    double last_loss, opt_norm;
+    mpar__rebalance* rb;
+    mpar_plan* plan;
+} mpar__kept;
+
+/* Every layer's PARAMS, GRADS, MOMENT1 and MOMENT2, in that order, layer
+   after layer, between the devices and `host`. */
+static mpar_result mpar__state_all(mpar_pipeline* p, float* host, int write) {
+    int l, kind;
+    for (l = 0; l < p->layer_count; l++) {
+        size_t n = mpar_model_layer(p->model, l)->param_count;
+        for (kind = (int)MPAR_STATE_PARAMS; kind <= (int)MPAR_STATE_MOMENT2; kind++, host += n)
+            MPAR__TRY(mpar__param_io(p, l, host, kind, write));
+    }
+    return MPAR_SUCCESS;
+}
+
+/* Tears the executor down and builds it again from `d`, in the same
+   object, then writes the state back. */
+static mpar_result mpar__pipeline_remake(mpar_pipeline* p, const mpar_pipeline_desc* d, const mpar__kept* k,
+                                         float* host) {
+    mpar_context* ctx = p->ctx;
+    const mpar_model* model = p->model;
+    mpar_result r;
+    mpar__pipeline_release(p);
+    r = mpar__pipeline_init(p, ctx, model, d, 0);
+    p->rb = k->rb, p->plan = k->plan;
+    p->step = k->step, p->grads_ready = k->grads_ready, p->force_serial = k->force_serial;
+    p->step_lr = k->step_lr, p->step_scale = k->step_scale, p->last_loss = k->last_loss, p->opt_norm = k->opt_norm;
+    if (r == MPAR_SUCCESS) r = mpar__pipeline_start(p);
+    if (r == MPAR_SUCCESS) r = mpar__state_all(p, host, 1);
+    return r;
+}
+
+/* Moves to the stages of `next`: the state to host memory, the executor
+   rebuilt with the new stages, the state back. A failure rebuilds the old
+   stages with the same state; only if that fails too is the pipeline left
+   without stages (damaged = 2). */
+static mpar_result mpar__rebalance_move(mpar_pipeline* p, const mpar_plan* next, const char* from, const char* to) {
+    mpar__rebalance* rb = p->rb;
+    mpar_stage_desc old_stages[4 * MPAR__MAX_WORKERS];
+    int old_rec[4 * MPAR__MAX_WORKERS], j, l, n = p->vs_count;
+    mpar_pipeline_desc d = p->desc; /* its arrays are rb's */
+    mpar__kept k;
+    size_t total = 1;
+    float* host;
+    mpar_result r;
+    char why[1024], why2[1024];
+    for (l = 0; l < p->layer_count; l++) total += 4 * mpar_model_layer(p->model, l)->param_count;
+    host = (float*)mpar__alloc(p->ctx, sizeof(float) * total);
+    if (!host) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "re-balancing: no host memory for the "
+                                 "%zu bytes of state to move", sizeof(float) * total);
+    r = mpar__state_all(p, host, 0);
+    if (r != MPAR_SUCCESS) { /* nothing changed yet */
+        mpar__free(p->ctx, host);
+        return r;
+    }
+    k.step = p->step, k.grads_ready = p->grads_ready, k.force_serial = p->force_serial;
+    k.step_lr = p->step_lr, k.step_scale = p->step_scale, k.last_loss = p->last_loss, k.opt_norm = p->opt_norm;
+    k.rb = p->rb, k.plan = p->plan;
+    memcpy(old_stages, rb->stages, sizeof(mpar_stage_desc) * (size_t)n);
+    memcpy(old_rec, rb->recompute, sizeof(int) * (size_t)n);
+    for (j = 0; j < n; j++) {
+        rb->stages[j].device = next->stages[j].device;
+        rb->stages[j].first_layer = next->stages[j].first_layer, rb->stages[j].last_layer = next->stages[j].last_layer;
+        rb->recompute[j] = next->stages[j].recompute != 0;
+    }
+    r = mpar__pipeline_remake(p, &d, &k, host);
+    if (r == MPAR_SUCCESS) {
+        mpar__free(p->ctx, host);
+        return MPAR_SUCCESS;
+    }
+    snprintf(why, sizeof why, "%s", mpar_last_error(p->ctx));
+    memcpy(rb->stages, old_stages, sizeof(mpar_stage_desc) * (size_t)n);
+    memcpy(rb->recompute, old_rec, sizeof(int) * (size_t)n);
+    if (mpar__pipeline_remake(p, &d, &k, host) != MPAR_SUCCESS) {
+        mpar_result r2 = MPAR_ERROR_INVALID_STATE;
+        snprintf(why2, sizeof why2, "%s", mpar_last_error(p->ctx));
+        mpar__free(p->ctx, host);
+        p->damaged = 2;
+        return mpar__fail(p->ctx, r2, "re-balancing %s -> %s failed (%.400s), and rebuilding %s failed too "
+                          "(%.400s): the pipeline lost its stages and state; destroy it", from, to, why, from, why2);
+    }
+    mpar__free(p->ctx, host);
+    return mpar__fail(p->ctx, r, "re-balancing %s -> %s failed, so the pipeline goes on with its old stages and "
+                      "state: %.800s", from, to, why);
+}
+
+/* One re-plan: the current stages and the planner's best on the same
+   devices in the same order, both costed with the same speeds; a move when
+   the gain passes the threshold. */
+static mpar_result mpar__rebalance_now(mpar_pipeline* p, const double* given, int* moved) {
+    mpar__rebalance* rb = p->rb;
+    double flops[MPAR__MAX_DEVICES];
+    mpar_pipeline_desc d = p->desc; /* desc.stages are rb->stages: the current ones */
+    mpar_plan_options o;
+    mpar_plan cur, next;
+    mpar_result r;
+    int j, same, differs = 0, rising = 1;
+    char from[256], to[256];
+    *moved = 0;
+    MPAR__TRY(mpar__rebalance_speeds(p, given, flops));
+    rb->checks++;
+    memset(rb->busy, 0, sizeof rb->busy), rb->measured = 0; /* the next re-plan measures afresh */
+    memset(&o, 0, sizeof o);
+    o.reserve_bytes = rb->options.reserve_bytes;
+    o.link_bandwidth = rb->options.link_bandwidth, o.link_latency = rb->options.link_latency;
+    o.mode = MPAR_PLAN_MANUAL, o.device_flops = flops;
+    r = mpar_pipeline_plan(p->ctx, p->model, &d, &o, &cur);
+    if (r != MPAR_SUCCESS) {
+        rb->failures++;
+        return r;
+    }
+    for (j = 1; j < p->workers_count; j++) rising &= p->workers[j].device > p->workers[j - 1].device;
+    o.mode = MPAR_PLAN_OPTIMAL, o.use_devices = p->workers_count;
+    o.order = rising ? MPAR_PLAN_ORDER_FIXED : MPAR_PLAN_ORDER_SEARCH;
+    r = mpar_pipeline_plan(p->ctx, p->model, &d, &o, &next);
+    if (r != MPAR_SUCCESS) {
+        mpar_plan_free(&cur);
+        rb->failures++;
+        return r;
+    }
+    same = next.num_stages == p->vs_count;
+    for (j = 0; same && j < p->vs_count; j++) {
+        same = next.stages[j].device == rb->stages[j].device;
+        differs |= next.stages[j].first_layer != rb->stages[j].first_layer ||
+                   next.stages[j].last_layer != rb->stages[j].last_layer ||
+                   (next.stages[j].recompute != 0) != (rb->recompute[j] != 0);
+    }
+    mpar_plan_to_string(&cur, from, sizeof from);
+    mpar_plan_to_string(&next, to, sizeof to);
+    if (same && differs && next.step_seconds < cur.step_seconds * (1.0 - p->desc.rebalance_threshold)) {
+        r = mpar__rebalance_move(p, &next, from, to);
+        if (r == MPAR_SUCCESS) {
+            *moved = 1;
+            rb->moves++;
+            mpar__log(p->ctx, MPAR_LOG_INFO, "re-balanced %s -> %s: predicted step %.4g s -> %.4g s", from, to,
+                      cur.step_seconds, next.step_seconds);
+            mpar__keep_plan(p, &next, 1); /* the plan in use now, costed with the measured speeds */
+            mpar_plan_free(&cur);
+            return MPAR_SUCCESS;
+        }
+        rb->failures++;
+    } else {
+        mpar__log(p->ctx, MPAR_LOG_INFO, "re-planned: %s stays (predicted step %.4g s; the planner's best on these "
+                  "devices, %s, %.4g s%s)", from, cur.step_seconds, to, next.step_seconds,
+                  same ? "" : ", puts the devices in another order");
+    }
+    mpar_plan_free(&cur);
+    mpar_plan_free(&next);
+    return r;
+}
+
+/* After a training step: desc.rebalance AUTO re-plans once its window of
+   measured steps is full. The step itself is done; a re-plan or move that
+   fails (and was undone) is logged and counted, and automatic re-planning
+   stops. Only a pipeline left without stages reports it here. */
+static mpar_result mpar__rebalance_after_step(mpar_pipeline* p) {
+    mpar__rebalance* rb = p->rb;
+    mpar_result r;
+    int moved = 0, most;
+    if (!rb || p->desc.rebalance != MPAR_REBALANCE_AUTO || rb->stopped || rb->measured < rb->window)
+        return MPAR_SUCCESS;
+    r = mpar__rebalance_now(p, NULL, &moved);
+    if (r == MPAR_SUCCESS) {
+        most = 64 * p->desc.rebalance_warmup;
+        rb->window = rb->window > most / 2 ? most : 2 * rb->window;
+        return MPAR_SUCCESS;
+    }
+    if (p->damaged == 2) return r;
+    rb->stopped = 1;
+    mpar__log(p->ctx, MPAR_LOG_WARN, "automatic re-balancing stops: %.900s", mpar_last_error(p->ctx));
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_rebalance(mpar_pipeline* p, const double* device_flops, int* moved) {
+    mpar_result r;
+    int local = 0;
+    if (moved) *moved = 0;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->damaged) return mpar__damaged(p);
+    if (!p->rb)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "mpar_pipeline_rebalance: the pipeline was created "
+                          "without desc.rebalance (MPAR_REBALANCE_AUTO or MPAR_REBALANCE_MANUAL)");
+    r = mpar__rebalance_now(p, device_flops, &local);
+    if (moved) *moved = local;
     return r;
 }
 
@@ -13499,7 +14084,10 @@ MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* 
 
 MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
     mpar_error local;
-    mpar_result r = mpar__ckpt_load(p, path, &local);
+    mpar_result r = p && p->damaged == 2 ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': the "
+                                                          "pipeline lost its stages in a failed re-balancing move; "
+                                                          "create a new one to load it", path ? path : "")
+                                         : mpar__ckpt_load(p, path, &local);
     if (r != MPAR_SUCCESS) {
         if (p) mpar__fail(p->ctx, r, "%s", local.message);
         if (err) *err = local;
