@@ -3055,11 +3055,13 @@ struct mpar_exec {
         cl_kernel kernel;
     } kernels[MPAR__EXEC_MAX_KERNELS];
     /* Profiling (only when asked, so that it costs nothing otherwise): the
-       events of the commands since the last interval, folded into the
-       earliest start and latest end. */
-    int profiling, event_count;
-    cl_event events[64];
-    cl_ulong prof_start, prof_end;
+       events of the first and of the latest command since the last
+       interval. The queue is in order, so the first starts before and the
+       latest ends after every command between them, which are released at
+       once. Nothing here waits: an interval is read when its commands have
+       finished anyway (mpar__interval_times, at the end of a job). */
+    int profiling;
+    cl_event ev_first, ev_last, ev_slot;
     double clock_offset; /* host seconds minus device seconds */
     int stage;           /* for fault injection: the stage, and its step counter */
     const int* step;
@@ -3083,40 +3085,51 @@ static int mpar__exec_fault(mpar_exec* ex, int kind) {
     return mpar__fault_hit(ex->ctx, kind, ex->stage, ex->step ? *ex->step : -1);
 }
 
-/* Folds pending profiling events into [prof_start, prof_end]. */
-static void mpar__exec_fold(mpar_exec* ex) {
-    int i;
-    if (ex->event_count == 0) return;
-    clFinish(ex->queue);
-    for (i = 0; i < ex->event_count; i++) {
-        cl_ulong a = 0, b = 0;
-        if (clGetEventProfilingInfo(ex->events[i], CL_PROFILING_COMMAND_START, sizeof a, &a, NULL) == CL_SUCCESS &&
-            clGetEventProfilingInfo(ex->events[i], CL_PROFILING_COMMAND_END, sizeof b, &b, NULL) == CL_SUCCESS) {
-            if (a < ex->prof_start) ex->prof_start = a;
-            if (b > ex->prof_end) ex->prof_end = b;
-        }
-        clReleaseEvent(ex->events[i]);
-    }
-    ex->event_count = 0;
+/* What a stage ran since the last interval: the first and the latest
+   OpenCL command (NULL: none; last NULL: only one) and the host-route work
+   (host_end 0: none). */
+typedef struct mpar__interval {
+    cl_event first, last;
+    double host_start, host_end;
+} mpar__interval;
+
+static void mpar__interval_release(mpar__interval* iv) {
+    if (iv->first) clReleaseEvent(iv->first);
+    if (iv->last) clReleaseEvent(iv->last);
+    iv->first = iv->last = NULL;
 }
 
-/* The host-clock interval covered by the commands since the last call; 0
-   when there were none. */
-static int mpar__exec_interval(mpar_exec* ex, double* start, double* end) {
-    int any, host = ex->host_end > 0.0;
-    mpar__exec_fold(ex);
-    any = ex->prof_end > 0 && ex->prof_end >= ex->prof_start;
-    if (any) {
-        *start = 1e-9 * (double)ex->prof_start + ex->clock_offset;
-        *end = 1e-9 * (double)ex->prof_end + ex->clock_offset;
-    }
-    if (host) {
-        if (!any || ex->host_start < *start) *start = ex->host_start;
-        if (!any || ex->host_end > *end) *end = ex->host_end;
-    }
-    ex->prof_start = ~(cl_ulong)0;
-    ex->prof_end = 0;
+/* Hands over the interval since the last call and starts a new one; 0 when
+   nothing ran. Never waits for the device: a clFinish per action would
+   keep the worker from enqueueing the next action while the device runs
+   this one. */
+static int mpar__exec_take(mpar_exec* ex, mpar__interval* out) {
+    out->first = ex->ev_first, out->last = ex->ev_last;
+    out->host_start = ex->host_start, out->host_end = ex->host_end;
+    ex->ev_first = ex->ev_last = NULL;
     ex->host_start = ex->host_end = 0.0;
+    return out->first || out->host_end > 0.0;
+}
+
+/* The host-clock times of a taken interval, waiting for its last command
+   if it has not finished (at the end of a job it has); releases its
+   events. 0 when it holds nothing readable. */
+static int mpar__interval_times(const mpar_exec* ex, mpar__interval* iv, double* start, double* end) {
+    cl_event last = iv->last ? iv->last : iv->first;
+    cl_ulong a = 0, b = 0;
+    int any = 0, host = iv->host_end > 0.0;
+    if (iv->first && clWaitForEvents(1, &last) == CL_SUCCESS &&
+        clGetEventProfilingInfo(iv->first, CL_PROFILING_COMMAND_START, sizeof a, &a, NULL) == CL_SUCCESS &&
+        clGetEventProfilingInfo(last, CL_PROFILING_COMMAND_END, sizeof b, &b, NULL) == CL_SUCCESS && b >= a) {
+        *start = 1e-9 * (double)a + ex->clock_offset;
+        *end = 1e-9 * (double)b + ex->clock_offset;
+        any = 1;
+    }
+    mpar__interval_release(iv);
+    if (host) {
+        if (!any || iv->host_start < *start) *start = iv->host_start;
+        if (!any || iv->host_end > *end) *end = iv->host_end;
+    }
     return any || host;
 }
 
@@ -4153,11 +4166,17 @@ static mpar_result mpar__exec_host_launch(mpar_exec* ex, const char* file, const
 
 static cl_event* mpar__exec_event_slot(mpar_exec* ex) {
     if (!ex->profiling) return NULL;
-    if (ex->event_count == (int)(sizeof ex->events / sizeof ex->events[0])) mpar__exec_fold(ex);
-    return &ex->events[ex->event_count];
+    ex->ev_slot = NULL;
+    return &ex->ev_slot;
 }
 static void mpar__exec_event_taken(mpar_exec* ex, cl_event* slot, int ok) {
-    if (slot && ok) ex->event_count++;
+    if (!slot || !ok || !*slot) return;
+    if (!ex->ev_first) {
+        ex->ev_first = *slot;
+        return;
+    }
+    if (ex->ev_last) clReleaseEvent(ex->ev_last); /* between the first and the new one: bounded by them */
+    ex->ev_last = *slot;
 }
 
 static mpar_result mpar__exec_kernel(mpar_exec* ex, const char* file, const char* name, cl_kernel* out) {
@@ -4191,7 +4210,10 @@ static mpar_result mpar__exec_kernel(mpar_exec* ex, const char* file, const char
 }
 
 static void mpar__exec_release(mpar_exec* ex) {
+    mpar__interval left;
     int i;
+    mpar__exec_take(ex, &left);
+    mpar__interval_release(&left);
     for (i = ex->kernel_count - 1; i >= 0; i--) {
         clReleaseKernel(ex->kernels[i].kernel);
         mpar__free(ex->ctx, ex->kernels[i].file);
@@ -8914,6 +8936,13 @@ typedef struct mpar__mpi_polling {
 } mpar__mpi_polling;
 #endif
 
+/* A recorded compute event (index into the worker's events) and the
+   OpenCL commands that give its times. */
+typedef struct mpar__pending {
+    int event;
+    mpar__interval iv;
+} mpar__pending;
+
 typedef struct mpar__worker {
     struct mpar_pipeline* p;
     int index, device;
@@ -8939,6 +8968,11 @@ typedef struct mpar__worker {
     size_t bytes;
     mpar_event* events; /* the timeline of the current step (profiling) */
     int event_count, event_cap;
+    /* Compute events whose times the device has not given yet: read when
+       the job has drained (mpar__worker_resolve), so that profiling never
+       makes the worker wait for its device. */
+    mpar__pending* pending;
+    int pending_count, pending_cap;
 } mpar__worker;
 
 struct mpar_pipeline {
@@ -9031,10 +9065,49 @@ static void mpar__record(mpar__worker* w, mpar_event_kind kind, int mb, int chun
     e->start = start - w->p->t0, e->end = end - w->p->t0, e->bytes = bytes;
 }
 
-/* Records the device time of the kernels enqueued since the last record. */
+/* Records the device time of the kernels enqueued since the last record:
+   host-route work now, OpenCL commands when the job has drained
+   (mpar__worker_resolve). */
 static void mpar__record_compute(mpar__worker* w, mpar_event_kind kind, int mb, int chunk) {
-    double a, b;
-    if (w->ex.profiling && mpar__exec_interval(&w->ex, &a, &b)) mpar__record(w, kind, mb, chunk, -1, 0, a, b, 0);
+    mpar__interval iv;
+    double a = 0.0, b = 0.0;
+    int n = w->event_count;
+    if (!w->ex.profiling || !mpar__exec_take(&w->ex, &iv)) return;
+    if (!iv.first) {
+        mpar__record(w, kind, mb, chunk, -1, 0, iv.host_start, iv.host_end, 0);
+        return;
+    }
+    if (w->pending_count == w->pending_cap) {
+        int cap = w->pending_cap ? 2 * w->pending_cap : 256;
+        mpar__pending* grown = (mpar__pending*)mpar__alloc(w->p->ctx, sizeof *grown * (size_t)cap);
+        if (grown) {
+            if (w->pending) memcpy(grown, w->pending, sizeof *grown * (size_t)w->pending_count);
+            mpar__free(w->p->ctx, w->pending);
+            w->pending = grown, w->pending_cap = cap;
+        }
+    }
+    mpar__record(w, kind, mb, chunk, -1, 0, w->p->t0, w->p->t0, 0); /* times filled in later */
+    if (w->event_count == n + 1 && w->pending_count < w->pending_cap) {
+        w->pending[w->pending_count].event = n;
+        w->pending[w->pending_count++].iv = iv;
+        return;
+    }
+    /* out of host memory: wait for the times now, or lose the event */
+    if (mpar__interval_times(&w->ex, &iv, &a, &b) && w->event_count == n + 1)
+        w->events[n].start = a - w->p->t0, w->events[n].end = b - w->p->t0;
+}
+
+/* After the job has drained: the times of the compute events recorded
+   while it ran. An event whose times cannot be read spans nothing. */
+static void mpar__worker_resolve(mpar__worker* w) {
+    int i;
+    for (i = 0; i < w->pending_count; i++) {
+        mpar__pending* q = &w->pending[i];
+        double a, b;
+        if (mpar__interval_times(&w->ex, &q->iv, &a, &b) && q->event < w->event_count)
+            w->events[q->event].start = a - w->p->t0, w->events[q->event].end = b - w->p->t0;
+    }
+    w->pending_count = 0;
 }
 
 static void mpar__record_link(mpar__worker* w, const mpar__link* l, int send, int mb, double t_wait, double t_copy,
@@ -9438,12 +9511,22 @@ static const mpar__transport mpar__transport_mpi = {
     mpar__no_abort, mpar__link_release_buffers};
 #endif
 
+/* Profiling: a blocking copy first waits for the commands the stage
+   enqueued before it; timed from its start, their work would count as
+   transfer (it counts as compute already). So the stage waits for them
+   before the link's clock starts, as the copy would have anyway. */
+static mpar_result mpar__link_settle(mpar__worker* w, const mpar__link* l) {
+    return w->ex.profiling && !l->t->overlaps ? mpar__exec_sync(&w->ex) : MPAR_SUCCESS;
+}
+
 /* The shared ring: room for a send, then the slot is published. */
 static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
     mpar_result r = MPAR_SUCCESS;
-    double t0 = mpar__now();
+    double t0;
     int slot;
     double t_copy;
+    MPAR__TRY(mpar__link_settle(w, l));
+    t0 = mpar__now();
     if (!l->t->ring) return l->t->send(w, l, -1, src, floats, mb);
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == l->capacity) r = mpar__link_wait(l, t0);
@@ -9468,9 +9551,11 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
 
 static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, size_t floats, int mb) {
     mpar_result r = MPAR_SUCCESS;
-    double t0 = mpar__now();
+    double t0;
     int slot, tag;
     double t_copy;
+    MPAR__TRY(mpar__link_settle(w, l));
+    t0 = mpar__now();
     if (!l->t->ring) return l->t->recv(w, l, -1, dst, floats, mb);
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == 0) r = mpar__link_wait(l, t0);
@@ -9957,6 +10042,7 @@ static void mpar__job_start(mpar__worker* w) {
     }
     w->in_flight = 0;
     w->event_count = 0;
+    while (w->pending_count > 0) mpar__interval_release(&w->pending[--w->pending_count].iv); /* none: resolved */
     w->ex.launches = w->ex.cl_launches = 0;
 }
 
@@ -10036,8 +10122,9 @@ static mpar_result mpar__job_walk(mpar__worker* w, const mpar_schedule* sc, int 
         MPAR__TRY(mpar__serial_end(w, r));
     }
     if (w->ex.profiling) {
-        double a, b;
-        mpar__exec_interval(&w->ex, &a, &b); /* zeroing, or set-up before the first job, belongs to no action */
+        mpar__interval iv;
+        mpar__exec_take(&w->ex, &iv); /* zeroing, or set-up before the first job, belongs to no action */
+        mpar__interval_release(&iv);
     }
     for (i = 0; i < n; i++) {
         const mpar_action* a = mpar_schedule_action(sc, w->index, i);
@@ -10121,6 +10208,7 @@ static void* mpar__worker_main(void* arg) {
         {
             mpar_result d = mpar__worker_drain(w);
             if (r == MPAR_SUCCESS) r = d;
+            mpar__worker_resolve(w);
         }
         if (r != MPAR_SUCCESS) {
             /* The first worker to fail is the cause; the others were woken by
@@ -10725,8 +10813,6 @@ static mpar_result mpar__clock_offset(mpar_pipeline* p, mpar__worker* w) {
     clReleaseEvent(ev);
     w->ex.clock_offset = host - 1e-9 * (double)end;
     w->ex.profiling = 1;
-    w->ex.prof_start = ~(cl_ulong)0;
-    w->ex.prof_end = 0;
     return MPAR_SUCCESS;
 }
 
@@ -11248,6 +11334,7 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
 #endif
     for (i = p->workers_count - 1; i >= 0; i--) {
         mpar__free(p->ctx, p->workers[i].events);
+        mpar__free(p->ctx, p->workers[i].pending);
         mpar__exec_release(&p->workers[i].ex);
         if (p->workers[i].copy_queue) clReleaseCommandQueue(p->workers[i].copy_queue);
 

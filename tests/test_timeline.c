@@ -321,6 +321,63 @@ static void test_real_timelines_consistent(void** state) {
     }
 }
 
+/* A copy through a blocking link (host-staged, the choice for PoCL's CPU
+   devices) starts after the commands its stage enqueued before it; with
+   profiling, its SEND or RECEIVE is the copy alone and no compute event of
+   the stage overlaps it (beyond mapping the device clock), so a stage's
+   busy and transfer time never count the same work twice. Profiling waits
+   for no action on its own (compute times are read when the job has
+   drained), so this is what the link does. */
+static void expect_copies_apart_from_compute(const mpar_timeline* t, const char* what) {
+    int i, j;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* c = &t->events[i];
+        if (c->kind != MPAR_EVENT_SEND && c->kind != MPAR_EVENT_RECEIVE) continue;
+        for (j = 0; j < t->event_count; j++) {
+            const mpar_event* e = &t->events[j];
+            double overlap;
+            if (e->stage != c->stage || e->kind > MPAR_EVENT_OPTIMIZER_STEP) continue;
+            overlap = fmin(e->end, c->end) - fmax(e->start, c->start);
+            if (overlap > CLOCK_TOLERANCE)
+                fail_msg("%s: stage %d: compute event %d (%.3f-%.3f ms) overlaps copy %d (%.3f-%.3f ms)", what,
+                         c->stage, (int)e->kind, e->start * 1e3, e->end * 1e3, (int)c->kind, c->start * 1e3,
+                         c->end * 1e3);
+        }
+    }
+}
+
+static int g_async_child; /* this process is the child below */
+static void test_copies_apart_from_compute(void** state) {
+    static const mpar_schedule_kind kinds[] = {MPAR_SCHEDULE_GPIPE, MPAR_SCHEDULE_1F1B, MPAR_SCHEDULE_ZB_H1};
+    size_t k;
+    (void)state;
+    if (!g_async_child) {
+        /* PoCL's `basic` devices run a command the moment it is enqueued, so
+           nothing is pending when a copy starts; `pthread` devices run it
+           later, on their own threads, as a GPU does. The same checks run
+           there too, in a child process (PoCL reads POCL_DEVICES once). */
+        char exe[4096], cmd[4300];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        assert_true(n > 0);
+        exe[n] = '\0';
+        snprintf(cmd, sizeof cmd, "POCL_DEVICES='pthread pthread' MPAR_CPU_ROUTE=opencl '%s' --async-devices", exe);
+        if (system(cmd) != 0) fail_msg("the checks failed on asynchronous (pthread) devices: %s", cmd);
+    }
+    for (k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        mpar_pipeline* p = make_pipeline_for(g_wide, kinds[k], 4);
+        mpar_timeline t;
+        int step, copies = 0, i;
+        for (step = 0; step < 2; step++) {
+            train_step(p, &t);
+            for (i = 0; i < t.event_count; i++) copies += t.events[i].kind == MPAR_EVENT_SEND;
+            expect_copies_apart_from_compute(&t, mpar_schedule_kind_name(kinds[k]));
+            mpar_timeline_free(&t);
+        }
+        assert_true(copies > 0);
+        mpar_pipeline_destroy(p);
+    }
+}
+
 /* ---- a hand-made GPipe step, P = 2, M = 2, in seconds ---- */
 
 static mpar_event ev(mpar_event_kind kind, int stage, int mb, double start, double end) {
@@ -908,7 +965,11 @@ static void test_svg_renders_in_chromium(void** state) {
     }
 }
 
-int main(void) {
+int main(int argc, char** argv) {
+    const struct CMUnitTest async_tests[] = {
+        cmocka_unit_test(test_real_timelines_consistent),
+        cmocka_unit_test(test_copies_apart_from_compute),
+    };
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_synthetic_stats),
         cmocka_unit_test(test_check_catches_corruption),
@@ -916,9 +977,14 @@ int main(void) {
         cmocka_unit_test(test_gantt_v_shape),
         cmocka_unit_test(test_trace_svg_stats_v_shape),
         cmocka_unit_test(test_real_timelines_consistent),
+        cmocka_unit_test(test_copies_apart_from_compute),
         cmocka_unit_test(test_sequential_utilisation_and_gantt),
         cmocka_unit_test(test_trace_and_svg),
         cmocka_unit_test(test_svg_renders_in_chromium),
     };
+    if (argc > 1 && !strcmp(argv[1], "--async-devices")) { /* see test_copies_apart_from_compute */
+        g_async_child = 1;
+        return cmocka_run_group_tests(async_tests, setup, teardown);
+    }
     return cmocka_run_group_tests(tests, setup, teardown);
 }
