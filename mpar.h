@@ -1536,8 +1536,15 @@ MPARDEF void mpar_timeline_free(mpar_timeline* t);
      gradients to the B / I). The link delay of a boundary is the mean
      hand-off latency: for every receive that had to wait, the time from the
      end of the send to the start of the receive. The optimizer step per
-     stage is the sum of its two OPTIMIZER_STEP events. The predicted bubble
-     uses the measured compute time over the simulated step (same definition
+     stage is the sum of its two OPTIMIZER_STEP events. What the lists leave
+     out is modelled as the executor does it: a B recorded as its two parts
+     (input gradient, then the send, then weight gradient: every B of a
+     pipeline's timeline) is simulated as I then W, so the stage before gets
+     the gradient when the first part ends; with the optimizer step recorded
+     as its two events (norms, then update), every stage's update waits for
+     the last stage's norms; and the simulated step starts at the step's
+     first event, as no stage starts before the workers wake. The predicted
+     bubble uses the measured compute time over the simulated step (same definition
      as the measured bubble; the simulation's own bubble_fraction counts the
      copies as busy).
    - mpar_timeline_check: the invariants a recorded training or inference
@@ -1608,9 +1615,10 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
                                                  mpar_timeline_link_stats* out, mpar_error* err);
 
 /* Builds the timeline's schedule (mpar_schedule_create with its kind, P, M,
-   V) and simulates it with the measured costs (see above). Either output
-   may be NULL; the caller destroys what it receives (both made with the
-   timeline's allocator). */
+   V) and simulates it with the measured costs (see above); the schedule
+   returned is the one simulated (B split into I and W when the timeline
+   recorded each B as its two parts). Either output may be NULL; the caller
+   destroys what it receives (both made with the timeline's allocator). */
 MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
                                            mpar_error* err);
 /* mpar_timeline_simulate, reduced to predicted vs measured step and bubble. */
@@ -13263,6 +13271,22 @@ typedef struct mpar__tl_costs {
     int* count; /* [4 * VS]: scheduled F, B, I, W actions per virtual stage */
 } mpar__tl_costs;
 
+/* Which part of its B a BACKWARD event is: the executor records a B as
+   its input-gradient part (then sends the gradient on) and its
+   weight-gradient part, two events; 0 for the first of its (stage, chunk,
+   micro-batch), 1 for a later one. */
+static int mpar__tl_b_part(const mpar_timeline* t, int index) {
+    const mpar_event* e = &t->events[index];
+    int i;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* o = &t->events[i];
+        if (i != index && o->kind == MPAR_EVENT_BACKWARD && o->stage == e->stage && o->chunk == e->chunk &&
+            o->microbatch == e->microbatch && (o->start < e->start || (o->start == e->start && i < index)))
+            return 1;
+    }
+    return 0;
+}
+
 /* Host time between a stage's events (launch set-up, synchronisation) is
    part of what its actions cost: spread over its actions evenly. */
 static void mpar__tl_add_host_gaps(const mpar_timeline* t, mpar__tl_costs* c) {
@@ -13315,6 +13339,8 @@ static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedu
         int vs = mpar__tl_vstage(t, e), bwd;
         if (e->kind == MPAR_EVENT_OPTIMIZER_STEP) c->opt[e->stage] += d;
         else if (e->kind == MPAR_EVENT_FORWARD) c->f[vs] += d;
+        else if (e->kind == MPAR_EVENT_BACKWARD && c->count[MPAR_ACTION_BACKWARD * VS + vs] == 0)
+            (mpar__tl_b_part(t, i) == 0 ? c->i : c->w)[vs] += d; /* a B simulated as its two parts */
         else if (e->kind == MPAR_EVENT_BACKWARD) c->b[vs] += d;
         else if (e->kind == MPAR_EVENT_BACKWARD_INPUT) c->i[vs] += d;
         else if (e->kind == MPAR_EVENT_BACKWARD_WEIGHT) c->w[vs] += d;
@@ -13369,9 +13395,95 @@ static mpar_result mpar__tl_sim_desc(const mpar_timeline* t, const mpar_schedule
     return MPAR_SUCCESS;
 }
 
+/* The executor runs a B as its input part, the send of the gradient, then
+   its weight part: the stage before gets the gradient before the B ends.
+   When every B of the timeline was recorded as those two events, the
+   schedule is simulated with each B as an I followed at once by its W
+   (priced from the two parts), which is what ran; else as it is. *out is
+   NULL when nothing is split. */
+static mpar_result mpar__tl_split_b(const mpar_timeline* t, const mpar_schedule* sc, mpar_schedule** out,
+                                    mpar_error* err) {
+    int P = sc->stages, s, i, k, total = 0, bs = 0, parts[2] = {0, 0};
+    mpar_action **lists, *all;
+    int* counts;
+    mpar_result r;
+    *out = NULL;
+    for (s = 0; s < P; s++)
+        for (i = 0; i < sc->action_count[s]; i++) total++, bs += sc->actions[s][i].kind == MPAR_ACTION_BACKWARD;
+    for (i = 0; i < t->event_count; i++)
+        if (t->events[i].kind == MPAR_EVENT_BACKWARD) parts[mpar__tl_b_part(t, i)]++;
+    if (bs == 0 || parts[0] != bs || parts[1] != bs) return MPAR_SUCCESS;
+    lists = (mpar_action**)mpar__alloc_a(&t->allocator, sizeof(mpar_action*) * (size_t)P +
+                                                            sizeof(mpar_action) * (size_t)(total + bs) +
+                                                            sizeof(int) * (size_t)P);
+    if (!lists) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_simulate: out of host memory");
+    all = (mpar_action*)(void*)(lists + P);
+    counts = (int*)(void*)(all + total + bs);
+    for (s = 0, k = 0; s < P; s++) {
+        lists[s] = all + k;
+        for (i = 0; i < sc->action_count[s]; i++) {
+            mpar_action a = sc->actions[s][i];
+            if (a.kind == MPAR_ACTION_BACKWARD) {
+                a.kind = MPAR_ACTION_BACKWARD_INPUT;
+                all[k++] = a;
+                a.kind = MPAR_ACTION_BACKWARD_WEIGHT;
+            }
+            all[k++] = a;
+        }
+        counts[s] = (int)(all + k - lists[s]);
+    }
+    r = mpar_schedule_from_lists_placed(&t->allocator, P, sc->microbatches, sc->virtual_stages, sc->placement,
+                                        (const mpar_action* const*)lists, counts, out, err);
+    mpar__free_a(&t->allocator, lists);
+    return r;
+}
+
+/* What the schedule's lists leave out, from the timeline: the step begins
+   on the host and no stage starts before the first event of the step (the
+   workers wake, gradients are zeroed), so the simulated step starts there;
+   and the executor's optimizer step is two events per stage, the gradient
+   norms and then the update, which waits for every stage's norms (the step
+   is decided from all of them): with those two recorded, every stage's
+   update starts when the last stage's norms end. */
+static void mpar__tl_sim_adjust(const mpar_timeline* t, const mpar_schedule* sc, mpar_simulation* sim) {
+    double first = 0.0, barrier = 0.0, total = 0.0, norms[MPAR_TIMELINE_MAX_STAGES], opt[MPAR_TIMELINE_MAX_STAGES];
+    double norms_start[MPAR_TIMELINE_MAX_STAGES];
+    int counted[MPAR_TIMELINE_MAX_STAGES], s, i, seen = 0, split = 1;
+    for (s = 0; s < t->stages; s++) norms[s] = opt[s] = norms_start[s] = 0.0, counted[s] = 0;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        if (!seen || e->start < first) first = e->start;
+        seen = 1;
+        if (e->kind != MPAR_EVENT_OPTIMIZER_STEP) continue;
+        opt[e->stage] += e->end - e->start;
+        if (!counted[e->stage]++ || e->start < norms_start[e->stage])
+            norms_start[e->stage] = e->start, norms[e->stage] = e->end - e->start; /* the first: the norms */
+    }
+    for (s = 0; s < t->stages; s++) {
+        int n = sc->action_count[s];
+        if (counted[s] < 2 || n == 0 || sc->actions[s][n - 1].kind != MPAR_ACTION_OPTIMIZER_STEP) split = 0;
+        else if (sim->start[s][n - 1] + norms[s] > barrier) barrier = sim->start[s][n - 1] + norms[s];
+    }
+    for (s = 0; split && s < t->stages; s++) {
+        int n = sc->action_count[s];
+        double end = barrier + opt[s] - norms[s];
+        if (end > sim->end[s][n - 1]) sim->end[s][n - 1] = end;
+    }
+    if (first < 0.0) first = 0.0;
+    sim->step_time = 0.0;
+    for (s = 0; s < sim->stages; s++) {
+        total += sim->busy[s];
+        for (i = 0; i < sim->action_count[s]; i++) {
+            sim->start[s][i] += first, sim->end[s][i] += first;
+            if (sim->end[s][i] > sim->step_time) sim->step_time = sim->end[s][i];
+        }
+    }
+    sim->bubble_fraction = sim->step_time > 0.0 ? 1.0 - total / ((double)sim->stages * sim->step_time) : 0.0;
+}
+
 MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
                                            mpar_error* err) {
-    mpar_schedule* sc = NULL;
+    mpar_schedule *sc = NULL, *split = NULL;
     mpar_simulation* result = NULL;
     void* mem = NULL;
     mpar_sim_desc d;
@@ -13382,13 +13494,19 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     if (r != MPAR_SUCCESS) return r;
     r = mpar__tl_schedule(t, &sc, err);
     if (r != MPAR_SUCCESS) return r;
-    r = mpar__tl_sim_desc(t, sc, &d, &mem, err);
+    r = mpar__tl_split_b(t, sc, &split, err);
+    if (r == MPAR_SUCCESS && split) {
+        mpar_schedule_destroy(sc);
+        sc = split;
+    }
+    if (r == MPAR_SUCCESS) r = mpar__tl_sim_desc(t, sc, &d, &mem, err);
     if (r != MPAR_SUCCESS) {
         mpar_schedule_destroy(sc);
         return r;
     }
     r = mpar_simulate(sc, &d, &result, err);
     mpar__free_a(&t->allocator, mem);
+    if (r == MPAR_SUCCESS) mpar__tl_sim_adjust(t, sc, result);
     if (r == MPAR_SUCCESS && sim) *sim = result;
     else mpar_simulation_destroy(result);
     if (r == MPAR_SUCCESS && schedule) *schedule = sc;
