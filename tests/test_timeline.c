@@ -1,7 +1,11 @@
 /* Timeline analysis (parts/timeline.h): real timelines of every schedule on
    two PoCL devices pass the consistency checks, and each check catches the
-   corruption it is for; statistics and the simulated prediction of a
-   hand-made timeline come out exactly; the naive schedule measures about
+   corruption it is for; on asynchronous (PoCL pthread) devices too, in a
+   child process, where no link copy is timed over its stage's compute;
+   statistics and the simulated prediction of a hand-made timeline come
+   out exactly, with each thing the prediction takes from the timeline
+   beyond the lists (B parts, the optimizer's barrier, the first event's
+   start); the naive schedule measures about
    1/P utilisation and its Gantt chart never shows two devices computing at
    once; the Chrome trace is JSON with one track per stage and per link; the
    SVG is XML and renders in headless Chromium (scripts/check-svg.sh): where
