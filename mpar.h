@@ -1649,8 +1649,15 @@ MPARDEF void mpar_timeline_free(mpar_timeline* t);
      gradients to the B / I). The link delay of a boundary is the mean
      hand-off latency: for every receive that had to wait, the time from the
      end of the send to the start of the receive. The optimizer step per
-     stage is the sum of its two OPTIMIZER_STEP events. The predicted bubble
-     uses the measured compute time over the simulated step (same definition
+     stage is the sum of its two OPTIMIZER_STEP events. What the lists leave
+     out is modelled as the executor does it: a B recorded as its two parts
+     (input gradient, then the send, then weight gradient: every B of a
+     pipeline's timeline) is simulated as I then W, so the stage before gets
+     the gradient when the first part ends; with the optimizer step recorded
+     as its two events (norms, then update), every stage's update waits for
+     the last stage's norms; and the simulated step starts at the step's
+     first event, as no stage starts before the workers wake. The predicted
+     bubble uses the measured compute time over the simulated step (same definition
      as the measured bubble; the simulation's own bubble_fraction counts the
      copies as busy).
    - mpar_timeline_check: the invariants a recorded training or inference
@@ -1721,9 +1728,10 @@ MPARDEF mpar_result mpar_timeline_get_link_stats(const mpar_timeline* t, int bou
                                                  mpar_timeline_link_stats* out, mpar_error* err);
 
 /* Builds the timeline's schedule (mpar_schedule_create with its kind, P, M,
-   V) and simulates it with the measured costs (see above). Either output
-   may be NULL; the caller destroys what it receives (both made with the
-   timeline's allocator). */
+   V) and simulates it with the measured costs (see above); the schedule
+   returned is the one simulated (B split into I and W when the timeline
+   recorded each B as its two parts). Either output may be NULL; the caller
+   destroys what it receives (both made with the timeline's allocator). */
 MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
                                            mpar_error* err);
 /* mpar_timeline_simulate, reduced to predicted vs measured step and bubble. */
@@ -3329,11 +3337,13 @@ struct mpar_exec {
         cl_kernel kernel;
     } kernels[MPAR__EXEC_MAX_KERNELS];
     /* Profiling (only when asked, so that it costs nothing otherwise): the
-       events of the commands since the last interval, folded into the
-       earliest start and latest end. */
-    int profiling, event_count;
-    cl_event events[64];
-    cl_ulong prof_start, prof_end;
+       events of the first and of the latest command since the last
+       interval. The queue is in order, so the first starts before and the
+       latest ends after every command between them, which are released at
+       once. Nothing here waits: an interval is read when its commands have
+       finished anyway (mpar__interval_times, at the end of a job). */
+    int profiling;
+    cl_event ev_first, ev_last, ev_slot;
     double clock_offset; /* host seconds minus device seconds */
     int stage;           /* for fault injection: the stage, and its step counter */
     const int* step;
@@ -3357,40 +3367,51 @@ static int mpar__exec_fault(mpar_exec* ex, int kind) {
     return mpar__fault_hit(ex->ctx, kind, ex->stage, ex->step ? *ex->step : -1);
 }
 
-/* Folds pending profiling events into [prof_start, prof_end]. */
-static void mpar__exec_fold(mpar_exec* ex) {
-    int i;
-    if (ex->event_count == 0) return;
-    clFinish(ex->queue);
-    for (i = 0; i < ex->event_count; i++) {
-        cl_ulong a = 0, b = 0;
-        if (clGetEventProfilingInfo(ex->events[i], CL_PROFILING_COMMAND_START, sizeof a, &a, NULL) == CL_SUCCESS &&
-            clGetEventProfilingInfo(ex->events[i], CL_PROFILING_COMMAND_END, sizeof b, &b, NULL) == CL_SUCCESS) {
-            if (a < ex->prof_start) ex->prof_start = a;
-            if (b > ex->prof_end) ex->prof_end = b;
-        }
-        clReleaseEvent(ex->events[i]);
-    }
-    ex->event_count = 0;
+/* What a stage ran since the last interval: the first and the latest
+   OpenCL command (NULL: none; last NULL: only one) and the host-route work
+   (host_end 0: none). */
+typedef struct mpar__interval {
+    cl_event first, last;
+    double host_start, host_end;
+} mpar__interval;
+
+static void mpar__interval_release(mpar__interval* iv) {
+    if (iv->first) clReleaseEvent(iv->first);
+    if (iv->last) clReleaseEvent(iv->last);
+    iv->first = iv->last = NULL;
 }
 
-/* The host-clock interval covered by the commands since the last call; 0
-   when there were none. */
-static int mpar__exec_interval(mpar_exec* ex, double* start, double* end) {
-    int any, host = ex->host_end > 0.0;
-    mpar__exec_fold(ex);
-    any = ex->prof_end > 0 && ex->prof_end >= ex->prof_start;
-    if (any) {
-        *start = 1e-9 * (double)ex->prof_start + ex->clock_offset;
-        *end = 1e-9 * (double)ex->prof_end + ex->clock_offset;
-    }
-    if (host) {
-        if (!any || ex->host_start < *start) *start = ex->host_start;
-        if (!any || ex->host_end > *end) *end = ex->host_end;
-    }
-    ex->prof_start = ~(cl_ulong)0;
-    ex->prof_end = 0;
+/* Hands over the interval since the last call and starts a new one; 0 when
+   nothing ran. Never waits for the device: a clFinish per action would
+   keep the worker from enqueueing the next action while the device runs
+   this one. */
+static int mpar__exec_take(mpar_exec* ex, mpar__interval* out) {
+    out->first = ex->ev_first, out->last = ex->ev_last;
+    out->host_start = ex->host_start, out->host_end = ex->host_end;
+    ex->ev_first = ex->ev_last = NULL;
     ex->host_start = ex->host_end = 0.0;
+    return out->first || out->host_end > 0.0;
+}
+
+/* The host-clock times of a taken interval, waiting for its last command
+   if it has not finished (at the end of a job it has); releases its
+   events. 0 when it holds nothing readable. */
+static int mpar__interval_times(const mpar_exec* ex, mpar__interval* iv, double* start, double* end) {
+    cl_event last = iv->last ? iv->last : iv->first;
+    cl_ulong a = 0, b = 0;
+    int any = 0, host = iv->host_end > 0.0;
+    if (iv->first && clWaitForEvents(1, &last) == CL_SUCCESS &&
+        clGetEventProfilingInfo(iv->first, CL_PROFILING_COMMAND_START, sizeof a, &a, NULL) == CL_SUCCESS &&
+        clGetEventProfilingInfo(last, CL_PROFILING_COMMAND_END, sizeof b, &b, NULL) == CL_SUCCESS && b >= a) {
+        *start = 1e-9 * (double)a + ex->clock_offset;
+        *end = 1e-9 * (double)b + ex->clock_offset;
+        any = 1;
+    }
+    mpar__interval_release(iv);
+    if (host) {
+        if (!any || iv->host_start < *start) *start = iv->host_start;
+        if (!any || iv->host_end > *end) *end = iv->host_end;
+    }
     return any || host;
 }
 
@@ -4427,11 +4448,17 @@ static mpar_result mpar__exec_host_launch(mpar_exec* ex, const char* file, const
 
 static cl_event* mpar__exec_event_slot(mpar_exec* ex) {
     if (!ex->profiling) return NULL;
-    if (ex->event_count == (int)(sizeof ex->events / sizeof ex->events[0])) mpar__exec_fold(ex);
-    return &ex->events[ex->event_count];
+    ex->ev_slot = NULL;
+    return &ex->ev_slot;
 }
 static void mpar__exec_event_taken(mpar_exec* ex, cl_event* slot, int ok) {
-    if (slot && ok) ex->event_count++;
+    if (!slot || !ok || !*slot) return;
+    if (!ex->ev_first) {
+        ex->ev_first = *slot;
+        return;
+    }
+    if (ex->ev_last) clReleaseEvent(ex->ev_last); /* between the first and the new one: bounded by them */
+    ex->ev_last = *slot;
 }
 
 static mpar_result mpar__exec_kernel(mpar_exec* ex, const char* file, const char* name, cl_kernel* out) {
@@ -4465,7 +4492,10 @@ static mpar_result mpar__exec_kernel(mpar_exec* ex, const char* file, const char
 }
 
 static void mpar__exec_release(mpar_exec* ex) {
+    mpar__interval left;
     int i;
+    mpar__exec_take(ex, &left);
+    mpar__interval_release(&left);
     for (i = ex->kernel_count - 1; i >= 0; i--) {
         clReleaseKernel(ex->kernels[i].kernel);
         mpar__free(ex->ctx, ex->kernels[i].file);
@@ -9188,6 +9218,13 @@ typedef struct mpar__mpi_polling {
 } mpar__mpi_polling;
 #endif
 
+/* A recorded compute event (index into the worker's events) and the
+   OpenCL commands that give its times. */
+typedef struct mpar__pending {
+    int event;
+    mpar__interval iv;
+} mpar__pending;
+
 typedef struct mpar__worker {
     struct mpar_pipeline* p;
     int index, device;
@@ -9217,6 +9254,11 @@ typedef struct mpar__worker {
     /* desc.rebalance: host seconds of this job's actions (optimizer step
        left out) and of the link waits inside them */
     double busy_s, wait_s;
+    /* Compute events whose times the device has not given yet: read when
+       the job has drained (mpar__worker_resolve), so that profiling never
+       makes the worker wait for its device. */
+    mpar__pending* pending;
+    int pending_count, pending_cap;
 } mpar__worker;
 
 typedef struct mpar__rebalance mpar__rebalance;
@@ -9313,10 +9355,49 @@ static void mpar__record(mpar__worker* w, mpar_event_kind kind, int mb, int chun
     e->start = start - w->p->t0, e->end = end - w->p->t0, e->bytes = bytes;
 }
 
-/* Records the device time of the kernels enqueued since the last record. */
+/* Records the device time of the kernels enqueued since the last record:
+   host-route work now, OpenCL commands when the job has drained
+   (mpar__worker_resolve). */
 static void mpar__record_compute(mpar__worker* w, mpar_event_kind kind, int mb, int chunk) {
-    double a, b;
-    if (w->ex.profiling && mpar__exec_interval(&w->ex, &a, &b)) mpar__record(w, kind, mb, chunk, -1, 0, a, b, 0);
+    mpar__interval iv;
+    double a = 0.0, b = 0.0;
+    int n = w->event_count;
+    if (!w->ex.profiling || !mpar__exec_take(&w->ex, &iv)) return;
+    if (!iv.first) {
+        mpar__record(w, kind, mb, chunk, -1, 0, iv.host_start, iv.host_end, 0);
+        return;
+    }
+    if (w->pending_count == w->pending_cap) {
+        int cap = w->pending_cap ? 2 * w->pending_cap : 256;
+        mpar__pending* grown = (mpar__pending*)mpar__alloc(w->p->ctx, sizeof *grown * (size_t)cap);
+        if (grown) {
+            if (w->pending) memcpy(grown, w->pending, sizeof *grown * (size_t)w->pending_count);
+            mpar__free(w->p->ctx, w->pending);
+            w->pending = grown, w->pending_cap = cap;
+        }
+    }
+    mpar__record(w, kind, mb, chunk, -1, 0, w->p->t0, w->p->t0, 0); /* times filled in later */
+    if (w->event_count == n + 1 && w->pending_count < w->pending_cap) {
+        w->pending[w->pending_count].event = n;
+        w->pending[w->pending_count++].iv = iv;
+        return;
+    }
+    /* out of host memory: wait for the times now, or lose the event */
+    if (mpar__interval_times(&w->ex, &iv, &a, &b) && w->event_count == n + 1)
+        w->events[n].start = a - w->p->t0, w->events[n].end = b - w->p->t0;
+}
+
+/* After the job has drained: the times of the compute events recorded
+   while it ran. An event whose times cannot be read spans nothing. */
+static void mpar__worker_resolve(mpar__worker* w) {
+    int i;
+    for (i = 0; i < w->pending_count; i++) {
+        mpar__pending* q = &w->pending[i];
+        double a, b;
+        if (mpar__interval_times(&w->ex, &q->iv, &a, &b) && q->event < w->event_count)
+            w->events[q->event].start = a - w->p->t0, w->events[q->event].end = b - w->p->t0;
+    }
+    w->pending_count = 0;
 }
 
 static void mpar__record_link(mpar__worker* w, const mpar__link* l, int send, int mb, double t_wait, double t_copy,
@@ -9720,12 +9801,22 @@ static const mpar__transport mpar__transport_mpi = {
     mpar__no_abort, mpar__link_release_buffers};
 #endif
 
+/* Profiling: a blocking copy first waits for the commands the stage
+   enqueued before it; timed from its start, their work would count as
+   transfer (it counts as compute already). So the stage waits for them
+   before the link's clock starts, as the copy would have anyway. */
+static mpar_result mpar__link_settle(mpar__worker* w, const mpar__link* l) {
+    return w->ex.profiling && !l->t->overlaps ? mpar__exec_sync(&w->ex) : MPAR_SUCCESS;
+}
+
 /* The shared ring: room for a send, then the slot is published. */
 static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src, size_t floats, int mb) {
     mpar_result r = MPAR_SUCCESS;
-    double t0 = mpar__now();
+    double t0;
     int slot;
     double t_copy;
+    MPAR__TRY(mpar__link_settle(w, l));
+    t0 = mpar__now();
     if (!l->t->ring) return l->t->send(w, l, -1, src, floats, mb);
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == l->capacity) r = mpar__link_wait(l, t0);
@@ -9751,9 +9842,11 @@ static mpar_result mpar__link_send(mpar__worker* w, mpar__link* l, mpar_buf src,
 
 static mpar_result mpar__link_recv(mpar__worker* w, mpar__link* l, mpar_buf dst, size_t floats, int mb) {
     mpar_result r = MPAR_SUCCESS;
-    double t0 = mpar__now();
+    double t0;
     int slot, tag;
     double t_copy;
+    MPAR__TRY(mpar__link_settle(w, l));
+    t0 = mpar__now();
     if (!l->t->ring) return l->t->recv(w, l, -1, dst, floats, mb);
     pthread_mutex_lock(&l->mu);
     while (r == MPAR_SUCCESS && l->count == 0) r = mpar__link_wait(l, t0);
@@ -10256,6 +10349,7 @@ static void mpar__job_start(mpar__worker* w) {
     }
     w->in_flight = 0;
     w->event_count = 0;
+    while (w->pending_count > 0) mpar__interval_release(&w->pending[--w->pending_count].iv); /* none: resolved */
     w->ex.launches = w->ex.cl_launches = 0;
     w->busy_s = w->wait_s = 0.0;
 }
@@ -10336,8 +10430,9 @@ static mpar_result mpar__job_walk(mpar__worker* w, const mpar_schedule* sc, int 
         MPAR__TRY(mpar__serial_end(w, r));
     }
     if (w->ex.profiling) {
-        double a, b;
-        mpar__exec_interval(&w->ex, &a, &b); /* zeroing, or set-up before the first job, belongs to no action */
+        mpar__interval iv;
+        mpar__exec_take(&w->ex, &iv); /* zeroing, or set-up before the first job, belongs to no action */
+        mpar__interval_release(&iv);
     }
     for (i = 0; i < n; i++) {
         const mpar_action* a = mpar_schedule_action(sc, w->index, i);
@@ -10423,6 +10518,7 @@ static void* mpar__worker_main(void* arg) {
         {
             mpar_result d = mpar__worker_drain(w);
             if (r == MPAR_SUCCESS) r = d;
+            mpar__worker_resolve(w);
         }
         if (r != MPAR_SUCCESS) {
             /* The first worker to fail is the cause; the others were woken by
@@ -11048,8 +11144,6 @@ static mpar_result mpar__clock_offset(mpar_pipeline* p, mpar__worker* w) {
     clReleaseEvent(ev);
     w->ex.clock_offset = host - 1e-9 * (double)end;
     w->ex.profiling = 1;
-    w->ex.prof_start = ~(cl_ulong)0;
-    w->ex.prof_end = 0;
     return MPAR_SUCCESS;
 }
 
@@ -11575,6 +11669,7 @@ static void mpar__pipeline_release(mpar_pipeline* p) {
 #endif
     for (i = p->workers_count - 1; i >= 0; i--) {
         mpar__free(p->ctx, p->workers[i].events);
+        mpar__free(p->ctx, p->workers[i].pending);
         mpar__exec_release(&p->workers[i].ex);
         if (p->workers[i].copy_queue) clReleaseCommandQueue(p->workers[i].copy_queue);
 
@@ -14346,6 +14441,22 @@ typedef struct mpar__tl_costs {
     int* count; /* [4 * VS]: scheduled F, B, I, W actions per virtual stage */
 } mpar__tl_costs;
 
+/* Which part of its B a BACKWARD event is: the executor records a B as
+   its input-gradient part (then sends the gradient on) and its
+   weight-gradient part, two events; 0 for the first of its (stage, chunk,
+   micro-batch), 1 for a later one. */
+static int mpar__tl_b_part(const mpar_timeline* t, int index) {
+    const mpar_event* e = &t->events[index];
+    int i;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* o = &t->events[i];
+        if (i != index && o->kind == MPAR_EVENT_BACKWARD && o->stage == e->stage && o->chunk == e->chunk &&
+            o->microbatch == e->microbatch && (o->start < e->start || (o->start == e->start && i < index)))
+            return 1;
+    }
+    return 0;
+}
+
 /* Host time between a stage's events (launch set-up, synchronisation) is
    part of what its actions cost: spread over its actions evenly. */
 static void mpar__tl_add_host_gaps(const mpar_timeline* t, mpar__tl_costs* c) {
@@ -14398,6 +14509,8 @@ static mpar_result mpar__tl_costs_make(const mpar_timeline* t, const mpar_schedu
         int vs = mpar__tl_vstage(t, e), bwd;
         if (e->kind == MPAR_EVENT_OPTIMIZER_STEP) c->opt[e->stage] += d;
         else if (e->kind == MPAR_EVENT_FORWARD) c->f[vs] += d;
+        else if (e->kind == MPAR_EVENT_BACKWARD && c->count[MPAR_ACTION_BACKWARD * VS + vs] == 0)
+            (mpar__tl_b_part(t, i) == 0 ? c->i : c->w)[vs] += d; /* a B simulated as its two parts */
         else if (e->kind == MPAR_EVENT_BACKWARD) c->b[vs] += d;
         else if (e->kind == MPAR_EVENT_BACKWARD_INPUT) c->i[vs] += d;
         else if (e->kind == MPAR_EVENT_BACKWARD_WEIGHT) c->w[vs] += d;
@@ -14452,9 +14565,95 @@ static mpar_result mpar__tl_sim_desc(const mpar_timeline* t, const mpar_schedule
     return MPAR_SUCCESS;
 }
 
+/* The executor runs a B as its input part, the send of the gradient, then
+   its weight part: the stage before gets the gradient before the B ends.
+   When every B of the timeline was recorded as those two events, the
+   schedule is simulated with each B as an I followed at once by its W
+   (priced from the two parts), which is what ran; else as it is. *out is
+   NULL when nothing is split. */
+static mpar_result mpar__tl_split_b(const mpar_timeline* t, const mpar_schedule* sc, mpar_schedule** out,
+                                    mpar_error* err) {
+    int P = sc->stages, s, i, k, total = 0, bs = 0, parts[2] = {0, 0};
+    mpar_action **lists, *all;
+    int* counts;
+    mpar_result r;
+    *out = NULL;
+    for (s = 0; s < P; s++)
+        for (i = 0; i < sc->action_count[s]; i++) total++, bs += sc->actions[s][i].kind == MPAR_ACTION_BACKWARD;
+    for (i = 0; i < t->event_count; i++)
+        if (t->events[i].kind == MPAR_EVENT_BACKWARD) parts[mpar__tl_b_part(t, i)]++;
+    if (bs == 0 || parts[0] != bs || parts[1] != bs) return MPAR_SUCCESS;
+    lists = (mpar_action**)mpar__alloc_a(&t->allocator, sizeof(mpar_action*) * (size_t)P +
+                                                            sizeof(mpar_action) * (size_t)(total + bs) +
+                                                            sizeof(int) * (size_t)P);
+    if (!lists) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "mpar_timeline_simulate: out of host memory");
+    all = (mpar_action*)(void*)(lists + P);
+    counts = (int*)(void*)(all + total + bs);
+    for (s = 0, k = 0; s < P; s++) {
+        lists[s] = all + k;
+        for (i = 0; i < sc->action_count[s]; i++) {
+            mpar_action a = sc->actions[s][i];
+            if (a.kind == MPAR_ACTION_BACKWARD) {
+                a.kind = MPAR_ACTION_BACKWARD_INPUT;
+                all[k++] = a;
+                a.kind = MPAR_ACTION_BACKWARD_WEIGHT;
+            }
+            all[k++] = a;
+        }
+        counts[s] = (int)(all + k - lists[s]);
+    }
+    r = mpar_schedule_from_lists_placed(&t->allocator, P, sc->microbatches, sc->virtual_stages, sc->placement,
+                                        (const mpar_action* const*)lists, counts, out, err);
+    mpar__free_a(&t->allocator, lists);
+    return r;
+}
+
+/* What the schedule's lists leave out, from the timeline: the step begins
+   on the host and no stage starts before the first event of the step (the
+   workers wake, gradients are zeroed), so the simulated step starts there;
+   and the executor's optimizer step is two events per stage, the gradient
+   norms and then the update, which waits for every stage's norms (the step
+   is decided from all of them): with those two recorded, every stage's
+   update starts when the last stage's norms end. */
+static void mpar__tl_sim_adjust(const mpar_timeline* t, const mpar_schedule* sc, mpar_simulation* sim) {
+    double first = 0.0, barrier = 0.0, total = 0.0, norms[MPAR_TIMELINE_MAX_STAGES], opt[MPAR_TIMELINE_MAX_STAGES];
+    double norms_start[MPAR_TIMELINE_MAX_STAGES];
+    int counted[MPAR_TIMELINE_MAX_STAGES], s, i, seen = 0, split = 1;
+    for (s = 0; s < t->stages; s++) norms[s] = opt[s] = norms_start[s] = 0.0, counted[s] = 0;
+    for (i = 0; i < t->event_count; i++) {
+        const mpar_event* e = &t->events[i];
+        if (!seen || e->start < first) first = e->start;
+        seen = 1;
+        if (e->kind != MPAR_EVENT_OPTIMIZER_STEP) continue;
+        opt[e->stage] += e->end - e->start;
+        if (!counted[e->stage]++ || e->start < norms_start[e->stage])
+            norms_start[e->stage] = e->start, norms[e->stage] = e->end - e->start; /* the first: the norms */
+    }
+    for (s = 0; s < t->stages; s++) {
+        int n = sc->action_count[s];
+        if (counted[s] < 2 || n == 0 || sc->actions[s][n - 1].kind != MPAR_ACTION_OPTIMIZER_STEP) split = 0;
+        else if (sim->start[s][n - 1] + norms[s] > barrier) barrier = sim->start[s][n - 1] + norms[s];
+    }
+    for (s = 0; split && s < t->stages; s++) {
+        int n = sc->action_count[s];
+        double end = barrier + opt[s] - norms[s];
+        if (end > sim->end[s][n - 1]) sim->end[s][n - 1] = end;
+    }
+    if (first < 0.0) first = 0.0;
+    sim->step_time = 0.0;
+    for (s = 0; s < sim->stages; s++) {
+        total += sim->busy[s];
+        for (i = 0; i < sim->action_count[s]; i++) {
+            sim->start[s][i] += first, sim->end[s][i] += first;
+            if (sim->end[s][i] > sim->step_time) sim->step_time = sim->end[s][i];
+        }
+    }
+    sim->bubble_fraction = sim->step_time > 0.0 ? 1.0 - total / ((double)sim->stages * sim->step_time) : 0.0;
+}
+
 MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule** schedule, mpar_simulation** sim,
                                            mpar_error* err) {
-    mpar_schedule* sc = NULL;
+    mpar_schedule *sc = NULL, *split = NULL;
     mpar_simulation* result = NULL;
     void* mem = NULL;
     mpar_sim_desc d;
@@ -14465,13 +14664,19 @@ MPARDEF mpar_result mpar_timeline_simulate(const mpar_timeline* t, mpar_schedule
     if (r != MPAR_SUCCESS) return r;
     r = mpar__tl_schedule(t, &sc, err);
     if (r != MPAR_SUCCESS) return r;
-    r = mpar__tl_sim_desc(t, sc, &d, &mem, err);
+    r = mpar__tl_split_b(t, sc, &split, err);
+    if (r == MPAR_SUCCESS && split) {
+        mpar_schedule_destroy(sc);
+        sc = split;
+    }
+    if (r == MPAR_SUCCESS) r = mpar__tl_sim_desc(t, sc, &d, &mem, err);
     if (r != MPAR_SUCCESS) {
         mpar_schedule_destroy(sc);
         return r;
     }
     r = mpar_simulate(sc, &d, &result, err);
     mpar__free_a(&t->allocator, mem);
+    if (r == MPAR_SUCCESS) mpar__tl_sim_adjust(t, sc, result);
     if (r == MPAR_SUCCESS && sim) *sim = result;
     else mpar_simulation_destroy(result);
     if (r == MPAR_SUCCESS && schedule) *schedule = sc;

@@ -4,7 +4,18 @@
                                    device the same number of blocks (3 of 6)
      measured_over_predicted_<schedule>
                                    measured step / simulator's prediction from
-                                   the action costs measured in the same step
+                                   the action costs measured in the same step:
+                                   the median over PSTEPS profiled steps, each
+                                   step's wall time over its own prediction
+     profile_overhead              profiled 1F1B step / unprofiled one (2 devices),
+                                   median of the alternating rounds
+     bubble_timeline_minus_wallclock
+                                   |timeline's measured bubble - wall-clock bubble|,
+                                   1F1B on 2 devices, where the wall-clock bubble
+                                   is 1 - T_1device / (2 x T_2device) (profiling
+                                   off) and the timeline's is that of profiled
+                                   steps alternated with them: the median over
+                                   rounds of the difference
      synth_over_best_builtin_measured
                                    on an unequal model (a wide first layer, a head
                                    of 2048 classes) whose second device has half the
@@ -18,7 +29,7 @@
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
-enum { WIDTH = 384, BLOCKS = 6, BATCH = 256, M = 8, ROUNDS = 5, STEPS = 5 };
+enum { WIDTH = 384, BLOCKS = 6, BATCH = 256, M = 8, ROUNDS = 5, STEPS = 5, PSTEPS = 9, TRUTH_ROUNDS = 9 };
 
 static mpar_context* ctx;
 static mpar_model* model;
@@ -83,6 +94,73 @@ static double steps(mpar_pipeline* p, int n) {
 static int by_value(const void* a, const void* b) {
     double u = *(const double*)a, v = *(const double*)b;
     return u < v ? -1 : u > v;
+}
+
+/* One profiled step: its wall time, its timeline's statistics and the
+   prediction from it. */
+static double profiled_step(mpar_pipeline* p, mpar_timeline_stats* st, mpar_timeline_prediction* pr) {
+    mpar_timeline t;
+    mpar_error err;
+    double wall = steps(p, 1);
+    if (mpar_pipeline_get_timeline(p, &t) != MPAR_SUCCESS) die("timeline");
+    if (mpar_timeline_get_stats(&t, st, &err) != MPAR_SUCCESS ||
+        (pr && mpar_timeline_predict(&t, pr, &err) != MPAR_SUCCESS)) {
+        fprintf(stderr, "bench_pipeline: %s\n", err.message);
+        exit(1);
+    }
+    mpar_timeline_free(&t);
+    return wall;
+}
+
+static double median(double* v, int n) {
+    qsort(v, (size_t)n, sizeof(double), by_value);
+    return v[n / 2];
+}
+
+/* Each step's wall time over the prediction from its own timeline: the
+   simulator's error, not the drift between steps. */
+static double measured_over_predicted(mpar_schedule_kind kind, int V, mpar_timeline_stats* st,
+                                      mpar_timeline_prediction* pr, double* wall) {
+    mpar_pipeline* p = make(kind, 2, V, 1);
+    double ratio[PSTEPS];
+    int s;
+    steps(p, 2);
+    for (s = 0; s < PSTEPS; s++) {
+        *wall = profiled_step(p, st, pr);
+        ratio[s] = *wall / pr->step_time;
+    }
+    mpar_pipeline_destroy(p);
+    return median(ratio, PSTEPS);
+}
+
+/* Whether the timeline tells the truth (1F1B, 2 devices), in alternating
+   rounds: 1 device and 2 devices without profiling, then 2 devices with
+   it. Profiling's cost is the profiled step over the unprofiled one; the
+   timeline's bubble (median of the round's profiled steps) is set against
+   the bubble the wall clock shows, 1 - T_1 / (2 T_2). */
+static void truth(double* overhead, double* bubble_diff, double* bubble_tl, double* bubble_wall) {
+    mpar_pipeline *one = make(MPAR_SCHEDULE_1F1B, 1, 1, 0), *two = make(MPAR_SCHEDULE_1F1B, 2, 1, 0),
+                  *prof = make(MPAR_SCHEDULE_1F1B, 2, 1, 1);
+    double ovh[TRUTH_ROUNDS], diff[TRUTH_ROUNDS], tl[TRUTH_ROUNDS], wall[TRUTH_ROUNDS];
+    int r, s;
+    steps(one, 2), steps(two, 2), steps(prof, 2);
+    for (r = 0; r < TRUTH_ROUNDS; r++) {
+        double t1 = steps(one, STEPS), t2 = steps(two, STEPS), tp = 0, b[STEPS];
+        mpar_timeline_stats st;
+        for (s = 0; s < STEPS; s++) {
+            tp += profiled_step(prof, &st, NULL) / STEPS;
+            b[s] = st.bubble_fraction;
+        }
+        ovh[r] = tp / t2;
+        wall[r] = 1.0 - t1 / (2.0 * t2);
+        tl[r] = median(b, STEPS);
+        diff[r] = tl[r] - wall[r];
+    }
+    *overhead = median(ovh, TRUTH_ROUNDS);
+    *bubble_diff = fabs(median(diff, TRUTH_ROUNDS));
+    *bubble_tl = median(tl, TRUTH_ROUNDS);
+    *bubble_wall = median(wall, TRUTH_ROUNDS);
+    mpar_pipeline_destroy(prof), mpar_pipeline_destroy(two), mpar_pipeline_destroy(one);
 }
 
 /* Runs a profiled pipeline and returns its last step's statistics. */
@@ -206,9 +284,17 @@ int main(int argc, char** argv) {
     printf("step_ms_1dev: %.2f\n", 1e3 * t1);
     mpar_pipeline_destroy(one);
 
-    for (i = 0; i < KINDS; i++) { /* every schedule's own step, predicted from its own measured actions */
-        profiled(kinds[i], 2, vstages[i], &st, &pr, &wall);
-        printf("measured_over_predicted_%s: %.3f\n", mpar_schedule_kind_name(kinds[i]), wall / pr.step_time);
+    { /* what profiling costs, and whether its bubble is the wall clock's */
+        double overhead, diff, tl, wall_bubble;
+        truth(&overhead, &diff, &tl, &wall_bubble);
+        printf("profile_overhead: %.3f\n", overhead);
+        printf("bubble_timeline_1f1b_2dev: %.3f\n", tl);
+        printf("bubble_wallclock_1f1b_2dev: %.3f\n", wall_bubble);
+        printf("bubble_timeline_minus_wallclock: %.3f\n", diff);
+    }
+    for (i = 0; i < KINDS; i++) { /* every schedule's own steps, each predicted from its own measured actions */
+        double ratio = measured_over_predicted(kinds[i], vstages[i], &st, &pr, &wall);
+        printf("measured_over_predicted_%s: %.3f\n", mpar_schedule_kind_name(kinds[i]), ratio);
         if (kinds[i] == MPAR_SCHEDULE_1F1B) {
             printf("step_ms_1f1b_2dev_profiled: %.2f\n", 1e3 * wall);
             printf("predicted_ms_1f1b_2dev: %.2f\n", 1e3 * pr.step_time);
