@@ -9232,7 +9232,7 @@ typedef struct mpar__worker {
     pthread_t thread;
     int started, generation, in_flight, peak_in_flight;
     int serial_held;   /* holds the context's first-run lock */
-    double slow_t0;    /* a slowed device's section started (mpar_desc.slow_devices); 0: none */
+    double slow_t0;    /* a timed section started (slowed device, or force_serial); 0: none */
     cl_command_queue copy_queue; /* asynchronous links: this worker's outgoing copies */
     /* Outgoing asynchronous copies still reading a buffer of this stage:
        the stage's next write to that buffer waits for them. */
@@ -10089,13 +10089,16 @@ static void mpar__serial_begin(mpar__worker* w) {
     mpar_pipeline* p = w->p;
     w->serial_held = p->serial && (p->force_serial || p->ctx->devices[w->device].pocl);
     if (w->serial_held) pthread_mutex_lock(&p->ctx->first_run_lock);
-    if (p->ctx->devices[w->device].info.slowdown > 1.0) { /* the section alone is timed */
+    /* A slowed device (stretched below) and a profiling pipeline time the
+       whole section, its dispatch on the host included: what a layer costs
+       inside a stage is what the planner must add up. */
+    if (p->ctx->devices[w->device].info.slowdown > 1.0 || p->force_serial) {
         clFinish(w->ex.queue);
         w->slow_t0 = mpar__now();
     }
 }
 static mpar_result mpar__serial_end(mpar__worker* w, mpar_result r) {
-    if (w->slow_t0 > 0.0) { /* mpar_desc.slow_devices: stretch the section */
+    if (w->slow_t0 > 0.0) { /* mpar_desc.slow_devices: stretch the section; profiling: time all of it */
         double now;
         if (r == MPAR_SUCCESS) r = mpar__cl_check(w->p->ctx, clFinish(w->ex.queue), "clFinish", __FILE__, __LINE__);
         mpar__slow_sleep(w->p->ctx->devices[w->device].info.slowdown, mpar__now() - w->slow_t0);
@@ -12648,7 +12651,8 @@ typedef struct mpar__cost_entry {
 
 static uint64_t mpar__profile_device_key(const mpar_context* ctx, int device) {
     const mpar_device_info* d = &ctx->devices[device].info;
-    uint64_t h = mpar__fnv1a(MPAR__FNV_SEED, MPAR_VERSION_STRING, sizeof MPAR_VERSION_STRING);
+    /* the measuring method's version: entries measured another way are other entries */
+    uint64_t h = mpar__fnv1a(MPAR__FNV_SEED, MPAR_VERSION_STRING "/sections", sizeof MPAR_VERSION_STRING "/sections");
     h = mpar__fnv1a(h, d->name, strlen(d->name) + 1);
     h = mpar__fnv1a(h, d->driver, strlen(d->driver) + 1);
     h = mpar__fnv1a(h, d->version, strlen(d->version) + 1);

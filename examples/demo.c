@@ -120,8 +120,8 @@ int main(int argc, char** argv) {
     CHECK(mpar_pipeline_create(ctx, model, &pd, &pipe)); /* mpar plans the split itself */
     {
         mpar_plan plan;
-        CHECK(mpar_pipeline_plan(ctx, model, &pd, NULL, &plan));
-        printf("\nthe plan mpar chose:\n");
+        CHECK(mpar_pipeline_get_plan(pipe, &plan)); /* the plan in use */
+        printf("\nthe plan mpar chose (from each layer's measured time on each device):\n");
         mpar_plan_print(&plan, stdout);
         mpar_plan_free(&plan);
     }
