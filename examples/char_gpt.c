@@ -181,6 +181,13 @@ int main(int argc, char** argv) {
            "%zu parameters, %s, M=%d, %d device(s)\n",
            text.size, cs.size, mpar_model_layer_count(model), L, C, H, T, mpar_model_param_count(model),
            mpar_schedule_kind_name(pd.schedule), pd.microbatches, mpar_device_count(ctx));
+    {
+        mpar_plan plan;
+        if (mpar_pipeline_get_plan(pipe, &plan) == MPAR_SUCCESS) { /* the plan in use, given or planned */
+            mpar_plan_print(&plan, stdout);
+            mpar_plan_free(&plan);
+        }
+    }
 
     x = (int32_t*)malloc(sizeof(int32_t) * (size_t)pd.max_batch * (size_t)T);
     y = (int32_t*)malloc(sizeof(int32_t) * (size_t)pd.max_batch * (size_t)T);

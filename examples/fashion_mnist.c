@@ -126,8 +126,8 @@ int main(int argc, char** argv) {
            mpar_device_count(ctx), epochs);
     {
         mpar_plan plan;
-        if (mpar_pipeline_plan(ctx, model, &pd, &plan_options, &plan) == MPAR_SUCCESS) {
-            if (!pd.stages) mpar_plan_print(&plan, stdout);
+        if (mpar_pipeline_get_plan(pipe, &plan) == MPAR_SUCCESS) { /* the plan in use, given or planned */
+            mpar_plan_print(&plan, stdout);
             mpar_plan_free(&plan);
         }
     }
