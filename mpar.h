@@ -10089,10 +10089,13 @@ static void mpar__serial_begin(mpar__worker* w) {
     mpar_pipeline* p = w->p;
     w->serial_held = p->serial && (p->force_serial || p->ctx->devices[w->device].pocl);
     if (w->serial_held) pthread_mutex_lock(&p->ctx->first_run_lock);
-    /* A slowed device (stretched below) and a profiling pipeline time the
-       whole section, its dispatch on the host included: what a layer costs
-       inside a stage is what the planner must add up. */
-    if (p->ctx->devices[w->device].info.slowdown > 1.0 || p->force_serial) {
+    /* A slowed device (stretched below), a pipeline profiling single layers
+       and a host-route stage that records a timeline time the whole
+       section, its dispatch on the host included: what a layer costs inside
+       a stage is what the planner must add up, and on the host route the
+       section's wall time is the stage's work (a one-device run pays it
+       too, so counting it idle would overstate the bubble). */
+    if (p->ctx->devices[w->device].info.slowdown > 1.0 || p->force_serial || (w->ex.profiling && w->ex.host_route)) {
         clFinish(w->ex.queue);
         w->slow_t0 = mpar__now();
     }
