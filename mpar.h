@@ -12001,17 +12001,25 @@ static mpar_result mpar__pipeline_need(mpar_pipeline* p, const mpar__mem_opts* m
                                                  &p->ctx->devices[a->device].info, floats, cap);
     }
     for (i = 0; i < p->vs_count; i++) p->need[p->vs[i].worker] += p->need_vs[i];
-    for (i = 0; i < p->workers_count; i++) {
-        int d = p->workers[i].device;
-        uint64_t cap;
+    for (i = 0; i < p->workers_count; i++) { /* per device: stages that share one share its memory */
+        int d = p->workers[i].device, j, sharing = 0;
+        uint64_t cap, need = 0;
+        char stages[64];
         if (!mpar__local(p, i)) continue;
+        for (j = 0; j < i; j++)
+            if (mpar__local(p, j) && p->workers[j].device == d) break;
+        if (j < i) continue; /* counted with the device's first stage */
+        for (j = i; j < p->workers_count; j++)
+            if (mpar__local(p, j) && p->workers[j].device == d) need += p->need[j], sharing++;
+        if (sharing == 1) snprintf(stages, sizeof stages, "stage %d", i);
+        else snprintf(stages, sizeof stages, "stages %d and %d more", i, sharing - 1);
         cap = p->desc.memory_limit_bytes ? p->desc.memory_limit_bytes : p->ctx->devices[d].info.global_mem_bytes;
-        if (cap && p->need[i] > cap)
+        if (cap && need > cap)
             return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT,
-                              "device %d (stage %d) needs %llu bytes (%.1f MiB) for its buffers but has %llu "
-                              "(%.1f MiB): %.1f MiB short", d, i, (unsigned long long)p->need[i],
-                              (double)p->need[i] / 1048576.0, (unsigned long long)cap, (double)cap / 1048576.0,
-                              (double)(p->need[i] - cap) / 1048576.0);
+                              "device %d (%s) needs %llu bytes (%.1f MiB) for its buffers but has %llu "
+                              "(%.1f MiB): %.1f MiB short", d, stages, (unsigned long long)need,
+                              (double)need / 1048576.0, (unsigned long long)cap, (double)cap / 1048576.0,
+                              (double)(need - cap) / 1048576.0);
     }
     return MPAR_SUCCESS;
 }

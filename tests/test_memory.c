@@ -544,6 +544,23 @@ static void test_memory_limit(void** state) {
     pd.memory_limit_bytes = mem.device_bytes[1];
     assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_SUCCESS);
     mpar_pipeline_destroy(p);
+    /* two stages on one device share its memory: each fits alone, both do not */
+    {
+        mpar_stage_desc shared[2];
+        memcpy(shared, TWO, sizeof shared);
+        shared[1].device = shared[0].device;
+        pd.stages = shared;
+        pd.memory_limit_bytes = 0;
+        assert_int_equal(mpar_pipeline_memory(g_ctx, g_gpt, &pd, &again), MPAR_SUCCESS);
+        pd.memory_limit_bytes = again.device_bytes[0] > again.device_bytes[1] ? again.device_bytes[0] : again.device_bytes[1];
+        pd.memory_limit_bytes += (again.device_bytes[0] + again.device_bytes[1] - pd.memory_limit_bytes) / 2;
+        assert_int_equal(mpar_pipeline_create(g_ctx, g_gpt, &pd, &p), MPAR_ERROR_DOES_NOT_FIT);
+        assert_null(p);
+        snprintf(expect, sizeof expect, "device %d (stages 0 and 1 more) needs %llu bytes", shared[0].device,
+                 (unsigned long long)(again.device_bytes[0] + again.device_bytes[1]));
+        if (!strstr(mpar_last_error(g_ctx), expect)) fail_msg("expected \"%s\" in \"%s\"", expect, mpar_last_error(g_ctx));
+        pd.stages = TWO, pd.memory_limit_bytes = 0;
+    }
     /* the planner plans within the limit (less its reserve), by the executor's count */
     pd.stages = NULL, pd.stage_count = 0;
     pd.memory_limit_bytes = mem.device_bytes[1] + ((uint64_t)1 << 20);
