@@ -78,6 +78,14 @@
                            by stage, bf16 activations (activation_type,
                            AUTO), mpar_plan / mpar_pipeline_stats
                            activation_type
+       0.6.0 (2026-12-02)  balance: plans from measured layer costs by
+                           default (mpar_plan_options.costs, the profile
+                           cache), mpar_desc.slow_devices, live re-balancing
+                           (pd.rebalance, mpar_pipeline_rebalance),
+                           mpar_pipeline_get_plan, profiling without waits
+                           and a prediction that models the executor;
+                           settings checked at create, safe temporary files,
+                           memory checked per device
 
    License: MIT, see the end of this file.
 */
@@ -85,9 +93,9 @@
 #define MPAR_H
 
 #define MPAR_VERSION_MAJOR 0
-#define MPAR_VERSION_MINOR 5
+#define MPAR_VERSION_MINOR 6
 #define MPAR_VERSION_PATCH 0
-#define MPAR_VERSION_STRING "0.5.0"
+#define MPAR_VERSION_STRING "0.6.0"
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
    when defined, takes its place. */
 #define MPAR__INSTALLED_KERNEL_DIR ""
