@@ -9270,6 +9270,10 @@ typedef struct mpar__worker {
 } mpar__worker;
 
 typedef struct mpar__rebalance mpar__rebalance;
+struct mpar__guard {
+    pthread_mutex_t mu;
+    const char* call; /* NULL: none */
+};
 
 struct mpar_pipeline {
     mpar_context* ctx;
@@ -9291,6 +9295,9 @@ struct mpar_pipeline {
     pthread_mutex_t mu;
     pthread_cond_t start_cv, done_cv;
     pthread_cond_t opt_cv; /* the optimizer step's decision is made (or a stage failed) */
+    /* The public call running on the pipeline (mpar__enter): allocated
+       once, kept through a re-balancing rebuild. */
+    struct mpar__guard* guard;
     /* The optimizer step of a TRAIN job, under mu: stages that posted their
        norms, the decision (mpar__step_decide) and stages that stepped. */
     int opt_posted, opt_decided, opt_go, opt_stepped, opt_bad_layer;
@@ -10726,7 +10733,7 @@ static mpar_result mpar__no_training(mpar_pipeline* p, const char* call) {
 }
 
 static mpar_result mpar__auto_finish(mpar_pipeline* p);
-MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
+static mpar_result mpar__compute_gradients_impl(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_result r;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_compute_gradients");
@@ -10804,7 +10811,7 @@ static mpar_result mpar__step_limit(mpar_pipeline* p) {
                       "step can be counted; mpar_pipeline_set_step can lower it", INT_MAX);
 }
 
-MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info) {
+static mpar_result mpar__apply_gradients_impl(mpar_pipeline* p, mpar_step_info* info) {
     mpar_result r;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_apply_gradients");
@@ -10831,15 +10838,15 @@ MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_in
     return mpar__rebalance_after_step(p);
 }
 
-MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
+static mpar_result mpar__train_step_impl(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_step_info local;
     mpar_result r;
     if (!info) info = &local;
     if (p && p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_train_step");
     if (p && p->ranks > 1) { /* across processes the host decides the step between two jobs */
-        r = mpar_pipeline_compute_gradients(p, batch, info);
+        r = mpar__compute_gradients_impl(p, batch, info);
         if (r != MPAR_SUCCESS) return r;
-        return mpar_pipeline_apply_gradients(p, info);
+        return mpar__apply_gradients_impl(p, info);
     }
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->damaged) return mpar__damaged(p);
@@ -10867,7 +10874,7 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
     return p->opt_go ? mpar__rebalance_after_step(p) : mpar__step_refused(p, info);
 }
 
-MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
+static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
     int per_mb, count, m;
     mpar_result r;
     double sum = 0.0;
@@ -10953,19 +10960,19 @@ static mpar_result mpar__param_io(mpar_pipeline* p, int layer, void* host, int w
                                              NULL, NULL));
     return MPAR_SUCCESS;
 }
-MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out) {
+static mpar_result mpar__get_params_impl(mpar_pipeline* p, int layer, float* out) {
     return mpar__param_io(p, layer, out, MPAR_STATE_PARAMS, 0);
 }
-MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in) {
+static mpar_result mpar__set_params_impl(mpar_pipeline* p, int layer, const float* in) {
     return mpar__param_io(p, layer, (void*)in, MPAR_STATE_PARAMS, 1);
 }
-MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out) {
+static mpar_result mpar__get_grads_impl(mpar_pipeline* p, int layer, float* out) {
     return mpar__param_io(p, layer, out, MPAR_STATE_GRADS, 0);
 }
-MPARDEF mpar_result mpar_pipeline_read_state(mpar_pipeline* p, int layer, mpar_state_kind kind, float* out) {
+static mpar_result mpar__read_state_impl(mpar_pipeline* p, int layer, mpar_state_kind kind, float* out) {
     return mpar__param_io(p, layer, out, (int)kind, 0);
 }
-MPARDEF mpar_result mpar_pipeline_write_state(mpar_pipeline* p, int layer, mpar_state_kind kind, const float* in) {
+static mpar_result mpar__write_state_impl(mpar_pipeline* p, int layer, mpar_state_kind kind, const float* in) {
     return mpar__param_io(p, layer, (void*)in, (int)kind, 1);
 }
 MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p) { return p ? p->step : 0; }
@@ -11704,6 +11711,10 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
     if (!p) return;
     mpar__pipeline_release(p);
     mpar__rebalance_free(p);
+    if (p->guard) {
+        pthread_mutex_destroy(&p->guard->mu);
+        mpar__free(p->ctx, p->guard);
+    }
     mpar__free(p->ctx, p);
 }
 
@@ -12199,6 +12210,11 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
     if (!p) return r;
     if (r == MPAR_SUCCESS) r = mpar__pipeline_start(p);
     if (r == MPAR_SUCCESS) r = mpar__rebalance_setup(p);
+    if (r == MPAR_SUCCESS) {
+        p->guard = (struct mpar__guard*)mpar__alloc(ctx, sizeof *p->guard);
+        if (!p->guard) r = mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        else pthread_mutex_init(&p->guard->mu, NULL), p->guard->call = NULL;
+    }
     if (r != MPAR_SUCCESS) {
         mpar_pipeline_destroy(p);
         return r;
@@ -13268,9 +13284,11 @@ static mpar_result mpar__pipeline_remake(mpar_pipeline* p, const mpar_pipeline_d
                                          float* host) {
     mpar_context* ctx = p->ctx;
     const mpar_model* model = p->model;
+    struct mpar__guard* guard = p->guard; /* the call in progress stays in progress */
     mpar_result r;
     mpar__pipeline_release(p);
     r = mpar__pipeline_init(p, ctx, model, d, 0);
+    p->guard = guard;
     p->rb = k->rb, p->plan = k->plan;
     p->step = k->step, p->grads_ready = k->grads_ready, p->force_serial = k->force_serial;
     p->step_lr = k->step_lr, p->step_scale = k->step_scale, p->last_loss = k->last_loss, p->opt_norm = k->opt_norm;
@@ -13420,7 +13438,7 @@ static mpar_result mpar__rebalance_after_step(mpar_pipeline* p) {
     return MPAR_SUCCESS;
 }
 
-MPARDEF mpar_result mpar_pipeline_rebalance(mpar_pipeline* p, const double* device_flops, int* moved) {
+static mpar_result mpar__rebalance_impl(mpar_pipeline* p, const double* device_flops, int* moved) {
     mpar_result r;
     int local = 0;
     if (moved) *moved = 0;
@@ -13962,7 +13980,7 @@ static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, si
     for (i = 0; r == MPAR_SUCCESS && i < mpar_model_layer_count(m); i++) {
         size_t n = mpar_model_layer(m, i)->param_count;
         for (k = 0; r == MPAR_SUCCESS && k < 3 && n; k++) {
-            r = mpar_pipeline_read_state(p, i, kinds[k], f);
+            r = mpar__read_state_impl(p, i, kinds[k], f);
             if (r != MPAR_SUCCESS)
                 mpar_error_set(err, r, "checkpoint '%s': reading layer %d's state from its device failed: %s",
                                o->path, i, mpar_result_string(r));
@@ -14107,7 +14125,7 @@ static mpar_result mpar__ckpt_state_io(mpar_pipeline* p, float* host, int write)
             mpar_state_kind kind = k == 0 ? MPAR_STATE_PARAMS : k == 1 ? MPAR_STATE_MOMENT1 : MPAR_STATE_MOMENT2;
             mpar_result r = MPAR_SUCCESS;
             if (k == 0 || !p->desc.inference_only) /* inference only: the parameters alone */
-                r = write ? mpar_pipeline_write_state(p, i, kind, host) : mpar_pipeline_read_state(p, i, kind, host);
+                r = write ? mpar__write_state_impl(p, i, kind, host) : mpar__read_state_impl(p, i, kind, host);
             if (r != MPAR_SUCCESS) return r;
             host += n;
         }
@@ -14183,7 +14201,7 @@ static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_erro
 /* The public entry points also record the failure on the context, so that
    mpar_last_error tells it like every other call; a load also drops any
    gradients computed for the state it replaces. */
-MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
+static mpar_result mpar__save_checkpoint_impl(mpar_pipeline* p, const char* path, mpar_error* err) {
     mpar_error local;
     mpar_result r = p && p->desc.inference_only /* a checkpoint without moments would resume training wrongly */
                         ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': the pipeline was created "
@@ -14200,7 +14218,7 @@ MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* 
     return r;
 }
 
-MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
+static mpar_result mpar__load_checkpoint_impl(mpar_pipeline* p, const char* path, mpar_error* err) {
     mpar_error local;
     mpar_result r = p && p->damaged == 2 ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': the "
                                                           "pipeline lost its stages in a failed re-balancing move; "
@@ -15290,6 +15308,123 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
 }
 
 #endif /* MPAR_PART_TIMELINE_IMPL */
+
+/* --------------------------------------------------------------------------
+   One call at a time on a pipeline: a call that finds another one running
+   on the same pipeline (another thread) returns MPAR_ERROR_INVALID_STATE at
+   once, naming both, instead of mixing its job with the running one (two
+   train_steps at once used to deadlock in the workers' job hand-off).
+   -------------------------------------------------------------------------- */
+
+static mpar_result mpar__enter(mpar_pipeline* p, const char* call) {
+    const char* busy;
+    if (!p->guard) return MPAR_SUCCESS;
+    pthread_mutex_lock(&p->guard->mu);
+    busy = p->guard->call;
+    if (!busy) p->guard->call = call;
+    pthread_mutex_unlock(&p->guard->mu);
+    if (busy)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "%s: another thread is in %s on this pipeline; a pipeline "
+                          "takes one call at a time", call, busy);
+    return MPAR_SUCCESS;
+}
+static mpar_result mpar__leave(mpar_pipeline* p, mpar_result r) {
+    if (!p->guard) return r;
+    pthread_mutex_lock(&p->guard->mu);
+    p->guard->call = NULL;
+    pthread_mutex_unlock(&p->guard->mu);
+    return r;
+}
+
+MPARDEF mpar_result mpar_pipeline_compute_gradients(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_compute_gradients")) != MPAR_SUCCESS) return r;
+    r = mpar__compute_gradients_impl(p, batch, info);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_apply_gradients(mpar_pipeline* p, mpar_step_info* info) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_apply_gradients")) != MPAR_SUCCESS) return r;
+    r = mpar__apply_gradients_impl(p, info);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_train_step")) != MPAR_SUCCESS) return r;
+    r = mpar__train_step_impl(p, batch, info);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_infer")) != MPAR_SUCCESS) return r;
+    r = mpar__infer_impl(p, batch, outputs, loss);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_get_params")) != MPAR_SUCCESS) return r;
+    r = mpar__get_params_impl(p, layer, out);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_set_params")) != MPAR_SUCCESS) return r;
+    r = mpar__set_params_impl(p, layer, in);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_get_grads")) != MPAR_SUCCESS) return r;
+    r = mpar__get_grads_impl(p, layer, out);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_read_state(mpar_pipeline* p, int layer, mpar_state_kind kind, float* out) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_read_state")) != MPAR_SUCCESS) return r;
+    r = mpar__read_state_impl(p, layer, kind, out);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_write_state(mpar_pipeline* p, int layer, mpar_state_kind kind, const float* in) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_write_state")) != MPAR_SUCCESS) return r;
+    r = mpar__write_state_impl(p, layer, kind, in);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_rebalance(mpar_pipeline* p, const double* device_flops, int* moved) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_rebalance")) != MPAR_SUCCESS) return r;
+    r = mpar__rebalance_impl(p, device_flops, moved);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_save_checkpoint")) != MPAR_SUCCESS) {
+        if (err) mpar_error_set(err, r, "%s", mpar_last_error(p->ctx));
+        return r;
+    }
+    r = mpar__save_checkpoint_impl(p, path, err);
+    return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_load_checkpoint")) != MPAR_SUCCESS) {
+        if (err) mpar_error_set(err, r, "%s", mpar_last_error(p->ctx));
+        return r;
+    }
+    r = mpar__load_checkpoint_impl(p, path, err);
+    return p ? mpar__leave(p, r) : r;
+}
 
 #endif /* MPAR_IMPLEMENTATION_DONE */
 #endif /* MPAR_IMPLEMENTATION */

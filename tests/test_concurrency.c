@@ -241,9 +241,71 @@ static void test_concurrent_failures(void** state) {
     mpar_model_destroy(m);
 }
 
+/* Two threads calling train_step on one pipeline: each call either runs
+   or returns MPAR_ERROR_INVALID_STATE at once ("another thread is in ...");
+   nothing hangs (they used to deadlock in the job hand-off), and the step
+   counter counts exactly the calls that ran. */
+typedef struct racer {
+    mpar_pipeline* p;
+    int ok, refused, other;
+} racer;
+static void* race_steps(void* arg) {
+    racer* r = (racer*)arg;
+    int i;
+    for (i = 0; i < 40; i++) {
+        mpar_batch b;
+        mpar_step_info info;
+        mpar_result res;
+        b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
+        res = mpar_pipeline_train_step(r->p, &b, &info);
+        if (res == MPAR_SUCCESS) r->ok++;
+        else if (res == MPAR_ERROR_INVALID_STATE) r->refused++;
+        else r->other++;
+    }
+    return NULL;
+}
+static void test_two_threads_one_pipeline(void** state) {
+    mpar_model* m = make_model();
+    mpar_context* ctx = NULL;
+    mpar_desc d;
+    mpar_stage_desc st[2] = {{0, 0, 2}, {1, 3, 5}};
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    pthread_t t[2];
+    racer r[2];
+    int k;
+    (void)state;
+    memset(&d, 0, sizeof d);
+    assert_int_equal(mpar_create(&d, &ctx), MPAR_SUCCESS);
+    if (mpar_device_count(ctx) < 2) fail_msg("needs two devices (POCL_DEVICES=\"basic basic\")");
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = BATCH;
+    pd.timeout_seconds = 30;
+    g_fail_mode = 2;
+    assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_SUCCESS);
+    memset(r, 0, sizeof r);
+    for (k = 0; k < 2; k++) r[k].p = p, assert_int_equal(pthread_create(&t[k], NULL, race_steps, &r[k]), 0);
+    for (k = 0; k < 2; k++) pthread_join(t[k], NULL);
+    print_message("two threads: %d + %d steps ran, %d + %d refused\n", r[0].ok, r[1].ok, r[0].refused, r[1].refused);
+    assert_int_equal(r[0].other + r[1].other, 0);
+    assert_int_equal(r[0].ok + r[1].ok + r[0].refused + r[1].refused, 80);
+    assert_int_equal(mpar_pipeline_get_step(p), r[0].ok + r[1].ok);
+    if (r[0].refused + r[1].refused > 0 && !strstr(mpar_last_error(ctx), "another thread is in"))
+        fail_msg("a refusal that does not say why: %s", mpar_last_error(ctx));
+    {   /* and a lone call still runs */
+        mpar_batch b;
+        b.inputs = g_x, b.targets = g_y, b.samples = BATCH;
+        assert_int_equal(mpar_pipeline_train_step(p, &b, NULL), MPAR_SUCCESS);
+    }
+    mpar_pipeline_destroy(p);
+    mpar_destroy(ctx);
+    mpar_model_destroy(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_two_pipelines_at_once),
-                                       cmocka_unit_test(test_concurrent_failures)};
+                                       cmocka_unit_test(test_concurrent_failures),
+                                       cmocka_unit_test(test_two_threads_one_pipeline)};
     int i;
     for (i = 0; i < BATCH * IN; i++) g_x[i] = (float)((i * 37) % 17) / 17.0f - 0.5f;
     for (i = 0; i < BATCH; i++) g_y[i] = i % 4;
