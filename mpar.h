@@ -1849,8 +1849,9 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out);
    x ^= x >> 32. Every step is a bijection of h, so any change confined to
    one 8-byte word (every single-byte error) always changes the checksum.
 
-   Saving writes a fresh temporary file beside `path` (".mpar-<pid>-XXXXXX",
-   made by mkstemp, so it never opens an existing file or follows a link),
+   Saving writes a fresh temporary file beside `path` (".mpar-<pid>-" and
+   six characters mkstemp picks, so it never opens an existing file or
+   follows a link),
    fsyncs it, renames it over `path` and fsyncs the folder: a crash at any
    moment leaves the old file or the new one at `path`, never a mix. A
    temporary file left by a crash is removed by the next save in that
@@ -2028,6 +2029,9 @@ MPARDEF mpar_result mpar_error_set(mpar_error* err, mpar_result code, const char
 #define MPAR__O_NOFOLLOW 0
 #endif
 
+/* mkstemp replaces these six characters with its own. */
+#define MPAR__MKSTEMP_TEMPLATE "XXXXXX"
+
 /* The folder part of path ("." when it has none) into out. */
 static void mpar__dir_of(const char* path, char* out, size_t size) {
     const char* slash = strrchr(path, '/');
@@ -2041,8 +2045,8 @@ static void mpar__dir_of(const char* path, char* out, size_t size) {
 /* Every file mpar writes (checkpoints, the kernel cache, the profile
    cache) is written to a fresh temporary file beside its target and
    renamed over it when complete, so a reader sees the old file or the new
-   one. The temporary file is "<folder>/.mpar-<pid>-XXXXXX", made by
-   mkstemp: created exclusively, so neither an existing file nor a planted
+   one. The temporary file is "<folder>/.mpar-<pid>-" plus six characters
+   mkstemp picks: created exclusively, so neither an existing file nor a planted
    link is ever opened or followed, and short, so a target whose name is
    NAME_MAX long still works. Temporary files of processes that no longer
    exist (a crash, a kill) are removed first: only names of exactly that
@@ -2075,7 +2079,7 @@ static int mpar__tmp_create(const char* path, char* tmp, size_t size) {
         }
         closedir(d);
     }
-    snprintf(tmp, size, "%s/.mpar-%ld-XXXXXX", dir, (long)getpid());
+    snprintf(tmp, size, "%s/.mpar-%ld-%s", dir, (long)getpid(), MPAR__MKSTEMP_TEMPLATE);
     fd = mkstemp(tmp);
     if (fd < 0) return -1;
     if (fchmod(fd, 0644) != 0) {
@@ -12727,25 +12731,16 @@ static void mpar__profile_load(mpar_context* ctx, uint64_t dev_key, mpar__cost_e
     char path[4400], head[64];
     struct stat st;
     char *buf = NULL, *line, *end;
-    int fd, n = 0, cap, ok = 0;
-    ssize_t got = 0;
+    int n = 0, cap, ok = 0;
+    size_t got = 0;
     uint64_t sum;
     *out = NULL, *count = 0;
     if (!ctx->cache_dir) return;
     mpar__profile_path(ctx, dev_key, path, sizeof path);
     if (lstat(path, &st) != 0) return; /* none yet */
-    fd = mpar__open_regular(path, &st); /* a FIFO in its place must not block */
-    if (fd < 0) goto reject;
-    if (st.st_size > 0 && st.st_size < (1 << 24) && (buf = (char*)mpar__alloc(ctx, (size_t)st.st_size + 1)) != NULL) {
-        while (got < (ssize_t)st.st_size) {
-            ssize_t k = read(fd, buf + got, (size_t)st.st_size - (size_t)got);
-            if (k <= 0) break;
-            got += k;
-        }
-    }
-    close(fd);
-    if (!buf || got != (ssize_t)st.st_size) goto reject;
-    buf[got] = '\0';
+    /* a regular file, without blocking on a FIFO in its place */
+    buf = mpar__read_file_as(ctx, path, &got, 0);
+    if (!buf) goto reject;
     snprintf(head, sizeof head, "%s %016llx\n", MPAR__PROFILE_MAGIC, (unsigned long long)dev_key);
     if (strncmp(buf, head, strlen(head)) != 0) goto reject;
     end = strstr(buf, "\nend ");
@@ -14005,16 +14000,10 @@ static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, si
 }
 
 /* fsync the folder holding `path`, so that the rename itself is durable. */
-static int mpar__ckpt_sync_dir(const mpar_allocator* a, const char* path) {
-    const char* slash = strrchr(path, '/');
-    char* dir;
-    size_t n = slash ? (size_t)(slash - path) : 1;
+static int mpar__ckpt_sync_dir(const char* path) {
+    char dir[4096];
     int fd, rc = 0, e = 0;
-    if (slash && n == 0) n = 1; /* "/file" */
-    dir = (char*)mpar__alloc_a(a, n + 1);
-    if (!dir) return ENOMEM;
-    memcpy(dir, slash ? path : ".", n);
-    dir[n] = '\0';
+    mpar__dir_of(path, dir, sizeof dir);
     fd = open(dir, O_RDONLY);
     if (fd < 0) e = errno;
     else {
@@ -14022,7 +14011,6 @@ static int mpar__ckpt_sync_dir(const mpar_allocator* a, const char* path) {
         if (rc != 0 && errno != EINVAL && errno != EBADF) e = errno; /* some file systems cannot sync folders */
         close(fd);
     }
-    mpar__free_a(a, dir);
     return e;
 }
 
@@ -14070,7 +14058,7 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
         return r;
     }
     mpar__free_a(a, tmp);
-    e = mpar__ckpt_sync_dir(a, path);
+    e = mpar__ckpt_sync_dir(path);
     if (e) return mpar__ckpt_io(err, "saved, but cannot fsync its folder", path, NULL, e);
     return MPAR_SUCCESS;
 }
