@@ -2252,6 +2252,10 @@ struct mpar_context {
        take this lock (see mpar__serial_begin). */
     pthread_mutex_t first_run_lock;
     int fault_kind, fault_stage, fault_step, fault_nth; /* mpar_set_fault; kind 0: none */
+    /* Tests only: pipelines across processes skip comparing the ranks'
+       descriptions at create, so that the checks of each received
+       message's size can be reached. */
+    int test_skip_digest;
 };
 
 static void* mpar__alloc(const mpar_context* ctx, size_t size) {
@@ -9327,8 +9331,12 @@ struct mpar_pipeline {
     int peer_failed;       /* another rank reported a failure in this job */
     int abort_generation;  /* payload of the abort messages this rank sends */
     int stage_rank[MPAR__MAX_WORKERS];
+    double loss_sum; /* across processes: the batch's loss sum, agreed after the job (mpar__loss_sum) */
 #ifdef MPAR_USE_MPI
-    MPI_Comm comm;
+    MPI_Comm comm;       /* our duplicate of desc.mpi_comm (comm_owned), made when every rank agreed */
+    int comm_owned;
+    unsigned tag_cycle;  /* job generations the link tags tell apart (mpar__mpi_tag) */
+    struct mpar__agree* agree; /* an agreement on a job's outcome still in flight (mpar__mpi_settle) */
     mpar__mpi_polling mpi_polling; /* how this pipeline's links wait (mpar__mpi_wait) */
 #endif
     double t0; /* host time the current step began (timeline origin) */
@@ -9452,7 +9460,15 @@ static void mpar__links_abort(mpar_pipeline* p, int value);
    micro-batch (modulo 1024), and one for "a rank failed" ---- */
 enum { MPAR__TAG_ABORT = 32767 };
 
-static int mpar__mpi_tag(const mpar__link* l, int mb) { return (l->boundary * 2 + l->gradient) * 1024 + mb % 1024; }
+/* A link message's tag: the job's generation (modulo tag_cycle, which
+   MPI_TAG_UB allows: 65536 with Open MPI's ob1, 1 with the least MPI
+   allows), the link (boundary and direction: at most 30) and the
+   micro-batch. A message left over from a job that failed part-way can
+   never be taken for one of a later job (until the generations wrap). */
+static int mpar__mpi_tag(const mpar_pipeline* p, const mpar__link* l, int mb) {
+    unsigned gen = (unsigned)p->generation % (p->tag_cycle ? p->tag_cycle : 1u);
+    return (int)((gen * 32u + (unsigned)(l->boundary * 2 + l->gradient)) * 1024u + (unsigned)(mb % 1024));
+}
 
 /* Tells every other rank that this one failed in the current job. */
 static void mpar__mpi_abort_peers(mpar_pipeline* p) {
@@ -9504,15 +9520,37 @@ static void mpar__mpi_nap(const mpar__mpi_polling* how, double waited) {
     nanosleep(&ts, NULL);
 }
 
+/* Polls requests until all are done (1), `limit` seconds pass (0), or MPI
+   reports an error (-1). */
+static int mpar__mpi_poll(const mpar__mpi_polling* how, MPI_Request* req, int n, double limit) {
+    double t0 = mpar__now();
+    for (;;) {
+        int done = 0;
+        if (MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS) return -1;
+        if (done) return 1;
+        if (mpar__now() - t0 > limit) return 0;
+        mpar__mpi_nap(how, mpar__now() - t0);
+    }
+}
+
 /* Waits for a request, polling for local aborts, peer failures and the
    timeout; an abandoned receive is cancelled, a send left to finish. */
-static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* req, int is_send, int mb) {
+static mpar_result mpar__mpi_wait(mpar__worker* w, mpar__link* l, MPI_Request* req, int is_send, int mb,
+                                  MPI_Status* status, size_t floats) {
     mpar_pipeline* p = w->p;
     double t0 = mpar__now();
     for (;;) {
-        int done = 0, aborted;
-        if (MPI_Test(req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
-            return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Test failed on the link to rank %d", l->peer);
+        int done = 0, aborted, rc = MPI_Test(req, &done, status ? status : MPI_STATUS_IGNORE), cls = 0;
+        if (rc != MPI_SUCCESS) {
+            MPI_Error_class(rc, &cls);
+            if (cls == MPI_ERR_TRUNCATE)
+                return mpar__fail(p->ctx, MPAR_ERROR_MISMATCH, "rank %d sent more than the %zu floats this rank "
+                                  "expects for micro-batch %d on the %s link of boundary %d: the ranks disagree on "
+                                  "the model or the batch", l->peer, floats, mb, l->gradient ? "gradient" : "activation",
+                                  l->boundary);
+            return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Test failed on the link to rank %d (MPI error class %d: "
+                              "a rank gone, or the network)", l->peer, cls);
+        }
         if (done) return MPAR_SUCCESS;
         pthread_mutex_lock(&l->mu);
         aborted = l->aborted;
@@ -9545,7 +9583,7 @@ static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, int unused, mp
     (void)unused;
     double t_wait = mpar__now(), t_copy;
     if (l->pending[slot]) { /* the buffer's previous message must be out first */
-        mpar_result r = mpar__mpi_wait(w, l, req, 1, mb);
+        mpar_result r = mpar__mpi_wait(w, l, req, 1, mb, NULL, floats);
         l->pending[slot] = 0;
         if (r != MPAR_SUCCESS) return r;
     }
@@ -9554,7 +9592,8 @@ static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, int unused, mp
         return mpar__fail(p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "link send to rank %d: injected transfer fault",
                           l->peer);
     MPAR__TRY(mpar__exec_transfer(&w->ex, src, l->host[slot], floats * 4, 0));
-    if (MPI_Isend(l->host[slot], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(l, mb), p->comm, req) != MPI_SUCCESS)
+    if (MPI_Isend(l->host[slot], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(p, l, mb), p->comm, req) !=
+        MPI_SUCCESS)
         return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Isend of micro-batch %d to rank %d failed", mb, l->peer);
     l->pending[slot] = 1;
     l->next++;
@@ -9565,13 +9604,19 @@ static mpar_result mpar__mpi_send(mpar__worker* w, mpar__link* l, int unused, mp
 static mpar_result mpar__mpi_recv(mpar__worker* w, mpar__link* l, int unused, mpar_buf dst, size_t floats, int mb) {
     mpar_pipeline* p = w->p;
     MPI_Request req;
+    MPI_Status st;
     double t_wait = mpar__now(), t_copy;
     mpar_result r;
+    int got = -1;
     (void)unused;
-    if (MPI_Irecv(l->host[0], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(l, mb), p->comm, &req) != MPI_SUCCESS)
+    if (MPI_Irecv(l->host[0], (int)floats, MPI_FLOAT, l->peer, mpar__mpi_tag(p, l, mb), p->comm, &req) != MPI_SUCCESS)
         return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Irecv of micro-batch %d from rank %d failed", mb, l->peer);
-    r = mpar__mpi_wait(w, l, &req, 0, mb);
+    r = mpar__mpi_wait(w, l, &req, 0, mb, &st, floats);
     if (r != MPAR_SUCCESS) return r;
+    if (MPI_Get_count(&st, MPI_FLOAT, &got) != MPI_SUCCESS || got != (int)floats)
+        return mpar__fail(p->ctx, MPAR_ERROR_MISMATCH, "rank %d sent %d floats for micro-batch %d on the %s link of "
+                          "boundary %d, where this rank expects %zu: the ranks disagree on the model or the batch",
+                          l->peer, got, mb, l->gradient ? "gradient" : "activation", l->boundary, floats);
     t_copy = mpar__now();
     if (mpar__exec_fault(&w->ex, MPAR__FAULT_TRANSFER))
         return mpar__fail(p->ctx, (mpar_result)CL_OUT_OF_RESOURCES, "link receive from rank %d: injected transfer fault",
@@ -10587,17 +10632,314 @@ static void mpar__decide_serial(mpar_pipeline* p, mpar__job job) {
     }
 }
 
+/* ---- what the ranks of a pipeline across processes compare at create ----
+   Each rank sends a fixed record: "MPDG", format 1, its create result,
+   its rank, and one 64-bit FNV-1a hash per part of the pipeline's
+   description (little-endian). The parts are compared one by one, so a
+   mismatch names what differs. Device choices are each rank's own and are
+   left out. */
+enum { MPAR__DIGEST_PARTS = 7, MPAR__DIGEST_BYTES = 16 + 8 * MPAR__DIGEST_PARTS };
+static const char* const mpar__digest_part_name[MPAR__DIGEST_PARTS] = {
+    "mpar version", "model (layers, shapes, settings, seed)", "stages (layer ranges, ranks, recompute)",
+    "schedule (its actions)", "batch shape (max_batch, micro-batches)", "data types (activation_type, "
+    "inference_only)", "optimizer and step settings"};
+
+typedef struct mpar__digest {
+    int32_t result, rank;
+    uint64_t part[MPAR__DIGEST_PARTS];
+} mpar__digest;
+
+static void mpar__digest_encode(const mpar__digest* d, unsigned char* out) {
+    int i, k;
+    uint32_t head[4];
+    head[0] = 0x4744504Du, head[1] = 1u, head[2] = (uint32_t)d->result, head[3] = (uint32_t)d->rank; /* "MPDG" */
+    for (k = 0; k < 4; k++)
+        for (i = 0; i < 4; i++) out[4 * k + i] = (unsigned char)(head[k] >> (8 * i));
+    for (k = 0; k < MPAR__DIGEST_PARTS; k++)
+        for (i = 0; i < 8; i++) out[16 + 8 * k + i] = (unsigned char)(d->part[k] >> (8 * i));
+}
+
+/* 0, or -1 for a record this mpar cannot read (wrong size, magic, format,
+   or a positive result or negative rank, which no mpar sends). */
+static int mpar__digest_decode(const unsigned char* in, size_t size, mpar__digest* d) {
+    int i, k;
+    uint32_t head[4];
+    if (!in || size != MPAR__DIGEST_BYTES) return -1;
+    for (k = 0; k < 4; k++) {
+        head[k] = 0;
+        for (i = 0; i < 4; i++) head[k] |= (uint32_t)in[4 * k + i] << (8 * i);
+    }
+    if (head[0] != 0x4744504Du || head[1] != 1u || (int32_t)head[2] > 0 || (int32_t)head[3] < 0) return -1;
+    d->result = (int32_t)head[2], d->rank = (int32_t)head[3];
+    for (k = 0; k < MPAR__DIGEST_PARTS; k++) {
+        d->part[k] = 0;
+        for (i = 0; i < 8; i++) d->part[k] |= (uint64_t)in[16 + 8 * k + i] << (8 * i);
+    }
+    return 0;
+}
+
+/* The first part in which b differs from a, or -1. */
+static int mpar__digest_differs(const mpar__digest* a, const mpar__digest* b) {
+    int k;
+    for (k = 0; k < MPAR__DIGEST_PARTS; k++)
+        if (a->part[k] != b->part[k]) return k;
+    return -1;
+}
+
+static uint64_t mpar__hash_ints(uint64_t h, const int* v, int n) {
+    int i;
+    for (i = 0; i < n; i++) {
+        unsigned char b[4];
+        b[0] = (unsigned char)v[i], b[1] = (unsigned char)(v[i] >> 8), b[2] = (unsigned char)(v[i] >> 16);
+        b[3] = (unsigned char)((unsigned)v[i] >> 24);
+        h = mpar__fnv1a(h, b, 4);
+    }
+    return h;
+}
+
+static uint64_t mpar__hash_floats(uint64_t h, const float* v, int n) {
+    int i;
+    for (i = 0; i < n; i++) {
+        uint32_t u;
+        int w;
+        memcpy(&u, &v[i], 4);
+        w = (int)u;
+        h = mpar__hash_ints(h, &w, 1);
+    }
+    return h;
+}
+
+/* The description of a built pipeline (result: its create result). */
+static void mpar__pipeline_digest(const mpar_pipeline* p, mpar_result result, int rank, mpar__digest* d) {
+    const mpar_model* m = p->model;
+    const mpar_optimizer_desc* o = &p->desc.optimizer;
+    int i, k, v[12];
+    float f[7];
+    memset(d, 0, sizeof *d);
+    d->result = (int32_t)result, d->rank = rank;
+    d->part[0] = mpar__fnv1a(MPAR__FNV_SEED, MPAR_VERSION_STRING, sizeof MPAR_VERSION_STRING);
+    if (result != MPAR_SUCCESS) return;
+    v[0] = m->desc.input_features, v[1] = m->desc.seq_len, v[2] = (int)(m->desc.seed & 0x7fffffff),
+    v[3] = (int)(m->desc.seed >> 31), v[4] = m->count;
+    d->part[1] = mpar__hash_ints(MPAR__FNV_SEED, v, 5);
+    for (i = 0; i < m->count; i++) {
+        const mpar_layer* l = &m->layers[i];
+        d->part[1] = mpar__fnv1a(d->part[1], l->type->name, strlen(l->type->name) + 1);
+        v[0] = l->desc.units, v[1] = l->desc.vocab, v[2] = l->desc.heads, v[3] = l->desc.hidden;
+        v[4] = l->in_features, v[5] = l->out_features, v[6] = l->seq_len, v[7] = (int)(l->param_count & 0x7fffffff);
+        f[0] = l->desc.rate, f[1] = l->desc.eps;
+        d->part[1] = mpar__hash_floats(mpar__hash_ints(d->part[1], v, 8), f, 2);
+    }
+    v[0] = p->vs_count, v[1] = p->workers_count, v[2] = p->ranks;
+    d->part[2] = mpar__hash_ints(MPAR__FNV_SEED, v, 3);
+    for (i = 0; i < p->vs_count; i++) {
+        v[0] = p->vs[i].first, v[1] = p->vs[i].last, v[2] = p->vs[i].worker, v[3] = p->vs[i].recompute;
+        d->part[2] = mpar__hash_ints(d->part[2], v, 4);
+    }
+    d->part[2] = mpar__hash_ints(d->part[2], p->stage_rank, p->workers_count);
+    v[0] = (int)p->desc.schedule, v[1] = p->schedule->stages, v[2] = p->schedule->microbatches,
+    v[3] = p->schedule->virtual_stages, v[4] = p->schedule->split_backward;
+    d->part[3] = mpar__hash_ints(MPAR__FNV_SEED, v, 5);
+    for (i = 0; i < p->schedule->stages; i++)
+        for (k = 0; k < mpar_schedule_action_count(p->schedule, i); k++) {
+            const mpar_action* a = mpar_schedule_action(p->schedule, i, k);
+            v[0] = (int)a->kind, v[1] = a->microbatch, v[2] = a->chunk;
+            d->part[3] = mpar__hash_ints(d->part[3], v, 3);
+        }
+    v[0] = p->desc.max_batch, v[1] = p->schedule->microbatches, v[2] = p->seq_len, v[3] = p->mb_rows_max;
+    d->part[4] = mpar__hash_ints(MPAR__FNV_SEED, v, 4);
+    v[0] = (int)p->desc.activation_type, v[1] = p->desc.inference_only;
+    for (i = 0; i < p->vs_count && i < 10; i++) v[2 + i] = p->vs[i].act16 | p->vs[i].link16_in << 1 |
+                                                           p->vs[i].link16_out << 2;
+    d->part[5] = mpar__hash_ints(MPAR__FNV_SEED, v, 2 + (p->vs_count < 10 ? p->vs_count : 10));
+    v[0] = (int)o->kind, v[1] = o->warmup_steps, v[2] = o->decay_steps, v[3] = p->desc.skip_nonfinite, v[4] = p->step;
+    f[0] = o->lr, f[1] = o->momentum, f[2] = o->beta1, f[3] = o->beta2, f[4] = o->eps, f[5] = o->weight_decay,
+    f[6] = o->clip_norm;
+    d->part[6] = mpar__hash_floats(mpar__hash_ints(MPAR__FNV_SEED, v, 5), f, 7);
+    d->part[6] = mpar__hash_floats(d->part[6], &o->min_lr, 1);
+}
+
 #ifdef MPAR_USE_MPI
+/* Makes a pipeline across processes collective at create: every rank that
+   called mpar_pipeline_create, whether its own part was built or not
+   (r), duplicates the communicator and sends its record; then every rank
+   returns the same: success, MPAR_ERROR_ABORTED naming a rank that failed
+   (that rank returns its own error), or MPAR_ERROR_MISMATCH naming the
+   part of the description in which a rank differs from rank 0. Waits are
+   bounded by timeout_seconds: a rank that never calls create leaves the
+   others with MPAR_ERROR_TIMEOUT. */
+static mpar_result mpar__mpi_join(mpar_pipeline* p, const mpar_pipeline_desc* desc, mpar_result r) {
+    MPI_Comm user = *(const MPI_Comm*)desc->mpi_comm, c;
+    MPI_Request req;
+    mpar_context* ctx = p->ctx;
+    double limit = (desc->timeout_seconds > 0 && desc->timeout_seconds <= 1e7) ? desc->timeout_seconds : 600.0;
+    int size = 1, rank = 0, got, j, k, flag = 0, fail_rank = -1, diff_rank = -1, diff_part = -1, fail_code = 0;
+    void* ub = NULL;
+    mpar__digest mine, theirs, first;
+    unsigned char* all;
+    if (MPI_Comm_size(user, &size) != MPI_SUCCESS || MPI_Comm_rank(user, &rank) != MPI_SUCCESS || size < 2) return r;
+    if (MPI_Comm_idup(user, &c, &req) != MPI_SUCCESS)
+        return r != MPAR_SUCCESS ? r : mpar__fail(ctx, MPAR_ERROR_IO, "pipeline create: MPI_Comm_idup failed");
+    got = mpar__mpi_poll(&mpar__mpi_polling_default, &req, 1, limit);
+    if (got <= 0) /* left to MPI */
+        return r != MPAR_SUCCESS ? r : mpar__fail(ctx, got ? MPAR_ERROR_TIMEOUT : MPAR_ERROR_IO,
+                                                  "pipeline create on rank %d: not all %d ranks of mpi_comm joined "
+                                                  "within %g s (a rank that stopped, or failed before it could join, "
+                                                  "or did not call mpar_pipeline_create)", rank, size, limit);
+    MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN);
+    all = (unsigned char*)mpar__alloc(ctx, (size_t)size * MPAR__DIGEST_BYTES + MPAR__DIGEST_BYTES);
+    if (!all) { /* cannot join: the others time out */
+        MPI_Comm_free(&c);
+        return r != MPAR_SUCCESS ? r : mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    }
+    mpar__pipeline_digest(p, r, rank, &mine);
+    if (ctx->test_skip_digest) memset(mine.part + 1, 0, sizeof mine.part - sizeof mine.part[0]);
+    mpar__digest_encode(&mine, all + (size_t)size * MPAR__DIGEST_BYTES);
+    if (MPI_Iallgather(all + (size_t)size * MPAR__DIGEST_BYTES, MPAR__DIGEST_BYTES, MPI_BYTE, all,
+                       MPAR__DIGEST_BYTES, MPI_BYTE, c, &req) != MPI_SUCCESS) {
+        mpar__free(ctx, all);
+        MPI_Comm_free(&c);
+        return r != MPAR_SUCCESS ? r : mpar__fail(ctx, MPAR_ERROR_IO, "pipeline create: MPI_Iallgather failed");
+    }
+    got = mpar__mpi_poll(&mpar__mpi_polling_default, &req, 1, limit);
+    if (got <= 0) /* `all` and the communicator are left to MPI, which may still write */
+        return r != MPAR_SUCCESS ? r : mpar__fail(ctx, got ? MPAR_ERROR_TIMEOUT : MPAR_ERROR_IO,
+                                                  "pipeline create on rank %d: the ranks' descriptions did not all "
+                                                  "arrive within %g s", rank, limit);
+    memset(&first, 0, sizeof first);
+    for (j = 0; j < size; j++) {
+        if (mpar__digest_decode(all + (size_t)j * MPAR__DIGEST_BYTES, MPAR__DIGEST_BYTES, &theirs) != 0 ||
+            theirs.rank != j || theirs.part[0] != mine.part[0]) {
+            diff_rank = j, diff_part = 0;
+            break;
+        }
+        if (theirs.result != MPAR_SUCCESS && fail_rank < 0) fail_rank = j, fail_code = theirs.result;
+        if (j == 0) first = theirs;
+        else if (diff_rank < 0 && first.result == MPAR_SUCCESS && theirs.result == MPAR_SUCCESS &&
+                 (k = mpar__digest_differs(&first, &theirs)) >= 0)
+            diff_rank = j, diff_part = k;
+    }
+    mpar__free(ctx, all);
+    if (r != MPAR_SUCCESS || fail_rank >= 0 || diff_rank >= 0) {
+        MPI_Comm_free(&c);
+        if (r != MPAR_SUCCESS) return r;
+        if (diff_part == 0)
+            return mpar__fail(ctx, MPAR_ERROR_MISMATCH, "pipeline create: rank %d runs another mpar version (this is "
+                              "%s), or sent a record this one cannot read", diff_rank, MPAR_VERSION_STRING);
+        if (fail_rank >= 0)
+            return mpar__fail(ctx, MPAR_ERROR_ABORTED, "pipeline create: rank %d could not create its part (%s; its "
+                              "mpar_last_error says why)", fail_rank, mpar_result_string((mpar_result)fail_code));
+        return mpar__fail(ctx, MPAR_ERROR_MISMATCH, "pipeline create: the ranks disagree on the %s: rank %d's differs "
+                          "from rank 0's; every rank must describe the same pipeline", mpar__digest_part_name[diff_part],
+                          diff_rank);
+    }
+    p->comm = c, p->comm_owned = 1;
+    p->tag_cycle = 1;
+    if (MPI_Comm_get_attr(c, MPI_TAG_UB, &ub, &flag) == MPI_SUCCESS && flag && ub) {
+        long long most = (long long)*(int*)ub + 1;
+        p->tag_cycle = (unsigned)(most / 32768 > 65536 ? 65536 : most / 32768 < 1 ? 1 : most / 32768);
+    }
+    return MPAR_SUCCESS;
+}
+#endif
+
+#ifdef MPAR_USE_MPI
+/* ---- agreement between ranks: non-blocking collectives, polled against a
+   deadline, so that no rank waits without end for one that stopped ----
+
+   After every job the ranks agree on its outcome. The agreement is an
+   MPI_Iallreduce on the pipeline's communicator (the ranks post them in the
+   same order: one per job, and a rank that refuses a job before running it
+   still posts its own, saying so). A rank waits for it up to
+   timeout_seconds when its own part succeeded (the others may still be
+   computing), and up to MPAR__MPI_GRACE_S when it failed (the others learn
+   of it from the abort message within a poll or two). A rank that stops
+   waiting keeps the agreement in flight, with its own buffers: its next
+   call waits for it again first (mpar__mpi_settle), so a rank that was
+   only slow, or stopped and continued, joins up and the pipeline works
+   again; one that is gone leaves every call returning MPAR_ERROR_TIMEOUT
+   within timeout_seconds. */
+#define MPAR__MPI_GRACE_S 1.0
+
+typedef struct mpar__agree {
+    MPI_Request req[2];
+    int generation;
+    int ints[4];     /* MAX over ranks: failed, ranks - cause, samples, -samples */
+    double sums[1];  /* SUM: the batch's loss sum, then layer_count squared gradient norms */
+} mpar__agree;
+
+/* Waits for an agreement left in flight by an earlier call (its outcome
+   was reported then); quiet: sets no error message. */
+static mpar_result mpar__mpi_settle_quiet(mpar_pipeline* p, double limit) {
+    int got;
+    if (!p->agree) return MPAR_SUCCESS;
+    got = mpar__mpi_poll(&p->mpi_polling, p->agree->req, 2, limit);
+    if (got == 0) return MPAR_ERROR_TIMEOUT;
+    if (got < 0) return MPAR_ERROR_IO; /* kept: MPI may still write into it */
+    mpar__free(p->ctx, p->agree);
+    p->agree = NULL;
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__mpi_settle(mpar_pipeline* p) {
+    int gen = p->agree ? p->agree->generation : 0;
+    mpar_result r = mpar__mpi_settle_quiet(p, p->desc.timeout_seconds);
+    if (r == MPAR_ERROR_TIMEOUT)
+        return mpar__fail(p->ctx, r, "the ranks have not all finished job %d, which failed: waited another %g s for a "
+                          "rank that is stopped or gone; this pipeline cannot run until every rank answers (destroy "
+                          "it if one never will)", gen, p->desc.timeout_seconds);
+    if (r != MPAR_SUCCESS)
+        return mpar__fail(p->ctx, r, "MPI failed while the ranks agreed on the outcome of job %d (a rank gone?); "
+                          "destroy the pipeline", gen);
+    return MPAR_SUCCESS;
+}
+
 /* After a job, every rank learns whether any rank failed (and which one
-   caused it), and gets the losses and gradient norms of the stages it does
-   not run: sums with zeros from everyone else, so the values are exact. */
+   caused it), and gets the loss and the gradient norms of the stages it
+   does not run: sums with zeros from everyone else, so the values are
+   exact (the loss is summed in micro-batch order on the last stage's rank,
+   as in one process). The ranks' batch sizes are compared too. */
 static mpar_result mpar__mpi_after_job(mpar_pipeline* p, mpar__job job, mpar_result r, const char** detail) {
     char* why = p->why;
-    int cause = (r != MPAR_SUCCESS && !p->peer_failed) ? p->rank : p->ranks, first = p->ranks, failed = r != MPAR_SUCCESS,
-        any = 0;
-    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, p->comm);
-    MPI_Allreduce(&cause, &first, 1, MPI_INT, MPI_MIN, p->comm);
-    if (any) {
+    int failed = r != MPAR_SUCCESS, cause = (failed && !p->peer_failed) ? p->rank : p->ranks, i, got, first,
+        samples = (job != MPAR__JOB_STEP && !failed && p->batch) ? p->batch->samples : 0;
+    size_t n = 1 + (size_t)p->layer_count;
+    mpar__agree* a;
+    mpar_result settled = mpar__mpi_settle(p);
+    if (settled != MPAR_SUCCESS) {
+        if (failed) return r;
+        *detail = mpar_last_error(p->ctx);
+        return settled;
+    }
+    a = (mpar__agree*)mpar__alloc(p->ctx, sizeof *a + sizeof(double) * (n - 1));
+    if (!a) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory for the ranks' agreement");
+    a->generation = p->generation;
+    a->ints[0] = failed, a->ints[1] = p->ranks - cause, a->ints[2] = samples, a->ints[3] = -samples;
+    a->sums[0] = 0.0;
+    if (!failed && (job == MPAR__JOB_GRADS || job == MPAR__JOB_INFER))
+        for (i = 0; i < p->mb_count; i++) a->sums[0] += (double)p->mb_loss[i]; /* micro-batch order, as one process */
+    for (i = 0; i < p->layer_count; i++) a->sums[1 + i] = (!failed && job == MPAR__JOB_GRADS) ? p->layer_sumsq[i] : 0.0;
+    if (MPI_Iallreduce(MPI_IN_PLACE, a->ints, 4, MPI_INT, MPI_MAX, p->comm, &a->req[0]) != MPI_SUCCESS ||
+        MPI_Iallreduce(MPI_IN_PLACE, a->sums, (int)n, MPI_DOUBLE, MPI_SUM, p->comm, &a->req[1]) != MPI_SUCCESS) {
+        mpar__free(p->ctx, a); /* (a first request posted alone would be written into freed memory: MPI failing
+                                   here is taken as the end of this communicator) */
+        return mpar__fail(p->ctx, MPAR_ERROR_IO, "MPI_Iallreduce failed after job %d", p->generation);
+    }
+    p->agree = a;
+    got = mpar__mpi_poll(&p->mpi_polling, a->req, 2,
+                         failed ? fmin(p->desc.timeout_seconds, MPAR__MPI_GRACE_S) : p->desc.timeout_seconds);
+    if (got <= 0) { /* left in flight for the next call */
+        if (failed) return r;
+        snprintf(why, sizeof p->why, "%s job %d: not every rank finished it within %g s (a rank stopped, gone, or "
+                 "slower than timeout_seconds allows)", got < 0 ? "MPI failed while the ranks agreed on" : "after",
+                 p->generation, p->desc.timeout_seconds);
+        *detail = why;
+        return got < 0 ? MPAR_ERROR_IO : MPAR_ERROR_TIMEOUT;
+    }
+    p->agree = NULL;
+    if (a->ints[0]) {
+        first = p->ranks - a->ints[1];
+        mpar__free(p->ctx, a);
         if (r == MPAR_SUCCESS || (p->peer_failed && r == MPAR_ERROR_ABORTED)) {
             snprintf(why, sizeof p->why, "stopped because rank %d failed (its mpar_last_error says why)",
                      first < p->ranks ? first : -1);
@@ -10606,11 +10948,37 @@ static mpar_result mpar__mpi_after_job(mpar_pipeline* p, mpar__job job, mpar_res
         }
         return r;
     }
-    if (job == MPAR__JOB_GRADS || job == MPAR__JOB_INFER)
-        MPI_Allreduce(MPI_IN_PLACE, p->mb_loss, p->mb_count, MPI_FLOAT, MPI_SUM, p->comm);
-    if (job == MPAR__JOB_GRADS)
-        MPI_Allreduce(MPI_IN_PLACE, p->layer_sumsq, p->layer_count, MPI_DOUBLE, MPI_SUM, p->comm);
+    if (a->ints[2] != -a->ints[3]) {
+        snprintf(why, sizeof p->why, "the ranks were given batches of different sizes (%d to %d samples): every rank "
+                 "passes the same batch size", -a->ints[3], a->ints[2]);
+        mpar__free(p->ctx, a);
+        *detail = why;
+        return MPAR_ERROR_MISMATCH;
+    }
+    p->loss_sum = a->sums[0];
+    if (job == MPAR__JOB_GRADS) memcpy(p->layer_sumsq, a->sums + 1, sizeof(double) * (size_t)p->layer_count);
+    mpar__free(p->ctx, a);
     return MPAR_SUCCESS;
+}
+
+/* A rank that refuses a job before running it (a bad batch, say) still
+   takes part, as a rank whose job failed at once: the other ranks stop
+   their part of it and return MPAR_ERROR_ABORTED naming this rank, and
+   every rank's next call pairs with the others' next call. The caller's
+   error message is kept. */
+static mpar_result mpar__mpi_refuse_job(mpar_pipeline* p, mpar__job job, mpar_result r) {
+    const char* detail = NULL;
+    int i;
+    if (p->ranks <= 1 || !p->comm_owned) return r;
+    if (mpar__mpi_settle_quiet(p, p->desc.timeout_seconds) != MPAR_SUCCESS) return r;
+    pthread_mutex_lock(&p->mu);
+    p->generation++; /* as the others' run_job does; the workers stay asleep */
+    for (i = 0; i < p->workers_count; i++) p->workers[i].generation = p->generation;
+    pthread_mutex_unlock(&p->mu);
+    p->peer_failed = 0;
+    mpar__mpi_abort_peers(p);
+    mpar__mpi_after_job(p, job, r, &detail); /* sets no message when this rank failed */
+    return r;
 }
 #endif
 
@@ -10623,6 +10991,9 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
     int i, measure;
     mpar_result r = MPAR_SUCCESS;
     const char* detail = NULL;
+#ifdef MPAR_USE_MPI
+    if (p->ranks > 1) MPAR__TRY(mpar__mpi_settle(p)); /* an earlier job's agreement, still in flight */
+#endif
     mpar__links_abort(p, 0);
     if (job != MPAR__JOB_STEP) {
         mpar_schedule_destroy(p->replaced_schedule); /* the timeline now shows this job */
@@ -10714,11 +11085,17 @@ static int mpar__counted_rows(const mpar_pipeline* p) {
 
 /* The batch's mean loss over its counted rows, from the micro-batches'
    sums in micro-batch order (0 when no row counts). */
-static double mpar__batch_loss(const mpar_pipeline* p) {
+static double mpar__loss_sum(const mpar_pipeline* p) {
     double loss = 0.0;
-    int m, counted = mpar__counted_rows(p);
+    int m;
+    if (p->ranks > 1) return p->loss_sum; /* the same sum, made on the last stage's rank (mpar__mpi_after_job) */
     for (m = 0; m < p->mb_count; m++) loss += (double)p->mb_loss[m];
-    return counted ? loss / counted : 0.0;
+    return loss;
+}
+
+static double mpar__batch_loss(const mpar_pipeline* p) {
+    int counted = mpar__counted_rows(p);
+    return counted ? mpar__loss_sum(p) / counted : 0.0;
 }
 
 static mpar_result mpar__damaged(mpar_pipeline* p) {
@@ -10736,6 +11113,16 @@ static mpar_result mpar__no_training(mpar_pipeline* p, const char* call) {
                       call);
 }
 
+/* A job this rank refuses before running it: across processes the other
+   ranks must still hear of it (mpar__mpi_refuse_job). Returns r. */
+static mpar_result mpar__refuse_job(mpar_pipeline* p, mpar__job job, mpar_result r) {
+#ifdef MPAR_USE_MPI
+    if (p->ranks > 1) return mpar__mpi_refuse_job(p, job, r);
+#endif
+    (void)p, (void)job;
+    return r;
+}
+
 static mpar_result mpar__auto_finish(mpar_pipeline* p);
 static mpar_result mpar__compute_gradients_impl(mpar_pipeline* p, const mpar_batch* batch, mpar_step_info* info) {
     mpar_result r;
@@ -10743,7 +11130,7 @@ static mpar_result mpar__compute_gradients_impl(mpar_pipeline* p, const mpar_bat
     if (p->desc.inference_only) return mpar__no_training(p, "mpar_pipeline_compute_gradients");
     if (p->damaged) return mpar__damaged(p);
     r = mpar__set_batch(p, batch, p->schedule->microbatches, 1);
-    if (r != MPAR_SUCCESS) return r;
+    if (r != MPAR_SUCCESS) return mpar__refuse_job(p, MPAR__JOB_GRADS, r);
     r = mpar__run_job(p, MPAR__JOB_GRADS);
     p->grads_ready = r == MPAR_SUCCESS;
     if (r != MPAR_SUCCESS) return r;
@@ -10879,12 +11266,14 @@ static mpar_result mpar__train_step_impl(mpar_pipeline* p, const mpar_batch* bat
 }
 
 static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
-    int per_mb, count, m;
+    int per_mb, count;
     mpar_result r;
     double sum = 0.0;
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->damaged) return mpar__damaged(p); /* mixed parameters would give answers of no model */
-    if (!batch) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch is NULL");
+    if (!batch)
+        return mpar__refuse_job(p, MPAR__JOB_INFER,
+                                mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch is NULL"));
     per_mb = p->mb_rows_max / p->seq_len;
     count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
     if (count > p->mb_capacity) {
@@ -10892,13 +11281,14 @@ static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, f
         float* losses = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)count);
         if (!first || !losses) {
             mpar__free(p->ctx, first), mpar__free(p->ctx, losses);
-            return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+            return mpar__refuse_job(p, MPAR__JOB_INFER,
+                                    mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory"));
         }
         mpar__free(p->ctx, p->mb_first), mpar__free(p->ctx, p->mb_loss);
         p->mb_first = first, p->mb_loss = losses, p->mb_capacity = count;
     }
     r = mpar__set_batch(p, batch, count, 0);
-    if (r != MPAR_SUCCESS) return r;
+    if (r != MPAR_SUCCESS) return mpar__refuse_job(p, MPAR__JOB_INFER, r);
     if (!p->infer_schedule || p->infer_schedule->microbatches != count) {
         /* inference is a schedule too: forwards only, on the training schedule's placement */
         mpar_error err;
@@ -10906,13 +11296,13 @@ static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, f
         p->infer_schedule = NULL;
         if (mpar_schedule_forward_only(&p->ctx->allocator, p->schedule->stages, count, p->schedule->virtual_stages,
                                        p->schedule->placement, &p->infer_schedule, &err) != MPAR_SUCCESS)
-            return mpar__fail(p->ctx, err.code, "%s", err.message);
+            return mpar__refuse_job(p, MPAR__JOB_INFER, mpar__fail(p->ctx, err.code, "%s", err.message));
     }
     p->infer_out = outputs;
     r = mpar__run_job(p, MPAR__JOB_INFER);
     p->infer_out = NULL;
     if (r != MPAR_SUCCESS) return r;
-    for (m = 0; m < count; m++) sum += (double)p->mb_loss[m];
+    sum = mpar__loss_sum(p);
     if (loss) *loss = (batch->targets && p->loss_scale > 0.0f) ? sum * (double)p->loss_scale : 0.0;
     return MPAR_SUCCESS;
 }
@@ -11690,7 +12080,12 @@ static void mpar__pipeline_release(mpar_pipeline* p) {
     if (p->vs)
         for (i = p->vs_count - 1; i >= 0; i--) mpar__vstage_release(p, &p->vs[i]);
 #ifdef MPAR_USE_MPI
-    if (p->ranks > 1) MPI_Comm_free(&p->comm);
+    /* an agreement still in flight may yet be written by MPI: after a short
+       wait, it and the communicator are left to MPI (a rank stopped or gone) */
+    if (p->agree && mpar__mpi_settle_quiet(p, fmin(p->desc.timeout_seconds, MPAR__MPI_GRACE_S)) != MPAR_SUCCESS)
+        p->comm_owned = 0;
+    if (p->comm_owned) MPI_Comm_free(&p->comm);
+    p->comm_owned = 0;
 #endif
     for (i = p->workers_count - 1; i >= 0; i--) {
         mpar__free(p->ctx, p->workers[i].events);
@@ -11849,12 +12244,12 @@ static mpar_result mpar__setup_ranks(mpar_pipeline* p) {
         if (!p->desc.stages || p->desc.virtual_stages > 1)
             return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "pipelines across processes need explicit stages and "
                               "no interleaving");
-        /* our own communicator: our tags never meet the application's */
-        if (MPI_Comm_dup(*(const MPI_Comm*)p->desc.mpi_comm, &p->comm) != MPI_SUCCESS)
-            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "MPI_Comm_dup failed");
-        MPI_Comm_set_errhandler(p->comm, MPI_ERRORS_RETURN);
-        MPI_Comm_rank(p->comm, &p->rank);
-        MPI_Comm_size(p->comm, &p->ranks);
+        /* local calls: the communicator of our own (so that our tags never
+           meet the application's) is made once every rank agreed
+           (mpar__mpi_join) */
+        if (MPI_Comm_rank(*(const MPI_Comm*)p->desc.mpi_comm, &p->rank) != MPI_SUCCESS ||
+            MPI_Comm_size(*(const MPI_Comm*)p->desc.mpi_comm, &p->ranks) != MPI_SUCCESS)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpi_comm: MPI_Comm_rank or MPI_Comm_size failed");
         if (2 * p->vs_count * 1024 > 32767)
             return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "at most 15 stage boundaries across processes");
 #else
@@ -12219,6 +12614,9 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
         if (!p->guard) r = mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
         else pthread_mutex_init(&p->guard->mu, NULL), p->guard->call = NULL;
     }
+#ifdef MPAR_USE_MPI
+    if (desc->mpi_comm) r = mpar__mpi_join(p, desc, r); /* every rank returns the same */
+#endif
     if (r != MPAR_SUCCESS) {
         mpar_pipeline_destroy(p);
         return r;

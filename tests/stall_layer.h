@@ -1,12 +1,16 @@
 /* A test layer: copies its input and, while `stall_seconds` is set, first
    sleeps that long in the training forward of the micro-batch that starts
-   at row 0, as a hung neighbour (stage or rank) would. Include after
+   at row 0, as a hung neighbour (stage or rank) would; with `stall_stop`
+   set it stops its whole process there instead (SIGSTOP, once), as a
+   stopped rank would, until something sends it SIGCONT. Include after
    mpar.h. */
 #ifndef MPAR_TEST_STALL_LAYER_H
 #define MPAR_TEST_STALL_LAYER_H
+#include <signal.h>
 #include <time.h>
 
 static double stall_seconds;
+static volatile int stall_stop;
 static mpar_result stall_setup(mpar_layer* l, mpar_error* err) {
     (void)err;
     l->out_features = l->in_features;
@@ -14,6 +18,10 @@ static mpar_result stall_setup(mpar_layer* l, mpar_error* err) {
 }
 static mpar_result stall_forward(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
     int n = io->rows * l->in_features;
+    if (stall_stop && io->row_offset == 0 && io->training) {
+        stall_stop = 0;
+        raise(SIGSTOP);
+    }
     if (stall_seconds > 0 && io->row_offset == 0 && io->training) {
         struct timespec ts;
         ts.tv_sec = (time_t)stall_seconds;

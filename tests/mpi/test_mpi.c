@@ -227,6 +227,221 @@ static void timeout(void) {
     mpar_model_destroy(m);
 }
 
+/* A small model whose first boundary is `width` wide: linear, tanh,
+   linear, stall (a copy: on the last rank of 2 or 3), cross-entropy. */
+static mpar_model* small_model(int width) {
+    mpar_model* m = NULL;
+    mpar_model_desc md;
+    mpar_layer_desc ld;
+    memset(&md, 0, sizeof md);
+    md.input_features = IN, md.seed = 3;
+    memset(&ld, 0, sizeof ld);
+    ld.type = &stall_type;
+    mpar_model_create(&md, &m, NULL);
+    mpar_model_add_linear(m, width, NULL);
+    mpar_model_add_simple(m, mpar_layer_tanh(), NULL);
+    mpar_model_add_linear(m, CLASSES, NULL);
+    mpar_model_add(m, &ld, NULL);
+    mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL);
+    return m;
+}
+
+/* A pipeline desc over MPI_COMM_WORLD with one stage per rank; `shift`
+   moves rank 0's last layer (a split of its own). */
+static MPI_Comm world;
+static void small_desc(mpar_pipeline_desc* pd, mpar_stage_desc* st, int L, int shift, double timeout) {
+    int j;
+    for (j = 0; j < size; j++) {
+        st[j].device = 0;
+        st[j].first_layer = L * j / size + (j > 0 ? shift : 0);
+        st[j].last_layer = j + 1 < size ? L * (j + 1) / size - 1 + shift : L - 1;
+    }
+    world = MPI_COMM_WORLD;
+    memset(pd, 0, sizeof *pd);
+    pd->stages = st, pd->stage_count = size, pd->schedule = MPAR_SCHEDULE_1F1B, pd->microbatches = M;
+    pd->max_batch = BATCH, pd->timeout_seconds = timeout, pd->mpi_comm = &world;
+    pd->optimizer.kind = MPAR_OPTIMIZER_SGD, pd->optimizer.lr = 0.05f;
+}
+
+/* Ranks that describe different pipelines: every rank's create fails with
+   MPAR_ERROR_MISMATCH naming what differs; a rank whose own create fails
+   makes the others fail with MPAR_ERROR_ABORTED naming it, at once. */
+static void disagree(void) {
+    mpar_model* m = small_model(HID);
+    mpar_model* wide = small_model(HID + 4);
+    mpar_pipeline_desc pd;
+    mpar_stage_desc st[8];
+    mpar_pipeline* p = NULL;
+    int L = mpar_model_layer_count(m);
+    double t0;
+    mpar_result r;
+    /* another split on the last rank */
+    small_desc(&pd, st, L, rank == size - 1 ? 1 : 0, 30);
+    r = mpar_pipeline_create(ctx, m, &pd, &p);
+    CHECK(r == MPAR_ERROR_MISMATCH && strstr(mpar_last_error(ctx), "disagree on the stages") && !p,
+          "another split: %s %s", mpar_result_string(r), mpar_last_error(ctx));
+    mpar_pipeline_destroy(p), p = NULL;
+    /* a wider boundary on the last rank */
+    small_desc(&pd, st, L, 0, 30);
+    r = mpar_pipeline_create(ctx, rank == size - 1 ? wide : m, &pd, &p);
+    CHECK(r == MPAR_ERROR_MISMATCH && strstr(mpar_last_error(ctx), "disagree on the model") && !p,
+          "another width: %s %s", mpar_result_string(r), mpar_last_error(ctx));
+    mpar_pipeline_destroy(p), p = NULL;
+    /* another learning rate on rank 0 */
+    small_desc(&pd, st, L, 0, 30);
+    if (rank == 0) pd.optimizer.lr = 0.5f;
+    r = mpar_pipeline_create(ctx, m, &pd, &p);
+    CHECK(r == MPAR_ERROR_MISMATCH && strstr(mpar_last_error(ctx), "disagree on the optimizer") &&
+              strstr(mpar_last_error(ctx), "rank 1's differs"), "another lr: %s %s", mpar_result_string(r),
+          mpar_last_error(ctx));
+    mpar_pipeline_destroy(p), p = NULL;
+    /* a create that fails on the last rank only: at once everywhere */
+    small_desc(&pd, st, L, 0, 30);
+    if (rank == size - 1) pd.optimizer.lr = -1.0f;
+    MPI_Barrier(MPI_COMM_WORLD);
+    t0 = mpar__now();
+    r = mpar_pipeline_create(ctx, m, &pd, &p);
+    CHECK(mpar__now() - t0 < 5.0, "a create failing on one rank took %.1f s", mpar__now() - t0);
+    if (rank == size - 1)
+        CHECK(r == MPAR_ERROR_INVALID_ARGUMENT && strstr(mpar_last_error(ctx), "lr"), "failing rank: %s %s",
+              mpar_result_string(r), mpar_last_error(ctx));
+    else {
+        char cause[64];
+        snprintf(cause, sizeof cause, "rank %d could not create its part", size - 1);
+        CHECK(r == MPAR_ERROR_ABORTED && strstr(mpar_last_error(ctx), cause), "others: %s %s", mpar_result_string(r),
+              mpar_last_error(ctx));
+    }
+    mpar_pipeline_destroy(p), p = NULL;
+    /* the receive-size checks, reached by skipping the comparison: a
+       receiver expecting another width stops with MISMATCH, never
+       computing from memory nobody wrote */
+    ctx->test_skip_digest = 1;
+    small_desc(&pd, st, L, 0, 5);
+    r = mpar_pipeline_create(ctx, rank == 1 ? wide : m, &pd, &p); /* rank 1 receives the first boundary */
+    ctx->test_skip_digest = 0;
+    CHECK(r == MPAR_SUCCESS, "create without the comparison: %s", mpar_last_error(ctx));
+    if (p) {
+        static float out[BATCH * (HID + 4)];
+        mpar_batch b;
+        int mismatched = 0, total = 0;
+        b.inputs = x, b.targets = y, b.samples = BATCH;
+        t0 = mpar__now();
+        r = mpar_pipeline_infer(p, &b, out, NULL);
+        CHECK(r == MPAR_ERROR_MISMATCH || r == MPAR_ERROR_ABORTED, "infer across widths: %s %s",
+              mpar_result_string(r), mpar_last_error(ctx));
+        CHECK(mpar__now() - t0 < 3.0, "infer across widths took %.1f s", mpar__now() - t0);
+        mismatched = r == MPAR_ERROR_MISMATCH;
+        if (mismatched) CHECK(strstr(mpar_last_error(ctx), "the ranks disagree"), "%s", mpar_last_error(ctx));
+        MPI_Allreduce(&mismatched, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+        CHECK(total >= 1, "no rank found the size mismatch");
+        r = step(p, NULL);
+        CHECK(r == MPAR_ERROR_MISMATCH || r == MPAR_ERROR_ABORTED, "training across widths: %s %s",
+              mpar_result_string(r), mpar_last_error(ctx));
+        mpar_pipeline_destroy(p), p = NULL;
+    }
+    mpar_model_destroy(wide);
+    mpar_model_destroy(m);
+}
+
+/* A bad batch on one rank only: that rank returns its own error, the
+   others MPAR_ERROR_ABORTED naming it, promptly; the step changes nothing,
+   and the ranks stay paired: the next steps equal one process's. Batches
+   of different sizes on different ranks fail everywhere. */
+static void local_failure(void) {
+    mpar_model* m = small_model(HID);
+    mpar_pipeline_desc pd, one;
+    mpar_stage_desc st[8], st1[8];
+    mpar_pipeline *p = NULL, *ref = NULL;
+    int L = mpar_model_layer_count(m), s, j;
+    int32_t bad[BATCH];
+    double t0, a = 0, b = 0;
+    mpar_result r;
+    small_desc(&pd, st, L, 0, 30);
+    one = pd;
+    for (j = 0; j < size; j++) st1[j] = st[j];
+    one.stages = st1, one.mpi_comm = NULL;
+    CHECK(mpar_pipeline_create(ctx, m, &pd, &p) == MPAR_SUCCESS, "create: %s", mpar_last_error(ctx));
+    CHECK(mpar_pipeline_create(ctx, m, &one, &ref) == MPAR_SUCCESS, "create: %s", mpar_last_error(ctx));
+    if (!p || !ref) return;
+    memcpy(bad, y, sizeof bad);
+    bad[BATCH / 2] = CLASSES; /* not a class */
+    for (s = 0; s < 4; s++) {
+        mpar_batch bb;
+        mpar_step_info info;
+        if (s == 1) { /* the bad label, on the last rank only */
+            bb.inputs = x, bb.targets = rank == size - 1 ? bad : y, bb.samples = BATCH;
+            MPI_Barrier(MPI_COMM_WORLD);
+            t0 = mpar__now();
+            r = mpar_pipeline_train_step(p, &bb, &info);
+            CHECK(mpar__now() - t0 < 2.0, "a step failing on one rank took %.1f s", mpar__now() - t0);
+            if (rank == size - 1)
+                CHECK(r == MPAR_ERROR_INVALID_ARGUMENT && strstr(mpar_last_error(ctx), "is not below"),
+                      "failing rank: %s %s", mpar_result_string(r), mpar_last_error(ctx));
+            else {
+                char cause[64];
+                snprintf(cause, sizeof cause, "because rank %d failed", size - 1);
+                CHECK(r == MPAR_ERROR_ABORTED && strstr(mpar_last_error(ctx), cause), "others: %s %s",
+                      mpar_result_string(r), mpar_last_error(ctx));
+            }
+            /* a batch of another size on rank 0: every rank fails */
+            bb.targets = y, bb.samples = rank == 0 ? BATCH - M : BATCH;
+            r = mpar_pipeline_train_step(p, &bb, &info);
+            CHECK(r == MPAR_ERROR_MISMATCH || r == MPAR_ERROR_ABORTED, "batch sizes %d: %s %s", bb.samples,
+                  mpar_result_string(r), mpar_last_error(ctx));
+            /* a NULL batch for inference on rank 0 */
+            r = mpar_pipeline_infer(p, rank == 0 ? NULL : &bb, NULL, NULL);
+            CHECK(r == (rank == 0 ? MPAR_ERROR_INVALID_ARGUMENT : MPAR_ERROR_ABORTED), "infer with NULL on rank 0: "
+                  "%s %s", mpar_result_string(r), mpar_last_error(ctx));
+        }
+        CHECK(step(ref, &a) == MPAR_SUCCESS, "reference: %s", mpar_last_error(ctx));
+        CHECK(step(p, &b) == MPAR_SUCCESS, "step %d: %s", s, mpar_last_error(ctx));
+        CHECK(a == b, "step %d: loss %.9g (one process) vs %.9g (MPI)", s, a, b);
+    }
+    mpar_pipeline_destroy(ref);
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+}
+
+/* The last rank stops (SIGSTOP) in the middle of a step: every other rank
+   returns within timeout + 2 s, with MPAR_ERROR_TIMEOUT (a rank that
+   waited for it) or MPAR_ERROR_ABORTED; once it continues (SIGCONT), the
+   next step works on every rank. */
+static void stalled(void) {
+    mpar_model* m = small_model(HID);
+    mpar_pipeline_desc pd;
+    mpar_stage_desc st[8];
+    mpar_pipeline* p = NULL;
+    int L = mpar_model_layer_count(m), pid = (int)getpid(), pids[16], timed_out, total = 0;
+    const double T = 1.0;
+    double t0, took;
+    mpar_result r;
+    MPI_Allgather(&pid, 1, MPI_INT, pids, 1, MPI_INT, MPI_COMM_WORLD);
+    small_desc(&pd, st, L, 0, T);
+    pd.schedule = MPAR_SCHEDULE_GPIPE;
+    CHECK(mpar_pipeline_create(ctx, m, &pd, &p) == MPAR_SUCCESS, "create: %s", mpar_last_error(ctx));
+    if (!p) return;
+    CHECK(step(p, NULL) == MPAR_SUCCESS, "first step: %s", mpar_last_error(ctx));
+    if (rank == size - 1) stall_stop = 1;
+    MPI_Barrier(MPI_COMM_WORLD);
+    t0 = mpar__now();
+    r = step(p, NULL);
+    took = mpar__now() - t0;
+    if (rank != size - 1) {
+        CHECK(took <= T + 2.0, "with rank %d stopped, a step took %.2f s (timeout %g s)", size - 1, took, T);
+        CHECK(r == MPAR_ERROR_TIMEOUT || r == MPAR_ERROR_ABORTED, "with rank %d stopped: %s %s", size - 1,
+              mpar_result_string(r), mpar_last_error(ctx));
+        if (rank == 0) kill((pid_t)pids[size - 1], SIGCONT);
+    } else
+        CHECK(r != MPAR_SUCCESS, "the stopped rank's step succeeded");
+    timed_out = r == MPAR_ERROR_TIMEOUT;
+    MPI_Allreduce(&timed_out, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    CHECK(total >= 1, "no rank reported the timeout");
+    CHECK(step(p, NULL) == MPAR_SUCCESS, "the step after the stopped rank continued: %s", mpar_last_error(ctx));
+    CHECK(step(p, NULL) == MPAR_SUCCESS, "the second step after: %s", mpar_last_error(ctx));
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+}
+
 int main(int argc, char** argv) {
     int provided = 0, total[2], mine[2], i;
     mpar_desc d;
@@ -270,6 +485,9 @@ int main(int argc, char** argv) {
     g_act = MPAR_ACTIVATIONS_FP32;
     fault();
     timeout();
+    disagree();
+    local_failure();
+    stalled();
 
     mine[0] = checks - failures, mine[1] = failures;
     MPI_Reduce(mine, total, 2, MPI_INT, MPI_SUM, 0, MPI_COMM_WORLD);
