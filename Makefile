@@ -84,7 +84,7 @@ test: all $(ICD2)
 MPIRUN = mpirun --allow-run-as-root --oversubscribe --bind-to none
 tests/mpi/test_mpi: tests/mpi/test_mpi.c $(HDR) tests/stall_layer.h | deps
 	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
-bench/mpi/bench_mpi bench/mpi/bench_mpi_wait: %: %.c $(HDR) | deps
+bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail: %: %.c $(HDR) | deps
 	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
 test-mpi: tests/mpi/test_mpi
 	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels timeout 300 $(MPIRUN) -np 2 tests/mpi/test_mpi
@@ -115,8 +115,8 @@ mutate: deps
 
 bench: all
 	@for b in $(BENCHES); do echo "# $$b"; $(TEST_ENV) $$b || exit 1; done
-	@if command -v mpicc >/dev/null; then $(MAKE) --no-print-directory bench/mpi/bench_mpi bench/mpi/bench_mpi_wait && \
-	for b in bench/mpi/bench_mpi bench/mpi/bench_mpi_wait; do echo "# $$b"; \
+	@if command -v mpicc >/dev/null; then $(MAKE) --no-print-directory bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail && \
+	for b in bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail; do echo "# $$b"; \
 	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels $(MPIRUN) -np 2 $$b || exit 1; done; fi
 
 install: $(HDR)
@@ -128,4 +128,4 @@ install: $(HDR)
 clean-tests:
 	rm -f $(TESTS)
 clean:
-	rm -rf build $(TESTS) $(EXAMPLES) $(BENCHES) tests/mpi/test_mpi bench/mpi/bench_mpi bench/mpi/bench_mpi_wait
+	rm -rf build $(TESTS) $(EXAMPLES) $(BENCHES) tests/mpi/test_mpi bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail

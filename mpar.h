@@ -170,7 +170,7 @@ typedef enum mpar_result {
     MPAR_ERROR_INVALID_SCHEDULE = -4009, /* a schedule deadlocks or breaks a dependency */
     MPAR_ERROR_IO = -4010,               /* a file could not be read or written */
     MPAR_ERROR_CORRUPT = -4011,          /* a file failed its checks */
-    MPAR_ERROR_MISMATCH = -4012,         /* a file belongs to another model */
+    MPAR_ERROR_MISMATCH = -4012,         /* a file belongs to another model; MPI ranks disagree */
     MPAR_ERROR_NUMERICAL = -4013,        /* NaN or Inf in loss or gradients */
     MPAR_ERROR_ABORTED = -4014,          /* stopped because another stage failed */
     MPAR_ERROR_INVALID_STATE = -4015,    /* call out of order, or on a destroyed object */
@@ -1372,7 +1372,26 @@ typedef struct mpar_pipeline_desc {
        initialised with MPI_THREAD_MULTIPLE). stage_rank[s] is the rank that
        runs stage s (default: contiguous blocks of stages per rank); device
        indices in `stages` are those of the owning rank's context. Explicit
-       `stages` are required. NULL: one process. */
+       `stages` are required. NULL: one process.
+       Create is collective: the ranks compare their descriptions part by
+       part (mpar version, model, stages, schedule, batch shape, data
+       types, optimizer) and every rank fails with MPAR_ERROR_MISMATCH
+       naming the part that differs; a rank whose own create fails returns
+       its error and the others MPAR_ERROR_ABORTED naming it.
+       Failure is bounded: no call waits for another rank longer than
+       timeout_seconds at a time. A rank that refuses a call before
+       communicating (a bad batch) still takes part in it, so the others
+       return MPAR_ERROR_ABORTED naming it at once, and later calls stay
+       paired. A rank that stops (SIGSTOP, a debugger) makes the others
+       return MPAR_ERROR_TIMEOUT or MPAR_ERROR_ABORTED within
+       timeout_seconds + 1 s; when it continues, the ranks finish the
+       failed call's agreement at their next call and work on. A rank that
+       dies: without `mpirun --enable-recovery`, Open MPI ends the whole job;
+       with it, the others return MPAR_ERROR_TIMEOUT or MPAR_ERROR_IO within
+       timeout_seconds, and every later call on the pipeline does the same
+       (destroy it: its communicator is left to MPI). Every received
+       message's size is checked (MPAR_ERROR_MISMATCH), as is the batch
+       size each rank passed. */
     const void* mpi_comm;
     const int* stage_rank;
     double timeout_seconds; /* longest wait for a neighbour [600] */
@@ -9465,9 +9484,12 @@ enum { MPAR__TAG_ABORT = 32767 };
    allows), the link (boundary and direction: at most 30) and the
    micro-batch. A message left over from a job that failed part-way can
    never be taken for one of a later job (until the generations wrap). */
-static int mpar__mpi_tag(const mpar_pipeline* p, const mpar__link* l, int mb) {
-    unsigned gen = (unsigned)p->generation % (p->tag_cycle ? p->tag_cycle : 1u);
+static int mpar__mpi_gen_tag(const mpar_pipeline* p, int generation, const mpar__link* l, int mb) {
+    unsigned gen = (unsigned)generation % (p->tag_cycle ? p->tag_cycle : 1u);
     return (int)((gen * 32u + (unsigned)(l->boundary * 2 + l->gradient)) * 1024u + (unsigned)(mb % 1024));
+}
+static int mpar__mpi_tag(const mpar_pipeline* p, const mpar__link* l, int mb) {
+    return mpar__mpi_gen_tag(p, p->generation, l, mb);
 }
 
 /* Tells every other rank that this one failed in the current job. */
@@ -10870,14 +10892,52 @@ typedef struct mpar__agree {
 
 /* Waits for an agreement left in flight by an earlier call (its outcome
    was reported then); quiet: sets no error message. */
+/* After a job that failed, once every rank is past it: receives and
+   drops the link messages of its generation still addressed to this rank
+   (sent before the sender learnt of the failure), so that they hold no
+   memory and their senders' requests complete (a send slot still busy
+   with one would otherwise wait for it in the next job). A second pass
+   after a short nap catches what was still on its way. */
+static void mpar__mpi_drain(mpar_pipeline* p, int generation) {
+    int i, mb, pass, found = 1;
+    for (pass = 0; pass < 4 && found; pass++) {
+        found = 0;
+        for (i = 0; p->links && i < 2 * (p->vs_count - 1); i++) {
+            const mpar__link* l = &p->links[i];
+            if (l->t != &mpar__transport_mpi || !l->receiver_local) continue;
+            for (mb = 0; mb < 1024; mb++) {
+                int flag = 0, n = 0;
+                MPI_Message msg;
+                MPI_Status st;
+                void* junk;
+                if (MPI_Improbe(l->peer, mpar__mpi_gen_tag(p, generation, l, mb), p->comm, &flag, &msg, &st) !=
+                        MPI_SUCCESS || !flag)
+                    continue;
+                MPI_Get_count(&st, MPI_BYTE, &n);
+                junk = mpar__alloc(p->ctx, n > 0 ? (size_t)n : 1);
+                MPI_Mrecv(junk ? junk : NULL, junk ? n : 0, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+                mpar__free(p->ctx, junk);
+                found++;
+            }
+        }
+        if (pass == 0 && !found) {
+            struct timespec nap = {0, 2000000};
+            nanosleep(&nap, NULL);
+            found = 1;
+        }
+    }
+}
+
 static mpar_result mpar__mpi_settle_quiet(mpar_pipeline* p, double limit) {
-    int got;
+    int got, gen;
     if (!p->agree) return MPAR_SUCCESS;
     got = mpar__mpi_poll(&p->mpi_polling, p->agree->req, 2, limit);
     if (got == 0) return MPAR_ERROR_TIMEOUT;
     if (got < 0) return MPAR_ERROR_IO; /* kept: MPI may still write into it */
+    gen = p->agree->generation;
     mpar__free(p->ctx, p->agree);
     p->agree = NULL;
+    mpar__mpi_drain(p, gen); /* a job left in flight had failed somewhere */
     return MPAR_SUCCESS;
 }
 
@@ -10940,6 +11000,7 @@ static mpar_result mpar__mpi_after_job(mpar_pipeline* p, mpar__job job, mpar_res
     if (a->ints[0]) {
         first = p->ranks - a->ints[1];
         mpar__free(p->ctx, a);
+        mpar__mpi_drain(p, p->generation);
         if (r == MPAR_SUCCESS || (p->peer_failed && r == MPAR_ERROR_ABORTED)) {
             snprintf(why, sizeof p->why, "stopped because rank %d failed (its mpar_last_error says why)",
                      first < p->ranks ? first : -1);

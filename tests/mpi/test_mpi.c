@@ -227,6 +227,11 @@ static void timeout(void) {
     mpar_model_destroy(m);
 }
 
+/* Wide enough that a micro-batch's message (5 rows) is past Open MPI's
+   eager limit (4 KiB on shared memory): a send left unmatched by a failed
+   job stays pending until its receiver drains it. */
+enum { WIDE = 256 };
+
 /* A small model whose first boundary is `width` wide: linear, tanh,
    linear, stall (a copy: on the last rank of 2 or 3), cross-entropy. */
 static mpar_model* small_model(int width) {
@@ -348,7 +353,7 @@ static void disagree(void) {
    and the ranks stay paired: the next steps equal one process's. Batches
    of different sizes on different ranks fail everywhere. */
 static void local_failure(void) {
-    mpar_model* m = small_model(HID);
+    mpar_model* m = small_model(WIDE);
     mpar_pipeline_desc pd, one;
     mpar_stage_desc st[8], st1[8];
     mpar_pipeline *p = NULL, *ref = NULL;
@@ -407,7 +412,7 @@ static void local_failure(void) {
    waited for it) or MPAR_ERROR_ABORTED; once it continues (SIGCONT), the
    next step works on every rank. */
 static void stalled(void) {
-    mpar_model* m = small_model(HID);
+    mpar_model* m = small_model(WIDE);
     mpar_pipeline_desc pd;
     mpar_stage_desc st[8];
     mpar_pipeline* p = NULL;
