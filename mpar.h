@@ -36,7 +36,7 @@
        mpar_pipeline_desc pd = {0};  pd.schedule = MPAR_SCHEDULE_1F1B;
        pd.microbatches = 8;  pd.max_batch = 128;
        mpar_pipeline* p;     mpar_pipeline_create(ctx, m, &pd, &p);
-       mpar_batch b = {inputs, targets, 128};
+       mpar_batch b = {inputs, targets, 128, NULL};
        mpar_pipeline_train_step(p, &b, &info);
        ...  mpar_pipeline_destroy(p); mpar_model_destroy(m); mpar_destroy(ctx);
    Every call returns an mpar_result; mpar_last_error(ctx) tells why.
@@ -420,7 +420,8 @@ typedef struct mpar_io {
     mpar_buf stash;   /* [rows × stash_per_row], forward → backward */
     mpar_buf gstash;  /* [rows × gstash_per_row], backward_input → backward_weight */
     mpar_buf scratch; /* [rows × scratch_per_row], valid within one call only */
-    mpar_buf targets; /* loss layers: int32 class per row, < 0 ignores the row */
+    mpar_buf targets; /* loss layers: int32 class per row, < 0 ignores the row; with
+                         MPAR_LAYER_FLOAT_TARGETS: floats, in_features per row */
     float loss_scale; /* loss layers: gradient scale, 1 / counted rows in the batch */
     uint64_t seed;    /* differs per step and layer; equal for every micro-batch */
     int training;
@@ -430,8 +431,10 @@ typedef struct mpar_exec mpar_exec; /* a stage's queue and kernels */
 typedef struct mpar_layer mpar_layer;
 
 enum {
-    MPAR_LAYER_LOSS = 1,       /* last layer; output is the per-row loss */
-    MPAR_LAYER_TOKEN_INPUT = 2 /* input is int32 token ids; must be first */
+    MPAR_LAYER_LOSS = 1,        /* last layer; output is the per-row loss */
+    MPAR_LAYER_TOKEN_INPUT = 2, /* input is int32 token ids; must be first */
+    MPAR_LAYER_FLOAT_TARGETS = 4 /* a loss layer whose targets are floats, in_features per row
+                                    (mpar_batch.float_targets) instead of one int32 class */
 };
 
 /* A layer type. Built-in types come from mpar_layer_linear() and friends;
@@ -492,6 +495,12 @@ MPARDEF const mpar_layer_type* mpar_layer_layernorm(void);
 MPARDEF const mpar_layer_type* mpar_layer_embedding(void);
 MPARDEF const mpar_layer_type* mpar_layer_decoder_block(void);
 MPARDEF const mpar_layer_type* mpar_layer_cross_entropy(void);
+/* Regression losses on float targets (mpar_batch.float_targets, one row of
+   in_features values per row): mse, the mean of (output - target)^2 over a
+   row's values, and l1, the mean of |output - target|; the step's loss is
+   the mean over the batch's rows. Every row counts. */
+MPARDEF const mpar_layer_type* mpar_layer_mse(void);
+MPARDEF const mpar_layer_type* mpar_layer_l1(void);
 
 MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err);
 MPARDEF void mpar_model_destroy(mpar_model* model);
@@ -1402,11 +1411,15 @@ typedef struct mpar_pipeline_desc {
 
 /* A batch: samples × seq_len rows. inputs: float [rows × input_features],
    or int32 token ids [rows] for token models; targets: int32 [rows], a
-   negative target leaves its row out of the loss. */
+   negative target leaves its row out of the loss. A model whose loss layer
+   takes float targets (MPAR_LAYER_FLOAT_TARGETS: mpar_layer_mse, _l1)
+   reads float_targets instead, [rows × the loss layer's in_features], all
+   finite; only the field the model's loss layer takes is read. */
 typedef struct mpar_batch {
     const void* inputs;
     const int32_t* targets;
     int samples;
+    const float* float_targets;
 } mpar_batch;
 
 typedef struct mpar_step_info {
@@ -4137,6 +4150,65 @@ static void mpar__hk_sum1(const mpar__harg* a, size_t g0) {
     out[0] = s;
 }
 
+/* mpar_mse_fwd / mpar_l1_fwd(x, t, loss, rows, width): "BBBii". One item
+   per row; each square its own statement, as in the kernel. */
+static void mpar__hk_regress_fwd(const mpar__harg* a, size_t g0, int l1) {
+    const float* x = (const float*)a[0].p;
+    const float* t = (const float*)a[1].p;
+    float* loss = (float*)a[2].p;
+    int width = a[4].i, c;
+    size_t n = mpar__hk_count(g0, a[3].i), r;
+    for (r = 0; r < n; r++) {
+        const float *u = x + r * (size_t)width, *v = t + r * (size_t)width;
+        float s = 0.0f;
+        for (c = 0; c < width; c++) {
+            float d = u[c] - v[c];
+            if (l1) {
+                s += fabsf(d);
+            } else {
+                float q = d * d;
+                s += q;
+            }
+        }
+        loss[r] = s / (float)width;
+    }
+}
+static void mpar__hk_mse_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    (void)g1;
+    mpar__hk_regress_fwd(a, g0, 0);
+}
+static void mpar__hk_l1_fwd(const mpar__harg* a, size_t g0, size_t g1) {
+    (void)g1;
+    mpar__hk_regress_fwd(a, g0, 1);
+}
+
+/* mpar_mse_bwd / mpar_l1_bwd(x, t, dx, n, k): "BBBlf". One item per value
+   (dx may alias x). */
+static void mpar__hk_mse_bwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    const float* t = (const float*)a[1].p;
+    float* dx = (float*)a[2].p;
+    size_t n = mpar__hk_countz(g0, a[3].z), i;
+    float k = a[4].f;
+    (void)g1;
+    for (i = 0; i < n; i++) {
+        float d = x[i] - t[i];
+        dx[i] = d * k;
+    }
+}
+static void mpar__hk_l1_bwd(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* x = (const float*)a[0].p;
+    const float* t = (const float*)a[1].p;
+    float* dx = (float*)a[2].p;
+    size_t n = mpar__hk_countz(g0, a[3].z), i;
+    float k = a[4].f;
+    (void)g1;
+    for (i = 0; i < n; i++) {
+        float d = x[i] - t[i];
+        dx[i] = d > 0.0f ? k : d < 0.0f ? -k : 0.0f;
+    }
+}
+
 /* mpar_loss_sum(x, n, out): "BlB". Global size 1. */
 static void mpar__hk_loss_sum(const mpar__harg* a, size_t g0, size_t g1) {
     (void)g1;
@@ -4403,6 +4475,10 @@ static const struct mpar__host_kernel {
     {"loss.cl", "mpar_xent_fwd", mpar__hk_xent_fwd},
     {"loss.cl", "mpar_xent_bwd", mpar__hk_xent_bwd},
     {"loss.cl", "mpar_loss_sum", mpar__hk_loss_sum},
+    {"loss.cl", "mpar_mse_fwd", mpar__hk_mse_fwd},
+    {"loss.cl", "mpar_mse_bwd", mpar__hk_mse_bwd},
+    {"loss.cl", "mpar_l1_fwd", mpar__hk_l1_fwd},
+    {"loss.cl", "mpar_l1_bwd", mpar__hk_l1_bwd},
     {"optimizer.cl", "mpar_sgd_step", mpar__hk_sgd_step},
     {"optimizer.cl", "mpar_adamw_step", mpar__hk_adamw_step},
     {"optimizer.cl", "mpar_sumsq_layers_partial", mpar__hk_sumsq_layers_partial},
@@ -4937,6 +5013,37 @@ static mpar_result mpar__xent_bwd(mpar_exec* ex, const mpar_layer* l, const mpar
                             io->rows, l->in_features, (double)io->loss_scale);
 }
 
+/* ---- regression losses (mean squared error, mean absolute error) on
+   float targets [rows × in_features]; output: the loss of each row, the
+   mean over its values; the batch's loss is the mean over its rows ---- */
+static mpar_result mpar__regress_setup(mpar_layer* l, mpar_error* err) {
+    if (l->in_features < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s): needs at least 1 input, got %d", l->index,
+                              l->type->name, l->in_features);
+    l->out_features = 1;
+    l->flops_forward = 3.0 * l->in_features;
+    l->flops_backward_input = 2.0 * l->in_features;
+    return MPAR_SUCCESS;
+}
+static mpar_result mpar__mse_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar_exec_launch(ex, "loss.cl", "mpar_mse_fwd", (size_t)io->rows, 0, "BBBii", io->x, io->targets, io->y,
+                            io->rows, l->in_features);
+}
+static mpar_result mpar__mse_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    size_t n = (size_t)io->rows * (size_t)l->in_features;
+    float k = 2.0f * io->loss_scale / (float)l->in_features;
+    return mpar_exec_launch(ex, "loss.cl", "mpar_mse_bwd", n, 0, "BBBlf", io->x, io->targets, io->dx, n, (double)k);
+}
+static mpar_result mpar__l1_fwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    return mpar_exec_launch(ex, "loss.cl", "mpar_l1_fwd", (size_t)io->rows, 0, "BBBii", io->x, io->targets, io->y,
+                            io->rows, l->in_features);
+}
+static mpar_result mpar__l1_bwd(mpar_exec* ex, const mpar_layer* l, const mpar_io* io) {
+    size_t n = (size_t)io->rows * (size_t)l->in_features;
+    float k = io->loss_scale / (float)l->in_features;
+    return mpar_exec_launch(ex, "loss.cl", "mpar_l1_bwd", n, 0, "BBBlf", io->x, io->targets, io->dx, n, (double)k);
+}
+
 /* ---- pre-norm decoder block, one layer:
      h1 = LN1(x); qkv = h1·Wqkv + bqkv; a = causal_attention(qkv);
      x2 = x + a·Wo + bo; h2 = LN2(x2); f = h2·W1 + b1; g = gelu(f);
@@ -5140,7 +5247,13 @@ MPARDEF const mpar_layer_type* mpar_layer_dropout(void) { return &mpar__type_dro
 MPARDEF const mpar_layer_type* mpar_layer_layernorm(void) { return &mpar__type_layernorm; }
 MPARDEF const mpar_layer_type* mpar_layer_embedding(void) { return &mpar__type_embedding; }
 MPARDEF const mpar_layer_type* mpar_layer_decoder_block(void) { return &mpar__type_block; }
+static const mpar_layer_type mpar__type_mse = {"mse", MPAR_LAYER_LOSS | MPAR_LAYER_FLOAT_TARGETS, mpar__regress_setup,
+                                               NULL, mpar__mse_fwd, mpar__mse_bwd, NULL};
+static const mpar_layer_type mpar__type_l1 = {"l1", MPAR_LAYER_LOSS | MPAR_LAYER_FLOAT_TARGETS, mpar__regress_setup,
+                                              NULL, mpar__l1_fwd, mpar__l1_bwd, NULL};
 MPARDEF const mpar_layer_type* mpar_layer_cross_entropy(void) { return &mpar__type_xent; }
+MPARDEF const mpar_layer_type* mpar_layer_mse(void) { return &mpar__type_mse; }
+MPARDEF const mpar_layer_type* mpar_layer_l1(void) { return &mpar__type_l1; }
 
 /* ---- the model ---- */
 struct mpar_model {
@@ -9223,6 +9336,7 @@ typedef struct mpar__vstage {
     cl_mem *params, *grads, *opt1, *opt2; /* [blocks]; opt2 one float for SGD */
     cl_mem* work;                         /* [blocks]: recompute's working activations */
     cl_mem scratch, norms, partial, targets, losses;
+    size_t target_width; /* values per row in targets (mpar__target_width) */
     /* bf16 activations: the forward links carry bfloat16, packed here
        before a send (link16_out) and received here before unpacking into
        the chunk's input (link16_in) */
@@ -10038,6 +10152,23 @@ static mpar_buf mpar__state(const mpar__vstage* v, cl_mem* mems, int k) {
     return b;
 }
 
+/* Target values per row a chunk's buffer holds: the loss layer's width
+   for float targets, else one int32 (every chunk has the buffer; only the
+   last one's is used). */
+static size_t mpar__target_width(const mpar_model* m, const mpar__vstage* v) {
+    const mpar_layer* last = mpar_model_layer(m, mpar_model_layer_count(m) - 1);
+    if (v->last != last->index || !(last->type->flags & MPAR_LAYER_FLOAT_TARGETS)) return 1;
+    return (size_t)last->in_features;
+}
+
+/* The batch's targets the model's loss layer takes (int32 classes or
+   floats), or NULL. */
+static const void* mpar__batch_targets(const mpar_model* m, const mpar_batch* b) {
+    const mpar_layer* last = mpar_model_layer(m, mpar_model_layer_count(m) - 1);
+    if (!b || !(last->type->flags & MPAR_LAYER_LOSS)) return NULL;
+    return (last->type->flags & MPAR_LAYER_FLOAT_TARGETS) ? (const void*)b->float_targets : (const void*)b->targets;
+}
+
 static void mpar__io(const mpar_pipeline* p, const mpar__vstage* v, int slot, int mb, int k, mpar_io* io) {
     const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
     memset(io, 0, sizeof *io);
@@ -10053,7 +10184,7 @@ static void mpar__io(const mpar_pipeline* p, const mpar__vstage* v, int slot, in
     io->stash = mpar__stash(p, v, slot, k);
     io->gstash = mpar__gstash(p, v, slot, k);
     io->scratch.mem = v->scratch;
-    io->targets.mem = v->targets, io->targets.off = (size_t)slot * (size_t)p->mb_rows_max;
+    io->targets.mem = v->targets, io->targets.off = (size_t)slot * (size_t)p->mb_rows_max * v->target_width;
     io->loss_scale = p->loss_scale;
     io->seed = p->step_seed ^ (0x9E3779B97F4A7C15ULL * (uint64_t)(l->index + 1));
     io->training = p->job != MPAR__JOB_INFER;
@@ -10081,7 +10212,8 @@ static mpar_result mpar__layers_forward(mpar__worker* w, mpar__vstage* v, int sl
         int act = k + 1 < v->n && !round16 ? mpar__fused_activation(l, mpar_model_layer(p->model, v->first + k + 1)) : 0;
         mpar_io io;
         mpar_result r;
-        if (p->job == MPAR__JOB_INFER && (l->type->flags & MPAR_LAYER_LOSS) && !p->batch->targets) break;
+        if (p->job == MPAR__JOB_INFER && (l->type->flags & MPAR_LAYER_LOSS) && !mpar__batch_targets(p->model, p->batch))
+            break;
         mpar__io(p, v, slot, mb, k, &io);
         if (act) {
             r = mpar__linear_forward_act(&w->ex, l, &io, mpar__act(p, v, slot, k + 2), act);
@@ -10223,7 +10355,7 @@ static mpar_result mpar__last_stage_outputs(mpar__worker* w, mpar__vstage* v, in
         MPAR__TRY(mpar__exec_copy(&w->ex, mpar__act(p, v, slot, k), p->infer_out + row0 * width,
                                   (size_t)rows * width * 4, 0, 1)); /* read when the job has drained */
     }
-    if (!p->batch->targets || !(last->type->flags & MPAR_LAYER_LOSS)) return MPAR_SUCCESS;
+    if (!mpar__batch_targets(p->model, p->batch) || !(last->type->flags & MPAR_LAYER_LOSS)) return MPAR_SUCCESS;
     sum.mem = v->losses, sum.off = 0;
     MPAR__TRY(mpar_exec_launch(&w->ex, "loss.cl", "mpar_loss_sum", 1, 0, "BlB", mpar__act(p, v, slot, v->n),
                                (size_t)rows, sum));
@@ -10251,9 +10383,12 @@ static mpar_result mpar__do_forward(mpar__worker* w, mpar__vstage* v, int mb) {
         MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__buf0(v->in16), mpar__bf16_floats((size_t)rows * v->act_cum[1]), mb));
     else
         MPAR__TRY(mpar__link_recv(w, v->fwd_in, mpar__act(p, v, slot, 0), (size_t)rows * v->act_cum[1], mb));
-    if (v->index == p->vs_count - 1 && p->batch->targets)
-        MPAR__TRY(mpar__upload_batch(w, v->targets, (size_t)slot * (size_t)p->mb_rows_max, p->batch->targets + row0,
-                               (size_t)rows));
+    if (v->index == p->vs_count - 1 && mpar__batch_targets(p->model, p->batch)) {
+        size_t tw = v->target_width;
+        const char* t = (const char*)mpar__batch_targets(p->model, p->batch);
+        MPAR__TRY(mpar__upload_batch(w, v->targets, (size_t)slot * (size_t)p->mb_rows_max * tw, t + row0 * tw * 4,
+                                     (size_t)rows * tw));
+    }
     if (v->link16_out) MPAR__TRY(mpar__out_guard(w, v->out16)); /* the last send from it has been read */
     mpar__serial_begin(w);
     r = MPAR_SUCCESS;
@@ -10659,7 +10794,11 @@ static void mpar__decide_serial(mpar_pipeline* p, mpar__job job) {
    its rank, and one 64-bit FNV-1a hash per part of the pipeline's
    description (little-endian). The parts are compared one by one, so a
    mismatch names what differs. Device choices are each rank's own and are
-   left out. */
+   left out. Used only with MPAR_USE_MPI (and by tests/fuzz/fuzz_digest.c). */
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#endif
 enum { MPAR__DIGEST_PARTS = 7, MPAR__DIGEST_BYTES = 16 + 8 * MPAR__DIGEST_PARTS };
 static const char* const mpar__digest_part_name[MPAR__DIGEST_PARTS] = {
     "mpar version", "model (layers, shapes, settings, seed)", "stages (layer ranges, ranks, recompute)",
@@ -10780,6 +10919,9 @@ static void mpar__pipeline_digest(const mpar_pipeline* p, mpar_result result, in
     d->part[6] = mpar__hash_floats(mpar__hash_ints(MPAR__FNV_SEED, v, 5), f, 7);
     d->part[6] = mpar__hash_floats(d->part[6], &o->min_lr, 1);
 }
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #ifdef MPAR_USE_MPI
 /* Makes a pipeline across processes collective at create: every rank that
@@ -11100,11 +11242,12 @@ static mpar_result mpar__run_job(mpar_pipeline* p, mpar__job job) {
 }
 
 static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb_count, int need_targets) {
-    int m, rows;
-    if (!b || !b->inputs || b->samples <= 0 || (need_targets && !b->targets))
+    int m, rows, floats = (mpar_model_layer(p->model, p->layer_count - 1)->type->flags & MPAR_LAYER_FLOAT_TARGETS) != 0;
+    if (!b || !b->inputs || b->samples <= 0 || (need_targets && !mpar__batch_targets(p->model, b)))
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT,
                           "batch: inputs%s must be given and samples positive (got %d)",
-                          need_targets ? " and targets" : "", b ? b->samples : 0);
+                          !need_targets ? "" : floats ? " and float_targets (the loss layer takes floats)"
+                                                      : " and targets", b ? b->samples : 0);
     if (need_targets && b->samples > p->desc.max_batch)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples exceeds max_batch %d", b->samples,
                           p->desc.max_batch);
@@ -11116,7 +11259,16 @@ static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb
     for (m = 0; m <= mb_count; m++) /* uneven: the first (samples mod M) get one more */
         p->mb_first[m] = m * (b->samples / mb_count) + (m < b->samples % mb_count ? m : b->samples % mb_count);
     p->loss_scale = 0.0f;
-    if (b->targets) {
+    if (floats && b->float_targets) {
+        const mpar_layer* last = mpar_model_layer(p->model, p->layer_count - 1);
+        size_t i, n = (size_t)b->samples * (size_t)p->seq_len * (size_t)last->in_features;
+        for (i = 0; i < n; i++)
+            if (!isfinite(b->float_targets[i]))
+                return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "float target %g of row %zu, column %zu is not "
+                                  "finite", (double)b->float_targets[i], i / (size_t)last->in_features,
+                                  i % (size_t)last->in_features);
+        p->loss_scale = 1.0f / (float)(b->samples * p->seq_len); /* every row counts */
+    } else if (!floats && b->targets) {
         const mpar_layer* last = mpar_model_layer(p->model, p->layer_count - 1);
         int counted = 0, i;
         rows = b->samples * p->seq_len;
@@ -11364,7 +11516,7 @@ static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, f
     p->infer_out = NULL;
     if (r != MPAR_SUCCESS) return r;
     sum = mpar__loss_sum(p);
-    if (loss) *loss = (batch->targets && p->loss_scale > 0.0f) ? sum * (double)p->loss_scale : 0.0;
+    if (loss) *loss = (mpar__batch_targets(p->model, batch) && p->loss_scale > 0.0f) ? sum * (double)p->loss_scale : 0.0;
     return MPAR_SUCCESS;
 }
 
@@ -11825,7 +11977,8 @@ static uint64_t mpar__vstage_bytes(const mpar__vstage* v, const mpar__mem_opts* 
         if (!o->infer)
             f += gslots * mpar__at_least_one(rows * mpar__block_grad_row(v, b)) + 2 * mpar__at_least_one(pb) + (o->adamw ? mpar__at_least_one(pb) : 1);
     }
-    f += mpar__at_least_one(rows * v->scratch_per_row) + mpar__at_least_one(rows * (uint64_t)slots) + 1; /* scratch, targets, losses */
+    f += mpar__at_least_one(rows * v->scratch_per_row) +
+         mpar__at_least_one(rows * (uint64_t)slots * v->target_width) + 1; /* scratch, targets, losses */
     if (v->link16_in) f += mpar__at_least_one(mpar__bf16_floats((size_t)rows * v->act_cum[1]));
     if (v->link16_out) f += mpar__at_least_one(mpar__bf16_floats((size_t)rows * mpar__out_width(v)));
     if (!o->infer) f += (uint64_t)v->n + mpar__at_least_one(v->partial_count) + 4 * ((uint64_t)v->n + (uint64_t)v->blocks);
@@ -11906,7 +12059,7 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
         if (r != MPAR_SUCCESS) return r;
     }
     MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->scratch_per_row, &v->scratch));
-    MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots, &v->targets));
+    MPAR__TRY(mpar__alloc_buffer(p, w, rows * (size_t)slots * v->target_width, &v->targets));
     MPAR__TRY(mpar__alloc_buffer(p, w, 1, &v->losses));
     if (v->link16_in) MPAR__TRY(mpar__alloc_buffer(p, w, mpar__bf16_floats(rows * v->act_cum[1]), &v->in16));
     if (v->link16_out) MPAR__TRY(mpar__alloc_buffer(p, w, mpar__bf16_floats(rows * mpar__out_width(v)), &v->out16));
@@ -12558,6 +12711,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         v->index = i, v->worker = mpar_schedule_stage_of(p->schedule, i), v->chunk = mpar_schedule_chunk_of(p->schedule, i);
         v->device = stages[i].device, v->first = stages[i].first_layer, v->last = stages[i].last_layer;
         v->n = v->last - v->first + 1;
+        v->target_width = mpar__target_width(p->model, v);
         v->recompute = p->desc.recompute || p->stage_recompute[i];
     }
     if (p->desc.activation_type == MPAR_ACTIVATIONS_AUTO) p->desc.activation_type = MPAR_ACTIVATIONS_FP32, act_auto = 1;
@@ -13301,6 +13455,7 @@ static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* mode
     int L, i, k, samples, rows, width;
     void* inputs;
     int32_t* targets;
+    size_t tw;
     mpar_result r;
     L = model->count;
     if (desc->max_batch <= 0 || desc->microbatches < 0)
@@ -13323,14 +13478,16 @@ static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* mode
     rows = samples * model->desc.seq_len;
     width = model->desc.input_features;
     inputs = mpar__alloc(ctx, (size_t)rows * (size_t)width * 4);
-    targets = (int32_t*)mpar__alloc(ctx, (size_t)rows * 4);
+    /* zeros: int32 classes, or float targets as wide as a regression loss */
+    tw = (model->layers[L - 1].type->flags & MPAR_LAYER_FLOAT_TARGETS) ? (size_t)model->layers[L - 1].in_features : 1;
+    targets = (int32_t*)mpar__alloc(ctx, (size_t)rows * tw * 4);
     if (!inputs || !targets) {
         mpar__free(ctx, inputs), mpar__free(ctx, targets);
         return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
     memset(inputs, 0, (size_t)rows * (size_t)width * 4); /* zeros are valid tokens and inputs alike */
-    memset(targets, 0, (size_t)rows * 4);
-    batch.inputs = inputs, batch.targets = targets, batch.samples = samples;
+    memset(targets, 0, (size_t)rows * tw * 4);
+    batch.inputs = inputs, batch.targets = targets, batch.samples = samples, batch.float_targets = (const float*)targets;
     tab[0] = forward, tab[1] = backward_input, tab[2] = backward_weight, tab[3] = opt;
     for (i = 0; i < L; i++)
         for (k = 0; k < 4; k++)

@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
     for (i = 0; i < N * IN; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
     for (i = 0; i < N; i++) y[i] = (x[i * IN] > 0) + 2 * (x[i * IN + 1] > 0);
     {
-        mpar_batch b = {x, y, N};
+        mpar_batch b = {x, y, N, NULL};
         mpar_step_info info;
         /* gradient of one weight of the first layer vs a central difference */
         mpar_pipeline_compute_gradients(p, &b, &info);

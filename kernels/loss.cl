@@ -74,3 +74,66 @@ __kernel void mpar_loss_sum(__global const float* x, ulong x_off, ulong n,
     for (ulong i = 0; i < n; ++i) s += x[x_off + i];
     out[out_off] = s;
 }
+
+/* ---- regression losses: float targets, one row of `width` values per
+   row of the input. Per-row loss (overwrite), global size: rows:
+     mse: loss[r] = sum_c (x[r,c] - t[r,c])^2 / width
+     l1:  loss[r] = sum_c |x[r,c] - t[r,c]| / width
+   summed in column order; each square is its own statement (never fused
+   into the sum). Input gradient (overwrite), global size: rows x width:
+     mse: dx = (x - t) * k, k = 2 * scale / width (the host's float)
+     l1:  dx = sign(x - t) * k, k = scale / width (0 where x == t)
+   dx may alias x. ---- */
+__kernel void mpar_mse_fwd(__global const float* x, ulong x_off,
+                           __global const float* t, ulong t_off,
+                           __global float* loss, ulong loss_off,
+                           int rows, int width)
+{
+    size_t r = get_global_id(0);
+    if (rows <= 0 || r >= (ulong)rows) return;
+    __global const float* a = x + x_off + r * (ulong)width;
+    __global const float* b = t + t_off + r * (ulong)width;
+    float s = 0.0f;
+    for (int c = 0; c < width; ++c) {
+        float d = a[c] - b[c];
+        float q = d * d;
+        s += q;
+    }
+    loss[loss_off + r] = s / (float)width;
+}
+
+__kernel void mpar_mse_bwd(__global const float* x, ulong x_off,
+                           __global const float* t, ulong t_off,
+                           __global float* dx, ulong dx_off,
+                           ulong n, float k)
+{
+    size_t i = get_global_id(0);
+    if (i >= n) return;
+    float d = x[x_off + i] - t[t_off + i];
+    dx[dx_off + i] = d * k;
+}
+
+__kernel void mpar_l1_fwd(__global const float* x, ulong x_off,
+                          __global const float* t, ulong t_off,
+                          __global float* loss, ulong loss_off,
+                          int rows, int width)
+{
+    size_t r = get_global_id(0);
+    if (rows <= 0 || r >= (ulong)rows) return;
+    __global const float* a = x + x_off + r * (ulong)width;
+    __global const float* b = t + t_off + r * (ulong)width;
+    float s = 0.0f;
+    for (int c = 0; c < width; ++c) s += fabs(a[c] - b[c]);
+    loss[loss_off + r] = s / (float)width;
+}
+
+__kernel void mpar_l1_bwd(__global const float* x, ulong x_off,
+                          __global const float* t, ulong t_off,
+                          __global float* dx, ulong dx_off,
+                          ulong n, float k)
+{
+    size_t i = get_global_id(0);
+    if (i >= n) return;
+    float d = x[x_off + i] - t[t_off + i];
+    dx[dx_off + i] = d > 0.0f ? k : d < 0.0f ? -k : 0.0f;
+}

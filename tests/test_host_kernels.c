@@ -787,6 +787,31 @@ static void cases_loss(void) {
                     tc_fbuf(r * c, 3, -1, 1);
                 tc_int(r), tc_int(c), tc_float(1.0f / (float)(r + 1)), tc_run();
             }
+    for (ri = 0; ri < 2; ri++) /* regression losses: widths 1, 3, 37; l1 with ties (x == t) */
+        for (ci = 0; ci < 3; ci++)
+            for (inplace = 0; inplace < 2; inplace++) {
+                static const char* const fwd[2] = {"mpar_mse_fwd", "mpar_l1_fwd"};
+                static const char* const bwd[2] = {"mpar_mse_bwd", "mpar_l1_bwd"};
+                int r = rows_[ri], c = ci == 0 ? 1 : ci == 1 ? 3 : 37, k;
+                size_t n = (size_t)r * (size_t)c;
+                for (k = 0; k < 2; k++) {
+                    float *x, *t;
+                    tc_begin("loss.cl", fwd[k], "BBBii", (size_t)r + (size_t)inplace * 3);
+                    x = tc_fbuf(r * c, 2, -5, 5);
+                    t = tc_fbuf(r * c, 5, -5, 5);
+                    t[0] = x[0];
+                    tc_fbuf(r, 3, -1, 1), tc_int(r), tc_int(c), tc_run();
+                    tc_begin("loss.cl", bwd[k], "BBBlf", n + (size_t)inplace * 3);
+                    x = tc_fbuf(r * c, 2, -5, 5);
+                    t = tc_fbuf(r * c, 5, -5, 5);
+                    t[0] = x[0];
+                    if (inplace)
+                        tc_alias(0);
+                    else
+                        tc_fbuf(r * c, 3, -1, 1);
+                    tc_size(n), tc_float(2.0f / (float)(r * c + 1)), tc_run();
+                }
+            }
     for (ni = 0; ni < 3; ni++) {
         tc_begin("loss.cl", "mpar_loss_sum", "BlB", ni == 1 ? 4 : 1); /* 4: items 1..3 do nothing */
         tc_fbuf(ns[ni], 3, -1, 1), tc_size((size_t)ns[ni]), tc_fbuf(1, 2, -1, 1), tc_run();
