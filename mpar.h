@@ -494,6 +494,11 @@ MPARDEF const mpar_layer_type* mpar_layer_decoder_block(void);
 MPARDEF const mpar_layer_type* mpar_layer_cross_entropy(void);
 
 MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err);
+/* Drops the caller's reference. A pipeline made from the model holds its
+   own (mpar_pipeline_create takes one, mpar_pipeline_destroy drops it), so
+   the model may be destroyed before its pipelines: the last of them frees
+   it. Do not use `model` after this call, and add no layers to a model
+   that has pipelines. Safe while other threads destroy its pipelines. */
 MPARDEF void mpar_model_destroy(mpar_model* model);
 /* Appends a layer; its shape is checked against the previous one now. */
 MPARDEF mpar_result mpar_model_add(mpar_model* model, const mpar_layer_desc* layer, mpar_error* err);
@@ -1423,6 +1428,8 @@ typedef struct mpar_pipeline_stats {
 
 typedef struct mpar_pipeline mpar_pipeline;
 
+/* The pipeline holds a reference to `model` until mpar_pipeline_destroy
+   (see mpar_model_destroy): the model may be destroyed first. */
 MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                          mpar_pipeline** out);
 
@@ -5124,7 +5131,37 @@ struct mpar_model {
     mpar_model_desc desc;
     int count, capacity;
     mpar_layer* layers;
+    /* The caller's reference plus one per pipeline made from it: the last
+       release frees the model, so a pipeline outlives its model's
+       mpar_model_destroy. Under ref_mu: pipelines on other threads may be
+       destroyed at the same time. */
+    int refs;
+    pthread_mutex_t ref_mu;
 };
+
+/* A pipeline's hold on its model. The count is not part of what the
+   const pointer promises: the model's description and layers stay as they
+   are. */
+static void mpar__model_retain(const mpar_model* cm) {
+    mpar_model* m = (mpar_model*)cm;
+    pthread_mutex_lock(&m->ref_mu);
+    m->refs++;
+    pthread_mutex_unlock(&m->ref_mu);
+}
+
+static void mpar__model_release(const mpar_model* cm) {
+    mpar_model* m = (mpar_model*)cm;
+    mpar_allocator a;
+    int left;
+    pthread_mutex_lock(&m->ref_mu);
+    left = --m->refs;
+    pthread_mutex_unlock(&m->ref_mu);
+    if (left > 0) return;
+    a = m->desc.allocator; /* the model's memory holds it */
+    pthread_mutex_destroy(&m->ref_mu);
+    mpar__free_a(&a, m->layers);
+    mpar__free_a(&a, m);
+}
 
 MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err) {
     mpar_model* m;
@@ -5142,16 +5179,14 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
     memset(m, 0, sizeof *m);
     m->desc = *desc;
     if (m->desc.seq_len == 0) m->desc.seq_len = 1;
+    m->refs = 1;
+    pthread_mutex_init(&m->ref_mu, NULL);
     *out = m;
     return MPAR_SUCCESS;
 }
 
 MPARDEF void mpar_model_destroy(mpar_model* model) {
-    mpar_allocator a;
-    if (!model) return;
-    a = model->desc.allocator; /* the model's memory holds it */
-    mpar__free_a(&a, model->layers);
-    mpar__free_a(&a, model);
+    if (model) mpar__model_release(model);
 }
 
 MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar_error* err) {
@@ -11712,7 +11747,9 @@ static void mpar__pipeline_release(mpar_pipeline* p) {
 static void mpar__rebalance_free(mpar_pipeline* p);
 
 MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
+    const mpar_model* model;
     if (!p) return;
+    model = p->model;
     mpar__pipeline_release(p);
     mpar__rebalance_free(p);
     if (p->guard) {
@@ -11720,6 +11757,7 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
         mpar__free(p->ctx, p->guard);
     }
     mpar__free(p->ctx, p);
+    if (model) mpar__model_release(model); /* last: the workers used its layers */
 }
 
 /* The descriptor's activation_type is one of the enum's (create and the
@@ -12186,6 +12224,7 @@ static mpar_result mpar__pipeline_new(mpar_context* ctx, const mpar_model* model
     mpar_pipeline* p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
     *out = p;
     if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    mpar__model_retain(model); /* mpar_pipeline_destroy releases it; a rebuild keeps it */
     return mpar__pipeline_init(p, ctx, model, desc, dry_run);
 }
 
