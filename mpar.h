@@ -1282,7 +1282,7 @@ typedef enum mpar_link_mode {
 
 typedef struct mpar_pipeline_desc {
     const mpar_stage_desc* stages; /* explicit stages; NULL: from `plan` */
-    int stage_count;               /* entries in `stages` */
+    int stage_count;               /* entries in `stages` (0 when it is NULL) */
     /* With no stages: the plan to follow (mpar_pipeline_plan); NULL: mpar
        plans itself with plan_options (NULL: optimal, from measured layer
        costs: see mpar_cost_source). */
@@ -11826,6 +11826,9 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     mpar_optimizer_desc* o = &d->optimizer;
     mpar_error err;
     *d = *desc;
+    if (!d->stages && d->stage_count != 0) /* else the count is dropped and mpar plans the stages itself */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_desc.stages is NULL but stage_count is "
+                          "%d: give the stages, or stage_count 0 to have them planned", d->stage_count);
     if (d->schedule_lists) { /* the schedule given is the truth */
         if (mpar_schedule_validate(d->schedule_lists, &err) != MPAR_SUCCESS)
             return mpar__fail(p->ctx, err.code, "schedule_lists: %s", err.message);

@@ -110,9 +110,33 @@ static void test_model_destroyed_first(void** state) {
     assert_int_equal(system(cmd), 0);
 }
 
+/* ==== 2. fields that were silently ignored ==== */
+
+static void test_stages_null_with_count(void** state) {
+    mpar_stage_desc st[2];
+    mpar_pipeline_desc pd = two_stage_desc(st);
+    mpar_pipeline* p = (mpar_pipeline*)&p;
+    mpar_pipeline_memory_info mem;
+    mpar_model* m = make_model();
+    (void)state;
+    pd.stages = NULL; /* stage_count stays 2 */
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_null(p);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "stages is NULL but stage_count is 2"));
+    assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &mem), MPAR_ERROR_INVALID_ARGUMENT);
+    pd.stage_count = -1;
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "stage_count is -1"));
+    pd.stage_count = 0; /* planned by mpar: still fine */
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_SUCCESS);
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_destroyed_first),
+        cmocka_unit_test(test_stages_null_with_count),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
