@@ -297,8 +297,10 @@ typedef struct mpar_desc {
          pN                        every device of platform N
          name:TEXT | TEXT          name, vendor or platform containing TEXT
                                    (case-insensitive)
-       Terms select in the order written; a device already selected is not
-       selected twice. */
+       Terms select in the order written. A device that two terms select
+       ("0,0", "cpu,1") is refused with MPAR_ERROR_INVALID_SELECTION: the
+       context's devices are distinct devices; to run two stages on one
+       device, give its index in two mpar_stage_desc. */
     const char* devices;
     /* Non-zero: every device gets its own cl_context (the mixed-vendor path),
        even when devices share a platform. */
@@ -2513,11 +2515,17 @@ static mpar_result mpar__select_term(const char* term, const mpar__device* all, 
                   (platform >= 0 && d->platform_index == platform) ||
                   (text && text[0] && (mpar__contains_nocase(d->name, text) || mpar__contains_nocase(d->vendor, text) ||
                                        mpar__contains_nocase(d->platform, text)));
-        int k, seen = 0;
+        int k;
         if (!hit) continue;
         matched = 1;
-        for (k = 0; k < *count; k++) seen |= order[k] == i;
-        if (!seen) order[(*count)++] = i;
+        /* Refused, not merged: the user asked for more stage devices than
+           they get. Two stages on one device are stage_desc.device twice. */
+        for (k = 0; k < *count; k++)
+            if (order[k] == i)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SELECTION, "device %d (%s) is selected twice (again by "
+                                      "'%s'); to run two stages on one device, select it once and give its index "
+                                      "in two mpar_stage_desc", i, d->name, term);
+        order[(*count)++] = i;
     }
     if (!matched)
         return mpar_error_set(err, MPAR_ERROR_NO_DEVICE, "device selection term '%s' matches none of the %d device%s",
