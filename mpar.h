@@ -1531,8 +1531,8 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
 /* Forward only, streamed through the stages in micro-batches of at most
    max_batch / microbatches samples, by a forward-only schedule on the
    training schedule's placement (mpar_schedule_forward_only). outputs (optional) receives the input
-   of the loss layer, [rows × its width]; loss (optional) the mean loss when
-   targets are given. */
+   of the loss layer, [rows × its width]; loss (optional) the mean loss,
+   which needs batch.targets (without them: MPAR_ERROR_INVALID_ARGUMENT). */
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss);
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out);
 MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in);
@@ -10928,6 +10928,9 @@ static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, f
     if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
     if (p->damaged) return mpar__damaged(p); /* mixed parameters would give answers of no model */
     if (!batch) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch is NULL");
+    if (loss && !batch->targets) /* a loss of 0 would read as a perfect model */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: loss asked for but the batch has "
+                          "no targets (pass loss NULL, or give batch.targets)");
     per_mb = p->mb_rows_max / p->seq_len;
     count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
     if (count > p->mb_capacity) {

@@ -133,10 +133,36 @@ static void test_stages_null_with_count(void** state) {
     mpar_model_destroy(m);
 }
 
+/* ==== 4. a loss asked of a batch without targets ==== */
+
+static void test_infer_loss_without_targets(void** state) {
+    mpar_stage_desc st[2];
+    mpar_pipeline_desc pd = two_stage_desc(st);
+    mpar_pipeline* p = NULL;
+    mpar_model* m = make_model();
+    mpar_batch b;
+    float out[8 * 3];
+    double loss = 12345.0;
+    (void)state;
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_SUCCESS);
+    b.inputs = g_x, b.targets = NULL, b.samples = 8;
+    assert_int_equal(mpar_pipeline_infer(p, &b, out, &loss), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_true(loss == 12345.0); /* untouched: no 0 that reads as a perfect model */
+    assert_non_null(strstr(mpar_last_error(g_ctx), "loss asked for but the batch has no targets"));
+    /* without the loss, or with targets, it runs */
+    assert_int_equal(mpar_pipeline_infer(p, &b, out, NULL), MPAR_SUCCESS);
+    b.targets = g_y;
+    assert_int_equal(mpar_pipeline_infer(p, &b, NULL, &loss), MPAR_SUCCESS);
+    assert_true(isfinite(loss) && loss > 0.0);
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_destroyed_first),
         cmocka_unit_test(test_stages_null_with_count),
+        cmocka_unit_test(test_infer_loss_without_targets),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
