@@ -516,6 +516,24 @@ MPARDEF size_t mpar_model_param_count(const mpar_model* model);
 /* The initial parameters of one layer (deterministic from the seed). */
 MPARDEF mpar_result mpar_model_init_params(const mpar_model* model, int layer, float* out, mpar_error* err);
 
+/* Classification helpers for what mpar_pipeline_infer returns (the loss
+   layer's input, [rows x classes], row-major); no device needed. Each
+   returns MPAR_ERROR_INVALID_ARGUMENT for a NULL pointer, rows < 0 or
+   classes < 1.
+   mpar_softmax: probs = softmax of each row, computed after subtracting
+   the row's largest value (no overflow for large logits); a row with a NaN
+   or whose largest value is infinite gives NaN. probs may be logits.
+   mpar_argmax: the index of each row's largest value, the first on a tie;
+   NaN is never the largest unless the whole row is NaN (then 0).
+   mpar_accuracy: the fraction of rows whose argmax equals the label.
+   Rows labelled < 0 are left out, as the cross-entropy loss leaves them
+   out; a label >= classes, or no row labelled >= 0, is
+   MPAR_ERROR_INVALID_ARGUMENT. */
+MPARDEF mpar_result mpar_softmax(const float* logits, int rows, int classes, float* probs, mpar_error* err);
+MPARDEF mpar_result mpar_argmax(const float* x, int rows, int classes, int32_t* out, mpar_error* err);
+MPARDEF mpar_result mpar_accuracy(const float* logits, const int32_t* labels, int rows, int classes, double* out,
+                                  mpar_error* err);
+
 /* For layer implementations: run a kernel from a .cl file. `args` has one
    letter per argument, and the variadic value each takes:
      'B' an mpar_buf: two kernel arguments, the buffer and a ulong offset
@@ -5284,6 +5302,78 @@ MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float
     if (l->param_count == 0) return MPAR_SUCCESS;
     if (l->type->init) l->type->init(l, out, &s);
     else mpar__fill_value(out, l->param_count, 0.0f);
+    return MPAR_SUCCESS;
+}
+
+/* ---- classification helpers: rows of logits on the host ---- */
+
+static mpar_result mpar__rows_check(const char* fn, const void* in, const void* out, int rows, int classes,
+                                    mpar_error* err) {
+    if (!in || !out || rows < 0 || classes < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: an array is NULL, or rows (%d) < 0 or classes "
+                              "(%d) < 1", fn, rows, classes);
+    return MPAR_SUCCESS;
+}
+
+static int32_t mpar__row_argmax(const float* x, int classes) {
+    int32_t best = 0;
+    int c;
+    for (c = 1; c < classes; c++)
+        if (x[c] > x[best] || (x[best] != x[best] && x[c] == x[c])) best = c; /* x != x: NaN */
+    return best;
+}
+
+MPARDEF mpar_result mpar_softmax(const float* logits, int rows, int classes, float* probs, mpar_error* err) {
+    int r, c;
+    mpar_result res = mpar__rows_check("mpar_softmax", logits, probs, rows, classes, err);
+    if (res != MPAR_SUCCESS) return res;
+    for (r = 0; r < rows; r++) {
+        const float* x = logits + (size_t)r * (size_t)classes;
+        float* y = probs + (size_t)r * (size_t)classes;
+        float top = x[0];
+        double sum = 0.0;
+        int nan = 0;
+        for (c = 0; c < classes; c++) {
+            nan |= x[c] != x[c];
+            if (x[c] > top) top = x[c];
+        }
+        if (nan || top == INFINITY || top == -INFINITY) { /* no meaningful distribution */
+            for (c = 0; c < classes; c++) y[c] = NAN;
+            continue;
+        }
+        for (c = 0; c < classes; c++) sum += exp((double)x[c] - (double)top);
+        for (c = 0; c < classes; c++) y[c] = (float)(exp((double)x[c] - (double)top) / sum);
+    }
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_argmax(const float* x, int rows, int classes, int32_t* out, mpar_error* err) {
+    int r;
+    mpar_result res = mpar__rows_check("mpar_argmax", x, out, rows, classes, err);
+    if (res != MPAR_SUCCESS) return res;
+    for (r = 0; r < rows; r++) out[r] = mpar__row_argmax(x + (size_t)r * (size_t)classes, classes);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_accuracy(const float* logits, const int32_t* labels, int rows, int classes, double* out,
+                                  mpar_error* err) {
+    int r, counted = 0, right = 0;
+    mpar_result res = mpar__rows_check("mpar_accuracy", logits, out, rows, classes, err);
+    if (res == MPAR_SUCCESS && !labels)
+        res = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_accuracy: labels is NULL");
+    if (res != MPAR_SUCCESS) return res;
+    for (r = 0; r < rows; r++) {
+        if (labels[r] < 0) continue; /* left out, as the loss leaves it out */
+        if (labels[r] >= classes)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_accuracy: label %d of row %d is not below "
+                                  "%d classes", (int)labels[r], r, classes);
+        counted++;
+        right += mpar__row_argmax(logits + (size_t)r * (size_t)classes, classes) == labels[r];
+    }
+    if (counted == 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_accuracy: none of the %d rows has a label >= 0",
+                              rows);
+    *out = (double)right / (double)counted;
     return MPAR_SUCCESS;
 }
 

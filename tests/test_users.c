@@ -158,11 +158,80 @@ static void test_infer_loss_without_targets(void** state) {
     mpar_model_destroy(m);
 }
 
+/* ==== 5. classification helpers ==== */
+
+static void test_softmax(void** state) {
+    /* row 0: 1 : 2 : 4; row 1: huge logits (overflow without the shift);
+       row 2: -inf is probability 0; row 3: NaN; row 4: +inf */
+    const float x[5 * 3] = {0.0f, 0.69314718f, 1.3862944f, 1000.0f, 1000.0f, 999.0f, -INFINITY, 0.0f, 0.0f,
+                            1.0f, NAN, 2.0f, INFINITY, 0.0f, 1.0f};
+    float y[5 * 3], z[3] = {0.0f, 0.69314718f, 1.3862944f};
+    double e = exp(-1.0);
+    mpar_error err;
+    int c;
+    (void)state;
+    assert_int_equal(mpar_softmax(x, 5, 3, y, NULL), MPAR_SUCCESS);
+    assert_float_equal(y[0], 1.0 / 7.0, 1e-7);
+    assert_float_equal(y[1], 2.0 / 7.0, 1e-7);
+    assert_float_equal(y[2], 4.0 / 7.0, 1e-7);
+    assert_float_equal(y[3], 1.0 / (2.0 + e), 1e-7);
+    assert_float_equal(y[4], 1.0 / (2.0 + e), 1e-7);
+    assert_float_equal(y[5], e / (2.0 + e), 1e-7);
+    assert_true(y[6] == 0.0f && y[7] == 0.5f && y[8] == 0.5f);
+    for (c = 9; c < 15; c++) assert_true(isnan(y[c]));
+    assert_int_equal(mpar_softmax(z, 1, 3, z, NULL), MPAR_SUCCESS); /* in place */
+    assert_float_equal(z[2], 4.0 / 7.0, 1e-7);
+    assert_int_equal(mpar_softmax(x, 0, 3, y, NULL), MPAR_SUCCESS); /* nothing to do */
+    assert_int_equal(mpar_softmax(NULL, 1, 3, y, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "mpar_softmax"));
+    assert_int_equal(mpar_softmax(x, 1, 3, NULL, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_softmax(x, -1, 3, y, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "rows (-1)"));
+    assert_int_equal(mpar_softmax(x, 1, 0, y, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "classes (0)"));
+}
+
+static void test_argmax_accuracy(void** state) {
+    const float x[5 * 3] = {0.1f, 0.7f, 0.2f,  /* 1 */
+                            3.0f, 3.0f, 1.0f,  /* tie: the first, 0 */
+                            NAN, -5.0f, -6.0f, /* NaN is never the largest: 1 */
+                            NAN, NAN, NAN,     /* all NaN: 0 */
+                            -1.0f, -2.0f, 9.0f /* 2 */};
+    const int32_t want[5] = {1, 0, 1, 0, 2};
+    int32_t got[5], labels[5] = {1, 1, -1, 0, 0};
+    double acc = -1.0;
+    mpar_error err;
+    (void)state;
+    assert_int_equal(mpar_argmax(x, 5, 3, got, NULL), MPAR_SUCCESS);
+    assert_memory_equal(got, want, sizeof want);
+    /* rows 0 and 3 right, 1 and 4 wrong, 2 left out (label -1): 2 of 4 */
+    assert_int_equal(mpar_accuracy(x, labels, 5, 3, &acc, NULL), MPAR_SUCCESS);
+    assert_true(acc == 0.5);
+    labels[4] = 2; /* 3 of 4 */
+    assert_int_equal(mpar_accuracy(x, labels, 5, 3, &acc, NULL), MPAR_SUCCESS);
+    assert_true(acc == 0.75);
+    labels[1] = 3; /* not a class */
+    acc = -1.0;
+    assert_int_equal(mpar_accuracy(x, labels, 5, 3, &acc, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "label 3 of row 1 is not below 3 classes"));
+    assert_true(acc == -1.0);
+    labels[0] = labels[1] = labels[2] = labels[3] = labels[4] = -1;
+    assert_int_equal(mpar_accuracy(x, labels, 5, 3, &acc, &err), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "none of the 5 rows"));
+    assert_int_equal(mpar_accuracy(x, NULL, 5, 3, &acc, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_accuracy(x, labels, 5, 3, NULL, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_argmax(NULL, 5, 3, got, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_argmax(x, 5, 0, got, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_argmax(x, -2, 3, got, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_destroyed_first),
         cmocka_unit_test(test_stages_null_with_count),
         cmocka_unit_test(test_infer_loss_without_targets),
+        cmocka_unit_test(test_softmax),
+        cmocka_unit_test(test_argmax_accuracy),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
