@@ -1555,6 +1555,20 @@ MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batc
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out);
 MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in);
 MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out);
+/* Checked variants: `capacity` is how many floats the caller's buffer
+   holds; a buffer too small is MPAR_ERROR_INVALID_ARGUMENT naming both
+   sizes, before anything is written. The sizes: mpar_pipeline_param_size
+   (a layer's parameters), mpar_pipeline_output_size (what infer writes
+   for `samples` samples: samples x seq_len x the loss layer's input
+   width) and mpar_pipeline_input_size (what a batch's inputs must hold:
+   samples x seq_len x input_features elements, floats or int32 token
+   ids; mpar_batch has no width of its own, so this is the check). */
+MPARDEF mpar_result mpar_pipeline_param_size(const mpar_pipeline* p, int layer, size_t* floats);
+MPARDEF mpar_result mpar_pipeline_input_size(const mpar_pipeline* p, int samples, size_t* elements);
+MPARDEF mpar_result mpar_pipeline_output_size(const mpar_pipeline* p, int samples, size_t* floats);
+MPARDEF mpar_result mpar_pipeline_get_params_n(mpar_pipeline* p, int layer, float* out, size_t capacity);
+MPARDEF mpar_result mpar_pipeline_infer_n(mpar_pipeline* p, const mpar_batch* batch, float* outputs, size_t capacity,
+                                          double* loss);
 
 /* Per-layer training state, for checkpoints: each array has the layer's
    param_count floats. MOMENT1 is SGD's velocity or AdamW's first moment;
@@ -11122,6 +11136,62 @@ MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step) {
     p->step = step;
     return MPAR_SUCCESS;
 }
+MPARDEF mpar_result mpar_pipeline_param_size(const mpar_pipeline* p, int layer, size_t* floats) {
+    const mpar_layer* l;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!floats) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_param_size: floats is NULL");
+    l = mpar_model_layer(p->model, layer);
+    if (!l)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_param_size: layer %d does not exist (%d "
+                          "layers)", layer, p->layer_count);
+    *floats = l->param_count;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_output_size(const mpar_pipeline* p, int samples, size_t* floats) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!floats || samples < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_output_size: floats is NULL or samples "
+                          "(%d) negative", samples);
+    *floats = (size_t)samples * (size_t)p->seq_len *
+              (size_t)mpar_model_layer(p->model, p->layer_count - 1)->in_features; /* the loss layer's input */
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_input_size(const mpar_pipeline* p, int samples, size_t* elements) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!elements || samples < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_input_size: elements is NULL or samples "
+                          "(%d) negative", samples);
+    *elements = (size_t)samples * (size_t)p->seq_len * (size_t)p->model->desc.input_features;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_get_params_n(mpar_pipeline* p, int layer, float* out, size_t capacity) {
+    size_t need = 0;
+    mpar_result r = mpar_pipeline_param_size(p, layer, &need);
+    if (r != MPAR_SUCCESS) return r;
+    if (capacity < need)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_params_n: layer %d has %llu "
+                          "parameters but out holds %llu floats", layer, (unsigned long long)need,
+                          (unsigned long long)capacity);
+    return mpar_pipeline_get_params(p, layer, out);
+}
+
+MPARDEF mpar_result mpar_pipeline_infer_n(mpar_pipeline* p, const mpar_batch* batch, float* outputs, size_t capacity,
+                                          double* loss) {
+    size_t need;
+    if (p && outputs && batch && batch->samples > 0) { /* anything else: infer's own checks */
+        mpar_result r = mpar_pipeline_output_size(p, batch->samples, &need);
+        if (r != MPAR_SUCCESS) return r;
+        if (capacity < need)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer_n: %d samples give %llu "
+                              "output floats but outputs holds %llu", batch->samples, (unsigned long long)need,
+                              (unsigned long long)capacity);
+    }
+    return mpar_pipeline_infer(p, batch, outputs, loss);
+}
+
 MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) { return p ? p->model : NULL; }
 MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) { return p ? &p->desc : NULL; }
 MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p) { return p ? p->schedule : NULL; }

@@ -225,6 +225,62 @@ static void test_argmax_accuracy(void** state) {
     assert_int_equal(mpar_argmax(x, -2, 3, got, NULL), MPAR_ERROR_INVALID_ARGUMENT);
 }
 
+/* ==== 7. buffers of a known capacity ==== */
+
+static void test_checked_sizes(void** state) {
+    mpar_stage_desc st[2];
+    mpar_pipeline_desc pd = two_stage_desc(st);
+    mpar_pipeline* p = NULL;
+    mpar_model* m = make_model();
+    mpar_batch b;
+    float w[40], w2[40], out[8 * 3 + 1], out2[8 * 3];
+    double loss = -1.0, loss2 = -2.0;
+    size_t n = 0;
+    (void)state;
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_SUCCESS);
+    /* the sizes: linear 4 -> 8 has 4 x 8 + 8 parameters, relu none */
+    assert_int_equal(mpar_pipeline_param_size(p, 0, &n), MPAR_SUCCESS);
+    assert_int_equal(n, 40);
+    assert_int_equal(mpar_pipeline_param_size(p, 1, &n), MPAR_SUCCESS);
+    assert_int_equal(n, 0);
+    assert_int_equal(mpar_pipeline_param_size(p, 4, &n), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "layer 4 does not exist (4 layers)"));
+    assert_int_equal(mpar_pipeline_param_size(p, 0, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_pipeline_output_size(p, 8, &n), MPAR_SUCCESS);
+    assert_int_equal(n, 8 * 3);
+    assert_int_equal(mpar_pipeline_input_size(p, 8, &n), MPAR_SUCCESS);
+    assert_int_equal(n, 8 * 4);
+    assert_int_equal(mpar_pipeline_output_size(p, -1, &n), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_pipeline_input_size(p, -1, &n), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_pipeline_param_size(NULL, 0, &n), MPAR_ERROR_INVALID_ARGUMENT);
+    /* get_params_n: one float short is refused before a write; exact is the unchecked call */
+    memset(w, 0x7f, sizeof w);
+    assert_int_equal(mpar_pipeline_get_params_n(p, 0, w, 39), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "layer 0 has 40 parameters but out holds 39 floats"));
+    assert_true(w[0] == w[39] && w[0] > 1e30f); /* untouched */
+    assert_int_equal(mpar_pipeline_get_params_n(p, 0, w, 40), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_get_params(p, 0, w2), MPAR_SUCCESS);
+    assert_memory_equal(w, w2, sizeof w);
+    assert_int_equal(mpar_pipeline_get_params_n(p, 1, NULL, 0), MPAR_SUCCESS); /* no parameters */
+    assert_int_equal(mpar_pipeline_get_params_n(p, 9, w, 40), MPAR_ERROR_INVALID_ARGUMENT);
+    /* infer_n */
+    b.inputs = g_x, b.targets = g_y, b.samples = 8;
+    out[8 * 3] = 42.0f;
+    assert_int_equal(mpar_pipeline_infer_n(p, &b, out, 8 * 3 - 1, &loss), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "8 samples give 24 output floats but outputs holds 23"));
+    assert_true(loss == -1.0);
+    assert_int_equal(mpar_pipeline_infer_n(p, &b, out, 8 * 3 + 1, &loss), MPAR_SUCCESS);
+    assert_true(out[8 * 3] == 42.0f); /* nothing past the outputs */
+    assert_int_equal(mpar_pipeline_infer(p, &b, out2, &loss2), MPAR_SUCCESS);
+    assert_memory_equal(out, out2, sizeof out2);
+    assert_true(loss == loss2);
+    assert_int_equal(mpar_pipeline_infer_n(p, &b, NULL, 0, &loss), MPAR_SUCCESS); /* no outputs: no capacity needed */
+    b.samples = 0; /* infer's own check still answers */
+    assert_int_equal(mpar_pipeline_infer_n(p, &b, out, 0, NULL), MPAR_ERROR_INVALID_ARGUMENT);
+    mpar_pipeline_destroy(p);
+    mpar_model_destroy(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_destroyed_first),
@@ -232,6 +288,7 @@ int main(void) {
         cmocka_unit_test(test_infer_loss_without_targets),
         cmocka_unit_test(test_softmax),
         cmocka_unit_test(test_argmax_accuracy),
+        cmocka_unit_test(test_checked_sizes),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
