@@ -7,7 +7,9 @@
 #                 ThreadSanitizer, the pure parts under valgrind
 #   make mutate   plant each bug of tests/mutants.txt in a copy of the tree and
 #                 run the suites meant to catch it (not in CI: 13-20 minutes)
-#   make install PREFIX=/usr/local
+#   make install PREFIX=/usr/local   the header, kernels, mpar.pc and a CMake
+#                 package (find_package(mpar), target mpar::mpar)
+#   make uninstall PREFIX=/usr/local removes exactly what install wrote
 CC       ?= cc
 CXX      ?= c++
 PREFIX   ?= /usr/local
@@ -34,7 +36,7 @@ export POCL_DEVICES ?= basic basic
 TEST_ENV  = MPAR_CACHE_DIR=$(CURDIR)/build/cache
 ICD2      = build/icd2
 
-.PHONY: all deps test test-mpi compile-tests demo bench check mutate install clean clean-tests
+.PHONY: all deps test test-mpi compile-tests demo bench check mutate install uninstall check-cmake clean clean-tests
 all: deps compile-tests $(TESTS) $(EXAMPLES) $(BENCHES)
 
 deps:
@@ -71,6 +73,8 @@ $(ICD2):
 test: all $(ICD2)
 	@scripts/run-tests.sh $(TESTS)
 	@scripts/check-examples.sh
+	@if command -v cmake >/dev/null; then scripts/check-cmake.sh; \
+	else echo "CMake package check skipped: no cmake (apt-get install cmake)"; fi
 	@if command -v mpicc >/dev/null; then $(MAKE) --no-print-directory test-mpi; \
 	else echo "MPI tests skipped: no mpicc (apt-get install openmpi-bin libopenmpi-dev)"; fi
 
@@ -119,11 +123,33 @@ bench: all
 	for b in bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail; do echo "# $$b"; \
 	$(TEST_ENV) MPAR_KERNEL_PATH=$(CURDIR)/kernels $(MPIRUN) -np 2 $$b || exit 1; done; fi
 
+# The version the header declares, for mpar.pc and the CMake package.
+VERSION   := $(shell sed -n 's/^\#define MPAR_VERSION_STRING "\(.*\)"/\1/p' $(HDR))
+VSUBST     = -e 's|@VERSION@|$(VERSION)|g' -e 's|@VERSION_MAJOR@|$(word 1,$(subst ., ,$(VERSION)))|g' \
+             -e 's|@VERSION_MINOR@|$(word 2,$(subst ., ,$(VERSION)))|g'
+KERNELS   := $(notdir $(wildcard kernels/*.cl))
+CMAKEDIR   = $(DESTDIR)$(PREFIX)/lib/cmake/mpar
+# What install writes; uninstall removes exactly these, then mpar's own
+# folders if empty (the shared ones, include/ and lib/pkgconfig/, stay).
+INSTALLED  = $(DESTDIR)$(PREFIX)/include/mpar.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/mpar.pc \
+             $(CMAKEDIR)/mparConfig.cmake $(CMAKEDIR)/mparConfigVersion.cmake \
+             $(addprefix $(DESTDIR)$(PREFIX)/share/mpar/kernels/,$(KERNELS))
+
 install: $(HDR)
-	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/mpar/kernels $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/mpar/kernels $(DESTDIR)$(PREFIX)/lib/pkgconfig $(CMAKEDIR)
 	sed -e 's|^#define MPAR__INSTALLED_KERNEL_DIR ""|#define MPAR__INSTALLED_KERNEL_DIR "$(PREFIX)/share/mpar/kernels"|' mpar.h > $(DESTDIR)$(PREFIX)/include/mpar.h
 	install -m 644 kernels/*.cl $(DESTDIR)$(PREFIX)/share/mpar/kernels/
-	sed -e 's|@PREFIX@|$(PREFIX)|g' mpar.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/mpar.pc
+	sed -e 's|@PREFIX@|$(PREFIX)|g' $(VSUBST) mpar.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/mpar.pc
+	sed $(VSUBST) cmake/mparConfig.cmake.in > $(CMAKEDIR)/mparConfig.cmake
+	sed $(VSUBST) cmake/mparConfigVersion.cmake.in > $(CMAKEDIR)/mparConfigVersion.cmake
+
+uninstall:
+	rm -f $(INSTALLED)
+	rmdir $(DESTDIR)$(PREFIX)/share/mpar/kernels $(DESTDIR)$(PREFIX)/share/mpar $(CMAKEDIR) 2>/dev/null || true
+
+# The CMake package from a temporary prefix: find_package, build, run, uninstall.
+check-cmake:
+	scripts/check-cmake.sh
 
 clean-tests:
 	rm -f $(TESTS)

@@ -297,8 +297,10 @@ typedef struct mpar_desc {
          pN                        every device of platform N
          name:TEXT | TEXT          name, vendor or platform containing TEXT
                                    (case-insensitive)
-       Terms select in the order written; a device already selected is not
-       selected twice. */
+       Terms select in the order written. A device that two terms select
+       ("0,0", "cpu,1") is refused with MPAR_ERROR_INVALID_SELECTION: the
+       context's devices are distinct devices; to run two stages on one
+       device, give its index in two mpar_stage_desc. */
     const char* devices;
     /* Non-zero: every device gets its own cl_context (the mixed-vendor path),
        even when devices share a platform. */
@@ -503,6 +505,11 @@ MPARDEF const mpar_layer_type* mpar_layer_mse(void);
 MPARDEF const mpar_layer_type* mpar_layer_l1(void);
 
 MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err);
+/* Drops the caller's reference. A pipeline made from the model holds its
+   own (mpar_pipeline_create takes one, mpar_pipeline_destroy drops it), so
+   the model may be destroyed before its pipelines: the last of them frees
+   it. Do not use `model` after this call, and add no layers to a model
+   that has pipelines. Safe while other threads destroy its pipelines. */
 MPARDEF void mpar_model_destroy(mpar_model* model);
 /* Appends a layer; its shape is checked against the previous one now. */
 MPARDEF mpar_result mpar_model_add(mpar_model* model, const mpar_layer_desc* layer, mpar_error* err);
@@ -517,6 +524,24 @@ MPARDEF const mpar_layer* mpar_model_layer(const mpar_model* model, int index);
 MPARDEF size_t mpar_model_param_count(const mpar_model* model);
 /* The initial parameters of one layer (deterministic from the seed). */
 MPARDEF mpar_result mpar_model_init_params(const mpar_model* model, int layer, float* out, mpar_error* err);
+
+/* Classification helpers for what mpar_pipeline_infer returns (the loss
+   layer's input, [rows x classes], row-major); no device needed. Each
+   returns MPAR_ERROR_INVALID_ARGUMENT for a NULL pointer, rows < 0 or
+   classes < 1.
+   mpar_softmax: probs = softmax of each row, computed after subtracting
+   the row's largest value (no overflow for large logits); a row with a NaN
+   or whose largest value is infinite gives NaN. probs may be logits.
+   mpar_argmax: the index of each row's largest value, the first on a tie;
+   NaN is never the largest unless the whole row is NaN (then 0).
+   mpar_accuracy: the fraction of rows whose argmax equals the label.
+   Rows labelled < 0 are left out, as the cross-entropy loss leaves them
+   out; a label >= classes, or no row labelled >= 0, is
+   MPAR_ERROR_INVALID_ARGUMENT. */
+MPARDEF mpar_result mpar_softmax(const float* logits, int rows, int classes, float* probs, mpar_error* err);
+MPARDEF mpar_result mpar_argmax(const float* x, int rows, int classes, int32_t* out, mpar_error* err);
+MPARDEF mpar_result mpar_accuracy(const float* logits, const int32_t* labels, int rows, int classes, double* out,
+                                  mpar_error* err);
 
 /* For layer implementations: run a kernel from a .cl file. `args` has one
    letter per argument, and the variadic value each takes:
@@ -1286,7 +1311,7 @@ typedef enum mpar_link_mode {
 
 typedef struct mpar_pipeline_desc {
     const mpar_stage_desc* stages; /* explicit stages; NULL: from `plan` */
-    int stage_count;               /* entries in `stages` */
+    int stage_count;               /* entries in `stages` (0 when it is NULL) */
     /* With no stages: the plan to follow (mpar_pipeline_plan); NULL: mpar
        plans itself with plan_options (NULL: optimal, from measured layer
        costs: see mpar_cost_source). */
@@ -1455,6 +1480,8 @@ typedef struct mpar_pipeline_stats {
 
 typedef struct mpar_pipeline mpar_pipeline;
 
+/* The pipeline holds a reference to `model` until mpar_pipeline_destroy
+   (see mpar_model_destroy): the model may be destroyed first. */
 MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                          mpar_pipeline** out);
 
@@ -1554,12 +1581,26 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
 /* Forward only, streamed through the stages in micro-batches of at most
    max_batch / microbatches samples, by a forward-only schedule on the
    training schedule's placement (mpar_schedule_forward_only). outputs (optional) receives the input
-   of the loss layer, [rows × its width]; loss (optional) the mean loss when
-   targets are given. */
+   of the loss layer, [rows × its width]; loss (optional) the mean loss,
+   which needs batch.targets (without them: MPAR_ERROR_INVALID_ARGUMENT). */
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss);
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out);
 MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in);
 MPARDEF mpar_result mpar_pipeline_get_grads(mpar_pipeline* p, int layer, float* out);
+/* Checked variants: `capacity` is how many floats the caller's buffer
+   holds; a buffer too small is MPAR_ERROR_INVALID_ARGUMENT naming both
+   sizes, before anything is written. The sizes: mpar_pipeline_param_size
+   (a layer's parameters), mpar_pipeline_output_size (what infer writes
+   for `samples` samples: samples x seq_len x the loss layer's input
+   width) and mpar_pipeline_input_size (what a batch's inputs must hold:
+   samples x seq_len x input_features elements, floats or int32 token
+   ids; mpar_batch has no width of its own, so this is the check). */
+MPARDEF mpar_result mpar_pipeline_param_size(const mpar_pipeline* p, int layer, size_t* floats);
+MPARDEF mpar_result mpar_pipeline_input_size(const mpar_pipeline* p, int samples, size_t* elements);
+MPARDEF mpar_result mpar_pipeline_output_size(const mpar_pipeline* p, int samples, size_t* floats);
+MPARDEF mpar_result mpar_pipeline_get_params_n(mpar_pipeline* p, int layer, float* out, size_t capacity);
+MPARDEF mpar_result mpar_pipeline_infer_n(mpar_pipeline* p, const mpar_batch* batch, float* outputs, size_t capacity,
+                                          double* loss);
 
 /* Per-layer training state, for checkpoints: each array has the layer's
    param_count floats. MOMENT1 is SGD's velocity or AdamW's first moment;
@@ -2542,11 +2583,17 @@ static mpar_result mpar__select_term(const char* term, const mpar__device* all, 
                   (platform >= 0 && d->platform_index == platform) ||
                   (text && text[0] && (mpar__contains_nocase(d->name, text) || mpar__contains_nocase(d->vendor, text) ||
                                        mpar__contains_nocase(d->platform, text)));
-        int k, seen = 0;
+        int k;
         if (!hit) continue;
         matched = 1;
-        for (k = 0; k < *count; k++) seen |= order[k] == i;
-        if (!seen) order[(*count)++] = i;
+        /* Refused, not merged: the user asked for more stage devices than
+           they get. Two stages on one device are stage_desc.device twice. */
+        for (k = 0; k < *count; k++)
+            if (order[k] == i)
+                return mpar_error_set(err, MPAR_ERROR_INVALID_SELECTION, "device %d (%s) is selected twice (again by "
+                                      "'%s'); to run two stages on one device, select it once and give its index "
+                                      "in two mpar_stage_desc", i, d->name, term);
+        order[(*count)++] = i;
     }
     if (!matched)
         return mpar_error_set(err, MPAR_ERROR_NO_DEVICE, "device selection term '%s' matches none of the %d device%s",
@@ -5260,7 +5307,37 @@ struct mpar_model {
     mpar_model_desc desc;
     int count, capacity;
     mpar_layer* layers;
+    /* The caller's reference plus one per pipeline made from it: the last
+       release frees the model, so a pipeline outlives its model's
+       mpar_model_destroy. Under ref_mu: pipelines on other threads may be
+       destroyed at the same time. */
+    int refs;
+    pthread_mutex_t ref_mu;
 };
+
+/* A pipeline's hold on its model. The count is not part of what the
+   const pointer promises: the model's description and layers stay as they
+   are. */
+static void mpar__model_retain(const mpar_model* cm) {
+    mpar_model* m = (mpar_model*)cm;
+    pthread_mutex_lock(&m->ref_mu);
+    m->refs++;
+    pthread_mutex_unlock(&m->ref_mu);
+}
+
+static void mpar__model_release(const mpar_model* cm) {
+    mpar_model* m = (mpar_model*)cm;
+    mpar_allocator a;
+    int left;
+    pthread_mutex_lock(&m->ref_mu);
+    left = --m->refs;
+    pthread_mutex_unlock(&m->ref_mu);
+    if (left > 0) return;
+    a = m->desc.allocator; /* the model's memory holds it */
+    pthread_mutex_destroy(&m->ref_mu);
+    mpar__free_a(&a, m->layers);
+    mpar__free_a(&a, m);
+}
 
 MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err) {
     mpar_model* m;
@@ -5278,16 +5355,14 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
     memset(m, 0, sizeof *m);
     m->desc = *desc;
     if (m->desc.seq_len == 0) m->desc.seq_len = 1;
+    m->refs = 1;
+    pthread_mutex_init(&m->ref_mu, NULL);
     *out = m;
     return MPAR_SUCCESS;
 }
 
 MPARDEF void mpar_model_destroy(mpar_model* model) {
-    mpar_allocator a;
-    if (!model) return;
-    a = model->desc.allocator; /* the model's memory holds it */
-    mpar__free_a(&a, model->layers);
-    mpar__free_a(&a, model);
+    if (model) mpar__model_release(model);
 }
 
 MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar_error* err) {
@@ -5377,6 +5452,78 @@ MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float
     if (l->param_count == 0) return MPAR_SUCCESS;
     if (l->type->init) l->type->init(l, out, &s);
     else mpar__fill_value(out, l->param_count, 0.0f);
+    return MPAR_SUCCESS;
+}
+
+/* ---- classification helpers: rows of logits on the host ---- */
+
+static mpar_result mpar__rows_check(const char* fn, const void* in, const void* out, int rows, int classes,
+                                    mpar_error* err) {
+    if (!in || !out || rows < 0 || classes < 1)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: an array is NULL, or rows (%d) < 0 or classes "
+                              "(%d) < 1", fn, rows, classes);
+    return MPAR_SUCCESS;
+}
+
+static int32_t mpar__row_argmax(const float* x, int classes) {
+    int32_t best = 0;
+    int c;
+    for (c = 1; c < classes; c++)
+        if (x[c] > x[best] || (x[best] != x[best] && x[c] == x[c])) best = c; /* x != x: NaN */
+    return best;
+}
+
+MPARDEF mpar_result mpar_softmax(const float* logits, int rows, int classes, float* probs, mpar_error* err) {
+    int r, c;
+    mpar_result res = mpar__rows_check("mpar_softmax", logits, probs, rows, classes, err);
+    if (res != MPAR_SUCCESS) return res;
+    for (r = 0; r < rows; r++) {
+        const float* x = logits + (size_t)r * (size_t)classes;
+        float* y = probs + (size_t)r * (size_t)classes;
+        float top = x[0];
+        double sum = 0.0;
+        int nan = 0;
+        for (c = 0; c < classes; c++) {
+            nan |= x[c] != x[c];
+            if (x[c] > top) top = x[c];
+        }
+        if (nan || top == INFINITY || top == -INFINITY) { /* no meaningful distribution */
+            for (c = 0; c < classes; c++) y[c] = NAN;
+            continue;
+        }
+        for (c = 0; c < classes; c++) sum += exp((double)x[c] - (double)top);
+        for (c = 0; c < classes; c++) y[c] = (float)(exp((double)x[c] - (double)top) / sum);
+    }
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_argmax(const float* x, int rows, int classes, int32_t* out, mpar_error* err) {
+    int r;
+    mpar_result res = mpar__rows_check("mpar_argmax", x, out, rows, classes, err);
+    if (res != MPAR_SUCCESS) return res;
+    for (r = 0; r < rows; r++) out[r] = mpar__row_argmax(x + (size_t)r * (size_t)classes, classes);
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_accuracy(const float* logits, const int32_t* labels, int rows, int classes, double* out,
+                                  mpar_error* err) {
+    int r, counted = 0, right = 0;
+    mpar_result res = mpar__rows_check("mpar_accuracy", logits, out, rows, classes, err);
+    if (res == MPAR_SUCCESS && !labels)
+        res = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_accuracy: labels is NULL");
+    if (res != MPAR_SUCCESS) return res;
+    for (r = 0; r < rows; r++) {
+        if (labels[r] < 0) continue; /* left out, as the loss leaves it out */
+        if (labels[r] >= classes)
+            return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_accuracy: label %d of row %d is not below "
+                                  "%d classes", (int)labels[r], r, classes);
+        counted++;
+        right += mpar__row_argmax(logits + (size_t)r * (size_t)classes, classes) == labels[r];
+    }
+    if (counted == 0)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_accuracy: none of the %d rows has a label >= 0",
+                              rows);
+    *out = (double)right / (double)counted;
     return MPAR_SUCCESS;
 }
 
@@ -11487,6 +11634,12 @@ static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, f
     if (!batch)
         return mpar__refuse_job(p, MPAR__JOB_INFER,
                                 mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch is NULL"));
+    if (loss && !mpar__batch_targets(p->model, batch)) /* a loss of 0 would read as a perfect model */
+        return mpar__refuse_job(p, MPAR__JOB_INFER,
+                                mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: loss asked for "
+                                           "but the batch has no targets (pass loss NULL, or give batch.%s)",
+                                           (mpar_model_layer(p->model, p->layer_count - 1)->type->flags &
+                                            MPAR_LAYER_FLOAT_TARGETS) ? "float_targets" : "targets"));
     per_mb = p->mb_rows_max / p->seq_len;
     count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
     if (count > p->mb_capacity) {
@@ -11589,6 +11742,62 @@ MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step) {
     p->step = step;
     return MPAR_SUCCESS;
 }
+MPARDEF mpar_result mpar_pipeline_param_size(const mpar_pipeline* p, int layer, size_t* floats) {
+    const mpar_layer* l;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!floats) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_param_size: floats is NULL");
+    l = mpar_model_layer(p->model, layer);
+    if (!l)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_param_size: layer %d does not exist (%d "
+                          "layers)", layer, p->layer_count);
+    *floats = l->param_count;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_output_size(const mpar_pipeline* p, int samples, size_t* floats) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!floats || samples < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_output_size: floats is NULL or samples "
+                          "(%d) negative", samples);
+    *floats = (size_t)samples * (size_t)p->seq_len *
+              (size_t)mpar_model_layer(p->model, p->layer_count - 1)->in_features; /* the loss layer's input */
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_input_size(const mpar_pipeline* p, int samples, size_t* elements) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (!elements || samples < 0)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_input_size: elements is NULL or samples "
+                          "(%d) negative", samples);
+    *elements = (size_t)samples * (size_t)p->seq_len * (size_t)p->model->desc.input_features;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_pipeline_get_params_n(mpar_pipeline* p, int layer, float* out, size_t capacity) {
+    size_t need = 0;
+    mpar_result r = mpar_pipeline_param_size(p, layer, &need);
+    if (r != MPAR_SUCCESS) return r;
+    if (capacity < need)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_params_n: layer %d has %llu "
+                          "parameters but out holds %llu floats", layer, (unsigned long long)need,
+                          (unsigned long long)capacity);
+    return mpar_pipeline_get_params(p, layer, out);
+}
+
+MPARDEF mpar_result mpar_pipeline_infer_n(mpar_pipeline* p, const mpar_batch* batch, float* outputs, size_t capacity,
+                                          double* loss) {
+    size_t need;
+    if (p && outputs && batch && batch->samples > 0) { /* anything else: infer's own checks */
+        mpar_result r = mpar_pipeline_output_size(p, batch->samples, &need);
+        if (r != MPAR_SUCCESS) return r;
+        if (capacity < need)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer_n: %d samples give %llu "
+                              "output floats but outputs holds %llu", batch->samples, (unsigned long long)need,
+                              (unsigned long long)capacity);
+    }
+    return mpar_pipeline_infer(p, batch, outputs, loss);
+}
+
 MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) { return p ? p->model : NULL; }
 MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) { return p ? &p->desc : NULL; }
 MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p) { return p ? p->schedule : NULL; }
@@ -12321,7 +12530,9 @@ static void mpar__pipeline_release(mpar_pipeline* p) {
 static void mpar__rebalance_free(mpar_pipeline* p);
 
 MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
+    const mpar_model* model;
     if (!p) return;
+    model = p->model;
     mpar__pipeline_release(p);
     mpar__rebalance_free(p);
     if (p->guard) {
@@ -12329,6 +12540,7 @@ MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
         mpar__free(p->ctx, p->guard);
     }
     mpar__free(p->ctx, p);
+    if (model) mpar__model_release(model); /* last: the workers used its layers */
 }
 
 /* The descriptor's activation_type is one of the enum's (create and the
@@ -12397,6 +12609,9 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     mpar_optimizer_desc* o = &d->optimizer;
     mpar_error err;
     *d = *desc;
+    if (!d->stages && d->stage_count != 0) /* else the count is dropped and mpar plans the stages itself */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_desc.stages is NULL but stage_count is "
+                          "%d: give the stages, or stage_count 0 to have them planned", d->stage_count);
     if (d->schedule_lists) { /* the schedule given is the truth */
         if (mpar_schedule_validate(d->schedule_lists, &err) != MPAR_SUCCESS)
             return mpar__fail(p->ctx, err.code, "schedule_lists: %s", err.message);
@@ -12796,6 +13011,7 @@ static mpar_result mpar__pipeline_new(mpar_context* ctx, const mpar_model* model
     mpar_pipeline* p = (mpar_pipeline*)mpar__alloc(ctx, sizeof *p);
     *out = p;
     if (!p) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    mpar__model_retain(model); /* mpar_pipeline_destroy releases it; a rebuild keeps it */
     return mpar__pipeline_init(p, ctx, model, desc, dry_run);
 }
 

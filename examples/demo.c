@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
     mpar_stage_desc one = {0, 0, 9};
     data_mnist train, test;
     char msg[512];
-    int i, n, batch = 128, steps = 120, correct = 0;
+    int i, n, batch = 128, steps = 120;
     float *x, *logits;
     int32_t* y;
     double t_pipe, t_one, loss = 0.0;
@@ -148,15 +148,11 @@ int main(int argc, char** argv) {
     }
     {
         mpar_batch b;
+        double acc = 0.0;
         b.inputs = test.images, b.targets = test.labels, b.samples = test.count;
         CHECK(mpar_pipeline_infer(pipe, &b, logits, &loss));
-        for (i = 0; i < test.count; i++) {
-            int k, best = 0;
-            for (k = 1; k < 10; k++)
-                if (logits[i * 10 + k] > logits[i * 10 + best]) best = k;
-            correct += best == test.labels[i];
-        }
-        printf("test: loss %.4f, accuracy %.4f on %d images\n", loss, (double)correct / test.count, test.count);
+        CHECK(mpar_accuracy(logits, test.labels, test.count, 10, &acc, NULL));
+        printf("test: loss %.4f, accuracy %.4f on %d images\n", loss, acc, test.count);
     }
 
     /* Same model and schedule on one device: the pipeline's speed-up. */

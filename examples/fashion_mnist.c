@@ -23,16 +23,11 @@ static int fail(const char* what, mpar_context* ctx, const char* msg) {
 
 static double accuracy(mpar_pipeline* p, const data_mnist* d, float* logits, double* loss) {
     mpar_batch b;
-    int i, k, correct = 0;
+    double acc;
     b.inputs = d->images, b.targets = d->labels, b.samples = d->count;
     if (mpar_pipeline_infer(p, &b, logits, loss) != MPAR_SUCCESS) return -1.0;
-    for (i = 0; i < d->count; i++) {
-        int best = 0;
-        for (k = 1; k < 10; k++)
-            if (logits[i * 10 + k] > logits[i * 10 + best]) best = k;
-        correct += best == d->labels[i];
-    }
-    return (double)correct / d->count;
+    if (mpar_accuracy(logits, d->labels, d->count, 10, &acc, NULL) != MPAR_SUCCESS) return -1.0;
+    return acc;
 }
 
 static const char usage[] =

@@ -115,14 +115,8 @@ static int pass(run* r, mpar_context* ctx, const data_mnist* test, int timed, co
 }
 
 static double accuracy(const float* logits, const data_mnist* test, int classes) {
-    int i, k, correct = 0;
-    for (i = 0; i < test->count; i++) {
-        int best = 0;
-        for (k = 1; k < classes; k++)
-            if (logits[(size_t)i * classes + k] > logits[(size_t)i * classes + best]) best = k;
-        correct += best == test->labels[i];
-    }
-    return (double)correct / test->count;
+    double acc;
+    return mpar_accuracy(logits, test->labels, test->count, classes, &acc, NULL) == MPAR_SUCCESS ? acc : -1.0;
 }
 
 static const char usage[] =

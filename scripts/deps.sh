@@ -4,7 +4,7 @@
 # data sets used by the examples. As root it runs apt-get; otherwise it prints
 # the exact command and exits non-zero so that `make` stops with a clear hint.
 set -eu
-pkgs="opencl-headers ocl-icd-opencl-dev pocl-opencl-icd libclblast-dev libcmocka-dev libblis-serial-dev zlib1g-dev pkg-config valgrind dataset-fashion-mnist bible-kjv-text openmpi-bin libopenmpi-dev"
+pkgs="opencl-headers ocl-icd-opencl-dev pocl-opencl-icd libclblast-dev libcmocka-dev libblis-serial-dev zlib1g-dev pkg-config cmake valgrind dataset-fashion-mnist bible-kjv-text openmpi-bin libopenmpi-dev"
 missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -905,7 +905,7 @@ static void test_pipeline_create_bad_input(void** state) {
     BAD(MPAR_ERROR_UNSUPPORTED, (pd.mpi_comm = &pd, st[1].device = 99)); /* built without MPAR_USE_MPI */
     /* a plan to follow that has no stages */
     memset(&plan, 0, sizeof plan);
-    BAD(MPAR_ERROR_INVALID_PLAN, (pd.stages = NULL, pd.plan = &plan));
+    BAD(MPAR_ERROR_INVALID_PLAN, (pd.stages = NULL, pd.stage_count = 0, pd.plan = &plan));
     /* models that cannot run */
     memset(&md, 0, sizeof md);
     md.input_features = 4;

@@ -132,8 +132,8 @@ static void test_selection(void** state) {
     assert_int_equal(mpar_device_get_info(ctx, 0, &info), MPAR_SUCCESS);
     assert_int_equal(info.global_index, 1);
     mpar_destroy(ctx);
-    /* order as written; duplicates selected once */
-    ctx = make_ctx("1, 0 ,1", 0, NULL, NULL);
+    /* order as written */
+    ctx = make_ctx("1, 0", 0, NULL, NULL);
     assert_int_equal(mpar_device_count(ctx), 2);
     assert_int_equal(mpar_device_get_info(ctx, 0, &info), MPAR_SUCCESS);
     assert_int_equal(info.global_index, 1);
@@ -155,6 +155,13 @@ static void test_selection(void** state) {
     ctx = make_ctx(NULL, 0, NULL, NULL);
     assert_int_equal(mpar_device_count(ctx), 1);
     mpar_destroy(ctx);
+    unsetenv("MPAR_DEVICES");
+    /* a device selected twice is refused, not silently merged (issue 17) */
+    expect_create_error("1, 0 ,1", MPAR_ERROR_INVALID_SELECTION, "device 1 (");
+    expect_create_error("0,0", MPAR_ERROR_INVALID_SELECTION, "is selected twice (again by '0')");
+    expect_create_error("0-1,cpu", MPAR_ERROR_INVALID_SELECTION, "selected twice (again by 'cpu')");
+    setenv("MPAR_DEVICES", "0,0", 1);
+    expect_create_error(NULL, MPAR_ERROR_INVALID_SELECTION, "device 0 (");
     unsetenv("MPAR_DEVICES");
     expect_create_error("17", MPAR_ERROR_NO_DEVICE, "device index 17 does not exist");
     expect_create_error("gpu", MPAR_ERROR_NO_DEVICE, "'gpu' matches none");

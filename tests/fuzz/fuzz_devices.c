@@ -108,7 +108,8 @@ static int ref_term(const char* t, int n, int* order, int* count) {
         if (!hit) continue;
         matched = 1;
         for (k = 0; k < *count && order[k] != i; k++) {}
-        if (k == *count) order[(*count)++] = i;
+        if (k < *count) return MPAR_ERROR_INVALID_SELECTION; /* selected twice */
+        order[(*count)++] = i;
     }
     return matched ? 0 : MPAR_ERROR_NO_DEVICE;
 }
