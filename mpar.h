@@ -1939,6 +1939,7 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out);
 #define MPAR_PART_CHECKPOINT_DECL
 
 #define MPAR_CHECKPOINT_FORMAT_VERSION 1
+#define MPAR_WEIGHTS_FORMAT_VERSION 2 /* weights only: see mpar_pipeline_save_weights */
 #define MPAR_CHECKPOINT_MAX_NAME 255
 
 /* One layer as a checkpoint describes it. */
@@ -1966,6 +1967,7 @@ typedef struct mpar_checkpoint_info {
     int layer_count;
     mpar_checkpoint_layer* layers; /* [layer_count]; freed by mpar_checkpoint_info_free */
     mpar_allocator allocator;      /* what layers came from, for mpar_checkpoint_info_free */
+    int weights_only; /* a weights file (format version 2): PARAMS only, step 0, `optimizer` meaningless */
 } mpar_checkpoint_info;
 
 /* Checks a checkpoint held in memory (no device needed) and describes it.
@@ -1999,6 +2001,21 @@ MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* 
    MPAR_ERROR_MISMATCH (another model or optimizer): the pipeline is then
    unchanged. */
 MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err);
+
+/* The model a checkpoint or weights file describes, built layer by layer
+   from the file's own description (types by name, shapes, descriptor
+   fields, input_features, seq_len, seed), ready for a pipeline that then
+   loads the file. Built-in layer types are known by name; a file with
+   user-defined types names them in `types` (type_count entries, matched by
+   mpar_layer_type.name; NULL, 0 when there are none). Errors: MPAR_ERROR_IO
+   (cannot read), MPAR_ERROR_CORRUPT, MPAR_ERROR_UNSUPPORTED (a layer type
+   neither built in nor in `types`, named), MPAR_ERROR_INVALID_MODEL (the
+   description does not make a model), MPAR_ERROR_INVALID_ARGUMENT. */
+MPARDEF mpar_result mpar_model_from_checkpoint(const char* path, const mpar_layer_type* const* types, int type_count,
+                                               mpar_model** out, mpar_error* err);
+/* The same from a file held in memory. */
+MPARDEF mpar_result mpar_model_from_checkpoint_data(const void* data, size_t size, const mpar_layer_type* const* types,
+                                                    int type_count, mpar_model** out, mpar_error* err);
 
 #endif /* MPAR_PART_CHECKPOINT_DECL */
 
@@ -14301,6 +14318,7 @@ static mpar_result mpar__rebalance_impl(mpar_pipeline* p, const double* device_f
 /* the least a layer takes: a record with a 1..8-byte name, a data checksum */
 #define MPAR__CKPT_LAYER_MIN (MPAR__CKPT_RECORD + 8u + 8u)
 #define MPAR__CKPT_HASH_SEED 0x6D70617263686B31ULL
+#define MPAR__CKPT_NO_OPTIMIZER 2u /* the optimizer kind of a weights-only file */
 #ifdef O_CLOEXEC
 #define MPAR__CKPT_CLOEXEC O_CLOEXEC
 #else
@@ -14411,9 +14429,10 @@ static mpar_result mpar__ckpt_header(const unsigned char* d, size_t size, mpar_c
     uint32_t v = mpar__ckpt_rd32(d + 8), L = mpar__ckpt_rd32(d + 32), opt = mpar__ckpt_rd32(d + 36);
     uint64_t step = mpar__ckpt_rd64(d + 40);
     uint32_t inf = mpar__ckpt_rd32(d + 56), seq = mpar__ckpt_rd32(d + 60);
-    if (v != MPAR_CHECKPOINT_FORMAT_VERSION)
-        return mpar_error_set(err, MPAR_ERROR_UNSUPPORTED, "format version %lu at offset 8; this mpar reads version %d",
-                              (unsigned long)v, MPAR_CHECKPOINT_FORMAT_VERSION);
+    if (v != MPAR_CHECKPOINT_FORMAT_VERSION && v != MPAR_WEIGHTS_FORMAT_VERSION)
+        return mpar_error_set(err, MPAR_ERROR_UNSUPPORTED, "format version %lu at offset 8; this mpar reads versions "
+                              "%d (checkpoints) and %d (weights only)", (unsigned long)v, MPAR_CHECKPOINT_FORMAT_VERSION,
+                              MPAR_WEIGHTS_FORMAT_VERSION);
     if (mpar__ckpt_rd32(d + 12) != MPAR__CKPT_HEADER)
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "header size %lu at offset 12, expected %u",
                               (unsigned long)mpar__ckpt_rd32(d + 12), MPAR__CKPT_HEADER);
@@ -14423,8 +14442,12 @@ static mpar_result mpar__ckpt_header(const unsigned char* d, size_t size, mpar_c
     if (L == 0 || L > (size - MPAR__CKPT_MIN) / MPAR__CKPT_LAYER_MIN || L > (uint32_t)INT_MAX)
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer count %lu at offset 32 is impossible in %lu bytes",
                               (unsigned long)L, (unsigned long)size);
-    if (opt > (uint32_t)MPAR_OPTIMIZER_SGD)
-        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "unknown optimizer kind %lu at offset 36", (unsigned long)opt);
+    if (v == MPAR_CHECKPOINT_FORMAT_VERSION ? opt > (uint32_t)MPAR_OPTIMIZER_SGD : opt != MPAR__CKPT_NO_OPTIMIZER)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "optimizer kind %lu at offset 36 is not one of version %lu's",
+                              (unsigned long)opt, (unsigned long)v);
+    if (v == MPAR_WEIGHTS_FORMAT_VERSION && step != 0)
+        return mpar_error_set(err, MPAR_ERROR_CORRUPT, "step %llu at offset 40 in a weights-only file (0 there)",
+                              (unsigned long long)step);
     if (step > (uint64_t)INT_MAX)
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "step %llu at offset 40 is out of range",
                               (unsigned long long)step);
@@ -14435,7 +14458,8 @@ static mpar_result mpar__ckpt_header(const unsigned char* d, size_t size, mpar_c
     in->mpar_version = mpar__ckpt_rd32(d + 16);
     in->size = size;
     in->layer_count = (int)L;
-    in->optimizer = (mpar_optimizer_kind)opt;
+    in->weights_only = v == MPAR_WEIGHTS_FORMAT_VERSION;
+    in->optimizer = in->weights_only ? MPAR_OPTIMIZER_ADAMW : (mpar_optimizer_kind)opt;
     in->step = (int)step;
     in->seed = mpar__ckpt_rd64(d + 48);
     in->input_features = (int)inf;
@@ -14445,7 +14469,7 @@ static mpar_result mpar__ckpt_header(const unsigned char* d, size_t size, mpar_c
 
 /* One layer table record at `pos`; `end` is where the trailer begins. */
 static mpar_result mpar__ckpt_record(const unsigned char* d, size_t pos, size_t end, int i, int prev_out,
-                                     mpar_checkpoint_layer* l, size_t* next, mpar_error* err) {
+                                     unsigned per, mpar_checkpoint_layer* l, size_t* next, mpar_error* err) {
     const unsigned char* r = d + pos;
     uint32_t rec, n, k, fields[6];
     uint64_t P;
@@ -14491,7 +14515,7 @@ static mpar_result mpar__ckpt_record(const unsigned char* d, size_t pos, size_t 
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: rate or eps at offset %lu is not finite", i,
                               (unsigned long)pos + 48);
     P = mpar__ckpt_rd64(r + 16);
-    if (P > (uint64_t)(end / 12u)) /* 12·P bytes of data must fit */
+    if (P > (uint64_t)(end / per)) /* per·P bytes of data must fit (12, or 4 for weights only) */
         return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d: parameter count %llu at offset %lu cannot fit in "
                               "the file", i, (unsigned long long)P, (unsigned long)pos + 16);
     l->param_count = (size_t)P;
@@ -14500,13 +14524,17 @@ static mpar_result mpar__ckpt_record(const unsigned char* d, size_t pos, size_t 
     return MPAR_SUCCESS;
 }
 
+/* Bytes of data per parameter: PARAMS, MOMENT1, MOMENT2; PARAMS alone in
+   a weights-only file. */
+static unsigned mpar__ckpt_per_param(const mpar_checkpoint_info* in) { return in->weights_only ? 4u : 12u; }
+
 /* Layout and section checksums, after the header. */
 static mpar_result mpar__ckpt_layout(const unsigned char* d, size_t size, mpar_checkpoint_info* in, mpar_error* err) {
     size_t end = size - MPAR__CKPT_TRAILER, pos = MPAR__CKPT_HEADER, table_end;
     int i, prev_out = in->input_features;
     mpar_result r;
     for (i = 0; i < in->layer_count; i++) {
-        r = mpar__ckpt_record(d, pos, end, i, prev_out, &in->layers[i], &pos, err);
+        r = mpar__ckpt_record(d, pos, end, i, prev_out, mpar__ckpt_per_param(in), &in->layers[i], &pos, err);
         if (r != MPAR_SUCCESS) return r;
         prev_out = in->layers[i].out_features;
     }
@@ -14517,7 +14545,7 @@ static mpar_result mpar__ckpt_layout(const unsigned char* d, size_t size, mpar_c
     pos = table_end + 8;
     for (i = 0; i < in->layer_count; i++) {
         mpar_checkpoint_layer* l = &in->layers[i];
-        size_t bytes = 12u * l->param_count;
+        size_t bytes = mpar__ckpt_per_param(in) * l->param_count;
         uint64_t stated = mpar__ckpt_rd64(d + l->checksum_offset + 24);
         if (stated != (uint64_t)pos)
             return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d (%s): data offset %llu at offset %lu, expected "
@@ -14527,8 +14555,8 @@ static mpar_result mpar__ckpt_layout(const unsigned char* d, size_t size, mpar_c
         if (end - pos < 8u || bytes > end - pos - 8u)
             return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d (%s): data at offset %lu (%lu bytes) runs past "
                                   "the end", i, l->type_name, (unsigned long)pos, (unsigned long)bytes + 8);
-        l->moment1_offset = pos + 4u * l->param_count;
-        l->moment2_offset = pos + 8u * l->param_count;
+        l->moment1_offset = in->weights_only ? 0 : pos + 4u * l->param_count; /* 0: none */
+        l->moment2_offset = in->weights_only ? 0 : pos + 8u * l->param_count;
         l->checksum_offset = pos + bytes;
         if (mpar__ckpt_rd64(d + pos + bytes) != mpar__ckpt_checksum(d + pos, bytes))
             return mpar_error_set(err, MPAR_ERROR_CORRUPT, "layer %d (%s): data (bytes %lu..%lu) does not match its "
@@ -14629,6 +14657,9 @@ MPARDEF mpar_result mpar_checkpoint_get_state(const void* data, size_t size, con
         : kind == MPAR_STATE_MOMENT2 ? l->moment2_offset : (size_t)-1;
     if (off == (size_t)-1)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "a checkpoint holds no state of kind %d", (int)kind);
+    if (info->weights_only && kind != MPAR_STATE_PARAMS)
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "a weights-only file holds no optimizer moments "
+                              "(layer %d)", layer);
     if (l->param_count == 0) return MPAR_SUCCESS;
     if (!out) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_checkpoint_get_state: out is NULL");
     if (off > size || l->param_count > (size - off) / 4u)
@@ -15014,6 +15045,83 @@ static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_erro
         return mpar_error_set(err, r, "checkpoint '%s': %.900s", path, why.message);
     if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", why.message);
     return MPAR_SUCCESS;
+}
+
+/* ---- a model from a file's description ---- */
+
+MPARDEF mpar_result mpar_model_from_checkpoint_data(const void* data, size_t size, const mpar_layer_type* const* types,
+                                                    int type_count, mpar_model** out, mpar_error* err) {
+    const mpar_layer_type* builtin[11];
+    mpar_checkpoint_info info;
+    mpar_model_desc md;
+    mpar_model* model = NULL;
+    mpar_result r;
+    int i, k;
+    if (out) *out = NULL;
+    if (!out || type_count < 0 || (type_count > 0 && !types))
+        return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_from_checkpoint: out is NULL, or "
+                              "type_count %d does not match types", type_count);
+    builtin[0] = mpar_layer_linear(), builtin[1] = mpar_layer_relu(), builtin[2] = mpar_layer_gelu();
+    builtin[3] = mpar_layer_tanh(), builtin[4] = mpar_layer_dropout(), builtin[5] = mpar_layer_layernorm();
+    builtin[6] = mpar_layer_embedding(), builtin[7] = mpar_layer_decoder_block(), builtin[8] = mpar_layer_cross_entropy();
+    builtin[9] = mpar_layer_mse(), builtin[10] = mpar_layer_l1();
+    r = mpar_checkpoint_parse(data, size, &info, err);
+    if (r != MPAR_SUCCESS) return r;
+    memset(&md, 0, sizeof md);
+    md.input_features = info.input_features, md.seq_len = info.seq_len, md.seed = info.seed;
+    r = mpar_model_create(&md, &model, err);
+    for (i = 0; r == MPAR_SUCCESS && i < info.layer_count; i++) {
+        const mpar_checkpoint_layer* cl = &info.layers[i];
+        mpar_layer_desc ld;
+        memset(&ld, 0, sizeof ld);
+        for (k = 0; k < type_count && !ld.type; k++) /* the caller's types first: they may shadow a built-in name */
+            if (types[k] && types[k]->name && !strcmp(types[k]->name, cl->type_name)) ld.type = types[k];
+        for (k = 0; k < (int)(sizeof builtin / sizeof builtin[0]) && !ld.type; k++)
+            if (!strcmp(builtin[k]->name, cl->type_name)) ld.type = builtin[k];
+        if (!ld.type) {
+            r = mpar_error_set(err, MPAR_ERROR_UNSUPPORTED, "layer %d has type \"%s\", which is not built in: pass "
+                               "its mpar_layer_type in `types`", i, cl->type_name);
+            break;
+        }
+        ld.units = cl->units, ld.vocab = cl->vocab, ld.heads = cl->heads, ld.hidden = cl->hidden;
+        ld.rate = cl->rate, ld.eps = cl->eps;
+        r = mpar_model_add(model, &ld, err);
+        if (r == MPAR_SUCCESS && (mpar_model_layer(model, i)->in_features != cl->in_features ||
+                                  mpar_model_layer(model, i)->out_features != cl->out_features ||
+                                  mpar_model_layer(model, i)->param_count != cl->param_count))
+            r = mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s) built from the file's settings is "
+                               "%d->%d with %lu parameters, the file says %d->%d with %lu (a user type's setup "
+                               "differs from the one that wrote it?)", i, cl->type_name,
+                               mpar_model_layer(model, i)->in_features, mpar_model_layer(model, i)->out_features,
+                               (unsigned long)mpar_model_layer(model, i)->param_count, cl->in_features,
+                               cl->out_features, (unsigned long)cl->param_count);
+    }
+    if (r == MPAR_SUCCESS) r = mpar_model_validate(model, err);
+    mpar_checkpoint_info_free(&info);
+    if (r != MPAR_SUCCESS) {
+        mpar_model_destroy(model);
+        return r;
+    }
+    *out = model;
+    return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_model_from_checkpoint(const char* path, const mpar_layer_type* const* types, int type_count,
+                                               mpar_model** out, mpar_error* err) {
+    unsigned char* d = NULL;
+    size_t size = 0;
+    mpar_result r;
+    if (out) *out = NULL;
+    if (!path) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_from_checkpoint: path is NULL");
+    r = mpar__ckpt_read_file(NULL, path, &d, &size, err);
+    if (r != MPAR_SUCCESS) return r;
+    r = mpar_model_from_checkpoint_data(d, size, types, type_count, out, err);
+    mpar__free_a(NULL, d);
+    if (r != MPAR_SUCCESS && err && strncmp(err->message, "checkpoint '", 12) != 0) {
+        mpar_error inner = *err;
+        mpar_error_set(err, r, "checkpoint '%s': %.900s", path, inner.message);
+    }
+    return r;
 }
 
 #endif /* MPAR_PART_CHECKPOINT_IMPL */

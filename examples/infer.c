@@ -24,54 +24,6 @@ static int fail(const char* what, const char* msg) {
     return 1;
 }
 
-/* Rebuilds the model a parsed checkpoint describes, layer by layer. */
-static mpar_result model_from_checkpoint(const mpar_checkpoint_info* ci, mpar_model** out, mpar_error* err) {
-    static const struct {
-        const char* name;
-        const mpar_layer_type* (*type)(void);
-    } known[] = {{"linear", mpar_layer_linear},       {"relu", mpar_layer_relu},
-                 {"gelu", mpar_layer_gelu},           {"tanh", mpar_layer_tanh},
-                 {"dropout", mpar_layer_dropout},     {"layernorm", mpar_layer_layernorm},
-                 {"embedding", mpar_layer_embedding}, {"decoder_block", mpar_layer_decoder_block},
-                 {"cross_entropy", mpar_layer_cross_entropy}};
-    mpar_model_desc md;
-    mpar_model* model = NULL;
-    mpar_result r;
-    int i;
-    size_t k;
-    memset(&md, 0, sizeof md);
-    md.input_features = ci->input_features;
-    md.seq_len = ci->seq_len;
-    md.seed = ci->seed;
-    *out = NULL;
-    if ((r = mpar_model_create(&md, &model, err)) != MPAR_SUCCESS) return r;
-    for (i = 0; i < ci->layer_count; i++) {
-        const mpar_checkpoint_layer* cl = &ci->layers[i];
-        mpar_layer_desc ld;
-        memset(&ld, 0, sizeof ld);
-        for (k = 0; k < sizeof known / sizeof known[0]; k++)
-            if (!strcmp(cl->type_name, known[k].name)) ld.type = known[k].type();
-        if (!ld.type) {
-            mpar_model_destroy(model);
-            return mpar_error_set(err, MPAR_ERROR_UNSUPPORTED,
-                                  "layer %d has type \"%s\", which this program does not know (built-in types only)",
-                                  i, cl->type_name);
-        }
-        ld.units = cl->units, ld.vocab = cl->vocab, ld.heads = cl->heads, ld.hidden = cl->hidden;
-        ld.rate = cl->rate, ld.eps = cl->eps;
-        if ((r = mpar_model_add(model, &ld, err)) != MPAR_SUCCESS) {
-            mpar_model_destroy(model);
-            return r;
-        }
-    }
-    if ((r = mpar_model_validate(model, err)) != MPAR_SUCCESS) {
-        mpar_model_destroy(model);
-        return r;
-    }
-    *out = model;
-    return MPAR_SUCCESS;
-}
-
 static int read_file(const char* path, unsigned char** data, size_t* size, char* msg, size_t msg_size) {
     FILE* f = fopen(path, "rb");
     long n;
@@ -161,11 +113,12 @@ int main(int argc, char** argv) {
         free(file);
         return fail(path, err.message);
     }
-    free(file);
-    if (model_from_checkpoint(&ci, &model, &err) != MPAR_SUCCESS) {
+    if (mpar_model_from_checkpoint_data(file, file_size, NULL, 0, &model, &err) != MPAR_SUCCESS) {
+        free(file);
         mpar_checkpoint_info_free(&ci);
         return fail(path, err.message);
     }
+    free(file);
     L = mpar_model_layer_count(model);
     classes = mpar_model_layer(model, L - 1)->in_features;
     printf("checkpoint %s: format %u, written by mpar %u.%u.%u, %zu bytes, step %d, %s, seed %llu\n", path,
