@@ -377,6 +377,21 @@ static void checkpoints(void) {
     CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a failed load changed the parameters");
     CHECK(mpar_pipeline_get_step(dist) == STEPS + K, "a failed load changed the step to %d", mpar_pipeline_get_step(dist));
     free(after);
+    /* a failure on one rank only (no path there): every rank returns it,
+       none applies the file */
+    {
+        char who[32];
+        r = mpar_pipeline_load_checkpoint(dist, rank == size - 1 ? NULL : path, &err);
+        snprintf(who, sizeof who, "rank %d: ", size - 1);
+        CHECK(r == MPAR_ERROR_INVALID_ARGUMENT && strstr(err.message, who), "no path on the last rank: %s %s",
+              mpar_result_string(r), err.message);
+        after = own_state(dist, st2, &n2);
+        CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a load failed on rank %d changed this "
+              "rank's parameters", size - 1);
+        CHECK(mpar_pipeline_get_step(dist) == STEPS + K, "a load failed on rank %d changed the step to %d", size - 1,
+              mpar_pipeline_get_step(dist));
+        free(after);
+    }
     /* no file on rank 0: IO on every rank */
     r = mpar_pipeline_load_checkpoint(dist, "build/mpi_ckpt_missing.ckpt", &err);
     CHECK(r == MPAR_ERROR_IO && strstr(err.message, "rank 0"), "missing file: %s %s", mpar_result_string(r), err.message);
@@ -482,8 +497,10 @@ static void checkpoints(void) {
         CHECK(mpar__now() - t0 < 2.0 + 3.0, "the late save took %.1f s", mpar__now() - t0);
     }
     MPI_Barrier(MPI_COMM_WORLD);
+    CHECK(step(dist, NULL) == MPAR_SUCCESS, "step: %s", mpar_last_error(ctx));
     r = mpar_pipeline_save_checkpoint(dist, refpath, &err);
     CHECK(r == MPAR_SUCCESS, "the save after a timeout: %s", err.message);
+    holds_file(dist, st2, refpath, "the save after a timeout"); /* not the late rank's part of the failed save */
     r = mpar_pipeline_load_checkpoint(dist, refpath, &err);
     CHECK(r == MPAR_SUCCESS, "the load after a timeout: %s", err.message);
     mpar_pipeline_destroy(dist);
