@@ -1932,7 +1932,9 @@ MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, cons
    file at `path` is the one before. No wait blocks for good: each is
    bounded by timeout_seconds (twice that for rank 0's answer, which comes
    after the file is written); a rank that does not come in time makes
-   the call return MPAR_ERROR_TIMEOUT naming the rank waited for. */
+   the call return MPAR_ERROR_TIMEOUT naming the rank waited for. One MPI
+   message carries a rank's part (or, at a load, the file): more than
+   2 GiB of it is MPAR_ERROR_UNSUPPORTED for now. */
 MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err);
 /* Restores a checkpoint saved from the same model with any partition.
    MPAR_ERROR_IO (cannot read), MPAR_ERROR_CORRUPT (fails its checks),
@@ -14201,12 +14203,11 @@ static mpar_result mpar__ckpt_stage(mpar_pipeline* p, const unsigned char* d, si
     if (!s->next || !s->backup) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     for (i = 0; r == MPAR_SUCCESS && i < info->layer_count; i++) {
         size_t n = info->layers[i].param_count;
-        float* next = s->next;
-        if (mpar__ckpt_layer_here(p, i)) {
-            r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_PARAMS, next + at, err);
-            if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + at + n, err);
-            if (r == MPAR_SUCCESS)
-                r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + at + 2 * n, err);
+        float* next = s->next + at;
+        if (mpar__ckpt_layer_here(p, i)) { /* another rank's layer: that rank's to load */
+            r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_PARAMS, next, err);
+            if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + n, err);
+            if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + 2 * n, err);
         }
         at += 3u * n;
     }
