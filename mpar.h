@@ -14207,7 +14207,8 @@ static mpar_result mpar__ckpt_stage(mpar_pipeline* p, const unsigned char* d, si
         if (mpar__ckpt_layer_here(p, i)) { /* another rank's layer: that rank's to load */
             r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_PARAMS, next, err);
             if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + n, err);
-            if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + 2 * n, err);
+            if (r == MPAR_SUCCESS)
+                r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + 2 * n, err);
         }
         at += 3u * n;
     }
@@ -14653,9 +14654,9 @@ static mpar_result mpar__ckpt_load_ranks(mpar_pipeline* p, const char* path, mpa
         if (r == MPAR_SUCCESS) r = mpar__ckpt_read_file(a, name, &file, &size, err);
         d = file;
         for (q = 1; q < p->ranks; q++) {
-            mpar_result t = r == MPAR_SUCCESS ? mpar__xfer_send(p, q, MPAR__TAG_CKPT_DOWN, round, r, 0, file, size, name, &e)
-                                              : mpar__xfer_send(p, q, MPAR__TAG_CKPT_DOWN, round, r, 0, err->message,
-                                                                strlen(err->message), name, &e);
+            const void* what = r == MPAR_SUCCESS ? (const void*)file : (const void*)err->message;
+            size_t bytes = r == MPAR_SUCCESS ? size : strlen(err->message);
+            mpar_result t = mpar__xfer_send(p, q, MPAR__TAG_CKPT_DOWN, round, r, 0, what, bytes, name, &e);
             if (t != MPAR_SUCCESS && r == MPAR_SUCCESS) r = mpar_error_set(err, t, "%s", e.message);
         }
     } else {

@@ -268,8 +268,11 @@ static void steps(mpar_pipeline* p, double* loss, const char* what) {
 
 static void same_losses(const double* want, const double* got, const char* what) {
     int k;
-    for (k = 0; k < K; k++) CHECK(want[k] == got[k], "%s: loss %.9g after the load, %.9g in the reference", what, got[k], want[k]);
+    for (k = 0; k < K; k++)
+        CHECK(want[k] == got[k], "%s: loss %.9g after the load, %.9g in the reference", what, got[k], want[k]);
 }
+
+static const mpar_state_kind KINDS[3] = {MPAR_STATE_PARAMS, MPAR_STATE_MOMENT1, MPAR_STATE_MOMENT2};
 
 /* The state (parameters, both moments) of this rank's layers of p, all in one array. */
 static float* own_state(mpar_pipeline* p, const mpar_stage_desc* st, size_t* count) {
@@ -281,10 +284,8 @@ static float* own_state(mpar_pipeline* p, const mpar_stage_desc* st, size_t* cou
     for (l = st[rank].first_layer; l <= st[rank].last_layer; l++) {
         size_t c = mpar_model_layer(model, l)->param_count;
         for (k = 0; k < 3 && c; k++, at += c)
-            CHECK(mpar_pipeline_read_state(p, l, (mpar_state_kind)(k == 0 ? MPAR_STATE_PARAMS : k == 1 ? MPAR_STATE_MOMENT1
-                                                                                        : MPAR_STATE_MOMENT2),
-                                           out + at) == MPAR_SUCCESS,
-                  "read state of layer %d: %s", l, mpar_last_error(ctx));
+            CHECK(mpar_pipeline_read_state(p, l, KINDS[k], out + at) == MPAR_SUCCESS, "read state of layer %d: %s", l,
+                  mpar_last_error(ctx));
     }
     *count = n;
     return out;
@@ -303,9 +304,7 @@ static void holds_file(mpar_pipeline* p, const mpar_stage_desc* st, const char* 
             size_t c = info.layers[l].param_count;
             float* f = (float*)malloc(sizeof(float) * (c ? c : 1));
             for (k = 0; k < 3 && c; k++, at += c) {
-                mpar_checkpoint_get_state(d, size, &info, l, (mpar_state_kind)(k == 0 ? MPAR_STATE_PARAMS
-                                                                               : k == 1 ? MPAR_STATE_MOMENT1
-                                                                                        : MPAR_STATE_MOMENT2), f, NULL);
+                mpar_checkpoint_get_state(d, size, &info, l, KINDS[k], f, NULL);
                 CHECK(memcmp(f, mine + at, c * sizeof(float)) == 0, "%s: layer %d state %d differs from the file", what,
                       l, k);
             }
@@ -352,8 +351,9 @@ static void checkpoints(void) {
         unsigned char *fa, *fb;
         CHECK(mpar_pipeline_save_checkpoint(ref, refpath, &err) == MPAR_SUCCESS, "reference save: %s", err.message);
         fa = slurp(path, &a), fb = slurp(refpath, &b);
-        CHECK(fa && fb && a == b && memcmp(fa, fb, a) == 0, "the MPI checkpoint (%lu bytes) differs from the one-process "
-              "one (%lu bytes)", (unsigned long)a, (unsigned long)b);
+        CHECK(fa && fb && a == b && memcmp(fa, fb, a) == 0,
+              "the MPI checkpoint (%lu bytes) differs from the one-process one (%lu bytes)", (unsigned long)a,
+              (unsigned long)b);
         /* a corrupt copy: one byte of the last layer's data flipped */
         if (fa && a > 100) {
             fa[a - 100] ^= 0x10;
@@ -380,7 +380,8 @@ static void checkpoints(void) {
     CHECK(r == MPAR_ERROR_CORRUPT, "corrupt file: %s %s", mpar_result_string(r), err.message);
     after = own_state(dist, st2, &n2);
     CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a failed load changed the parameters");
-    CHECK(mpar_pipeline_get_step(dist) == STEPS + K, "a failed load changed the step to %d", mpar_pipeline_get_step(dist));
+    CHECK(mpar_pipeline_get_step(dist) == STEPS + K, "a failed load changed the step to %d",
+          mpar_pipeline_get_step(dist));
     free(after);
     /* a failure on one rank only (no path there): every rank returns it,
        none applies the file */
@@ -399,7 +400,8 @@ static void checkpoints(void) {
     }
     /* no file on rank 0: IO on every rank */
     r = mpar_pipeline_load_checkpoint(dist, "build/mpi_ckpt_missing.ckpt", &err);
-    CHECK(r == MPAR_ERROR_IO && (size == 1 || strstr(err.message, "rank 0")), "missing file: %s %s", mpar_result_string(r), err.message);
+    CHECK(r == MPAR_ERROR_IO && (size == 1 || strstr(err.message, "rank 0")), "missing file: %s %s",
+          mpar_result_string(r), err.message);
 
     /* a rank at another step: the save fails on every rank, naming it, and
        the file stays the one before */
