@@ -512,6 +512,29 @@ static void checkpoints(void) {
     holds_file(dist, st2, refpath, "the save after a timeout"); /* not the late rank's part of the failed save */
     r = mpar_pipeline_load_checkpoint(dist, refpath, &err);
     CHECK(r == MPAR_SUCCESS, "the load after a timeout: %s", err.message);
+    /* a rank late for a load: TIMEOUT on every rank, and no rank applies it
+       (refpath holds step 2; the pipeline goes on to step 3) */
+    CHECK(step(dist, NULL) == MPAR_SUCCESS, "step: %s", mpar_last_error(ctx));
+    before = own_state(dist, st2, &n1);
+    MPI_Barrier(MPI_COMM_WORLD);
+    {
+        double t0 = mpar__now();
+        if (rank == size - 1) {
+            struct timespec ts = {2, 0};
+            nanosleep(&ts, NULL);
+        }
+        r = mpar_pipeline_load_checkpoint(dist, refpath, &err);
+        CHECK(r == MPAR_ERROR_TIMEOUT, "late rank at a load: %s %s", mpar_result_string(r), err.message);
+        CHECK(mpar__now() - t0 < 2.0 + 3.0, "the late load took %.1f s", mpar__now() - t0);
+    }
+    after = own_state(dist, st2, &n2);
+    CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a timed-out load changed the parameters");
+    CHECK(mpar_pipeline_get_step(dist) == 3, "a timed-out load changed the step to %d", mpar_pipeline_get_step(dist));
+    free(before), free(after);
+    MPI_Barrier(MPI_COMM_WORLD);
+    r = mpar_pipeline_load_checkpoint(dist, refpath, &err);
+    CHECK(r == MPAR_SUCCESS && mpar_pipeline_get_step(dist) == 2, "the load after a timed-out load: %s",
+          err.message);
     mpar_pipeline_destroy(dist);
     if (rank == 0) remove(refpath);
 }
