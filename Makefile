@@ -88,6 +88,9 @@ test: all $(ICD2)
 MPIRUN = mpirun --allow-run-as-root --oversubscribe --bind-to none
 tests/mpi/test_mpi: tests/mpi/test_mpi.c $(HDR) tests/stall_layer.h | deps
 	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
+# scripts/kill-test.sh's run across 2 ranks, killed while it saves
+tests/mpi/kill_mpi: tests/mpi/kill_mpi.c tests/ckpt_model.h $(HDR) | deps
+	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
 bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail: %: %.c $(HDR) | deps
 	mpicc $(CSTD) $(WARN) $(CFLAGS) $(BLAS) -DMPAR_USE_MPI -I. $< -o $@ $(LDLIBS)
 test-mpi: tests/mpi/test_mpi
@@ -154,4 +157,4 @@ check-cmake:
 clean-tests:
 	rm -f $(TESTS)
 clean:
-	rm -rf build $(TESTS) $(EXAMPLES) $(BENCHES) tests/mpi/test_mpi bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail
+	rm -rf build $(TESTS) $(EXAMPLES) $(BENCHES) tests/mpi/test_mpi tests/mpi/kill_mpi bench/mpi/bench_mpi bench/mpi/bench_mpi_wait bench/mpi/bench_mpi_fail

@@ -1994,12 +1994,35 @@ MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, cons
                                           mpar_optimizer_kind optimizer, mpar_error* err);
 /* Saves the pipeline's parameters, optimizer moments and step to `path`,
    atomically (see above). File errors: MPAR_ERROR_IO naming the path and
-   the system's reason; the file at `path` is then the one before. */
+   the system's reason; the file at `path` is then the one before.
+   Across processes (desc.mpi_comm): every rank calls it, with the same
+   path. Each rank sends the state of the layers it runs to rank 0, which
+   alone writes the file, in the same format as one process (any pipeline
+   loads it: other stages, another rank count, one process; no shared file
+   system is needed). Rank 0 creates the temp file only after every rank's
+   part arrived, and renames it over `path` only when complete; then it
+   tells every rank the outcome, so that all return the same result: the
+   first failure (rank 0's own first, then by rank) with its message,
+   naming the rank, or MPAR_SUCCESS. After any failure, on any rank, the
+   file at `path` is the one before. No wait blocks for good: each is
+   bounded by timeout_seconds (twice that for rank 0's answer, which comes
+   after the file is written); a rank that does not come in time makes
+   the call return MPAR_ERROR_TIMEOUT naming the rank waited for. One MPI
+   message carries a rank's part (or, at a load, the file): more than
+   2 GiB of it is MPAR_ERROR_UNSUPPORTED for now. */
 MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err);
 /* Restores a checkpoint saved from the same model with any partition.
    MPAR_ERROR_IO (cannot read), MPAR_ERROR_CORRUPT (fails its checks),
    MPAR_ERROR_MISMATCH (another model or optimizer): the pipeline is then
-   unchanged. */
+   unchanged.
+   Across processes (desc.mpi_comm): every rank calls it. Rank 0 alone
+   reads `path` (other ranks need no copy) and sends the file to every
+   rank; each checks all of it and prepares the layers it runs, changing
+   nothing; the ranks agree through rank 0, and only if every rank is
+   ready does each apply its layers and the step. If applying fails on any
+   rank, every rank puts its previous state back. Every rank returns the
+   same result (the first failure, naming the rank); waits are bounded as
+   for a save. */
 MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err);
 
 /* The model a checkpoint or weights file describes, built layer by layer
@@ -9635,6 +9658,7 @@ struct mpar_pipeline {
     unsigned tag_cycle;  /* job generations the link tags tell apart (mpar__mpi_tag) */
     struct mpar__agree* agree; /* an agreement on a job's outcome still in flight (mpar__mpi_settle) */
     mpar__mpi_polling mpi_polling; /* how this pipeline's links wait (mpar__mpi_wait) */
+    int ckpt_calls;                /* checkpoint saves and loads so far: their rounds (mpar__xfer_recv) */
 #endif
     double t0; /* host time the current step began (timeline origin) */
     uint64_t step_seed;  /* dropout seed of the current step (model seed and step) */
@@ -14824,29 +14848,50 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
     return t;
 }
 
-/* Every layer's data block, then the trailer. */
-static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, size_t max_params, mpar_error* err) {
-    const mpar_model* m = mpar_pipeline_model(p);
+/* Whether layer i's stage runs in this process (always, without MPI). */
+static int mpar__ckpt_layer_here(mpar_pipeline* p, int i) {
+    int k;
+    mpar__vstage* v = mpar__vs_of_layer(p, i, &k);
+    return v && mpar__local(p, v->worker);
+}
+
+/* Layer i's data block as the file holds it (params, moment 1, moment 2:
+   12·P little-endian bytes) into b, read from its device through f. */
+static mpar_result mpar__ckpt_layer_bytes(mpar_pipeline* p, int i, float* f, unsigned char* b, const char* path,
+                                          mpar_error* err) {
     static const mpar_state_kind kinds[3] = {MPAR_STATE_PARAMS, MPAR_STATE_MOMENT1, MPAR_STATE_MOMENT2};
+    size_t n = mpar_model_layer(mpar_pipeline_model(p), i)->param_count;
+    int k;
+    for (k = 0; k < 3 && n; k++) {
+        mpar_result r = mpar__read_state_impl(p, i, kinds[k], f);
+        if (r != MPAR_SUCCESS)
+            return mpar_error_set(err, r, "checkpoint '%s': reading layer %d's state from its device failed: %s", path,
+                                  i, mpar_result_string(r));
+        mpar__ckpt_encode(b + 4u * n * (size_t)k, f, n);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* Every layer's data block, then the trailer. remote[i], when remote and
+   it are not NULL, is layer i's block as another rank sent it (MPI); the
+   others are read from this process's devices. */
+static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, size_t max_params,
+                                         const unsigned char* const* remote, mpar_error* err) {
+    const mpar_model* m = mpar_pipeline_model(p);
     const mpar_allocator* a = &p->ctx->allocator;
     float* f = (float*)mpar__alloc_a(a, max_params ? max_params * sizeof(float) : 1);
     unsigned char* b = (unsigned char*)mpar__alloc_a(a, max_params ? 12u * max_params : 1);
     unsigned char sum[8], trailer[MPAR__CKPT_TRAILER];
     mpar_result r = MPAR_SUCCESS;
-    int i, k;
+    int i;
     if (!f || !b) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     for (i = 0; r == MPAR_SUCCESS && i < mpar_model_layer_count(m); i++) {
         size_t n = mpar_model_layer(m, i)->param_count;
-        for (k = 0; r == MPAR_SUCCESS && k < 3 && n; k++) {
-            r = mpar__read_state_impl(p, i, kinds[k], f);
-            if (r != MPAR_SUCCESS)
-                mpar_error_set(err, r, "checkpoint '%s': reading layer %d's state from its device failed: %s",
-                               o->path, i, mpar_result_string(r));
-            else mpar__ckpt_encode(b + 4u * n * (size_t)k, f, n);
-        }
+        const unsigned char* block = remote && remote[i] ? remote[i] : b;
+        if (block == b) r = mpar__ckpt_layer_bytes(p, i, f, b, o->path, err);
         if (r != MPAR_SUCCESS) break;
-        mpar__ckpt_wr64(sum, mpar__ckpt_checksum(b, 12u * n));
-        r = mpar__ckpt_write(o, b, 12u * n, err);
+        mpar__ckpt_wr64(sum, mpar__ckpt_checksum(block, 12u * n));
+        r = mpar__ckpt_write(o, block, 12u * n, err);
         if (r == MPAR_SUCCESS) r = mpar__ckpt_write(o, sum, 8, err);
     }
     if (r == MPAR_SUCCESS) {
@@ -14877,7 +14922,9 @@ static int mpar__ckpt_sync_dir(const char* path) {
     return e;
 }
 
-static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_error* err) {
+/* Writes the checkpoint (see mpar__ckpt_write_data for `remote`). */
+static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, const unsigned char* const* remote,
+                                   mpar_error* err) {
     const mpar_allocator* a;
     mpar__ckpt_out o;
     unsigned char* table;
@@ -14907,7 +14954,7 @@ static mpar_result mpar__ckpt_save(mpar_pipeline* p, const char* path, mpar_erro
     }
     r = mpar__ckpt_write(&o, table, table_bytes, err);
     mpar__free_a(a, table);
-    if (r == MPAR_SUCCESS) r = mpar__ckpt_write_data(p, &o, max_params, err);
+    if (r == MPAR_SUCCESS) r = mpar__ckpt_write_data(p, &o, max_params, remote, err);
     if (r == MPAR_SUCCESS && o.file.length != file_size) /* the model changed under us? */
         r = mpar_error_set(err, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': wrote %llu bytes, planned %llu", path,
                            (unsigned long long)o.file.length, (unsigned long long)file_size);
@@ -14966,12 +15013,17 @@ static mpar_result mpar__ckpt_read_file(const mpar_allocator* a, const char* pat
 
 /* Reads (write = 0) or writes every layer's three state arrays between the
    pipeline and `host`, laid out as in the file (12·P bytes per layer, host
-   floats). */
+   floats). Layers of stages in other processes (MPI) are skipped: their
+   place in `host` is left as it is. */
 static mpar_result mpar__ckpt_state_io(mpar_pipeline* p, float* host, int write) {
     const mpar_model* m = mpar_pipeline_model(p);
     int i, k;
     for (i = 0; i < mpar_model_layer_count(m); i++) {
         size_t n = mpar_model_layer(m, i)->param_count;
+        if (!mpar__ckpt_layer_here(p, i)) {
+            host += 3u * n;
+            continue;
+        }
         for (k = 0; k < 3 && n; k++) {
             mpar_state_kind kind = k == 0 ? MPAR_STATE_PARAMS : k == 1 ? MPAR_STATE_MOMENT1 : MPAR_STATE_MOMENT2;
             mpar_result r = MPAR_SUCCESS;
@@ -14984,67 +15036,117 @@ static mpar_result mpar__ckpt_state_io(mpar_pipeline* p, float* host, int write)
     return MPAR_SUCCESS;
 }
 
-static mpar_result mpar__ckpt_apply(mpar_pipeline* p, const unsigned char* d, size_t size,
-                                    const mpar_checkpoint_info* info, const char* path, mpar_error* err) {
+/* A load in two halves, so that ranks can agree between them that every
+   one of them can apply it: mpar__ckpt_stage decodes this process's layers
+   from the file into `next` and reads their current state into `backup`,
+   changing nothing; mpar__ckpt_commit writes `next` and the step, and puts
+   `backup` back if that fails. */
+typedef struct mpar__ckpt_staged {
+    float* next;   /* 3·P floats in the file's layout; other ranks' layers unset */
+    float* backup; /* the same layout: what the devices held */
+    int old_step, new_step;
+} mpar__ckpt_staged;
+
+static void mpar__ckpt_staged_free(mpar_pipeline* p, mpar__ckpt_staged* s) {
+    mpar__free_a(&p->ctx->allocator, s->next);
+    mpar__free_a(&p->ctx->allocator, s->backup);
+    s->next = s->backup = NULL;
+}
+
+static mpar_result mpar__ckpt_stage(mpar_pipeline* p, const unsigned char* d, size_t size,
+                                    const mpar_checkpoint_info* info, const char* path, mpar__ckpt_staged* s,
+                                    mpar_error* err) {
     size_t total = 3u * mpar_model_param_count(mpar_pipeline_model(p)), at = 0;
     const mpar_allocator* a = &p->ctx->allocator;
-    float* next = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
-    float* backup = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
-    int old_step = mpar_pipeline_get_step(p), i;
     mpar_result r = MPAR_SUCCESS;
-    if (!next || !backup) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    int i;
+    s->next = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
+    s->backup = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
+    s->old_step = mpar_pipeline_get_step(p), s->new_step = info->step;
+    if (!s->next || !s->backup) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     for (i = 0; r == MPAR_SUCCESS && i < info->layer_count; i++) {
         size_t n = info->layers[i].param_count;
-        r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_PARAMS, next + at, err);
-        if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + at + n, err);
-        if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + at + 2 * n, err);
+        float* next = s->next + at;
+        if (mpar__ckpt_layer_here(p, i)) { /* another rank's layer: that rank's to load */
+            r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_PARAMS, next, err);
+            if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + n, err);
+            if (r == MPAR_SUCCESS)
+                r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + 2 * n, err);
+        }
         at += 3u * n;
     }
     if (r == MPAR_SUCCESS) {
-        r = mpar__ckpt_state_io(p, backup, 0);
+        r = mpar__ckpt_state_io(p, s->backup, 0);
         if (r != MPAR_SUCCESS)
             mpar_error_set(err, r, "checkpoint '%s': reading the pipeline's current state failed (%s); nothing was "
                            "changed", path, mpar_result_string(r));
     }
-    if (r == MPAR_SUCCESS) {
-        r = mpar__ckpt_state_io(p, next, 1);
-        if (r == MPAR_SUCCESS) r = mpar_pipeline_set_step(p, info->step);
-        if (r != MPAR_SUCCESS) {
-            mpar_result back = mpar__ckpt_state_io(p, backup, 1);
-            mpar_pipeline_set_step(p, old_step);
-            mpar_error_set(err, r, "checkpoint '%s': writing the state to the devices failed (%s); %s", path,
-                           mpar_result_string(r), back == MPAR_SUCCESS ? "the previous state was put back"
-                                                                       : "the previous state could not be put back");
-        }
-    }
-    mpar__free_a(a, next);
-    mpar__free_a(a, backup);
+    if (r != MPAR_SUCCESS) mpar__ckpt_staged_free(p, s);
     return r;
+}
+
+/* Puts the state from before the load back; MPAR_SUCCESS if it could. */
+static mpar_result mpar__ckpt_put_back(mpar_pipeline* p, const mpar__ckpt_staged* s) {
+    mpar_result back = mpar__ckpt_state_io(p, s->backup, 1);
+    mpar_pipeline_set_step(p, s->old_step);
+    return back;
+}
+
+static mpar_result mpar__ckpt_commit(mpar_pipeline* p, const mpar__ckpt_staged* s, const char* path,
+                                     mpar_error* err) {
+    mpar_result r = mpar__ckpt_state_io(p, s->next, 1);
+    if (r == MPAR_SUCCESS) r = mpar_pipeline_set_step(p, s->new_step);
+    if (r != MPAR_SUCCESS) {
+        mpar_result back = mpar__ckpt_put_back(p, s);
+        mpar_error_set(err, r, "checkpoint '%s': writing the state to the devices failed (%s); %s", path,
+                       mpar_result_string(r), back == MPAR_SUCCESS ? "the previous state was put back"
+                                                                   : "the previous state could not be put back");
+    }
+    return r;
+}
+
+static mpar_result mpar__ckpt_apply(mpar_pipeline* p, const unsigned char* d, size_t size,
+                                    const mpar_checkpoint_info* info, const char* path, mpar_error* err) {
+    mpar__ckpt_staged s;
+    mpar_result r = mpar__ckpt_stage(p, d, size, info, path, &s, err);
+    if (r != MPAR_SUCCESS) return r;
+    r = mpar__ckpt_commit(p, &s, path, err);
+    mpar__ckpt_staged_free(p, &s);
+    return r;
+}
+
+/* Parses a checkpoint held in memory and matches it to the pipeline's
+   model and optimizer; messages name the path. On success `info` holds
+   the layout (mpar_checkpoint_info_free). */
+static mpar_result mpar__ckpt_check(mpar_pipeline* p, const unsigned char* d, size_t size, const char* path,
+                                    mpar_checkpoint_info* info, mpar_error* err) {
+    mpar_error why, detail;
+    mpar_result r;
+    why.message[0] = '\0';
+    r = mpar_checkpoint_parse_with(&p->ctx->allocator, d, size, info, &why);
+    if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "checkpoint '%s': %.900s", path, why.message);
+    r = mpar_checkpoint_match(info, mpar_pipeline_model(p), mpar_pipeline_get_desc(p)->optimizer.kind, &detail);
+    if (r == MPAR_SUCCESS) return MPAR_SUCCESS;
+    mpar_checkpoint_info_free(info);
+    return mpar_error_set(err, r, "checkpoint '%s': is for another model or optimizer: %.900s", path, detail.message);
 }
 
 static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_error* err) {
     unsigned char* d;
     size_t size;
     mpar_checkpoint_info info;
-    mpar_error why, detail;
     mpar_result r;
     if (!p || !path)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_load_checkpoint: NULL pipeline or path");
     r = mpar__ckpt_read_file(&p->ctx->allocator, path, &d, &size, err);
     if (r != MPAR_SUCCESS) return r;
-    why.message[0] = '\0';
-    r = mpar_checkpoint_parse_with(&p->ctx->allocator, d, size, &info, &why);
+    r = mpar__ckpt_check(p, d, size, path, &info, err);
     if (r == MPAR_SUCCESS) {
-        r = mpar_checkpoint_match(&info, mpar_pipeline_model(p), mpar_pipeline_get_desc(p)->optimizer.kind, &detail);
-        if (r == MPAR_SUCCESS) r = mpar__ckpt_apply(p, d, size, &info, path, &why);
-        else mpar_error_set(&why, r, "is for another model or optimizer: %.900s", detail.message);
+        r = mpar__ckpt_apply(p, d, size, &info, path, err);
         mpar_checkpoint_info_free(&info);
     }
     mpar__free_a(&p->ctx->allocator, d);
-    if (r != MPAR_SUCCESS && strncmp(why.message, "checkpoint '", 12) != 0)
-        return mpar_error_set(err, r, "checkpoint '%s': %.900s", path, why.message);
-    if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", why.message);
-    return MPAR_SUCCESS;
+    return r;
 }
 
 /* ---- a model from a file's description ---- */
@@ -15124,6 +15226,413 @@ MPARDEF mpar_result mpar_model_from_checkpoint(const char* path, const mpar_laye
     return r;
 }
 
+#ifdef MPAR_USE_MPI
+/* ---- checkpoints across processes: point-to-point transfers ----
+   Rank 0 alone touches the file (no shared file system is assumed). The
+   ranks talk on two tags of their own, with MPI_Isend / MPI_Irecv on the
+   pipeline's communicator, every wait polled (mpar__mpi_nap) and bounded
+   by timeout_seconds: no blocking collective, so a rank that never comes
+   costs the others a timeout naming it, never a hang. A message is a
+   header (round, result, step, payload bytes) and its payload: a rank's
+   layer blocks, the file, or an error message. The round numbers the
+   checkpoint call on this pipeline (every rank counts the same calls) and
+   the phase within it: a message left over from a call that failed or
+   timed out is dropped, never taken for a later call's. */
+enum { MPAR__TAG_CKPT_UP = 32766 /* to rank 0 */, MPAR__TAG_CKPT_DOWN = 32765 /* from rank 0 */ };
+enum { MPAR__XFER_HEADER = 4 * sizeof(int64_t) };
+
+/* Waits for a request, at most limit_s seconds. A request that does not
+   finish in time is freed: its buffer then belongs to MPI for good (the
+   callers leak it rather than let MPI write or read freed memory). */
+static mpar_result mpar__xfer_wait(mpar_pipeline* p, MPI_Request* req, double limit_s, const char* path,
+                                   const char* what, int peer, mpar_error* err) {
+    double t0 = mpar__now();
+    for (;;) {
+        int done = 0;
+        if (MPI_Test(req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+            return mpar_error_set(err, MPAR_ERROR_IO, "checkpoint '%s': MPI_Test failed %s rank %d", path, what, peer);
+        if (done) return MPAR_SUCCESS;
+        if (mpar__now() - t0 > limit_s) {
+            MPI_Request_free(req);
+            return mpar_error_set(err, MPAR_ERROR_TIMEOUT, "checkpoint '%s': rank %d, %s rank %d, waited over %g s",
+                                  path, p->rank, what, peer, limit_s);
+        }
+        mpar__mpi_nap(&p->mpi_polling, mpar__now() - t0);
+    }
+}
+
+/* Sends (round, code, step) and `bytes` of payload to `peer`, waiting
+   until the message is out. */
+static mpar_result mpar__xfer_send(mpar_pipeline* p, int peer, int tag, int round, mpar_result code, int step,
+                                   const void* payload, size_t bytes, const char* path, mpar_error* err) {
+    const mpar_allocator* a = &p->ctx->allocator;
+    size_t total = MPAR__XFER_HEADER + bytes;
+    int64_t h[4];
+    unsigned char* m;
+    MPI_Request req;
+    mpar_result r;
+    if (bytes > (size_t)INT_MAX - MPAR__XFER_HEADER)
+        return mpar_error_set(err, MPAR_ERROR_UNSUPPORTED, "checkpoint '%s': %lu bytes to send to rank %d; an MPI "
+                              "message holds at most %d", path, (unsigned long)bytes, peer, INT_MAX);
+    m = (unsigned char*)mpar__alloc_a(a, total);
+    if (!m) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "checkpoint '%s': out of host memory", path);
+    h[0] = round, h[1] = (int64_t)code, h[2] = step, h[3] = (int64_t)bytes;
+    memcpy(m, h, sizeof h);
+    if (bytes) memcpy(m + MPAR__XFER_HEADER, payload, bytes);
+    if (MPI_Isend(m, (int)total, MPI_BYTE, peer, tag, p->comm, &req) != MPI_SUCCESS) {
+        mpar__free_a(a, m);
+        return mpar_error_set(err, MPAR_ERROR_IO, "checkpoint '%s': MPI_Isend to rank %d failed", path, peer);
+    }
+    r = mpar__xfer_wait(p, &req, p->desc.timeout_seconds, path, "sending to", peer, err);
+    if (r != MPAR_ERROR_TIMEOUT) mpar__free_a(a, m);
+    return r;
+}
+
+/* What mpar__xfer_recv received: the whole message (free it), its payload. */
+typedef struct mpar__xfer_msg {
+    unsigned char* data;
+    const unsigned char* payload;
+    size_t bytes;
+    mpar_result code;
+    int step;
+} mpar__xfer_msg;
+
+/* Receives this round's message from `peer` on `tag`, waiting at most
+   limit_s seconds: a matched probe is polled until one comes (messages of
+   other rounds are received and dropped), then its size is checked
+   against its header and, if the sender succeeded and expect >= 0,
+   against `expect` payload bytes. */
+static mpar_result mpar__xfer_recv(mpar_pipeline* p, int peer, int tag, int round, long long expect, double limit_s,
+                                   mpar__xfer_msg* out, const char* path, mpar_error* err) {
+    const mpar_allocator* a = &p->ctx->allocator;
+    double t0 = mpar__now();
+    memset(out, 0, sizeof *out);
+    for (;;) {
+        int flag = 0, count = 0;
+        int64_t h[4];
+        MPI_Message mm;
+        MPI_Status st;
+        MPI_Request req;
+        unsigned char* m;
+        mpar_result r;
+        if (MPI_Improbe(peer, tag, p->comm, &flag, &mm, &st) != MPI_SUCCESS)
+            return mpar_error_set(err, MPAR_ERROR_IO, "checkpoint '%s': MPI_Improbe for rank %d failed", path, peer);
+        if (!flag) {
+            if (mpar__now() - t0 > limit_s)
+                return mpar_error_set(err, MPAR_ERROR_TIMEOUT, "checkpoint '%s': rank %d waited over %g s for rank %d",
+                                      path, p->rank, limit_s, peer);
+            mpar__mpi_nap(&p->mpi_polling, mpar__now() - t0);
+            continue;
+        }
+        if (MPI_Get_count(&st, MPI_BYTE, &count) != MPI_SUCCESS || count < 0) count = 0;
+        m = (unsigned char*)mpar__alloc_a(a, count > 0 ? (size_t)count : 1);
+        if (!m) return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "checkpoint '%s': out of host memory for "
+                                      "%d bytes from rank %d", path, count, peer);
+        if (MPI_Imrecv(m, count, MPI_BYTE, &mm, &req) != MPI_SUCCESS) {
+            mpar__free_a(a, m);
+            return mpar_error_set(err, MPAR_ERROR_IO, "checkpoint '%s': MPI_Imrecv from rank %d failed", path, peer);
+        }
+        r = mpar__xfer_wait(p, &req, p->desc.timeout_seconds, path, "receiving from", peer, err); /* it is coming */
+        if (r == MPAR_ERROR_TIMEOUT) return r; /* m stays MPI's */
+        if (r != MPAR_SUCCESS) {
+            mpar__free_a(a, m);
+            return r;
+        }
+        if ((size_t)count >= MPAR__XFER_HEADER) memcpy(h, m, sizeof h);
+        if ((size_t)count >= MPAR__XFER_HEADER && h[0] != round) { /* an earlier call's */
+            mpar__free_a(a, m);
+            continue;
+        }
+        if ((size_t)count < MPAR__XFER_HEADER || h[3] != (int64_t)count - (int64_t)MPAR__XFER_HEADER) {
+            mpar__free_a(a, m);
+            return mpar_error_set(err, MPAR_ERROR_IO, "checkpoint '%s': rank %d sent a message of %d bytes, which is "
+                                  "not its %d-byte header and the payload that states", path, peer, count,
+                                  (int)MPAR__XFER_HEADER);
+        }
+        if (h[1] == MPAR_SUCCESS && expect >= 0 && h[3] != expect) {
+            mpar__free_a(a, m);
+            return mpar_error_set(err, MPAR_ERROR_MISMATCH, "checkpoint '%s': rank %d sent %lld bytes of layer state, "
+                                  "rank %d expected %lld: do the ranks run the same model and stages?", path, peer,
+                                  (long long)h[3], p->rank, expect);
+        }
+        out->data = m, out->payload = m + MPAR__XFER_HEADER, out->bytes = (size_t)h[3];
+        out->code = (mpar_result)h[1], out->step = (int)h[2];
+        return MPAR_SUCCESS;
+    }
+}
+
+/* The first failure of a call wins: `verdict` takes (r, e) if it has none. */
+static void mpar__ckpt_fold(mpar_result* verdict, mpar_error* v, mpar_result r, const mpar_error* e) {
+    if (*verdict != MPAR_SUCCESS || r == MPAR_SUCCESS) return;
+    *verdict = r;
+    mpar_error_set(v, r, "%s", e->message);
+}
+
+/* How long a rank waits for rank 0's answer: rank 0 may first wait
+   timeout_seconds for the other ranks, then read its devices and write the
+   file (a save) or read it (a load). */
+static double mpar__ckpt_answer_s(const mpar_pipeline* p) { return 2 * p->desc.timeout_seconds; }
+
+/* Rank 0: receives rank q's report of this round into `msg` by `deadline`
+   (every rank's report is due timeout_seconds after rank 0 began to wait,
+   so a late rank costs the others one timeout, not one each), folding a
+   failure (its own, or the transfer's) into the verdict; MPAR_SUCCESS
+   when rank q succeeded. */
+static mpar_result mpar__ckpt_collect(mpar_pipeline* p, int q, int round, long long expect, double deadline,
+                                      mpar__xfer_msg* msg, const char* path, mpar_result* verdict, mpar_error* v) {
+    mpar_error e;
+    double left = deadline - mpar__now();
+    mpar_result r = mpar__xfer_recv(p, q, MPAR__TAG_CKPT_UP, round, expect, left > 0 ? left : 0, msg, path, &e);
+    if (r == MPAR_SUCCESS && msg->code != MPAR_SUCCESS) {
+        r = msg->code;
+        mpar_error_set(&e, r, "rank %d: %.*s", q, (int)(msg->bytes < 1000 ? msg->bytes : 1000),
+                       (const char*)msg->payload);
+    }
+    mpar__ckpt_fold(verdict, v, r, &e);
+    return r;
+}
+
+/* Rank 0 sends the verdict of this round to every rank; another rank
+   receives it. Every rank returns it, with its message in *v. */
+static mpar_result mpar__ckpt_down(mpar_pipeline* p, int round, mpar_result verdict, const char* path,
+                                   mpar_error* v) {
+    mpar__xfer_msg m;
+    mpar_error e;
+    mpar_result r;
+    int q;
+    if (p->rank == 0) {
+        const char* text = verdict == MPAR_SUCCESS ? "" : v->message;
+        for (q = 1; q < p->ranks; q++) /* one that misses it times out on its own, naming rank 0 */
+            mpar__xfer_send(p, q, MPAR__TAG_CKPT_DOWN, round, verdict, 0, text, strlen(text), path, &e);
+        return verdict;
+    }
+    r = mpar__xfer_recv(p, 0, MPAR__TAG_CKPT_DOWN, round, -1, mpar__ckpt_answer_s(p), &m, path, &e);
+    if (r != MPAR_SUCCESS) return mpar_error_set(v, r, "%s", e.message);
+    r = m.code;
+    if (r != MPAR_SUCCESS) mpar_error_set(v, r, "%.*s", (int)(m.bytes < 1000 ? m.bytes : 1000), (const char*)m.payload);
+    mpar__free_a(&p->ctx->allocator, m.data);
+    return r;
+}
+
+/* Every rank tells rank 0 its result (`mine`, with its message in *err);
+   every rank returns the first failure (rank 0's, then by rank, naming
+   the rank), or MPAR_SUCCESS if all succeeded. */
+static mpar_result mpar__ckpt_agree(mpar_pipeline* p, int round, mpar_result mine, const char* path,
+                                    mpar_error* err) {
+    mpar_result verdict = MPAR_SUCCESS;
+    mpar_error v, e;
+    double deadline;
+    int q;
+    if (mine != MPAR_SUCCESS) mpar_error_set(&e, mine, "rank %d: %.900s", p->rank, err->message);
+    if (p->rank != 0) {
+        const char* text = mine == MPAR_SUCCESS ? "" : err->message;
+        mpar_result r = mpar__xfer_send(p, 0, MPAR__TAG_CKPT_UP, round, mine, 0, text, strlen(text), path, &e);
+        if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", e.message);
+        return mpar__ckpt_down(p, round, MPAR_SUCCESS, path, err);
+    }
+    mpar__ckpt_fold(&verdict, &v, mine, &e);
+    deadline = mpar__now() + p->desc.timeout_seconds;
+    for (q = 1; q < p->ranks; q++) {
+        mpar__xfer_msg m;
+        mpar__ckpt_collect(p, q, round, -1, deadline, &m, path, &verdict, &v);
+        mpar__free_a(&p->ctx->allocator, m.data);
+    }
+    if (verdict != MPAR_SUCCESS) *err = v;
+    return mpar__ckpt_down(p, round, verdict, path, err);
+}
+
+/* ---- checkpoints across processes: save and load ---- */
+
+static int mpar__ckpt_layer_rank(mpar_pipeline* p, int i) {
+    int k;
+    mpar__vstage* v = mpar__vs_of_layer(p, i, &k);
+    return v ? p->stage_rank[v->worker] : -1;
+}
+
+/* Bytes of the layer blocks rank q owns, and the largest layer's
+   parameter count. */
+static size_t mpar__ckpt_rank_bytes(mpar_pipeline* p, int q, size_t* max_params) {
+    const mpar_model* m = mpar_pipeline_model(p);
+    size_t total = 0;
+    int i;
+    if (max_params) *max_params = 0;
+    for (i = 0; i < mpar_model_layer_count(m); i++) {
+        size_t n = mpar_model_layer(m, i)->param_count;
+        if (mpar__ckpt_layer_rank(p, i) != q) continue;
+        total += 12u * n;
+        if (max_params && n > *max_params) *max_params = n;
+    }
+    return total;
+}
+
+/* This rank's layer blocks, in layer order: its part of the file. */
+static unsigned char* mpar__ckpt_own_part(mpar_pipeline* p, const char* path, size_t* bytes, mpar_result* r,
+                                          mpar_error* err) {
+    const mpar_allocator* a = &p->ctx->allocator;
+    const mpar_model* m = mpar_pipeline_model(p);
+    size_t max_params, at = 0;
+    unsigned char* part;
+    float* f;
+    int i;
+    *bytes = mpar__ckpt_rank_bytes(p, p->rank, &max_params);
+    part = (unsigned char*)mpar__alloc_a(a, *bytes ? *bytes : 1);
+    f = (float*)mpar__alloc_a(a, max_params ? max_params * sizeof(float) : 1);
+    *r = part && f ? MPAR_SUCCESS : mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    for (i = 0; *r == MPAR_SUCCESS && i < mpar_model_layer_count(m); i++) {
+        if (mpar__ckpt_layer_rank(p, i) != p->rank) continue;
+        *r = mpar__ckpt_layer_bytes(p, i, f, part + at, path, err);
+        at += 12u * mpar_model_layer(m, i)->param_count;
+    }
+    mpar__free_a(a, f);
+    if (*r != MPAR_SUCCESS) {
+        mpar__free_a(a, part);
+        return NULL;
+    }
+    return part;
+}
+
+/* Rank 0 with every rank's part: the layer blocks by layer, the file written. */
+static mpar_result mpar__ckpt_save_gathered(mpar_pipeline* p, const char* path, mpar__xfer_msg* parts,
+                                            mpar_error* err) {
+    const mpar_model* m = mpar_pipeline_model(p);
+    int L = mpar_model_layer_count(m), i;
+    size_t* at = (size_t*)mpar__alloc_a(&p->ctx->allocator, sizeof(size_t) * (size_t)p->ranks);
+    const unsigned char** remote = (const unsigned char**)mpar__alloc_a(&p->ctx->allocator, sizeof(void*) * (size_t)L);
+    mpar_result r;
+    if (!at || !remote) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    else {
+        memset(at, 0, sizeof(size_t) * (size_t)p->ranks);
+        for (i = 0; i < L; i++) {
+            int q = mpar__ckpt_layer_rank(p, i);
+            remote[i] = q > 0 ? parts[q].payload + at[q] : NULL; /* rank 0's own: read here */
+            if (q > 0) at[q] += 12u * mpar_model_layer(m, i)->param_count;
+        }
+        r = mpar__ckpt_save(p, path, remote, err);
+    }
+    mpar__free_a(&p->ctx->allocator, at);
+    mpar__free_a(&p->ctx->allocator, (void*)remote);
+    return r;
+}
+
+/* Save across ranks (see mpar_pipeline_save_checkpoint): every rank sends
+   rank 0 its part; rank 0 writes the file (temp file, rename) only when
+   all parts arrived, then tells every rank the outcome. */
+static mpar_result mpar__ckpt_save_ranks(mpar_pipeline* p, const char* path, mpar_result mine, mpar_error* err) {
+    const mpar_allocator* a = &p->ctx->allocator;
+    int round = ++p->ckpt_calls * 4, q;
+    const char* name = path ? path : "";
+    double deadline;
+    mpar_result verdict = MPAR_SUCCESS, r;
+    mpar_error v, e;
+    mpar__xfer_msg* parts;
+    if (mine == MPAR_SUCCESS && (!path || !*path))
+        mine = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_save_checkpoint: NULL path");
+    if (p->rank != 0) {
+        size_t bytes = 0;
+        unsigned char* part = mine == MPAR_SUCCESS ? mpar__ckpt_own_part(p, name, &bytes, &mine, err) : NULL;
+        r = mine == MPAR_SUCCESS ? mpar__xfer_send(p, 0, MPAR__TAG_CKPT_UP, round, mine, p->step, part, bytes, name, &e)
+                                 : mpar__xfer_send(p, 0, MPAR__TAG_CKPT_UP, round, mine, p->step, err->message,
+                                                   strlen(err->message), name, &e);
+        mpar__free_a(a, part);
+        if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "%s", e.message);
+        return mpar__ckpt_down(p, round, MPAR_SUCCESS, name, err);
+    }
+    if (mine != MPAR_SUCCESS) {
+        mpar_error_set(&e, mine, "rank 0: %.900s", err->message);
+        mpar__ckpt_fold(&verdict, &v, mine, &e);
+    }
+    parts = (mpar__xfer_msg*)mpar__alloc_a(a, sizeof(mpar__xfer_msg) * (size_t)p->ranks);
+    if (!parts) {
+        mpar_error_set(&e, MPAR_ERROR_OUT_OF_HOST_MEMORY, "rank 0: out of host memory");
+        mpar__ckpt_fold(&verdict, &v, MPAR_ERROR_OUT_OF_HOST_MEMORY, &e);
+    }
+    deadline = mpar__now() + p->desc.timeout_seconds;
+    for (q = 1; parts && q < p->ranks; q++) { /* from every rank, even after a failure: none is left waiting */
+        r = mpar__ckpt_collect(p, q, round, (long long)mpar__ckpt_rank_bytes(p, q, NULL), deadline, &parts[q], name,
+                               &verdict, &v);
+        if (r == MPAR_SUCCESS && parts[q].step != p->step) {
+            mpar_error_set(&e, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': rank %d is at step %d, rank 0 at step %d",
+                           name, q, parts[q].step, p->step);
+            mpar__ckpt_fold(&verdict, &v, MPAR_ERROR_INVALID_STATE, &e);
+        }
+    }
+    if (verdict == MPAR_SUCCESS) { /* every part is here: only now the temp file */
+        r = mpar__ckpt_save_gathered(p, name, parts, &e);
+        if (r != MPAR_SUCCESS) {
+            mpar_error ee = e;
+            mpar_error_set(&e, r, "rank 0: %.900s", ee.message);
+            mpar__ckpt_fold(&verdict, &v, r, &e);
+        }
+    }
+    for (q = 1; parts && q < p->ranks; q++) mpar__free_a(a, parts[q].data);
+    mpar__free_a(a, parts);
+    if (verdict != MPAR_SUCCESS) *err = v;
+    return mpar__ckpt_down(p, round, verdict, name, err);
+}
+
+/* Load across ranks (see mpar_pipeline_load_checkpoint): rank 0 reads the
+   file and sends it to every rank; each checks it and stages its own
+   layers; they agree; each applies; they agree again, and if any rank
+   failed to apply, every rank puts its previous state back. */
+static mpar_result mpar__ckpt_load_ranks(mpar_pipeline* p, const char* path, mpar_result mine, mpar_error* err) {
+    const mpar_allocator* a = &p->ctx->allocator;
+    int round = ++p->ckpt_calls * 4, q, staged = 0;
+    const char* name = path ? path : "";
+    unsigned char* file = NULL;
+    const unsigned char* d = NULL;
+    size_t size = 0;
+    mpar__xfer_msg m;
+    mpar__ckpt_staged s;
+    mpar_checkpoint_info info;
+    mpar_result r = mine, v;
+    mpar_error e;
+    memset(&m, 0, sizeof m);
+    memset(&s, 0, sizeof s);
+    if (r == MPAR_SUCCESS && !path)
+        r = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_load_checkpoint: NULL path");
+    if (p->rank == 0) { /* the file, or why there is none, to every rank */
+        if (r == MPAR_SUCCESS) r = mpar__ckpt_read_file(a, name, &file, &size, err);
+        d = file;
+        for (q = 1; q < p->ranks; q++) {
+            const void* what = r == MPAR_SUCCESS ? (const void*)file : (const void*)err->message;
+            size_t bytes = r == MPAR_SUCCESS ? size : strlen(err->message);
+            mpar_result t = mpar__xfer_send(p, q, MPAR__TAG_CKPT_DOWN, round, r, 0, what, bytes, name, &e);
+            if (t != MPAR_SUCCESS && r == MPAR_SUCCESS) r = mpar_error_set(err, t, "%s", e.message);
+        }
+    } else {
+        mpar_result t = mpar__xfer_recv(p, 0, MPAR__TAG_CKPT_DOWN, round, -1, mpar__ckpt_answer_s(p), &m, name, &e);
+        if (t != MPAR_SUCCESS && r == MPAR_SUCCESS) r = mpar_error_set(err, t, "%s", e.message);
+        else if (t == MPAR_SUCCESS && m.code != MPAR_SUCCESS && r == MPAR_SUCCESS)
+            r = mpar_error_set(err, m.code, "rank 0: %.*s", (int)(m.bytes < 1000 ? m.bytes : 1000),
+                               (const char*)m.payload);
+        d = m.payload, size = m.bytes;
+    }
+    if (r == MPAR_SUCCESS) { /* every rank checks the whole file, stages only its own layers */
+        r = mpar__ckpt_check(p, d, size, name, &info, err);
+        if (r == MPAR_SUCCESS) {
+            r = mpar__ckpt_stage(p, d, size, &info, name, &s, err);
+            staged = r == MPAR_SUCCESS;
+            mpar_checkpoint_info_free(&info);
+        }
+    }
+    mpar__free_a(a, file);
+    mpar__free_a(a, m.data);
+    v = mpar__ckpt_agree(p, round + 1, r, name, err); /* nothing changed anywhere yet */
+    if (v == MPAR_SUCCESS) {
+        r = mpar__ckpt_commit(p, &s, name, err);
+        v = mpar__ckpt_agree(p, round + 2, r, name, err);
+        if (v != MPAR_SUCCESS && r == MPAR_SUCCESS) {
+            mpar_error ee = *err;
+            r = mpar__ckpt_put_back(p, &s);
+            mpar_error_set(err, v, "%.900s; %s", ee.message, r == MPAR_SUCCESS ? "every rank's previous state was "
+                           "put back" : "this rank's previous state could not be put back");
+        }
+    }
+    if (staged) mpar__ckpt_staged_free(p, &s);
+    return v;
+}
+#endif
+
 #endif /* MPAR_PART_CHECKPOINT_IMPL */
 
 /* The public entry points also record the failure on the context, so that
@@ -15138,7 +15647,12 @@ static mpar_result mpar__save_checkpoint_impl(mpar_pipeline* p, const char* path
                         ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s' not written: an optimizer "
                                          "step failed part-way, so the stages' parameters are of different steps; load "
                                          "a checkpoint to continue", path ? path : "")
-                        : mpar__ckpt_save(p, path, &local);
+                        : MPAR_SUCCESS;
+#ifdef MPAR_USE_MPI
+    if (p && p->ranks > 1) r = mpar__ckpt_save_ranks(p, path, r, &local); /* every rank takes part, even failed */
+    else
+#endif
+    if (r == MPAR_SUCCESS) r = mpar__ckpt_save(p, path, NULL, &local);
     if (r != MPAR_SUCCESS) {
         if (p) mpar__fail(p->ctx, r, "%s", local.message);
         if (err) *err = local;
@@ -15151,7 +15665,12 @@ static mpar_result mpar__load_checkpoint_impl(mpar_pipeline* p, const char* path
     mpar_result r = p && p->damaged == 2 ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "checkpoint '%s': the "
                                                           "pipeline lost its stages in a failed re-balancing move; "
                                                           "create a new one to load it", path ? path : "")
-                                         : mpar__ckpt_load(p, path, &local);
+                                         : MPAR_SUCCESS;
+#ifdef MPAR_USE_MPI
+    if (p && p->ranks > 1) r = mpar__ckpt_load_ranks(p, path, r, &local); /* every rank takes part, even failed */
+    else
+#endif
+    if (r == MPAR_SUCCESS) r = mpar__ckpt_load(p, path, &local);
     if (r != MPAR_SUCCESS) {
         if (p) mpar__fail(p->ctx, r, "%s", local.message);
         if (err) *err = local;

@@ -5,11 +5,16 @@
    process, bit for bit (bf16 activations too, whose messages carry 16
    bits); inference outputs too; a fault injected on the last
    rank makes every rank return an error within a bounded time, and the
-   pipeline works again afterwards. Rank 0 prints "N passed, N failed". */
+   pipeline works again afterwards. Checkpoints saved across the ranks are
+   the one-process file, bit for bit, and load into any split, one process
+   or (the file build/mpi_ckpt_2ranks.ckpt of a 2-rank run) another rank
+   count; failed saves and loads fail on every rank and change nothing.
+   Rank 0 prints "N passed, N failed". */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
 #include <mpi.h>
+#include <sys/stat.h>
 
 enum { IN = 24, HID = 24, CLASSES = 6, BATCH = 30, STEPS = 3, M = 6 };
 static const float CLIP = 0.05f; /* below the gradients' norm: clipping engages */
@@ -32,6 +37,8 @@ static int32_t y[BATCH];
     } while (0)
 
 static mpar_activation_type g_act; /* make(): activation_type */
+static int g_shift;                /* make(): every stage boundary this many layers later */
+static double g_timeout = 30;      /* make(): timeout_seconds */
 
 static mpar_pipeline* make(mpar_schedule_kind kind, int mpi, mpar_stage_desc* st) {
     mpar_pipeline_desc pd;
@@ -40,13 +47,13 @@ static mpar_pipeline* make(mpar_schedule_kind kind, int mpi, mpar_stage_desc* st
     int L = mpar_model_layer_count(model), j;
     for (j = 0; j < size; j++) {
         st[j].device = 0; /* each rank's own device; in one process all on device 0 */
-        st[j].first_layer = L * j / size;
-        st[j].last_layer = L * (j + 1) / size - 1;
+        st[j].first_layer = L * j / size + (j ? g_shift : 0);
+        st[j].last_layer = L * (j + 1) / size - 1 + (j + 1 < size ? g_shift : 0);
     }
     memset(&pd, 0, sizeof pd);
     pd.stages = st, pd.stage_count = size, pd.schedule = kind, pd.microbatches = M, pd.max_batch = BATCH;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 0.01f, pd.optimizer.clip_norm = CLIP;
-    pd.timeout_seconds = 30, pd.activation_type = g_act;
+    pd.timeout_seconds = g_timeout, pd.activation_type = g_act;
     pd.mpi_comm = mpi ? &comm : NULL; /* mpar duplicates it during create */
     if (mpar_pipeline_create(ctx, model, &pd, &p) != MPAR_SUCCESS) {
         fprintf(stderr, "rank %d: create: %s\n", rank, mpar_last_error(ctx));
@@ -447,6 +454,311 @@ static void stalled(void) {
     mpar_model_destroy(m);
 }
 
+/* ---- checkpoints across ranks ---- */
+
+static unsigned char* slurp(const char* path, size_t* size) {
+    FILE* f = fopen(path, "rb");
+    unsigned char* d;
+    long n;
+    *size = 0;
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    d = (unsigned char*)malloc(n > 0 ? (size_t)n : 1);
+    if (d && n > 0 && fread(d, 1, (size_t)n, f) != (size_t)n) n = 0;
+    fclose(f);
+    *size = n > 0 ? (size_t)n : 0;
+    return d;
+}
+
+static int spit(const char* path, const unsigned char* d, size_t n) {
+    FILE* f = fopen(path, "wb");
+    int ok = f && fwrite(d, 1, n, f) == n;
+    if (f && fclose(f) != 0) ok = 0;
+    return ok;
+}
+
+/* K more steps; every rank gets every loss. */
+enum { K = 2 };
+static void steps(mpar_pipeline* p, double* loss, const char* what) {
+    int k;
+    for (k = 0; k < K; k++) CHECK(step(p, &loss[k]) == MPAR_SUCCESS, "%s step %d: %s", what, k, mpar_last_error(ctx));
+}
+
+static void same_losses(const double* want, const double* got, const char* what) {
+    int k;
+    for (k = 0; k < K; k++)
+        CHECK(want[k] == got[k], "%s: loss %.9g after the load, %.9g in the reference", what, got[k], want[k]);
+}
+
+static const mpar_state_kind KINDS[3] = {MPAR_STATE_PARAMS, MPAR_STATE_MOMENT1, MPAR_STATE_MOMENT2};
+
+/* The state (parameters, both moments) of this rank's layers of p, all in one array. */
+static float* own_state(mpar_pipeline* p, const mpar_stage_desc* st, size_t* count) {
+    size_t n = 0, at = 0;
+    int l, k;
+    float* out;
+    for (l = st[rank].first_layer; l <= st[rank].last_layer; l++) n += 3 * mpar_model_layer(model, l)->param_count;
+    out = (float*)malloc(sizeof(float) * (n ? n : 1));
+    for (l = st[rank].first_layer; l <= st[rank].last_layer; l++) {
+        size_t c = mpar_model_layer(model, l)->param_count;
+        for (k = 0; k < 3 && c; k++, at += c)
+            CHECK(mpar_pipeline_read_state(p, l, KINDS[k], out + at) == MPAR_SUCCESS, "read state of layer %d: %s", l,
+                  mpar_last_error(ctx));
+    }
+    *count = n;
+    return out;
+}
+
+/* This rank's layers of p hold what the file holds. */
+static void holds_file(mpar_pipeline* p, const mpar_stage_desc* st, const char* path, const char* what) {
+    size_t size, n, at = 0;
+    unsigned char* d = slurp(path, &size);
+    float* mine = own_state(p, st, &n);
+    mpar_checkpoint_info info;
+    int l, k;
+    CHECK(d && mpar_checkpoint_parse(d, size, &info, NULL) == MPAR_SUCCESS, "%s: parse %s", what, path);
+    if (d && info.layers) {
+        for (l = st[rank].first_layer; l <= st[rank].last_layer; l++) {
+            size_t c = info.layers[l].param_count;
+            float* f = (float*)malloc(sizeof(float) * (c ? c : 1));
+            for (k = 0; k < 3 && c; k++, at += c) {
+                mpar_checkpoint_get_state(d, size, &info, l, KINDS[k], f, NULL);
+                CHECK(memcmp(f, mine + at, c * sizeof(float)) == 0, "%s: layer %d state %d differs from the file", what,
+                      l, k);
+            }
+            free(f);
+        }
+        mpar_checkpoint_info_free(&info);
+    }
+    free(d), free(mine);
+}
+
+/* Every rank saves the pipeline's checkpoint; rank 0 writes one file, the
+   same bytes a one-process pipeline with the same training writes. It
+   loads into the same MPI pipeline, one with other stages, and one
+   process, and each continues as the one-process reference does. A file
+   saved by another rank count resumes here too. Failures (a corrupt file,
+   a rank at another step, a rank late past the timeout) return the same
+   result on every rank and change neither the pipeline nor the file
+   (checked with 2 ranks or more). */
+static void checkpoints(void) {
+    mpar_stage_desc st1[8], st2[8], st3[8];
+    mpar_pipeline *ref, *dist, *moved;
+    char path[128], refpath[128], bad[128], other[128];
+    double want[K], got[K];
+    size_t n1, n2;
+    float *before, *after;
+    mpar_error err;
+    mpar_result r;
+    int s;
+    mkdir("build", 0755);
+    snprintf(path, sizeof path, "build/mpi_ckpt_%dranks.ckpt", size);
+    snprintf(refpath, sizeof refpath, "build/mpi_ckpt_%dranks_ref.ckpt", size);
+    snprintf(bad, sizeof bad, "build/mpi_ckpt_%dranks_corrupt.ckpt", size);
+    ref = make(MPAR_SCHEDULE_1F1B, 0, st1);
+    dist = make(MPAR_SCHEDULE_1F1B, 1, st2);
+    for (s = 0; s < STEPS; s++) {
+        double a = 0, b = 0;
+        CHECK(step(ref, &a) == MPAR_SUCCESS && step(dist, &b) == MPAR_SUCCESS, "step: %s", mpar_last_error(ctx));
+        CHECK(a == b, "checkpoint training: loss %.9g vs %.9g", a, b);
+    }
+    r = mpar_pipeline_save_checkpoint(dist, path, &err);
+    CHECK(r == MPAR_SUCCESS, "save across %d ranks: %s", size, err.message);
+    if (rank == 0) { /* the same bytes as one process saves */
+        size_t a, b;
+        unsigned char *fa, *fb;
+        CHECK(mpar_pipeline_save_checkpoint(ref, refpath, &err) == MPAR_SUCCESS, "reference save: %s", err.message);
+        fa = slurp(path, &a), fb = slurp(refpath, &b);
+        CHECK(fa && fb && a == b && memcmp(fa, fb, a) == 0,
+              "the MPI checkpoint (%lu bytes) differs from the one-process one (%lu bytes)", (unsigned long)a,
+              (unsigned long)b);
+        /* a corrupt copy: one byte of the last layer's data flipped */
+        if (fa && a > 100) {
+            fa[a - 100] ^= 0x10;
+            CHECK(spit(bad, fa, a), "write %s", bad);
+        }
+        free(fa), free(fb);
+    }
+    steps(ref, want, "reference"); /* how training goes on from the checkpoint */
+
+    /* (a) the same pipeline, trained past the checkpoint, goes back to it */
+    steps(dist, got, "past the checkpoint");
+    r = mpar_pipeline_load_checkpoint(dist, path, &err);
+    CHECK(r == MPAR_SUCCESS, "load into the same MPI pipeline: %s", err.message);
+    CHECK(mpar_pipeline_get_step(dist) == STEPS, "step %d after the load, saved at %d", mpar_pipeline_get_step(dist),
+          STEPS);
+    holds_file(dist, st2, path, "same stages");
+    steps(dist, got, "same stages");
+    same_losses(want, got, "same stages");
+
+    /* a corrupt file: CORRUPT on every rank, nothing changed */
+    MPI_Barrier(MPI_COMM_WORLD);
+    before = own_state(dist, st2, &n1);
+    r = mpar_pipeline_load_checkpoint(dist, bad, &err);
+    CHECK(r == MPAR_ERROR_CORRUPT, "corrupt file: %s %s", mpar_result_string(r), err.message);
+    after = own_state(dist, st2, &n2);
+    CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a failed load changed the parameters");
+    CHECK(mpar_pipeline_get_step(dist) == STEPS + K, "a failed load changed the step to %d",
+          mpar_pipeline_get_step(dist));
+    free(after);
+    /* a failure on one rank only (no path there): every rank returns it,
+       none applies the file */
+    if (size > 1) {
+        char who[32];
+        r = mpar_pipeline_load_checkpoint(dist, rank == size - 1 ? NULL : path, &err);
+        snprintf(who, sizeof who, "rank %d: ", size - 1);
+        CHECK(r == MPAR_ERROR_INVALID_ARGUMENT && strstr(err.message, who), "no path on the last rank: %s %s",
+              mpar_result_string(r), err.message);
+        after = own_state(dist, st2, &n2);
+        CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a load failed on rank %d changed this "
+              "rank's parameters", size - 1);
+        CHECK(mpar_pipeline_get_step(dist) == STEPS + K, "a load failed on rank %d changed the step to %d", size - 1,
+              mpar_pipeline_get_step(dist));
+        free(after);
+    }
+    /* no file on rank 0: IO on every rank */
+    r = mpar_pipeline_load_checkpoint(dist, "build/mpi_ckpt_missing.ckpt", &err);
+    CHECK(r == MPAR_ERROR_IO && (size == 1 || strstr(err.message, "rank 0")), "missing file: %s %s",
+          mpar_result_string(r), err.message);
+
+    /* a rank at another step: the save fails on every rank, naming it, and
+       the file stays the one before */
+    if (size > 1) {
+        size_t a, b;
+        unsigned char *fa = rank == 0 ? slurp(path, &a) : NULL, *fb;
+        char who[32];
+        if (rank == size - 1) mpar_pipeline_set_step(dist, 99);
+        r = mpar_pipeline_save_checkpoint(dist, path, &err);
+        snprintf(who, sizeof who, "rank %d is at step 99", size - 1);
+        CHECK(r == MPAR_ERROR_INVALID_STATE && strstr(err.message, who), "a rank at another step: %s %s",
+              mpar_result_string(r), err.message);
+        if (rank == size - 1) mpar_pipeline_set_step(dist, STEPS + K);
+        if (rank == 0) {
+            fb = slurp(path, &b);
+            CHECK(fa && fb && a == b && memcmp(fa, fb, a) == 0, "a failed save changed the file");
+            free(fb);
+        }
+        after = own_state(dist, st2, &n2);
+        CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a failed save changed the parameters");
+        free(after);
+        /* a failure on a rank other than rank 0 (no path there) */
+        r = mpar_pipeline_save_checkpoint(dist, rank == size - 1 ? NULL : path, &err);
+        snprintf(who, sizeof who, "rank %d: ", size - 1);
+        CHECK(r == MPAR_ERROR_INVALID_ARGUMENT && strstr(err.message, who), "no path on the last rank: %s %s",
+              mpar_result_string(r), err.message);
+        if (rank == 0) {
+            fb = slurp(path, &b);
+            CHECK(fa && fb && a == b && memcmp(fa, fb, a) == 0, "a failed save changed the file");
+            free(fb);
+        }
+        free(fa);
+    }
+    free(before);
+
+    /* (b) other stages across the same ranks */
+    g_shift = 2;
+    moved = make(MPAR_SCHEDULE_GPIPE, 1, st3);
+    g_shift = 0;
+    r = mpar_pipeline_load_checkpoint(moved, path, &err);
+    CHECK(r == MPAR_SUCCESS, "load into other stages: %s", err.message);
+    holds_file(moved, st3, path, "other stages");
+    steps(moved, got, "other stages");
+    same_losses(want, got, "other stages");
+    mpar_pipeline_destroy(moved);
+
+    /* (c) one process (a local pipeline: rank 0 alone calls it) */
+    if (rank == 0) {
+        mpar_pipeline* one = make(MPAR_SCHEDULE_1F1B, 0, st3);
+        r = mpar_pipeline_load_checkpoint(one, path, &err);
+        CHECK(r == MPAR_SUCCESS, "load into one process: %s", err.message);
+        steps(one, got, "one process");
+        same_losses(want, got, "one process");
+        mpar_pipeline_destroy(one);
+    }
+
+    /* a checkpoint saved by another rank count (the -np 2 run's) */
+    if (size != 2) {
+        int have = 0;
+        snprintf(other, sizeof other, "build/mpi_ckpt_2ranks.ckpt");
+        if (rank == 0) have = access(other, R_OK) == 0;
+        MPI_Bcast(&have, 1, MPI_INT, 0, MPI_COMM_WORLD);
+        if (!have && rank == 0) printf("mpi (%d ranks): no %s from a 2-rank run; resuming it skipped\n", size, other);
+        if (have) {
+            double theirs[K];
+            r = mpar_pipeline_load_checkpoint(dist, other, &err);
+            CHECK(r == MPAR_SUCCESS, "load the 2-rank checkpoint: %s", err.message);
+            steps(dist, got, "from 2 ranks");
+            if (rank == 0) {
+                mpar_pipeline* one = make(MPAR_SCHEDULE_1F1B, 0, st3);
+                CHECK(mpar_pipeline_load_checkpoint(one, other, &err) == MPAR_SUCCESS, "one process: %s", err.message);
+                steps(one, theirs, "one process from 2 ranks");
+                mpar_pipeline_destroy(one);
+            }
+            MPI_Bcast(theirs, K, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+            same_losses(theirs, got, "resumed from 2 ranks");
+        }
+    }
+    mpar_pipeline_destroy(dist);
+    mpar_pipeline_destroy(ref);
+    if (rank == 0) remove(bad); /* build/mpi_ckpt_<N>ranks.ckpt stays, for a run on another rank count */
+
+    /* a rank late past the timeout: TIMEOUT on every rank, naming the rank
+       waited for; the next save works */
+    if (size == 1) return;
+    g_timeout = 0.5;
+    dist = make(MPAR_SCHEDULE_1F1B, 1, st2);
+    g_timeout = 30;
+    CHECK(step(dist, NULL) == MPAR_SUCCESS, "step: %s", mpar_last_error(ctx));
+    MPI_Barrier(MPI_COMM_WORLD);
+    {
+        double t0 = mpar__now();
+        char who[32];
+        if (rank == size - 1) {
+            struct timespec ts = {2, 0};
+            nanosleep(&ts, NULL);
+        }
+        r = mpar_pipeline_save_checkpoint(dist, refpath, &err);
+        snprintf(who, sizeof who, "rank %d", rank == size - 1 ? 0 : size - 1);
+        CHECK(r == MPAR_ERROR_TIMEOUT && strstr(err.message, who), "late rank: %s %s", mpar_result_string(r),
+              err.message);
+        CHECK(mpar__now() - t0 < 2.0 + 3.0, "the late save took %.1f s", mpar__now() - t0);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    CHECK(step(dist, NULL) == MPAR_SUCCESS, "step: %s", mpar_last_error(ctx));
+    r = mpar_pipeline_save_checkpoint(dist, refpath, &err);
+    CHECK(r == MPAR_SUCCESS, "the save after a timeout: %s", err.message);
+    holds_file(dist, st2, refpath, "the save after a timeout"); /* not the late rank's part of the failed save */
+    r = mpar_pipeline_load_checkpoint(dist, refpath, &err);
+    CHECK(r == MPAR_SUCCESS, "the load after a timeout: %s", err.message);
+    /* a rank late for a load: TIMEOUT on every rank, and no rank applies it
+       (refpath holds step 2; the pipeline goes on to step 3) */
+    CHECK(step(dist, NULL) == MPAR_SUCCESS, "step: %s", mpar_last_error(ctx));
+    before = own_state(dist, st2, &n1);
+    MPI_Barrier(MPI_COMM_WORLD);
+    {
+        double t0 = mpar__now();
+        if (rank == size - 1) {
+            struct timespec ts = {2, 0};
+            nanosleep(&ts, NULL);
+        }
+        r = mpar_pipeline_load_checkpoint(dist, refpath, &err);
+        CHECK(r == MPAR_ERROR_TIMEOUT, "late rank at a load: %s %s", mpar_result_string(r), err.message);
+        CHECK(mpar__now() - t0 < 2.0 + 3.0, "the late load took %.1f s", mpar__now() - t0);
+    }
+    after = own_state(dist, st2, &n2);
+    CHECK(n1 == n2 && memcmp(before, after, n1 * sizeof(float)) == 0, "a timed-out load changed the parameters");
+    CHECK(mpar_pipeline_get_step(dist) == 3, "a timed-out load changed the step to %d", mpar_pipeline_get_step(dist));
+    free(before), free(after);
+    MPI_Barrier(MPI_COMM_WORLD);
+    r = mpar_pipeline_load_checkpoint(dist, refpath, &err);
+    CHECK(r == MPAR_SUCCESS && mpar_pipeline_get_step(dist) == 2, "the load after a timed-out load: %s",
+          err.message);
+    mpar_pipeline_destroy(dist);
+    if (rank == 0) remove(refpath);
+}
+
 int main(int argc, char** argv) {
     int provided = 0, total[2], mine[2], i;
     mpar_desc d;
@@ -493,6 +805,7 @@ int main(int argc, char** argv) {
     disagree();
     local_failure();
     stalled();
+    checkpoints();
 
     mine[0] = checks - failures, mine[1] = failures;
     MPI_Reduce(mine, total, 2, MPI_INT, MPI_SUM, 0, MPI_COMM_WORLD);
