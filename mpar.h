@@ -2025,6 +2025,22 @@ MPARDEF mpar_result mpar_pipeline_save_checkpoint(mpar_pipeline* p, const char* 
    for a save. */
 MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* path, mpar_error* err);
 
+/* Weights files (format version 2): the checkpoint layout with PARAMS
+   alone for each layer, optimizer kind 2 ("none") and step 0: what a
+   deployed model needs. Saving is atomic as for checkpoints, works from an
+   inference_only pipeline, and across MPI ranks as save_checkpoint does.
+   Loading takes a weights file or a checkpoint (its parameters alone)
+   into a pipeline whose model has the same structure (layer types,
+   shapes, descriptor fields, seq_len), whatever its seed, optimizer or
+   partition, inference_only or not. The optimizer's moments start from
+   zero; the step counter is kept. All or nothing, as load_checkpoint.
+   Errors as for checkpoints; load_checkpoint of a weights file into a
+   pipeline that trains is MPAR_ERROR_MISMATCH (nothing to resume). An
+   inference_only pipeline's load_checkpoint also matches the structure
+   alone. */
+MPARDEF mpar_result mpar_pipeline_save_weights(mpar_pipeline* p, const char* path, mpar_error* err);
+MPARDEF mpar_result mpar_pipeline_load_weights(mpar_pipeline* p, const char* path, mpar_error* err);
+
 /* The model a checkpoint or weights file describes, built layer by layer
    from the file's own description (types by name, shapes, descriptor
    fields, input_features, seq_len, seed), ready for a pipeline that then
@@ -9652,6 +9668,7 @@ struct mpar_pipeline {
     int abort_generation;  /* payload of the abort messages this rank sends */
     int stage_rank[MPAR__MAX_WORKERS];
     double loss_sum; /* across processes: the batch's loss sum, agreed after the job (mpar__loss_sum) */
+    int ckpt_weights; /* the checkpoint call running is mpar_pipeline_save_weights / _load_weights */
 #ifdef MPAR_USE_MPI
     MPI_Comm comm;       /* our duplicate of desc.mpi_comm (comm_owned), made when every rank agreed */
     int comm_owned;
@@ -14720,8 +14737,9 @@ static mpar_result mpar__ckpt_match_layer(const mpar_checkpoint_layer* c, const 
     return MPAR_SUCCESS;
 }
 
-MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, const mpar_model* model,
-                                          mpar_optimizer_kind optimizer, mpar_error* err) {
+/* structure_only: layers, shapes and seq_len; not the seed or the optimizer. */
+static mpar_result mpar__ckpt_match(const mpar_checkpoint_info* info, const mpar_model* model,
+                                    mpar_optimizer_kind optimizer, int structure_only, mpar_error* err) {
     int n, i;
     const mpar_layer* first;
     if (!info || !model || !info->layers)
@@ -14740,6 +14758,10 @@ MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, cons
     if (first && first->seq_len != info->seq_len)
         return mpar_error_set(err, MPAR_ERROR_MISMATCH, "seq_len differs: %d in the checkpoint, %d in the model",
                               info->seq_len, first->seq_len);
+    if (structure_only) return MPAR_SUCCESS;
+    if (info->weights_only)
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "a weights-only file holds no optimizer state or step to "
+                              "resume training from");
     if (mpar__ckpt_model_seed(model) != info->seed)
         return mpar_error_set(err, MPAR_ERROR_MISMATCH, "model seed differs: %llu in the checkpoint, %llu in the model "
                               "(dropout would not resume the same stream)", (unsigned long long)info->seed,
@@ -14749,6 +14771,11 @@ MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, cons
                               info->optimizer == MPAR_OPTIMIZER_ADAMW ? "AdamW" : "SGD",
                               optimizer == MPAR_OPTIMIZER_ADAMW ? "AdamW" : "SGD");
     return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_checkpoint_match(const mpar_checkpoint_info* info, const mpar_model* model,
+                                          mpar_optimizer_kind optimizer, mpar_error* err) {
+    return mpar__ckpt_match(info, model, optimizer, 0, err);
 }
 
 /* ---- saving ---- */
@@ -14800,7 +14827,7 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
             return NULL;
         }
         T += MPAR__CKPT_RECORD + mpar__ckpt_pad8(n);
-        data += 12u * (uint64_t)l->param_count + 8u;
+        data += (p->ckpt_weights ? 4u : 12u) * (uint64_t)l->param_count + 8u;
         if (l->param_count > *max_params) *max_params = l->param_count;
     }
     t = (unsigned char*)mpar__alloc_a(&p->ctx->allocator, T + 8);
@@ -14812,14 +14839,14 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
     *table_bytes = T + 8;
     *file_size = (uint64_t)T + 8u + data + MPAR__CKPT_TRAILER;
     memcpy(t, MPAR__CKPT_MAGIC, 8);
-    mpar__ckpt_wr32(t + 8, MPAR_CHECKPOINT_FORMAT_VERSION);
+    mpar__ckpt_wr32(t + 8, p->ckpt_weights ? MPAR_WEIGHTS_FORMAT_VERSION : MPAR_CHECKPOINT_FORMAT_VERSION);
     mpar__ckpt_wr32(t + 12, MPAR__CKPT_HEADER);
     mpar__ckpt_wr32(t + 16, (uint32_t)(MPAR_VERSION_MAJOR << 16 | MPAR_VERSION_MINOR << 8 | MPAR_VERSION_PATCH));
     mpar__ckpt_wr32(t + 20, MPAR__CKPT_BOM);
     mpar__ckpt_wr64(t + 24, *file_size);
     mpar__ckpt_wr32(t + 32, (uint32_t)L);
-    mpar__ckpt_wr32(t + 36, (uint32_t)mpar_pipeline_get_desc(p)->optimizer.kind);
-    mpar__ckpt_wr64(t + 40, (uint64_t)mpar_pipeline_get_step(p));
+    mpar__ckpt_wr32(t + 36, p->ckpt_weights ? MPAR__CKPT_NO_OPTIMIZER : (uint32_t)mpar_pipeline_get_desc(p)->optimizer.kind);
+    mpar__ckpt_wr64(t + 40, p->ckpt_weights ? 0u : (uint64_t)mpar_pipeline_get_step(p));
     mpar__ckpt_wr64(t + 48, mpar__ckpt_model_seed(m));
     mpar__ckpt_wr32(t + 56, (uint32_t)mpar_model_layer(m, 0)->in_features);
     mpar__ckpt_wr32(t + 60, (uint32_t)mpar_model_layer(m, 0)->seq_len);
@@ -14842,7 +14869,7 @@ static unsigned char* mpar__ckpt_table(mpar_pipeline* p, size_t* table_bytes, ui
         mpar__ckpt_wrf(r + 52, l->desc.eps);
         memcpy(r + MPAR__CKPT_RECORD, l->type->name, n);
         pos += MPAR__CKPT_RECORD + mpar__ckpt_pad8(n);
-        data += 12u * (uint64_t)l->param_count + 8u;
+        data += (p->ckpt_weights ? 4u : 12u) * (uint64_t)l->param_count + 8u;
     }
     mpar__ckpt_wr64(t + T, mpar__ckpt_checksum(t, T));
     return t;
@@ -14862,7 +14889,7 @@ static mpar_result mpar__ckpt_layer_bytes(mpar_pipeline* p, int i, float* f, uns
     static const mpar_state_kind kinds[3] = {MPAR_STATE_PARAMS, MPAR_STATE_MOMENT1, MPAR_STATE_MOMENT2};
     size_t n = mpar_model_layer(mpar_pipeline_model(p), i)->param_count;
     int k;
-    for (k = 0; k < 3 && n; k++) {
+    for (k = 0; k < (p->ckpt_weights ? 1 : 3) && n; k++) { /* weights only: PARAMS */
         mpar_result r = mpar__read_state_impl(p, i, kinds[k], f);
         if (r != MPAR_SUCCESS)
             return mpar_error_set(err, r, "checkpoint '%s': reading layer %d's state from its device failed: %s", path,
@@ -14890,8 +14917,9 @@ static mpar_result mpar__ckpt_write_data(mpar_pipeline* p, mpar__ckpt_out* o, si
         const unsigned char* block = remote && remote[i] ? remote[i] : b;
         if (block == b) r = mpar__ckpt_layer_bytes(p, i, f, b, o->path, err);
         if (r != MPAR_SUCCESS) break;
-        mpar__ckpt_wr64(sum, mpar__ckpt_checksum(block, 12u * n));
-        r = mpar__ckpt_write(o, block, 12u * n, err);
+        size_t bytes = (p->ckpt_weights ? 4u : 12u) * n; /* a block sent by a rank has 12·P: PARAMS first */
+        mpar__ckpt_wr64(sum, mpar__ckpt_checksum(block, bytes));
+        r = mpar__ckpt_write(o, block, bytes, err);
         if (r == MPAR_SUCCESS) r = mpar__ckpt_write(o, sum, 8, err);
     }
     if (r == MPAR_SUCCESS) {
@@ -15062,15 +15090,18 @@ static mpar_result mpar__ckpt_stage(mpar_pipeline* p, const unsigned char* d, si
     int i;
     s->next = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
     s->backup = (float*)mpar__alloc_a(a, total ? total * sizeof(float) : 1);
-    s->old_step = mpar_pipeline_get_step(p), s->new_step = info->step;
+    s->old_step = mpar_pipeline_get_step(p), s->new_step = p->ckpt_weights ? s->old_step : info->step;
     if (!s->next || !s->backup) r = mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     for (i = 0; r == MPAR_SUCCESS && i < info->layer_count; i++) {
         size_t n = info->layers[i].param_count;
         float* next = s->next + at;
         if (mpar__ckpt_layer_here(p, i)) { /* another rank's layer: that rank's to load */
             r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_PARAMS, next, err);
-            if (r == MPAR_SUCCESS) r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + n, err);
-            if (r == MPAR_SUCCESS)
+            if (p->ckpt_weights) /* weights: the optimizer starts afresh */
+                memset(next + n, 0, 2 * n * sizeof(float));
+            else if (r == MPAR_SUCCESS)
+                r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT1, next + n, err);
+            if (r == MPAR_SUCCESS && !p->ckpt_weights)
                 r = mpar_checkpoint_get_state(d, size, info, i, MPAR_STATE_MOMENT2, next + 2 * n, err);
         }
         at += 3u * n;
@@ -15125,10 +15156,19 @@ static mpar_result mpar__ckpt_check(mpar_pipeline* p, const unsigned char* d, si
     why.message[0] = '\0';
     r = mpar_checkpoint_parse_with(&p->ctx->allocator, d, size, info, &why);
     if (r != MPAR_SUCCESS) return mpar_error_set(err, r, "checkpoint '%s': %.900s", path, why.message);
-    r = mpar_checkpoint_match(info, mpar_pipeline_model(p), mpar_pipeline_get_desc(p)->optimizer.kind, &detail);
+    if (info->weights_only && !p->ckpt_weights && !p->desc.inference_only) {
+        mpar_checkpoint_info_free(info);
+        return mpar_error_set(err, MPAR_ERROR_MISMATCH, "checkpoint '%s': is a weights-only file, with no optimizer "
+                              "state or step to resume training from; load it with mpar_pipeline_load_weights", path);
+    }
+    /* parameters alone (weights, or a pipeline that only infers): the
+       structure must match, not the seed or the optimizer */
+    r = mpar__ckpt_match(info, mpar_pipeline_model(p), mpar_pipeline_get_desc(p)->optimizer.kind,
+                         p->ckpt_weights || p->desc.inference_only, &detail);
     if (r == MPAR_SUCCESS) return MPAR_SUCCESS;
     mpar_checkpoint_info_free(info);
-    return mpar_error_set(err, r, "checkpoint '%s': is for another model or optimizer: %.900s", path, detail.message);
+    return mpar_error_set(err, r, "checkpoint '%s': is for another model%s: %.900s", path,
+                          p->ckpt_weights || p->desc.inference_only ? "" : " or optimizer", detail.message);
 }
 
 static mpar_result mpar__ckpt_load(mpar_pipeline* p, const char* path, mpar_error* err) {
@@ -15658,6 +15698,54 @@ static mpar_result mpar__save_checkpoint_impl(mpar_pipeline* p, const char* path
         if (err) *err = local;
     }
     return r;
+}
+
+/* Weights files: the checkpoint calls with PARAMS alone (p->ckpt_weights
+   for the call's length; one call at a time runs on a pipeline). */
+static mpar_result mpar__save_weights_impl(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_error local;
+    mpar_result r = p && p->damaged /* the stages' parameters are of different steps */
+                        ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "weights '%s' not written: an optimizer "
+                                         "step failed part-way, so the stages' parameters are of different steps; load "
+                                         "a checkpoint to continue", path ? path : "")
+                        : MPAR_SUCCESS;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    p->ckpt_weights = 1;
+#ifdef MPAR_USE_MPI
+    if (p->ranks > 1) r = mpar__ckpt_save_ranks(p, path, r, &local); /* every rank takes part, even failed */
+    else
+#endif
+    if (r == MPAR_SUCCESS) r = mpar__ckpt_save(p, path, NULL, &local);
+    p->ckpt_weights = 0;
+    if (r != MPAR_SUCCESS) {
+        mpar__fail(p->ctx, r, "%s", local.message);
+        if (err) *err = local;
+    }
+    return r;
+}
+
+static mpar_result mpar__load_weights_impl(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_error local;
+    mpar_result r = p && p->damaged == 2 ? mpar_error_set(&local, MPAR_ERROR_INVALID_STATE, "weights '%s': the "
+                                                          "pipeline lost its stages in a failed re-balancing move; "
+                                                          "create a new one to load it", path ? path : "")
+                                         : MPAR_SUCCESS;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    p->ckpt_weights = 1;
+#ifdef MPAR_USE_MPI
+    if (p->ranks > 1) r = mpar__ckpt_load_ranks(p, path, r, &local); /* every rank takes part, even failed */
+    else
+#endif
+    if (r == MPAR_SUCCESS) r = mpar__ckpt_load(p, path, &local);
+    p->ckpt_weights = 0;
+    if (r != MPAR_SUCCESS) {
+        mpar__fail(p->ctx, r, "%s", local.message);
+        if (err) *err = local;
+        return r;
+    }
+    p->grads_ready = 0;
+    p->damaged = 0; /* every parameter is the file's now */
+    return MPAR_SUCCESS;
 }
 
 static mpar_result mpar__load_checkpoint_impl(mpar_pipeline* p, const char* path, mpar_error* err) {
@@ -16871,6 +16959,28 @@ MPARDEF mpar_result mpar_pipeline_load_checkpoint(mpar_pipeline* p, const char* 
     }
     r = mpar__load_checkpoint_impl(p, path, err);
     return p ? mpar__leave(p, r) : r;
+}
+
+MPARDEF mpar_result mpar_pipeline_save_weights(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_save_weights")) != MPAR_SUCCESS) {
+        if (err) mpar_error_set(err, r, "%s", mpar_last_error(p->ctx));
+        return r;
+    }
+    if (!p) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_save_weights: pipeline is NULL");
+    r = mpar__save_weights_impl(p, path, err);
+    return mpar__leave(p, r);
+}
+
+MPARDEF mpar_result mpar_pipeline_load_weights(mpar_pipeline* p, const char* path, mpar_error* err) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_load_weights")) != MPAR_SUCCESS) {
+        if (err) mpar_error_set(err, r, "%s", mpar_last_error(p->ctx));
+        return r;
+    }
+    if (!p) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_load_weights: pipeline is NULL");
+    r = mpar__load_weights_impl(p, path, err);
+    return mpar__leave(p, r);
 }
 
 #endif /* MPAR_IMPLEMENTATION_DONE */

@@ -6,7 +6,7 @@
                                      negative control
      ckpt_tool verify PATH           load PATH into a fresh pipeline; prints
                                      "step N"; exit 0 if it loads, 1 if not
-     ckpt_tool seed DIR              write a few small checkpoints (fuzz corpus)
+     ckpt_tool seed DIR              write a few small checkpoints and weights files (fuzz corpus)
    Exit codes: 0 done, 1 a check failed, 2 usage or setup error. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
@@ -152,6 +152,11 @@ static int seed(mpar_context* ctx, const char* dir) {
             if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) return 2;
         snprintf(path, sizeof path, "%s/seed-%d.ckpt", dir, v);
         if (mpar_pipeline_save_checkpoint(p, path, &err) != MPAR_SUCCESS) {
+            fprintf(stderr, "ckpt_tool: %s\n", err.message);
+            return 2;
+        }
+        snprintf(path, sizeof path, "%s/seed-%d.weights", dir, v); /* and weights only (format version 2) */
+        if (mpar_pipeline_save_weights(p, path, &err) != MPAR_SUCCESS) {
             fprintf(stderr, "ckpt_tool: %s\n", err.message);
             return 2;
         }

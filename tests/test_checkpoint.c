@@ -519,12 +519,18 @@ static void test_parse(void** state) {
             at += n;
         }
     free(s);
-    /* an intact file of a newer format */
+    /* an intact file of a newer format (2 is weights only) */
     d = (unsigned char*)malloc(t.size);
     memcpy(d, t.good, t.size);
-    d[8] = 2;
+    d[8] = MPAR_WEIGHTS_FORMAT_VERSION + 1;
     reseal(d, t.size);
     assert_int_equal(mpar_checkpoint_parse(d, t.size, NULL, &err), MPAR_ERROR_UNSUPPORTED);
+    /* version 2 (weights only) with a checkpoint's optimizer kind and data */
+    memcpy(d, t.good, t.size);
+    d[8] = MPAR_WEIGHTS_FORMAT_VERSION;
+    reseal(d, t.size);
+    assert_int_equal(mpar_checkpoint_parse(d, t.size, NULL, &err), MPAR_ERROR_CORRUPT);
+    assert_non_null(strstr(err.message, "offset 36"));
     /* sealed but inconsistent: a layer count the file cannot hold */
     memcpy(d, t.good, t.size);
     d[32] = 200;

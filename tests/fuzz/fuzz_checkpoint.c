@@ -4,7 +4,8 @@
    scripts/fuzz.sh builds and runs it with a corpus of real checkpoints.
    Each input is parsed as it is, then "resealed": the size field, end marker
    and every checksum rewritten to match, so that the layout checks behind
-   the checksums see hostile input too. Whatever parses is read back in full. */
+   the checksums see hostile input too. Whatever parses is read back in full
+   (a weights-only file, format version 2, has no moments to read). */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -22,10 +23,12 @@ static void parse_and_read(const unsigned char* d, size_t size) {
     for (i = 0; i < info.layer_count; i++) {
         size_t n = info.layers[i].param_count;
         float* f = (float*)malloc(n ? n * sizeof(float) : 1);
-        if (n > size / 12) __builtin_trap(); /* the parser bounds every count by the data */
+        if (n > size / (info.weights_only ? 4 : 12)) __builtin_trap(); /* the parser bounds every count by the data */
         for (k = 0; k < 3; k++) {
             mpar_state_kind kind = k == 0 ? MPAR_STATE_PARAMS : k == 1 ? MPAR_STATE_MOMENT1 : MPAR_STATE_MOMENT2;
-            if (mpar_checkpoint_get_state(d, size, &info, i, kind, f, &err) != MPAR_SUCCESS) __builtin_trap();
+            /* a weights-only file has PARAMS alone */
+            mpar_result want = info.weights_only && k > 0 ? MPAR_ERROR_INVALID_ARGUMENT : MPAR_SUCCESS;
+            if (mpar_checkpoint_get_state(d, size, &info, i, kind, f, &err) != want) __builtin_trap();
         }
         free(f);
     }
@@ -35,8 +38,9 @@ static void parse_and_read(const unsigned char* d, size_t size) {
 /* Rewrites the size field, the end marker and the checksums the way a
    writer would, following the layout as far as the bytes allow. */
 static void reseal(unsigned char* d, size_t size) {
-    size_t pos = 64, end = size - 16, records[256], params[256];
+    size_t pos = 64, end = size - 16, records[256], params[256], per;
     uint32_t L, i, n = 0;
+    per = mpar__ckpt_rd32(d + 8) == MPAR_WEIGHTS_FORMAT_VERSION ? 4 : 12; /* bytes of data per parameter */
     mpar__ckpt_wr64(d + 24, (uint64_t)size);
     memcpy(d + end, "MPAR-END", 8);
     L = mpar__ckpt_rd32(d + 32);
@@ -52,10 +56,10 @@ static void reseal(unsigned char* d, size_t size) {
         size_t table_end = pos;
         pos += 8;
         for (i = 0; i < n; i++) { /* the data blocks */
-            if (params[i] > (end - pos) / 12 || end - pos - 12 * params[i] < 8) break;
+            if (params[i] > (end - pos) / per || end - pos - per * params[i] < 8) break;
             mpar__ckpt_wr64(d + records[i] + 24, (uint64_t)pos);
-            mpar__ckpt_wr64(d + pos + 12 * params[i], mpar__ckpt_checksum(d + pos, 12 * params[i]));
-            pos += 12 * params[i] + 8;
+            mpar__ckpt_wr64(d + pos + per * params[i], mpar__ckpt_checksum(d + pos, per * params[i]));
+            pos += per * params[i] + 8;
         }
         mpar__ckpt_wr64(d + table_end, mpar__ckpt_checksum(d, table_end));
     }
