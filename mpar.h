@@ -15743,8 +15743,8 @@ static mpar_result mpar__load_weights_impl(mpar_pipeline* p, const char* path, m
         if (err) *err = local;
         return r;
     }
-    p->grads_ready = 0;
     p->damaged = 0; /* every parameter is the file's now */
+    p->grads_ready = 0;
     return MPAR_SUCCESS;
 }
 
