@@ -12052,7 +12052,8 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
         n = d->stage_count;
         if (n <= 0 || n % V != 0)
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "stage_count %d is not a positive multiple of "
-                              "virtual_stages %d", n, V);
+                              "virtual_stages %d: give %d chunks per device (stages x virtual_stages, chunk j on the "
+                              "device of chunk j mod stages), or set virtual_stages to 1", n, V, V);
         memcpy(out, d->stages, sizeof(mpar_stage_desc) * (size_t)n);
         for (j = 0; d->recompute_stages && j < n; j++) p->stage_recompute[j] = d->recompute_stages[j] != 0;
     } else {
@@ -12061,11 +12062,23 @@ static mpar_result mpar__resolve_stages(mpar_pipeline* p, mpar_stage_desc* out) 
         if (!plan) {
             MPAR__TRY(mpar_pipeline_plan(p->ctx, p->model, d, d->plan_options, &local));
             plan = &local;
+            if (!p->dry_run) { /* the choice, and what binds it */
+                char text[400];
+                mpar_plan_to_string(&local, text, sizeof text);
+                mpar__log(p->ctx, MPAR_LOG_INFO, "automatic plan %s: %s, predicted step %.4g ms; %s", text,
+                          local.exact ? "optimal" : "heuristic", local.step_seconds * 1e3, local.binding.text);
+            }
         }
         n = plan->num_stages;
         if (n <= 0 || n > 4 * MPAR__MAX_WORKERS || n % V != 0 || !plan->stages) {
+            int devices = plan->stages ? plan->num_stages / (plan->virtual_stages > 0 ? plan->virtual_stages : 1) : 0;
             if (plan == &local) mpar_plan_free(&local);
-            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "the plan has %d stages for %d virtual stages", n, V);
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_PLAN, "the plan has %d chunk(s) on %d device(s), but "
+                              "virtual_stages %d needs %d chunks per device: %s", n, devices, V, V,
+                              devices < 2 ? "interleaving needs 2 or more devices; set virtual_stages to 1, or give "
+                                            "explicit stages"
+                                          : "plan with the same virtual_stages (mpar_plan_desc.virtual_stages), "
+                                            "or set virtual_stages to the plan's");
         }
         for (j = 0; j < n; j++) {
             out[j].device = plan->stages[j].device;

@@ -39,7 +39,7 @@ static const char usage[] =
     "  --stages D:A-B,...     explicit stages (device:first-last layer); default: planned\n"
     "  --plan optimal|proportional [--weights W,W]   how to plan without --stages\n"
     "  --activations fp32|bf16\n"
-    "  --epochs N [6]  --batch B [128]  --lr X  --hidden H [512]  --seed S\n"
+    "  --epochs N [20]  --batch B [128]  --lr X  --hidden H [512]  --seed S\n"
     "  --checkpoint PATH [--resume]   save after every epoch; continue from it\n"
     "  --trace PATH           write the last step's timeline (Chrome trace and SVG)\n"
     "  --help\n";
@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
     int32_t* order;
     float *x, *logits;
     int32_t* y;
-    int epochs = ex_int(argc, argv, "--epochs", 6), batch = ex_int(argc, argv, "--batch", 128);
+    int epochs = ex_int(argc, argv, "--epochs", 20), batch = ex_int(argc, argv, "--batch", 128);
     int hidden = ex_int(argc, argv, "--hidden", 512), steps_per_epoch, steps, step = 0, e, i;
     double mean, stdev, t0, test_loss = 0.0, acc;
     const char* bad;

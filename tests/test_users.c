@@ -288,6 +288,53 @@ static void test_checked_sizes(void** state) {
     mpar_model_destroy(m);
 }
 
+/* ==== the plan: virtual-stage errors say what to give; the automatic plan is logged ==== */
+
+static char g_log[4096];
+static void capture(void* user, mpar_log_level level, const char* message) {
+    (void)user, (void)level;
+    if (strlen(g_log) + strlen(message) + 2 < sizeof g_log) strcat(g_log, message), strcat(g_log, "\n");
+}
+
+static void test_plan_messages(void** state) {
+    mpar_model* m = make_model();
+    mpar_stage_desc st[3];
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_plan plan;
+    mpar_context* ctx = NULL;
+    mpar_desc d;
+    (void)state;
+    /* three chunks for virtual_stages 2 */
+    memset(&pd, 0, sizeof pd);
+    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 0;
+    st[1].device = 1, st[1].first_layer = 1, st[1].last_layer = 1;
+    st[2].device = 0, st[2].first_layer = 2, st[2].last_layer = 3;
+    pd.stages = st, pd.stage_count = 3, pd.schedule = MPAR_SCHEDULE_INTERLEAVED_1F1B, pd.virtual_stages = 2;
+    pd.microbatches = 2, pd.max_batch = 8;
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "give 2 chunks per device"));
+    /* a plan on one device for virtual_stages 2 */
+    assert_int_equal(mpar_plan_parse("0:0-3", 5, &plan, NULL), MPAR_SUCCESS);
+    pd.stages = NULL, pd.stage_count = 0, pd.plan = &plan;
+    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "interleaving needs 2 or more devices; set virtual_stages to 1"));
+    mpar_plan_free(&plan);
+    /* the automatic plan says what it chose and why */
+    memset(&d, 0, sizeof d);
+    d.kernel_path = "kernels", d.log = capture, d.log_level = MPAR_LOG_INFO;
+    assert_int_equal(mpar_create(&d, &ctx), MPAR_SUCCESS);
+    memset(&pd, 0, sizeof pd);
+    pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 8;
+    g_log[0] = '\0';
+    assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_SUCCESS);
+    if (!strstr(g_log, "automatic plan ") || !strstr(g_log, "predicted step"))
+        fail_msg("the automatic plan was not logged; the log says:\n%s", g_log);
+    mpar_pipeline_destroy(p);
+    mpar_destroy(ctx);
+    mpar_model_destroy(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_destroyed_first),
@@ -296,6 +343,7 @@ int main(void) {
         cmocka_unit_test(test_softmax),
         cmocka_unit_test(test_argmax_accuracy),
         cmocka_unit_test(test_checked_sizes),
+        cmocka_unit_test(test_plan_messages),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
