@@ -10676,6 +10676,9 @@ static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb
     if (need_targets && b->samples > p->desc.max_batch)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples exceeds max_batch %d", b->samples,
                           p->desc.max_batch);
+    if (b->samples > INT_MAX / p->seq_len) /* rows are ints: row offsets and counts below */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch.samples %d: times seq_len %d the rows exceed "
+                          "INT_MAX", b->samples, p->seq_len);
     if (b->samples < mb_count)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples cannot fill %d micro-batches",
                           b->samples, mb_count);
@@ -10878,6 +10881,7 @@ static mpar_result mpar__train_step_impl(mpar_pipeline* p, const mpar_batch* bat
     return p->opt_go ? mpar__rebalance_after_step(p) : mpar__step_refused(p, info);
 }
 
+#define MPAR__INFER_MAX_MICROBATCHES (1 << 20)
 static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
     int per_mb, count, m;
     mpar_result r;
@@ -10886,7 +10890,12 @@ static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, f
     if (p->damaged) return mpar__damaged(p); /* mixed parameters would give answers of no model */
     if (!batch) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch is NULL");
     per_mb = p->mb_rows_max / p->seq_len;
-    count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
+    /* rounded up without samples + per_mb - 1, which overflows near INT_MAX */
+    count = batch->samples > 0 ? batch->samples / per_mb + (batch->samples % per_mb != 0) : 0;
+    if (count > MPAR__INFER_MAX_MICROBATCHES) /* as many as a pipeline's desc.microbatches may be */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch.samples %d needs %d "
+                          "micro-batches of at most %d samples; one call takes at most %d", batch->samples, count,
+                          per_mb, MPAR__INFER_MAX_MICROBATCHES);
     if (count > p->mb_capacity) {
         int* first = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)(count + 1));
         float* losses = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)count);
