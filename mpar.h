@@ -2266,6 +2266,11 @@ static void mpar__free(const mpar_context* ctx, void* p) {
     }
     MPAR_FREE(p);
 }
+static void* mpar__alloc_zeroed(const mpar_context* ctx, size_t size) {
+    void* q = mpar__alloc(ctx, size);
+    if (q) memset(q, 0, size);
+    return q;
+}
 static char* mpar__strdup(const mpar_context* ctx, const char* s) {
     size_t n = strlen(s) + 1;
     char* d = (char*)mpar__alloc(ctx, n);
@@ -11394,17 +11399,16 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
     mpar__worker* w = &p->workers[v->worker];
     size_t rows = o->rows;
     int s, b, B = v->blocks;
+    /* every handle array zeroed as it is made: after a failure
+       mpar__vstage_release frees what exists */
     v->slot_count = slots;
     v->grad_slot_count = o->infer ? 0 : o->split ? slots : 1;
-    v->act_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)slots * (size_t)B);
-    v->grad_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
+    v->act_slots = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)slots * (size_t)B);
+    v->grad_slots = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
     v->slot_mb = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)slots);
-    v->params = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+    v->params = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
     if (!v->act_slots || !v->grad_slots || !v->slot_mb || !v->params)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(v->act_slots, 0, sizeof(cl_mem) * (size_t)slots * (size_t)B);
-    memset(v->grad_slots, 0, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
-    memset(v->params, 0, sizeof(cl_mem) * (size_t)B);
     for (s = 0; s < slots; s++) {
         v->slot_mb[s] = -1;
         if (v->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->act_cum[1], &v->act_slots[s]));
@@ -11416,22 +11420,18 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
         }
     }
     if (v->recompute || v->act16) {
-        v->work = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->work = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->work) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        memset(v->work, 0, sizeof(cl_mem) * (size_t)B);
         for (b = 0; b < B; b++) MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_act_row(v, b), &v->work[b]));
     }
     for (b = 0; b < B; b++) MPAR__TRY(mpar__alloc_buffer(p, w, mpar__block_params(v, b), &v->params[b]));
     if (!o->infer) {
         cl_ulong* seg;
         mpar_result r = MPAR_SUCCESS;
-        v->grads = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
-        v->opt1 = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
-        v->opt2 = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->grads = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->opt1 = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->opt2 = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->grads || !v->opt1 || !v->opt2) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        memset(v->grads, 0, sizeof(cl_mem) * (size_t)B);
-        memset(v->opt1, 0, sizeof(cl_mem) * (size_t)B);
-        memset(v->opt2, 0, sizeof(cl_mem) * (size_t)B);
         for (b = 0; b < B; b++) {
             size_t pb = mpar__block_params(v, b);
             MPAR__TRY(mpar__alloc_buffer(p, w, pb, &v->grads[b]));
@@ -11440,9 +11440,8 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
         }
         MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)v->n, &v->norms));
         MPAR__TRY(mpar__alloc_buffer(p, w, v->partial_count, &v->partial));
-        v->norm_tables = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->norm_tables = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->norm_tables) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        memset(v->norm_tables, 0, sizeof(cl_mem) * (size_t)B);
         /* per block: its layers' offsets in its grads buffer, then the first
            gradient-norm chunk of each, counted from the block's first */
         seg = (cl_ulong*)mpar__alloc(p->ctx, sizeof(cl_ulong) * 2 * ((size_t)v->n + 1));
@@ -11561,21 +11560,17 @@ static mpar_result mpar__link_init_buffers(mpar_pipeline* p, mpar__link* l, cons
                                            const mpar__vstage* to) {
     int s, capacity = l->capacity;
     size_t floats = l->slot_floats;
-    l->tags = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
-    l->dev = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
-    l->pin = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
-    l->host = (float**)mpar__alloc(p->ctx, sizeof(float*) * (size_t)capacity);
-    l->ready = (cl_event*)mpar__alloc(p->ctx, sizeof(cl_event) * (size_t)capacity);
-    l->freed = (cl_event*)mpar__alloc(p->ctx, sizeof(cl_event) * (size_t)capacity);
-    l->pending = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
+    /* each array zeroed as soon as it is made: a failure below leaves the
+       link for mpar__link_release_buffers, which frees what exists */
+    l->tags = (int*)mpar__alloc_zeroed(p->ctx, sizeof(int) * (size_t)capacity);
+    l->dev = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)capacity);
+    l->pin = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)capacity);
+    l->host = (float**)mpar__alloc_zeroed(p->ctx, sizeof(float*) * (size_t)capacity);
+    l->ready = (cl_event*)mpar__alloc_zeroed(p->ctx, sizeof(cl_event) * (size_t)capacity);
+    l->freed = (cl_event*)mpar__alloc_zeroed(p->ctx, sizeof(cl_event) * (size_t)capacity);
+    l->pending = (int*)mpar__alloc_zeroed(p->ctx, sizeof(int) * (size_t)capacity);
     if (!l->tags || !l->dev || !l->pin || !l->host || !l->ready || !l->freed || !l->pending)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(l->dev, 0, sizeof(cl_mem) * (size_t)capacity);
-    memset(l->pin, 0, sizeof(cl_mem) * (size_t)capacity);
-    memset(l->host, 0, sizeof(float*) * (size_t)capacity);
-    memset(l->ready, 0, sizeof(cl_event) * (size_t)capacity);
-    memset(l->freed, 0, sizeof(cl_event) * (size_t)capacity);
-    memset(l->pending, 0, sizeof(int) * (size_t)capacity);
 #ifdef MPAR_USE_MPI
     if (!(l->sender_local && l->receiver_local)) {
         if (floats > INT_MAX) /* MPI_Isend / MPI_Irecv count in int */
@@ -12094,11 +12089,12 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     p->mb_first = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)(M + 1));
     p->mb_loss = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)M);
     p->layer_sumsq = (double*)mpar__alloc(p->ctx, sizeof(double) * (size_t)p->layer_count);
-    p->vs = (mpar__vstage*)mpar__alloc(p->ctx, sizeof(mpar__vstage) * (size_t)p->vs_count);
-    p->links = (mpar__link*)mpar__alloc(p->ctx, sizeof(mpar__link) * (size_t)(2 * p->vs_count));
+    /* zeroed at once: when a later allocation fails, mpar__pipeline_release
+       walks these (it released garbage handles before) */
+    p->vs = (mpar__vstage*)mpar__alloc_zeroed(p->ctx, sizeof(mpar__vstage) * (size_t)p->vs_count);
+    p->links = (mpar__link*)mpar__alloc_zeroed(p->ctx, sizeof(mpar__link) * (size_t)(2 * p->vs_count));
     if (!p->mb_first || !p->mb_loss || !p->layer_sumsq || !p->vs || !p->links)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(p->vs, 0, sizeof(mpar__vstage) * (size_t)p->vs_count);
     memset(p->layer_sumsq, 0, sizeof(double) * (size_t)p->layer_count);
     for (i = 0; i < p->workers_count; i++) {
         mpar__worker* w = &p->workers[i];
@@ -12157,10 +12153,12 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
         size_t floats = (size_t)p->mb_rows_max * b->act_cum[1];
         int cap = mpar__link_cap(p, a, b, peak);
+        /* counted before its setup: a link that fails part-way is released
+           with the others (its arrays and buffers are freed as far as made) */
+        p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[i], a, b, mpar__fwd_floats(p, floats), cap));
         p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[p->vs_count - 1 + i], b, a, floats, cap));
-        p->links_ready++;
         p->links[i].boundary = p->links[p->vs_count - 1 + i].boundary = i;
         p->links[p->vs_count - 1 + i].gradient = 1;
         a->fwd_out = b->fwd_in = &p->links[i];
