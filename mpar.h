@@ -24,6 +24,9 @@
        MPAR_KERNEL_DIR      last folder searched for .cl files ("a:b");
                             make install bakes in its kernel folder
        MPARDEF              linkage of public functions
+       MPAR_DEBUG           destroyed contexts, models and pipelines stay as
+                            tombstones, so that using one returns
+                            MPAR_ERROR_INVALID_STATE (see "Destroyed objects")
 
    Using it:
        mpar_context* ctx;   mpar_desc desc = {0};   mpar_create(&desc, &ctx);
@@ -173,11 +176,29 @@ typedef enum mpar_result {
     MPAR_ERROR_MISMATCH = -4012,         /* a file belongs to another model */
     MPAR_ERROR_NUMERICAL = -4013,        /* NaN or Inf in loss or gradients */
     MPAR_ERROR_ABORTED = -4014,          /* stopped because another stage failed */
-    MPAR_ERROR_INVALID_STATE = -4015,    /* call out of order, or on a destroyed object */
+    MPAR_ERROR_INVALID_STATE = -4015,    /* call out of order; or on a destroyed context, model or
+                                            pipeline in an MPAR_DEBUG build (see below) */
     MPAR_ERROR_INVALID_SELECTION = -4016,/* MPAR_DEVICES / descriptor syntax */
     MPAR_ERROR_TIMEOUT = -4017,
     MPAR_ERROR_UNSUPPORTED = -4018
 } mpar_result;
+
+/* Destroyed objects. Calling anything on a context, model or pipeline
+   after its destroy is a contract violation. In a release build it is
+   undefined (the memory is freed; the live tag every object carries and
+   every public call checks may catch it, or not). Built with MPAR_DEBUG,
+   destroy keeps the object's struct as a tombstone, its contents freed:
+   then every call on it returns MPAR_ERROR_INVALID_STATE ("... was
+   destroyed"; functions that return a count or pointer return 0 or NULL)
+   and a second destroy does nothing but say so where it can (see each
+   destroy function). A pipeline's tombstone (about 0.5 MB) is freed with
+   its context, so this holds until the context is destroyed; a context's
+   (about 80 KB) or a model's (under 100 bytes) has no owner left and is
+   kept for the life of the process, on purpose, hidden from
+   LeakSanitizer (valgrind counts it as lost). MPAR_DEBUG is for finding
+   such bugs, not for production.
+   Schedules, plans, simulations and timelines are plain data: using one
+   after its destroy or free is undefined in every build. */
 
 /* A human readable name for any mpar, OpenCL or CLBlast result code. */
 MPARDEF const char* mpar_result_string(mpar_result result);
@@ -352,6 +373,11 @@ typedef struct mpar_context_stats {
 } mpar_context_stats;
 
 MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out);
+/* Destroy the context's pipelines first. NULL: nothing. Under MPAR_DEBUG
+   the context becomes a tombstone (see "Destroyed objects" in section 1),
+   the tombstones of its pipelines are freed, and a second destroy does
+   nothing but tell the log callback, if one was given. In a release
+   build a second destroy is undefined. */
 MPARDEF void mpar_destroy(mpar_context* ctx);
 /* The detail of the last failure on this context: the failing call, file
    and line, or a kernel build log. Never NULL. Safe from any thread; the
@@ -494,6 +520,10 @@ MPARDEF const mpar_layer_type* mpar_layer_decoder_block(void);
 MPARDEF const mpar_layer_type* mpar_layer_cross_entropy(void);
 
 MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err);
+/* Destroy the pipelines made from it first. NULL: nothing. Under
+   MPAR_DEBUG the model becomes a tombstone and a second destroy does
+   nothing (silently: a model has no error sink); in a release build a
+   second destroy is undefined. */
 MPARDEF void mpar_model_destroy(mpar_model* model);
 /* Appends a layer; its shape is checked against the previous one now. */
 MPARDEF mpar_result mpar_model_add(mpar_model* model, const mpar_layer_desc* layer, mpar_error* err);
@@ -1504,6 +1534,12 @@ MPARDEF mpar_result mpar_device_measure_gemm(mpar_context* ctx, int device, size
 MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                         int device, double* forward, double* backward_input,
                                         double* backward_weight);
+/* Stops the workers and frees everything the pipeline holds. NULL:
+   nothing. Under MPAR_DEBUG the pipeline becomes a tombstone, freed with
+   its context; until then a call on it returns MPAR_ERROR_INVALID_STATE
+   ("the pipeline was destroyed", in mpar_last_error) and a second destroy
+   does nothing but record that message. In a release build a second
+   destroy is undefined. */
 MPARDEF void mpar_pipeline_destroy(mpar_pipeline* pipeline);
 /* Forward and backward over the batch's micro-batches; gradients are
    zeroed first and accumulated in micro-batch order. */
@@ -2014,6 +2050,33 @@ MPARDEF mpar_result mpar_error_set(mpar_error* err, mpar_result code, const char
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* Live tags. Every context, model and pipeline carries one, checked at
+   its public entry points; destroy replaces it with MPAR__DEAD. Under
+   MPAR_DEBUG destroy keeps the object's struct as a tombstone (its
+   contents freed), so that a later call on it finds MPAR__DEAD and returns
+   MPAR_ERROR_INVALID_STATE instead of reading freed memory. */
+#define MPAR__LIVE_CONTEXT 0x6d706378u  /* "mpcx" */
+#define MPAR__LIVE_MODEL 0x6d706d64u    /* "mpmd" */
+#define MPAR__LIVE_PIPELINE 0x6d70706cu /* "mppl" */
+#define MPAR__DEAD 0xdeadbeefu
+#ifdef MPAR_DEBUG
+/* Tombstones of contexts and models have no owner left to free them: a
+   debug build keeps them on purpose, and tells LeakSanitizer so. */
+#if defined(__SANITIZE_ADDRESS__)
+#define MPAR__LSAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MPAR__LSAN 1
+#endif
+#endif
+#ifdef MPAR__LSAN
+#include <sanitizer/lsan_interface.h>
+#define MPAR__KEEP_TOMBSTONE(p) __lsan_ignore_object(p)
+#else
+#define MPAR__KEEP_TOMBSTONE(p) ((void)(p))
+#endif
+#endif
+
 /* --------------------------------------------------------------------------
    1. Basics
    -------------------------------------------------------------------------- */
@@ -2217,6 +2280,7 @@ typedef struct mpar__device {
 } mpar__device;
 
 struct mpar_context {
+    unsigned live; /* MPAR__LIVE_CONTEXT; MPAR__DEAD once destroyed (MPAR_DEBUG) */
     mpar_allocator allocator;
     mpar_log_fn log;
     void* log_user;
@@ -2252,6 +2316,7 @@ struct mpar_context {
        take this lock (see mpar__serial_begin). */
     pthread_mutex_t first_run_lock;
     int fault_kind, fault_stage, fault_step, fault_nth; /* mpar_set_fault; kind 0: none */
+    struct mpar_pipeline* tombstones; /* MPAR_DEBUG: destroyed pipelines, freed with the context */
 };
 
 static void* mpar__alloc(const mpar_context* ctx, size_t size) {
@@ -2761,6 +2826,7 @@ static mpar_result mpar__create_setup(mpar_context* ctx, const mpar_desc* d, mpa
     return mpar__decide_routes(ctx, d->cpu_route, err);
 }
 
+static void mpar__context_free(mpar_context* ctx, int keep);
 MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     mpar_desc d;
     mpar_context* ctx;
@@ -2785,7 +2851,7 @@ MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     pthread_mutex_init(&ctx->first_run_lock, NULL);
     ctx->error = (char*)mpar__alloc(ctx, 1);
     if (!ctx->error) {
-        mpar_destroy(ctx);
+        mpar__context_free(ctx, 0);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
     ctx->error[0] = '\0';
@@ -2793,19 +2859,25 @@ MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     if (r == MPAR_SUCCESS && getenv("MPAR_FAULT") && mpar_set_fault(ctx, getenv("MPAR_FAULT")) != MPAR_SUCCESS)
         r = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "MPAR_FAULT: %s", ctx->error);
     if (r != MPAR_SUCCESS) {
-        mpar_destroy(ctx);
+        mpar__context_free(ctx, 0);
         return r;
     }
     mpar__log(ctx, MPAR_LOG_INFO, "mpar %s: %d device(s), %d context(s)", MPAR_VERSION_STRING, ctx->device_count,
               ctx->group_count);
+    ctx->live = MPAR__LIVE_CONTEXT;
     *out = ctx;
     return MPAR_SUCCESS;
 }
 
-MPARDEF void mpar_destroy(mpar_context* ctx) {
+/* Everything a context holds; keep: all but the struct (a tombstone). */
+static void mpar__context_free(mpar_context* ctx, int keep) {
     int i;
     mpar__program* p;
-    if (!ctx) return;
+    while (ctx->tombstones) {
+        struct mpar_pipeline* next = *(struct mpar_pipeline**)ctx->tombstones; /* its first field */
+        mpar__free(ctx, ctx->tombstones);
+        ctx->tombstones = next;
+    }
     for (p = ctx->programs; p;) {
         mpar__program* next = p->next;
         clReleaseProgram(p->program);
@@ -2823,23 +2895,56 @@ MPARDEF void mpar_destroy(mpar_context* ctx) {
     for (i = 0; i < (int)(sizeof ctx->retired / sizeof ctx->retired[0]); i++) mpar__free(ctx, ctx->retired[i]);
     pthread_mutex_destroy(&ctx->first_run_lock);
     pthread_mutex_destroy(&ctx->lock);
+    if (keep) {
+        ctx->programs = NULL, ctx->device_count = ctx->group_count = 0, ctx->error = NULL;
+        memset(ctx->retired, 0, sizeof ctx->retired);
+        return;
+    }
     if (ctx->allocator.free) ctx->allocator.free(ctx->allocator.user, ctx);
     else MPAR_FREE(ctx);
+}
+
+/* A context's public calls start here: live, or why not. A destroyed
+   context (a tombstone under MPAR_DEBUG) has no lock or message left, so
+   the answer goes to its log callback only. */
+static mpar_result mpar__ctx_check(const mpar_context* ctx, const char* call) {
+    if (!ctx) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (ctx->live == MPAR__LIVE_CONTEXT) return MPAR_SUCCESS;
+    if (ctx->live == MPAR__DEAD) {
+        if (ctx->log) ctx->log(ctx->log_user, MPAR_LOG_ERROR, call);
+        return MPAR_ERROR_INVALID_STATE;
+    }
+    return MPAR_ERROR_INVALID_ARGUMENT; /* not a context */
+}
+
+MPARDEF void mpar_destroy(mpar_context* ctx) {
+    if (!ctx) return;
+    if (mpar__ctx_check(ctx, "mpar_destroy: the context was destroyed already; nothing done") != MPAR_SUCCESS) return;
+    ctx->live = MPAR__DEAD;
+#ifdef MPAR_DEBUG
+    mpar__context_free(ctx, 1);
+    MPAR__KEEP_TOMBSTONE(ctx);
+#else
+    mpar__context_free(ctx, 0);
+#endif
 }
 
 MPARDEF const char* mpar_last_error(const mpar_context* ctx) {
     const char* s;
     if (!ctx) return "mpar_last_error: context is NULL";
+    if (ctx->live != MPAR__LIVE_CONTEXT) return "mpar_last_error: the context was destroyed";
     pthread_mutex_lock((pthread_mutex_t*)&ctx->lock);
     s = ctx->error;
     pthread_mutex_unlock((pthread_mutex_t*)&ctx->lock);
     return s;
 }
 
-MPARDEF int mpar_device_count(const mpar_context* ctx) { return ctx ? ctx->device_count : 0; }
+MPARDEF int mpar_device_count(const mpar_context* ctx) {
+    return ctx && ctx->live == MPAR__LIVE_CONTEXT ? ctx->device_count : 0;
+}
 
 static mpar_result mpar__check_device(const mpar_context* ctx, int device) {
-    if (!ctx) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__ctx_check(ctx, "a call on a destroyed context"));
     if (device < 0 || device >= ctx->device_count) {
         mpar__fail((mpar_context*)ctx, MPAR_ERROR_INVALID_ARGUMENT, "device %d does not exist (%d selected)", device,
                    ctx->device_count);
@@ -2884,7 +2989,7 @@ MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec) {
     static const char* kinds[] = {"alloc", "enqueue", "transfer", "build"};
     int k, kind = 0, stage = -1, step = -1, nth = 1;
     const char* p;
-    if (!ctx) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_set_fault: the context was destroyed"));
     if (spec && spec[0]) {
         for (k = 0; k < 4 && !kind; k++)
             if (!strncmp(spec, kinds[k], strlen(kinds[k])) && spec[strlen(kinds[k])] == ':') kind = k + 1;
@@ -2916,7 +3021,8 @@ static int mpar__fault_hit(mpar_context* ctx, int kind, int stage, int step) {
 }
 
 MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context_stats* out) {
-    if (!ctx || !out)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_context_get_stats: the context was destroyed"));
+    if (!out)
         return mpar__fail((mpar_context*)ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_context_get_stats: out is NULL");
     pthread_mutex_lock((pthread_mutex_t*)&ctx->lock);
     *out = ctx->stats;
@@ -2980,7 +3086,8 @@ static void mpar__exe_dir(char* out, size_t size) {
 MPARDEF mpar_result mpar_kernel_find(mpar_context* ctx, const char* file, char* out, size_t out_size) {
     char searched[4096] = "";
     char exe[2048], list[4200];
-    if (!ctx || !file || !file[0] || !out || out_size == 0)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_kernel_find: the context was destroyed"));
+    if (!file || !file[0] || !out || out_size == 0)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_kernel_find: NULL or empty argument");
     if (strchr(file, '/') && mpar__file_exists(file)) {
         if (strlen(file) >= out_size)
@@ -3313,6 +3420,7 @@ MPARDEF mpar_result mpar_kernel_create(mpar_context* ctx, int device, const char
     cl_program prog;
     cl_int st = CL_SUCCESS;
     mpar_result r;
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_kernel_create: the context was destroyed"));
     if (!name || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_kernel_create: name or out is NULL");
     r = mpar_program_get(ctx, device, file, &prog);
     if (r != MPAR_SUCCESS) return r;
@@ -5126,6 +5234,7 @@ MPARDEF const mpar_layer_type* mpar_layer_cross_entropy(void) { return &mpar__ty
 
 /* ---- the model ---- */
 struct mpar_model {
+    unsigned live; /* MPAR__LIVE_MODEL; MPAR__DEAD once destroyed (MPAR_DEBUG) */
     mpar_model_desc desc;
     int count, capacity;
     mpar_layer* layers;
@@ -5147,21 +5256,37 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
     memset(m, 0, sizeof *m);
     m->desc = *desc;
     if (m->desc.seq_len == 0) m->desc.seq_len = 1;
+    m->live = MPAR__LIVE_MODEL;
     *out = m;
     return MPAR_SUCCESS;
 }
 
+/* A model's public calls start here: live, or why not. */
+static mpar_result mpar__model_check(const mpar_model* m, const char* call, mpar_error* err) {
+    if (!m) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: model is NULL", call);
+    if (m->live == MPAR__LIVE_MODEL) return MPAR_SUCCESS;
+    if (m->live == MPAR__DEAD) return mpar_error_set(err, MPAR_ERROR_INVALID_STATE, "%s: the model was destroyed", call);
+    return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: not a model", call);
+}
+
 MPARDEF void mpar_model_destroy(mpar_model* model) {
     mpar_allocator a;
-    if (!model) return;
+    if (!model || model->live != MPAR__LIVE_MODEL) return; /* destroyed already: nothing to do, no sink to tell */
+    model->live = MPAR__DEAD;
     a = model->desc.allocator; /* the model's memory holds it */
     mpar__free_a(&a, model->layers);
+#ifdef MPAR_DEBUG
+    model->layers = NULL, model->count = model->capacity = 0;
+    MPAR__KEEP_TOMBSTONE(model);
+#else
     mpar__free_a(&a, model);
+#endif
 }
 
 MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar_error* err) {
     mpar_layer l;
     mpar_result r;
+    if (m) MPAR__TRY(mpar__model_check(m, "mpar_model_add", err));
     if (!m || !d || !d->type || !d->type->setup || !d->type->forward || !d->type->backward_input)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
                               "mpar_model_add: model, layer or layer type (setup/forward/backward_input) is NULL");
@@ -5212,7 +5337,7 @@ MPARDEF mpar_result mpar_model_add_simple(mpar_model* model, const mpar_layer_ty
 }
 
 MPARDEF mpar_result mpar_model_validate(const mpar_model* m, mpar_error* err) {
-    if (!m) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_validate: model is NULL");
+    MPAR__TRY(mpar__model_check(m, "mpar_model_validate", err));
     if (m->count == 0) return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "the model has no layers");
     if (!(m->layers[m->count - 1].type->flags & MPAR_LAYER_LOSS))
         return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "the last layer (%d, %s) is not a loss layer",
@@ -5222,8 +5347,10 @@ MPARDEF mpar_result mpar_model_validate(const mpar_model* m, mpar_error* err) {
     return MPAR_SUCCESS;
 }
 
-MPARDEF int mpar_model_layer_count(const mpar_model* m) { return m ? m->count : 0; }
-MPARDEF const mpar_model_desc* mpar_model_get_desc(const mpar_model* m) { return m ? &m->desc : NULL; }
+MPARDEF int mpar_model_layer_count(const mpar_model* m) { return m ? m->count : 0; } /* 0 once destroyed */
+MPARDEF const mpar_model_desc* mpar_model_get_desc(const mpar_model* m) {
+    return m && m->live == MPAR__LIVE_MODEL ? &m->desc : NULL;
+}
 MPARDEF const mpar_layer* mpar_model_layer(const mpar_model* m, int i) {
     return m && i >= 0 && i < m->count ? &m->layers[i] : NULL;
 }
@@ -5237,6 +5364,7 @@ MPARDEF size_t mpar_model_param_count(const mpar_model* m) {
 MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float* out, mpar_error* err) {
     const mpar_layer* l = mpar_model_layer(m, layer);
     uint64_t s;
+    MPAR__TRY(mpar__model_check(m, "mpar_model_init_params", err));
     if (!l || (!out && l->param_count))
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_init_params: no layer %d or out is NULL",
                               layer);
@@ -9284,7 +9412,10 @@ struct mpar__guard {
     const char* call; /* NULL: none */
 };
 
+static mpar_result mpar__pipeline_check(const struct mpar_pipeline* p, const char* call);
 struct mpar_pipeline {
+    struct mpar_pipeline* tomb_next; /* first: the context's tombstone list (MPAR_DEBUG) */
+    unsigned live; /* MPAR__LIVE_PIPELINE; MPAR__DEAD once destroyed */
     mpar_context* ctx;
     const mpar_model* model;
     mpar_pipeline_desc desc;
@@ -10993,16 +11124,23 @@ static mpar_result mpar__read_state_impl(mpar_pipeline* p, int layer, mpar_state
 static mpar_result mpar__write_state_impl(mpar_pipeline* p, int layer, mpar_state_kind kind, const float* in) {
     return mpar__param_io(p, layer, (void*)in, (int)kind, 1);
 }
-MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p) { return p ? p->step : 0; }
+MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p) { return p && p->live == MPAR__LIVE_PIPELINE ? p->step : 0; }
 MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step) {
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_set_step"));
     if (step < 0) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "step %d is negative", step);
     p->step = step;
     return MPAR_SUCCESS;
 }
-MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) { return p ? p->model : NULL; }
-MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) { return p ? &p->desc : NULL; }
-MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p) { return p ? p->schedule : NULL; }
+/* NULL for a destroyed pipeline (MPAR_DEBUG) */
+MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) {
+    return p && p->live == MPAR__LIVE_PIPELINE ? p->model : NULL;
+}
+MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) {
+    return p && p->live == MPAR__LIVE_PIPELINE ? &p->desc : NULL;
+}
+MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p) {
+    return p && p->live == MPAR__LIVE_PIPELINE ? p->schedule : NULL;
+}
 
 static int mpar__event_order(const void* a, const void* b) {
     const mpar_event *x = (const mpar_event*)a, *y = (const mpar_event*)b;
@@ -11052,7 +11190,7 @@ static mpar_result mpar__pipeline_timeline(mpar_pipeline* p, mpar_timeline* out)
 
 MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out) {
     if (out) memset(out, 0, sizeof *out); /* safe to free whatever happens */
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_get_timeline"));
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_timeline: out is NULL");
     if (p->damaged == 2) return mpar__damaged(p);
     if (!p->desc.profile)
@@ -11100,7 +11238,7 @@ MPARDEF void mpar_timeline_free(mpar_timeline* t) {
 
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out) {
     int i, c;
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_get_stats"));
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_stats: out is NULL");
     memset(out, 0, sizeof *out);
     if (p->damaged == 2) return mpar__damaged((mpar_pipeline*)p);
@@ -11715,15 +11853,47 @@ static void mpar__pipeline_release(mpar_pipeline* p) {
 
 static void mpar__rebalance_free(mpar_pipeline* p);
 
-MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
-    if (!p) return;
+/* Everything a pipeline holds; keep: all but the struct, which becomes a
+   tombstone on its context's list (freed with the context). */
+static void mpar__pipeline_free(mpar_pipeline* p, int keep) {
     mpar__pipeline_release(p);
     mpar__rebalance_free(p);
     if (p->guard) {
         pthread_mutex_destroy(&p->guard->mu);
         mpar__free(p->ctx, p->guard);
+        p->guard = NULL;
     }
-    mpar__free(p->ctx, p);
+    if (!keep) {
+        mpar__free(p->ctx, p);
+        return;
+    }
+    pthread_mutex_lock(&p->ctx->lock);
+    p->tomb_next = p->ctx->tombstones;
+    p->ctx->tombstones = p;
+    pthread_mutex_unlock(&p->ctx->lock);
+}
+
+/* A pipeline's public calls start here: live, or why not (a destroyed
+   one is only told apart from freed memory under MPAR_DEBUG). */
+static mpar_result mpar__pipeline_check(const mpar_pipeline* p, const char* call) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->live == MPAR__LIVE_PIPELINE) return MPAR_SUCCESS;
+    if (p->live == MPAR__DEAD) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "%s: the pipeline was destroyed", call);
+    return MPAR_ERROR_INVALID_ARGUMENT; /* not a pipeline */
+}
+
+MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
+    if (!p) return;
+    if (p->live != MPAR__LIVE_PIPELINE) { /* a second destroy: nothing done, said through the context */
+        mpar__pipeline_check(p, "mpar_pipeline_destroy");
+        return;
+    }
+    p->live = MPAR__DEAD;
+#ifdef MPAR_DEBUG
+    mpar__pipeline_free(p, 1);
+#else
+    mpar__pipeline_free(p, 0);
+#endif
 }
 
 /* The descriptor's activation_type is one of the enum's (create and the
@@ -12214,9 +12384,10 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
                                          mpar_pipeline** out) {
     mpar_pipeline* p;
     mpar_result r;
-    if (!ctx || !model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
-                                                           "NULL argument");
-    *out = NULL;
+    if (out) *out = NULL;
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_pipeline_create: the context was destroyed"));
+    if (!model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
+                                                   "NULL argument");
     r = mpar__pipeline_new(ctx, model, desc, 0, &p);
     if (!p) return r;
     if (r == MPAR_SUCCESS) r = mpar__pipeline_start(p);
@@ -12227,9 +12398,10 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
         else pthread_mutex_init(&p->guard->mu, NULL), p->guard->call = NULL;
     }
     if (r != MPAR_SUCCESS) {
-        mpar_pipeline_destroy(p);
+        mpar__pipeline_free(p, 0);
         return r;
     }
+    p->live = MPAR__LIVE_PIPELINE;
     *out = p;
     return MPAR_SUCCESS;
 }
@@ -12240,7 +12412,8 @@ MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* mo
     mpar_pipeline* p;
     mpar_result r;
     int i;
-    if (!ctx || !model || !desc || !out)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_pipeline_memory: the context was destroyed"));
+    if (!model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_memory: NULL argument");
     memset(out, 0, sizeof *out);
     r = mpar__pipeline_new(ctx, model, desc, 1, &p);
@@ -12250,7 +12423,7 @@ MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* mo
         for (i = 0; i < p->workers_count; i++) out->device[i] = p->workers[i].device, out->device_bytes[i] = p->need[i];
         for (i = 0; i < p->vs_count; i++) out->chunk_bytes[i] = p->need_vs[i], out->chunk_buffers[i] = p->vs[i].blocks;
     }
-    mpar_pipeline_destroy(p);
+    mpar__pipeline_free(p, 0);
     return r;
 }
 
@@ -12523,7 +12696,8 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     mpar_error err;
     mpar_result r;
     int n, a, b, M, act_auto;
-    if (!ctx || !model || !desc || !out)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_pipeline_plan: the context was destroyed"));
+    if (!model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan: NULL argument");
     if (mpar_model_validate(model, &err) != MPAR_SUCCESS) return mpar__fail(ctx, err.code, "%s", err.message);
     memset(&o, 0, sizeof o);
@@ -12905,7 +13079,7 @@ static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* mode
             for (part = 0; part < 4; part++)
                 if (tab[part] && sum[part][i] < tab[part][i]) tab[part][i] = sum[part][i];
     }
-    mpar_pipeline_destroy(p);
+    if (p) mpar__pipeline_free(p, 0); /* made here: no tombstone */
     mpar__free(ctx, inputs), mpar__free(ctx, targets);
     return r;
 }
@@ -12913,7 +13087,8 @@ static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* mode
 MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                         int device, double* forward, double* backward_input,
                                         double* backward_weight) {
-    if (!ctx || !model || !desc || !forward || !backward_input || !backward_weight)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_profile_layers: the context was destroyed"));
+    if (!model || !desc || !forward || !backward_input || !backward_weight)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: NULL argument");
     return mpar__profile_costs(ctx, model, desc, device, forward, backward_input, backward_weight, NULL);
 }
@@ -13100,7 +13275,7 @@ MPARDEF mpar_result mpar_pipeline_get_plan(mpar_pipeline* p, mpar_plan* out) {
     mpar_plan costed;
     int j;
     if (out) memset(out, 0, sizeof *out); /* safe to free whatever happens */
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_get_plan"));
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_plan: out is NULL");
     if (p->damaged == 2) return mpar__damaged(p);
     if (!p->plan && p->ranks == 1 && mpar__cost_current(p, NULL, &costed) == MPAR_SUCCESS)
@@ -13290,7 +13465,7 @@ static mpar_result mpar__pipeline_remake(mpar_pipeline* p, const mpar_pipeline_d
     mpar_result r;
     mpar__pipeline_release(p);
     r = mpar__pipeline_init(p, ctx, model, d, 0);
-    p->guard = guard;
+    p->guard = guard, p->live = MPAR__LIVE_PIPELINE;
     p->rb = k->rb, p->plan = k->plan;
     p->step = k->step, p->grads_ready = k->grads_ready, p->force_serial = k->force_serial;
     p->step_lr = k->step_lr, p->step_scale = k->step_scale, p->last_loss = k->last_loss, p->opt_norm = k->opt_norm;
@@ -15312,6 +15487,7 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
    -------------------------------------------------------------------------- */
 
 static mpar_result mpar__enter(mpar_pipeline* p, const char* call) {
+    MPAR__TRY(mpar__pipeline_check(p, call));
     const char* busy;
     if (!p->guard) return MPAR_SUCCESS;
     pthread_mutex_lock(&p->guard->mu);
