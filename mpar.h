@@ -2105,6 +2105,35 @@ static void mpar__dir_of(const char* path, char* out, size_t size) {
     out[n] = '\0';
 }
 
+/* The temporary file name for folder dir and process pid into out:
+   "<dir>/.mpar-<pid>-XXXXXX" (mkstemp's template). -1 when it does not
+   fit. */
+static int mpar__tmp_name(const char* dir, long pid, char* out, size_t size) {
+    int n = snprintf(out, size, "%s/.mpar-%ld-%s", dir, pid, MPAR__MKSTEMP_TEMPLATE);
+    return n >= 0 && (size_t)n < size ? 0 : -1;
+}
+
+/* The process id in a folder entry's name when the name is exactly what
+   mpar__tmp_name and mkstemp make: ".mpar-", a pid in decimal (no sign,
+   space or leading zero, 1 to INT_MAX), '-', then six letters or digits.
+   -1 for any other name: only those are ever removed as leftovers. */
+static long mpar__leftover_pid(const char* name) {
+    long pid = 0;
+    int i;
+    const char* c;
+    if (strncmp(name, ".mpar-", 6) != 0) return -1;
+    c = name + 6;
+    if (*c < '1' || *c > '9') return -1;
+    for (; *c >= '0' && *c <= '9'; c++) {
+        if (pid > (INT_MAX - (*c - '0')) / 10) return -1; /* pid_t is an int */
+        pid = pid * 10 + (*c - '0');
+    }
+    if (*c++ != '-') return -1;
+    for (i = 0; i < 6; i++)
+        if (!((c[i] >= 'a' && c[i] <= 'z') || (c[i] >= 'A' && c[i] <= 'Z') || (c[i] >= '0' && c[i] <= '9'))) return -1;
+    return c[6] == '\0' ? pid : -1;
+}
+
 /* Every file mpar writes (checkpoints, the kernel cache, the profile
    cache) is written to a fresh temporary file beside its target and
    renamed over it when complete, so a reader sees the old file or the new
@@ -2129,20 +2158,20 @@ static int mpar__tmp_create(const char* path, char* tmp, size_t size) {
     if ((d = opendir(dir)) != NULL) { /* leftovers of dead processes */
         while ((e = readdir(d)) != NULL) {
             const char* n = e->d_name;
-            char* end;
-            long pid;
+            long pid = mpar__leftover_pid(n);
             char old[4096 + 300];
             struct stat st;
-            if (strncmp(n, ".mpar-", 6) != 0) continue;
-            pid = strtol(n + 6, &end, 10);
-            if (end == n + 6 || pid <= 0 || *end != '-' || strlen(end + 1) != 6) continue;
+            if (pid <= 0) continue;
             if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive, or not ours to judge */
             snprintf(old, sizeof old, "%s/%s", dir, n);
             if (lstat(old, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()) unlink(old);
         }
         closedir(d);
     }
-    snprintf(tmp, size, "%s/.mpar-%ld-%s", dir, (long)getpid(), MPAR__MKSTEMP_TEMPLATE);
+    if (mpar__tmp_name(dir, (long)getpid(), tmp, size) != 0) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
     fd = mkstemp(tmp);
     if (fd < 0) return -1;
     if (fchmod(fd, 0644) != 0) {
