@@ -1559,7 +1559,9 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
    max_batch / microbatches samples, by a forward-only schedule on the
    training schedule's placement (mpar_schedule_forward_only). outputs (optional) receives the input
    of the loss layer, [rows × its width]; loss (optional) the mean loss when
-   targets are given. */
+   targets are given. One call takes at most 2^20 micro-batches
+   (batch.samples up to 2^20 × ceil(max_batch / microbatches)) and
+   samples × seq_len rows up to INT_MAX; more is MPAR_ERROR_INVALID_ARGUMENT. */
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss);
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out);
 MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in);
