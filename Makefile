@@ -57,6 +57,8 @@ compile-tests: $(HDR) | deps
 	$(CC) $(CSTD) $(WARN) -I. -c tests/compile/impl.c -o build/impl_c.o
 	$(CXX) -Wall -Wextra -Werror -I. -x c++ -c tests/compile/impl.c -o build/impl_cpp.o
 	$(CC) $(CSTD) $(WARN) -DMPAR_STATIC -I. -c tests/compile/impl.c -o build/impl_static.o
+	$(CC) $(CSTD) $(WARN) -DMPAR_DEBUG -I. -c tests/compile/impl.c -o build/impl_debug.o
+	$(CXX) -Wall -Wextra -Werror -DMPAR_DEBUG -I. -x c++ -c tests/compile/impl.c -o build/impl_debug_cpp.o
 	$(CC) $(CSTD) $(WARN) -I. -c tests/compile/decl_only.c -o build/decl_only.o
 	$(CC) $(CSTD) $(WARN) $(BLAS) -I. -c tests/compile/impl.c -o build/impl_cblas_c.o
 	$(CXX) -Wall -Wextra -Werror $(BLAS) -I. -x c++ -c tests/compile/impl.c -o build/impl_cblas_cpp.o
@@ -64,7 +66,7 @@ compile-tests: $(HDR) | deps
 	  echo "compile-tests: a system header before the implementation compiled; it should stop with an #error"; exit 1; \
 	elif ! grep -q "include mpar.h before any system header" build/wrong_order.log; then \
 	  echo "compile-tests: the wrong include order failed without mpar's #error:"; cat build/wrong_order.log; exit 1; fi
-	@echo "compile-tests: C99, C++, MPAR_STATIC, declarations-only and MPAR_USE_CBLAS builds are warning-free; a wrong include order stops with mpar's #error"
+	@echo "compile-tests: C99, C++, MPAR_STATIC, MPAR_DEBUG, declarations-only and MPAR_USE_CBLAS builds are warning-free; a wrong include order stops with mpar's #error"
 
 $(ICD2):
 	@mkdir -p $(ICD2)

@@ -24,6 +24,9 @@
        MPAR_KERNEL_DIR      last folder searched for .cl files ("a:b");
                             make install bakes in its kernel folder
        MPARDEF              linkage of public functions
+       MPAR_DEBUG           destroyed contexts, models and pipelines stay as
+                            tombstones, so that using one returns
+                            MPAR_ERROR_INVALID_STATE (see "Destroyed objects")
 
    Using it:
        mpar_context* ctx;   mpar_desc desc = {0};   mpar_create(&desc, &ctx);
@@ -173,11 +176,29 @@ typedef enum mpar_result {
     MPAR_ERROR_MISMATCH = -4012,         /* a file belongs to another model; MPI ranks disagree */
     MPAR_ERROR_NUMERICAL = -4013,        /* NaN or Inf in loss or gradients */
     MPAR_ERROR_ABORTED = -4014,          /* stopped because another stage failed */
-    MPAR_ERROR_INVALID_STATE = -4015,    /* call out of order, or on a destroyed object */
+    MPAR_ERROR_INVALID_STATE = -4015,    /* call out of order; or on a destroyed context, model or
+                                            pipeline in an MPAR_DEBUG build (see below) */
     MPAR_ERROR_INVALID_SELECTION = -4016,/* MPAR_DEVICES / descriptor syntax */
     MPAR_ERROR_TIMEOUT = -4017,
     MPAR_ERROR_UNSUPPORTED = -4018
 } mpar_result;
+
+/* Destroyed objects. Calling anything on a context, model or pipeline
+   after its destroy is a contract violation. In a release build it is
+   undefined (the memory is freed; the live tag every object carries and
+   every public call checks may catch it, or not). Built with MPAR_DEBUG,
+   destroy keeps the object's struct as a tombstone, its contents freed:
+   then every call on it returns MPAR_ERROR_INVALID_STATE ("... was
+   destroyed"; functions that return a count or pointer return 0 or NULL)
+   and a second destroy does nothing but say so where it can (see each
+   destroy function). A pipeline's tombstone (about 0.5 MB) is freed with
+   its context, so this holds until the context is destroyed; a context's
+   (about 80 KB) or a model's (under 100 bytes) has no owner left and is
+   kept for the life of the process, on purpose, hidden from
+   LeakSanitizer (valgrind counts it as lost). MPAR_DEBUG is for finding
+   such bugs, not for production.
+   Schedules, plans, simulations and timelines are plain data: using one
+   after its destroy or free is undefined in every build. */
 
 /* A human readable name for any mpar, OpenCL or CLBlast result code. */
 MPARDEF const char* mpar_result_string(mpar_result result);
@@ -354,6 +375,11 @@ typedef struct mpar_context_stats {
 } mpar_context_stats;
 
 MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out);
+/* Destroy the context's pipelines first. NULL: nothing. Under MPAR_DEBUG
+   the context becomes a tombstone (see "Destroyed objects" in section 1),
+   the tombstones of its pipelines are freed, and a second destroy does
+   nothing but tell the log callback, if one was given. In a release
+   build a second destroy is undefined. */
 MPARDEF void mpar_destroy(mpar_context* ctx);
 /* The detail of the last failure on this context: the failing call, file
    and line, or a kernel build log. Never NULL. Safe from any thread; the
@@ -509,7 +535,12 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
    own (mpar_pipeline_create takes one, mpar_pipeline_destroy drops it), so
    the model may be destroyed before its pipelines: the last of them frees
    it. Do not use `model` after this call, and add no layers to a model
-   that has pipelines. Safe while other threads destroy its pipelines. */
+   that has pipelines. Safe while other threads destroy its pipelines.
+   NULL: nothing. Under MPAR_DEBUG the caller's handle is dead at once:
+   its public calls return MPAR_ERROR_INVALID_STATE and a second destroy
+   does nothing (silently: a model has no error sink); the memory becomes
+   a tombstone when the last reference goes. In a release build a second
+   destroy is undefined. */
 MPARDEF void mpar_model_destroy(mpar_model* model);
 /* Appends a layer; its shape is checked against the previous one now. */
 MPARDEF mpar_result mpar_model_add(mpar_model* model, const mpar_layer_desc* layer, mpar_error* err);
@@ -1563,6 +1594,12 @@ MPARDEF mpar_result mpar_device_measure_gemm(mpar_context* ctx, int device, size
 MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                         int device, double* forward, double* backward_input,
                                         double* backward_weight);
+/* Stops the workers and frees everything the pipeline holds. NULL:
+   nothing. Under MPAR_DEBUG the pipeline becomes a tombstone, freed with
+   its context; until then a call on it returns MPAR_ERROR_INVALID_STATE
+   ("the pipeline was destroyed", in mpar_last_error) and a second destroy
+   does nothing but record that message. In a release build a second
+   destroy is undefined. */
 MPARDEF void mpar_pipeline_destroy(mpar_pipeline* pipeline);
 /* Forward and backward over the batch's micro-batches; gradients are
    zeroed first and accumulated in micro-batch order. */
@@ -1582,7 +1619,10 @@ MPARDEF mpar_result mpar_pipeline_train_step(mpar_pipeline* p, const mpar_batch*
    max_batch / microbatches samples, by a forward-only schedule on the
    training schedule's placement (mpar_schedule_forward_only). outputs (optional) receives the input
    of the loss layer, [rows × its width]; loss (optional) the mean loss,
-   which needs batch.targets (without them: MPAR_ERROR_INVALID_ARGUMENT). */
+   which needs the targets the loss layer takes (without them:
+   MPAR_ERROR_INVALID_ARGUMENT). One call takes at most 2^20 micro-batches
+   (batch.samples up to 2^20 × ceil(max_batch / microbatches)) and
+   samples × seq_len rows up to INT_MAX; more is MPAR_ERROR_INVALID_ARGUMENT. */
 MPARDEF mpar_result mpar_pipeline_infer(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss);
 MPARDEF mpar_result mpar_pipeline_get_params(mpar_pipeline* p, int layer, float* out);
 MPARDEF mpar_result mpar_pipeline_set_params(mpar_pipeline* p, int layer, const float* in);
@@ -2143,6 +2183,33 @@ MPARDEF mpar_result mpar_error_set(mpar_error* err, mpar_result code, const char
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* Live tags. Every context, model and pipeline carries one, checked at
+   its public entry points; destroy replaces it with MPAR__DEAD. Under
+   MPAR_DEBUG destroy keeps the object's struct as a tombstone (its
+   contents freed), so that a later call on it finds MPAR__DEAD and returns
+   MPAR_ERROR_INVALID_STATE instead of reading freed memory. */
+#define MPAR__LIVE_CONTEXT 0x6d706378u  /* "mpcx" */
+#define MPAR__LIVE_MODEL 0x6d706d64u    /* "mpmd" */
+#define MPAR__LIVE_PIPELINE 0x6d70706cu /* "mppl" */
+#define MPAR__DEAD 0xdeadbeefu
+#ifdef MPAR_DEBUG
+/* Tombstones of contexts and models have no owner left to free them: a
+   debug build keeps them on purpose, and tells LeakSanitizer so. */
+#if defined(__SANITIZE_ADDRESS__)
+#define MPAR__LSAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MPAR__LSAN 1
+#endif
+#endif
+#ifdef MPAR__LSAN
+#include <sanitizer/lsan_interface.h>
+#define MPAR__KEEP_TOMBSTONE(p) __lsan_ignore_object(p)
+#else
+#define MPAR__KEEP_TOMBSTONE(p) ((void)(p))
+#endif
+#endif
+
 /* --------------------------------------------------------------------------
    1. Basics
    -------------------------------------------------------------------------- */
@@ -2171,6 +2238,35 @@ static void mpar__dir_of(const char* path, char* out, size_t size) {
     out[n] = '\0';
 }
 
+/* The temporary file name for folder dir and process pid into out:
+   "<dir>/.mpar-<pid>-XXXXXX" (mkstemp's template). -1 when it does not
+   fit. */
+static int mpar__tmp_name(const char* dir, long pid, char* out, size_t size) {
+    int n = snprintf(out, size, "%s/.mpar-%ld-%s", dir, pid, MPAR__MKSTEMP_TEMPLATE);
+    return n >= 0 && (size_t)n < size ? 0 : -1;
+}
+
+/* The process id in a folder entry's name when the name is exactly what
+   mpar__tmp_name and mkstemp make: ".mpar-", a pid in decimal (no sign,
+   space or leading zero, 1 to INT_MAX), '-', then six letters or digits.
+   -1 for any other name: only those are ever removed as leftovers. */
+static long mpar__leftover_pid(const char* name) {
+    long pid = 0;
+    int i;
+    const char* c;
+    if (strncmp(name, ".mpar-", 6) != 0) return -1;
+    c = name + 6;
+    if (*c < '1' || *c > '9') return -1;
+    for (; *c >= '0' && *c <= '9'; c++) {
+        if (pid > (INT_MAX - (*c - '0')) / 10) return -1; /* pid_t is an int */
+        pid = pid * 10 + (*c - '0');
+    }
+    if (*c++ != '-') return -1;
+    for (i = 0; i < 6; i++)
+        if (!((c[i] >= 'a' && c[i] <= 'z') || (c[i] >= 'A' && c[i] <= 'Z') || (c[i] >= '0' && c[i] <= '9'))) return -1;
+    return c[6] == '\0' ? pid : -1;
+}
+
 /* Every file mpar writes (checkpoints, the kernel cache, the profile
    cache) is written to a fresh temporary file beside its target and
    renamed over it when complete, so a reader sees the old file or the new
@@ -2195,20 +2291,20 @@ static int mpar__tmp_create(const char* path, char* tmp, size_t size) {
     if ((d = opendir(dir)) != NULL) { /* leftovers of dead processes */
         while ((e = readdir(d)) != NULL) {
             const char* n = e->d_name;
-            char* end;
-            long pid;
+            long pid = mpar__leftover_pid(n);
             char old[4096 + 300];
             struct stat st;
-            if (strncmp(n, ".mpar-", 6) != 0) continue;
-            pid = strtol(n + 6, &end, 10);
-            if (end == n + 6 || pid <= 0 || *end != '-' || strlen(end + 1) != 6) continue;
+            if (pid <= 0) continue;
             if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive, or not ours to judge */
             snprintf(old, sizeof old, "%s/%s", dir, n);
             if (lstat(old, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()) unlink(old);
         }
         closedir(d);
     }
-    snprintf(tmp, size, "%s/.mpar-%ld-%s", dir, (long)getpid(), MPAR__MKSTEMP_TEMPLATE);
+    if (mpar__tmp_name(dir, (long)getpid(), tmp, size) != 0) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
     fd = mkstemp(tmp);
     if (fd < 0) return -1;
     if (fchmod(fd, 0644) != 0) {
@@ -2346,6 +2442,7 @@ typedef struct mpar__device {
 } mpar__device;
 
 struct mpar_context {
+    unsigned live; /* MPAR__LIVE_CONTEXT; MPAR__DEAD once destroyed (MPAR_DEBUG) */
     mpar_allocator allocator;
     mpar_log_fn log;
     void* log_user;
@@ -2385,6 +2482,7 @@ struct mpar_context {
        descriptions at create, so that the checks of each received
        message's size can be reached. */
     int test_skip_digest;
+    struct mpar_pipeline* tombstones; /* MPAR_DEBUG: destroyed pipelines, freed with the context */
 };
 
 static void* mpar__alloc(const mpar_context* ctx, size_t size) {
@@ -2398,6 +2496,11 @@ static void mpar__free(const mpar_context* ctx, void* p) {
         return;
     }
     MPAR_FREE(p);
+}
+static void* mpar__alloc_zeroed(const mpar_context* ctx, size_t size) {
+    void* q = mpar__alloc(ctx, size);
+    if (q) memset(q, 0, size);
+    return q;
 }
 static char* mpar__strdup(const mpar_context* ctx, const char* s) {
     size_t n = strlen(s) + 1;
@@ -2895,6 +2998,7 @@ static mpar_result mpar__create_setup(mpar_context* ctx, const mpar_desc* d, mpa
     return mpar__decide_routes(ctx, d->cpu_route, err);
 }
 
+static void mpar__context_free(mpar_context* ctx, int keep);
 MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     mpar_desc d;
     mpar_context* ctx;
@@ -2919,7 +3023,7 @@ MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     pthread_mutex_init(&ctx->first_run_lock, NULL);
     ctx->error = (char*)mpar__alloc(ctx, 1);
     if (!ctx->error) {
-        mpar_destroy(ctx);
+        mpar__context_free(ctx, 0);
         return mpar_error_set(err, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
     }
     ctx->error[0] = '\0';
@@ -2927,19 +3031,25 @@ MPARDEF mpar_result mpar_create(const mpar_desc* desc, mpar_context** out) {
     if (r == MPAR_SUCCESS && getenv("MPAR_FAULT") && mpar_set_fault(ctx, getenv("MPAR_FAULT")) != MPAR_SUCCESS)
         r = mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "MPAR_FAULT: %s", ctx->error);
     if (r != MPAR_SUCCESS) {
-        mpar_destroy(ctx);
+        mpar__context_free(ctx, 0);
         return r;
     }
     mpar__log(ctx, MPAR_LOG_INFO, "mpar %s: %d device(s), %d context(s)", MPAR_VERSION_STRING, ctx->device_count,
               ctx->group_count);
+    ctx->live = MPAR__LIVE_CONTEXT;
     *out = ctx;
     return MPAR_SUCCESS;
 }
 
-MPARDEF void mpar_destroy(mpar_context* ctx) {
+/* Everything a context holds; keep: all but the struct (a tombstone). */
+static void mpar__context_free(mpar_context* ctx, int keep) {
     int i;
     mpar__program* p;
-    if (!ctx) return;
+    while (ctx->tombstones) {
+        struct mpar_pipeline* next = *(struct mpar_pipeline**)ctx->tombstones; /* its first field */
+        mpar__free(ctx, ctx->tombstones);
+        ctx->tombstones = next;
+    }
     for (p = ctx->programs; p;) {
         mpar__program* next = p->next;
         clReleaseProgram(p->program);
@@ -2957,23 +3067,56 @@ MPARDEF void mpar_destroy(mpar_context* ctx) {
     for (i = 0; i < (int)(sizeof ctx->retired / sizeof ctx->retired[0]); i++) mpar__free(ctx, ctx->retired[i]);
     pthread_mutex_destroy(&ctx->first_run_lock);
     pthread_mutex_destroy(&ctx->lock);
+    if (keep) {
+        ctx->programs = NULL, ctx->device_count = ctx->group_count = 0, ctx->error = NULL;
+        memset(ctx->retired, 0, sizeof ctx->retired);
+        return;
+    }
     if (ctx->allocator.free) ctx->allocator.free(ctx->allocator.user, ctx);
     else MPAR_FREE(ctx);
+}
+
+/* A context's public calls start here: live, or why not. A destroyed
+   context (a tombstone under MPAR_DEBUG) has no lock or message left, so
+   the answer goes to its log callback only. */
+static mpar_result mpar__ctx_check(const mpar_context* ctx, const char* call) {
+    if (!ctx) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (ctx->live == MPAR__LIVE_CONTEXT) return MPAR_SUCCESS;
+    if (ctx->live == MPAR__DEAD) {
+        if (ctx->log) ctx->log(ctx->log_user, MPAR_LOG_ERROR, call);
+        return MPAR_ERROR_INVALID_STATE;
+    }
+    return MPAR_ERROR_INVALID_ARGUMENT; /* not a context */
+}
+
+MPARDEF void mpar_destroy(mpar_context* ctx) {
+    if (!ctx) return;
+    if (mpar__ctx_check(ctx, "mpar_destroy: the context was destroyed already; nothing done") != MPAR_SUCCESS) return;
+    ctx->live = MPAR__DEAD;
+#ifdef MPAR_DEBUG
+    mpar__context_free(ctx, 1);
+    MPAR__KEEP_TOMBSTONE(ctx);
+#else
+    mpar__context_free(ctx, 0);
+#endif
 }
 
 MPARDEF const char* mpar_last_error(const mpar_context* ctx) {
     const char* s;
     if (!ctx) return "mpar_last_error: context is NULL";
+    if (ctx->live != MPAR__LIVE_CONTEXT) return "mpar_last_error: the context was destroyed";
     pthread_mutex_lock((pthread_mutex_t*)&ctx->lock);
     s = ctx->error;
     pthread_mutex_unlock((pthread_mutex_t*)&ctx->lock);
     return s;
 }
 
-MPARDEF int mpar_device_count(const mpar_context* ctx) { return ctx ? ctx->device_count : 0; }
+MPARDEF int mpar_device_count(const mpar_context* ctx) {
+    return ctx && ctx->live == MPAR__LIVE_CONTEXT ? ctx->device_count : 0;
+}
 
 static mpar_result mpar__check_device(const mpar_context* ctx, int device) {
-    if (!ctx) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__ctx_check(ctx, "a call on a destroyed context"));
     if (device < 0 || device >= ctx->device_count) {
         mpar__fail((mpar_context*)ctx, MPAR_ERROR_INVALID_ARGUMENT, "device %d does not exist (%d selected)", device,
                    ctx->device_count);
@@ -3018,7 +3161,7 @@ MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec) {
     static const char* kinds[] = {"alloc", "enqueue", "transfer", "build"};
     int k, kind = 0, stage = -1, step = -1, nth = 1;
     const char* p;
-    if (!ctx) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_set_fault: the context was destroyed"));
     if (spec && spec[0]) {
         for (k = 0; k < 4 && !kind; k++)
             if (!strncmp(spec, kinds[k], strlen(kinds[k])) && spec[strlen(kinds[k])] == ':') kind = k + 1;
@@ -3050,7 +3193,8 @@ static int mpar__fault_hit(mpar_context* ctx, int kind, int stage, int step) {
 }
 
 MPARDEF mpar_result mpar_context_get_stats(const mpar_context* ctx, mpar_context_stats* out) {
-    if (!ctx || !out)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_context_get_stats: the context was destroyed"));
+    if (!out)
         return mpar__fail((mpar_context*)ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_context_get_stats: out is NULL");
     pthread_mutex_lock((pthread_mutex_t*)&ctx->lock);
     *out = ctx->stats;
@@ -3114,7 +3258,8 @@ static void mpar__exe_dir(char* out, size_t size) {
 MPARDEF mpar_result mpar_kernel_find(mpar_context* ctx, const char* file, char* out, size_t out_size) {
     char searched[4096] = "";
     char exe[2048], list[4200];
-    if (!ctx || !file || !file[0] || !out || out_size == 0)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_kernel_find: the context was destroyed"));
+    if (!file || !file[0] || !out || out_size == 0)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_kernel_find: NULL or empty argument");
     if (strchr(file, '/') && mpar__file_exists(file)) {
         if (strlen(file) >= out_size)
@@ -3447,6 +3592,7 @@ MPARDEF mpar_result mpar_kernel_create(mpar_context* ctx, int device, const char
     cl_program prog;
     cl_int st = CL_SUCCESS;
     mpar_result r;
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_kernel_create: the context was destroyed"));
     if (!name || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_kernel_create: name or out is NULL");
     r = mpar_program_get(ctx, device, file, &prog);
     if (r != MPAR_SUCCESS) return r;
@@ -5360,6 +5506,7 @@ MPARDEF const mpar_layer_type* mpar_layer_l1(void) { return &mpar__type_l1; }
 
 /* ---- the model ---- */
 struct mpar_model {
+    unsigned live; /* MPAR__LIVE_MODEL; MPAR__DEAD once destroyed (MPAR_DEBUG) */
     mpar_model_desc desc;
     int count, capacity;
     mpar_layer* layers;
@@ -5392,7 +5539,12 @@ static void mpar__model_release(const mpar_model* cm) {
     a = m->desc.allocator; /* the model's memory holds it */
     pthread_mutex_destroy(&m->ref_mu);
     mpar__free_a(&a, m->layers);
+#ifdef MPAR_DEBUG
+    m->live = MPAR__DEAD, m->layers = NULL, m->count = m->capacity = 0;
+    MPAR__KEEP_TOMBSTONE(m);
+#else
     mpar__free_a(&a, m);
+#endif
 }
 
 MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** out, mpar_error* err) {
@@ -5413,17 +5565,29 @@ MPARDEF mpar_result mpar_model_create(const mpar_model_desc* desc, mpar_model** 
     if (m->desc.seq_len == 0) m->desc.seq_len = 1;
     m->refs = 1;
     pthread_mutex_init(&m->ref_mu, NULL);
+    m->live = MPAR__LIVE_MODEL;
     *out = m;
     return MPAR_SUCCESS;
 }
 
+/* A model's public calls start here: live, or why not. */
+static mpar_result mpar__model_check(const mpar_model* m, const char* call, mpar_error* err) {
+    if (!m) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: model is NULL", call);
+    if (m->live == MPAR__LIVE_MODEL) return MPAR_SUCCESS;
+    if (m->live == MPAR__DEAD) return mpar_error_set(err, MPAR_ERROR_INVALID_STATE, "%s: the model was destroyed", call);
+    return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "%s: not a model", call);
+}
+
 MPARDEF void mpar_model_destroy(mpar_model* model) {
-    if (model) mpar__model_release(model);
+    if (!model || model->live != MPAR__LIVE_MODEL) return; /* destroyed already: nothing to do, no sink to tell */
+    model->live = MPAR__DEAD; /* the caller's handle; pipelines may still hold the model */
+    mpar__model_release(model);
 }
 
 MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar_error* err) {
     mpar_layer l;
     mpar_result r;
+    if (m) MPAR__TRY(mpar__model_check(m, "mpar_model_add", err));
     if (!m || !d || !d->type || !d->type->setup || !d->type->forward || !d->type->backward_input)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
                               "mpar_model_add: model, layer or layer type (setup/forward/backward_input) is NULL");
@@ -5473,8 +5637,9 @@ MPARDEF mpar_result mpar_model_add_simple(mpar_model* model, const mpar_layer_ty
     return mpar_model_add(model, &d, err);
 }
 
-MPARDEF mpar_result mpar_model_validate(const mpar_model* m, mpar_error* err) {
-    if (!m) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_model_validate: model is NULL");
+/* Internal uses (a pipeline holding a model whose caller destroyed it)
+   skip the live check of the public calls. */
+static mpar_result mpar__model_validate(const mpar_model* m, mpar_error* err) {
     if (m->count == 0) return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "the model has no layers");
     if (!(m->layers[m->count - 1].type->flags & MPAR_LAYER_LOSS))
         return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "the last layer (%d, %s) is not a loss layer",
@@ -5484,8 +5649,17 @@ MPARDEF mpar_result mpar_model_validate(const mpar_model* m, mpar_error* err) {
     return MPAR_SUCCESS;
 }
 
-MPARDEF int mpar_model_layer_count(const mpar_model* m) { return m ? m->count : 0; }
-MPARDEF const mpar_model_desc* mpar_model_get_desc(const mpar_model* m) { return m ? &m->desc : NULL; }
+MPARDEF mpar_result mpar_model_validate(const mpar_model* m, mpar_error* err) {
+    MPAR__TRY(mpar__model_check(m, "mpar_model_validate", err));
+    return mpar__model_validate(m, err);
+}
+
+MPARDEF int mpar_model_layer_count(const mpar_model* m) { return m ? m->count : 0; } /* 0 once destroyed */
+/* NULL once the model is gone; a model its caller destroyed that a
+   pipeline still holds keeps its description (the pipeline reads it). */
+MPARDEF const mpar_model_desc* mpar_model_get_desc(const mpar_model* m) {
+    return m && (m->live == MPAR__LIVE_MODEL || m->refs > 0) ? &m->desc : NULL;
+}
 MPARDEF const mpar_layer* mpar_model_layer(const mpar_model* m, int i) {
     return m && i >= 0 && i < m->count ? &m->layers[i] : NULL;
 }
@@ -5496,7 +5670,7 @@ MPARDEF size_t mpar_model_param_count(const mpar_model* m) {
     return n;
 }
 
-MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float* out, mpar_error* err) {
+static mpar_result mpar__model_init_params(const mpar_model* m, int layer, float* out, mpar_error* err) {
     const mpar_layer* l = mpar_model_layer(m, layer);
     uint64_t s;
     if (!l || (!out && l->param_count))
@@ -5509,6 +5683,11 @@ MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float
     if (l->type->init) l->type->init(l, out, &s);
     else mpar__fill_value(out, l->param_count, 0.0f);
     return MPAR_SUCCESS;
+}
+
+MPARDEF mpar_result mpar_model_init_params(const mpar_model* m, int layer, float* out, mpar_error* err) {
+    MPAR__TRY(mpar__model_check(m, "mpar_model_init_params", err));
+    return mpar__model_init_params(m, layer, out, err);
 }
 
 /* ---- classification helpers: rows of logits on the host ---- */
@@ -9619,7 +9798,10 @@ struct mpar__guard {
     const char* call; /* NULL: none */
 };
 
+static mpar_result mpar__pipeline_check(const struct mpar_pipeline* p, const char* call);
 struct mpar_pipeline {
+    struct mpar_pipeline* tomb_next; /* first: the context's tombstone list (MPAR_DEBUG) */
+    unsigned live; /* MPAR__LIVE_PIPELINE; MPAR__DEAD once destroyed */
     mpar_context* ctx;
     const mpar_model* model;
     mpar_pipeline_desc desc;
@@ -11456,6 +11638,9 @@ static mpar_result mpar__set_batch(mpar_pipeline* p, const mpar_batch* b, int mb
     if (need_targets && b->samples > p->desc.max_batch)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples exceeds max_batch %d", b->samples,
                           p->desc.max_batch);
+    if (b->samples > INT_MAX / p->seq_len) /* rows are ints: row offsets and counts below */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch.samples %d: times seq_len %d the rows exceed "
+                          "INT_MAX", b->samples, p->seq_len);
     if (b->samples < mb_count)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "batch of %d samples cannot fill %d micro-batches",
                           b->samples, mb_count);
@@ -11683,6 +11868,7 @@ static mpar_result mpar__train_step_impl(mpar_pipeline* p, const mpar_batch* bat
     return p->opt_go ? mpar__rebalance_after_step(p) : mpar__step_refused(p, info);
 }
 
+#define MPAR__INFER_MAX_MICROBATCHES (1 << 20)
 static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, float* outputs, double* loss) {
     int per_mb, count;
     mpar_result r;
@@ -11699,7 +11885,12 @@ static mpar_result mpar__infer_impl(mpar_pipeline* p, const mpar_batch* batch, f
                                            (mpar_model_layer(p->model, p->layer_count - 1)->type->flags &
                                             MPAR_LAYER_FLOAT_TARGETS) ? "float_targets" : "targets"));
     per_mb = p->mb_rows_max / p->seq_len;
-    count = batch->samples > 0 ? (batch->samples + per_mb - 1) / per_mb : 0;
+    /* rounded up without samples + per_mb - 1, which overflows near INT_MAX */
+    count = batch->samples > 0 ? batch->samples / per_mb + (batch->samples % per_mb != 0) : 0;
+    if (count > MPAR__INFER_MAX_MICROBATCHES) /* as many as a pipeline's desc.microbatches may be */
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_infer: batch.samples %d needs %d "
+                          "micro-batches of at most %d samples; one call takes at most %d", batch->samples, count,
+                          per_mb, MPAR__INFER_MAX_MICROBATCHES);
     if (count > p->mb_capacity) {
         int* first = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)(count + 1));
         float* losses = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)count);
@@ -11793,16 +11984,16 @@ static mpar_result mpar__read_state_impl(mpar_pipeline* p, int layer, mpar_state
 static mpar_result mpar__write_state_impl(mpar_pipeline* p, int layer, mpar_state_kind kind, const float* in) {
     return mpar__param_io(p, layer, (void*)in, (int)kind, 1);
 }
-MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p) { return p ? p->step : 0; }
+MPARDEF int mpar_pipeline_get_step(const mpar_pipeline* p) { return p && p->live == MPAR__LIVE_PIPELINE ? p->step : 0; }
 MPARDEF mpar_result mpar_pipeline_set_step(mpar_pipeline* p, int step) {
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_set_step"));
     if (step < 0) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "step %d is negative", step);
     p->step = step;
     return MPAR_SUCCESS;
 }
 MPARDEF mpar_result mpar_pipeline_param_size(const mpar_pipeline* p, int layer, size_t* floats) {
     const mpar_layer* l;
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_param_size"));
     if (!floats) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_param_size: floats is NULL");
     l = mpar_model_layer(p->model, layer);
     if (!l)
@@ -11813,7 +12004,7 @@ MPARDEF mpar_result mpar_pipeline_param_size(const mpar_pipeline* p, int layer, 
 }
 
 MPARDEF mpar_result mpar_pipeline_output_size(const mpar_pipeline* p, int samples, size_t* floats) {
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_output_size"));
     if (!floats || samples < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_output_size: floats is NULL or samples "
                           "(%d) negative", samples);
@@ -11823,7 +12014,7 @@ MPARDEF mpar_result mpar_pipeline_output_size(const mpar_pipeline* p, int sample
 }
 
 MPARDEF mpar_result mpar_pipeline_input_size(const mpar_pipeline* p, int samples, size_t* elements) {
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_input_size"));
     if (!elements || samples < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_input_size: elements is NULL or samples "
                           "(%d) negative", samples);
@@ -11856,9 +12047,16 @@ MPARDEF mpar_result mpar_pipeline_infer_n(mpar_pipeline* p, const mpar_batch* ba
     return mpar_pipeline_infer(p, batch, outputs, loss);
 }
 
-MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) { return p ? p->model : NULL; }
-MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) { return p ? &p->desc : NULL; }
-MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p) { return p ? p->schedule : NULL; }
+/* NULL for a destroyed pipeline (MPAR_DEBUG) */
+MPARDEF const mpar_model* mpar_pipeline_model(const mpar_pipeline* p) {
+    return p && p->live == MPAR__LIVE_PIPELINE ? p->model : NULL;
+}
+MPARDEF const mpar_pipeline_desc* mpar_pipeline_get_desc(const mpar_pipeline* p) {
+    return p && p->live == MPAR__LIVE_PIPELINE ? &p->desc : NULL;
+}
+MPARDEF const mpar_schedule* mpar_pipeline_get_schedule(const mpar_pipeline* p) {
+    return p && p->live == MPAR__LIVE_PIPELINE ? p->schedule : NULL;
+}
 
 static int mpar__event_order(const void* a, const void* b) {
     const mpar_event *x = (const mpar_event*)a, *y = (const mpar_event*)b;
@@ -11908,7 +12106,7 @@ static mpar_result mpar__pipeline_timeline(mpar_pipeline* p, mpar_timeline* out)
 
 MPARDEF mpar_result mpar_pipeline_get_timeline(mpar_pipeline* p, mpar_timeline* out) {
     if (out) memset(out, 0, sizeof *out); /* safe to free whatever happens */
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_get_timeline"));
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_timeline: out is NULL");
     if (p->damaged == 2) return mpar__damaged(p);
     if (!p->desc.profile)
@@ -11956,7 +12154,7 @@ MPARDEF void mpar_timeline_free(mpar_timeline* t) {
 
 MPARDEF mpar_result mpar_pipeline_get_stats(const mpar_pipeline* p, mpar_pipeline_stats* out) {
     int i, c;
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_get_stats"));
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_stats: out is NULL");
     memset(out, 0, sizeof *out);
     if (p->damaged == 2) return mpar__damaged((mpar_pipeline*)p);
@@ -12269,17 +12467,16 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
     mpar__worker* w = &p->workers[v->worker];
     size_t rows = o->rows;
     int s, b, B = v->blocks;
+    /* every handle array zeroed as it is made: after a failure
+       mpar__vstage_release frees what exists */
     v->slot_count = slots;
     v->grad_slot_count = o->infer ? 0 : o->split ? slots : 1;
-    v->act_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)slots * (size_t)B);
-    v->grad_slots = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
+    v->act_slots = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)slots * (size_t)B);
+    v->grad_slots = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
     v->slot_mb = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)slots);
-    v->params = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+    v->params = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
     if (!v->act_slots || !v->grad_slots || !v->slot_mb || !v->params)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(v->act_slots, 0, sizeof(cl_mem) * (size_t)slots * (size_t)B);
-    memset(v->grad_slots, 0, sizeof(cl_mem) * ((size_t)v->grad_slot_count * (size_t)B + 1));
-    memset(v->params, 0, sizeof(cl_mem) * (size_t)B);
     for (s = 0; s < slots; s++) {
         v->slot_mb[s] = -1;
         if (v->recompute) MPAR__TRY(mpar__alloc_buffer(p, w, rows * v->act_cum[1], &v->act_slots[s]));
@@ -12291,22 +12488,18 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
         }
     }
     if (v->recompute || v->act16) {
-        v->work = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->work = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->work) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        memset(v->work, 0, sizeof(cl_mem) * (size_t)B);
         for (b = 0; b < B; b++) MPAR__TRY(mpar__alloc_buffer(p, w, rows * mpar__block_act_row(v, b), &v->work[b]));
     }
     for (b = 0; b < B; b++) MPAR__TRY(mpar__alloc_buffer(p, w, mpar__block_params(v, b), &v->params[b]));
     if (!o->infer) {
         cl_ulong* seg;
         mpar_result r = MPAR_SUCCESS;
-        v->grads = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
-        v->opt1 = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
-        v->opt2 = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->grads = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->opt1 = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->opt2 = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->grads || !v->opt1 || !v->opt2) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        memset(v->grads, 0, sizeof(cl_mem) * (size_t)B);
-        memset(v->opt1, 0, sizeof(cl_mem) * (size_t)B);
-        memset(v->opt2, 0, sizeof(cl_mem) * (size_t)B);
         for (b = 0; b < B; b++) {
             size_t pb = mpar__block_params(v, b);
             MPAR__TRY(mpar__alloc_buffer(p, w, pb, &v->grads[b]));
@@ -12315,9 +12508,8 @@ static mpar_result mpar__vstage_buffers(mpar_pipeline* p, mpar__vstage* v, const
         }
         MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)v->n, &v->norms));
         MPAR__TRY(mpar__alloc_buffer(p, w, v->partial_count, &v->partial));
-        v->norm_tables = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)B);
+        v->norm_tables = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)B);
         if (!v->norm_tables) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        memset(v->norm_tables, 0, sizeof(cl_mem) * (size_t)B);
         /* per block: its layers' offsets in its grads buffer, then the first
            gradient-norm chunk of each, counted from the block's first */
         seg = (cl_ulong*)mpar__alloc(p->ctx, sizeof(cl_ulong) * 2 * ((size_t)v->n + 1));
@@ -12364,7 +12556,7 @@ static mpar_result mpar__vstage_init(mpar_pipeline* p, mpar__vstage* v) {
         if (n == 0) continue;
         host = (float*)mpar__alloc(p->ctx, n * sizeof(float));
         if (!host) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-        if (mpar_model_init_params(p->model, v->first + k, host, &err) != MPAR_SUCCESS ||
+        if (mpar__model_init_params(p->model, v->first + k, host, &err) != MPAR_SUCCESS ||
             mpar__upload(w, at.mem, at.off, host, n) != MPAR_SUCCESS) {
             mpar__free(p->ctx, host);
             return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL, "cannot initialise layer %d", v->first + k);
@@ -12436,21 +12628,17 @@ static mpar_result mpar__link_init_buffers(mpar_pipeline* p, mpar__link* l, cons
                                            const mpar__vstage* to) {
     int s, capacity = l->capacity;
     size_t floats = l->slot_floats;
-    l->tags = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
-    l->dev = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
-    l->pin = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)capacity);
-    l->host = (float**)mpar__alloc(p->ctx, sizeof(float*) * (size_t)capacity);
-    l->ready = (cl_event*)mpar__alloc(p->ctx, sizeof(cl_event) * (size_t)capacity);
-    l->freed = (cl_event*)mpar__alloc(p->ctx, sizeof(cl_event) * (size_t)capacity);
-    l->pending = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)capacity);
+    /* each array zeroed as soon as it is made: a failure below leaves the
+       link for mpar__link_release_buffers, which frees what exists */
+    l->tags = (int*)mpar__alloc_zeroed(p->ctx, sizeof(int) * (size_t)capacity);
+    l->dev = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)capacity);
+    l->pin = (cl_mem*)mpar__alloc_zeroed(p->ctx, sizeof(cl_mem) * (size_t)capacity);
+    l->host = (float**)mpar__alloc_zeroed(p->ctx, sizeof(float*) * (size_t)capacity);
+    l->ready = (cl_event*)mpar__alloc_zeroed(p->ctx, sizeof(cl_event) * (size_t)capacity);
+    l->freed = (cl_event*)mpar__alloc_zeroed(p->ctx, sizeof(cl_event) * (size_t)capacity);
+    l->pending = (int*)mpar__alloc_zeroed(p->ctx, sizeof(int) * (size_t)capacity);
     if (!l->tags || !l->dev || !l->pin || !l->host || !l->ready || !l->freed || !l->pending)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(l->dev, 0, sizeof(cl_mem) * (size_t)capacity);
-    memset(l->pin, 0, sizeof(cl_mem) * (size_t)capacity);
-    memset(l->host, 0, sizeof(float*) * (size_t)capacity);
-    memset(l->ready, 0, sizeof(cl_event) * (size_t)capacity);
-    memset(l->freed, 0, sizeof(cl_event) * (size_t)capacity);
-    memset(l->pending, 0, sizeof(int) * (size_t)capacity);
 #ifdef MPAR_USE_MPI
     if (!(l->sender_local && l->receiver_local)) {
         if (floats > INT_MAX) /* MPI_Isend / MPI_Irecv count in int */
@@ -12600,18 +12788,51 @@ static void mpar__pipeline_release(mpar_pipeline* p) {
 
 static void mpar__rebalance_free(mpar_pipeline* p);
 
-MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
-    const mpar_model* model;
-    if (!p) return;
-    model = p->model;
+/* Everything a pipeline holds; keep: all but the struct, which becomes a
+   tombstone on its context's list (freed with the context). The model's
+   reference goes last: the workers used its layers. */
+static void mpar__pipeline_free(mpar_pipeline* p, int keep) {
+    const mpar_model* model = p->model;
     mpar__pipeline_release(p);
     mpar__rebalance_free(p);
     if (p->guard) {
         pthread_mutex_destroy(&p->guard->mu);
         mpar__free(p->ctx, p->guard);
+        p->guard = NULL;
     }
-    mpar__free(p->ctx, p);
-    if (model) mpar__model_release(model); /* last: the workers used its layers */
+    if (!keep) {
+        mpar__free(p->ctx, p);
+    } else {
+        p->model = NULL;
+        pthread_mutex_lock(&p->ctx->lock);
+        p->tomb_next = p->ctx->tombstones;
+        p->ctx->tombstones = p;
+        pthread_mutex_unlock(&p->ctx->lock);
+    }
+    if (model) mpar__model_release(model);
+}
+
+/* A pipeline's public calls start here: live, or why not (a destroyed
+   one is only told apart from freed memory under MPAR_DEBUG). */
+static mpar_result mpar__pipeline_check(const mpar_pipeline* p, const char* call) {
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->live == MPAR__LIVE_PIPELINE) return MPAR_SUCCESS;
+    if (p->live == MPAR__DEAD) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "%s: the pipeline was destroyed", call);
+    return MPAR_ERROR_INVALID_ARGUMENT; /* not a pipeline */
+}
+
+MPARDEF void mpar_pipeline_destroy(mpar_pipeline* p) {
+    if (!p) return;
+    if (p->live != MPAR__LIVE_PIPELINE) { /* a second destroy: nothing done, said through the context */
+        mpar__pipeline_check(p, "mpar_pipeline_destroy");
+        return;
+    }
+    p->live = MPAR__DEAD;
+#ifdef MPAR_DEBUG
+    mpar__pipeline_free(p, 1);
+#else
+    mpar__pipeline_free(p, 0);
+#endif
 }
 
 /* The descriptor's activation_type is one of the enum's (create and the
@@ -12703,7 +12924,7 @@ static mpar_result mpar__pipeline_defaults(mpar_pipeline* p, const mpar_pipeline
     if (o->beta1 == 0.0f) o->beta1 = 0.9f;
     if (o->beta2 == 0.0f) o->beta2 = 0.999f;
     if (o->eps == 0.0f) o->eps = 1e-8f;
-    if (mpar_model_validate(p->model, &err) != MPAR_SUCCESS) return mpar__fail(p->ctx, err.code, "%s", err.message);
+    if (mpar__model_validate(p->model, &err) != MPAR_SUCCESS) return mpar__fail(p->ctx, err.code, "%s", err.message);
     if (d->max_batch <= 0 || d->microbatches < 0 || d->virtual_stages < 0 || d->link_capacity < 0)
         return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "max_batch must be positive (got %d); microbatches, "
                           "virtual_stages and link_capacity not negative", d->max_batch);
@@ -12980,11 +13201,12 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
     p->mb_first = (int*)mpar__alloc(p->ctx, sizeof(int) * (size_t)(M + 1));
     p->mb_loss = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)M);
     p->layer_sumsq = (double*)mpar__alloc(p->ctx, sizeof(double) * (size_t)p->layer_count);
-    p->vs = (mpar__vstage*)mpar__alloc(p->ctx, sizeof(mpar__vstage) * (size_t)p->vs_count);
-    p->links = (mpar__link*)mpar__alloc(p->ctx, sizeof(mpar__link) * (size_t)(2 * p->vs_count));
+    /* zeroed at once: when a later allocation fails, mpar__pipeline_release
+       walks these (it released garbage handles before) */
+    p->vs = (mpar__vstage*)mpar__alloc_zeroed(p->ctx, sizeof(mpar__vstage) * (size_t)p->vs_count);
+    p->links = (mpar__link*)mpar__alloc_zeroed(p->ctx, sizeof(mpar__link) * (size_t)(2 * p->vs_count));
     if (!p->mb_first || !p->mb_loss || !p->layer_sumsq || !p->vs || !p->links)
         return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
-    memset(p->vs, 0, sizeof(mpar__vstage) * (size_t)p->vs_count);
     memset(p->layer_sumsq, 0, sizeof(double) * (size_t)p->layer_count);
     for (i = 0; i < p->workers_count; i++) {
         mpar__worker* w = &p->workers[i];
@@ -13044,10 +13266,12 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
         size_t floats = (size_t)p->mb_rows_max * b->act_cum[1];
         int cap = mpar__link_cap(p, a, b, peak);
+        /* counted before its setup: a link that fails part-way is released
+           with the others (its arrays and buffers are freed as far as made) */
+        p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[i], a, b, mpar__fwd_floats(p, floats), cap));
         p->links_ready++;
         MPAR__TRY(mpar__link_init(p, &p->links[p->vs_count - 1 + i], b, a, floats, cap));
-        p->links_ready++;
         p->links[i].boundary = p->links[p->vs_count - 1 + i].boundary = i;
         p->links[p->vs_count - 1 + i].gradient = 1;
         a->fwd_out = b->fwd_in = &p->links[i];
@@ -13104,9 +13328,15 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
                                          mpar_pipeline** out) {
     mpar_pipeline* p;
     mpar_result r;
-    if (!ctx || !model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
-                                                           "NULL argument");
-    *out = NULL;
+    if (out) *out = NULL;
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_pipeline_create: the context was destroyed"));
+    if (!model || !desc || !out) return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_create: "
+                                                   "NULL argument");
+    {
+        mpar_error e; /* a model its caller destroyed (MPAR_DEBUG tells) */
+        if (mpar__model_check(model, "mpar_pipeline_create", &e) != MPAR_SUCCESS)
+            return mpar__fail(ctx, e.code, "%s", e.message);
+    }
     r = mpar__pipeline_new(ctx, model, desc, 0, &p);
     if (!p) return r;
     if (r == MPAR_SUCCESS) r = mpar__pipeline_start(p);
@@ -13120,9 +13350,10 @@ MPARDEF mpar_result mpar_pipeline_create(mpar_context* ctx, const mpar_model* mo
     if (desc->mpi_comm) r = mpar__mpi_join(p, desc, r); /* every rank returns the same */
 #endif
     if (r != MPAR_SUCCESS) {
-        mpar_pipeline_destroy(p);
+        mpar__pipeline_free(p, 0);
         return r;
     }
+    p->live = MPAR__LIVE_PIPELINE;
     *out = p;
     return MPAR_SUCCESS;
 }
@@ -13133,9 +13364,15 @@ MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* mo
     mpar_pipeline* p;
     mpar_result r;
     int i;
-    if (!ctx || !model || !desc || !out)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_pipeline_memory: the context was destroyed"));
+    if (!model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_memory: NULL argument");
     memset(out, 0, sizeof *out);
+    {
+        mpar_error e;
+        if (mpar__model_check(model, "mpar_pipeline_memory", &e) != MPAR_SUCCESS)
+            return mpar__fail(ctx, e.code, "%s", e.message);
+    }
     r = mpar__pipeline_new(ctx, model, desc, 1, &p);
     if (!p) return r;
     if (p->vs && (r == MPAR_SUCCESS || r == MPAR_ERROR_DOES_NOT_FIT)) { /* counted either way */
@@ -13143,7 +13380,7 @@ MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* mo
         for (i = 0; i < p->workers_count; i++) out->device[i] = p->workers[i].device, out->device_bytes[i] = p->need[i];
         for (i = 0; i < p->vs_count; i++) out->chunk_bytes[i] = p->need_vs[i], out->chunk_buffers[i] = p->vs[i].blocks;
     }
-    mpar_pipeline_destroy(p);
+    mpar__pipeline_free(p, 0);
     return r;
 }
 
@@ -13416,7 +13653,8 @@ MPARDEF mpar_result mpar_pipeline_plan(mpar_context* ctx, const mpar_model* mode
     mpar_error err;
     mpar_result r;
     int n, a, b, M, act_auto;
-    if (!ctx || !model || !desc || !out)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_pipeline_plan: the context was destroyed"));
+    if (!model || !desc || !out)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_plan: NULL argument");
     if (mpar_model_validate(model, &err) != MPAR_SUCCESS) return mpar__fail(ctx, err.code, "%s", err.message);
     memset(&o, 0, sizeof o);
@@ -13801,7 +14039,7 @@ static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* mode
             for (part = 0; part < 4; part++)
                 if (tab[part] && sum[part][i] < tab[part][i]) tab[part][i] = sum[part][i];
     }
-    mpar_pipeline_destroy(p);
+    if (p) mpar__pipeline_free(p, 0); /* made here: no tombstone */
     mpar__free(ctx, inputs), mpar__free(ctx, targets);
     return r;
 }
@@ -13809,7 +14047,8 @@ static mpar_result mpar__profile_costs(mpar_context* ctx, const mpar_model* mode
 MPARDEF mpar_result mpar_profile_layers(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
                                         int device, double* forward, double* backward_input,
                                         double* backward_weight) {
-    if (!ctx || !model || !desc || !forward || !backward_input || !backward_weight)
+    MPAR__TRY(mpar__ctx_check(ctx, "mpar_profile_layers: the context was destroyed"));
+    if (!model || !desc || !forward || !backward_input || !backward_weight)
         return mpar__fail(ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_profile_layers: NULL argument");
     return mpar__profile_costs(ctx, model, desc, device, forward, backward_input, backward_weight, NULL);
 }
@@ -13996,7 +14235,7 @@ MPARDEF mpar_result mpar_pipeline_get_plan(mpar_pipeline* p, mpar_plan* out) {
     mpar_plan costed;
     int j;
     if (out) memset(out, 0, sizeof *out); /* safe to free whatever happens */
-    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    MPAR__TRY(mpar__pipeline_check(p, "mpar_pipeline_get_plan"));
     if (!out) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_get_plan: out is NULL");
     if (p->damaged == 2) return mpar__damaged(p);
     if (!p->plan && p->ranks == 1 && mpar__cost_current(p, NULL, &costed) == MPAR_SUCCESS)
@@ -14186,7 +14425,7 @@ static mpar_result mpar__pipeline_remake(mpar_pipeline* p, const mpar_pipeline_d
     mpar_result r;
     mpar__pipeline_release(p);
     r = mpar__pipeline_init(p, ctx, model, d, 0);
-    p->guard = guard;
+    p->guard = guard, p->live = MPAR__LIVE_PIPELINE;
     p->rb = k->rb, p->plan = k->plan;
     p->step = k->step, p->grads_ready = k->grads_ready, p->force_serial = k->force_serial;
     p->step_lr = k->step_lr, p->step_scale = k->step_scale, p->last_loss = k->last_loss, p->opt_norm = k->opt_norm;
@@ -16865,6 +17104,7 @@ MPARDEF mpar_result mpar_timeline_write_svg(const mpar_timeline* t, FILE* out) {
    -------------------------------------------------------------------------- */
 
 static mpar_result mpar__enter(mpar_pipeline* p, const char* call) {
+    MPAR__TRY(mpar__pipeline_check(p, call));
     const char* busy;
     if (!p->guard) return MPAR_SUCCESS;
     pthread_mutex_lock(&p->guard->mu);

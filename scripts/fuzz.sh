@@ -24,8 +24,9 @@ for src in tests/fuzz/fuzz_*.c; do
       ${CC:-cc} -std=c99 -Wall -Wextra -Werror -pedantic -O2 -I. tests/ckpt_tool.c -o build/ckpt_tool \
         -lclblast -lOpenCL -lcmocka -lz -lpthread -lm &&
         build/ckpt_tool seed "$out/corpus" || { echo "$name: could not write the seed corpus"; failed=$((failed + 1)); continue; } ;;
-    fuzz_devices|fuzz_plan|fuzz_schedule|fuzz_digest) # the target writes its own seeds (valid selections; plans from
-      # mpar_plan_create; every generator's lists; valid rank records)
+    fuzz_devices|fuzz_plan|fuzz_schedule|fuzz_digest|fuzz_tmpname) # the target writes its own seeds (valid
+      # selections; plans from mpar_plan_create; every generator's lists; valid rank records; paths and
+      # temporary-file names)
       MPAR_FUZZ_SEEDS="$out/corpus" "$out/$name" ||
         { echo "$name: could not write the seed corpus"; failed=$((failed + 1)); continue; } ;;
   esac

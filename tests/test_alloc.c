@@ -16,6 +16,7 @@ typedef struct counter {
     long live_blocks;
     long long live_bytes;
     long foreign; /* blocks handed to this counter's free or realloc that another one made */
+    long attempts, fail_at; /* allocations and reallocations asked for; fail_at > 0: that one fails */
 } counter;
 
 /* Every block, from the compile-time wrappers or a counting allocator,
@@ -31,10 +32,19 @@ typedef union alloc_header {
 } alloc_header;
 
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
-static counter g_static = {"MPAR_MALLOC", 0, 0, 0, 0, 0, 0};
+static counter g_static = {"MPAR_MALLOC", 0, 0, 0, 0, 0, 0, 0, 0};
+
+/* The attempt that counter c was told to fail (fail_at), counted. */
+static int fails_now(counter* c) {
+    int fail;
+    pthread_mutex_lock(&g_lock);
+    fail = ++c->attempts == c->fail_at;
+    pthread_mutex_unlock(&g_lock);
+    return fail;
+}
 
 static void* block_alloc(counter* c, size_t n) {
-    alloc_header* h = (alloc_header*)malloc(sizeof(alloc_header) + n);
+    alloc_header* h = fails_now(c) ? NULL : (alloc_header*)malloc(sizeof(alloc_header) + n);
     if (!h) return NULL;
     h->h.owner = c, h->h.size = n;
     pthread_mutex_lock(&g_lock);
@@ -66,7 +76,7 @@ static void* block_realloc(counter* c, void* p, size_t n) {
     }
     h = (alloc_header*)p - 1;
     old = h->h.size;
-    g = (alloc_header*)realloc(h, sizeof(alloc_header) + n);
+    g = fails_now(c) ? NULL : (alloc_header*)realloc(h, sizeof(alloc_header) + n);
     if (!g) return NULL;
     pthread_mutex_lock(&g_lock);
     c->reallocs++;
@@ -450,6 +460,82 @@ static void test_objects_keep_their_allocator(void** state) {
     assert_int_equal(g_static.foreign, 0);
 }
 
+/* The references held on a cl_context: every queue and buffer made on it
+   holds one, so a cl_mem or queue that a failed create leaves behind shows. */
+static cl_uint context_refs(mpar_context* ctx, int device) {
+    cl_context c = NULL;
+    cl_uint n = 0;
+    assert_int_equal(mpar_device_get_cl(ctx, device, NULL, &c, NULL), MPAR_SUCCESS);
+    assert_int_equal(clGetContextInfo(c, CL_CONTEXT_REFERENCE_COUNT, sizeof n, &n, NULL), CL_SUCCESS);
+    return n;
+}
+
+/* BUG (issue 18): with device-copy links a failed allocation in link setup
+   leaked the link's tag, device, host and pending arrays and the device
+   buffers already made. Each allocation of a 2-stage device-copy
+   pipeline's create (asynchronous links across two platforms) is failed in turn: create returns an error, and
+   nothing it allocated (host blocks, cl_mem, queues) is left. */
+static void test_failed_create_leaks_nothing(void** state) {
+    counter c;
+    mpar_allocator a;
+    mpar_context* ctx;
+    mpar_model* m;
+    mpar_stage_desc st[2];
+    mpar_pipeline_desc pd;
+    mpar_pipeline* p = NULL;
+    mpar_result r;
+    long live, n, link_failures = 0;
+    cl_uint refs;
+    int L;
+    (void)state;
+    counter_reset(&c, "context"), a = allocator_of(&c);
+    ctx = make_ctx(&a);
+    m = make_model(NULL, 2);
+    L = mpar_model_layer_count(m);
+    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = L / 2 - 1;
+    st[1].device = 1, st[1].first_layer = L / 2, st[1].last_layer = L - 1;
+    memset(&pd, 0, sizeof pd);
+    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2;
+    pd.max_batch = BATCH, pd.link_mode = MPAR_LINK_DEVICE_COPY;
+    {
+        mpar_device_info i0, i1; /* two platforms (scripts/run-tests.sh): pinned host buffers instead */
+        memset(&i0, 0, sizeof i0), memset(&i1, 0, sizeof i1);
+        assert_int_equal(mpar_device_get_info(ctx, 0, &i0), MPAR_SUCCESS);
+        assert_int_equal(mpar_device_get_info(ctx, 1, &i1), MPAR_SUCCESS);
+        if (i0.group != i1.group) pd.link_mode = MPAR_LINK_ASYNC;
+    }
+    /* once through, so that the context's kernel and program caches are full */
+    if (mpar_pipeline_create(ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
+    mpar_pipeline_destroy(p);
+    /* the context keeps its last error messages (the current one and 16
+       retired): fill that ring first, so that a failure's message takes one
+       block as it frees one */
+    for (n = 0; n < 20; n++) assert_int_equal(mpar_pipeline_create(ctx, m, NULL, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    live = c.live_blocks, refs = context_refs(ctx, 0) + context_refs(ctx, 1);
+    for (n = 1;; n++) {
+        c.fail_at = c.attempts + n;
+        p = NULL;
+        r = mpar_pipeline_create(ctx, m, &pd, &p);
+        c.fail_at = 0;
+        if (r == MPAR_SUCCESS) break;
+        assert_null(p);
+        if (r != MPAR_ERROR_OUT_OF_HOST_MEMORY && r != (mpar_result)CL_OUT_OF_HOST_MEMORY) /* host-route buffers */
+            fail_msg("allocation %ld failed: create gave %s (%s)", n, mpar_result_string(r), mpar_last_error(ctx));
+        link_failures += strstr(mpar_last_error(ctx), "out of host memory") != NULL;
+        if (c.live_blocks != live)
+            fail_msg("allocation %ld failed: %ld blocks left behind", n, c.live_blocks - live);
+        if (context_refs(ctx, 0) + context_refs(ctx, 1) != refs)
+            fail_msg("allocation %ld failed: %d cl_context references (queues or buffers) left behind", n,
+                     (int)(context_refs(ctx, 0) + context_refs(ctx, 1) - refs));
+    }
+    assert_true(n > 20); /* every allocation of create was failed once */
+    assert_true(link_failures > 0);
+    mpar_pipeline_destroy(p);
+    mpar_destroy(ctx);
+    mpar_model_destroy(m);
+    assert_int_equal(c.live_blocks, 0);
+}
+
 /* An allocator with some of its functions is refused everywhere, as by
    mpar_create, before anything is allocated. */
 static void test_partial_allocator_refused(void** state) {
@@ -502,6 +588,7 @@ int main(void) {
         cmocka_unit_test(test_every_allocation_through_its_allocator),
         cmocka_unit_test(test_objects_keep_their_allocator),
         cmocka_unit_test(test_partial_allocator_refused),
+        cmocka_unit_test(test_failed_create_leaks_nothing),
     };
     return cmocka_run_group_tests_name("alloc", tests, setup, NULL);
 }

@@ -1035,6 +1035,15 @@ static void test_pipeline_calls_bad_input(void** state) {
     BAD_BATCH(mpar_pipeline_infer(g_pipe, &b, out, &loss), b.targets = y);
     BAD_BATCH(mpar_pipeline_infer(g_pipe, &b, out, &loss), b.samples = 0);
     BAD_BATCH(mpar_pipeline_infer(g_pipe, &b, out, &loss), b.inputs = NULL);
+    /* huge counts: refused before any arithmetic on them (samples + 3 overflowed, and infer returned success
+       having computed nothing); never read */
+    BAD_BATCH(mpar_pipeline_infer(g_pipe, &b, out, &loss), b.samples = INT_MAX);
+    assert_non_null(strstr(mpar_last_error(g_ctx), "batch.samples 2147483647"));
+    BAD_BATCH(mpar_pipeline_infer(g_pipe, &b, NULL, NULL), (b.samples = INT_MAX - 2, b.targets = NULL));
+    assert_non_null(strstr(mpar_last_error(g_ctx), "batch.samples 2147483645"));
+    /* micro-batches of 4 samples: 2^20 of them is the most one call takes */
+    BAD_BATCH(mpar_pipeline_infer(g_pipe, &b, NULL, NULL), (b.samples = 4 * (1 << 20) + 1, b.targets = NULL));
+    assert_non_null(strstr(mpar_last_error(g_ctx), "batch.samples 4194305 needs 1048577 micro-batches"));
     /* nothing above counts as computed gradients */
     CTX_FAILS(g_ctx, MPAR_ERROR_INVALID_STATE, mpar_pipeline_apply_gradients(g_pipe, &info));
     /* negative targets leave rows out; a batch larger than max_batch is fine for inference */

@@ -11,7 +11,8 @@
    (e) two pipelines saving to one path at once: every save that returns
        success leaves a file that loads;
    (f) a kernel cache file writable by others is not trusted: rejected and
-       rebuilt, never loaded. */
+       rebuilt, never loaded;
+   (g) only names of exactly the temporary files' pattern are leftovers. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -280,8 +281,37 @@ static void test_untrusted_kernel_cache(void** state) {
     mpar_destroy(ctx);
 }
 
+/* (g) Which folder entries count as leftovers: exactly the names
+   mpar__tmp_name and mkstemp make. strtol once took a sign, spaces, and a
+   pid beyond pid_t (cast to a wrapped, possibly negative one: kill() on a
+   process group); tests/fuzz/fuzz_tmpname.c checks the same at random. */
+static void test_leftover_names(void** state) {
+    static const char* refused[] = {".mpar-+12-abcdef", ".mpar- 12-abcdef", ".mpar--12-abcdef", ".mpar-012-abcdef",
+                                    ".mpar-0-abcdef",   ".mpar-2147483648-abcdef", ".mpar-4294967297-abcdef",
+                                    ".mpar-12-abcde",   ".mpar-12-abcdefg", ".mpar-12-abc.ef", ".mpar-12abcdef",
+                                    ".mpar-12-",        ".mpar-",         "mpar-12-abcdef",  ".mpar-99999999999999999999-abcdef"};
+    char made[64];
+    volatile size_t short_size;
+    size_t i;
+    (void)state;
+    for (i = 0; i < sizeof refused / sizeof refused[0]; i++)
+        if (mpar__leftover_pid(refused[i]) != -1) fail_msg("'%s' was taken for a leftover", refused[i]);
+    assert_int_equal(mpar__leftover_pid(".mpar-1-aZ09Qx"), 1);
+    assert_int_equal(mpar__leftover_pid(".mpar-2147483647-XyZ789"), INT_MAX);
+    assert_int_equal(mpar__tmp_name("d", 4321, made, sizeof made), 0);
+    assert_string_equal(made, "d/.mpar-4321-XXXXXX");
+    assert_int_equal(mpar__leftover_pid(made + 2), 4321); /* mkstemp's template is six letters itself */
+    memcpy(made + strlen(made) - 6, "Ab3dE9", 6);
+    assert_int_equal(mpar__leftover_pid(made + 2), 4321);
+    short_size = 19; /* one byte short (volatile: gcc would warn of the truncation the call refuses) */
+    assert_int_equal(mpar__tmp_name("d", 4321, made, short_size), -1);
+    short_size = 20;
+    assert_int_equal(mpar__tmp_name("d", 4321, made, short_size), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_leftover_names),
         cmocka_unit_test(test_planted_link), cmocka_unit_test(test_fifo),
         cmocka_unit_test(test_longest_name), cmocka_unit_test(test_leftovers),
         cmocka_unit_test(test_two_savers),   cmocka_unit_test(test_untrusted_kernel_cache),
