@@ -5591,6 +5591,10 @@ MPARDEF mpar_result mpar_model_add(mpar_model* m, const mpar_layer_desc* d, mpar
     if (!m || !d || !d->type || !d->type->setup || !d->type->forward || !d->type->backward_input)
         return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT,
                               "mpar_model_add: model, layer or layer type (setup/forward/backward_input) is NULL");
+    if (!isfinite(d->rate) || !isfinite(d->eps) || d->eps < 0.0f) /* a checkpoint could not hold them */
+        return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s): rate %g and eps %g must be finite, eps "
+                              "not negative (0: 1e-5)", m->count, d->type->name ? d->type->name : "?", (double)d->rate,
+                              (double)d->eps);
     if (m->count > 0 && (m->layers[m->count - 1].type->flags & MPAR_LAYER_LOSS))
         return mpar_error_set(err, MPAR_ERROR_INVALID_MODEL, "layer %d (%s) follows the loss layer %d (%s): the loss "
                               "must be last", m->count, d->type->name, m->count - 1, m->layers[m->count - 1].type->name);

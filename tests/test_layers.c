@@ -1294,6 +1294,17 @@ static void test_bad_models(void** state) {
     if (!strstr(mpar_last_error(g_ctx), "not a loss layer")) fail_msg("create: '%s'", mpar_last_error(g_ctx));
     /* cross-entropy on 1 class */
     add_fails(m, ld(mpar_layer_cross_entropy(), 0), MPAR_ERROR_INVALID_MODEL, "at least 2 classes");
+    /* settings a checkpoint could not hold: NaN or infinite rate or eps, negative eps */
+    {
+        mpar_layer_desc bad = ld(mpar_layer_layernorm(), 0);
+        bad.eps = NAN;
+        add_fails(m, bad, MPAR_ERROR_INVALID_MODEL, "must be finite");
+        bad.eps = -1e-5f;
+        add_fails(m, bad, MPAR_ERROR_INVALID_MODEL, "eps not negative");
+        bad = ld_dropout(0.1f);
+        bad.rate = INFINITY;
+        add_fails(m, bad, MPAR_ERROR_INVALID_MODEL, "rate inf");
+    }
     /* a layer after the loss */
     add_ok(m, ld(mpar_layer_linear(), 3));
     add_ok(m, ld(mpar_layer_cross_entropy(), 0));
