@@ -1,12 +1,14 @@
 /* Inference from a checkpoint: rebuilds the model the checkpoint describes
-   (no model code of its own), loads it into a pipeline over the devices and
-   into a one-device pipeline, streams the Fashion-MNIST test images forward
+   (mpar_model_from_checkpoint_data: no model code of its own), loads its
+   parameters into an inference-only pipeline over the devices and into a
+   one-device one, streams the Fashion-MNIST test images forward
    through both, and compares accuracy, throughput and the outputs.
 
      examples/infer --checkpoint PATH [--devices SEL] [--microbatches M] [--batch B]
                     [--samples N] [--repeats R]
 
-   PATH is a file written by `examples/fashion_mnist --checkpoint PATH`. The
+   PATH is a checkpoint written by `examples/fashion_mnist --checkpoint PATH`,
+   or a weights file (mpar_pipeline_save_weights) of the same model. The
    inputs are normalised with the training split's mean and deviation, as
    fashion_mnist does (a checkpoint holds no preprocessing). B is the
    pipeline's max_batch, so a micro-batch holds B / M images; the test images
@@ -123,7 +125,8 @@ int main(int argc, char** argv) {
     classes = mpar_model_layer(model, L - 1)->in_features;
     printf("checkpoint %s: format %u, written by mpar %u.%u.%u, %zu bytes, step %d, %s, seed %llu\n", path,
            ci.format_version, ci.mpar_version >> 16, (ci.mpar_version >> 8) & 255u, ci.mpar_version & 255u, ci.size,
-           ci.step, ci.optimizer == MPAR_OPTIMIZER_SGD ? "SGD" : "AdamW", (unsigned long long)ci.seed);
+           ci.step, ci.weights_only ? "weights only" : ci.optimizer == MPAR_OPTIMIZER_SGD ? "SGD" : "AdamW",
+           (unsigned long long)ci.seed);
     printf("model: %d features x %d rows in, %d layers, %zu parameters:", ci.input_features, ci.seq_len, L,
            mpar_model_param_count(model));
     for (i = 0; i < (size_t)L; i++) printf(" %s(%d)", ci.layers[i].type_name, ci.layers[i].out_features);
@@ -158,13 +161,14 @@ int main(int argc, char** argv) {
     }
 
     /* The devices as the planner splits them (planner defaults), and one
-       device holding every layer; both take the checkpoint's optimizer, which
-       the loader checks even though inference never uses it. */
+       device holding every layer; inference only: parameters and one
+       activation slot per chunk on the devices, no gradients or optimizer
+       state (any optimizer, any seed: the file's parameters alone load). */
     memset(&pd, 0, sizeof pd);
     pd.schedule = MPAR_SCHEDULE_1F1B; /* inference streams forwards in any case; it sets M > 1 */
     pd.microbatches = microbatches;
     pd.max_batch = batch;
-    pd.optimizer.kind = ci.optimizer;
+    pd.inference_only = 1;
     /* Planned once here and handed to the pipeline, so what is printed is what
        runs (planning again would measure the devices again). */
     if (mpar_pipeline_plan(ctx, model, &pd, NULL, &plan) != MPAR_SUCCESS) goto done_ctx;
@@ -178,8 +182,8 @@ int main(int argc, char** argv) {
     one.device = 0, one.first_layer = 0, one.last_layer = L - 1;
     pd.stages = &one, pd.stage_count = 1;
     if (mpar_pipeline_create(ctx, model, &pd, &single.pipe) != MPAR_SUCCESS) goto done_ctx;
-    if (mpar_pipeline_load_checkpoint(multi.pipe, path, &err) != MPAR_SUCCESS ||
-        mpar_pipeline_load_checkpoint(single.pipe, path, &err) != MPAR_SUCCESS) {
+    if (mpar_pipeline_load_weights(multi.pipe, path, &err) != MPAR_SUCCESS || /* a checkpoint or a weights file */
+        mpar_pipeline_load_weights(single.pipe, path, &err) != MPAR_SUCCESS) {
         snprintf(msg, sizeof msg, "%s", err.message);
         goto done_msg;
     }
