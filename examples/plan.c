@@ -106,7 +106,9 @@ static double link_seconds(const setup* s, const mpar_plan_layer* pl, int l, int
     mpar_device_info ia, ib;
     double bw = s->link_bandwidth, lat = s->link_latency > 0 ? s->link_latency : 1e-4;
     if (a == b) return 0.0;
-    mpar_device_get_info(s->ctx, a, &ia), mpar_device_get_info(s->ctx, b, &ib);
+    memset(&ia, 0, sizeof ia), memset(&ib, 0, sizeof ib); /* a failed query leaves them zero */
+    if (mpar_device_get_info(s->ctx, a, &ia) != MPAR_SUCCESS || mpar_device_get_info(s->ctx, b, &ib) != MPAR_SUCCESS)
+        return lat + (double)pl[l].output_bytes / (bw > 0 ? bw : 6e9);
     if (bw <= 0)
         bw = ia.group != ib.group || ia.type == MPAR_DEVICE_CPU || ib.type == MPAR_DEVICE_CPU ? 6e9 : 12e9;
     return lat + (double)pl[l].output_bytes / bw;
