@@ -4488,6 +4488,122 @@ static void mpar__hk_sumsq_layers_final(const mpar__harg* a, size_t g0, size_t g
     }
 }
 
+/* ===================== generate.cl ===================== */
+
+/* mpar_embed_at(tokens, pos, wte, wpe, out, rows, T, C, V): "BBBBBiiii".
+   Item i = row*C + c; a position outside [0, T) skips the row. */
+static void mpar__hk_embed_at(const mpar__harg* a, size_t g0, size_t g1) {
+    const int32_t* tokens = (const int32_t*)a[0].p;
+    const int32_t* pos = (const int32_t*)a[1].p;
+    const float* wte = (const float*)a[2].p;
+    const float* wpe = (const float*)a[3].p;
+    float* out = (float*)a[4].p;
+    int rows = a[5].i, T = a[6].i, C = a[7].i, V = a[8].i;
+    size_t n, base, c;
+    int row;
+    (void)g1;
+    if (rows <= 0 || C <= 0 || T <= 0) return;
+    n = mpar__hk_countz(g0, (size_t)rows * (size_t)C);
+    for (row = 0, base = 0; base < n; row++, base += (size_t)C) {
+        size_t m = n - base < (size_t)C ? n - base : (size_t)C;
+        int tok = tokens[row], t = pos[row];
+        const float* pe;
+        float* o = out + base;
+        if (t < 0 || t >= T) continue;
+        pe = wpe + (size_t)t * (size_t)C;
+        if (tok >= 0 && tok < V) {
+            const float* te = wte + (size_t)tok * (size_t)C;
+            for (c = 0; c < m; c++) o[c] = te[c] + pe[c];
+        } else {
+            for (c = 0; c < m; c++) o[c] = pe[c];
+        }
+    }
+}
+
+/* mpar_kv_store(qkv, slot, pos, kc, vc, rows, C, S, L): "BBBBBiiii".
+   Item gid = r*2C + col; a row out of range is skipped. */
+static void mpar__hk_kv_store(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* qkv = (const float*)a[0].p;
+    const int32_t* slot = (const int32_t*)a[1].p;
+    const int32_t* pos = (const int32_t*)a[2].p;
+    float* kc = (float*)a[3].p;
+    float* vc = (float*)a[4].p;
+    int rows = a[5].i, C = a[6].i, S = a[7].i, L = a[8].i;
+    size_t n, base, c2, col;
+    int row;
+    (void)g1;
+    if (rows <= 0 || C <= 0) return;
+    c2 = 2 * (size_t)C;
+    n = mpar__hk_countz(g0, (size_t)rows * c2);
+    for (row = 0, base = 0; base < n; row++, base += c2) {
+        size_t m = n - base < c2 ? n - base : c2;
+        int s = slot[row], t = pos[row];
+        const float* src = qkv + (size_t)row * 3 * (size_t)C + (size_t)C;
+        size_t dst = ((size_t)s * (size_t)L + (size_t)t) * (size_t)C;
+        if (s < 0 || s >= S || t < 0 || t >= L) continue;
+        for (col = 0; col < m; col++) {
+            if (col < (size_t)C) kc[dst + col] = src[col];
+            else vc[dst + col - (size_t)C] = src[col];
+        }
+    }
+}
+
+/* mpar_attn_cached(qkv, slot, pos, kc, vc, out, P, rows, C, H, S, L):
+   "BBBBBBBiiiii". One item per (row, head), gid = r*H + h: mpar_attn_fwd's
+   arithmetic for one query row, keys and values from the cache. */
+static void mpar__hk_attn_cached(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* qkv = (const float*)a[0].p;
+    const int32_t* slot = (const int32_t*)a[1].p;
+    const int32_t* pos = (const int32_t*)a[2].p;
+    const float* kc = (const float*)a[3].p;
+    const float* vc = (const float*)a[4].p;
+    float* out = (float*)a[5].p;
+    float* P = (float*)a[6].p;
+    int rows = a[7].i, C = a[8].i, H = a[9].i, S = a[10].i, L = a[11].i;
+    int D;
+    size_t C3, gid, n;
+    float sc;
+    (void)g1;
+    if (rows <= 0 || H <= 0 || C <= 0) return;
+    n = mpar__hk_countz(g0, (size_t)rows * (size_t)H);
+    D = C / H;
+    C3 = 3 * (size_t)C;
+    sc = 1.0f / sqrtf((float)D);
+    for (gid = 0; gid < n; gid++) {
+        size_t row = gid / (size_t)H, hd;
+        int h = (int)(gid % (size_t)H), s = slot[row], i = pos[row], j, d;
+        const float *q, *kbase, *vbase;
+        float *p, *o, mx = -INFINITY, sum = 0.0f, inv;
+        if (s < 0 || s >= S || i < 0 || i >= L) continue;
+        hd = (size_t)h * (size_t)D;
+        q = qkv + row * C3 + hd;
+        kbase = kc + (size_t)s * (size_t)L * (size_t)C + hd;
+        vbase = vc + (size_t)s * (size_t)L * (size_t)C + hd;
+        p = P + gid * (size_t)L;
+        o = out + row * (size_t)C + hd;
+        for (j = 0; j <= i; j++) {
+            const float* k = kbase + (size_t)j * (size_t)C;
+            float dot = 0.0f;
+            for (d = 0; d < D; d++) dot = MPAR__HK_MAD(q[d], k[d], dot);
+            dot *= sc;
+            p[j] = dot;
+            mx = fmaxf(mx, dot);
+        }
+        for (j = 0; j <= i; j++) {
+            float e = MPAR__HK_EXPF(p[j] - mx);
+            p[j] = e;
+            sum += e;
+        }
+        inv = 1.0f / sum;
+        for (j = 0; j <= i; j++) p[j] *= inv;
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (j = 0; j <= i; j++) acc = MPAR__HK_MAD(p[j], vbase[(size_t)j * (size_t)C + (size_t)d], acc);
+            o[d] = acc;
+        }
+    }
+}
+
 /* Lookup table: kernel file and name -> host function. */
 static const struct mpar__host_kernel {
     const char* file;
@@ -4533,6 +4649,9 @@ static const struct mpar__host_kernel {
     {"attention.cl", "mpar_attn_fwd", mpar__hk_attn_fwd},
     {"attention.cl", "mpar_attn_bwd_ds", mpar__hk_attn_bwd_ds},
     {"attention.cl", "mpar_attn_bwd_qkv", mpar__hk_attn_bwd_qkv},
+    {"generate.cl", "mpar_embed_at", mpar__hk_embed_at},
+    {"generate.cl", "mpar_kv_store", mpar__hk_kv_store},
+    {"generate.cl", "mpar_attn_cached", mpar__hk_attn_cached},
 };
 
 static mpar__host_fn mpar__host_kernel(const char* file, const char* name) {
