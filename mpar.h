@@ -4691,9 +4691,9 @@ static void mpar__hk_attn_cached(const mpar__harg* a, size_t g0, size_t g1) {
             mx = fmaxf(mx, dot);
         }
         for (j = 0; j <= i; j++) {
-            float e = MPAR__HK_EXPF(p[j] - mx);
-            p[j] = e;
-            sum += e;
+            float ex = MPAR__HK_EXPF(p[j] - mx);
+            p[j] = ex;
+            sum += ex;
         }
         inv = 1.0f / sum;
         for (j = 0; j <= i; j++) p[j] *= inv;
