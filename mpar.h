@@ -42,7 +42,8 @@
    Every call returns an mpar_result; mpar_last_error(ctx) tells why.
 
    Sections: 1 basics, 2 devices, 3 kernels, 4 model and layers,
-   6 schedules and simulator, 7-8 stage chain and executor.
+   6 schedules and simulator, 7-8 stage chain and executor, 7-8b
+   generation with a key/value cache (mpar_pipeline_generate).
 
    Environment: MPAR_DEVICES, MPAR_KERNEL_PATH, MPAR_BUILD_OPTIONS,
    MPAR_CACHE_DIR, MPAR_CPU_ROUTE, MPAR_SLOW_DEVICES (see README.md). mpar reads the
@@ -86,6 +87,12 @@
                            and a prediction that models the executor;
                            settings checked at create, safe temporary files,
                            memory checked per device
+       (unreleased)        generation: pd.generate_sequences and
+                           generate_context (per-device key/value caches,
+                           counted by the memory model),
+                           mpar_pipeline_generate (pipelined prefill, decode
+                           groups taking turns, greedy / top-k sampling,
+                           stop tokens, streaming), kernels/generate.cl
 
    License: MIT, see the end of this file.
 */
@@ -1502,7 +1509,8 @@ typedef struct mpar_pipeline_memory_info {
     int chunks;                  /* chunks: stages x virtual stages */
     int device[64];              /* device of each stage */
     uint64_t device_bytes[64];   /* per device stage */
-    uint64_t chunk_bytes[256];   /* per chunk, with the link buffers it receives into */
+    uint64_t chunk_bytes[256];   /* per chunk, with the link buffers it receives into (and, with
+                                    generate_sequences, its key/value caches and generation buffers) */
     int chunk_buffers[256];      /* buffers each chunk's state is cut into (max_buffer_bytes) */
 } mpar_pipeline_memory_info;
 MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
