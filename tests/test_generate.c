@@ -10,6 +10,9 @@
    - A cache that does not fit fails with MPAR_ERROR_DOES_NOT_FIT naming the
      device, and the memory model counts the cache as create allocates it.
    - Bad arguments get MPAR_ERROR_INVALID_ARGUMENT naming the field.
+   - A stage that fails during generation stops the call naming the stage
+     (no hang) and the pipeline then generates as before; a failed cache
+     allocation at create is reported and cleaned up.
      make tests/test_generate && MPAR_CACHE_DIR=$PWD/build/cache tests/test_generate */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
@@ -271,8 +274,12 @@ static void test_memory_and_does_not_fit(void** state) {
     gen.memory_limit_bytes = b.device_bytes[0] - kv;
     plain.memory_limit_bytes = gen.memory_limit_bytes;
     assert_int_equal(mpar_pipeline_memory(g_ctx, g_model, &plain, &a), MPAR_SUCCESS);
+    /* refused before the first buffer: an allocation fault armed for it
+       does not fire */
+    assert_int_equal(mpar_set_fault(g_ctx, "alloc:*:*:1"), MPAR_SUCCESS);
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &gen, &p), MPAR_ERROR_DOES_NOT_FIT);
     assert_null(p);
+    assert_int_equal(mpar_set_fault(g_ctx, NULL), MPAR_SUCCESS);
     assert_non_null(strstr(mpar_last_error(g_ctx), "device 0"));
     assert_non_null(strstr(mpar_last_error(g_ctx), "bytes"));
     assert_int_equal(mpar_pipeline_memory(g_ctx, g_model, &gen, &b), MPAR_ERROR_DOES_NOT_FIT);
@@ -280,6 +287,56 @@ static void test_memory_and_does_not_fit(void** state) {
     gen = desc_for(2, st, 64, T), gen.max_buffer_bytes = 60000; /* a block's buffers fit, its 98304-byte caches not */
     assert_int_equal(mpar_pipeline_create(g_ctx, g_model, &gen, &p), MPAR_ERROR_DOES_NOT_FIT);
     if (!strstr(mpar_last_error(g_ctx), "key cache")) fail_msg("%s", mpar_last_error(g_ctx));
+}
+
+/* A stage that fails mid-generation stops the call (no hang), names the
+   stage, and the pipeline generates as before afterwards; an allocation
+   failure in the caches at create is reported and cleaned up. */
+static void test_failure(void** state) {
+    mpar_pipeline* p = make_pipeline(2, SEQS);
+    mpar_stage_desc st[3];
+    mpar_pipeline_desc pd = desc_for(2, st, SEQS, 0);
+    mpar_pipeline* q = NULL;
+    mpar_generate_desc g;
+    result before, after;
+    const int32_t* prompts[SEQS];
+    int i, k;
+    mpar_result r;
+    (void)state;
+    memset(&g, 0, sizeof g);
+    run_generate(p, g, &before);
+    for (k = 1; k <= 40; k += 13) { /* early, in the prefills, and in the decode steps */
+        char spec[64];
+        snprintf(spec, sizeof spec, "enqueue:1:*:%d", k);
+        assert_int_equal(mpar_set_fault(g_ctx, spec), MPAR_SUCCESS);
+        for (i = 0; i < SEQS; i++) prompts[i] = g_prompts[i];
+        g.sequences = SEQS, g.prompts = prompts, g.prompt_lengths = g_lens, g.max_new_tokens = g_max;
+        r = mpar_pipeline_generate(p, &g, NULL);
+        assert_int_equal(mpar_set_fault(g_ctx, NULL), MPAR_SUCCESS);
+        if (r == MPAR_SUCCESS) fail_msg("fault %s: generation succeeded", spec);
+        if (!strstr(mpar_last_error(g_ctx), "stage 1")) fail_msg("fault %s: %s", spec, mpar_last_error(g_ctx));
+        memset(&g, 0, sizeof g);
+        run_generate(p, g, &after);
+        for (i = 0; i < SEQS; i++) {
+            assert_int_equal(after.len[i], before.len[i]);
+            assert_memory_equal(after.out[i], before.out[i], sizeof(int32_t) * (size_t)before.len[i]);
+        }
+    }
+    mpar_pipeline_destroy(p);
+    /* every allocation of create in turn, the caches (the last ones) included */
+    for (k = 1;; k++) {
+        char spec[64];
+        snprintf(spec, sizeof spec, "alloc:*:*:%d", k);
+        assert_int_equal(mpar_set_fault(g_ctx, spec), MPAR_SUCCESS);
+        r = mpar_pipeline_create(g_ctx, g_model, &pd, &q);
+        assert_int_equal(mpar_set_fault(g_ctx, NULL), MPAR_SUCCESS);
+        if (r == MPAR_SUCCESS) break; /* past the last allocation */
+        assert_null(q);
+        if (!strstr(mpar_last_error(g_ctx), "clCreateBuffer")) fail_msg("alloc %d: %s", k, mpar_last_error(g_ctx));
+        assert_true(k < 1000);
+    }
+    assert_true(k > 3 * 2 + 5 * 2); /* at least the caches and work buffers of both stages failed once */
+    mpar_pipeline_destroy(q);
 }
 
 static void expect_bad(mpar_pipeline* p, const mpar_generate_desc* g, mpar_result code, const char* field) {
@@ -403,6 +460,7 @@ int main(void) {
         cmocka_unit_test(test_sampling_reproducible),
         cmocka_unit_test(test_memory_and_does_not_fit),
         cmocka_unit_test(test_bad_arguments),
+        cmocka_unit_test(test_failure),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
