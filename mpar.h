@@ -45,7 +45,8 @@
    Every call returns an mpar_result; mpar_last_error(ctx) tells why.
 
    Sections: 1 basics, 2 devices, 3 kernels, 4 model and layers,
-   6 schedules and simulator, 7-8 stage chain and executor.
+   6 schedules and simulator, 7-8 stage chain and executor, 7-8b
+   generation with a key/value cache (mpar_pipeline_generate).
 
    Environment: MPAR_DEVICES, MPAR_KERNEL_PATH, MPAR_BUILD_OPTIONS,
    MPAR_CACHE_DIR, MPAR_CPU_ROUTE, MPAR_SLOW_DEVICES (see README.md). mpar reads the
@@ -89,6 +90,22 @@
                            and a prediction that models the executor;
                            settings checked at create, safe temporary files,
                            memory checked per device
+       0.7.0 (2026-12-02)  MPI: failure bounded by timeout_seconds (agreements
+                           polled, a refused call still joins, stopped ranks
+                           rejoin), ranks compare their descriptions
+                           (MPAR_ERROR_MISMATCH), message sizes checked,
+                           checkpoints across ranks; weights-only files
+                           (save/load_weights), mpar_model_from_checkpoint,
+                           regression losses (mse, l1; batch.float_targets),
+                           models held by their pipelines, classification
+                           helpers, checked buffer variants, a CMake package;
+                           destroyed objects caught under MPAR_DEBUG;
+                           generation: pd.generate_sequences and
+                           generate_context (per-device key/value caches,
+                           counted by the memory model),
+                           mpar_pipeline_generate (pipelined prefill, decode
+                           groups taking turns, greedy / top-k sampling,
+                           stop tokens, streaming), kernels/generate.cl
 
    License: MIT, see the end of this file.
 */
@@ -96,9 +113,9 @@
 #define MPAR_H
 
 #define MPAR_VERSION_MAJOR 0
-#define MPAR_VERSION_MINOR 6
+#define MPAR_VERSION_MINOR 7
 #define MPAR_VERSION_PATCH 0
-#define MPAR_VERSION_STRING "0.6.0"
+#define MPAR_VERSION_STRING "0.7.0"
 /* `make install` writes the installed kernel folder here; MPAR_KERNEL_DIR,
    when defined, takes its place. */
 #define MPAR__INSTALLED_KERNEL_DIR ""
@@ -1463,6 +1480,11 @@ typedef struct mpar_pipeline_desc {
     /* Testing: make action `fault_action` (position in the list) of stage
        `fault_stage` fail with MPAR_ERROR_ABORTED in every training step. */
     int inject_fault, fault_stage, fault_action;
+    /* Generation (mpar_pipeline_generate): sequences a key/value cache
+       holds at once [0: no cache, generation off], and positions per
+       sequence, prompt included [0: the model's seq_len; at most that]. */
+    int generate_sequences;
+    int generate_context;
 } mpar_pipeline_desc;
 
 /* A batch: samples × seq_len rows. inputs: float [rows × input_features],
@@ -1528,7 +1550,8 @@ typedef struct mpar_pipeline_memory_info {
     int chunks;                  /* chunks: stages x virtual stages */
     int device[64];              /* device of each stage */
     uint64_t device_bytes[64];   /* per device stage */
-    uint64_t chunk_bytes[256];   /* per chunk, with the link buffers it receives into */
+    uint64_t chunk_bytes[256];   /* per chunk, with the link buffers it receives into (and, with
+                                    generate_sequences, its key/value caches and generation buffers) */
     int chunk_buffers[256];      /* buffers each chunk's state is cut into (max_buffer_bytes) */
 } mpar_pipeline_memory_info;
 MPARDEF mpar_result mpar_pipeline_memory(mpar_context* ctx, const mpar_model* model, const mpar_pipeline_desc* desc,
@@ -1693,6 +1716,102 @@ MPARDEF mpar_result mpar_pipeline_get_plan(mpar_pipeline* p, mpar_plan* out);
    without rebalance, nothing measured yet, or damaged),
    MPAR_ERROR_INVALID_ARGUMENT (a speed not positive and finite). */
 MPARDEF mpar_result mpar_pipeline_rebalance(mpar_pipeline* p, const double* device_flops, int* moved);
+
+/* ==========================================================================
+   7-8b. Generation: autoregressive decoding with a key/value cache.
+   ========================================================================== */
+
+/* A pipeline made with mpar_pipeline_desc.generate_sequences > 0 keeps, on
+   each device, the keys and values of every decoder block it holds for
+   generate_sequences sequences of generate_context positions (allocated at
+   create and counted in mpar_pipeline_memory: 2 x sequences x context x
+   width floats per block). mpar_pipeline_generate then runs prompts
+   through the stages:
+   - prefill: each prompt is one micro-batch (its rows are its tokens), so
+     several prompts are in flight at once, one per stage;
+   - decode: the sequences are split into `groups` (sequence i in group
+     i mod groups); a group's micro-batch is one row per live sequence of
+     the group (its last token at its position), and the groups take turns
+     through the stages, so with groups >= stages every stage works: group
+     g+1's forward runs on stage 0 while group g's runs on stage 1.
+   The last stage samples each sequence's next token from the logits (the
+   output of the last layer before the loss) and sends the group back to
+   stage 0; host memory carries the activations between stages.
+   The model must be an embedding (token input, positions) followed by
+   layers that work row by row (linear, relu, gelu, tanh, dropout, which
+   is the identity here, layernorm) and decoder blocks, with an optional
+   loss last; the last layer before the loss gives one logit per token of
+   the embedding's vocabulary. Context: positions come from the
+   embedding's table, so generate_context is at most the model's seq_len
+   [0: seq_len]; a sequence stops when its prompt and new tokens fill the
+   context (MPAR_GENERATE_FINISH_CONTEXT), and a prompt must leave room for
+   one new token (length below generate_context).
+   Greedy decoding computes what a full forward of the whole prefix
+   (mpar_pipeline_infer) computes for its last position, up to the
+   rounding of GEMMs of other row counts. */
+typedef enum mpar_generate_finish {
+    MPAR_GENERATE_FINISH_LENGTH = 0,  /* max new tokens reached (also: 0 asked) */
+    MPAR_GENERATE_FINISH_STOP = 1,    /* a stop token was produced (it is in the output) */
+    MPAR_GENERATE_FINISH_CONTEXT = 2  /* prompt + new tokens filled generate_context */
+} mpar_generate_finish;
+
+/* Zero fields take the defaults in brackets. */
+typedef struct mpar_generate_desc {
+    int sequences;                  /* prompts, 1 .. pd.generate_sequences */
+    const int32_t* const* prompts;  /* [sequences] token arrays, each token in [0, vocab) */
+    const int* prompt_lengths;      /* [sequences], each in [1, generate_context - 1] */
+    /* New tokens per sequence: max_new_tokens[i], or max_new for every
+       sequence when max_new_tokens is NULL; 0 generates nothing. */
+    const int* max_new_tokens;
+    int max_new;
+    const int32_t* stop_tokens;     /* a sequence ends after producing one of these */
+    int stop_count;
+    /* Sampling: temperature 0 is greedy (argmax, the lowest index on a
+       tie); above 0 the next token is drawn from softmax(logits /
+       temperature) over the top_k largest logits [0: all], with a random
+       stream per sequence seeded from (seed, sequence index): the same
+       seed gives the same tokens on any number of stages or groups. */
+    float temperature;
+    int top_k;
+    uint64_t seed;
+    int groups;                     /* decode groups [min(sequences, device stages)] */
+    /* Streaming (optional): called with each token as it is produced, in
+       order within a sequence, on one of the pipeline's worker threads
+       (never two calls at once); it must not call into the pipeline. */
+    void (*on_token)(void* user, int sequence, int token);
+    void* user;
+    /* Results (each optional): outputs[i] receives sequence i's new tokens
+       (room for its max new tokens), output_lengths[i] their count,
+       finish[i] why it stopped. */
+    int32_t* const* outputs;
+    int* output_lengths;
+    mpar_generate_finish* finish;
+} mpar_generate_desc;
+
+typedef struct mpar_generate_stats {
+    int64_t prompt_tokens;     /* tokens prefilled */
+    int64_t new_tokens;        /* tokens generated (the first of each sequence comes from its prefill) */
+    int64_t decode_tokens;     /* tokens generated by decode steps (new_tokens less the first ones) */
+    double seconds;            /* the whole call's generation */
+    double prefill_seconds;    /* until every prompt's first token was out */
+    double decode_seconds;     /* the rest */
+    int stages;
+    double stage_busy_seconds[64]; /* per device stage: host time in its forwards (waits left out) */
+} mpar_generate_stats;
+
+/* Generates from g->sequences prompts; stats optional. Errors:
+   MPAR_ERROR_INVALID_STATE (created without generate_sequences, another
+   call running, a damaged pipeline), MPAR_ERROR_INVALID_ARGUMENT naming
+   the field (a count out of range, a NULL array, a prompt too long for
+   the context, a token outside the vocabulary, a negative temperature),
+   a stage's failure as other jobs report it (the outputs then hold what
+   was produced). At create: generate_sequences or generate_context out of
+   range, MPAR_ERROR_INVALID_ARGUMENT; a model generation cannot run,
+   MPAR_ERROR_INVALID_MODEL; with mpi_comm, rebalance or a device that
+   runs two stages (virtual stages), MPAR_ERROR_UNSUPPORTED; a cache that
+   does not fit, MPAR_ERROR_DOES_NOT_FIT naming the device and the bytes,
+   before anything is allocated. */
+MPARDEF mpar_result mpar_pipeline_generate(mpar_pipeline* p, const mpar_generate_desc* g, mpar_generate_stats* stats);
 
 /* ==========================================================================
    9. Observability: what each stage did during a step, on one clock.
@@ -4690,6 +4809,122 @@ static void mpar__hk_sumsq_layers_final(const mpar__harg* a, size_t g0, size_t g
     }
 }
 
+/* ===================== generate.cl ===================== */
+
+/* mpar_embed_at(tokens, pos, wte, wpe, out, rows, T, C, V): "BBBBBiiii".
+   Item i = row*C + c; a position outside [0, T) skips the row. */
+static void mpar__hk_embed_at(const mpar__harg* a, size_t g0, size_t g1) {
+    const int32_t* tokens = (const int32_t*)a[0].p;
+    const int32_t* pos = (const int32_t*)a[1].p;
+    const float* wte = (const float*)a[2].p;
+    const float* wpe = (const float*)a[3].p;
+    float* out = (float*)a[4].p;
+    int rows = a[5].i, T = a[6].i, C = a[7].i, V = a[8].i;
+    size_t n, base, c;
+    int row;
+    (void)g1;
+    if (rows <= 0 || C <= 0 || T <= 0) return;
+    n = mpar__hk_countz(g0, (size_t)rows * (size_t)C);
+    for (row = 0, base = 0; base < n; row++, base += (size_t)C) {
+        size_t m = n - base < (size_t)C ? n - base : (size_t)C;
+        int tok = tokens[row], t = pos[row];
+        const float* pe;
+        float* o = out + base;
+        if (t < 0 || t >= T) continue;
+        pe = wpe + (size_t)t * (size_t)C;
+        if (tok >= 0 && tok < V) {
+            const float* te = wte + (size_t)tok * (size_t)C;
+            for (c = 0; c < m; c++) o[c] = te[c] + pe[c];
+        } else {
+            for (c = 0; c < m; c++) o[c] = pe[c];
+        }
+    }
+}
+
+/* mpar_kv_store(qkv, slot, pos, kc, vc, rows, C, S, L): "BBBBBiiii".
+   Item gid = r*2C + col; a row out of range is skipped. */
+static void mpar__hk_kv_store(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* qkv = (const float*)a[0].p;
+    const int32_t* slot = (const int32_t*)a[1].p;
+    const int32_t* pos = (const int32_t*)a[2].p;
+    float* kc = (float*)a[3].p;
+    float* vc = (float*)a[4].p;
+    int rows = a[5].i, C = a[6].i, S = a[7].i, L = a[8].i;
+    size_t n, base, c2, col;
+    int row;
+    (void)g1;
+    if (rows <= 0 || C <= 0) return;
+    c2 = 2 * (size_t)C;
+    n = mpar__hk_countz(g0, (size_t)rows * c2);
+    for (row = 0, base = 0; base < n; row++, base += c2) {
+        size_t m = n - base < c2 ? n - base : c2;
+        int s = slot[row], t = pos[row];
+        const float* src = qkv + (size_t)row * 3 * (size_t)C + (size_t)C;
+        size_t dst = ((size_t)s * (size_t)L + (size_t)t) * (size_t)C;
+        if (s < 0 || s >= S || t < 0 || t >= L) continue;
+        for (col = 0; col < m; col++) {
+            if (col < (size_t)C) kc[dst + col] = src[col];
+            else vc[dst + col - (size_t)C] = src[col];
+        }
+    }
+}
+
+/* mpar_attn_cached(qkv, slot, pos, kc, vc, out, P, rows, C, H, S, L):
+   "BBBBBBBiiiii". One item per (row, head), gid = r*H + h: mpar_attn_fwd's
+   arithmetic for one query row, keys and values from the cache. */
+static void mpar__hk_attn_cached(const mpar__harg* a, size_t g0, size_t g1) {
+    const float* qkv = (const float*)a[0].p;
+    const int32_t* slot = (const int32_t*)a[1].p;
+    const int32_t* pos = (const int32_t*)a[2].p;
+    const float* kc = (const float*)a[3].p;
+    const float* vc = (const float*)a[4].p;
+    float* out = (float*)a[5].p;
+    float* P = (float*)a[6].p;
+    int rows = a[7].i, C = a[8].i, H = a[9].i, S = a[10].i, L = a[11].i;
+    int D;
+    size_t C3, gid, n;
+    float sc;
+    (void)g1;
+    if (rows <= 0 || H <= 0 || C <= 0) return;
+    n = mpar__hk_countz(g0, (size_t)rows * (size_t)H);
+    D = C / H;
+    C3 = 3 * (size_t)C;
+    sc = 1.0f / sqrtf((float)D);
+    for (gid = 0; gid < n; gid++) {
+        size_t row = gid / (size_t)H, hd;
+        int h = (int)(gid % (size_t)H), s = slot[row], i = pos[row], j, d;
+        const float *q, *kbase, *vbase;
+        float *p, *o, mx = -INFINITY, sum = 0.0f, inv;
+        if (s < 0 || s >= S || i < 0 || i >= L) continue;
+        hd = (size_t)h * (size_t)D;
+        q = qkv + row * C3 + hd;
+        kbase = kc + (size_t)s * (size_t)L * (size_t)C + hd;
+        vbase = vc + (size_t)s * (size_t)L * (size_t)C + hd;
+        p = P + gid * (size_t)L;
+        o = out + row * (size_t)C + hd;
+        for (j = 0; j <= i; j++) {
+            const float* k = kbase + (size_t)j * (size_t)C;
+            float dot = 0.0f;
+            for (d = 0; d < D; d++) dot = MPAR__HK_MAD(q[d], k[d], dot);
+            dot *= sc;
+            p[j] = dot;
+            mx = fmaxf(mx, dot);
+        }
+        for (j = 0; j <= i; j++) {
+            float ex = MPAR__HK_EXPF(p[j] - mx);
+            p[j] = ex;
+            sum += ex;
+        }
+        inv = 1.0f / sum;
+        for (j = 0; j <= i; j++) p[j] *= inv;
+        for (d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (j = 0; j <= i; j++) acc = MPAR__HK_MAD(p[j], vbase[(size_t)j * (size_t)C + (size_t)d], acc);
+            o[d] = acc;
+        }
+    }
+}
+
 /* Lookup table: kernel file and name -> host function. */
 static const struct mpar__host_kernel {
     const char* file;
@@ -4735,6 +4970,9 @@ static const struct mpar__host_kernel {
     {"attention.cl", "mpar_attn_fwd", mpar__hk_attn_fwd},
     {"attention.cl", "mpar_attn_bwd_ds", mpar__hk_attn_bwd_ds},
     {"attention.cl", "mpar_attn_bwd_qkv", mpar__hk_attn_bwd_qkv},
+    {"generate.cl", "mpar_embed_at", mpar__hk_embed_at},
+    {"generate.cl", "mpar_kv_store", mpar__hk_kv_store},
+    {"generate.cl", "mpar_attn_cached", mpar__hk_attn_cached},
 };
 
 static mpar__host_fn mpar__host_kernel(const char* file, const char* name) {
@@ -9744,7 +9982,14 @@ typedef struct mpar__vstage {
 /* GRADS: the schedule without its optimizer step; STEP: that step alone
    (MPI, or apply_gradients); TRAIN: the whole schedule, step included;
    INFER: the forward-only schedule. */
-typedef enum { MPAR__JOB_NONE, MPAR__JOB_GRADS, MPAR__JOB_STEP, MPAR__JOB_INFER, MPAR__JOB_TRAIN } mpar__job;
+/* GENERATE: mpar_pipeline_generate's micro-batches (mpar__gen_worker). */
+typedef enum { MPAR__JOB_NONE, MPAR__JOB_GRADS, MPAR__JOB_STEP, MPAR__JOB_INFER, MPAR__JOB_TRAIN, MPAR__JOB_GENERATE } mpar__job;
+typedef struct mpar__gen mpar__gen;
+struct mpar_pipeline;
+static uint64_t mpar__gen_vstage_bytes(const struct mpar_pipeline* p, int i);
+static mpar_result mpar__gen_check(struct mpar_pipeline* p);
+static mpar_result mpar__gen_alloc(struct mpar_pipeline* p);
+static void mpar__gen_release(struct mpar_pipeline* p);
 
 #ifdef MPAR_USE_MPI
 /* How an MPI wait polls (mpar__mpi_nap). */
@@ -9876,6 +10121,7 @@ struct mpar_pipeline {
     int seen[64];
     mpar__rebalance* rb; /* desc.rebalance: the stages in use and what was measured; kept across rebuilds */
     mpar_plan* plan;     /* the plan in use (mpar_pipeline_get_plan), NULL until known; kept across rebuilds */
+    mpar__gen* gen;      /* desc.generate_sequences: the key/value caches and generation buffers */
 };
 
 /* Whether this process runs a stage (always, without MPI). */
@@ -11106,6 +11352,7 @@ static mpar_result mpar__job_step(mpar__worker* w) {
     return MPAR_SUCCESS;
 }
 
+static mpar_result mpar__gen_worker(mpar__worker* w);
 static void* mpar__worker_main(void* arg) {
     mpar__worker* w = (mpar__worker*)arg;
     mpar_pipeline* p = w->p;
@@ -11133,6 +11380,7 @@ static void* mpar__worker_main(void* arg) {
             r = mpar__serial_end(w, mpar__job_step(w));
         }
         else if (job == MPAR__JOB_INFER) r = mpar__job_walk(w, p->infer_schedule, 0, &action, name, sizeof name);
+        else if (job == MPAR__JOB_GENERATE) r = mpar__gen_worker(w), action = "generation";
         {
             mpar_result d = mpar__worker_drain(w);
             if (r == MPAR_SUCCESS) r = d;
@@ -12763,6 +13011,7 @@ static void mpar__pipeline_release(mpar_pipeline* p) {
             if (2 * i < p->links_ready) mpar__link_release(p, &p->links[i]);
             if (2 * i + 1 < p->links_ready) mpar__link_release(p, &p->links[p->vs_count - 1 + i]);
         }
+    mpar__gen_release(p);
     if (p->vs)
         for (i = p->vs_count - 1; i >= 0; i--) mpar__vstage_release(p, &p->vs[i]);
 #ifdef MPAR_USE_MPI
@@ -13143,6 +13392,7 @@ static mpar_result mpar__pipeline_need(mpar_pipeline* p, const mpar__mem_opts* m
         p->need_vs[i] += mpar__link_device_bytes(p->desc.link_mode, &p->ctx->devices[b->device].info,
                                                  &p->ctx->devices[a->device].info, floats, cap);
     }
+    for (i = 0; i < p->vs_count; i++) p->need_vs[i] += mpar__gen_vstage_bytes(p, i); /* generation's caches */
     for (i = 0; i < p->vs_count; i++) p->need[p->vs[i].worker] += p->need_vs[i];
     for (i = 0; i < p->workers_count; i++) { /* per device: stages that share one share its memory */
         int d = p->workers[i].device, j, sharing = 0;
@@ -13236,6 +13486,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
             limit = p->desc.max_buffer_bytes ? p->desc.max_buffer_bytes : p->ctx->devices[v->device].info.max_alloc_bytes;
         MPAR__TRY(mpar__vstage_layout(p->ctx, p->model, &mo, limit, v));
     }
+    MPAR__TRY(mpar__gen_check(p));
     /* refuse before allocating anything: each device's buffers against its
        memory (AUTO: fp32 if that fits, else bf16) */
     {
@@ -13265,6 +13516,7 @@ static mpar_result mpar__pipeline_build(mpar_pipeline* p) {
         MPAR__TRY(mpar__vstage_buffers(p, v, &mo, mpar__vstage_slots(p, i)));
         MPAR__TRY(mpar__vstage_init(p, v));
     }
+    MPAR__TRY(mpar__gen_alloc(p));
     p->links_ready = 0;
     for (i = 0; i + 1 < p->vs_count; i++) {
         mpar__vstage *a = &p->vs[i], *b = &p->vs[i + 1];
@@ -17238,6 +17490,661 @@ MPARDEF mpar_result mpar_pipeline_load_weights(mpar_pipeline* p, const char* pat
     if (!p) return mpar_error_set(err, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_load_weights: pipeline is NULL");
     r = mpar__load_weights_impl(p, path, err);
     return mpar__leave(p, r);
+}
+
+/* --------------------------------------------------------------------------
+   7-8b. Generation: each device stage's key/value caches and work buffers
+   (allocated at create, counted by mpar__pipeline_need), the stages'
+   inbound queues of generation micro-batches, and the sampling the last
+   stage does. The workers run it as a job of its own (MPAR__JOB_GENERATE).
+   -------------------------------------------------------------------------- */
+
+typedef struct mpar__gen_stage {
+    cl_mem *kc, *vc;    /* [n]: a decoder block's key and value cache, [S x L x C]; NULL for other layers */
+    cl_mem act[2];      /* ping-pong activations, [G x width] */
+    cl_mem stash, scratch;
+    cl_mem meta;        /* int32 [3G]: a micro-batch's tokens, slots, positions (rows each, packed) */
+    unsigned char* seen; /* [G+1]: row counts this stage has run (the first run holds the first-run lock) */
+    double busy_s;
+} mpar__gen_stage;
+
+struct mpar__gen {
+    int S, L, G;           /* sequences, context, most rows in one micro-batch */
+    mpar__gen_stage* st;   /* [vs_count] */
+    struct mpar__gen_run* run; /* during mpar_pipeline_generate */
+};
+
+/* Widest activation, largest stash and scratch per row of a chunk's layers. */
+static void mpar__gen_widths(const mpar_pipeline* p, const mpar__vstage* v, size_t* width, size_t* stash,
+                             size_t* scratch) {
+    int k;
+    *width = 1, *stash = 1, *scratch = 1;
+    for (k = 0; k <= v->n; k++) {
+        size_t w = v->act_cum[k + 1] - v->act_cum[k];
+        if (w > *width) *width = w;
+    }
+    for (k = 0; k < v->n; k++) {
+        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        if (l->stash_per_row > *stash) *stash = l->stash_per_row;
+        if (l->scratch_per_row > *scratch) *scratch = l->scratch_per_row;
+    }
+}
+
+static size_t mpar__gen_kv_floats(const mpar_pipeline* p, const mpar_layer* l) {
+    return (size_t)p->desc.generate_sequences * (size_t)p->desc.generate_context * (size_t)l->in_features;
+}
+static int mpar__gen_rows(const mpar_pipeline* p) {
+    return p->desc.generate_context > p->desc.generate_sequences ? p->desc.generate_context
+                                                                 : p->desc.generate_sequences;
+}
+
+/* Device bytes chunk i's generation buffers take (each at least one float,
+   as mpar__alloc_buffer allocates). */
+static uint64_t mpar__gen_vstage_bytes(const mpar_pipeline* p, int i) {
+    const mpar__vstage* v = &p->vs[i];
+    uint64_t g = (uint64_t)mpar__gen_rows(p), bytes;
+    size_t width, stash, scratch;
+    int k;
+    if (p->desc.generate_sequences <= 0) return 0;
+    mpar__gen_widths(p, v, &width, &stash, &scratch);
+    bytes = 4 * (2 * g * width + g * stash + g * scratch + 3 * g);
+    for (k = 0; k < v->n; k++) {
+        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        if (l->type == mpar_layer_decoder_block()) bytes += 2 * 4 * (uint64_t)mpar__gen_kv_floats(p, l);
+    }
+    return bytes;
+}
+
+/* What generation needs of the model and the pipeline, checked at create. */
+static mpar_result mpar__gen_check(mpar_pipeline* p) {
+    mpar_pipeline_desc* d = &p->desc;
+    const mpar_layer* first;
+    int k, last;
+    if (d->generate_sequences < 0 || d->generate_sequences > (1 << 20))
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_desc.generate_sequences is %d: give 0 "
+                          "(no generation) to 2^20", d->generate_sequences);
+    if (d->generate_sequences == 0) {
+        if (d->generate_context != 0)
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_desc.generate_context is %d but "
+                              "generate_sequences is 0: give both, or neither", d->generate_context);
+        return MPAR_SUCCESS;
+    }
+    first = mpar_model_layer(p->model, 0);
+    if (first->type != mpar_layer_embedding())
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL, "generate_sequences: the model's first layer is %s; "
+                          "generation needs an embedding (tokens in, positions from its table)", first->type->name);
+    if (d->generate_context == 0) d->generate_context = p->seq_len;
+    if (d->generate_context < 2 || d->generate_context > p->seq_len)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_desc.generate_context is %d: give 2 to "
+                          "the model's seq_len %d (its position table ends there; 0: seq_len)", d->generate_context,
+                          p->seq_len);
+    if (d->mpi_comm || d->rebalance)
+        return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "generate_sequences: generation runs in one process on fixed "
+                          "stages (give neither %s)", d->mpi_comm ? "mpi_comm" : "rebalance");
+    if (p->vs_count != p->workers_count)
+        return mpar__fail(p->ctx, MPAR_ERROR_UNSUPPORTED, "generate_sequences: a device runs %d chunks (virtual "
+                          "stages); generation needs one chunk per device", p->vs_count / p->workers_count);
+    last = p->layer_count - 1;
+    if (mpar_model_layer(p->model, last)->type->flags & MPAR_LAYER_LOSS) last--;
+    for (k = 1; k <= last; k++) {
+        const mpar_layer_type* t = mpar_model_layer(p->model, k)->type;
+        if (t != mpar_layer_decoder_block() && t != mpar_layer_linear() && t != mpar_layer_relu() &&
+            t != mpar_layer_gelu() && t != mpar_layer_tanh() && t != mpar_layer_dropout() &&
+            t != mpar_layer_layernorm())
+            return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL, "generate_sequences: layer %d (%s) is not one "
+                              "generation can run position by position (decoder blocks and row-wise built-ins)", k,
+                              t->name);
+    }
+    if (last < 1 || mpar_model_layer(p->model, last)->out_features != first->desc.vocab)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_MODEL, "generate_sequences: layer %d gives %d values per row "
+                          "but the embedding's vocabulary has %d tokens; the logits must have one per token", last,
+                          mpar_model_layer(p->model, last)->out_features, first->desc.vocab);
+    for (k = 0; k < p->vs_count; k++) {
+        const mpar__vstage* v = &p->vs[k];
+        uint64_t limit = d->max_buffer_bytes ? d->max_buffer_bytes : p->ctx->devices[v->device].info.max_alloc_bytes;
+        int j;
+        for (j = 0; j < v->n; j++) {
+            const mpar_layer* l = mpar_model_layer(p->model, v->first + j);
+            uint64_t bytes = 4 * (uint64_t)mpar__gen_kv_floats(p, l);
+            if (l->type == mpar_layer_decoder_block() && limit && bytes > limit)
+                return mpar__fail(p->ctx, MPAR_ERROR_DOES_NOT_FIT, "device %d: layer %d's key cache for %d sequences "
+                                  "of %d positions takes %llu bytes, above the largest buffer (%llu bytes)",
+                                  v->device, v->first + j, d->generate_sequences, d->generate_context,
+                                  (unsigned long long)bytes, (unsigned long long)limit);
+        }
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__gen_alloc(mpar_pipeline* p) {
+    mpar__gen* gen;
+    int i, k, G = mpar__gen_rows(p);
+    if (p->desc.generate_sequences <= 0) return MPAR_SUCCESS;
+    gen = (mpar__gen*)mpar__alloc(p->ctx, sizeof *gen);
+    if (!gen) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(gen, 0, sizeof *gen);
+    p->gen = gen;
+    gen->S = p->desc.generate_sequences, gen->L = p->desc.generate_context, gen->G = G;
+    gen->st = (mpar__gen_stage*)mpar__alloc(p->ctx, sizeof(mpar__gen_stage) * (size_t)p->vs_count);
+    if (!gen->st) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(gen->st, 0, sizeof(mpar__gen_stage) * (size_t)p->vs_count);
+    for (i = 0; i < p->vs_count; i++) {
+        mpar__vstage* v = &p->vs[i];
+        mpar__gen_stage* s = &gen->st[i];
+        mpar__worker* w = &p->workers[v->worker];
+        size_t width, stash, scratch;
+        s->kc = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)v->n);
+        s->vc = (cl_mem*)mpar__alloc(p->ctx, sizeof(cl_mem) * (size_t)v->n);
+        s->seen = (unsigned char*)mpar__alloc(p->ctx, (size_t)G + 1);
+        if (!s->kc || !s->vc || !s->seen) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        memset(s->kc, 0, sizeof(cl_mem) * (size_t)v->n), memset(s->vc, 0, sizeof(cl_mem) * (size_t)v->n);
+        memset(s->seen, 0, (size_t)G + 1);
+        mpar__gen_widths(p, v, &width, &stash, &scratch);
+        MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)G * width, &s->act[0]));
+        MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)G * width, &s->act[1]));
+        MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)G * stash, &s->stash));
+        MPAR__TRY(mpar__alloc_buffer(p, w, (size_t)G * scratch, &s->scratch));
+        MPAR__TRY(mpar__alloc_buffer(p, w, 3 * (size_t)G, &s->meta));
+        for (k = 0; k < v->n; k++) {
+            const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+            if (l->type != mpar_layer_decoder_block()) continue;
+            MPAR__TRY(mpar__alloc_buffer(p, w, mpar__gen_kv_floats(p, l), &s->kc[k]));
+            MPAR__TRY(mpar__alloc_buffer(p, w, mpar__gen_kv_floats(p, l), &s->vc[k]));
+        }
+    }
+    return MPAR_SUCCESS;
+}
+
+static void mpar__gen_release(mpar_pipeline* p) {
+    mpar__gen* gen = p->gen;
+    int i, k;
+    if (!gen) return;
+    for (i = 0; gen->st && i < p->vs_count; i++) {
+        mpar__gen_stage* s = &gen->st[i];
+        for (k = 0; k < p->vs[i].n; k++) {
+            if (s->kc && s->kc[k]) clReleaseMemObject(s->kc[k]);
+            if (s->vc && s->vc[k]) clReleaseMemObject(s->vc[k]);
+        }
+        if (s->meta) clReleaseMemObject(s->meta);
+        if (s->scratch) clReleaseMemObject(s->scratch);
+        if (s->stash) clReleaseMemObject(s->stash);
+        if (s->act[1]) clReleaseMemObject(s->act[1]);
+        if (s->act[0]) clReleaseMemObject(s->act[0]);
+        mpar__free(p->ctx, s->kc), mpar__free(p->ctx, s->vc), mpar__free(p->ctx, s->seen);
+    }
+    mpar__free(p->ctx, gen->st);
+    mpar__free(p->ctx, gen);
+    p->gen = NULL;
+}
+
+/* ---- one call's run: messages between stages, and the last stage's
+   bookkeeping of every sequence ---- */
+enum { MPAR__GEN_PREFILL = 0, MPAR__GEN_DECODE = 1, MPAR__GEN_QUIT = 2 };
+
+typedef struct mpar__gen_msg {
+    int kind, rows, group;
+    int32_t* meta; /* [3 rows]: tokens, slots (sequence indices), positions */
+    float* data;   /* activations [rows x the receiving chunk's input width]; NULL into stage 0 */
+} mpar__gen_msg;
+
+typedef struct mpar__gen_pick {
+    float v;
+    int i;
+} mpar__gen_pick;
+
+typedef struct mpar__gen_run {
+    const mpar_generate_desc* g;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    mpar__gen_msg* ring; /* [stages x cap]: stage s's inbound queue */
+    int* head;
+    int* count;
+    int cap, aborted;
+    /* the last stage's, sequence by sequence */
+    int groups, in_flight, vocab, prefills_left;
+    int* made;
+    int* live;
+    int* group_wait; /* prefills of the group not sampled yet */
+    int32_t* last;   /* each sequence's latest token */
+    uint64_t* rng;
+    float* logits;   /* [G x vocab] */
+    mpar__gen_pick* pick; /* [vocab] */
+    double t0, t_prefill;
+    int64_t prompt_tokens, new_tokens, decode_tokens;
+} mpar__gen_run;
+
+static int mpar__gen_max_new(const mpar_generate_desc* g, int i) {
+    return g->max_new_tokens ? g->max_new_tokens[i] : g->max_new;
+}
+
+/* Queues a message to stage `s` (the queue has room for every message
+   of a call: each sequence has at most one in flight, plus a quit). */
+static void mpar__gen_push(mpar__gen_run* run, int s, const mpar__gen_msg* m) {
+    pthread_mutex_lock(&run->mu);
+    run->ring[(size_t)s * (size_t)run->cap + (size_t)((run->head[s] + run->count[s]) % run->cap)] = *m;
+    run->count[s]++;
+    pthread_cond_broadcast(&run->cv);
+    pthread_mutex_unlock(&run->mu);
+}
+
+static mpar_result mpar__gen_pop(mpar_pipeline* p, int s, mpar__gen_msg* m) {
+    mpar__gen_run* run = p->gen->run;
+    double limit = mpar__now() + p->desc.timeout_seconds;
+    pthread_mutex_lock(&run->mu);
+    while (!run->count[s] && !run->aborted && mpar__now() < limit) {
+        struct timespec until;
+        double at;
+        clock_gettime(CLOCK_REALTIME, &until); /* wake every 50 ms to look at the clock */
+        at = (double)until.tv_nsec + 50e6;
+        until.tv_sec += (time_t)(at / 1e9);
+        until.tv_nsec = (long)fmod(at, 1e9);
+        pthread_cond_timedwait(&run->cv, &run->mu, &until);
+    }
+    if (run->aborted) {
+        pthread_mutex_unlock(&run->mu);
+        return mpar__fail(p->ctx, MPAR_ERROR_ABORTED, "another stage failed during generation");
+    }
+    if (!run->count[s]) {
+        pthread_mutex_unlock(&run->mu);
+        return mpar__fail(p->ctx, MPAR_ERROR_TIMEOUT, "waited %.0f s for a generation micro-batch",
+                          p->desc.timeout_seconds);
+    }
+    *m = run->ring[(size_t)s * (size_t)run->cap + (size_t)run->head[s]];
+    run->head[s] = (run->head[s] + 1) % run->cap;
+    run->count[s]--;
+    pthread_mutex_unlock(&run->mu);
+    return MPAR_SUCCESS;
+}
+
+static void mpar__gen_msg_free(mpar_pipeline* p, mpar__gen_msg* m) {
+    mpar__free(p->ctx, m->meta), mpar__free(p->ctx, m->data);
+    m->meta = NULL, m->data = NULL;
+}
+
+/* A decoder block's forward for rows at their own positions: the keys and
+   values of the rows go into the cache, and each row attends over its
+   sequence's cache up to its position (mpar__block_fwd with the
+   attention read from the cache). */
+static mpar_result mpar__gen_block(mpar_exec* ex, const mpar_layer* l, mpar_buf x, mpar_buf y, mpar_buf p,
+                                   mpar_buf st, cl_mem kc, cl_mem vc, mpar_buf meta, int rows, int S, int L) {
+    mpar__block_shape s = mpar__block(l);
+    size_t r = (size_t)rows;
+    mpar_buf h1 = mpar__at(st, r * s.s_h1), qkv = mpar__at(st, r * s.s_qkv), pr = mpar__at(st, r * s.s_p);
+    mpar_buf a = mpar__at(st, r * s.s_a), x2 = mpar__at(st, r * s.s_x2), h2 = mpar__at(st, r * s.s_h2);
+    mpar_buf f = mpar__at(st, r * s.s_f), g = mpar__at(st, r * s.s_g);
+    mpar_buf slot = mpar__at(meta, r), pos = mpar__at(meta, 2 * r);
+    mpar_buf kb = mpar__buf0(kc), vb = mpar__buf0(vc);
+    MPAR__TRY(mpar__ln_fwd(ex, x, mpar__at(p, s.ln1), h1, mpar__at(st, r * s.s_st1), rows, s.ci, mpar__eps(l)));
+    MPAR__TRY(mpar__proj(ex, h1, mpar__at(p, s.wqkv), mpar__at(p, s.bqkv), qkv, rows, s.ci, s.c3i));
+    MPAR__TRY(mpar_exec_launch(ex, "generate.cl", "mpar_kv_store", r * 2 * s.c, 0, "BBBBBiiii", qkv, slot, pos, kb, vb,
+                               rows, s.ci, S, L));
+    MPAR__TRY(mpar_exec_launch(ex, "generate.cl", "mpar_attn_cached", r * s.h, 0, "BBBBBBBiiiii", qkv, slot, pos, kb,
+                               vb, a, pr, rows, s.ci, s.hi, S, L));
+    MPAR__TRY(mpar__proj(ex, a, mpar__at(p, s.wo), mpar__at(p, s.bo), y, rows, s.ci, s.ci));
+    MPAR__TRY(mpar__add(ex, x, y, x2, r * s.c));
+    MPAR__TRY(mpar__ln_fwd(ex, x2, mpar__at(p, s.ln2), h2, mpar__at(st, r * s.s_st2), rows, s.ci, mpar__eps(l)));
+    MPAR__TRY(mpar__proj(ex, h2, mpar__at(p, s.w1), mpar__at(p, s.b1), f, rows, s.ci, s.hdi));
+    MPAR__TRY(mpar_exec_launch(ex, "elementwise.cl", "mpar_gelu_fwd", r * s.hd, 0, "BBl", f, g, r * s.hd));
+    MPAR__TRY(mpar__proj(ex, g, mpar__at(p, s.w2), mpar__at(p, s.b2), y, rows, s.hdi, s.ci));
+    return mpar__add(ex, y, x2, y, r * s.c);
+}
+
+/* The chunk's layers on a micro-batch already uploaded (meta, and act[0]
+   past stage 0); *out_k: the region holding the result, *cur its buffer. */
+static mpar_result mpar__gen_layers(mpar__worker* w, const mpar__vstage* v, mpar__gen_stage* gs, int rows, int* cur,
+                                    int* out_k) {
+    mpar_pipeline* p = w->p;
+    mpar__gen* gen = p->gen;
+    mpar_buf meta = mpar__buf0(gs->meta);
+    int k;
+    *cur = 0;
+    for (k = 0; k < v->n; k++) {
+        const mpar_layer* l = mpar_model_layer(p->model, v->first + k);
+        mpar_buf x = mpar__buf0(gs->act[*cur]), y = mpar__buf0(gs->act[!*cur]), prm = mpar__state(v, v->params, k);
+        if (l->type->flags & MPAR_LAYER_LOSS) break;
+        if (l->type == mpar_layer_embedding()) {
+            size_t c = (size_t)l->out_features, voc = (size_t)l->desc.vocab;
+            MPAR__TRY(mpar_exec_launch(&w->ex, "generate.cl", "mpar_embed_at", (size_t)rows * c, 0, "BBBBBiiii", meta,
+                                       mpar__at(meta, 2 * (size_t)rows), prm, mpar__at(prm, voc * c), y, rows,
+                                       l->seq_len, l->out_features, l->desc.vocab));
+        } else if (l->type == mpar_layer_decoder_block()) {
+            MPAR__TRY(mpar__gen_block(&w->ex, l, x, y, prm, mpar__buf0(gs->stash), gs->kc[k], gs->vc[k], meta, rows,
+                                      gen->S, gen->L));
+        } else {
+            mpar_io io;
+            memset(&io, 0, sizeof io);
+            io.rows = rows, io.x = x, io.y = y, io.params = prm;
+            io.stash = mpar__buf0(gs->stash), io.scratch = mpar__buf0(gs->scratch);
+            MPAR__TRY(l->type->forward(&w->ex, l, &io));
+        }
+        *cur = !*cur;
+    }
+    *out_k = k;
+    return MPAR_SUCCESS;
+}
+
+/* Largest logit first, the lower index first on a tie. */
+static int mpar__gen_pick_order(const void* a, const void* b) {
+    const mpar__gen_pick *x = (const mpar__gen_pick*)a, *y = (const mpar__gen_pick*)b;
+    if (x->v != y->v) return x->v > y->v ? -1 : 1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* The next token from one row of logits (see mpar_generate_desc). */
+static int mpar__gen_sample(mpar__gen_run* run, const float* lg, int seq) {
+    const mpar_generate_desc* g = run->g;
+    int V = run->vocab, k, j;
+    double sum = 0.0, u, acc = 0.0;
+    if (!(g->temperature > 0.0f)) {
+        int32_t best = 0;
+        mpar_argmax(lg, 1, V, &best, NULL);
+        return (int)best;
+    }
+    for (j = 0; j < V; j++) run->pick[j].v = isnan(lg[j]) ? -INFINITY : lg[j], run->pick[j].i = j;
+    qsort(run->pick, (size_t)V, sizeof run->pick[0], mpar__gen_pick_order);
+    k = g->top_k > 0 && g->top_k < V ? g->top_k : V;
+    if (!isfinite(run->pick[0].v)) return run->pick[0].i;
+    for (j = 0; j < k; j++) sum += exp(((double)run->pick[j].v - (double)run->pick[0].v) / (double)g->temperature);
+    u = mpar__rng_uniform(&run->rng[seq]) * sum;
+    for (j = 0; j < k; j++) {
+        acc += exp(((double)run->pick[j].v - (double)run->pick[0].v) / (double)g->temperature);
+        if (u < acc) return run->pick[j].i;
+    }
+    return run->pick[k - 1].i;
+}
+
+/* Sends group `grp`'s live sequences to stage 0 as one decode micro-batch;
+   nothing when none is live. */
+static mpar_result mpar__gen_post_group(mpar_pipeline* p, mpar__gen_run* run, int grp) {
+    const mpar_generate_desc* g = run->g;
+    mpar__gen_msg m;
+    int i, rows = 0;
+    for (i = grp; i < g->sequences; i += run->groups) rows += run->live[i];
+    if (!rows) return MPAR_SUCCESS;
+    memset(&m, 0, sizeof m);
+    m.kind = MPAR__GEN_DECODE, m.rows = rows, m.group = grp;
+    m.meta = (int32_t*)mpar__alloc(p->ctx, sizeof(int32_t) * 3 * (size_t)rows);
+    if (!m.meta) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    for (i = grp, rows = 0; i < g->sequences; i += run->groups) {
+        if (!run->live[i]) continue;
+        m.meta[rows] = run->last[i];
+        m.meta[m.rows + rows] = i;
+        m.meta[2 * m.rows + rows] = g->prompt_lengths[i] + run->made[i] - 1;
+        rows++;
+    }
+    run->in_flight++;
+    mpar__gen_push(run, 0, &m);
+    return MPAR_SUCCESS;
+}
+
+/* The last stage: a token for each row of a finished micro-batch, then the
+   group's next step, or the end. */
+static mpar_result mpar__gen_sample_msg(mpar_pipeline* p, mpar__gen_msg* m, const float* logits) {
+    mpar__gen_run* run = p->gen->run;
+    const mpar_generate_desc* g = run->g;
+    int r, s;
+    for (r = 0; r < m->rows; r++) {
+        const float* lg = logits + (m->kind == MPAR__GEN_PREFILL ? 0 : (size_t)r * (size_t)run->vocab);
+        int tok, stop = 0;
+        if (m->kind == MPAR__GEN_PREFILL && r < m->rows - 1) continue; /* only the prompt's last position */
+        s = m->meta[m->rows + r];
+        tok = mpar__gen_sample(run, lg, s);
+        if (g->outputs && g->outputs[s]) g->outputs[s][run->made[s]] = tok;
+        run->made[s]++, run->last[s] = tok, run->new_tokens++;
+        if (m->kind == MPAR__GEN_DECODE) run->decode_tokens++;
+        if (g->on_token) g->on_token(g->user, s, tok);
+        for (stop = 0; stop < g->stop_count && g->stop_tokens[stop] != tok; stop++) {}
+        if (stop < g->stop_count) {
+            if (g->finish) g->finish[s] = MPAR_GENERATE_FINISH_STOP;
+            run->live[s] = 0;
+        } else if (run->made[s] >= mpar__gen_max_new(g, s)) {
+            if (g->finish) g->finish[s] = MPAR_GENERATE_FINISH_LENGTH;
+            run->live[s] = 0;
+        } else if (g->prompt_lengths[s] + run->made[s] >= p->gen->L) {
+            if (g->finish) g->finish[s] = MPAR_GENERATE_FINISH_CONTEXT;
+            run->live[s] = 0;
+        }
+        if (g->output_lengths) g->output_lengths[s] = run->made[s];
+    }
+    run->in_flight--;
+    if (m->kind == MPAR__GEN_PREFILL) {
+        if (--run->prefills_left == 0) run->t_prefill = mpar__now();
+        if (--run->group_wait[m->group] == 0) MPAR__TRY(mpar__gen_post_group(p, run, m->group));
+    } else {
+        MPAR__TRY(mpar__gen_post_group(p, run, m->group));
+    }
+    if (run->in_flight == 0) { /* every sequence is done */
+        mpar__gen_msg q;
+        memset(&q, 0, sizeof q);
+        q.kind = MPAR__GEN_QUIT;
+        mpar__gen_push(run, 0, &q);
+    }
+    return MPAR_SUCCESS;
+}
+
+/* One micro-batch on this worker's chunk: in, layers, out (to the next
+   stage, or sampled on the last). A row count the stage has not run yet
+   runs under the context's first-run lock (see mpar__serial_begin). */
+static mpar_result mpar__gen_step(mpar__worker* w, mpar__gen_msg* m) {
+    mpar_pipeline* p = w->p;
+    mpar__vstage* v = &p->vs[w->index];
+    mpar__gen_stage* gs = &p->gen->st[w->index];
+    mpar__gen_run* run = p->gen->run;
+    int rows = m->rows, cur = 0, k = 0, last = w->index == p->vs_count - 1, held;
+    size_t width, in_width = v->act_cum[1] - v->act_cum[0];
+    double t = mpar__now();
+    mpar_result r;
+    float* out;
+    MPAR__TRY(mpar__upload(w, gs->meta, 0, m->meta, 3 * (size_t)rows));
+    if (w->index > 0) MPAR__TRY(mpar__upload(w, gs->act[0], 0, m->data, (size_t)rows * in_width));
+    mpar__free(p->ctx, m->data);
+    m->data = NULL;
+    held = !gs->seen[rows] && p->ctx->devices[w->device].pocl;
+    if (held) pthread_mutex_lock(&p->ctx->first_run_lock);
+    r = mpar__gen_layers(w, v, gs, rows, &cur, &k);
+    if (r == MPAR_SUCCESS) r = mpar__cl_check(p->ctx, clFinish(w->ex.queue), "clFinish", __FILE__, __LINE__);
+    if (held) pthread_mutex_unlock(&p->ctx->first_run_lock);
+    MPAR__TRY(r);
+    gs->seen[rows] = 1;
+    width = v->act_cum[k + 1] - v->act_cum[k];
+    if (last) {
+        size_t first = m->kind == MPAR__GEN_PREFILL ? (size_t)rows - 1 : 0, n = m->kind == MPAR__GEN_PREFILL ? 1 : (size_t)rows;
+        MPAR__TRY(mpar__exec_copy(&w->ex, mpar__at(mpar__buf0(gs->act[cur]), first * width), run->logits,
+                                  n * width * 4, 0, 0));
+        gs->busy_s += mpar__now() - t;
+        r = mpar__gen_sample_msg(p, m, run->logits);
+        mpar__gen_msg_free(p, m);
+        return r;
+    }
+    out = (float*)mpar__alloc(p->ctx, sizeof(float) * (size_t)rows * width);
+    if (!out) return mpar__fail(p->ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    r = mpar__exec_copy(&w->ex, mpar__buf0(gs->act[cur]), out, (size_t)rows * width * 4, 0, 0);
+    if (r != MPAR_SUCCESS) {
+        mpar__free(p->ctx, out);
+        return r;
+    }
+    m->data = out;
+    gs->busy_s += mpar__now() - t;
+    mpar__gen_push(run, w->index + 1, m); /* the message moves on with its meta */
+    m->meta = NULL, m->data = NULL;
+    return MPAR_SUCCESS;
+}
+
+/* A worker's generation job: micro-batches until the quit. */
+static mpar_result mpar__gen_worker(mpar__worker* w) {
+    mpar_pipeline* p = w->p;
+    mpar__gen_run* run = p->gen ? p->gen->run : NULL;
+    mpar_result r = MPAR_SUCCESS;
+    if (!run) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "generation job without a generation call");
+    for (;;) {
+        mpar__gen_msg m;
+        r = mpar__gen_pop(p, w->index, &m);
+        if (r != MPAR_SUCCESS) break;
+        if (m.kind == MPAR__GEN_QUIT) {
+            if (w->index + 1 < p->vs_count) mpar__gen_push(run, w->index + 1, &m);
+            break;
+        }
+        r = mpar__gen_step(w, &m);
+        mpar__gen_msg_free(p, &m);
+        if (r != MPAR_SUCCESS) break;
+    }
+    if (r != MPAR_SUCCESS) {
+        pthread_mutex_lock(&run->mu);
+        run->aborted = 1;
+        pthread_cond_broadcast(&run->cv);
+        pthread_mutex_unlock(&run->mu);
+    }
+    return r;
+}
+
+#define MPAR__GEN_BAD(p, field, ...) \
+    mpar__fail((p)->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_generate_desc." field ": " __VA_ARGS__)
+
+static mpar_result mpar__gen_validate(mpar_pipeline* p, const mpar_generate_desc* g) {
+    const mpar_layer* emb;
+    int i, j;
+    if (!p->gen)
+        return mpar__fail(p->ctx, MPAR_ERROR_INVALID_STATE, "mpar_pipeline_generate: the pipeline was created without "
+                          "generate_sequences, so it has no key/value cache");
+    if (!g) return mpar__fail(p->ctx, MPAR_ERROR_INVALID_ARGUMENT, "mpar_pipeline_generate: desc is NULL");
+    if (g->sequences < 1 || g->sequences > p->gen->S)
+        return MPAR__GEN_BAD(p, "sequences", "%d; give 1 to the pipeline's generate_sequences (%d)", g->sequences,
+                             p->gen->S);
+    if (!g->prompts) return MPAR__GEN_BAD(p, "prompts", "NULL");
+    if (!g->prompt_lengths) return MPAR__GEN_BAD(p, "prompt_lengths", "NULL");
+    if (!g->max_new_tokens && g->max_new < 0) return MPAR__GEN_BAD(p, "max_new", "%d is negative", g->max_new);
+    if (g->stop_count < 0 || (g->stop_count > 0 && !g->stop_tokens))
+        return MPAR__GEN_BAD(p, "stop_tokens", "stop_count is %d; give that many stop tokens (or 0)", g->stop_count);
+    if (!(g->temperature >= 0.0f) || isinf(g->temperature))
+        return MPAR__GEN_BAD(p, "temperature", "%g; give 0 (greedy) or a finite positive value",
+                             (double)g->temperature);
+    if (g->top_k < 0) return MPAR__GEN_BAD(p, "top_k", "%d; give 0 (every token) or more", g->top_k);
+    if (g->groups < 0 || g->groups > g->sequences)
+        return MPAR__GEN_BAD(p, "groups", "%d; give 0 (one per stage) to sequences (%d)", g->groups, g->sequences);
+    emb = mpar_model_layer(p->model, 0);
+    for (i = 0; i < g->sequences; i++) {
+        int n = g->prompt_lengths[i], mx = mpar__gen_max_new(g, i);
+        if (n < 1 || n >= p->gen->L)
+            return MPAR__GEN_BAD(p, "prompt_lengths", "sequence %d has %d tokens; give 1 to %d (generate_context %d "
+                                 "less one: a new token needs a position)", i, n, p->gen->L - 1, p->gen->L);
+        if (!g->prompts[i]) return MPAR__GEN_BAD(p, "prompts", "sequence %d's prompt is NULL", i);
+        for (j = 0; j < n; j++)
+            if (g->prompts[i][j] < 0 || g->prompts[i][j] >= emb->desc.vocab)
+                return MPAR__GEN_BAD(p, "prompts", "token %d of sequence %d is %d, outside the vocabulary of %d", j, i,
+                                     (int)g->prompts[i][j], emb->desc.vocab);
+        if (mx < 0) return MPAR__GEN_BAD(p, "max_new_tokens", "sequence %d: %d is negative", i, mx);
+        if (mx > 0 && g->outputs && !g->outputs[i])
+            return MPAR__GEN_BAD(p, "outputs", "sequence %d's array is NULL", i);
+    }
+    return MPAR_SUCCESS;
+}
+
+static void mpar__gen_run_free(mpar_pipeline* p, mpar__gen_run* run) {
+    int s, i;
+    if (run->ring)
+        for (s = 0; s < p->vs_count; s++)
+            for (i = 0; i < run->count[s]; i++)
+                mpar__gen_msg_free(p, &run->ring[(size_t)s * (size_t)run->cap + (size_t)((run->head[s] + i) % run->cap)]);
+    mpar__free(p->ctx, run->ring), mpar__free(p->ctx, run->head), mpar__free(p->ctx, run->count);
+    mpar__free(p->ctx, run->made), mpar__free(p->ctx, run->live), mpar__free(p->ctx, run->group_wait);
+    mpar__free(p->ctx, run->last), mpar__free(p->ctx, run->rng), mpar__free(p->ctx, run->logits);
+    mpar__free(p->ctx, run->pick);
+    pthread_cond_destroy(&run->cv);
+    pthread_mutex_destroy(&run->mu);
+}
+
+/* The run's host state, every sequence's prefill queued to stage 0. */
+static mpar_result mpar__gen_run_init(mpar_pipeline* p, const mpar_generate_desc* g, mpar__gen_run* run) {
+    mpar_context* ctx = p->ctx;
+    size_t S = (size_t)g->sequences, st = (size_t)p->vs_count;
+    int i;
+    memset(run, 0, sizeof *run);
+    pthread_mutex_init(&run->mu, NULL);
+    pthread_cond_init(&run->cv, NULL);
+    run->g = g;
+    run->vocab = mpar_model_layer(p->model, 0)->desc.vocab;
+    run->groups = g->groups ? g->groups : (p->vs_count < g->sequences ? p->vs_count : g->sequences);
+    run->cap = 2 * g->sequences + 2;
+    run->ring = (mpar__gen_msg*)mpar__alloc(ctx, sizeof(mpar__gen_msg) * st * (size_t)run->cap);
+    run->head = (int*)mpar__alloc(ctx, sizeof(int) * st), run->count = (int*)mpar__alloc(ctx, sizeof(int) * st);
+    run->made = (int*)mpar__alloc(ctx, sizeof(int) * S), run->live = (int*)mpar__alloc(ctx, sizeof(int) * S);
+    run->group_wait = (int*)mpar__alloc(ctx, sizeof(int) * S);
+    run->last = (int32_t*)mpar__alloc(ctx, sizeof(int32_t) * S);
+    run->rng = (uint64_t*)mpar__alloc(ctx, sizeof(uint64_t) * S);
+    run->logits = (float*)mpar__alloc(ctx, sizeof(float) * (size_t)p->gen->G * (size_t)run->vocab);
+    run->pick = (mpar__gen_pick*)mpar__alloc(ctx, sizeof(mpar__gen_pick) * (size_t)run->vocab);
+    if (!run->ring || !run->head || !run->count || !run->made || !run->live || !run->group_wait || !run->last ||
+        !run->rng || !run->logits || !run->pick)
+        return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+    memset(run->head, 0, sizeof(int) * st), memset(run->count, 0, sizeof(int) * st);
+    memset(run->group_wait, 0, sizeof(int) * S);
+    for (i = 0; i < g->sequences; i++) {
+        run->made[i] = 0, run->last[i] = 0;
+        run->live[i] = mpar__gen_max_new(g, i) > 0;
+        run->rng[i] = g->seed ^ (0x9E3779B97F4A7C15ULL * (uint64_t)(i + 1));
+        mpar__rng_next(&run->rng[i]);
+        if (g->output_lengths) g->output_lengths[i] = 0;
+        if (g->finish) g->finish[i] = MPAR_GENERATE_FINISH_LENGTH;
+    }
+    run->t0 = run->t_prefill = mpar__now();
+    for (i = 0; i < g->sequences; i++) {
+        mpar__gen_msg m;
+        int n = g->prompt_lengths[i], j;
+        if (!run->live[i]) continue;
+        memset(&m, 0, sizeof m);
+        m.kind = MPAR__GEN_PREFILL, m.rows = n, m.group = i % run->groups;
+        m.meta = (int32_t*)mpar__alloc(ctx, sizeof(int32_t) * 3 * (size_t)n);
+        if (!m.meta) return mpar__fail(ctx, MPAR_ERROR_OUT_OF_HOST_MEMORY, "out of host memory");
+        for (j = 0; j < n; j++) m.meta[j] = g->prompts[i][j], m.meta[n + j] = i, m.meta[2 * n + j] = j;
+        run->group_wait[m.group]++, run->in_flight++, run->prefills_left++, run->prompt_tokens += n;
+        mpar__gen_push(run, 0, &m);
+    }
+    if (run->in_flight == 0) { /* nothing to generate: the workers stop at once */
+        mpar__gen_msg q;
+        memset(&q, 0, sizeof q);
+        q.kind = MPAR__GEN_QUIT;
+        mpar__gen_push(run, 0, &q);
+    }
+    return MPAR_SUCCESS;
+}
+
+static mpar_result mpar__generate_impl(mpar_pipeline* p, const mpar_generate_desc* g, mpar_generate_stats* stats) {
+    mpar__gen_run run;
+    mpar__job last_job;
+    mpar_result r;
+    int i;
+    if (!p) return MPAR_ERROR_INVALID_ARGUMENT;
+    if (p->damaged) return mpar__damaged(p);
+    MPAR__TRY(mpar__gen_validate(p, g));
+    if (stats) memset(stats, 0, sizeof *stats);
+    for (i = 0; i < p->vs_count; i++) p->gen->st[i].busy_s = 0.0;
+    r = mpar__gen_run_init(p, g, &run);
+    if (r == MPAR_SUCCESS) {
+        last_job = p->last_job; /* the timeline keeps showing the last training or inference job */
+        p->gen->run = &run;
+        r = mpar__run_job(p, MPAR__JOB_GENERATE);
+        p->gen->run = NULL;
+        p->last_job = last_job;
+    }
+    if (stats) {
+        double end = mpar__now();
+        stats->prompt_tokens = run.prompt_tokens, stats->new_tokens = run.new_tokens;
+        stats->decode_tokens = run.decode_tokens;
+        stats->seconds = end - run.t0;
+        stats->prefill_seconds = run.t_prefill - run.t0;
+        stats->decode_seconds = end - run.t_prefill;
+        stats->stages = p->vs_count < 64 ? p->vs_count : 64;
+        for (i = 0; i < stats->stages; i++) stats->stage_busy_seconds[i] = p->gen->st[i].busy_s;
+    }
+    mpar__gen_run_free(p, &run);
+    return r;
+}
+
+MPARDEF mpar_result mpar_pipeline_generate(mpar_pipeline* p, const mpar_generate_desc* g, mpar_generate_stats* stats) {
+    mpar_result r;
+    if (p && (r = mpar__enter(p, "mpar_pipeline_generate")) != MPAR_SUCCESS) return r;
+    r = mpar__generate_impl(p, g, stats);
+    return p ? mpar__leave(p, r) : r;
 }
 
 #endif /* MPAR_IMPLEMENTATION_DONE */

@@ -1,7 +1,8 @@
 /* A character-level GPT (token + position embedding, decoder blocks, final
    layer norm, linear head) trained on the King James Bible from Debian's
    bible-kjv-text, split across the OpenCL devices; reports training and
-   validation loss against the text's unigram entropy, then writes a sample.
+   validation loss against the text's unigram entropy, then writes a sample
+   (mpar_pipeline_generate, with a key/value cache).
 
      examples/char_gpt [--devices SEL] [--schedule 1f1b|gpipe|zbh1|zbh2|zbv|interleaved|auto|sequential]
                        [--microbatches M] [--stages D:A-B,...] [--activations fp32|bf16] [--steps N] [--batch B]
@@ -50,40 +51,42 @@ static double evaluate(mpar_pipeline* p, const int32_t* ids, size_t n, int windo
     return loss;
 }
 
-/* Samples `count` characters after `prompt` (temperature 0.8). */
-static int generate(mpar_pipeline* p, const data_charset* cs, const char* prompt, int count, int T, int vocab,
-                    uint64_t seed) {
-    int32_t* ctx_ids = (int32_t*)calloc((size_t)T, sizeof(int32_t));
-    float* logits = (float*)malloc(sizeof(float) * (size_t)T * (size_t)vocab);
-    int len = 0, i, k;
-    data_rng rng;
-    data_rng_seed(&rng, seed);
-    for (i = 0; prompt[i] && len < T; i++)
-        if (cs->index[(unsigned char)prompt[i]] >= 0) ctx_ids[len++] = cs->index[(unsigned char)prompt[i]];
+static void put_char(void* user, int sequence, int token) {
+    const data_charset* cs = (const data_charset*)user;
+    (void)sequence;
+    putchar(cs->symbols[token]);
+}
+
+/* Writes `count` characters after `prompt` (temperature 0.8), streamed
+   as mpar_pipeline_generate makes them with the pipeline's key/value
+   cache. A sequence holds at most the context (T), so a longer sample is
+   made in rounds, each prefilled with the last T/2 characters so far. */
+static int generate(mpar_pipeline* p, const data_charset* cs, const char* prompt, int count, int T, uint64_t seed) {
+    int32_t* ids = (int32_t*)malloc(sizeof(int32_t) * (strlen(prompt) + (size_t)count + 1));
+    int len = 0, made = 0, round = 0, i;
+    if (!ids) return -1;
+    for (i = 0; prompt[i]; i++)
+        if (cs->index[(unsigned char)prompt[i]] >= 0) ids[len++] = cs->index[(unsigned char)prompt[i]];
+    if (len == 0) ids[len++] = cs->index[(unsigned char)' '] >= 0 ? cs->index[(unsigned char)' '] : 0;
     printf("sample: %s", prompt);
-    for (i = 0; i < count && len > 0; i++) {
-        mpar_batch b;
-        double sum = 0.0, r, max = -1e30;
-        float* row;
-        b.inputs = ctx_ids, b.targets = NULL, b.samples = 1;
-        if (mpar_pipeline_infer(p, &b, logits, NULL) != MPAR_SUCCESS) break;
-        row = logits + (size_t)(len - 1) * (size_t)vocab; /* causal: later padding is not seen */
-        for (k = 0; k < vocab; k++) max = row[k] > max ? row[k] : max;
-        for (k = 0; k < vocab; k++) sum += exp((row[k] - max) / 0.8);
-        r = data_rng_float(&rng) * sum;
-        for (k = 0; k < vocab - 1; k++) {
-            r -= exp((row[k] - max) / 0.8);
-            if (r <= 0) break;
+    while (made < count) {
+        mpar_generate_desc g;
+        int keep = len < (round == 0 ? T - 1 : T / 2) ? len : (round == 0 ? T - 1 : T / 2), want = count - made, got = 0;
+        const int32_t* pr = ids + len - keep;
+        int32_t* out = ids + len;
+        memset(&g, 0, sizeof g);
+        g.sequences = 1, g.prompts = &pr, g.prompt_lengths = &keep, g.max_new_tokens = &want;
+        g.temperature = 0.8f, g.seed = seed + (uint64_t)round++;
+        g.outputs = &out, g.output_lengths = &got;
+        g.on_token = put_char, g.user = (void*)cs;
+        if (mpar_pipeline_generate(p, &g, NULL) != MPAR_SUCCESS) {
+            free(ids);
+            return -1;
         }
-        putchar(cs->symbols[k]);
-        if (len == T) {
-            memmove(ctx_ids, ctx_ids + 1, sizeof(int32_t) * (size_t)(T - 1));
-            len--;
-        }
-        ctx_ids[len++] = k;
+        len += got, made += got;
     }
     printf("\n");
-    free(ctx_ids), free(logits);
+    free(ids);
     return 0;
 }
 
@@ -171,6 +174,10 @@ int main(int argc, char** argv) {
     pd.optimizer.warmup_steps = steps / 20;
     pd.optimizer.decay_steps = steps - steps / 20;
     pd.optimizer.min_lr = pd.optimizer.lr * 0.1f;
+    /* the sample at the end: a key/value cache for one sequence (generation
+       needs one chunk per device; interleaved schedules sample from a
+       pipeline of their own) */
+    if (pd.virtual_stages <= 1 && pd.schedule != MPAR_SCHEDULE_ZB_V) pd.generate_sequences = 1;
     if (mpar_pipeline_create(ctx, model, &pd, &pipe) != MPAR_SUCCESS) return die("pipeline", ctx, NULL);
     if (ckpt && ex_flag(argc, argv, "--resume")) {
         if (mpar_pipeline_load_checkpoint(pipe, ckpt, NULL) != MPAR_SUCCESS) return die("--resume", ctx, NULL);
@@ -212,8 +219,29 @@ int main(int argc, char** argv) {
     if (val_loss < 0) return die("evaluate", ctx, NULL);
     printf("trained %d steps in %.1f s (%.0f characters/s)\n", steps - first, ex_seconds() - t0,
            (double)(steps - first) * batch * T / (ex_seconds() - t0));
-    generate(pipe, &cs, prompt ? prompt : "And God said", ex_int(argc, argv, "--sample", 200), T, cs.size,
-             md.seed + 7);
+    {
+        mpar_pipeline* sampler = pipe;
+        int l, ok = 1;
+        if (!pd.generate_sequences) { /* one device, the trained parameters */
+            mpar_pipeline_desc sd;
+            mpar_stage_desc one;
+            memset(&sd, 0, sizeof sd);
+            one.device = 0, one.first_layer = 0, one.last_layer = mpar_model_layer_count(model) - 1;
+            sd.stages = &one, sd.stage_count = 1, sd.max_batch = 1, sd.inference_only = 1, sd.generate_sequences = 1;
+            if (mpar_pipeline_create(ctx, model, &sd, &sampler) != MPAR_SUCCESS) return die("sampler", ctx, NULL);
+            for (l = 0; ok && l < mpar_model_layer_count(model); l++) {
+                size_t n = mpar_model_layer(model, l)->param_count;
+                float* w = (float*)malloc(sizeof(float) * (n ? n : 1));
+                ok = w && mpar_pipeline_get_params(pipe, l, w) == MPAR_SUCCESS &&
+                     mpar_pipeline_set_params(sampler, l, w) == MPAR_SUCCESS;
+                free(w);
+            }
+        }
+        if (!ok || generate(sampler, &cs, prompt ? prompt : "And God said", ex_int(argc, argv, "--sample", 200), T,
+                            md.seed + 7) != 0)
+            return die("sample", ctx, NULL);
+        if (sampler != pipe) mpar_pipeline_destroy(sampler);
+    }
     printf("train_loss: %.4f\n", evaluate(pipe, ids, n_train, eval_windows, T, x, y));
     printf("val_loss: %.4f\n", val_loss);
     printf("unigram_entropy: %.4f\n", entropy);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The installed CMake package works and `make uninstall` undoes `make
 # install`: installs into a temporary prefix, builds a small CMake project
-# elsewhere with find_package(mpar 0.6) and target mpar::mpar, runs it from
+# elsewhere with find_package(mpar 0.7) and target mpar::mpar, runs it from
 # a third folder (so only the installed kernel folder can serve the .cl
 # files), then uninstalls and checks that no file is left under the prefix
 # and that mpar's own folders are gone. Needs cmake and the OpenCL devices
@@ -26,7 +26,7 @@ done
 cat >"$src/CMakeLists.txt" <<'CM'
 cmake_minimum_required(VERSION 3.13)
 project(mpar_cmake_check C)
-find_package(mpar 0.6 REQUIRED)
+find_package(mpar 0.7 REQUIRED)
 add_executable(app main.c)
 target_link_libraries(app PRIVATE mpar::mpar)
 set_target_properties(app PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON C_EXTENSIONS OFF)
@@ -95,7 +95,7 @@ cmake -S "$src" -B "$build" -DCMAKE_PREFIX_PATH="$prefix" >"$work/cmake.log" 2>&
 cmake --build "$build" >"$work/build.log" 2>&1 || { cat "$work/build.log"; fail "the project did not build"; }
 (cd "$run" && "$build/app") || fail "the app built against the installed package failed"
 # a version the package is not: refused
-sed -i 's/find_package(mpar 0.6 REQUIRED)/find_package(mpar 1.0 REQUIRED)/' "$src/CMakeLists.txt"
+sed -i 's/find_package(mpar 0.7 REQUIRED)/find_package(mpar 1.0 REQUIRED)/' "$src/CMakeLists.txt"
 if cmake -S "$src" -B "$work/build1" -DCMAKE_PREFIX_PATH="$prefix" >"$work/cmake1.log" 2>&1; then
   fail "find_package(mpar 1.0) accepted version $(sed -n 's/^set(PACKAGE_VERSION "\(.*\)")/\1/p' "$prefix/lib/cmake/mpar/mparConfigVersion.cmake")"
 fi

@@ -10,7 +10,7 @@ export MPAR_CACHE_DIR="${MPAR_CACHE_DIR:-$top/build/cache}"
 export POCL_DEVICES="${POCL_DEVICES:-basic basic}"
 bad=0
 fail() { echo "check-examples: $*" >&2; bad=1; }
-for e in char_gpt fashion_mnist infer plan demo custom_layer; do
+for e in char_gpt fashion_mnist infer plan demo custom_layer generate; do
   x=examples/$e
   out=$("$x" --help 2>/dev/null); rc=$?
   [ $rc -eq 0 ] || fail "$e --help exited $rc"
@@ -20,7 +20,7 @@ for e in char_gpt fashion_mnist infer plan demo custom_layer; do
   case $err in *"unknown option '--no-such-option'"*usage:*) ;; *) fail "$e: no reason and usage for an unknown option" ;; esac
 done
 for args in "char_gpt --steps" "char_gpt --steps ten" "fashion_mnist --epochs 2x" "plan --microbatch 8" \
-            "plan --json=1" "infer --samples" "demo extra"; do
+            "plan --json=1" "infer --samples" "demo extra" "generate --tokens x" "generate --prompt"; do
   timeout 20 examples/$args >/dev/null 2>&1; rc=$?
   [ $rc -eq 2 ] || fail "examples/$args exited $rc (want 2)"
 done

@@ -898,6 +898,33 @@ static void cases_attention(void) {
         }
 }
 
+/* generate.cl: rows of uneven slots and positions, some out of range (the
+   kernels skip them), caches of S slots x L positions. */
+static void cases_generate(void) {
+    static const int shapes[][5] = {{1, 4, 1, 1, 1}, {3, 12, 3, 2, 5}, {5, 8, 2, 3, 7}, {4, 10, 5, 2, 6}}; /* rows, C, H, S, L */
+    int si, pad;
+    for (si = 0; si < 4; si++)
+        for (pad = 0; pad < 2; pad++) {
+            int rows = shapes[si][0], C = shapes[si][1], H = shapes[si][2], S = shapes[si][3], L = shapes[si][4];
+            int V = 9, cache = S * L * C, r;
+            int32_t *slots, *pos;
+            tc_begin("generate.cl", "mpar_embed_at", "BBBBBiiii", (size_t)(rows * C) + (size_t)pad * 5);
+            tc_ibuf(rows, 1, -1, V), tc_ibuf(rows, 2, -1, L), tc_fbuf(V * C, 3, -1, 1), tc_fbuf(L * C, 4, -1, 1);
+            tc_fbuf(rows * C, 5, -1, 1), tc_int(rows), tc_int(L), tc_int(C), tc_int(V), tc_run();
+            tc_begin("generate.cl", "mpar_kv_store", "BBBBBiiii", (size_t)(rows * 2 * C) + (size_t)pad * 5);
+            tc_fbuf(rows * 3 * C, 1, -2, 2);
+            slots = tc_ibuf(rows, 2, -1, S), pos = tc_ibuf(rows, 3, -1, L);
+            for (r = 0; r < rows; r++) /* distinct places (work-items would race); row 0 and the last out of range */
+                pos[r] = r - 1, slots[r] = r == rows - 1 && rows > 2 ? S : r % S;
+            tc_fbuf(cache, 4, -1, 1), tc_fbuf(cache, 5, -1, 1), tc_int(rows), tc_int(C), tc_int(S), tc_int(L);
+            tc_run();
+            tc_begin("generate.cl", "mpar_attn_cached", "BBBBBBBiiiii", (size_t)(rows * H) + (size_t)pad * 3);
+            tc_fbuf(rows * 3 * C, 1, -2, 2), tc_ibuf(rows, 2, -1, S), tc_ibuf(rows, 3, -1, L);
+            tc_fbuf(cache, 4, -2, 2), tc_fbuf(cache, 5, -1, 1), tc_fbuf(rows * C, 6, -1, 1);
+            tc_fbuf(rows * H * L, 7, -1, 1), tc_int(rows), tc_int(C), tc_int(H), tc_int(S), tc_int(L), tc_run();
+        }
+}
+
 /* Global sizes smaller than the data: only the first g0 work-items run.
    mpar never launches so, but it checks that the host versions that walk
    rows and column blocks stop at the right work-item. */
@@ -966,6 +993,7 @@ int main(int argc, char** argv) {
     cases_optimizer();
     cases_sumsq_layers();
     cases_attention();
+    cases_generate();
     cases_short_range();
 
     /* One line per kernel: with the device's built-ins (asserted bit for bit),
