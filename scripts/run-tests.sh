@@ -20,9 +20,10 @@ run() {
 }
 run "one platform, two devices" "$@"
 # The two-platform setup matters to tests that touch devices; pure tests
-# (planner, schedule) are skipped there.
+# (planner, schedule) are skipped there. A suite that takes its context
+# from tests/fixture.h touches devices too.
 dev_tests=()
-for t in "$@"; do grep -q "clGetPlatformIDs\|mpar_create" "$t.c" 2>/dev/null && dev_tests+=("$t"); done
+for t in "$@"; do grep -q "clGetPlatformIDs\|mpar_create\|fixture\.h" "$t.c" 2>/dev/null && dev_tests+=("$t"); done
 if ((${#dev_tests[@]})); then
   OCL_ICD_VENDORS="$top/build/icd2" POCL_DEVICES=basic MPAR_TEST_PLATFORMS=2 run "two platforms" "${dev_tests[@]}"
   # CPU devices take the host route by default when mpar is built with

@@ -18,6 +18,7 @@
 #include <cmocka.h>
 #include <time.h>
 
+#include "fixture.h"
 #include "stall_layer.h"
 
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
@@ -95,15 +96,32 @@ static mpar_model* make_model(void) {
     return m;
 }
 
+/* a context of one device, `device` of those found */
 static mpar_context* make_context(int device) {
-    mpar_context* ctx = NULL;
     mpar_desc d;
     char spec[16];
-    memset(&d, 0, sizeof d);
+    memset(&d, 0, sizeof d); /* no kernel_path: found as a user's would be */
     snprintf(spec, sizeof spec, "%d", device);
     d.devices = spec;
-    if (mpar_create(&d, &ctx) != MPAR_SUCCESS) fail_msg("mpar_create on device %d failed", device);
-    return ctx;
+    return fx_context_or_fail(&d, 1);
+}
+
+/* a context of two devices */
+static mpar_context* make_context2(void) {
+    mpar_desc d;
+    memset(&d, 0, sizeof d);
+    return fx_context_or_fail(&d, 2);
+}
+
+/* the model's 6 layers on `stages` devices (0-5, or 0-2 and 3-5), a 30 s
+   timeout */
+static mpar_pipeline* make_pipeline(mpar_context* ctx, const mpar_model* m, int stages, mpar_schedule_kind kind) {
+    mpar_stage_desc st[2];
+    mpar_pipeline_desc pd;
+    fx_stages(st, stages, 6);
+    pd = fx_pipeline_desc(st, stages, kind, 2, BATCH);
+    pd.timeout_seconds = 30;
+    return fx_pipeline(ctx, m, &pd);
 }
 
 typedef struct job {
@@ -121,14 +139,7 @@ static void* train_one(void* arg) {
 }
 
 static mpar_pipeline* one_stage_pipeline(mpar_context* ctx, const mpar_model* m) {
-    mpar_stage_desc st = {0, 0, 5};
-    mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
-    memset(&pd, 0, sizeof pd);
-    pd.stages = &st, pd.stage_count = 1, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = BATCH;
-    pd.timeout_seconds = 30;
-    if (mpar_pipeline_create(ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
-    return p;
+    return make_pipeline(ctx, m, 1, MPAR_SCHEDULE_1F1B);
 }
 
 static void test_two_pipelines_at_once(void** state) {
@@ -174,21 +185,11 @@ static void* read_errors(void* arg) {
 
 static void test_concurrent_failures(void** state) {
     mpar_model* m = make_model();
-    mpar_context* ctx = NULL;
-    mpar_desc d;
-    mpar_stage_desc st[2] = {{0, 0, 2}, {1, 3, 5}};
-    mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
+    mpar_context* ctx = make_context2();
+    mpar_pipeline* p = make_pipeline(ctx, m, 2, MPAR_SCHEDULE_GPIPE);
     pthread_t reader;
     int round, named[2] = {0, 0};
     (void)state;
-    memset(&d, 0, sizeof d);
-    assert_int_equal(mpar_create(&d, &ctx), MPAR_SUCCESS);
-    if (mpar_device_count(ctx) < 2) fail_msg("needs two devices (POCL_DEVICES=\"basic basic\")");
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_GPIPE, pd.microbatches = 2, pd.max_batch = BATCH;
-    pd.timeout_seconds = 30;
-    assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_SUCCESS);
     {   /* a first step of a shape runs one stage at a time on PoCL: warm up */
         mpar_batch b;
         mpar_step_info info;
@@ -266,23 +267,14 @@ static void* race_steps(void* arg) {
 }
 static void test_two_threads_one_pipeline(void** state) {
     mpar_model* m = make_model();
-    mpar_context* ctx = NULL;
-    mpar_desc d;
-    mpar_stage_desc st[2] = {{0, 0, 2}, {1, 3, 5}};
-    mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
+    mpar_context* ctx = make_context2();
+    mpar_pipeline* p;
     pthread_t t[2];
     racer r[2];
     int k;
     (void)state;
-    memset(&d, 0, sizeof d);
-    assert_int_equal(mpar_create(&d, &ctx), MPAR_SUCCESS);
-    if (mpar_device_count(ctx) < 2) fail_msg("needs two devices (POCL_DEVICES=\"basic basic\")");
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = BATCH;
-    pd.timeout_seconds = 30;
     g_fail_mode = 2;
-    assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_SUCCESS);
+    p = make_pipeline(ctx, m, 2, MPAR_SCHEDULE_1F1B);
     memset(r, 0, sizeof r);
     for (k = 0; k < 2; k++) r[k].p = p, assert_int_equal(pthread_create(&t[k], NULL, race_steps, &r[k]), 0);
     for (k = 0; k < 2; k++) pthread_join(t[k], NULL);

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
@@ -36,43 +37,31 @@ static void log_fn(void* user, mpar_log_level level, const char* message) {
     snprintf(l->last, sizeof l->last, "%s", message);
 }
 
+/* two devices; errors to `log` when given */
 static mpar_context* make_ctx(logged* log) {
     mpar_desc d;
-    mpar_error err;
-    mpar_context* ctx = NULL;
     memset(&d, 0, sizeof d);
-    d.error = &err;
     d.kernel_path = "kernels";
     if (log) d.log = log_fn, d.log_user = log, d.log_level = MPAR_LOG_ERROR;
-    if (mpar_create(&d, &ctx) != MPAR_SUCCESS) fail_msg("mpar_create: %s", err.message);
-    if (mpar_device_count(ctx) < 2) fail_msg("test_destroyed needs two devices (POCL_DEVICES=\"basic basic\")");
-    return ctx;
+    return fx_context_or_fail(&d, 2);
 }
 
+/* 4 -> linear 8 -> relu -> linear 3 -> cross-entropy */
 static mpar_model* make_model(void) {
-    mpar_model* m = NULL;
-    mpar_model_desc md;
-    memset(&md, 0, sizeof md);
-    md.input_features = 4;
-    md.seed = 7;
-    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_linear(m, 8, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_simple(m, mpar_layer_relu(), NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_linear(m, 3, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
-    return m;
+    static const int widths[] = {4, 8, 3};
+    return fx_mlp(widths, 3, mpar_layer_relu(), 7);
+}
+
+/* layers 0-1 on device 0, 2-3 on device 1; 1F1B, 2 micro-batches of 8 rows */
+static mpar_pipeline_desc two_stage_desc(mpar_stage_desc* st) {
+    fx_stages(st, 2, 4);
+    return fx_pipeline_desc(st, 2, MPAR_SCHEDULE_1F1B, 2, 8);
 }
 
 static mpar_pipeline* make_pipeline(mpar_context* ctx, const mpar_model* m) {
     mpar_stage_desc st[2];
-    mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
-    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 1;
-    st[1].device = 1, st[1].first_layer = 2, st[1].last_layer = 3;
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 8;
-    if (mpar_pipeline_create(ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
-    return p;
+    mpar_pipeline_desc pd = two_stage_desc(st);
+    return fx_pipeline(ctx, m, &pd);
 }
 
 #define DESTROYED(ctx, call)                                                                                      \
@@ -157,10 +146,7 @@ static void test_model_after_destroy(void** state) {
     assert_int_equal(mpar_model_param_count(m), 0);
     assert_int_equal(mpar_model_init_params(m, 0, params, &err), MPAR_ERROR_INVALID_STATE);
     /* a pipeline of a destroyed model */
-    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 1;
-    st[1].device = 1, st[1].first_layer = 2, st[1].last_layer = 3;
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 8;
+    pd = two_stage_desc(st);
     assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_ERROR_INVALID_STATE);
     assert_null(p);
     assert_non_null(strstr(mpar_last_error(ctx), "model was destroyed"));
@@ -190,10 +176,7 @@ static void test_context_after_destroy(void** state) {
     assert_int_equal(mpar_context_get_stats(ctx, &cs), MPAR_ERROR_INVALID_STATE);
     assert_int_equal(mpar_set_fault(ctx, ""), MPAR_ERROR_INVALID_STATE);
     assert_int_equal(mpar_kernel_find(ctx, "elementwise.cl", path, sizeof path), MPAR_ERROR_INVALID_STATE);
-    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 1;
-    st[1].device = 1, st[1].first_layer = 2, st[1].last_layer = 3;
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 8;
+    pd = two_stage_desc(st);
     assert_int_equal(mpar_pipeline_create(ctx, m, &pd, &p), MPAR_ERROR_INVALID_STATE);
     assert_null(p);
     log.count = 0;

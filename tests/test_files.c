@@ -12,7 +12,9 @@
        success leaves a file that loads;
    (f) a kernel cache file writable by others is not trusted: rejected and
        rebuilt, never loaded;
-   (g) only names of exactly the temporary files' pattern are leftovers. */
+   (g) only names of exactly the temporary files' pattern are leftovers
+       (mpar__tmp_name and mpar__leftover_pid are private and called
+       directly: no public call parses or makes those names). */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -26,6 +28,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
@@ -34,33 +37,25 @@ static char g_dir[64];
 static mpar_context* g_ctx;
 static mpar_model* g_model;
 
+/* 6 -> linear 8 -> relu -> linear 3 -> cross-entropy */
 static mpar_model* make_model(void) {
-    mpar_model_desc md;
-    mpar_model* m = NULL;
-    mpar_error err;
-    memset(&md, 0, sizeof md);
-    md.input_features = 6;
-    md.seed = 3;
-    if (mpar_model_create(&md, &m, &err) != MPAR_SUCCESS) fail_msg("%s", err.message);
-    mpar_model_add_linear(m, 8, &err);
-    mpar_model_add_simple(m, mpar_layer_relu(), &err);
-    mpar_model_add_linear(m, 3, &err);
-    if (mpar_model_add_simple(m, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) fail_msg("%s", err.message);
-    return m;
+    static const int widths[] = {6, 8, 3};
+    return fx_mlp(widths, 3, mpar_layer_relu(), 3);
 }
 
+/* layers 0-1 on device 0, 2-3 on device 1, AdamW, one step taken */
 static mpar_pipeline* make_pipe(void) {
     mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
-    mpar_stage_desc st[2] = {{0, 0, 1}, {1, 2, 3}};
+    mpar_pipeline* p;
+    mpar_stage_desc st[2];
     float x[8 * 6];
     int32_t y[8];
     mpar_batch b;
     int i;
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st, pd.stage_count = 2, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 8;
+    fx_stages(st, 2, 4);
+    pd = fx_pipeline_desc(st, 2, MPAR_SCHEDULE_1F1B, 2, 8);
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW;
-    if (mpar_pipeline_create(g_ctx, g_model, &pd, &p) != MPAR_SUCCESS) fail_msg("%s", mpar_last_error(g_ctx));
+    p = fx_pipeline(g_ctx, g_model, &pd);
     for (i = 0; i < 8 * 6; i++) x[i] = (float)(i % 7) / 7.0f;
     for (i = 0; i < 8; i++) y[i] = i % 3;
     b.inputs = x, b.targets = y, b.samples = 8;
@@ -70,20 +65,11 @@ static mpar_pipeline* make_pipe(void) {
 
 static int setup(void** state) {
     mpar_desc d;
-    mpar_error err;
     (void)state;
     snprintf(g_dir, sizeof g_dir, "/tmp/mpar_files_XXXXXX");
     if (!mkdtemp(g_dir)) return -1;
-    memset(&d, 0, sizeof d);
-    d.error = &err;
-    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS) {
-        fprintf(stderr, "mpar_create: %s\n", err.message);
-        return -1;
-    }
-    if (mpar_device_count(g_ctx) < 2) {
-        fprintf(stderr, "needs two devices\n");
-        return -1;
-    }
+    memset(&d, 0, sizeof d); /* the kernels found as a user's would be: no kernel_path */
+    if (fx_context_desc(&d, 2, &g_ctx) != 0) return -1;
     g_model = make_model();
     return 0;
 }

@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
@@ -46,12 +47,8 @@ static int setup(void** state) {
     uint64_t s = 99;
     int i;
     (void)state;
-    memset(&d, 0, sizeof d);
-    d.error = &err;
-    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS || mpar_device_count(g_ctx) < 2) {
-        fprintf(stderr, "needs two devices (POCL_DEVICES=\"basic basic\")\n");
-        return -1;
-    }
+    memset(&d, 0, sizeof d); /* no kernel_path: found as a user's would be */
+    if (fx_context_desc(&d, 2, &g_ctx) != 0) return -1;
     memset(&md, 0, sizeof md);
     md.input_features = 1, md.seq_len = SEQ, md.seed = 5;
     if (mpar_model_create(&md, &g_gpt, &err) != MPAR_SUCCESS) return -1;
@@ -68,8 +65,8 @@ static int setup(void** state) {
         mpar_model_add_simple(g_gpt, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS)
         return -1;
     for (i = 0; i < BATCH * SEQ; i++) {
-        g_tokens[i] = (int32_t)(mpar__rng_next(&s) % VOCAB);
-        g_targets[i] = (int32_t)(mpar__rng_next(&s) % VOCAB);
+        g_tokens[i] = (int32_t)(fx_rng_next(&s) % VOCAB); /* interleaved: not two fx_labels */
+        g_targets[i] = (int32_t)(fx_rng_next(&s) % VOCAB);
     }
     return 0;
 }
@@ -103,13 +100,12 @@ static void train(const mpar_stage_desc* st, int n, mpar_schedule_kind kind, int
     mpar_batch b;
     int i, l;
     size_t off = 0;
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st, pd.stage_count = n, pd.schedule = kind, pd.microbatches = M, pd.virtual_stages = V;
-    pd.max_batch = BATCH, pd.recompute = recompute, pd.max_buffer_bytes = max_buffer;
+    pd = fx_pipeline_desc(st, n, kind, M, BATCH);
+    pd.virtual_stages = V, pd.recompute = recompute, pd.max_buffer_bytes = max_buffer;
     pd.recompute_stages = g_recompute_stages, pd.activation_type = g_act, pd.link_mode = g_link;
     pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 1e-2f;
     if (mpar_pipeline_memory(g_ctx, g_gpt, &pd, mem) != MPAR_SUCCESS) fail_msg("memory: %s", mpar_last_error(g_ctx));
-    if (mpar_pipeline_create(g_ctx, g_gpt, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+    p = fx_pipeline(g_ctx, g_gpt, &pd);
     assert_int_equal(mpar_pipeline_get_stats(p, &stats), MPAR_SUCCESS);
     for (i = 0; i < stats.stages; i++) assert_int_equal(stats.device_bytes[i], mem->device_bytes[i]);
     b.inputs = g_tokens, b.targets = g_targets, b.samples = BATCH;
@@ -185,7 +181,7 @@ static float* grads_of(mpar_activation_type t, int split) {
     memset(&pd, 0, sizeof pd);
     pd.stages = split ? TWO : ONE, pd.stage_count = split ? 2 : 1, pd.max_batch = BATCH, pd.microbatches = M;
     pd.schedule = split ? MPAR_SCHEDULE_ZB_H1 : MPAR_SCHEDULE_GPIPE, pd.activation_type = t;
-    if (mpar_pipeline_create(g_ctx, g_gpt, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+    p = fx_pipeline(g_ctx, g_gpt, &pd);
     b.inputs = g_tokens, b.targets = g_targets, b.samples = BATCH;
     if (mpar_pipeline_compute_gradients(p, &b, &info) != MPAR_SUCCESS) fail_msg("%s", mpar_last_error(g_ctx));
     for (l = 0; l < mpar_model_layer_count(g_gpt); l++) {
@@ -269,19 +265,8 @@ static void test_bf16_activations(void** state) {
 
 /* An activation-heavy MLP: 32 inputs, 4 x (linear 256 + relu), 10 classes. */
 static mpar_model* make_wide_mlp(void) {
-    mpar_model* m = NULL;
-    mpar_model_desc md;
-    int i;
-    memset(&md, 0, sizeof md);
-    md.input_features = 32, md.seed = 3;
-    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
-    for (i = 0; i < 4; i++) {
-        assert_int_equal(mpar_model_add_linear(m, 256, NULL), MPAR_SUCCESS);
-        assert_int_equal(mpar_model_add_simple(m, mpar_layer_relu(), NULL), MPAR_SUCCESS);
-    }
-    assert_int_equal(mpar_model_add_linear(m, 10, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
-    return m;
+    static const int widths[] = {32, 256, 256, 256, 256, 10};
+    return fx_mlp(widths, 6, mpar_layer_relu(), 3);
 }
 
 enum { WIDE_BATCH = 512 };
@@ -290,17 +275,16 @@ enum { WIDE_BATCH = 512 };
 static float* wide_train(mpar_model* m, mpar_pipeline_desc* pd, mpar_pipeline_stats* stats) {
     static float x[WIDE_BATCH * 32];
     static int32_t y[WIDE_BATCH];
-    mpar_pipeline* p = NULL;
+    mpar_pipeline* p;
     mpar_batch b;
     mpar_step_info info;
     float* params = (float*)malloc(sizeof(float) * mpar_model_param_count(m));
     size_t off = 0;
-    uint64_t seed = 8;
     int i, l;
     assert_non_null(params);
-    for (i = 0; i < WIDE_BATCH * 32; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&seed) - 1.0);
+    fx_data(x, NULL, WIDE_BATCH, 32, 0, 8);
     for (i = 0; i < WIDE_BATCH; i++) y[i] = i % 10;
-    if (mpar_pipeline_create(g_ctx, m, pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+    p = fx_pipeline(g_ctx, m, pd);
     b.inputs = x, b.targets = y, b.samples = WIDE_BATCH;
     for (i = 0; i < 2; i++)
         if (mpar_pipeline_train_step(p, &b, &info) != MPAR_SUCCESS) fail_msg("step: %s", mpar_last_error(g_ctx));
@@ -387,7 +371,7 @@ static void test_bf16_inference(void** state) {
         pd.max_batch = BATCH, pd.activation_type = MPAR_ACTIVATIONS_BF16, pd.inference_only = k == 2;
         out[k] = (float*)malloc(sizeof(float) * BATCH * SEQ * VOCAB);
         assert_non_null(out[k]);
-        if (mpar_pipeline_create(g_ctx, g_gpt, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
+        p = fx_pipeline(g_ctx, g_gpt, &pd);
         b.inputs = g_tokens, b.targets = g_targets, b.samples = BATCH;
         if (mpar_pipeline_infer(p, &b, out[k], &loss[k]) != MPAR_SUCCESS) fail_msg("infer: %s", mpar_last_error(g_ctx));
         mpar_pipeline_destroy(p);

@@ -18,7 +18,9 @@
    clCreateBuffer above 256 MiB fails with CL_INVALID_BUFFER_SIZE, while
    many smaller buffers can exceed 1 GiB in total (filled and used), on one
    device or several. So "fits" is checked here against the executor's own
-   byte count, and a plan must also respect the per-buffer limit. */
+   byte count, and a plan must also respect the per-buffer limit.
+   The timings printed use mpar__now, mpar's private monotonic clock: no
+   public call reads it. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -28,6 +30,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
@@ -39,19 +42,10 @@ static mpar_context* g_ctx;
 
 static int setup(void** state) {
     mpar_desc d;
-    mpar_error err;
     int i;
     (void)state;
-    memset(&d, 0, sizeof d);
-    d.error = &err;
-    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS) {
-        fprintf(stderr, "mpar_create: %s\n", err.message);
-        return -1;
-    }
-    if (mpar_device_count(g_ctx) < 2) {
-        fprintf(stderr, "needs two devices (POCL_DEVICES=\"basic basic\")\n");
-        return -1;
-    }
+    memset(&d, 0, sizeof d); /* no kernel_path: found as a user's would be */
+    if (fx_context_desc(&d, 2, &g_ctx) != 0) return -1;
     for (i = 0; i < mpar_device_count(g_ctx); i++) {
         mpar_device_info info;
         mpar_device_get_info(g_ctx, i, &info);
@@ -72,20 +66,11 @@ static int teardown(void** state) {
 
 /* linear widths[0], relu, linear widths[1], relu, ..., linear widths[n-1], cross-entropy */
 static mpar_model* make_mlp(int in, const int* widths, int n) {
-    mpar_model* m = NULL;
-    mpar_model_desc md;
-    mpar_error err;
-    int i;
-    memset(&md, 0, sizeof md);
-    md.input_features = in;
-    md.seed = 42;
-    assert_int_equal(mpar_model_create(&md, &m, &err), MPAR_SUCCESS);
-    for (i = 0; i < n; i++) {
-        assert_int_equal(mpar_model_add_linear(m, widths[i], &err), MPAR_SUCCESS);
-        if (i + 1 < n) assert_int_equal(mpar_model_add_simple(m, mpar_layer_relu(), &err), MPAR_SUCCESS);
-    }
-    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), &err), MPAR_SUCCESS);
-    return m;
+    int all[16], i;
+    assert_true(n < 16);
+    all[0] = in;
+    for (i = 0; i < n; i++) all[i + 1] = widths[i];
+    return fx_mlp(all, n + 1, mpar_layer_relu(), 42);
 }
 
 /* A small character GPT: embedding, decoder blocks, layer norm, head, loss. */

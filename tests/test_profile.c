@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
@@ -31,45 +32,26 @@ static char g_dir[64];
 
 static mpar_context* make_ctx(const char* cache_dir, const char* slow) {
     mpar_desc d;
-    mpar_error err;
-    mpar_context* ctx = NULL;
-    memset(&d, 0, sizeof d);
-    d.error = &err;
+    memset(&d, 0, sizeof d); /* no kernel_path: found as a user's would be */
     d.cache_dir = cache_dir;
     d.disable_cache = cache_dir == NULL;
     d.slow_devices = slow;
-    if (mpar_create(&d, &ctx) != MPAR_SUCCESS) fail_msg("mpar_create: %s", err.message);
-    if (mpar_device_count(ctx) < 2) fail_msg("needs two devices (POCL_DEVICES=\"basic basic\")");
-    return ctx;
+    return fx_context_or_fail(&d, 2);
 }
 
 /* The model's layer kinds, one cache entry each: the first linear, relu,
    the 32-wide linear, the last linear, the loss. */
 enum { KINDS = 5 };
 
+/* 24 -> 4 x (linear 32, relu) -> linear 5 -> cross-entropy: 10 layers */
 static mpar_model* make_model(void) {
-    mpar_model_desc md;
-    mpar_model* m = NULL;
-    mpar_error err;
-    int i;
-    memset(&md, 0, sizeof md);
-    md.input_features = 24;
-    md.seed = 5;
-    if (mpar_model_create(&md, &m, &err) != MPAR_SUCCESS) fail_msg("%s", err.message);
-    for (i = 0; i < 4; i++) {
-        mpar_model_add_linear(m, 32, &err);
-        mpar_model_add_simple(m, mpar_layer_relu(), &err);
-    }
-    mpar_model_add_linear(m, 5, &err);
-    if (mpar_model_add_simple(m, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) fail_msg("%s", err.message);
-    return m;
+    static const int widths[] = {24, 32, 32, 32, 32, 5};
+    return fx_mlp(widths, 6, mpar_layer_relu(), 5);
 }
 
+/* stages planned by mpar (none given) */
 static void pipe_desc(mpar_pipeline_desc* pd, int max_batch) {
-    memset(pd, 0, sizeof *pd);
-    pd->schedule = MPAR_SCHEDULE_1F1B;
-    pd->microbatches = 4;
-    pd->max_batch = max_batch;
+    *pd = fx_pipeline_desc(NULL, 0, MPAR_SCHEDULE_1F1B, 4, max_batch);
     pd->optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     pd->optimizer.lr = 1e-3f;
 }
@@ -373,8 +355,8 @@ static void test_cache_off(void** state) {
 
 static void train(mpar_context* ctx, mpar_model* m, float* params_out) {
     mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
-    mpar_stage_desc st[2] = {{0, 0, 4}, {1, 5, 9}};
+    mpar_pipeline* p;
+    mpar_stage_desc st[2];
     float x[16 * 24];
     int32_t y[16];
     mpar_batch b;
@@ -382,8 +364,9 @@ static void train(mpar_context* ctx, mpar_model* m, float* params_out) {
     for (i = 0; i < 16 * 24; i++) x[i] = (float)((i * 7919) % 23) / 23.0f - 0.5f;
     for (i = 0; i < 16; i++) y[i] = i % 5;
     pipe_desc(&pd, 16);
+    fx_stages(st, 2, mpar_model_layer_count(m)); /* 0-4 and 5-9 */
     pd.stages = st, pd.stage_count = 2;
-    if (mpar_pipeline_create(ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("%s", mpar_last_error(ctx));
+    p = fx_pipeline(ctx, m, &pd);
     b.inputs = x, b.targets = y, b.samples = 16;
     for (i = 0; i < 3; i++) assert_int_equal(mpar_pipeline_train_step(p, &b, NULL), MPAR_SUCCESS);
     for (l = 0; l < mpar_model_layer_count(m); l++) {

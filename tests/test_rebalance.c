@@ -15,6 +15,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
@@ -30,20 +31,14 @@ static int32_t g_y[BATCH];
    link latency for the small model: its balance is certain. */
 static const double g_equal[2] = {1e7, 1e7};
 
+/* LINEARS linear layers of `width` (no activation), cross-entropy, model
+   seed 99; x: BATCH rows of inputs in [-1, 1) from `seed` */
 static mpar_model* make_model(int width, float* x, uint64_t seed) {
-    mpar_model_desc md;
-    mpar_model* m = NULL;
-    mpar_error err;
+    int widths[LINEARS + 1], i;
     uint64_t s = seed;
-    int i;
-    memset(&md, 0, sizeof md);
-    md.input_features = width;
-    md.seed = 99;
-    if (mpar_model_create(&md, &m, &err) != MPAR_SUCCESS) return NULL;
-    for (i = 0; i < LINEARS; i++) mpar_model_add_linear(m, width, &err);
-    if (mpar_model_add_simple(m, mpar_layer_cross_entropy(), &err) != MPAR_SUCCESS) return NULL;
-    for (i = 0; i < BATCH * width; i++) x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
-    return m;
+    for (i = 0; i <= LINEARS; i++) widths[i] = width;
+    fx_uniform(x, (size_t)BATCH * (size_t)width, -1.0, 1.0, &s);
+    return fx_mlp(widths, LINEARS + 1, NULL, 99);
 }
 
 /* MPAR_TEST_VERBOSE=1: the library's messages, re-planning's among them */
@@ -54,18 +49,14 @@ static void log_to_stderr(void* user, mpar_log_level level, const char* message)
 
 static int setup(void** state) {
     mpar_desc d;
-    mpar_error err;
     uint64_t s = 5;
-    int i;
     (void)state;
-    memset(&d, 0, sizeof d);
-    d.error = &err;
+    memset(&d, 0, sizeof d); /* no kernel_path: found as a user's would be */
     if (getenv("MPAR_TEST_VERBOSE")) d.log = log_to_stderr;
-    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS || mpar_device_count(g_ctx) < 2) return -1;
+    if (fx_context_desc(&d, 2, &g_ctx) != 0) return -1;
     g_small = make_model(32, g_x_small, 11);
     g_big = make_model(384, g_x_big, 12);
-    if (!g_small || !g_big) return -1;
-    for (i = 0; i < BATCH; i++) g_y[i] = (int32_t)(mpar__rng_next(&s) % 32);
+    fx_labels(g_y, BATCH, 32, &s);
     return 0;
 }
 
@@ -79,10 +70,8 @@ static int teardown(void** state) {
 
 /* A training desc on `stages` (NULL: the caller sets stages or plan). */
 static void desc_for(mpar_pipeline_desc* pd, const mpar_stage_desc* stages, int count, mpar_schedule_kind kind, int V) {
-    memset(pd, 0, sizeof *pd);
-    pd->stages = stages, pd->stage_count = count;
-    pd->schedule = kind, pd->microbatches = M, pd->virtual_stages = V;
-    pd->max_batch = BATCH;
+    *pd = fx_pipeline_desc(stages, count, kind, M, BATCH);
+    pd->virtual_stages = V;
     pd->optimizer.kind = MPAR_OPTIMIZER_ADAMW;
     pd->optimizer.lr = 0.01f;
     pd->optimizer.weight_decay = 0.01f;
@@ -90,9 +79,7 @@ static void desc_for(mpar_pipeline_desc* pd, const mpar_stage_desc* stages, int 
 }
 
 static mpar_pipeline* create(const mpar_model* model, const mpar_pipeline_desc* pd) {
-    mpar_pipeline* p = NULL;
-    if (mpar_pipeline_create(g_ctx, model, pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
-    return p;
+    return fx_pipeline(g_ctx, model, pd);
 }
 
 static void train(mpar_pipeline* p, const mpar_model* model, int steps, double* losses) {

@@ -16,25 +16,18 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
 
 enum { IN = 4, HID = 6, OUT = 3, N = 10 };
-static mpar_context* g_ctx;
 static float g_x[N * IN], g_t[N * OUT];
 
+/* IN -> linear HID -> tanh -> linear OUT -> loss */
 static mpar_model* make_model(const mpar_layer_type* loss) {
-    mpar_model* m = NULL;
-    mpar_model_desc md;
-    memset(&md, 0, sizeof md);
-    md.input_features = IN, md.seed = 21;
-    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_linear(m, HID, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_simple(m, mpar_layer_tanh(), NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_linear(m, OUT, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_simple(m, loss, NULL), MPAR_SUCCESS);
-    return m;
+    static const int widths[] = {IN, HID, OUT};
+    return fx_mlp_loss(widths, 3, mpar_layer_tanh(), loss, 21);
 }
 
 static mpar_schedule_kind g_kind = MPAR_SCHEDULE_1F1B;
@@ -42,18 +35,10 @@ static mpar_schedule_kind g_kind = MPAR_SCHEDULE_1F1B;
 static mpar_pipeline* make_pipeline(mpar_model* m, int stages, int microbatches) {
     mpar_stage_desc st[2];
     mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
-    memset(&pd, 0, sizeof pd);
-    if (stages == 2) {
-        st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 1;
-        st[1].device = 1, st[1].first_layer = 2, st[1].last_layer = 3;
-    } else {
-        st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 3;
-    }
-    pd.stages = st, pd.stage_count = stages, pd.schedule = g_kind, pd.microbatches = microbatches;
-    pd.max_batch = N, pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 0.01f;
-    if (mpar_pipeline_create(g_ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
-    return p;
+    fx_stages(st, stages, 4); /* 0-3, or 0-1 and 2-3 */
+    pd = fx_pipeline_desc(st, stages, g_kind, microbatches, N);
+    pd.optimizer.kind = MPAR_OPTIMIZER_ADAMW, pd.optimizer.lr = 0.01f;
+    return fx_pipeline(fx_ctx, m, &pd);
 }
 
 static mpar_batch batch(void) {
@@ -168,21 +153,12 @@ static void test_pipeline_equals_one_device(void** state) {
             assert_int_equal(mpar_pipeline_train_step(one, &b, &a), MPAR_SUCCESS);
             assert_int_equal(mpar_pipeline_train_step(two, &b, &c), MPAR_SUCCESS);
             if (memcmp(&a.loss, &c.loss, sizeof a.loss) != 0)
-                fail_msg("%s step %d: loss %.9g (one device) vs %.9g (two stages)", m->layers[3].type->name, s, a.loss,
-                         c.loss);
+                fail_msg("%s step %d: loss %.9g (one device) vs %.9g (two stages)", mpar_model_layer(m, 3)->type->name,
+                         s, a.loss, c.loss);
             assert_int_equal(a.counted_rows, N);
             assert_true(a.loss > 0);
         }
-        for (l = 0; l < 4; l++) {
-            size_t n = mpar_model_layer(m, l)->param_count;
-            float *u, *v;
-            if (!n) continue;
-            u = (float*)malloc(n * 4), v = (float*)malloc(n * 4);
-            assert_int_equal(mpar_pipeline_get_params(one, l, u), MPAR_SUCCESS);
-            assert_int_equal(mpar_pipeline_get_params(two, l, v), MPAR_SUCCESS);
-            if (memcmp(u, v, n * 4) != 0) fail_msg("layer %d's parameters differ", l);
-            free(u), free(v);
-        }
+        if ((l = fx_same_params(one, two, m)) >= 0) fail_msg("layer %d's parameters differ", l);
         mpar_pipeline_destroy(two);
         mpar_pipeline_destroy(one);
         mpar_model_destroy(m);
@@ -205,13 +181,13 @@ static void test_bad_targets(void** state) {
     b.targets = classes; /* int32 classes are not what an mse loss takes */
     for (i = 0; i < N; i++) classes[i] = i % OUT;
     assert_int_equal(mpar_pipeline_train_step(p, &b, NULL), MPAR_ERROR_INVALID_ARGUMENT);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "float_targets"));
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "float_targets"));
     /* a NaN target: row and column named */
     b = batch();
     keep = g_t[7 * OUT + 2];
     g_t[7 * OUT + 2] = NAN;
     assert_int_equal(mpar_pipeline_train_step(p, &b, NULL), MPAR_ERROR_INVALID_ARGUMENT);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "row 7, column 2 is not finite"));
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "row 7, column 2 is not finite"));
     g_t[7 * OUT + 2] = INFINITY;
     assert_int_equal(mpar_pipeline_infer(p, &b, NULL, &loss), MPAR_ERROR_INVALID_ARGUMENT);
     g_t[7 * OUT + 2] = keep;
@@ -245,43 +221,22 @@ static void test_memory_counts_targets(void** state) {
     mpar_stage_desc st[1];
     mpar_pipeline_desc pd;
     (void)state;
-    memset(&pd, 0, sizeof pd);
-    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 3;
-    pd.stages = st, pd.stage_count = 1, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 1, pd.max_batch = N;
-    assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &a), MPAR_SUCCESS);
-    assert_int_equal(mpar_pipeline_memory(g_ctx, x, &pd, &b), MPAR_SUCCESS);
+    fx_stages(st, 1, 4);
+    pd = fx_pipeline_desc(st, 1, MPAR_SCHEDULE_1F1B, 1, N);
+    assert_int_equal(mpar_pipeline_memory(fx_ctx, m, &pd, &a), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_memory(fx_ctx, x, &pd, &b), MPAR_SUCCESS);
     /* the same but for the targets: N rows × (OUT - 1) more floats (one slot) */
     assert_int_equal((long long)(a.device_bytes[0] - b.device_bytes[0]), (long long)N * (OUT - 1) * 4);
     mpar_model_destroy(x);
     mpar_model_destroy(m);
 }
 
+/* inputs in [-1, 1), then float targets in [-1.5, 1.5), from one stream */
 static int group_setup(void** state) {
-    mpar_desc d;
-    mpar_error err;
     uint64_t s = 99;
-    int i;
-    (void)state;
-    memset(&d, 0, sizeof d);
-    d.error = &err;
-    d.kernel_path = "kernels";
-    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS) {
-        fprintf(stderr, "mpar_create: %s\n", err.message);
-        return -1;
-    }
-    if (mpar_device_count(g_ctx) < 2) {
-        fprintf(stderr, "test_regression needs two devices (POCL_DEVICES=\"basic basic\")\n");
-        return -1;
-    }
-    for (i = 0; i < N * IN; i++) g_x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
-    for (i = 0; i < N * OUT; i++) g_t[i] = (float)(3.0 * mpar__rng_uniform(&s) - 1.5);
-    return 0;
-}
-
-static int group_teardown(void** state) {
-    (void)state;
-    mpar_destroy(g_ctx);
-    return 0;
+    fx_uniform(g_x, N * IN, -1.0, 1.0, &s);
+    fx_uniform(g_t, N * OUT, -1.5, 1.5, &s);
+    return fx_group_setup(state);
 }
 
 int main(void) {
@@ -293,5 +248,5 @@ int main(void) {
         cmocka_unit_test(test_bad_targets),
         cmocka_unit_test(test_memory_counts_targets),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, group_setup, fx_group_teardown);
 }

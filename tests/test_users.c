@@ -10,11 +10,10 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
-
-static mpar_context* g_ctx;
 
 static const float g_x[8 * 4] = {0.1f, 0.2f, 0.3f, 0.4f, 1, 2, 3, 4, -1, 0, 1, 0, 2, 2, 2, 2,
                                  0.5f, 0.5f, 0, 0, 3, 1, 4, 1, 5, 9, 2, 6, -3, -1, 0, 1};
@@ -22,56 +21,21 @@ static const int32_t g_y[8] = {0, 1, 2, 0, 1, 2, 0, 1};
 
 /* 4 -> linear 8 -> relu -> linear 3 -> cross-entropy */
 static mpar_model* make_model(void) {
-    mpar_model* m = NULL;
-    mpar_model_desc md;
-    memset(&md, 0, sizeof md);
-    md.input_features = 4;
-    md.seed = 7;
-    assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_linear(m, 8, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_simple(m, mpar_layer_relu(), NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_linear(m, 3, NULL), MPAR_SUCCESS);
-    assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
-    return m;
+    static const int widths[] = {4, 8, 3};
+    return fx_mlp(widths, 3, mpar_layer_relu(), 7);
 }
 
+/* layers 0-1 on device 0, 2-3 on device 1; 1F1B, 2 micro-batches of 8 rows */
 static mpar_pipeline_desc two_stage_desc(mpar_stage_desc* st) {
-    mpar_pipeline_desc pd;
-    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = 1;
-    st[1].device = 1, st[1].first_layer = 2, st[1].last_layer = 3;
-    memset(&pd, 0, sizeof pd);
-    pd.stages = st;
-    pd.stage_count = 2;
-    pd.schedule = MPAR_SCHEDULE_1F1B;
-    pd.microbatches = 2;
-    pd.max_batch = 8;
-    return pd;
+    fx_stages(st, 2, 4);
+    return fx_pipeline_desc(st, 2, MPAR_SCHEDULE_1F1B, 2, 8);
 }
 
+/* the devices and faults of the environment are not this suite's */
 static int group_setup(void** state) {
-    mpar_desc d;
-    mpar_error err;
-    (void)state;
     unsetenv("MPAR_DEVICES");
     unsetenv("MPAR_FAULT");
-    memset(&d, 0, sizeof d);
-    d.error = &err;
-    d.kernel_path = "kernels";
-    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS) {
-        fprintf(stderr, "mpar_create: %s\n", err.message);
-        return -1;
-    }
-    if (mpar_device_count(g_ctx) < 2) {
-        fprintf(stderr, "test_users needs two devices\n");
-        return -1;
-    }
-    return 0;
-}
-
-static int group_teardown(void** state) {
-    (void)state;
-    mpar_destroy(g_ctx);
-    return 0;
+    return fx_group_setup(state);
 }
 
 /* ==== 1. a model destroyed before its pipelines ==== */
@@ -87,8 +51,8 @@ static void test_model_destroyed_first(void** state) {
     double loss = -1.0;
     char dir[64], path[128], cmd[160];
     (void)state;
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_SUCCESS);
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &q), MPAR_SUCCESS); /* two holders */
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &q), MPAR_SUCCESS); /* two holders */
     mpar_model_destroy(m); /* the caller's reference only */
     b.inputs = g_x, b.targets = g_y, b.samples = 8;
     assert_int_equal(mpar_pipeline_train_step(p, &b, &info), MPAR_SUCCESS);
@@ -120,15 +84,15 @@ static void test_stages_null_with_count(void** state) {
     mpar_model* m = make_model();
     (void)state;
     pd.stages = NULL; /* stage_count stays 2 */
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
     assert_null(p);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "stages is NULL but stage_count is 2"));
-    assert_int_equal(mpar_pipeline_memory(g_ctx, m, &pd, &mem), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "stages is NULL but stage_count is 2"));
+    assert_int_equal(mpar_pipeline_memory(fx_ctx, m, &pd, &mem), MPAR_ERROR_INVALID_ARGUMENT);
     pd.stage_count = -1;
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "stage_count is -1"));
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_ERROR_INVALID_ARGUMENT);
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "stage_count is -1"));
     pd.stage_count = 0; /* planned by mpar: still fine */
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_SUCCESS);
     mpar_pipeline_destroy(p);
     mpar_model_destroy(m);
 }
@@ -144,11 +108,11 @@ static void test_infer_loss_without_targets(void** state) {
     float out[8 * 3];
     double loss = 12345.0;
     (void)state;
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_SUCCESS);
     b.inputs = g_x, b.targets = NULL, b.samples = 8;
     assert_int_equal(mpar_pipeline_infer(p, &b, out, &loss), MPAR_ERROR_INVALID_ARGUMENT);
     assert_true(loss == 12345.0); /* untouched: no 0 that reads as a perfect model */
-    assert_non_null(strstr(mpar_last_error(g_ctx), "loss asked for but the batch has no targets"));
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "loss asked for but the batch has no targets"));
     /* without the loss, or with targets, it runs */
     assert_int_equal(mpar_pipeline_infer(p, &b, out, NULL), MPAR_SUCCESS);
     b.targets = g_y;
@@ -161,11 +125,7 @@ static void test_infer_loss_without_targets(void** state) {
 /* ==== 5. classification helpers ==== */
 
 /* Within 1e-7, and a NaN fails (cmocka's assert_float_equal passes one). */
-#define NEAR(a, b)                                                                                               \
-    do {                                                                                                         \
-        double a_ = (double)(a), b_ = (double)(b);                                                               \
-        if (!(fabs(a_ - b_) <= 1e-7)) fail_msg("%s = %.9g, expected %.9g", #a, a_, b_);                       \
-    } while (0)
+#define NEAR(a, b) FX_NEAR(a, b, 1e-7)
 
 static void test_softmax(void** state) {
     /* row 0: 1 : 2 : 4; row 1: huge logits (overflow without the shift);
@@ -244,14 +204,14 @@ static void test_checked_sizes(void** state) {
     double loss = -1.0, loss2 = -2.0;
     size_t n = 0;
     (void)state;
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_SUCCESS);
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_SUCCESS);
     /* the sizes: linear 4 -> 8 has 4 x 8 + 8 parameters, relu none */
     assert_int_equal(mpar_pipeline_param_size(p, 0, &n), MPAR_SUCCESS);
     assert_int_equal(n, 40);
     assert_int_equal(mpar_pipeline_param_size(p, 1, &n), MPAR_SUCCESS);
     assert_int_equal(n, 0);
     assert_int_equal(mpar_pipeline_param_size(p, 4, &n), MPAR_ERROR_INVALID_ARGUMENT);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "layer 4 does not exist (4 layers)"));
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "layer 4 does not exist (4 layers)"));
     assert_int_equal(mpar_pipeline_param_size(p, 0, NULL), MPAR_ERROR_INVALID_ARGUMENT);
     assert_int_equal(mpar_pipeline_output_size(p, 8, &n), MPAR_SUCCESS);
     assert_int_equal(n, 8 * 3);
@@ -263,7 +223,7 @@ static void test_checked_sizes(void** state) {
     /* get_params_n: one float short is refused before a write; exact is the unchecked call */
     memset(w, 0x7f, sizeof w);
     assert_int_equal(mpar_pipeline_get_params_n(p, 0, w, 39), MPAR_ERROR_INVALID_ARGUMENT);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "layer 0 has 40 parameters but out holds 39 floats"));
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "layer 0 has 40 parameters but out holds 39 floats"));
     assert_true(w[0] == w[39] && w[0] > 1e30f); /* untouched */
     assert_int_equal(mpar_pipeline_get_params_n(p, 0, w, 40), MPAR_SUCCESS);
     assert_int_equal(mpar_pipeline_get_params(p, 0, w2), MPAR_SUCCESS);
@@ -274,7 +234,7 @@ static void test_checked_sizes(void** state) {
     b.inputs = g_x, b.targets = g_y, b.samples = 8;
     out[8 * 3] = 42.0f;
     assert_int_equal(mpar_pipeline_infer_n(p, &b, out, 8 * 3 - 1, &loss), MPAR_ERROR_INVALID_ARGUMENT);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "8 samples give 24 output floats but outputs holds 23"));
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "8 samples give 24 output floats but outputs holds 23"));
     assert_true(loss == -1.0);
     assert_int_equal(mpar_pipeline_infer_n(p, &b, out, 8 * 3 + 1, &loss), MPAR_SUCCESS);
     assert_true(out[8 * 3] == 42.0f); /* nothing past the outputs */
@@ -312,18 +272,18 @@ static void test_plan_messages(void** state) {
     st[2].device = 0, st[2].first_layer = 2, st[2].last_layer = 3;
     pd.stages = st, pd.stage_count = 3, pd.schedule = MPAR_SCHEDULE_INTERLEAVED_1F1B, pd.virtual_stages = 2;
     pd.microbatches = 2, pd.max_batch = 8;
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_PLAN);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "give 2 chunks per device"));
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "give 2 chunks per device"));
     /* a plan on one device for virtual_stages 2 */
     assert_int_equal(mpar_plan_parse("0:0-3", 5, &plan, NULL), MPAR_SUCCESS);
     pd.stages = NULL, pd.stage_count = 0, pd.plan = &plan;
-    assert_int_equal(mpar_pipeline_create(g_ctx, m, &pd, &p), MPAR_ERROR_INVALID_PLAN);
-    assert_non_null(strstr(mpar_last_error(g_ctx), "interleaving needs 2 or more devices; set virtual_stages to 1"));
+    assert_int_equal(mpar_pipeline_create(fx_ctx, m, &pd, &p), MPAR_ERROR_INVALID_PLAN);
+    assert_non_null(strstr(mpar_last_error(fx_ctx), "interleaving needs 2 or more devices; set virtual_stages to 1"));
     mpar_plan_free(&plan);
     /* the automatic plan says what it chose and why */
     memset(&d, 0, sizeof d);
     d.kernel_path = "kernels", d.log = capture, d.log_level = MPAR_LOG_INFO;
-    assert_int_equal(mpar_create(&d, &ctx), MPAR_SUCCESS);
+    ctx = fx_context_or_fail(&d, 1);
     memset(&pd, 0, sizeof pd);
     pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2, pd.max_batch = 8;
     g_log[0] = '\0';
@@ -345,5 +305,5 @@ int main(void) {
         cmocka_unit_test(test_checked_sizes),
         cmocka_unit_test(test_plan_messages),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, group_setup, fx_group_teardown);
 }

@@ -21,12 +21,12 @@
 #include <stddef.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 const char* __lsan_default_suppressions(void);
 const char* __lsan_default_suppressions(void) { return "leak:libpocl.so\nleak:libLLVM\n"; }
 
 enum { IN = 5, HID = 7, CLASSES = 4, N = 12 };
-static mpar_context* g_ctx;
 static float g_x[N * IN];
 static int32_t g_y[N];
 static char g_dir[64], g_weights[128], g_ckpt[128];
@@ -53,22 +53,17 @@ static mpar_model* make_model(uint64_t seed, int extra) {
 static mpar_pipeline* make_pipeline(const mpar_model* m, int stages, mpar_optimizer_kind opt, int inference_only) {
     mpar_stage_desc st[2];
     mpar_pipeline_desc pd;
-    mpar_pipeline* p = NULL;
-    int L = mpar_model_layer_count(m);
-    memset(&pd, 0, sizeof pd);
-    st[0].device = 0, st[0].first_layer = 0, st[0].last_layer = stages == 2 ? 2 : L - 1;
-    st[1].device = 1, st[1].first_layer = 3, st[1].last_layer = L - 1;
-    pd.stages = st, pd.stage_count = stages, pd.schedule = MPAR_SCHEDULE_1F1B, pd.microbatches = 2;
-    pd.max_batch = N, pd.optimizer.kind = opt, pd.optimizer.lr = 0.02f, pd.inference_only = inference_only;
-    if (mpar_pipeline_create(g_ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(g_ctx));
-    return p;
+    fx_stages(st, stages, mpar_model_layer_count(m)); /* 6 layers: 0-5, or 0-2 and 3-5 */
+    pd = fx_pipeline_desc(st, stages, MPAR_SCHEDULE_1F1B, 2, N);
+    pd.optimizer.kind = opt, pd.optimizer.lr = 0.02f, pd.inference_only = inference_only;
+    return fx_pipeline(fx_ctx, m, &pd);
 }
 
 static void outputs(mpar_pipeline* p, float* y, double* loss) {
     mpar_batch b;
     memset(&b, 0, sizeof b);
     b.inputs = g_x, b.targets = g_y, b.samples = N;
-    if (mpar_pipeline_infer(p, &b, y, loss) != MPAR_SUCCESS) fail_msg("infer: %s", mpar_last_error(g_ctx));
+    if (mpar_pipeline_infer(p, &b, y, loss) != MPAR_SUCCESS) fail_msg("infer: %s", mpar_last_error(fx_ctx));
 }
 
 static void train(mpar_pipeline* p, int steps) {
@@ -77,7 +72,7 @@ static void train(mpar_pipeline* p, int steps) {
     memset(&b, 0, sizeof b);
     b.inputs = g_x, b.targets = g_y, b.samples = N;
     for (s = 0; s < steps; s++)
-        if (mpar_pipeline_train_step(p, &b, NULL) != MPAR_SUCCESS) fail_msg("train: %s", mpar_last_error(g_ctx));
+        if (mpar_pipeline_train_step(p, &b, NULL) != MPAR_SUCCESS) fail_msg("train: %s", mpar_last_error(fx_ctx));
 }
 
 static unsigned char* slurp(const char* path, size_t* size) {
@@ -94,18 +89,9 @@ static unsigned char* slurp(const char* path, size_t* size) {
 }
 
 static void params_equal(mpar_pipeline* a, mpar_pipeline* b, const mpar_model* m, int want_equal) {
-    int l, same = 1;
-    for (l = 0; l < mpar_model_layer_count(m); l++) {
-        size_t n = mpar_model_layer(m, l)->param_count;
-        float *u, *v;
-        if (!n) continue;
-        u = (float*)malloc(n * 4), v = (float*)malloc(n * 4);
-        assert_int_equal(mpar_pipeline_get_params(a, l, u), MPAR_SUCCESS);
-        assert_int_equal(mpar_pipeline_get_params(b, l, v), MPAR_SUCCESS);
-        same &= memcmp(u, v, n * 4) == 0;
-        free(u), free(v);
-    }
-    if (same != want_equal) fail_msg("parameters %s", want_equal ? "differ" : "are equal");
+    int first = fx_same_params(a, b, m);
+    if ((first < 0) != want_equal)
+        fail_msg("parameters %s (layer %d)", want_equal ? "differ" : "are equal", first);
 }
 
 /* The file itself: version 2, no moments, step 0, 4·P bytes a layer. */
@@ -307,20 +293,8 @@ static void test_user_type(void** state) {
 }
 
 static int group_setup(void** state) {
-    mpar_desc d;
-    mpar_error err;
-    uint64_t s = 5;
-    int i;
-    (void)state;
-    memset(&d, 0, sizeof d);
-    d.error = &err;
-    d.kernel_path = "kernels";
-    if (mpar_create(&d, &g_ctx) != MPAR_SUCCESS || mpar_device_count(g_ctx) < 2) {
-        fprintf(stderr, "test_weights needs two devices: %s\n", err.message);
-        return -1;
-    }
-    for (i = 0; i < N * IN; i++) g_x[i] = (float)(2.0 * mpar__rng_uniform(&s) - 1.0);
-    for (i = 0; i < N; i++) g_y[i] = (int32_t)(mpar__rng_next(&s) % CLASSES);
+    if (fx_group_setup(state) != 0) return -1;
+    fx_data(g_x, g_y, N, IN, CLASSES, 5);
     snprintf(g_dir, sizeof g_dir, "build/test_weights.XXXXXX");
     if (!mkdtemp(g_dir)) return -1;
     snprintf(g_weights, sizeof g_weights, "%s/model.weights", g_dir);
@@ -331,8 +305,7 @@ static int group_setup(void** state) {
 static int group_teardown(void** state) {
     (void)state;
     unlink(g_weights), unlink(g_ckpt), rmdir(g_dir);
-    mpar_destroy(g_ctx);
-    return 0;
+    return fx_group_teardown(state);
 }
 
 int main(void) {

@@ -9,7 +9,8 @@
    receive and never read memory at the offsets they are given, so no
    buffer of 2^31 elements is needed. White box (MPAR_IMPLEMENTATION): an
    mpar_exec is put together as mpar_device_measure_gemm does, and the host
-   route's decoder (mpar__host_args) is called directly. */
+   route's decoder (mpar__host_args) is called directly; mpar_exec's fields,
+   mpar__exec_release and mpar__host_args have no public counterpart. */
 #define MPAR_IMPLEMENTATION
 #include "mpar.h"
 
@@ -17,6 +18,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+#include "fixture.h"
 
 #define BIG_OFF ((((size_t)3) << 31) + 5) /* 6442450949: wraps to 2147483653, then negative, as int */
 #define BIG_N ((((size_t)1) << 33) + 7)   /* 8589934599: 7 as int */
@@ -69,24 +71,21 @@ static int teardown(void** state) {
     return 0;
 }
 
+/* the probe kernels' folder, the route asked for; device 0 is used */
 static mpar_context* make_ctx(mpar_cpu_route route) {
-    mpar_context* ctx = NULL;
     mpar_desc d;
-    mpar_error err;
     memset(&d, 0, sizeof d);
     d.cpu_route = route;
     d.kernel_path = kernel_dir;
-    d.error = &err;
-    err.message[0] = '\0';
-    if (mpar_create(&d, &ctx) != MPAR_SUCCESS) fail_msg("mpar_create: %s", err.message);
-    return ctx;
+    return fx_context_or_fail(&d, 1);
 }
 
 /* A stage executor on device 0, put together as mpar_device_measure_gemm
    does; host_route as asked (user kernels run as OpenCL either way). */
 static void make_exec(mpar_context* ctx, int host_route, mpar_exec* ex) {
     memset(ex, 0, sizeof *ex);
-    ex->ctx = ctx, ex->device = 0, ex->stage = -1, ex->queue = ctx->devices[0].queue;
+    ex->ctx = ctx, ex->device = 0, ex->stage = -1;
+    assert_int_equal(mpar_device_get_cl(ctx, 0, NULL, NULL, &ex->queue), MPAR_SUCCESS);
     ex->host_route = host_route;
 }
 
@@ -276,8 +275,8 @@ static void test_user_layer_routes(void** state) {
         mpar_model_desc md;
         mpar_layer_desc ld;
         mpar_pipeline_desc pd;
-        mpar_pipeline* p = NULL;
-        mpar_stage_desc stage = {0, 0, 1};
+        mpar_pipeline* p;
+        mpar_stage_desc stage;
         mpar_batch batch;
         float x[4] = {1, 2, 3, 4}, y[4];
         uint32_t w[4];
@@ -288,9 +287,9 @@ static void test_user_layer_routes(void** state) {
         assert_int_equal(mpar_model_create(&md, &m, NULL), MPAR_SUCCESS);
         assert_int_equal(mpar_model_add(m, &ld, NULL), MPAR_SUCCESS);
         assert_int_equal(mpar_model_add_simple(m, mpar_layer_cross_entropy(), NULL), MPAR_SUCCESS);
-        memset(&pd, 0, sizeof pd);
-        pd.max_batch = 1, pd.stages = &stage, pd.stage_count = 1;
-        if (mpar_pipeline_create(ctx, m, &pd, &p) != MPAR_SUCCESS) fail_msg("create: %s", mpar_last_error(ctx));
+        fx_stages(&stage, 1, 2);
+        pd = fx_pipeline_desc(&stage, 1, MPAR_SCHEDULE_SEQUENTIAL, 0, 1);
+        p = fx_pipeline(ctx, m, &pd);
         batch.inputs = x, batch.targets = NULL, batch.samples = 1;
         if (mpar_pipeline_infer(p, &batch, y, NULL) != MPAR_SUCCESS) fail_msg("infer: %s", mpar_last_error(ctx));
         memcpy(w, y, sizeof w);
@@ -325,9 +324,8 @@ static mpar_result create_one_stage(mpar_context* ctx, mpar_model* m, int max_ba
     mpar_pipeline* p = NULL;
     mpar_stage_desc stage;
     mpar_result r;
-    stage.device = 0, stage.first_layer = 0, stage.last_layer = mpar_model_layer_count(m) - 1;
-    memset(&pd, 0, sizeof pd);
-    pd.max_batch = max_batch, pd.stages = &stage, pd.stage_count = 1;
+    fx_stages(&stage, 1, mpar_model_layer_count(m));
+    pd = fx_pipeline_desc(&stage, 1, MPAR_SCHEDULE_SEQUENTIAL, 0, max_batch); /* the zero desc's schedule */
     r = mpar_pipeline_create(ctx, m, &pd, &p);
     assert_null(p);
     return r;
