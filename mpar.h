@@ -3276,6 +3276,23 @@ static int mpar__fault_field(const char** p, int* out) {
     return !isdigit((unsigned char)**p);
 }
 
+/* An int read and written by several threads outside a lock, as a whole
+   (relaxed atomics where the compiler has them). */
+static int mpar__load_int(const int* v) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __atomic_load_n(v, __ATOMIC_RELAXED);
+#else
+    return *(const volatile int*)v;
+#endif
+}
+static void mpar__store_int(int* v, int x) {
+#if defined(__GNUC__) || defined(__clang__)
+    __atomic_store_n(v, x, __ATOMIC_RELAXED);
+#else
+    *(volatile int*)v = x;
+#endif
+}
+
 MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec) {
     static const char* kinds[] = {"alloc", "enqueue", "transfer", "build"};
     int k, kind = 0, stage = -1, step = -1, nth = 1;
@@ -3292,7 +3309,8 @@ MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec) {
                               spec);
     }
     pthread_mutex_lock(&ctx->lock);
-    ctx->fault_kind = kind, ctx->fault_stage = stage, ctx->fault_step = step, ctx->fault_nth = nth;
+    ctx->fault_stage = stage, ctx->fault_step = step, ctx->fault_nth = nth;
+    mpar__store_int(&ctx->fault_kind, kind);
     pthread_mutex_unlock(&ctx->lock);
     return MPAR_SUCCESS;
 }
@@ -3300,12 +3318,12 @@ MPARDEF mpar_result mpar_set_fault(mpar_context* ctx, const char* spec) {
 /* Whether this call is the injected failure (at most once per setting). */
 static int mpar__fault_hit(mpar_context* ctx, int kind, int stage, int step) {
     int hit = 0;
-    if (!ctx->fault_kind) return 0; /* racy read is fine: set before the run */
+    if (!mpar__load_int(&ctx->fault_kind)) return 0; /* unlocked, atomic: the common case costs no lock */
     pthread_mutex_lock(&ctx->lock);
     if (ctx->fault_kind == kind && (ctx->fault_stage < 0 || ctx->fault_stage == stage) &&
         (ctx->fault_step < 0 || ctx->fault_step == step) && --ctx->fault_nth == 0) {
         hit = 1;
-        ctx->fault_kind = 0;
+        mpar__store_int(&ctx->fault_kind, 0);
     }
     pthread_mutex_unlock(&ctx->lock);
     return hit;
