@@ -927,15 +927,17 @@ static void test_reference_forward_backward(void** state) {
     od = f2d(out, (size_t)n);
     check_close("reference: outputs (linear, layernorm, attention block)", od, acts[3], (size_t)n, 1e-5, 1e-5);
     check_scalar("reference: inference loss", loss, hloss, 1e-5, 0.0);
-    /* without targets: the same outputs, no loss */
+    /* without targets: the same outputs; a loss asked of them is refused
+       (issue 17: it used to be 0, which reads as a perfect model) */
     {
         mpar_batch b = c.batch;
         float* out2 = fz((size_t)n);
         b.targets = NULL;
-        loss = -1.0;
-        assert_int_equal(mpar_pipeline_infer(c.pipe, &b, out2, &loss), MPAR_SUCCESS);
+        assert_int_equal(mpar_pipeline_infer(c.pipe, &b, out2, NULL), MPAR_SUCCESS);
         assert_memory_equal(out, out2, sizeof(float) * (size_t)n);
-        assert_true(loss == 0.0);
+        loss = -1.0;
+        assert_int_equal(mpar_pipeline_infer(c.pipe, &b, out2, &loss), MPAR_ERROR_INVALID_ARGUMENT);
+        assert_true(loss == -1.0);
         free(out2);
     }
     /* causal attention: changing the last position of every sequence leaves
