@@ -200,6 +200,7 @@ static void check_fault(const char* spec) {
     mpar_result r;
     if (!ctx) { /* the few fields mpar_set_fault and mpar__fail use */
         ctx = (mpar_context*)calloc(1, sizeof *ctx);
+        ctx->live = MPAR__LIVE_CONTEXT; /* as mpar_create marks a context its public calls accept */
         pthread_mutex_init(&ctx->lock, NULL);
         ctx->error = (char*)calloc(1, 1);
     }
